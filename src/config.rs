@@ -1,0 +1,252 @@
+//! What a compressor does: method, counts, scaling, momentum, value format, randomness.
+
+use crate::{DType, Error, Layout, Mode, Result};
+use std::ops::Range;
+
+/// How many elements to keep, per group (the whole buffer, or one layer).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Count {
+    /// A fraction `rho` in `[0, 1]` of the group: `min(n_g, ceil(rho * n_g))`, computed in f64.
+    Ratio(f64),
+    /// An explicit count, clamped to the group size.
+    Exact(u64),
+}
+
+impl Count {
+    /// The count for a group of `n` elements (SPEC §2).
+    pub fn resolve(self, n: usize) -> usize {
+        match self {
+            Count::Ratio(rho) => ((rho * n as f64).ceil() as usize).min(n),
+            Count::Exact(c) => (c.min(n as u64)) as usize,
+        }
+    }
+
+    fn validate(self, name: &str) -> Result<()> {
+        match self {
+            Count::Ratio(rho) if !(0.0..=1.0).contains(&rho) => Err(Error::InvalidConfig(format!(
+                "{name} ratio must lie in [0, 1], got {rho}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The compressor `C` of the error-feedback step (SPEC §4, §6).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Method {
+    /// rTop-k (Alg. 1 of the rTop-k paper): the top `r` by magnitude, then `k` of those
+    /// uniformly at random. Requires `k <= r`.
+    RTopK {
+        /// Candidates kept by magnitude.
+        r: Count,
+        /// Elements sent, drawn from the candidates.
+        k: Count,
+    },
+    /// Top-k by magnitude (rTop-k with `r = k`).
+    TopK {
+        /// Elements sent.
+        k: Count,
+    },
+    /// Uniform random-k (rTop-k with `r = n`).
+    RandomK {
+        /// Elements sent.
+        k: Count,
+    },
+    /// Scaled sign: one bit per element plus one f32 scale `mean |p|` per group (SPEC §6).
+    Sign,
+}
+
+/// Whether sent values are rescaled (SPEC §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scale {
+    /// Values travel as they are.
+    #[default]
+    None,
+    /// Each value is multiplied by `f32(r) / f32(k)` of its group, so that the server's
+    /// estimate is unbiased for the top-r vector.
+    Unbiased,
+}
+
+/// Configuration of a compression plan. Build with [`Config::rtopk`] and friends, then adjust
+/// fields; plans validate it at construction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The compressor.
+    pub method: Method,
+    /// Global or per-layer selection.
+    pub mode: Mode,
+    /// Value rescaling.
+    pub scale: Scale,
+    /// DGC momentum-correction factor `m` in `[0, 1)`; `0` is plain error feedback.
+    pub momentum: f32,
+    /// Format values travel in; the rounding error stays in the residual.
+    pub values: DType,
+    /// Seed of the random keys (SPEC §3).
+    pub seed: u64,
+    /// This worker's id `w`. Give every worker the same id to make plain random-k pick the
+    /// same indices everywhere (so payloads can be all-reduced).
+    pub worker: u32,
+}
+
+impl Config {
+    /// A configuration for `method` with defaults: global mode, unscaled f32 values, no
+    /// momentum, seed 0, worker 0.
+    pub fn new(method: Method) -> Self {
+        Self {
+            method,
+            mode: Mode::Global,
+            scale: Scale::None,
+            momentum: 0.0,
+            values: DType::F32,
+            seed: 0,
+            worker: 0,
+        }
+    }
+
+    /// rTop-k with ratios `rho_r >= rho_k`.
+    pub fn rtopk(rho_r: f64, rho_k: f64) -> Self {
+        Self::new(Method::RTopK {
+            r: Count::Ratio(rho_r),
+            k: Count::Ratio(rho_k),
+        })
+    }
+
+    /// Top-k with ratio `rho_k`.
+    pub fn topk(rho_k: f64) -> Self {
+        Self::new(Method::TopK {
+            k: Count::Ratio(rho_k),
+        })
+    }
+
+    /// Random-k with ratio `rho_k`.
+    pub fn randomk(rho_k: f64) -> Self {
+        Self::new(Method::RandomK {
+            k: Count::Ratio(rho_k),
+        })
+    }
+
+    /// Scaled sign.
+    pub fn sign() -> Self {
+        Self::new(Method::Sign)
+    }
+
+    /// Checks every field's domain.
+    pub fn validate(&self) -> Result<()> {
+        if !self.momentum.is_finite() || !(0.0..1.0).contains(&self.momentum) {
+            return Err(Error::InvalidConfig(format!(
+                "momentum must lie in [0, 1), got {}",
+                self.momentum
+            )));
+        }
+        match self.method {
+            Method::RTopK { r, k } => {
+                r.validate("r")?;
+                k.validate("k")?;
+                let bad = match (r, k) {
+                    (Count::Ratio(a), Count::Ratio(b)) => b > a,
+                    (Count::Exact(a), Count::Exact(b)) => b > a,
+                    _ => false,
+                };
+                if bad {
+                    return Err(Error::InvalidConfig(format!(
+                        "rTop-k needs k <= r, got r = {r:?}, k = {k:?}"
+                    )));
+                }
+            }
+            Method::TopK { k } | Method::RandomK { k } => k.validate("k")?,
+            Method::Sign => {}
+        }
+        Ok(())
+    }
+
+    /// Whether the method sends a sparse set of (index, value) pairs.
+    pub fn is_sparse(&self) -> bool {
+        !matches!(self.method, Method::Sign)
+    }
+
+    /// The groups of `layout` under this config's mode, with their resolved counts and scale.
+    pub fn plan_groups(&self, layout: &Layout) -> Result<Vec<Group>> {
+        self.validate()?;
+        Ok(layout
+            .groups(self.mode)
+            .into_iter()
+            .map(|range| {
+                let n = range.len();
+                let (r, k) = match self.method {
+                    Method::RTopK { r, k } => {
+                        let r = r.resolve(n);
+                        (r, k.resolve(n).min(r))
+                    }
+                    Method::TopK { k } => {
+                        let k = k.resolve(n);
+                        (k, k)
+                    }
+                    Method::RandomK { k } => (n, k.resolve(n)),
+                    Method::Sign => (n, n),
+                };
+                // Computed once on the host so every backend multiplies by the same f32.
+                let scale = match self.scale {
+                    Scale::Unbiased if k > 0 => r as f32 / k as f32,
+                    _ => 1.0,
+                };
+                Group { range, r, k, scale }
+            })
+            .collect())
+    }
+}
+
+/// One selection group of a plan: its element range and resolved counts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    /// Elements of the buffer this group covers.
+    pub range: Range<usize>,
+    /// Candidates by magnitude, `r_g <= n_g`.
+    pub r: usize,
+    /// Elements sent, `k_g <= r_g`.
+    pub k: usize,
+    /// Value multiplier, `f32(r_g) / f32(k_g)` with [`Scale::Unbiased`], else 1.
+    pub scale: f32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_follow_spec_ceil_and_clamp() {
+        assert_eq!(Count::Ratio(0.001).resolve(1000), 1);
+        assert_eq!(Count::Ratio(0.0011).resolve(1000), 2);
+        assert_eq!(Count::Ratio(1.0).resolve(7), 7);
+        assert_eq!(Count::Ratio(0.5).resolve(0), 0);
+        assert_eq!(Count::Exact(10).resolve(3), 3);
+    }
+
+    #[test]
+    fn invalid_configs_are_errors() {
+        assert!(Config::rtopk(0.01, 0.02).validate().is_err());
+        assert!(Config::rtopk(1.5, 0.1).validate().is_err());
+        assert!(Config::topk(f64::NAN).validate().is_err());
+        let mut c = Config::topk(0.1);
+        c.momentum = 1.0;
+        assert!(c.validate().is_err());
+        c.momentum = f32::NAN;
+        assert!(c.validate().is_err());
+        let c = Config::new(Method::RTopK {
+            r: Count::Exact(3),
+            k: Count::Exact(4),
+        });
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn per_layer_groups_resolve_counts_per_layer() {
+        let layout = Layout::new(&[1000, 0, 10]).unwrap();
+        let mut c = Config::rtopk(0.01, 0.002);
+        c.mode = Mode::PerLayer;
+        c.scale = Scale::Unbiased;
+        let g = c.plan_groups(&layout).unwrap();
+        assert_eq!((g[0].r, g[0].k, g[0].scale), (10, 2, 5.0));
+        assert_eq!((g[1].r, g[1].k, g[1].scale), (0, 0, 1.0));
+        assert_eq!((g[2].r, g[2].k), (1, 1));
+    }
+}

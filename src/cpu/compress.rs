@@ -1,0 +1,326 @@
+//! The fused error-feedback compression step on the CPU (SPEC §4-6, §10).
+
+use super::select::{Selector, magnitude_key};
+use crate::philox::random_key;
+use crate::{Config, Element, Error, Group, Layout, Payload, Result, SignPayload, SparsePayload};
+
+/// A worker's compression plan: built once for a layout and a configuration, it owns the
+/// residual `e`, the momentum `u` and every scratch buffer, so [`Compressor::step`]
+/// allocates nothing.
+///
+/// The step computes `p = e + g` (or `u = m u + g; p = e + u`) into a second buffer and
+/// swaps it in only once `p` is known to be finite, so a rejected step leaves `e` and `u`
+/// exactly as they were at the cost of one extra buffer per state vector.
+#[derive(Debug)]
+pub struct Compressor {
+    layout: Layout,
+    config: Config,
+    groups: Vec<Group>,
+    residual: Vec<f32>,
+    momentum: Vec<f32>,
+    /// Next `p` (becomes the residual) and next `u`, filled before the finiteness check.
+    scratch_p: Vec<f32>,
+    scratch_u: Vec<f32>,
+    selector: Selector,
+    top_r: Vec<u32>,
+    payload: Payload,
+}
+
+impl Compressor {
+    /// Builds the plan. Errors when the configuration is out of its domain.
+    pub fn new(layout: &Layout, config: &Config) -> Result<Self> {
+        let groups = config.plan_groups(layout)?;
+        let n = layout.n();
+        let with_momentum = config.momentum > 0.0;
+        let max_group = groups.iter().map(|g| g.range.len()).max().unwrap_or(0);
+        let max_r = groups.iter().map(|g| g.r).max().unwrap_or(0);
+        let sent: usize = groups.iter().map(|g| g.k).sum();
+        let payload = if config.is_sparse() {
+            Payload::Sparse(SparsePayload {
+                n: n as u32,
+                values_dtype: config.values,
+                indices: Vec::with_capacity(sent),
+                values: Vec::with_capacity(sent),
+            })
+        } else {
+            Payload::Sign(SignPayload {
+                n: n as u32,
+                scales: Vec::with_capacity(groups.len()),
+                negative: Vec::with_capacity(n.div_ceil(64)),
+            })
+        };
+        Ok(Self {
+            layout: layout.clone(),
+            config: config.clone(),
+            residual: vec![0.0; n],
+            momentum: if with_momentum {
+                vec![0.0; n]
+            } else {
+                Vec::new()
+            },
+            scratch_p: vec![0.0; n],
+            scratch_u: if with_momentum {
+                vec![0.0; n]
+            } else {
+                Vec::new()
+            },
+            selector: Selector::with_capacity(max_group),
+            top_r: Vec::with_capacity(max_r),
+            groups,
+            payload,
+        })
+    }
+
+    /// One training step: accumulate `grad` into the residual, compress, keep what was not
+    /// sent. `step` is the training step `t` that keys random-k (SPEC §3).
+    ///
+    /// Returns the payload to send (valid until the next call). On error nothing changes.
+    pub fn step<T: Element>(&mut self, grad: &[T], step: u64) -> Result<&Payload> {
+        self.layout.check_len("gradient", grad.len())?;
+        let m = self.config.momentum;
+        let bad = if m > 0.0 {
+            accumulate_momentum(
+                &mut self.scratch_p,
+                &mut self.scratch_u,
+                &self.residual,
+                &self.momentum,
+                grad,
+                m,
+            )
+        } else {
+            accumulate(&mut self.scratch_p, &self.residual, grad)
+        };
+        if bad > 0 {
+            let first = self
+                .scratch_p
+                .iter()
+                .position(|x| !x.is_finite())
+                .unwrap_or(0);
+            return Err(Error::NonFinite {
+                count: bad,
+                first_index: first as u32,
+            });
+        }
+        // From here on nothing can fail: commit p as the residual and u' as the momentum.
+        std::mem::swap(&mut self.residual, &mut self.scratch_p);
+        if m > 0.0 {
+            std::mem::swap(&mut self.momentum, &mut self.scratch_u);
+        }
+        match &mut self.payload {
+            Payload::Sparse(out) => {
+                out.indices.clear();
+                out.values.clear();
+                let seed = self.config.seed;
+                let worker = self.config.worker;
+                let p = &self.residual;
+                for g in &self.groups {
+                    select_group(
+                        &mut self.selector,
+                        &mut self.top_r,
+                        p,
+                        g,
+                        worker,
+                        step,
+                        seed,
+                        &mut out.indices,
+                    );
+                }
+                // Values, residual and masking in one sweep over the sent set (groups are
+                // contiguous and ascending, so each group's span of `indices` is its own).
+                let mut at = 0;
+                for g in &self.groups {
+                    for &i in &out.indices[at..at + g.k] {
+                        let i = i as usize;
+                        let v = self.config.values.quantize(self.residual[i] * g.scale);
+                        out.values.push(v);
+                        self.residual[i] -= v;
+                        if m > 0.0 {
+                            self.momentum[i] = 0.0;
+                        }
+                    }
+                    at += g.k;
+                }
+            }
+            Payload::Sign(out) => {
+                out.scales.clear();
+                out.negative.clear();
+                out.negative.resize(self.layout.n().div_ceil(64), 0);
+                for g in &self.groups {
+                    let p = &mut self.residual[g.range.clone()];
+                    let sum: f64 = p.iter().map(|x| f64::from(x.abs())).sum();
+                    let scale = if p.is_empty() {
+                        0.0
+                    } else {
+                        (sum / p.len() as f64) as f32
+                    };
+                    out.scales.push(scale);
+                    for (j, x) in p.iter_mut().enumerate() {
+                        let i = g.range.start + j;
+                        if *x < 0.0 {
+                            out.negative[i / 64] |= 1 << (i % 64);
+                            *x += scale;
+                        } else {
+                            *x -= scale;
+                        }
+                    }
+                }
+                if m > 0.0 {
+                    // Every element was sent, so factor masking clears all of u (SPEC §5).
+                    self.momentum.fill(0.0);
+                }
+            }
+        }
+        Ok(&self.payload)
+    }
+
+    /// The residual `e` (what has not been sent yet), f32, length `n`.
+    pub fn residual(&self) -> &[f32] {
+        &self.residual
+    }
+
+    /// The momentum `u`; empty when the configuration has no momentum.
+    pub fn momentum(&self) -> &[f32] {
+        &self.momentum
+    }
+
+    /// Zeroes residual and momentum (e.g. after the model was reloaded).
+    pub fn reset(&mut self) {
+        self.residual.fill(0.0);
+        self.momentum.fill(0.0);
+    }
+
+    /// The layout this plan was built for.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The configuration this plan was built for.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The selection groups with their resolved counts.
+    pub fn groups(&self) -> &[Group] {
+        &self.groups
+    }
+}
+
+/// `p = e + g`; returns how many elements of `p` are not finite.
+fn accumulate<T: Element>(p: &mut [f32], e: &[f32], g: &[T]) -> u64 {
+    let mut bad = 0u64;
+    for ((p, &e), &g) in p.iter_mut().zip(e).zip(g) {
+        *p = e + g.to_f32();
+        bad += u64::from(!p.is_finite());
+    }
+    bad
+}
+
+/// `u' = m u + g; p = e + u'` (two roundings: GPUs may fuse, SPEC §11 allows 1 ulp).
+fn accumulate_momentum<T: Element>(
+    p: &mut [f32],
+    u_next: &mut [f32],
+    e: &[f32],
+    u: &[f32],
+    g: &[T],
+    m: f32,
+) -> u64 {
+    let mut bad = 0u64;
+    for (((p, un), (&e, &u)), &g) in p
+        .iter_mut()
+        .zip(u_next.iter_mut())
+        .zip(e.iter().zip(u))
+        .zip(g)
+    {
+        *un = m * u + g.to_f32();
+        *p = e + *un;
+        bad += u64::from(!p.is_finite());
+    }
+    bad
+}
+
+/// Appends group `g`'s sent indices (ascending) for rTop-k on `p`, taking the cheaper
+/// equivalent path when `r == k` (top-k) or `r == n_g` (random-k).
+#[allow(clippy::too_many_arguments)]
+fn select_group(
+    sel: &mut Selector,
+    top_r: &mut Vec<u32>,
+    p: &[f32],
+    g: &Group,
+    worker: u32,
+    step: u64,
+    seed: u64,
+    out: &mut Vec<u32>,
+) {
+    let range = g.range.start as u32..g.range.end as u32;
+    let mag = |i: u32| magnitude_key(p[i as usize]);
+    let rnd = |i: u32| random_key(i, worker, step, seed);
+    if g.k == 0 {
+    } else if g.r == g.k {
+        sel.select(range, g.k, mag, out);
+    } else if g.r == g.range.len() {
+        sel.select(range, g.k, rnd, out);
+    } else {
+        top_r.clear();
+        sel.select(range, g.r, mag, top_r);
+        sel.select(top_r.iter().copied(), g.k, rnd, out);
+    }
+}
+
+/// Indices (ascending) of the `min(r, n)` largest-magnitude elements of `x` (SPEC §2),
+/// ties to the lower index. NaN ranks above infinity. Allocates; plans use
+/// [`Compressor`] instead.
+pub fn top_r<T: Element>(x: &[T], r: usize) -> Result<Vec<u32>> {
+    crate::Layout::single(x.len())?;
+    let mut out = Vec::with_capacity(r.min(x.len()));
+    Selector::with_capacity(x.len()).select(
+        0..x.len() as u32,
+        r,
+        |i| magnitude_key(x[i as usize].to_f32()),
+        &mut out,
+    );
+    Ok(out)
+}
+
+/// The `min(k, |C|)` candidates with the smallest `(key_i, i)` (SPEC §3), ascending. The
+/// result does not depend on the order of `candidates`; duplicates are an error.
+pub fn random_k(
+    candidates: &[u32],
+    k: usize,
+    worker: u32,
+    step: u64,
+    seed: u64,
+) -> Result<Vec<u32>> {
+    let mut sorted = candidates.to_vec();
+    sorted.sort_unstable();
+    if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Error::InvalidConfig(format!(
+            "duplicate candidate index {}",
+            w[0]
+        )));
+    }
+    let mut out = Vec::with_capacity(k.min(sorted.len()));
+    Selector::with_capacity(sorted.len()).select(
+        sorted.iter().copied(),
+        k,
+        |i| random_key(i, worker, step, seed),
+        &mut out,
+    );
+    Ok(out)
+}
+
+/// rTop-k indices (ascending): `random_k(top_r(x, r), k)` (SPEC §4). Errors when `k > r`.
+pub fn rtopk<T: Element>(
+    x: &[T],
+    r: usize,
+    k: usize,
+    worker: u32,
+    step: u64,
+    seed: u64,
+) -> Result<Vec<u32>> {
+    if k > r {
+        return Err(Error::InvalidConfig(format!(
+            "rTop-k needs k <= r, got r = {r}, k = {k}"
+        )));
+    }
+    random_k(&top_r(x, r)?, k, worker, step, seed)
+}

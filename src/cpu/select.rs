@@ -1,0 +1,196 @@
+//! O(n) selection of the `m` smallest `(key, index)` pairs: the one primitive behind top-r
+//! (key = inverted magnitude bits) and random-k (key = Philox word).
+//!
+//! Large groups use a three-digit radix select (11 + 11 + 10 bits): one histogram pass over
+//! the group, one pass that emits everything below the pivot digit and compacts the ties
+//! into a candidate list, then the same on the (usually tiny) candidate list. Small groups
+//! use introselect on packed `(key << 32) | index` words, which is cheaper than clearing a
+//! 2048-bin histogram for a handful of elements.
+
+/// Groups up to this size take the packed-word path.
+const SMALL: usize = 4096;
+const DIGITS: [(u32, u32); 3] = [(21, 11), (10, 11), (0, 10)];
+
+/// The magnitude order of SPEC §1 as a key where smaller sorts first: larger `|x|` (IEEE bits,
+/// sign cleared) gives a smaller key. Callers exclude NaN beforehand.
+#[inline(always)]
+pub fn magnitude_key(x: f32) -> u32 {
+    0x7FFF_FFFF ^ (x.to_bits() & 0x7FFF_FFFF)
+}
+
+/// Reusable scratch for [`Selector::select`]; allocating it once per plan keeps steps
+/// allocation-free.
+#[derive(Debug, Default)]
+pub struct Selector {
+    hist: Vec<u32>,
+    cand: Vec<u32>,
+    next: Vec<u32>,
+    packed: Vec<u64>,
+}
+
+impl Selector {
+    /// Scratch sized for groups of up to `max_group` elements.
+    pub fn with_capacity(max_group: usize) -> Self {
+        Self {
+            hist: vec![0; 1 << 11],
+            cand: Vec::with_capacity(max_group),
+            next: Vec::with_capacity(max_group),
+            packed: Vec::with_capacity(max_group.min(SMALL)),
+        }
+    }
+
+    /// Appends to `out` the indices of the `m` smallest `(key(i), i)` over `items`, in
+    /// ascending index order. `items` must yield ascending indices (a range or a sorted list),
+    /// which is what makes ties resolve to the lower index without comparing indices.
+    pub fn select<I, K>(&mut self, items: I, m: usize, key: K, out: &mut Vec<u32>)
+    where
+        I: ExactSizeIterator<Item = u32> + Clone,
+        K: Fn(u32) -> u32,
+    {
+        let len = items.len();
+        let m = m.min(len);
+        let start = out.len();
+        if m == 0 {
+            return;
+        }
+        if m == len {
+            out.extend(items);
+            return;
+        }
+        if len <= SMALL {
+            self.packed.clear();
+            self.packed
+                .extend(items.map(|i| (u64::from(key(i)) << 32) | u64::from(i)));
+            self.packed.select_nth_unstable(m - 1);
+            out.extend(self.packed[..m].iter().map(|&w| w as u32));
+            out[start..].sort_unstable();
+            return;
+        }
+        if self.hist.len() < 1 << 11 {
+            self.hist.resize(1 << 11, 0);
+        }
+
+        // Digit 0 over the whole group.
+        let (shift, bits) = DIGITS[0];
+        let mask = (1u32 << bits) - 1;
+        let hist = &mut self.hist[..1 << bits];
+        hist.fill(0);
+        for i in items.clone() {
+            hist[((key(i) >> shift) & mask) as usize] += 1;
+        }
+        let (pivot, mut need) = find_pivot(hist, m);
+        self.cand.clear();
+        for i in items {
+            let d = (key(i) >> shift) & mask;
+            if d < pivot {
+                out.push(i);
+            } else if d == pivot {
+                self.cand.push(i);
+            }
+        }
+
+        // The remaining digits over the candidates only; `prefix_ok` is implied by membership.
+        for &(shift, bits) in &DIGITS[1..] {
+            if need == 0 || need == self.cand.len() {
+                break;
+            }
+            let mask = (1u32 << bits) - 1;
+            let hist = &mut self.hist[..1 << bits];
+            hist.fill(0);
+            for &i in &self.cand {
+                hist[((key(i) >> shift) & mask) as usize] += 1;
+            }
+            let (pivot, rest) = find_pivot(hist, need);
+            self.next.clear();
+            for &i in &self.cand {
+                let d = (key(i) >> shift) & mask;
+                if d < pivot {
+                    out.push(i);
+                } else if d == pivot {
+                    self.next.push(i);
+                }
+            }
+            need = rest;
+            std::mem::swap(&mut self.cand, &mut self.next);
+        }
+        // All remaining candidates share the full key; they are in ascending index order.
+        out.extend_from_slice(&self.cand[..need]);
+        out[start..].sort_unstable();
+    }
+}
+
+/// The digit `d` whose bin holds the `m`-th smallest element, and how many of that bin are
+/// still needed after taking every smaller digit.
+fn find_pivot(hist: &[u32], m: usize) -> (u32, usize) {
+    let mut below = 0usize;
+    for (d, &c) in hist.iter().enumerate() {
+        let c = c as usize;
+        if below + c >= m {
+            return (d as u32, m - below);
+        }
+        below += c;
+    }
+    unreachable!("m <= number of items")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(keys: &[u32], m: usize) -> Vec<u32> {
+        let mut v: Vec<(u32, u32)> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| (k, i as u32))
+            .collect();
+        v.sort();
+        let mut out: Vec<u32> = v[..m.min(keys.len())].iter().map(|p| p.1).collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn matches_sort_on_random_and_tied_keys() {
+        let mut s = Selector::with_capacity(0);
+        let mut state = 12345u64;
+        for &n in &[0usize, 1, 5, 4096, 4097, 20_000] {
+            for &spread in &[u32::MAX, 1000, 3, 0] {
+                let keys: Vec<u32> = (0..n)
+                    .map(|_| {
+                        state = state
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let x = (state >> 32) as u32;
+                        if spread == u32::MAX {
+                            x
+                        } else if spread == 0 {
+                            7
+                        } else {
+                            x % spread
+                        }
+                    })
+                    .collect();
+                for &m in &[0, 1, n / 3, n.saturating_sub(1), n, n + 4] {
+                    let mut out = vec![];
+                    s.select(0..n as u32, m, |i| keys[i as usize], &mut out);
+                    assert_eq!(out, reference(&keys, m), "n={n} spread={spread} m={m}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn selects_from_an_index_list() {
+        let keys: Vec<u32> = (0..10_000u32)
+            .map(|i| i.wrapping_mul(2654435761) >> 7)
+            .collect();
+        let list: Vec<u32> = (0..10_000u32).filter(|i| i % 3 == 0).collect();
+        let mut out = vec![];
+        Selector::default().select(list.iter().copied(), 100, |i| keys[i as usize], &mut out);
+        let mut v: Vec<(u32, u32)> = list.iter().map(|&i| (keys[i as usize], i)).collect();
+        v.sort();
+        let mut want: Vec<u32> = v[..100].iter().map(|p| p.1).collect();
+        want.sort();
+        assert_eq!(out, want);
+    }
+}

@@ -1,0 +1,244 @@
+//! Per-layer statistics and the K-worker variance estimator (SPEC §8), in f64.
+
+use crate::{Element, Error, Layout, Result};
+
+/// Statistics of one layer. Mean and variance cover the finite elements only; an empty
+/// layer (or one with no finite element) has mean 0, variance 0, `min = +inf`,
+/// `max = -inf`, `max_abs = 0`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerStats {
+    /// Number of elements `n_l`, finite or not.
+    pub count: u64,
+    /// Mean of the finite elements.
+    pub mean: f64,
+    /// Population variance (divide by the number of finite elements) of the finite elements.
+    pub var: f64,
+    /// Smallest finite element.
+    pub min: f32,
+    /// Largest finite element.
+    pub max: f32,
+    /// Largest finite `|x|`.
+    pub max_abs: f32,
+    /// Number of NaN or infinite elements.
+    pub non_finite: u64,
+}
+
+/// Chunk length of the one-pass mean/M2 merge (Chan et al.): within a chunk a plain f64 sum
+/// around the chunk's own mean keeps cancellation harmless, and merging is exact in form.
+const CHUNK: usize = 4096;
+
+#[derive(Clone, Copy)]
+struct Moments {
+    n: f64,
+    mean: f64,
+    m2: f64,
+}
+
+impl Moments {
+    const EMPTY: Self = Self {
+        n: 0.0,
+        mean: 0.0,
+        m2: 0.0,
+    };
+
+    fn merge(self, o: Self) -> Self {
+        if o.n == 0.0 {
+            return self;
+        }
+        if self.n == 0.0 {
+            return o;
+        }
+        let n = self.n + o.n;
+        let d = o.mean - self.mean;
+        Self {
+            n,
+            mean: self.mean + d * o.n / n,
+            m2: self.m2 + o.m2 + d * d * self.n * o.n / n,
+        }
+    }
+
+    /// Moments of the finite values of one chunk (at most [`CHUNK`] values).
+    fn of(values: impl Iterator<Item = f64> + Clone) -> Self {
+        let (mut n, mut s) = (0usize, 0.0f64);
+        for v in values.clone() {
+            n += 1;
+            s += v;
+        }
+        if n == 0 {
+            return Self::EMPTY;
+        }
+        let mean = s / n as f64;
+        let m2 = values.map(|v| (v - mean) * (v - mean)).sum();
+        Self {
+            n: n as f64,
+            mean,
+            m2,
+        }
+    }
+}
+
+/// Statistics of each layer of `x` under `layout`, written to `out` (cleared first; reuse it
+/// across steps to avoid allocating).
+pub fn layer_stats<T: Element>(x: &[T], layout: &Layout, out: &mut Vec<LayerStats>) -> Result<()> {
+    layout.check_len("buffer", x.len())?;
+    out.clear();
+    for l in 0..layout.num_layers() {
+        let layer = &x[layout.layer(l)];
+        let mut st = LayerStats {
+            count: layer.len() as u64,
+            mean: 0.0,
+            var: 0.0,
+            min: f32::INFINITY,
+            max: f32::NEG_INFINITY,
+            max_abs: 0.0,
+            non_finite: 0,
+        };
+        let mut mom = Moments::EMPTY;
+        for chunk in layer.chunks(CHUNK) {
+            let finite = chunk.iter().map(|v| v.to_f32()).filter(|v| v.is_finite());
+            for v in finite.clone() {
+                st.min = st.min.min(v);
+                st.max = st.max.max(v);
+                st.max_abs = st.max_abs.max(v.abs());
+            }
+            let c = Moments::of(finite.map(f64::from));
+            st.non_finite += chunk.len() as u64 - c.n as u64;
+            mom = mom.merge(c);
+        }
+        if mom.n > 0.0 {
+            st.mean = mom.mean;
+            st.var = mom.m2 / mom.n;
+        }
+        out.push(st);
+    }
+    Ok(())
+}
+
+/// The two variances of the seed paper's Section III model `Y_k = X + N_k`, for one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct VarianceEstimate {
+    /// `sigma_X^2`: variance of the global gradient, `max(0, var_i(ybar_i) - sigma_N^2 / K)`.
+    pub sigma_x2: f64,
+    /// `sigma_N^2`: gradient-noise variance, `sum_i sum_k (y_k,i - ybar_i)^2 / (n_l (K - 1))`.
+    pub sigma_n2: f64,
+}
+
+/// Per-layer `sigma_X^2` and `sigma_N^2` from `K >= 2` workers' buffers of one step (SPEC §8),
+/// written to `out` (cleared first). Empty layers give zeros. Errors on `K < 2`, buffers of
+/// the wrong length, or a non-finite element (with its worker-0-based index).
+pub fn estimate_variance<T: Element>(
+    workers: &[&[T]],
+    layout: &Layout,
+    out: &mut Vec<VarianceEstimate>,
+) -> Result<()> {
+    let k = workers.len();
+    if k < 2 {
+        return Err(Error::InvalidConfig(format!(
+            "the variance estimator needs K >= 2 workers, got {k}"
+        )));
+    }
+    for w in workers {
+        layout.check_len("worker buffer", w.len())?;
+    }
+    for w in workers {
+        if let Some(i) = w.iter().position(|v| !v.to_f32().is_finite()) {
+            let count = w.iter().filter(|v| !v.to_f32().is_finite()).count() as u64;
+            return Err(Error::NonFinite {
+                count,
+                first_index: i as u32,
+            });
+        }
+    }
+    out.clear();
+    let kf = k as f64;
+    for l in 0..layout.num_layers() {
+        let range = layout.layer(l);
+        let nl = range.len();
+        if nl == 0 {
+            out.push(VarianceEstimate::default());
+            continue;
+        }
+        let mut noise = 0.0f64;
+        let mut mom = Moments::EMPTY;
+        let mut start = range.start;
+        while start < range.end {
+            let end = (start + CHUNK).min(range.end);
+            let ybar = |i: usize| {
+                workers
+                    .iter()
+                    .map(|w| f64::from(w[i].to_f32()))
+                    .sum::<f64>()
+                    / kf
+            };
+            for i in start..end {
+                let m = ybar(i);
+                noise += workers
+                    .iter()
+                    .map(|w| (f64::from(w[i].to_f32()) - m).powi(2))
+                    .sum::<f64>();
+            }
+            mom = mom.merge(Moments::of((start..end).map(ybar)));
+            start = end;
+        }
+        let sigma_n2 = noise / (nl as f64 * (kf - 1.0));
+        let var_ybar = mom.m2 / nl as f64;
+        out.push(VarianceEstimate {
+            sigma_x2: (var_ybar - sigma_n2 / kf).max(0.0),
+            sigma_n2,
+        });
+    }
+    Ok(())
+}
+
+/// Streaming form of [`estimate_variance`]: an exponential moving average per layer,
+/// `s <- beta s + (1 - beta) x`, initialised by the first observation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VarianceTracker {
+    beta: f64,
+    state: Vec<VarianceEstimate>,
+    seen: bool,
+}
+
+impl VarianceTracker {
+    /// `beta` in `[0, 1)`: weight of the past (0 keeps only the latest step).
+    pub fn new(beta: f64) -> Result<Self> {
+        if !(0.0..1.0).contains(&beta) {
+            return Err(Error::InvalidConfig(format!(
+                "EMA factor must lie in [0, 1), got {beta}"
+            )));
+        }
+        Ok(Self {
+            beta,
+            state: Vec::new(),
+            seen: false,
+        })
+    }
+
+    /// Folds in one step's estimates (one per layer; the layer count must not change).
+    pub fn update(&mut self, step: &[VarianceEstimate]) -> Result<&[VarianceEstimate]> {
+        if !self.seen {
+            self.state.clear();
+            self.state.extend_from_slice(step);
+            self.seen = true;
+            return Ok(&self.state);
+        }
+        if step.len() != self.state.len() {
+            return Err(Error::LengthMismatch {
+                what: "per-layer estimates",
+                expected: self.state.len(),
+                got: step.len(),
+            });
+        }
+        let b = self.beta;
+        for (s, x) in self.state.iter_mut().zip(step) {
+            s.sigma_x2 = b * s.sigma_x2 + (1.0 - b) * x.sigma_x2;
+            s.sigma_n2 = b * s.sigma_n2 + (1.0 - b) * x.sigma_n2;
+        }
+        Ok(&self.state)
+    }
+
+    /// The current averages (empty before the first update).
+    pub fn current(&self) -> &[VarianceEstimate] {
+        &self.state
+    }
+}

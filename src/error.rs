@@ -1,0 +1,75 @@
+//! The one error type every backend returns.
+
+use crate::wire::DecodeError;
+
+/// Everything that can go wrong in gradsift. No public function panics on bad input;
+/// it returns one of these instead, and a failed step leaves all state untouched.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The buffer has `n >= 2^32` elements; indices are `u32` (SPEC §0).
+    #[error(
+        "buffer of {n} elements is too large: gradsift indexes with u32, split it into buckets of fewer than 2^32 elements"
+    )]
+    TooLarge {
+        /// Number of elements asked for.
+        n: u64,
+    },
+    /// A buffer's length differs from what the plan or layout expects.
+    #[error("{what}: expected {expected} elements, got {got}")]
+    LengthMismatch {
+        /// Which buffer.
+        what: &'static str,
+        /// Length the plan was built for.
+        expected: usize,
+        /// Length passed in.
+        got: usize,
+    },
+    /// A configuration value is out of its domain (ratio outside [0, 1], `k > r`, `K = 0`, ...).
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// The accumulated vector `p` (residual + gradient) holds NaN or infinity; nothing was written.
+    #[error(
+        "step rejected: {count} non-finite value(s) in the accumulated gradient, the first at index {first_index}; residual and momentum are unchanged"
+    )]
+    NonFinite {
+        /// How many elements of `p` are NaN or +-inf.
+        count: u64,
+        /// The lowest such index.
+        first_index: u32,
+    },
+    /// A payload could not be decoded; see [`DecodeError`].
+    #[error("payload rejected: {0}")]
+    Decode(#[from] DecodeError),
+    /// A payload cannot be encoded (unsorted indices, a value not representable in its
+    /// declared format, ...); nothing was written.
+    #[error("payload cannot be encoded: {0}")]
+    Encode(String),
+    /// A (decoded) payload does not fit the aggregation it was handed to.
+    #[error("payload {worker} rejected: {reason}; the output was not touched")]
+    BadPayload {
+        /// Position of the payload in the slice passed to `aggregate`.
+        worker: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A backend cannot run here: no driver, no device, no compiler, or an API failure.
+    #[error("{backend} backend unavailable: {reason}")]
+    BackendUnavailable {
+        /// "cuda" or "wgpu".
+        backend: &'static str,
+        /// Why, in words a user can act on.
+        reason: String,
+    },
+    /// A GPU call failed after the backend was set up (out of memory, device lost, launch failure).
+    #[error("{backend} backend error: {reason}")]
+    Device {
+        /// "cuda" or "wgpu".
+        backend: &'static str,
+        /// What the driver said.
+        reason: String,
+    },
+}
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

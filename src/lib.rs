@@ -1,0 +1,19 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+mod config;
+pub mod cpu;
+mod dtype;
+mod error;
+mod layout;
+mod payload;
+pub mod philox;
+pub mod wire;
+
+pub use config::{Config, Count, Group, Method, Scale};
+pub use cpu::{Average, LayerStats, VarianceEstimate, VarianceTracker};
+pub use dtype::{DType, Element};
+pub use error::{Error, Result};
+pub use half::{bf16, f16};
+pub use layout::{Layout, MAX_ELEMENTS, Mode};
+pub use payload::{Payload, SignPayload, SparsePayload};

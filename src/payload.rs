@@ -1,0 +1,57 @@
+//! What a worker sends: the in-memory form of a compressed gradient. [`crate::wire`] turns it
+//! into bytes and back.
+
+use crate::DType;
+
+/// A sparse payload: ascending, distinct indices into a buffer of `n` elements and the
+/// values the receiver reconstructs at them (already rounded to `values_dtype`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SparsePayload {
+    /// Length of the dense buffer the indices point into.
+    pub n: u32,
+    /// Format the values travel in.
+    pub values_dtype: DType,
+    /// Strictly ascending indices, each `< n`.
+    pub indices: Vec<u32>,
+    /// One value per index, exactly representable in `values_dtype`.
+    pub values: Vec<f32>,
+}
+
+/// A scaled-sign payload (SPEC §6): one f32 scale per group and one sign bit per element.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SignPayload {
+    /// Number of elements.
+    pub n: u32,
+    /// Per group (the whole buffer in global mode, each layer in per-layer mode): `mean |p|`.
+    pub scales: Vec<f32>,
+    /// Bit `i % 64` of word `i / 64` is set when element `i` is negative (`sign(0) = +1`).
+    /// Bits at or beyond `n` are zero.
+    pub negative: Vec<u64>,
+}
+
+impl SignPayload {
+    /// Whether element `i` was sent as `-scale`.
+    #[inline]
+    pub fn is_negative(&self, i: usize) -> bool {
+        (self.negative[i / 64] >> (i % 64)) & 1 == 1
+    }
+}
+
+/// One worker's compressed gradient.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    /// Indices and values (top-r, random-k, rTop-k).
+    Sparse(SparsePayload),
+    /// Scaled sign.
+    Sign(SignPayload),
+}
+
+impl Payload {
+    /// Length of the dense buffer this payload describes.
+    pub fn n(&self) -> u32 {
+        match self {
+            Payload::Sparse(p) => p.n,
+            Payload::Sign(p) => p.n,
+        }
+    }
+}
