@@ -22,10 +22,11 @@ impl Layout {
         let mut total = 0u64;
         offsets.push(0);
         for &s in sizes {
-            total += s as u64;
+            // Saturating: sizes near usize::MAX must give TooLarge, not an overflow panic.
+            total = total.saturating_add(s as u64);
             if total > MAX_ELEMENTS {
                 return Err(Error::TooLarge {
-                    n: sizes.iter().map(|&s| s as u64).sum(),
+                    n: sizes.iter().fold(0u64, |a, &s| a.saturating_add(s as u64)),
                 });
             }
             offsets.push(total as u32);

@@ -55,8 +55,9 @@ pub enum DecodeError {
     /// Unknown kind or value format.
     #[error("unknown kind/format byte {0:#04x}")]
     Kind(u8),
-    /// Rice parameter above 31.
-    #[error("Rice parameter {0} out of range")]
+    /// Rice parameter above 31, or not the one the encoder picks for the decoded indices
+    /// (the first that minimises the code length: the encoding is canonical).
+    #[error("Rice parameter {0} out of range or not canonical")]
     RiceParameter(u8),
     /// More entries declared than the buffer has elements.
     #[error("{count} entries declared for n = {n}")]
@@ -352,11 +353,14 @@ pub fn decode_into(bytes: &[u8], p: &mut Payload) -> Result<(), DecodeError> {
             }
             // Each index costs at least 1 + b bits: bound the claim by the bytes present
             // before reserving anything.
+            // (In u64: `count * 4` must not wrap where usize is 32 bits.)
             let vbytes = dtype.bits() as usize / 8;
-            let min_len = SPARSE_HEADER + (count * (1 + b as usize)).div_ceil(8) + count * vbytes;
-            if bytes.len() < min_len {
+            let min_len = SPARSE_HEADER as u64
+                + (count as u64 * (1 + u64::from(b))).div_ceil(8)
+                + count as u64 * vbytes as u64;
+            if (bytes.len() as u64) < min_len {
                 return Err(DecodeError::Truncated {
-                    needed: min_len,
+                    needed: usize::try_from(min_len).unwrap_or(usize::MAX),
                     got: bytes.len(),
                 });
             }
@@ -383,6 +387,8 @@ pub fn decode_into(bytes: &[u8], p: &mut Payload) -> Result<(), DecodeError> {
                 got: bytes.len(),
             };
             let mut next: u64 = 0;
+            // Sums of `gap >> (b - 1)`, `gap >> b`, `gap >> (b + 1)` for the canonical check.
+            let (mut sum_below, mut sum_at, mut sum_above) = (0u64, 0u64, 0u64);
             for position in 0..count {
                 let q = r.unary(u64::from(n) >> b).ok_or_else(trunc)?.map_err(|_| {
                     DecodeError::IndexOutOfRange {
@@ -392,12 +398,28 @@ pub fn decode_into(bytes: &[u8], p: &mut Payload) -> Result<(), DecodeError> {
                     }
                 })?;
                 let low = r.bits(u32::from(b)).ok_or_else(trunc)?;
-                let index = next + ((q << b) | low);
+                let gap = (q << b) | low;
+                sum_at += q;
+                sum_above += q >> 1;
+                if b > 0 {
+                    sum_below += gap >> (b - 1);
+                }
+                let index = next + gap;
                 if index >= u64::from(n) {
                     return Err(DecodeError::IndexOutOfRange { position, index, n });
                 }
                 s.indices.push(index as u32);
                 next = index + 1;
+            }
+            // Canonical: `b` must be what `best_rice` picks, the first minimiser of the
+            // length `k (1 + b) + sum(gap >> b)`. That length is convex in `b` (its step
+            // `k - sum(ceil((gap >> b) / 2))` never decreases), so its neighbours decide.
+            let length = |b: u64, sum: u64| count as u64 * (1 + b) + sum;
+            let here = length(u64::from(b), sum_at);
+            if (b > 0 && length(u64::from(b) - 1, sum_below) <= here)
+                || (b < 31 && length(u64::from(b) + 1, sum_above) < here)
+            {
+                return Err(DecodeError::RiceParameter(b));
             }
             let used = r.pos.div_ceil(8);
             if used < code.len() {
@@ -424,13 +446,14 @@ pub fn decode_into(bytes: &[u8], p: &mut Payload) -> Result<(), DecodeError> {
         (KIND_SIGN, Some(DType::F32)) => {
             let groups = u32::from_le_bytes(take(bytes, HEADER)?) as usize;
             let sign_bytes = (n as usize).div_ceil(8);
-            let len = SIGN_HEADER + groups * 4 + sign_bytes;
-            if bytes.len() < len {
+            let len = SIGN_HEADER as u64 + groups as u64 * 4 + sign_bytes as u64;
+            if (bytes.len() as u64) < len {
                 return Err(DecodeError::Truncated {
-                    needed: len,
+                    needed: usize::try_from(len).unwrap_or(usize::MAX),
                     got: bytes.len(),
                 });
             }
+            let len = len as usize;
             if bytes.len() > len {
                 return Err(DecodeError::Trailing {
                     extra: bytes.len() - len,

@@ -251,17 +251,15 @@ fn select_group(
     seed: u64,
     out: &mut Vec<u32>,
 ) {
-    let range = g.range.start as u32..g.range.end as u32;
-    let mag = |i: u32| magnitude_key(p[i as usize]);
     let rnd = |i: u32| random_key(i, worker, step, seed);
     if g.k == 0 {
     } else if g.r == g.k {
-        sel.select(range, g.k, mag, out);
+        sel.select_top_magnitude(p, g.range.clone(), g.k, out);
     } else if g.r == g.range.len() {
-        sel.select(range, g.k, rnd, out);
+        sel.select(g.range.start as u32..g.range.end as u32, g.k, rnd, out);
     } else {
         top_r.clear();
-        sel.select(range, g.r, mag, top_r);
+        sel.select_top_magnitude(p, g.range.clone(), g.r, top_r);
         sel.select(top_r.iter().copied(), g.k, rnd, out);
     }
 }

@@ -9,6 +9,9 @@
 
 /// Groups up to this size take the packed-word path.
 const SMALL: usize = 4096;
+/// Target sample size of the sampled path: enough for a tight threshold, small enough that
+/// selecting in it costs little next to the filtering pass.
+const SAMPLE: usize = 1 << 15;
 const DIGITS: [(u32, u32); 3] = [(21, 11), (10, 11), (0, 10)];
 
 /// The magnitude order of SPEC §1 as a key where smaller sorts first: larger `|x|` (IEEE bits,
@@ -25,6 +28,8 @@ pub struct Selector {
     hist: Vec<u32>,
     cand: Vec<u32>,
     next: Vec<u32>,
+    /// Candidates of the sampled path (kept apart from the radix path's lists).
+    filtered: Vec<u32>,
     packed: Vec<u64>,
 }
 
@@ -35,6 +40,7 @@ impl Selector {
             hist: vec![0; 1 << 11],
             cand: Vec::with_capacity(max_group),
             next: Vec::with_capacity(max_group),
+            filtered: Vec::with_capacity(max_group),
             packed: Vec::with_capacity(max_group.min(SMALL)),
         }
     }
@@ -57,15 +63,144 @@ impl Selector {
             out.extend(items);
             return;
         }
-        if len <= SMALL {
+        if len <= SMALL || m > len / 8 || !self.select_sampled(items.clone(), m, &key, out) {
+            self.select_exact(items, m, &key, out);
+        }
+        out[start..].sort_unstable();
+    }
+
+    /// Introselect on packed words for short lists, radix select otherwise; appends unsorted.
+    fn select_exact<I, K>(&mut self, items: I, m: usize, key: &K, out: &mut Vec<u32>)
+    where
+        I: ExactSizeIterator<Item = u32> + Clone,
+        K: Fn(u32) -> u32,
+    {
+        if items.len() <= SMALL {
             self.packed.clear();
             self.packed
                 .extend(items.map(|i| (u64::from(key(i)) << 32) | u64::from(i)));
             self.packed.select_nth_unstable(m - 1);
             out.extend(self.packed[..m].iter().map(|&w| w as u32));
-            out[start..].sort_unstable();
-            return;
+        } else {
+            self.select_radix(items, m, key, out);
         }
+    }
+
+    /// [`Selector::select`] with the magnitude key over the contiguous `p[range]`, where the
+    /// filtering pass runs over the slice in blocks that the compiler vectorises.
+    pub fn select_top_magnitude(
+        &mut self,
+        p: &[f32],
+        range: std::ops::Range<usize>,
+        m: usize,
+        out: &mut Vec<u32>,
+    ) {
+        let len = range.len();
+        let m = m.min(len);
+        let key = |i: u32| magnitude_key(p[i as usize]);
+        let items = range.start as u32..range.end as u32;
+        if m == 0 || m == len || len <= SMALL || m > len / 8 {
+            return self.select(items, m, key, out);
+        }
+        let start = out.len();
+        let xs = &p[range.clone()];
+        let stride = (len / SAMPLE).clamp(1, 1024);
+        self.packed.clear();
+        self.packed.extend(
+            xs.iter()
+                .step_by(stride)
+                .map(|&x| u64::from(magnitude_key(x))),
+        );
+        let s = self.packed.len();
+        let expected = m as f64 * s as f64 / len as f64;
+        let rank = (expected + 4.0 * expected.sqrt() + 8.0).ceil() as usize;
+        let cap = 4 * rank * stride + SMALL;
+        let mut cand = std::mem::take(&mut self.filtered);
+        cand.clear();
+        if rank < s {
+            // key <= t  <=>  |x| bits >= floor.
+            let floor = 0x7FFF_FFFF ^ (*self.packed.select_nth_unstable(rank).1 as u32);
+            const B: usize = 16;
+            let blocks = xs.chunks_exact(B);
+            let tail = blocks.remainder();
+            let hit = |x: &f32| (x.to_bits() & 0x7FFF_FFFF) >= floor;
+            for (b, block) in blocks.enumerate() {
+                if block.iter().fold(false, |a, x| a | hit(x)) {
+                    let base = (range.start + b * B) as u32;
+                    cand.extend(
+                        (0..B as u32)
+                            .filter(|&j| hit(&block[j as usize]))
+                            .map(|j| base + j),
+                    );
+                    if cand.len() > cap {
+                        break;
+                    }
+                }
+            }
+            let base = (range.end - tail.len()) as u32;
+            cand.extend(
+                (0..tail.len() as u32)
+                    .filter(|&j| hit(&tail[j as usize]))
+                    .map(|j| base + j),
+            );
+        }
+        if cand.len() >= m && cand.len() <= cap {
+            self.select_exact(cand.iter().copied(), m, &key, out);
+        } else {
+            self.select_radix(items, m, &key, out);
+        }
+        out[start..].sort_unstable();
+        self.filtered = cand;
+    }
+
+    /// One pass instead of two for the usual case `m << len`: a strided sample of the keys
+    /// gives a threshold `t` that, with overwhelming probability, a little more than `m`
+    /// elements reach; one filtering pass keeps every `key <= t` (ties included, in index
+    /// order) and an exact select on those finishes. Returns false, having appended nothing,
+    /// when the sample misjudged (too few or far too many candidates); the caller then runs
+    /// the radix select, so the answer never depends on the sample.
+    fn select_sampled<I, K>(&mut self, items: I, m: usize, key: &K, out: &mut Vec<u32>) -> bool
+    where
+        I: ExactSizeIterator<Item = u32> + Clone,
+        K: Fn(u32) -> u32,
+    {
+        let len = items.len();
+        let stride = (len / SAMPLE).clamp(1, 1024);
+        self.packed.clear();
+        self.packed
+            .extend(items.clone().step_by(stride).map(|i| u64::from(key(i))));
+        let s = self.packed.len();
+        let expected = m as f64 * s as f64 / len as f64;
+        let rank = (expected + 4.0 * expected.sqrt() + 8.0).ceil() as usize;
+        if rank >= s {
+            return false;
+        }
+        let threshold = *self.packed.select_nth_unstable(rank).1 as u32;
+        let cap = 4 * rank * stride + SMALL;
+        let mut cand = std::mem::take(&mut self.filtered);
+        cand.clear();
+        for i in items {
+            if key(i) <= threshold {
+                cand.push(i);
+                if cand.len() > cap {
+                    break;
+                }
+            }
+        }
+        let ok = cand.len() >= m && cand.len() <= cap;
+        if ok {
+            self.select_exact(cand.iter().copied(), m, key, out);
+        }
+        self.filtered = cand;
+        ok
+    }
+
+    /// Three-digit radix select; appends the `m` smallest (unsorted) to `out`.
+    fn select_radix<I, K>(&mut self, items: I, m: usize, key: &K, out: &mut Vec<u32>)
+    where
+        I: ExactSizeIterator<Item = u32> + Clone,
+        K: Fn(u32) -> u32,
+    {
         if self.hist.len() < 1 << 11 {
             self.hist.resize(1 << 11, 0);
         }
@@ -115,7 +250,6 @@ impl Selector {
         }
         // All remaining candidates share the full key; they are in ascending index order.
         out.extend_from_slice(&self.cand[..need]);
-        out[start..].sort_unstable();
     }
 }
 
@@ -174,6 +308,49 @@ mod tests {
                     let mut out = vec![];
                     s.select(0..n as u32, m, |i| keys[i as usize], &mut out);
                     assert_eq!(out, reference(&keys, m), "n={n} spread={spread} m={m}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn magnitude_fast_path_matches_generic_select() {
+        let mut state = 99u64;
+        let mut s = Selector::default();
+        for &n in &[4097usize, 50_000, 300_001] {
+            for &levels in &[0u32, 5, 1] {
+                let p: Vec<f32> = (0..n)
+                    .map(|_| {
+                        state = state
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let u = (state >> 40) as u32;
+                        let v = if levels == 0 {
+                            f32::from_bits(u & 0x3FFF_FFFF)
+                        } else {
+                            (u % levels) as f32
+                        };
+                        if u & 1 == 1 { -v } else { v }
+                    })
+                    .collect();
+                for &(lo, hi) in &[(0, n), (3, n - 5)] {
+                    for &m in &[1usize, 17, (hi - lo) / 100, (hi - lo) / 9] {
+                        let (mut a, mut b) = (vec![], vec![]);
+                        s.select_top_magnitude(&p, lo..hi, m, &mut a);
+                        s.select(
+                            lo as u32..hi as u32,
+                            m,
+                            |i| magnitude_key(p[i as usize]),
+                            &mut b,
+                        );
+                        let mut c: Vec<(u32, u32)> =
+                            (lo..hi).map(|i| (magnitude_key(p[i]), i as u32)).collect();
+                        c.sort();
+                        let mut want: Vec<u32> = c[..m].iter().map(|x| x.1).collect();
+                        want.sort();
+                        assert_eq!(a, want, "fast n={n} levels={levels} m={m}");
+                        assert_eq!(b, want, "generic n={n} levels={levels} m={m}");
+                    }
                 }
             }
         }
