@@ -171,40 +171,59 @@ struct BitReader<'a> {
 }
 
 impl BitReader<'_> {
-    #[inline]
-    fn bit(&mut self) -> Option<u64> {
-        let byte = *self.bytes.get(self.pos / 8)?;
-        let b = (byte >> (self.pos % 8)) & 1;
-        self.pos += 1;
-        Some(u64::from(b))
+    /// Bits left to read.
+    #[inline(always)]
+    fn left(&self) -> usize {
+        self.bytes.len() * 8 - self.pos
+    }
+
+    /// The next bits as a word, least significant first: at least `min(57, left())` of them
+    /// are real, the rest are zero.
+    #[inline(always)]
+    fn window(&self) -> u64 {
+        let at = self.pos / 8;
+        let word = match self.bytes.get(at..at + 8) {
+            Some(s) => u64::from_le_bytes(s.try_into().unwrap()),
+            None => {
+                let rest = self.bytes.get(at..).unwrap_or(&[]);
+                let mut w = [0u8; 8];
+                w[..rest.len()].copy_from_slice(rest);
+                u64::from_le_bytes(w)
+            }
+        };
+        word >> (self.pos % 8)
     }
 
     /// Counts ones up to the closing zero, giving up once the count exceeds `limit`.
-    #[inline]
+    #[inline(always)]
     fn unary(&mut self, limit: u64) -> Option<Result<u64, ()>> {
         let mut q = 0u64;
         loop {
-            let byte = *self.bytes.get(self.pos / 8)? >> (self.pos % 8);
-            let avail = 8 - (self.pos % 8) as u32;
-            let run = (!byte).trailing_zeros().min(avail);
-            q += u64::from(run);
-            self.pos += run as usize;
+            let valid = self.left().min(64 - self.pos % 8);
+            if valid == 0 {
+                return None;
+            }
+            let run = (self.window().trailing_ones() as usize).min(valid);
+            q += run as u64;
+            self.pos += run;
             if q > limit {
                 return Some(Err(()));
             }
-            if run < avail {
+            if run < valid {
                 self.pos += 1;
                 return Some(Ok(q));
             }
         }
     }
 
-    #[inline]
+    /// The next `len <= 32` bits.
+    #[inline(always)]
     fn bits(&mut self, len: u32) -> Option<u64> {
-        let mut v = 0u64;
-        for j in 0..len {
-            v |= self.bit()? << j;
+        if self.left() < len as usize {
+            return None;
         }
+        let v = self.window() & ((1u64 << len) - 1);
+        self.pos += len as usize;
         Some(v)
     }
 }

@@ -52,18 +52,10 @@ impl Compressor {
         Ok(Self {
             layout: layout.clone(),
             config: config.clone(),
-            residual: vec![0.0; n],
-            momentum: if with_momentum {
-                vec![0.0; n]
-            } else {
-                Vec::new()
-            },
-            scratch_p: vec![0.0; n],
-            scratch_u: if with_momentum {
-                vec![0.0; n]
-            } else {
-                Vec::new()
-            },
+            residual: touched_zeros(n),
+            momentum: touched_zeros(if with_momentum { n } else { 0 }),
+            scratch_p: touched_zeros(n),
+            scratch_u: touched_zeros(if with_momentum { n } else { 0 }),
             selector: Selector::with_capacity(max_group),
             top_r: Vec::with_capacity(max_r),
             groups,
@@ -203,6 +195,14 @@ impl Compressor {
     pub fn groups(&self) -> &[Group] {
         &self.groups
     }
+}
+
+/// Zeros written explicitly, so the pages are mapped at plan construction instead of
+/// faulting in during the first step (`vec![0.0; n]` is lazily zeroed by the OS).
+fn touched_zeros(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    v.resize(n, 0.0);
+    v
 }
 
 /// `p = e + g`; returns how many elements of `p` are not finite.
