@@ -8,6 +8,7 @@ mod error;
 mod layout;
 mod payload;
 pub mod philox;
+pub mod rd;
 pub mod wire;
 
 pub use config::{Config, Count, Group, Method, Scale};
