@@ -165,6 +165,20 @@ impl Compressor {
         Ok(&self.payload)
     }
 
+    /// Switches to another configuration for the same layout, keeping the residual (and the
+    /// momentum, when both configurations use one): DGC's sparsity warm-up changes the
+    /// ratio every epoch without dropping what was not sent. Allocates when the new
+    /// configuration needs more room; on error nothing changes.
+    pub fn reconfigure(&mut self, config: &Config) -> Result<()> {
+        let fresh = Self::new(&self.layout, config)?;
+        let old = std::mem::replace(self, fresh);
+        self.residual = old.residual;
+        if !self.momentum.is_empty() && !old.momentum.is_empty() {
+            self.momentum = old.momentum;
+        }
+        Ok(())
+    }
+
     /// The residual `e` (what has not been sent yet), f32, length `n`.
     pub fn residual(&self) -> &[f32] {
         &self.residual
@@ -321,4 +335,31 @@ pub fn rtopk<T: Element>(
         )));
     }
     random_k(&top_r(x, r)?, k, worker, step, seed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconfigure_keeps_residual_and_momentum_and_fails_cleanly() {
+        let layout = Layout::new(&[100, 50]).unwrap();
+        let mut c = Config::topk(0.5);
+        c.momentum = 0.9;
+        let mut plan = Compressor::new(&layout, &c).unwrap();
+        let g: Vec<f32> = (0..150).map(|i| (i as f32 * 0.37).sin()).collect();
+        plan.step(&g, 0).unwrap();
+        let (e, u) = (plan.residual().to_vec(), plan.momentum().to_vec());
+        assert!(e.iter().any(|&x| x != 0.0) && u.iter().any(|&x| x != 0.0));
+        assert!(plan.reconfigure(&Config::rtopk(0.1, 0.2)).is_err());
+        assert_eq!((plan.residual(), plan.momentum()), (&e[..], &u[..]));
+        let mut c2 = Config::topk(0.05);
+        c2.momentum = 0.9;
+        plan.reconfigure(&c2).unwrap();
+        assert_eq!((plan.residual(), plan.momentum()), (&e[..], &u[..]));
+        let Payload::Sparse(p) = plan.step(&g, 1).unwrap() else {
+            panic!()
+        };
+        assert_eq!(p.indices.len(), 8);
+    }
 }
