@@ -1,0 +1,1003 @@
+//! `gradsift analyze`: the rate-distortion analysis of every compressor on your own
+//! gradients (the seed paper's Fig. 7 and the rho of Fig. 8 for your data).
+//!
+//! The pipeline is [`analyze`] (files in, [`Report`] out), then [`render_table`],
+//! [`write_json`] and [`super::plot::draw`] for the three outputs. Gradients enter as
+//! [`StepData`], so sources other than files (the built-in MNIST default of part 4) plug in
+//! through [`analyze_steps`].
+
+use super::npy::{LoadError, NamedArray, read_arrays};
+use crate::rd::{self, StepMeasurement, StepState};
+use crate::{Average, Config, Layout, Method, Mode, Scale};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// Help text of the input convention, shown by `gradsift analyze --help`.
+pub const INPUT_HELP: &str = "\
+INPUT: one .npz file per worker per step, named <prefix>w<K>_s<T>.npz (worker K = 0, 1, ...,
+step T), holding that worker's gradient of that step as one array per layer, in the same order
+and with the same shapes in every file. Pass the files, or a directory that holds them (files
+not named that way are skipped). Files named otherwise are read as the workers of one step, in
+the order given. A .npy file holds a whole gradient as one array (one layer).
+
+Writing them from PyTorch, after loss.backward() on worker `rank` at step `step`:
+
+    import numpy as np
+    np.savez(f\"grads_w{rank}_s{step}.npz\", *[p.grad.detach().cpu().float().numpy() for p in model.parameters()])
+
+Save the local gradient, before it is averaged: under DistributedDataParallel run that
+backward inside `with model.no_sync():` (otherwise every worker holds the same all-reduced
+gradient and the noise variance is 0). np.savez keeps the arrays in the order given (arr_0,
+arr_1, ...); np.savez(path, **dict(model.named_parameters())) style names work too, and
+np.savez_compressed files are read as well. dtypes: float16, float32, float64.
+
+With no INPUT the analysis will run on the built-in MNIST model's gradients once
+`gradsift train` exists; until then an INPUT is required.";
+
+/// Which backend runs the compressors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// The CPU reference (always available).
+    Cpu,
+    /// CUDA (`gradsift::cuda`).
+    Cuda,
+    /// wgpu (`gradsift::wgpu`).
+    Wgpu,
+    /// The first GPU backend that works, else the CPU (and say so).
+    Auto,
+}
+
+/// Selection mode (SPEC §0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    /// One selection over the whole gradient.
+    Global,
+    /// Each layer selects on its own (sign: one scale per layer, as in the seed paper).
+    PerLayer,
+}
+
+/// Server averaging rule (SPEC §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AverageArg {
+    /// Divide by K.
+    OverWorkers,
+    /// Divide by the number of workers that sent each coordinate.
+    OverSenders,
+}
+
+/// Arguments of `gradsift analyze`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(after_long_help = INPUT_HELP)]
+pub struct AnalyzeArgs {
+    /// Gradient files (.npz/.npy) or directories of them; see below for the naming scheme.
+    pub inputs: Vec<PathBuf>,
+    /// Backend that runs the compressors.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: BackendChoice,
+    /// Send ratios k/n: rTop-k, top-k and random-k run at each.
+    #[arg(long, value_delimiter = ',', default_value = "0.001,0.01,0.1")]
+    pub ratios: Vec<f64>,
+    /// rTop-k candidate ratio r/n as a multiple of k/n (capped at 1).
+    #[arg(long, default_value_t = 4.0)]
+    pub r_over_k: f64,
+    /// Global or per-layer selection.
+    #[arg(long, value_enum, default_value = "per-layer")]
+    pub mode: ModeArg,
+    /// Scale sent values by r/k (unbiased for the top-r vector; random-k becomes unbiased).
+    #[arg(long)]
+    pub unbiased: bool,
+    /// How the server averages.
+    #[arg(long, value_enum, default_value = "over-workers")]
+    pub average: AverageArg,
+    /// DGC momentum correction factor in [0, 1) (0: plain error feedback).
+    #[arg(long, default_value_t = 0.0)]
+    pub momentum: f32,
+    /// Seed of the random-k keys.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also print one table per method with a row per step.
+    #[arg(long)]
+    pub per_step: bool,
+    /// Write the report as JSON to this file ('-' for standard output).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Draw the seed paper's Fig. 7 for this data (PNG).
+    #[arg(long, value_name = "FILE.png")]
+    pub plot: Option<PathBuf>,
+}
+
+impl Default for AnalyzeArgs {
+    fn default() -> Self {
+        Self {
+            inputs: Vec::new(),
+            backend: BackendChoice::Cpu,
+            ratios: vec![0.001, 0.01, 0.1],
+            r_over_k: 4.0,
+            mode: ModeArg::PerLayer,
+            unbiased: false,
+            average: AverageArg::OverWorkers,
+            momentum: 0.0,
+            seed: 0,
+            per_step: false,
+            json: None,
+            plot: None,
+        }
+    }
+}
+
+/// Everything `gradsift analyze` can fail on, in words a user can act on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AnalyzeError {
+    /// A gradient file is unreadable, malformed, or does not fit the others.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The inputs or options do not make an analysis (too few workers, missing files, ...).
+    #[error("{0}")]
+    Usage(String),
+    /// A compressor or bound failed on the data.
+    #[error("method {method}, step {step}: {source}")]
+    Compute {
+        /// The method's name.
+        method: String,
+        /// The step.
+        step: u64,
+        /// What the library said.
+        source: crate::Error,
+    },
+    /// An output file could not be written.
+    #[error("{}: {message}", path.display())]
+    Output {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// One layer of the analysed model.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LayerInfo {
+    /// Array name (`arr_0`, ... or the name given to `np.savez`).
+    pub name: String,
+    /// Array shape.
+    pub shape: Vec<u64>,
+    /// Elements.
+    pub n: usize,
+}
+
+/// The `K` workers' gradients of one step, flattened in layer order.
+#[derive(Debug, Clone)]
+pub struct StepData {
+    /// Training step `t`.
+    pub step: u64,
+    /// One buffer per worker, in worker order.
+    pub grads: Vec<Vec<f32>>,
+}
+
+/// A compressor to analyse.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MethodSpec {
+    /// Display name (`rtopk r=4% k=1%`, `topk 1%`, `randomk 1%`, `sign`).
+    pub name: String,
+    /// Its configuration (the worker id is set per worker).
+    pub config: Config,
+}
+
+/// Per-step statistics of the data, size-weighted over layers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepStatistics {
+    /// Training step.
+    pub step: u64,
+    /// Size-weighted `sigma_X^2`.
+    pub sigma_x2: f64,
+    /// Size-weighted `sigma_N^2`.
+    pub sigma_n2: f64,
+    /// Per layer `(sigma_X^2, sigma_N^2)`.
+    pub layers: Vec<(f64, f64)>,
+    /// `sum_l n_l D_sign,l / n`: the distortion of ideal scaled sign under the Gaussian model.
+    pub d_sign: f64,
+    /// `sum_l n_l R_sum,l(D_sign,l) / n`: Fig. 7's theoretical minimum, bits per coordinate
+    /// summed over the `K` workers.
+    pub r_sum_sign: f64,
+    /// `K/2 log2(1 + pi/(pi-2))`: Fig. 7's "ideal quantization" `R_in(D_sign)`.
+    pub r_in_sign: f64,
+}
+
+/// The configuration of a method, as written to JSON.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MethodConfig {
+    /// `rtopk`, `topk`, `randomk` or `sign`.
+    pub kind: &'static str,
+    /// Candidate ratio r/n (rTop-k).
+    pub r_ratio: Option<f64>,
+    /// Send ratio k/n (sparse methods).
+    pub k_ratio: Option<f64>,
+    /// `global` or `per-layer`.
+    pub mode: &'static str,
+    /// Values scaled by r/k.
+    pub unbiased: bool,
+    /// Momentum correction factor.
+    pub momentum: f32,
+    /// Random-k seed.
+    pub seed: u64,
+}
+
+/// Means over steps of one method's figures.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
+pub struct Summary {
+    /// Wire bits per gradient element per worker.
+    pub bits_per_element: f64,
+    /// Wire bits per coordinate summed over the `K` workers (`K x bits_per_element`): the
+    /// unit of `r_sum` and `r_in`.
+    pub sent_per_coordinate: f64,
+    /// Compression-added distortion per coordinate.
+    pub d_c: f64,
+    /// Total distortion `sigma_N^2/K + D_c` per coordinate.
+    pub d: f64,
+    /// `D K / sigma_N^2 - 1`.
+    pub rho: f64,
+    /// `R_sum(D)`, bits per coordinate summed over the `K` workers.
+    pub r_sum: f64,
+    /// `R_in(D)`, same unit.
+    pub r_in: f64,
+    /// The best per-layer split of the same squared error (Corollary 1), same unit.
+    pub r_sum_p1: f64,
+    /// `sum_t R_sum bits / sum_t wire bits`.
+    pub efficiency: f64,
+}
+
+/// One method's results.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MethodReport {
+    /// Display name.
+    pub name: String,
+    /// Its configuration.
+    pub config: MethodConfig,
+    /// Per step, in step order.
+    pub steps: Vec<StepMeasurement>,
+    /// Means over steps.
+    pub summary: Summary,
+}
+
+/// The whole analysis.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    /// The backend that ran the compressors.
+    pub backend: &'static str,
+    /// Workers `K`.
+    pub workers: usize,
+    /// Gradient elements `n`.
+    pub n: usize,
+    /// Layers in order.
+    pub layers: Vec<LayerInfo>,
+    /// Data statistics per step.
+    pub statistics: Vec<StepStatistics>,
+    /// Server averaging rule.
+    pub average: &'static str,
+    /// One entry per method.
+    pub methods: Vec<MethodReport>,
+    /// Things the user should know (backend fallback, skipped files).
+    pub notes: Vec<String>,
+}
+
+/// The backend the compressors run on, and a note when `auto` fell back.
+///
+/// Only the CPU backend exists in this build; the CUDA and wgpu backends are separate
+/// modules that other branches are building. When `gradsift::cuda` / `gradsift::wgpu` land,
+/// this is the one place that chooses them.
+pub fn resolve_backend(
+    choice: BackendChoice,
+) -> Result<(&'static str, Option<String>), AnalyzeError> {
+    match choice {
+        BackendChoice::Cpu => Ok(("cpu", None)),
+        BackendChoice::Cuda => Err(AnalyzeError::Usage(
+            "backend cuda not available in this build (gradsift::cuda is not part of it yet); use --backend cpu".into(),
+        )),
+        BackendChoice::Wgpu => Err(AnalyzeError::Usage(
+            "backend wgpu not available in this build (gradsift::wgpu is not part of it yet); use --backend cpu".into(),
+        )),
+        BackendChoice::Auto => Ok((
+            "cpu",
+            Some("backend auto: no GPU backend in this build, using cpu".into()),
+        )),
+    }
+}
+
+fn percent(x: f64) -> String {
+    let s = format!("{:.4}", x * 100.0);
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    format!("{s}%")
+}
+
+/// The methods of an analysis: rTop-k, top-k and random-k at each ratio, then scaled sign.
+pub fn methods(args: &AnalyzeArgs) -> Result<Vec<MethodSpec>, AnalyzeError> {
+    if args.ratios.is_empty() {
+        return Err(AnalyzeError::Usage(
+            "--ratios needs at least one ratio".into(),
+        ));
+    }
+    if let Some(r) = args.ratios.iter().find(|r| !(**r > 0.0 && **r <= 1.0)) {
+        return Err(AnalyzeError::Usage(format!(
+            "--ratios must lie in (0, 1], got {r}"
+        )));
+    }
+    if args.r_over_k.is_nan() || args.r_over_k < 1.0 {
+        return Err(AnalyzeError::Usage(format!(
+            "--r-over-k must be at least 1, got {}",
+            args.r_over_k
+        )));
+    }
+    let mode = match args.mode {
+        ModeArg::Global => Mode::Global,
+        ModeArg::PerLayer => Mode::PerLayer,
+    };
+    let finish = |mut c: Config| {
+        c.mode = mode;
+        c.scale = if args.unbiased {
+            Scale::Unbiased
+        } else {
+            Scale::None
+        };
+        c.momentum = args.momentum;
+        c.seed = args.seed;
+        c
+    };
+    let mut out = Vec::new();
+    for &k in &args.ratios {
+        let r = (k * args.r_over_k).min(1.0);
+        out.push(MethodSpec {
+            name: format!("rtopk r={} k={}", percent(r), percent(k)),
+            config: finish(Config::rtopk(r, k)),
+        });
+        out.push(MethodSpec {
+            name: format!("topk {}", percent(k)),
+            config: finish(Config::topk(k)),
+        });
+        out.push(MethodSpec {
+            name: format!("randomk {}", percent(k)),
+            config: finish(Config::randomk(k)),
+        });
+    }
+    out.push(MethodSpec {
+        name: "sign".into(),
+        config: finish(Config::sign()),
+    });
+    for m in &out {
+        m.config
+            .validate()
+            .map_err(|e| AnalyzeError::Usage(format!("{}: {e}", m.name)))?;
+    }
+    Ok(out)
+}
+
+fn method_config(c: &Config) -> MethodConfig {
+    let ratio = |x: crate::Count| match x {
+        crate::Count::Ratio(r) => Some(r),
+        crate::Count::Exact(_) => None,
+    };
+    let (kind, r_ratio, k_ratio) = match c.method {
+        Method::RTopK { r, k } => ("rtopk", ratio(r), ratio(k)),
+        Method::TopK { k } => ("topk", None, ratio(k)),
+        Method::RandomK { k } => ("randomk", None, ratio(k)),
+        Method::Sign => ("sign", None, None),
+    };
+    MethodConfig {
+        kind,
+        r_ratio,
+        k_ratio,
+        mode: match c.mode {
+            Mode::Global => "global",
+            Mode::PerLayer => "per-layer",
+        },
+        unbiased: c.scale == Scale::Unbiased,
+        momentum: c.momentum,
+        seed: c.seed,
+    }
+}
+
+/// Splits `<prefix>w<K>_s<T>.npz` (or `.npy`) into `(K, T)`.
+pub fn parse_file_name(name: &str) -> Option<(usize, u64)> {
+    let lower = name.to_ascii_lowercase();
+    let stem = lower
+        .strip_suffix(".npz")
+        .or_else(|| lower.strip_suffix(".npy"))?;
+    let (head, step) = stem.rsplit_once("_s")?;
+    let pos = head.rfind('w')?;
+    let worker = &head[pos + 1..];
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(worker) || !digits(step) {
+        return None;
+    }
+    if pos > 0 && head.as_bytes()[pos - 1].is_ascii_alphanumeric() {
+        return None;
+    }
+    Some((worker.parse().ok()?, step.parse().ok()?))
+}
+
+/// The gradient files of an analysis: per step (ascending), one path per worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputFiles {
+    /// `(step, paths by worker)`.
+    pub steps: Vec<(u64, Vec<PathBuf>)>,
+    /// Files skipped in directories (not named `<prefix>w<K>_s<T>.npz`).
+    pub skipped: Vec<PathBuf>,
+}
+
+fn is_gradient_file(p: &Path) -> bool {
+    p.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("npz") || e.eq_ignore_ascii_case("npy"))
+}
+
+/// Finds and groups the gradient files of `inputs` (files or directories).
+pub fn discover(inputs: &[PathBuf]) -> Result<InputFiles, AnalyzeError> {
+    let mut named = Vec::new();
+    let mut unnamed = Vec::new();
+    let mut skipped = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            let entries = std::fs::read_dir(input)
+                .map_err(|e| AnalyzeError::Usage(format!("{}: {e}", input.display())))?;
+            let mut paths: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && is_gradient_file(p))
+                .collect();
+            paths.sort();
+            let before = named.len();
+            for p in paths {
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+                match name.as_deref().and_then(parse_file_name) {
+                    Some(ws) => named.push((ws, p)),
+                    None => skipped.push(p),
+                }
+            }
+            if named.len() == before {
+                return Err(AnalyzeError::Usage(format!(
+                    "{}: no gradient files named like grads_w<K>_s<T>.npz (see --help)",
+                    input.display()
+                )));
+            }
+        } else if input.is_file() {
+            let name = input.file_name().map(|n| n.to_string_lossy().into_owned());
+            match name.as_deref().and_then(parse_file_name) {
+                Some(ws) => named.push((ws, input.clone())),
+                None => unnamed.push(input.clone()),
+            }
+        } else {
+            return Err(AnalyzeError::Usage(format!(
+                "{}: no such file or directory",
+                input.display()
+            )));
+        }
+    }
+    if !unnamed.is_empty() {
+        if !named.is_empty() {
+            return Err(AnalyzeError::Usage(format!(
+                "cannot mix files named like grads_w<K>_s<T>.npz with others such as {}: \
+                 name them all by worker and step, or pass only the K files of one step",
+                unnamed[0].display()
+            )));
+        }
+        let steps = vec![(0, unnamed)];
+        check_workers(&steps)?;
+        return Ok(InputFiles { steps, skipped });
+    }
+    let mut by_step: BTreeMap<u64, BTreeMap<usize, PathBuf>> = BTreeMap::new();
+    for ((w, t), p) in named {
+        if let Some(prev) = by_step.entry(t).or_default().insert(w, p.clone()) {
+            return Err(AnalyzeError::Usage(format!(
+                "two files for worker {w} at step {t}: {} and {}",
+                prev.display(),
+                p.display()
+            )));
+        }
+    }
+    let mut steps = Vec::new();
+    let mut workers = None;
+    for (t, files) in by_step {
+        let k = *workers.get_or_insert(files.len());
+        for w in 0..k.max(files.len()) {
+            if !files.contains_key(&w) {
+                let example = files.values().next().expect("non-empty");
+                return Err(AnalyzeError::Usage(format!(
+                    "step {t} has no file for worker {w} (other steps have {k} workers; next to {})",
+                    example.display()
+                )));
+            }
+        }
+        steps.push((t, files.into_values().collect()));
+    }
+    check_workers(&steps)?;
+    Ok(InputFiles { steps, skipped })
+}
+
+fn check_workers(steps: &[(u64, Vec<PathBuf>)]) -> Result<(), AnalyzeError> {
+    match steps.first() {
+        None => Err(AnalyzeError::Usage("no gradient files given".into())),
+        Some((_, files)) if files.len() < 2 => Err(AnalyzeError::Usage(format!(
+            "found the gradients of only {} worker ({}); the analysis needs K >= 2 workers' \
+             gradients of the same step",
+            files.len(),
+            files[0].display()
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+fn shape_str(s: &[u64]) -> String {
+    match s {
+        [d] => format!("({d},)"),
+        _ => format!(
+            "({})",
+            s.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Reads the `K` files of one step, checks them against the reference layers (names,
+/// shapes, order; the first file read sets the reference when `layers` is empty) and for
+/// non-finite values, and flattens each worker's arrays in layer order.
+pub fn load_step(
+    step: u64,
+    files: &[PathBuf],
+    layers: &mut Vec<LayerInfo>,
+    reference: &mut Option<PathBuf>,
+) -> Result<StepData, AnalyzeError> {
+    let mut grads = Vec::with_capacity(files.len());
+    for path in files {
+        let arrays = read_arrays(path)?;
+        if layers.is_empty() {
+            *layers = arrays
+                .iter()
+                .map(|a| LayerInfo {
+                    name: a.name.clone(),
+                    shape: a.shape.clone(),
+                    n: a.data.len(),
+                })
+                .collect();
+            *reference = Some(path.clone());
+        }
+        let refp = reference.as_deref().unwrap_or(path);
+        check_arrays(path, &arrays, layers, refp)?;
+        let mut flat = Vec::with_capacity(layers.iter().map(|l| l.n).sum());
+        for a in &arrays {
+            flat.extend_from_slice(&a.data);
+        }
+        grads.push(flat);
+    }
+    Ok(StepData { step, grads })
+}
+
+fn check_arrays(
+    path: &Path,
+    arrays: &[NamedArray],
+    layers: &[LayerInfo],
+    reference: &Path,
+) -> Result<(), LoadError> {
+    if arrays.len() != layers.len() {
+        return Err(LoadError::file(
+            path,
+            format!(
+                "{} arrays, but {} has {}: every worker and step must hold the same layers",
+                arrays.len(),
+                reference.display(),
+                layers.len()
+            ),
+        ));
+    }
+    for (i, (a, l)) in arrays.iter().zip(layers).enumerate() {
+        if a.name != l.name {
+            return Err(LoadError::array(
+                path,
+                &a.name,
+                format!(
+                    "layer {i} is '{}' in {}: arrays must come in the same order everywhere",
+                    l.name,
+                    reference.display()
+                ),
+            ));
+        }
+        if a.shape != l.shape {
+            return Err(LoadError::array(
+                path,
+                &a.name,
+                format!(
+                    "shape {} differs from {} in {}",
+                    shape_str(&a.shape),
+                    shape_str(&l.shape),
+                    reference.display()
+                ),
+            ));
+        }
+        if let Some(first) = a.data.iter().position(|v| !v.is_finite()) {
+            let count = a.data.iter().filter(|v| !v.is_finite()).count();
+            return Err(LoadError::array(
+                path,
+                &a.name,
+                format!(
+                    "{count} non-finite value(s) (NaN or inf, after conversion to float32), \
+                     the first at flat index {first}"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn mean(v: impl Iterator<Item = f64>) -> f64 {
+    let (s, c) = v.fold((0.0, 0usize), |(s, c), x| (s + x, c + 1));
+    if c == 0 { 0.0 } else { s / c as f64 }
+}
+
+fn summarize(steps: &[StepMeasurement]) -> Summary {
+    let bits: f64 = steps.iter().map(|m| m.bits as f64).sum();
+    let r_sum_bits: f64 = steps.iter().map(|m| m.r_sum_bits).sum();
+    Summary {
+        bits_per_element: mean(steps.iter().map(|m| m.bits_per_element)),
+        sent_per_coordinate: mean(steps.iter().map(|m| m.sent_per_coordinate())),
+        d_c: mean(steps.iter().map(|m| m.d_c)),
+        d: mean(steps.iter().map(|m| m.d)),
+        rho: mean(steps.iter().map(|m| m.rho)),
+        r_sum: mean(steps.iter().map(|m| m.r_sum_per_coordinate())),
+        r_in: mean(steps.iter().map(|m| m.r_in_per_coordinate())),
+        r_sum_p1: mean(steps.iter().map(|m| m.r_sum_p1_bits / m.n.max(1) as f64)),
+        efficiency: if bits > 0.0 { r_sum_bits / bits } else { 0.0 },
+    }
+}
+
+fn statistics(m: &StepMeasurement) -> StepStatistics {
+    let k = m.workers;
+    let mut d_sign = 0.0;
+    let mut r_sum_sign = 0.0;
+    for l in m.layers.iter().filter(|l| l.n > 0) {
+        let d = rd::sign_distortion(l.sigma_x2, l.sigma_n2, k);
+        d_sign += l.n as f64 * d;
+        r_sum_sign += l.n as f64 * rd::sum_rate(d, l.sigma_x2, l.sigma_n2, k);
+    }
+    let n = m.n.max(1) as f64;
+    StepStatistics {
+        step: m.step,
+        sigma_x2: m.sigma_x2,
+        sigma_n2: m.sigma_n2,
+        layers: m.layers.iter().map(|l| (l.sigma_x2, l.sigma_n2)).collect(),
+        d_sign: d_sign / n,
+        r_sum_sign: r_sum_sign / n,
+        r_in_sign: k as f64 / 2.0
+            * (1.0 + std::f64::consts::PI / (std::f64::consts::PI - 2.0)).log2(),
+    }
+}
+
+/// Runs every method over the steps (in the order given, error feedback carried from step to
+/// step per method) and collects the report. `progress` advances once per method and step.
+pub fn analyze_steps(
+    layers: Vec<LayerInfo>,
+    workers: usize,
+    steps: impl Iterator<Item = Result<StepData, AnalyzeError>>,
+    methods: &[MethodSpec],
+    average: Average,
+    backend: &'static str,
+    progress: &ProgressBar,
+) -> Result<Report, AnalyzeError> {
+    let mut layers = layers;
+    let mut layout: Option<Layout> = None;
+    let mut states: Vec<StepState> = methods.iter().map(|_| StepState::default()).collect();
+    let mut results: Vec<Vec<StepMeasurement>> = vec![Vec::new(); methods.len()];
+    let mut stats = Vec::new();
+    for data in steps {
+        let data = data?;
+        if layers.is_empty() {
+            layers = vec![LayerInfo {
+                name: "gradient".into(),
+                shape: vec![data.grads.first().map_or(0, |g| g.len() as u64)],
+                n: data.grads.first().map_or(0, Vec::len),
+            }];
+        }
+        let layout = match &layout {
+            Some(l) => l,
+            None => {
+                let sizes: Vec<usize> = layers.iter().map(|l| l.n).collect();
+                layout.insert(Layout::new(&sizes).map_err(|e| AnalyzeError::Usage(e.to_string()))?)
+            }
+        };
+        let views: Vec<&[f32]> = data.grads.iter().map(|g| g.as_slice()).collect();
+        for (i, m) in methods.iter().enumerate() {
+            let r = rd::measure_step(
+                &views,
+                layout,
+                &m.config,
+                average,
+                &mut states[i],
+                data.step,
+            )
+            .map_err(|source| AnalyzeError::Compute {
+                method: m.name.clone(),
+                step: data.step,
+                source,
+            })?;
+            if i == 0 {
+                stats.push(statistics(&r));
+            }
+            results[i].push(r);
+            progress.inc(1);
+        }
+    }
+    let methods = methods
+        .iter()
+        .zip(results)
+        .map(|(m, steps)| MethodReport {
+            name: m.name.clone(),
+            config: method_config(&m.config),
+            summary: summarize(&steps),
+            steps,
+        })
+        .collect();
+    Ok(Report {
+        backend,
+        workers,
+        n: layers.iter().map(|l| l.n).sum(),
+        layers,
+        statistics: stats,
+        average: match average {
+            Average::OverWorkers => "over-workers",
+            Average::OverSenders => "over-senders",
+        },
+        methods,
+        notes: Vec::new(),
+    })
+}
+
+/// The input when none is given: the built-in MNIST model's workers' gradients.
+///
+/// Hook for the `gradsift train` issue (part 4): once the built-in MNIST model exists, this
+/// returns its `K` workers' gradients of a few steps as [`StepData`] (with their
+/// [`LayerInfo`]) and [`analyze`] feeds them to [`analyze_steps`] like files. Until then it
+/// says what to pass instead.
+pub fn embedded_default() -> Result<(Vec<LayerInfo>, usize, Vec<StepData>), AnalyzeError> {
+    Err(AnalyzeError::Usage(
+        "no input given. The built-in default (gradients of the built-in MNIST model's workers) \
+         arrives with `gradsift train`, which is not in this build yet; pass K >= 2 workers' \
+         gradient files instead, e.g. `gradsift analyze grads/` with grads/grads_w0_s0.npz, \
+         grads/grads_w1_s0.npz, ... (see `gradsift analyze --help` for the two lines of \
+         PyTorch that write them)"
+            .into(),
+    ))
+}
+
+/// Work (elements x workers x methods x steps) above which a progress bar is shown.
+const PROGRESS_WORK: f64 = 2e8;
+
+fn progress_bar(total: u64, work: f64) -> ProgressBar {
+    if work < PROGRESS_WORK {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {bar:40} {pos}/{len} method-steps, {eta} left")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+/// Runs the analysis of `args` (files, or the embedded default when there are none) and
+/// returns the report; prints nothing except the progress bar on long inputs.
+pub fn analyze(args: &AnalyzeArgs) -> Result<Report, AnalyzeError> {
+    let (backend, note) = resolve_backend(args.backend)?;
+    let methods = methods(args)?;
+    let average = match args.average {
+        AverageArg::OverWorkers => Average::OverWorkers,
+        AverageArg::OverSenders => Average::OverSenders,
+    };
+    let mut notes: Vec<String> = note.into_iter().collect();
+    let mut report = if args.inputs.is_empty() {
+        let (layers, workers, steps) = embedded_default()?;
+        let pb = ProgressBar::hidden();
+        analyze_steps(
+            layers,
+            workers,
+            steps.into_iter().map(Ok),
+            &methods,
+            average,
+            backend,
+            &pb,
+        )?
+    } else {
+        let files = discover(&args.inputs)?;
+        for s in &files.skipped {
+            notes.push(format!(
+                "skipped {} (not named like grads_w<K>_s<T>.npz)",
+                s.display()
+            ));
+        }
+        let workers = files.steps[0].1.len();
+        let size = std::fs::metadata(&files.steps[0].1[0]).map_or(0, |m| m.len());
+        let total = (files.steps.len() * methods.len()) as u64;
+        // File size / 4 approximates the element count of a float32 gradient.
+        let work = size as f64 / 4.0 * workers as f64 * total as f64;
+        let pb = progress_bar(total, work);
+        let mut layers = Vec::new();
+        let mut reference = None;
+        // The layer list is set by the first file; load that step first so it is known.
+        let (first_step, first_files) = &files.steps[0];
+        let first = load_step(*first_step, first_files, &mut layers, &mut reference)?;
+        let rest = files.steps[1..].iter().map(|(t, f)| {
+            let mut l = layers.clone();
+            let mut r = reference.clone();
+            load_step(*t, f, &mut l, &mut r)
+        });
+        let steps = std::iter::once(Ok(first)).chain(rest);
+        let r = analyze_steps(
+            layers.clone(),
+            workers,
+            steps,
+            &methods,
+            average,
+            backend,
+            &pb,
+        );
+        pb.finish_and_clear();
+        r?
+    };
+    report.notes.extend(notes);
+    Ok(report)
+}
+
+/// `x` in a fixed width: scientific for small or large magnitudes, `inf`, or `-` for NaN.
+fn num(x: f64) -> String {
+    if x.is_nan() {
+        "-".into()
+    } else if x.is_infinite() {
+        if x > 0.0 { "inf".into() } else { "-inf".into() }
+    } else if x == 0.0 {
+        "0".into()
+    } else if x.abs() >= 1e-2 && x.abs() < 1e5 {
+        format!("{x:.4}")
+    } else {
+        format!("{x:.3e}")
+    }
+}
+
+const COLUMNS: [&str; 8] = [
+    "bits/elem",
+    "sent/coord",
+    "D",
+    "rho",
+    "R_sum(D)",
+    "R_in(D)",
+    "P1 R_sum",
+    "efficiency",
+];
+
+fn row(label: &str, width: usize, s: &Summary) -> String {
+    let cells = [
+        s.bits_per_element,
+        s.sent_per_coordinate,
+        s.d,
+        s.rho,
+        s.r_sum,
+        s.r_in,
+        s.r_sum_p1,
+        s.efficiency,
+    ];
+    let mut line = format!("{label:<width$}");
+    for c in cells {
+        let _ = write!(line, " {:>11}", num(c));
+    }
+    line
+}
+
+fn header(first: &str, width: usize) -> String {
+    let mut line = format!("{first:<width$}");
+    for c in COLUMNS {
+        let _ = write!(line, " {c:>11}");
+    }
+    line
+}
+
+/// The report as text: one row per method (means over steps), and with `per_step` one table
+/// per method with a row per step.
+pub fn render_table(report: &Report, per_step: bool) -> String {
+    let mut out = String::new();
+    let steps: Vec<u64> = report.statistics.iter().map(|s| s.step).collect();
+    let step_text = match (steps.first(), steps.last()) {
+        (Some(a), Some(b)) if steps.len() > 1 => format!("{} steps ({a}..{b})", steps.len()),
+        _ => "1 step".into(),
+    };
+    let _ = writeln!(
+        out,
+        "gradsift analyze: K = {} workers, {step_text}, {} layers, n = {} elements, backend {}",
+        report.workers,
+        report.layers.len(),
+        report.n,
+        report.backend
+    );
+    let sx = mean(report.statistics.iter().map(|s| s.sigma_x2));
+    let sn = mean(report.statistics.iter().map(|s| s.sigma_n2));
+    let r_sum_sign = mean(report.statistics.iter().map(|s| s.r_sum_sign));
+    let r_in_sign = report.statistics.first().map_or(0.0, |s| s.r_in_sign);
+    let _ = writeln!(
+        out,
+        "sigma_X^2 = {}, sigma_N^2 = {} (size-weighted, mean over steps); at the ideal sign \
+         distortion R_in = {} and R_sum = {} bits/coord\n",
+        num(sx),
+        num(sn),
+        num(r_in_sign),
+        num(r_sum_sign)
+    );
+    let width = report
+        .methods
+        .iter()
+        .map(|m| m.name.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    let _ = writeln!(out, "{}", header("method", width));
+    for m in &report.methods {
+        let _ = writeln!(out, "{}", row(&m.name, width, &m.summary));
+    }
+    let _ = writeln!(
+        out,
+        "\nbits/elem: wire bits per gradient element per worker. sent/coord = K x bits/elem, the unit\n\
+         of R_sum(D) and R_in(D): bits per coordinate summed over the K workers. D = sigma_N^2/K +\n\
+         ||g_hat - ybar||^2/n per coordinate; rho = D K / sigma_N^2 - 1 (Fig. 8). P1 R_sum: the least\n\
+         sum-rate for the same total squared error split optimally across layers (Corollary 1).\n\
+         efficiency = R_sum(D) / sent: 1 is the information-theoretic limit for unbiased Gaussian\n\
+         aggregation (error feedback and biased methods are outside the model, so it is a yardstick)."
+    );
+    if per_step {
+        for m in &report.methods {
+            let _ = writeln!(out, "\n{}", m.name);
+            let _ = writeln!(out, "{}", header("step", 8));
+            for s in &m.steps {
+                let sum = summarize(std::slice::from_ref(s));
+                let _ = writeln!(out, "{}", row(&s.step.to_string(), 8, &sum));
+            }
+        }
+    }
+    out
+}
+
+/// Writes the report as pretty JSON (`-` for standard output). Infinite rates become `null`.
+pub fn write_json(report: &Report, path: &Path) -> Result<(), AnalyzeError> {
+    let text = serde_json::to_string_pretty(report).map_err(|e| AnalyzeError::Output {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    if path == Path::new("-") {
+        println!("{text}");
+        return Ok(());
+    }
+    std::fs::write(path, text + "\n").map_err(|e| AnalyzeError::Output {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// `gradsift analyze`: analysis, table on stdout, notes on stderr, then JSON and plot.
+pub fn run(args: &AnalyzeArgs) -> Result<(), AnalyzeError> {
+    let report = analyze(args)?;
+    for n in &report.notes {
+        eprintln!("gradsift analyze: {n}");
+    }
+    let to_stdout = args.json.as_deref() == Some(Path::new("-"));
+    let table = render_table(&report, args.per_step);
+    if to_stdout {
+        eprint!("{table}");
+    } else {
+        print!("{table}");
+    }
+    if let Some(p) = &args.json {
+        write_json(&report, p)?;
+    }
+    if let Some(p) = &args.plot {
+        super::plot::draw(&report, p)?;
+        eprintln!("gradsift analyze: wrote {}", p.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,278 @@
+//! `gradsift analyze` end to end on the NumPy fixtures of tests/data (made by
+//! scripts/make_npz_fixture.py), and its messages for bad files.
+#![cfg(feature = "cli")]
+
+use gradsift::cli::analyze::{
+    AnalyzeArgs, AnalyzeError, BackendChoice, analyze, discover, parse_file_name, render_table,
+    write_json,
+};
+use gradsift::cli::plot;
+use std::path::{Path, PathBuf};
+
+fn data(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(p)
+}
+
+fn args(inputs: &[&str]) -> AnalyzeArgs {
+    AnalyzeArgs {
+        inputs: inputs.iter().map(|p| data(p)).collect(),
+        ratios: vec![0.05, 0.25],
+        ..AnalyzeArgs::default()
+    }
+}
+
+fn close(a: f64, b: f64, rel: f64) -> bool {
+    (a - b).abs() <= rel * a.abs().max(b.abs())
+}
+
+#[test]
+fn fixture_report_matches_numpy_statistics_and_counts_every_method() {
+    let report = analyze(&args(&["good"])).unwrap();
+    assert_eq!(report.workers, 3);
+    assert_eq!(report.n, 16 * 8 + 16 + 4 * 16);
+    let names: Vec<&str> = report.layers.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["arr_0", "arr_1", "arr_2"]);
+    assert_eq!(report.layers[2].shape, vec![4, 16]);
+
+    // sigma_X^2 and sigma_N^2 against NumPy's (float16, float64, Fortran-order and
+    // compressed members included: any misread element would move them).
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data("good/expected.json")).unwrap())
+            .unwrap();
+    let steps = expected["steps"].as_array().unwrap();
+    assert_eq!(report.statistics.len(), steps.len());
+    for (s, e) in report.statistics.iter().zip(steps) {
+        assert_eq!(s.step, e["step"].as_u64().unwrap());
+        for ((sx, sn), el) in s.layers.iter().zip(e["layers"].as_array().unwrap()) {
+            let (ex, en) = (
+                el["sigma_x2"].as_f64().unwrap(),
+                el["sigma_n2"].as_f64().unwrap(),
+            );
+            assert!(
+                close(*sx, ex, 1e-9),
+                "step {}: sigma_x2 {sx} vs {ex}",
+                s.step
+            );
+            assert!(
+                close(*sn, en, 1e-9),
+                "step {}: sigma_n2 {sn} vs {en}",
+                s.step
+            );
+        }
+    }
+
+    // Three methods per ratio plus sign, each measured at both steps.
+    let methods: Vec<&str> = report.methods.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(
+        methods,
+        [
+            "rtopk r=20% k=5%",
+            "topk 5%",
+            "randomk 5%",
+            "rtopk r=100% k=25%",
+            "topk 25%",
+            "randomk 25%",
+            "sign"
+        ]
+    );
+    for m in &report.methods {
+        assert_eq!(m.steps.len(), 2, "{}", m.name);
+        for s in &m.steps {
+            assert!(s.bits > 0 && s.d > s.sigma_n2 / 3.0 * 0.999, "{}", m.name);
+            assert!(s.efficiency > 0.0 && s.efficiency.is_finite(), "{}", m.name);
+            assert!(close(
+                s.bits_per_element,
+                s.bits as f64 / (3.0 * report.n as f64),
+                1e-15
+            ));
+        }
+    }
+    // Sending 25% costs more than 5% and distorts less, at the first step (no residual yet).
+    let first = |name: &str| {
+        &report
+            .methods
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap()
+            .steps[0]
+    };
+    assert!(first("topk 25%").bits > first("topk 5%").bits);
+    assert!(first("topk 25%").d < first("topk 5%").d);
+    // Sign: per worker an 8-byte header, the group count, three f32 scales and one bit per
+    // element (208 bits, byte-aligned).
+    let sign = first("sign");
+    assert_eq!(sign.bits, 3 * (64 + 32 + 3 * 32 + 208));
+}
+
+#[test]
+fn table_json_and_plot_are_written() {
+    let report = analyze(&args(&["good"])).unwrap();
+    let table = render_table(&report, true);
+    for needle in [
+        "K = 3 workers, 2 steps (0..1), 3 layers, n = 208",
+        "bits/elem",
+        "R_sum(D)",
+        "R_in(D)",
+        "efficiency",
+        "rtopk r=20% k=5%",
+        "randomk 25%",
+        "sign",
+    ] {
+        assert!(table.contains(needle), "table lacks {needle:?}:\n{table}");
+    }
+    let dir = std::env::temp_dir().join(format!("gradsift-analyze-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let json = dir.join("report.json");
+    write_json(&report, &json).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["workers"], 3);
+    assert_eq!(v["methods"].as_array().unwrap().len(), 7);
+    let step = &v["methods"][0]["steps"][1];
+    for key in [
+        "bits",
+        "bits_per_element",
+        "d",
+        "d_c",
+        "rho",
+        "r_sum_bits",
+        "efficiency",
+    ] {
+        assert!(step[key].is_number(), "{key} missing: {step}");
+    }
+    assert_eq!(step["layers"].as_array().unwrap().len(), 3);
+
+    let png = dir.join("fig7.png");
+    plot::draw(&report, &png).unwrap();
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(
+        bytes.len() > 20_000,
+        "suspiciously small plot: {} bytes",
+        bytes.len()
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn error_of(dir: &str) -> String {
+    match analyze(&args(&[dir])) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("{dir} was accepted"),
+    }
+}
+
+#[test]
+fn mismatched_shape_names_the_file_and_array() {
+    let e = error_of("bad_shape");
+    assert!(
+        e.contains("grads_w1_s0.npz") && e.contains("'arr_1'"),
+        "{e}"
+    );
+    assert!(e.contains("shape (4,) differs from (3,)"), "{e}");
+}
+
+#[test]
+fn nan_names_the_file_array_and_index() {
+    let e = error_of("bad_nan");
+    assert!(
+        e.contains("grads_w1_s0.npz") && e.contains("'arr_1'"),
+        "{e}"
+    );
+    assert!(
+        e.contains("1 non-finite") && e.contains("flat index 1"),
+        "{e}"
+    );
+}
+
+#[test]
+fn wrong_dtype_names_the_file_array_and_dtype() {
+    let e = error_of("bad_dtype");
+    assert!(
+        e.contains("grads_w1_s0.npz") && e.contains("'arr_0'"),
+        "{e}"
+    );
+    assert!(e.contains("'<i8'") && e.contains("float32"), "{e}");
+}
+
+#[test]
+fn missing_layer_names_both_files() {
+    let e = error_of("bad_count");
+    assert!(
+        e.contains("grads_w1_s0.npz") && e.contains("1 arrays"),
+        "{e}"
+    );
+    assert!(e.contains("grads_w0_s0.npz has 2"), "{e}");
+}
+
+#[test]
+fn file_discovery_rules() {
+    assert_eq!(parse_file_name("grads_w12_s300.npz"), Some((12, 300)));
+    assert_eq!(parse_file_name("w0_s1.NPY"), Some((0, 1)));
+    assert_eq!(parse_file_name("run-a_w3_s4.npz"), Some((3, 4)));
+    assert_eq!(parse_file_name("grads_w1_s.npz"), None);
+    assert_eq!(parse_file_name("grads_w1_s2.txt"), None);
+    assert_eq!(parse_file_name("grads_new1_s2.npz"), None);
+
+    let files = discover(&[data("good")]).unwrap();
+    assert_eq!(files.steps.len(), 2);
+    assert!(files.steps.iter().all(|(_, f)| f.len() == 3));
+
+    // Files named otherwise are the workers of one step, in the order given.
+    let dir = std::env::temp_dir().join(format!("gradsift-discover-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b) = (dir.join("first.npz"), dir.join("second.npz"));
+    std::fs::copy(data("good/grads_w0_s0.npz"), &a).unwrap();
+    std::fs::copy(data("good/grads_w1_s0.npz"), &b).unwrap();
+    let f = discover(&[a.clone(), b.clone()]).unwrap();
+    assert_eq!(f.steps, vec![(0, vec![a.clone(), b])]);
+    let e = discover(std::slice::from_ref(&a)).unwrap_err().to_string();
+    assert!(e.contains("only 1 worker"), "{e}");
+    let e = discover(&[a, data("good/grads_w0_s0.npz")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cannot mix"), "{e}");
+    // A step that lacks a worker.
+    let e = discover(&[
+        data("good/grads_w0_s0.npz"),
+        data("good/grads_w1_s0.npz"),
+        data("good/grads_w0_s1.npz"),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("step 1 has no file for worker 1"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn backends_and_the_embedded_default() {
+    let mut a = args(&["good"]);
+    a.backend = BackendChoice::Cuda;
+    let e = analyze(&a).unwrap_err().to_string();
+    assert!(
+        e.contains("backend cuda not available in this build"),
+        "{e}"
+    );
+    a.backend = BackendChoice::Wgpu;
+    let e = analyze(&a).unwrap_err().to_string();
+    assert!(
+        e.contains("backend wgpu not available in this build"),
+        "{e}"
+    );
+    a.backend = BackendChoice::Auto;
+    let r = analyze(&a).unwrap();
+    assert_eq!(r.backend, "cpu");
+    assert!(
+        r.notes.iter().any(|n| n.contains("using cpu")),
+        "{:?}",
+        r.notes
+    );
+
+    let none = AnalyzeArgs::default();
+    match analyze(&none) {
+        Err(AnalyzeError::Usage(m)) => assert!(m.contains("gradsift train"), "{m}"),
+        other => panic!("expected the part-4 hook's message, got {other:?}"),
+    }
+}
