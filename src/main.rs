@@ -15,8 +15,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train an MLP on the embedded MNIST digits with K simulated workers, compressed
+    /// aggregation (rTop-k at 99% by default) next to the uncompressed baseline (the default).
+    Train(cli::train::TrainArgs),
     /// Compress a synthetic ResNet-18-shaped gradient of 5 workers with every method and
-    /// print bits, distortion and time (the default).
+    /// print bits, distortion and time.
     Demo,
     /// Rate-distortion analysis of every compressor on your workers' gradients (.npy/.npz):
     /// bits per element, distortion, rho, R_sum(D), R_in(D) and efficiency per method.
@@ -25,7 +28,9 @@ enum Command {
 
 fn main() {
     let result = match Cli::parse().command {
-        None | Some(Command::Demo) => cli::demo::run().map_err(|e| e.to_string()),
+        None => cli::train::run(&cli::train::TrainArgs::default_run()).map_err(|e| e.to_string()),
+        Some(Command::Train(args)) => cli::train::run(&args).map_err(|e| e.to_string()),
+        Some(Command::Demo) => cli::demo::run().map_err(|e| e.to_string()),
         Some(Command::Analyze(args)) => cli::analyze::run(&args).map_err(|e| e.to_string()),
     };
     if let Err(e) = result {

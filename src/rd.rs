@@ -609,7 +609,8 @@ fn rho(d: f64, sigma_n2: f64, k: f64) -> f64 {
 /// What [`measure_step`] keeps between steps: one CPU compressor per worker (with its
 /// error-feedback residual and momentum), the server's aggregator and scratch buffers.
 /// Start from `StepState::default()`; it is (re)built, with zero residuals, whenever the
-/// layout, configuration, averaging rule or `K` changes.
+/// layout, selection mode, averaging rule or `K` changes. A change of method or ratios alone
+/// keeps the residuals ([`cpu::Compressor::reconfigure`]).
 #[derive(Debug, Default)]
 pub struct StepState {
     key: Option<(Layout, Config, Average, usize)>,
@@ -627,6 +628,11 @@ impl StepState {
         &self.compressors
     }
 
+    /// The server's aggregate of the last [`measure_step`]: the update to apply, length `n`.
+    pub fn estimate(&self) -> &[f32] {
+        &self.estimate
+    }
+
     /// Zeroes every worker's residual and momentum.
     pub fn reset(&mut self) {
         self.compressors.iter_mut().for_each(|c| c.reset());
@@ -642,6 +648,19 @@ impl StepState {
         let key = (layout.clone(), config.clone(), average, k);
         if self.key.as_ref() == Some(&key) {
             return Ok(());
+        }
+        // Only the configuration changed (e.g. DGC's sparsity warm-up): keep every
+        // worker's residual and momentum.
+        if let Some((l, c, a, kk)) = &self.key {
+            if l == layout && *a == average && *kk == k && c.mode == config.mode {
+                for (w, plan) in self.compressors.iter_mut().enumerate() {
+                    let mut c = config.clone();
+                    c.worker = w as u32;
+                    plan.reconfigure(&c)?;
+                }
+                self.key = Some(key);
+                return Ok(());
+            }
         }
         self.key = None;
         self.compressors = (0..k)

@@ -30,27 +30,10 @@ fn resnet18_layout() -> Vec<usize> {
     sizes
 }
 
-/// Deterministic stream of standard normals (Box-Muller on SplitMix64), so the demo needs
-/// no data files and prints the same figures everywhere.
-struct Normal(u64);
-
-impl Normal {
-    fn uniform(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64 + 0.5 / (1u64 << 53) as f64
-    }
-    fn sample(&mut self) -> f64 {
-        (-2.0 * self.uniform().ln()).sqrt() * (std::f64::consts::TAU * self.uniform()).cos()
-    }
-}
-
 /// K workers' gradients `y_k = x + n_k` (the seed paper's Section III model) with per-layer
 /// scales spread over two decades and heavy-tailed global components, as in real networks.
 fn synthetic_gradients(layout: &Layout, workers: usize) -> Vec<Vec<f32>> {
-    let mut rng = Normal(2024);
+    let mut rng = super::SplitMix(2024);
     let n = layout.n();
     let mut x = vec![0f32; n];
     let mut scale = vec![0f32; n];
@@ -58,8 +41,8 @@ fn synthetic_gradients(layout: &Layout, workers: usize) -> Vec<Vec<f32>> {
         let s = 1e-3 * 10f64.powf(2.0 * rng.uniform());
         for i in layout.layer(l) {
             // Student-t with 3 degrees of freedom: a few coordinates dominate.
-            let chi2: f64 = (0..3).map(|_| rng.sample().powi(2)).sum();
-            x[i] = (s * rng.sample() / (chi2 / 3.0).sqrt()) as f32;
+            let chi2: f64 = (0..3).map(|_| rng.normal().powi(2)).sum();
+            x[i] = (s * rng.normal() / (chi2 / 3.0).sqrt()) as f32;
             scale[i] = (3.0 * s) as f32;
         }
     }
@@ -67,7 +50,7 @@ fn synthetic_gradients(layout: &Layout, workers: usize) -> Vec<Vec<f32>> {
         .map(|_| {
             x.iter()
                 .zip(&scale)
-                .map(|(&x, &s)| x + s * rng.sample() as f32)
+                .map(|(&x, &s)| x + s * rng.normal() as f32)
                 .collect()
         })
         .collect()

