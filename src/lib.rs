@@ -9,6 +9,8 @@ mod layout;
 mod payload;
 pub mod philox;
 pub mod wire;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;
 
 pub use config::{Config, Count, Group, Method, Scale};
 pub use cpu::{Average, LayerStats, VarianceEstimate, VarianceTracker};
