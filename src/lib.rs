@@ -8,9 +8,9 @@ mod error;
 mod layout;
 mod payload;
 pub mod philox;
-pub mod wire;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
+pub mod wire;
 
 pub use config::{Config, Count, Group, Method, Scale};
 pub use cpu::{Average, LayerStats, VarianceEstimate, VarianceTracker};

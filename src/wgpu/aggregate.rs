@@ -1,6 +1,6 @@
 //! The parameter server's decoder on the GPU (SPEC §7); shaders in `shaders/aggregate.wgsl`.
 
-use super::context::{Context, dev_err, grid};
+use super::context::{Context, dev_err, floats, grid};
 use crate::cpu::check_payload;
 use crate::{Average, Error, Layout, Mode, Payload, Result};
 use std::num::NonZeroU64;
@@ -93,7 +93,9 @@ impl Aggregator {
             16,
             ::wgpu::BufferUsages::UNIFORM | ::wgpu::BufferUsages::COPY_DST,
         )?;
-        inner.queue.write_buffer(&cfg_buf, 0, bytemuck::bytes_of(&cfg));
+        inner
+            .queue
+            .write_buffer(&cfg_buf, 0, bytemuck::bytes_of(&cfg));
         let align = inner.uniform_align();
         let params = inner.buffer(
             "worker parameters",
@@ -139,7 +141,9 @@ impl Aggregator {
         self.ctx
             .inner
             .read_back(&self.staging, &[(&self.out, 0, n as u64 * 4)], |b| {
-                out.copy_from_slice(bytemuck::cast_slice(&b[..n * 4]));
+                for (o, v) in out.iter_mut().zip(floats(&b[..n * 4])) {
+                    *o = v;
+                }
             })
     }
 
@@ -188,19 +192,27 @@ impl Aggregator {
             }
             params.push(w);
         }
-        let grow = |cur: &Option<::wgpu::Buffer>, need: usize, what: &str| -> Result<Option<::wgpu::Buffer>> {
+        let grow = |cur: &Option<::wgpu::Buffer>,
+                    need: usize,
+                    what: &str|
+         -> Result<Option<::wgpu::Buffer>> {
             let bytes = (need.max(1) as u64) * 4;
             match cur {
                 Some(b) if b.size() >= bytes => Ok(None),
                 _ => inner
-                    .storage_buffer(what, bytes.next_power_of_two(), ::wgpu::BufferUsages::empty())
+                    .storage_buffer(
+                        what,
+                        bytes.next_power_of_two(),
+                        ::wgpu::BufferUsages::empty(),
+                    )
                     .map(Some),
             }
         };
         let new_idx = grow(&self.idx, self.host_idx.len(), "payload indices")?;
         let new_val = grow(&self.val, self.host_val.len(), "payload values")?;
         let new_signs = grow(&self.signs, self.host_signs.len(), "payload signs")?;
-        let rebuild = new_idx.is_some() || new_val.is_some() || new_signs.is_some() || self.binds.is_empty();
+        let rebuild =
+            new_idx.is_some() || new_val.is_some() || new_signs.is_some() || self.binds.is_empty();
         if let Some(b) = new_idx {
             self.idx = Some(b);
         }
@@ -242,11 +254,13 @@ impl Aggregator {
                             resource,
                         })
                         .collect();
-                    inner.device.create_bind_group(&::wgpu::BindGroupDescriptor {
-                        label: Some("aggregate"),
-                        layout,
-                        entries: &entries,
-                    })
+                    inner
+                        .device
+                        .create_bind_group(&::wgpu::BindGroupDescriptor {
+                            label: Some("aggregate"),
+                            layout,
+                            entries: &entries,
+                        })
                 })
                 .collect();
         }

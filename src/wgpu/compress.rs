@@ -8,7 +8,7 @@
 //! next call that returns host data ([`Compressor::read_payload`] and friends) as
 //! [`Error::NonFinite`], with residual and momentum exactly as before the step.
 
-use super::context::{Context, Inner, dev_err, grid};
+use super::context::{Context, Inner, dev_err, floats, grid, words};
 use crate::{
     Config, DType, Element, Error, Group, Layout, Method, Payload, Result, SignPayload,
     SparsePayload,
@@ -232,7 +232,8 @@ impl Compressor {
         let list_a = f("candidates", list_cap)?;
         let list_b = f("candidates", list_cap)?;
         let sel = f("top-r list", sum_r as u64 * 4)?;
-        let args = inner.storage_buffer("indirect args", 16 * 16, ::wgpu::BufferUsages::INDIRECT)?;
+        let args =
+            inner.storage_buffer("indirect args", 16 * 16, ::wgpu::BufferUsages::INDIRECT)?;
         let bits = f("selection bitmap", num_words as u64 * 4)?;
         let out_idx = f("payload indices", sent as u64 * 4)?;
         let out_val = f("payload values", sent.max(ng) as u64 * 4)?;
@@ -344,11 +345,7 @@ impl Compressor {
                     // else the output of round d - 1.
                     let (out_buf, out_slot) = lists[(d % 2) as usize];
                     let (in_buf, in_slot) = if d == 0 {
-                        if from_list {
-                            (&sel, CTR_SEL)
-                        } else {
-                            lists[1]
-                        }
+                        if from_list { (&sel, CTR_SEL) } else { lists[1] }
                     } else {
                         lists[((d + 1) % 2) as usize]
                     };
@@ -454,7 +451,9 @@ impl Compressor {
             Some([a, b]) => (a, b),
             None => (d_ua, d_ub),
         };
-        let scope = inner.device.push_error_scope(::wgpu::ErrorFilter::Validation);
+        let scope = inner
+            .device
+            .push_error_scope(::wgpu::ErrorFilter::Validation);
         let passes = specs
             .into_iter()
             .map(|(entry, pi, [lin, lout, selb, argsb], dispatch)| {
@@ -489,11 +488,13 @@ impl Compressor {
                         resource,
                     })
                     .collect();
-                let bind = inner.device.create_bind_group(&::wgpu::BindGroupDescriptor {
-                    label: Some(entry),
-                    layout: &inner.compress.layouts[0],
-                    entries: &entries,
-                });
+                let bind = inner
+                    .device
+                    .create_bind_group(&::wgpu::BindGroupDescriptor {
+                        label: Some(entry),
+                        layout: &inner.compress.layouts[0],
+                        entries: &entries,
+                    });
                 Pass {
                     entry,
                     bind,
@@ -564,19 +565,23 @@ impl Compressor {
         }
         let cached = matches!(&self.grad_bind, Some((b, s, _)) if b == grad && *s == bind_size);
         if !cached {
-            let scope = inner.device.push_error_scope(::wgpu::ErrorFilter::Validation);
-            let bg = inner.device.create_bind_group(&::wgpu::BindGroupDescriptor {
-                label: Some("gradient"),
-                layout: &inner.compress.layouts[1],
-                entries: &[::wgpu::BindGroupEntry {
-                    binding: 0,
-                    resource: ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
-                        buffer: grad,
-                        offset: 0,
-                        size: NonZeroU64::new(bind_size),
-                    }),
-                }],
-            });
+            let scope = inner
+                .device
+                .push_error_scope(::wgpu::ErrorFilter::Validation);
+            let bg = inner
+                .device
+                .create_bind_group(&::wgpu::BindGroupDescriptor {
+                    label: Some("gradient"),
+                    layout: &inner.compress.layouts[1],
+                    entries: &[::wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
+                            buffer: grad,
+                            offset: 0,
+                            size: NonZeroU64::new(bind_size),
+                        }),
+                    }],
+                });
             if let Some(e) = pollster::block_on(scope.pop()) {
                 return Err(dev_err(format!("binding the gradient buffer: {e}")));
             }
@@ -614,9 +619,7 @@ impl Compressor {
                             cp.dispatch_workgroups(x, y, 1)
                         }
                     }
-                    Dispatch::Indirect(off) => {
-                        cp.dispatch_workgroups_indirect(&self.args, off)
-                    }
+                    Dispatch::Indirect(off) => cp.dispatch_workgroups_indirect(&self.args, off),
                 }
             }
         }
@@ -624,7 +627,6 @@ impl Compressor {
         self.stepped = true;
         Ok(())
     }
-
 
     /// [`Compressor::step`] on a host slice: copies it into a device buffer owned by the plan
     /// (allocated on the first call) and steps on that.
@@ -661,7 +663,11 @@ impl Compressor {
             let values_dtype = self.config.values;
             let res = inner.read_back(
                 &self.staging,
-                &[(&self.st, 0, 16), (&self.out_idx, 0, k * 4), (&self.out_val, 0, k * 4)],
+                &[
+                    (&self.st, 0, 16),
+                    (&self.out_idx, 0, k * 4),
+                    (&self.out_val, 0, k * 4),
+                ],
                 |b| {
                     status(b)?;
                     if !matches!(out, Payload::Sparse(_)) {
@@ -674,23 +680,21 @@ impl Compressor {
                     p.n = n;
                     p.values_dtype = values_dtype;
                     p.indices.clear();
-                    p.indices
-                        .extend_from_slice(bytemuck::cast_slice(&b[16..16 + 4 * k]));
+                    p.indices.extend(words(&b[16..16 + 4 * k]));
                     p.values.clear();
-                    p.values
-                        .extend_from_slice(bytemuck::cast_slice(&b[16 + 4 * k..16 + 8 * k]));
+                    p.values.extend(floats(&b[16 + 4 * k..16 + 8 * k]));
                     Ok(())
                 },
             )?;
             res
         } else {
-            let words = (n as usize).div_ceil(64) * 2;
+            let nw = (n as usize).div_ceil(64) * 2;
             inner.read_back(
                 &self.staging,
                 &[
                     (&self.st, 0, 16),
                     (&self.out_val, 0, ng as u64 * 4),
-                    (&self.bits, 0, words as u64 * 4),
+                    (&self.bits, 0, nw as u64 * 4),
                 ],
                 |b| {
                     status(b)?;
@@ -702,13 +706,12 @@ impl Compressor {
                     };
                     p.n = n;
                     p.scales.clear();
-                    p.scales
-                        .extend_from_slice(bytemuck::cast_slice(&b[16..16 + 4 * ng]));
-                    let w: &[u32] = bytemuck::cast_slice(&b[16 + 4 * ng..16 + 4 * ng + 4 * words]);
+                    p.scales.extend(floats(&b[16..16 + 4 * ng]));
+                    let w = &b[16 + 4 * ng..16 + 4 * ng + 4 * nw];
                     p.negative.clear();
                     p.negative.extend(
-                        w.chunks_exact(2)
-                            .map(|c| u64::from(c[0]) | (u64::from(c[1]) << 32)),
+                        w.chunks_exact(8)
+                            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
                     );
                     Ok(())
                 },
@@ -717,7 +720,12 @@ impl Compressor {
     }
 
     /// Step and read the payload: the CPU backend's `step` in one call, for host data.
-    pub fn step_to_host<T: Element>(&mut self, grad: &[T], step: u64, out: &mut Payload) -> Result<()> {
+    pub fn step_to_host<T: Element>(
+        &mut self,
+        grad: &[T],
+        step: u64,
+        out: &mut Payload,
+    ) -> Result<()> {
         self.step_host(grad, step)?;
         self.read_payload(out)
     }
@@ -725,8 +733,7 @@ impl Compressor {
     fn current(&self) -> Result<usize> {
         let inner = &self.ctx.inner;
         inner.read_back(&self.staging, &[(&self.st, 0, 16)], |b| {
-            let w: &[u32] = bytemuck::cast_slice(&b[..16]);
-            (w[2] & 1) as usize
+            (words(&b[..16]).nth(2).unwrap_or(0) & 1) as usize
         })
     }
 
@@ -790,7 +797,7 @@ fn whole(b: &::wgpu::Buffer) -> ::wgpu::BindingResource<'_> {
 
 /// The rejected-step report in the first 16 bytes of a readback (state words 0 and 1).
 fn status(b: &[u8]) -> Result<()> {
-    let w: &[u32] = bytemuck::cast_slice(&b[..16]);
+    let w: [u32; 2] = [words(b).next().unwrap_or(0), words(b).nth(1).unwrap_or(0)];
     if w[0] > 0 {
         return Err(Error::NonFinite {
             count: u64::from(w[0]),
@@ -810,6 +817,6 @@ fn read_f32(
     ctx.inner
         .read_back(staging, &[(buf, 0, n as u64 * 4)], |b| {
             out.clear();
-            out.extend_from_slice(bytemuck::cast_slice(&b[..n * 4]));
+            out.extend(floats(&b[..n * 4]));
         })
 }

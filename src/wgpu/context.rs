@@ -78,34 +78,33 @@ impl Context {
     /// Errors with [`Error::BackendUnavailable`] when there is no adapter, the device cannot be
     /// created, or the adapter allows fewer than 16 storage buffers per shader stage.
     pub fn new() -> Result<Self> {
-        let instance =
-            ::wgpu::Instance::new(::wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        let adapter = pollster::block_on(instance.request_adapter(
-            &::wgpu::RequestAdapterOptions {
+        let instance = ::wgpu::Instance::new(
+            ::wgpu::InstanceDescriptor::new_without_display_handle_from_env(),
+        );
+        let adapter =
+            pollster::block_on(instance.request_adapter(&::wgpu::RequestAdapterOptions {
                 power_preference: ::wgpu::PowerPreference::HighPerformance,
                 force_fallback_adapter: false,
                 compatible_surface: None,
                 ..Default::default()
-            },
-        ))
-        .map_err(|e| Error::BackendUnavailable {
-            backend: "wgpu",
-            reason: format!("no adapter: {e}"),
-        })?;
+            }))
+            .map_err(|e| Error::BackendUnavailable {
+                backend: "wgpu",
+                reason: format!("no adapter: {e}"),
+            })?;
         let info = adapter.get_info();
         let limits = adapter.limits();
-        let (device, queue) = pollster::block_on(adapter.request_device(
-            &::wgpu::DeviceDescriptor {
+        let (device, queue) =
+            pollster::block_on(adapter.request_device(&::wgpu::DeviceDescriptor {
                 label: Some("gradsift"),
                 required_features: ::wgpu::Features::empty(),
                 required_limits: limits.clone(),
                 ..Default::default()
-            },
-        ))
-        .map_err(|e| Error::BackendUnavailable {
-            backend: "wgpu",
-            reason: format!("adapter {} refused a device: {e}", info.name),
-        })?;
+            }))
+            .map_err(|e| Error::BackendUnavailable {
+                backend: "wgpu",
+                reason: format!("adapter {} refused a device: {e}", info.name),
+            })?;
         Self::build(
             device,
             queue,
@@ -185,7 +184,9 @@ impl Context {
             &device,
             "stats",
             STATS,
-            &[&[Uniform, Uniform, Read, Read, ReadWrite, ReadWrite, ReadWrite]],
+            &[&[
+                Uniform, Uniform, Read, Read, ReadWrite, ReadWrite, ReadWrite,
+            ]],
             &[
                 "stats_partial",
                 "stats_reduce",
@@ -242,7 +243,9 @@ impl Context {
     pub fn upload<T: crate::Element>(&self, data: &[T]) -> Result<::wgpu::Buffer> {
         let bytes: &[u8] = bytemuck::cast_slice(data);
         let size = (bytes.len() as u64).div_ceil(4).max(1) * 4;
-        let buf = self.inner.storage_buffer("upload", size, ::wgpu::BufferUsages::empty())?;
+        let buf = self
+            .inner
+            .storage_buffer("upload", size, ::wgpu::BufferUsages::empty())?;
         self.inner.write_padded(&buf, 0, bytes);
         Ok(buf)
     }
@@ -296,7 +299,9 @@ impl Inner {
         usage: ::wgpu::BufferUsages,
     ) -> Result<::wgpu::Buffer> {
         self.check_alive()?;
-        let scope = self.device.push_error_scope(::wgpu::ErrorFilter::OutOfMemory);
+        let scope = self
+            .device
+            .push_error_scope(::wgpu::ErrorFilter::OutOfMemory);
         let b = self.device.create_buffer(&::wgpu::BufferDescriptor {
             label: Some(what),
             size: size.max(4).div_ceil(4) * 4,
@@ -334,8 +339,12 @@ impl Inner {
     /// [`Error::Device`] instead of a panic in the uncaptured-error handler.
     pub(crate) fn submit(&self, encoder: ::wgpu::CommandEncoder) -> Result<()> {
         self.check_alive()?;
-        let oom = self.device.push_error_scope(::wgpu::ErrorFilter::OutOfMemory);
-        let val = self.device.push_error_scope(::wgpu::ErrorFilter::Validation);
+        let oom = self
+            .device
+            .push_error_scope(::wgpu::ErrorFilter::OutOfMemory);
+        let val = self
+            .device
+            .push_error_scope(::wgpu::ErrorFilter::Validation);
         self.queue.submit(Some(encoder.finish()));
         let v = pollster::block_on(val.pop());
         let o = pollster::block_on(oom.pop());
@@ -481,6 +490,22 @@ fn make_module(
 /// flatten them back with `flat_id` and ignore the excess.
 pub(crate) fn grid(count: u64) -> (u32, u32) {
     let x = count.min(65535) as u32;
-    let y = if x == 0 { 1 } else { count.div_ceil(u64::from(x)) as u32 };
+    let y = if x == 0 {
+        1
+    } else {
+        count.div_ceil(u64::from(x)) as u32
+    };
     (x, y)
+}
+
+/// Little-endian u32 words of a readback (mapped memory carries no alignment guarantee for
+/// the host pointer, so no cast).
+pub(crate) fn words(b: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+}
+
+/// f32 values of a readback.
+pub(crate) fn floats(b: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    words(b).map(f32::from_bits)
 }

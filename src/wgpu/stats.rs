@@ -4,7 +4,7 @@
 //! variance on the host, which keeps results within SPEC §8's tolerances of the f64 CPU.
 
 use super::compress::{dtype_code, grad_bytes};
-use super::context::{Context, dev_err, grid};
+use super::context::{Context, dev_err, grid, words};
 use crate::{DType, Element, Error, LayerStats, Layout, Result, VarianceEstimate};
 use std::num::NonZeroU64;
 
@@ -65,7 +65,12 @@ impl Stats {
                 tiles.extend_from_slice(&[l as u32, s as u32, e as u32, 0]);
                 s = e;
             }
-            plan.extend_from_slice(&[r.start as u32, r.end as u32, t0 as u32, (tiles.len() / 4) as u32]);
+            plan.extend_from_slice(&[
+                r.start as u32,
+                r.end as u32,
+                t0 as u32,
+                (tiles.len() / 4) as u32,
+            ]);
         }
         let num_tiles = tiles.len() / 4;
         let tiles_off = plan.len() as u32;
@@ -120,7 +125,9 @@ impl Stats {
         inner
             .queue
             .write_buffer(&self.cfg_buf, 0, bytemuck::bytes_of(&self.cfg));
-        let scope = inner.device.push_error_scope(::wgpu::ErrorFilter::Validation);
+        let scope = inner
+            .device
+            .push_error_scope(::wgpu::ErrorFilter::Validation);
         let res = [
             self.unused.as_entire_binding(),
             self.cfg_buf.as_entire_binding(),
@@ -142,11 +149,13 @@ impl Stats {
                 resource,
             })
             .collect();
-        let bg = inner.device.create_bind_group(&::wgpu::BindGroupDescriptor {
-            label: Some("stats"),
-            layout: &inner.stats.layouts[0],
-            entries: &e,
-        });
+        let bg = inner
+            .device
+            .create_bind_group(&::wgpu::BindGroupDescriptor {
+                label: Some("stats"),
+                layout: &inner.stats.layouts[0],
+                entries: &e,
+            });
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(dev_err(format!("binding the statistics input: {err}")));
         }
@@ -158,7 +167,9 @@ impl Stats {
         // Per worker: count 0, first index u32::MAX.
         let init: &[u32] = &[0, u32::MAX];
         for k in 0..self.cfg.workers as u64 {
-            inner.queue.write_buffer(&self.bad, k * 8, bytemuck::cast_slice(init));
+            inner
+                .queue
+                .write_buffer(&self.bad, k * 8, bytemuck::cast_slice(init));
         }
         {
             let mut cp = enc.begin_compute_pass(&::wgpu::ComputePassDescriptor {
@@ -204,7 +215,7 @@ impl Stats {
         let nl = self.layout.num_layers();
         let inner = self.ctx.inner.clone();
         inner.read_back(&self.staging, &[(&self.res, 0, nl as u64 * 32)], |b| {
-            let w: &[u32] = bytemuck::cast_slice(&b[..nl * 32]);
+            let w: Vec<u32> = words(&b[..nl * 32]).collect();
             out.clear();
             for l in 0..nl {
                 let r = &w[l * 8..l * 8 + 8];
@@ -236,7 +247,11 @@ impl Stats {
     }
 
     /// [`Stats::layer_stats`] on a host slice (copied into a plan-owned device buffer).
-    pub fn layer_stats_host<T: Element>(&mut self, x: &[T], out: &mut Vec<LayerStats>) -> Result<()> {
+    pub fn layer_stats_host<T: Element>(
+        &mut self,
+        x: &[T],
+        out: &mut Vec<LayerStats>,
+    ) -> Result<()> {
         self.layout.check_len("buffer", x.len())?;
         let up = self.upload_buffer(grad_bytes(x.len(), T::DTYPE))?;
         self.ctx.inner.write_padded(&up, 0, bytemuck::cast_slice(x));
@@ -298,22 +313,18 @@ impl Stats {
         let nl = self.layout.num_layers();
         let inner = self.ctx.inner.clone();
         let kf = workers as f64;
-        inner.read_back(
-            &self.staging,
-            &[(&self.bad, 0, workers as u64 * 8)],
-            |b| {
-                let w: &[u32] = bytemuck::cast_slice(&b[..workers * 8]);
-                match w.chunks_exact(2).find(|c| c[0] > 0) {
-                    Some(c) => Err(Error::NonFinite {
-                        count: u64::from(c[0]),
-                        first_index: c[1],
-                    }),
-                    None => Ok(()),
-                }
-            },
-        )??;
+        inner.read_back(&self.staging, &[(&self.bad, 0, workers as u64 * 8)], |b| {
+            let w: Vec<u32> = words(&b[..workers * 8]).collect();
+            match w.chunks_exact(2).find(|c| c[0] > 0) {
+                Some(c) => Err(Error::NonFinite {
+                    count: u64::from(c[0]),
+                    first_index: c[1],
+                }),
+                None => Ok(()),
+            }
+        })??;
         inner.read_back(&self.staging, &[(&self.res, 0, nl as u64 * 32)], |b| {
-            let w: &[u32] = bytemuck::cast_slice(&b[..nl * 32]);
+            let w: Vec<u32> = words(&b[..nl * 32]).collect();
             out.clear();
             for l in 0..nl {
                 let r = &w[l * 8..l * 8 + 8];
@@ -355,7 +366,9 @@ impl Stats {
             return Err(Error::TooLarge { n: total });
         }
         let up = self.upload_buffer(grad_bytes(stacked.len(), T::DTYPE))?;
-        self.ctx.inner.write_padded(&up, 0, bytemuck::cast_slice(&stacked));
+        self.ctx
+            .inner
+            .write_padded(&up, 0, bytemuck::cast_slice(&stacked));
         self.estimate_variance(&up, workers.len(), T::DTYPE, out)
     }
 }
