@@ -21,8 +21,10 @@ fn is_finite_bits(b: u32) -> bool {
 
 // SPEC §1 as a key where smaller ranks first: larger |x| bits give a smaller key, and the
 // index is the second half of the 64-bit composite key, so ties go to the lower index.
+// Shifted left by one (bit 31 of the key is always 0) so that the first radix byte is the
+// whole exponent: 256 useful bins in round 0 instead of 128, fewer candidates after it.
 fn magnitude_key(x: f32) -> u32 {
-    return 0x7FFFFFFFu ^ (bitcast<u32>(x) & 0x7FFFFFFFu);
+    return (0x7FFFFFFFu ^ (bitcast<u32>(x) & 0x7FFFFFFFu)) << 1u;
 }
 
 // Exact f16 -> f32 widening with integer operations: unpack2x16float may flush f16

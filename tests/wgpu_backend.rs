@@ -786,3 +786,14 @@ fn variance_estimator_within_spec_tolerance() {
     let one = [signal.as_slice()];
     assert!(wgpu::estimate_variance(&ctx, &one, &layout, &mut Vec::new()).is_err());
 }
+
+#[test]
+fn reports_the_adapter() {
+    let Some(ctx) = ctx() else { return };
+    println!(
+        "wgpu adapter: {}; max storage binding {} bytes",
+        ctx.description(),
+        ctx.max_binding_bytes()
+    );
+    assert!(!ctx.description().is_empty());
+}

@@ -233,6 +233,17 @@ impl Context {
         &self.inner.description
     }
 
+    /// Blocks until every submission of this device has finished (for timing; plans never
+    /// need it, host reads wait for their own data).
+    pub fn wait(&self) -> Result<()> {
+        self.inner
+            .device
+            .poll(::wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| dev_err(format!("waiting for the device: {e}")))?;
+        self.inner.check_alive()
+    }
+
     /// Bytes one storage binding may span on this device (buffers above it are rejected).
     pub fn max_binding_bytes(&self) -> u64 {
         self.inner.limits.max_storage_buffer_binding_size
