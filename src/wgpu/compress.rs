@@ -539,7 +539,9 @@ impl Compressor {
     ///
     /// Records every pass into one submission and returns without waiting. A non-finite
     /// accumulated value is detected on the device: the step then changes nothing, and the
-    /// next host read ([`Compressor::read_payload`], ...) returns [`Error::NonFinite`].
+    /// next [`Compressor::read_payload`] returns [`Error::NonFinite`]. Only the latest step is
+    /// reported: read the payload after every step (as a worker must anyway, to send it) to
+    /// learn about each rejection.
     pub fn step(&mut self, grad: &::wgpu::Buffer, dtype: DType, step: u64) -> Result<()> {
         let need = grad_bytes(self.layout.n(), dtype);
         if grad.size() < need {
