@@ -797,3 +797,109 @@ fn reports_the_adapter() {
     );
     assert!(!ctx.description().is_empty());
 }
+
+#[test]
+fn randomized_configs_match_cpu() {
+    let Some(ctx) = ctx() else { return };
+    let mut s = 0x5eed_u64;
+    let mut next = |m: u64| {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (s >> 33) % m.max(1)
+    };
+    for case in 0..24 {
+        let layers = 1 + next(40) as usize;
+        let sizes: Vec<usize> = (0..layers)
+            .map(|_| match next(4) {
+                0 => 0,
+                1 => next(300) as usize,
+                _ => next(6000) as usize,
+            })
+            .collect();
+        let layout = Layout::new(&sizes).unwrap();
+        let n = layout.n();
+        let rho_r = [0.0, 0.001, 0.05, 0.3, 1.0][next(5) as usize];
+        let rho_k = rho_r * [0.0, 0.1, 0.5, 1.0][next(4) as usize];
+        let mut cfg = match next(5) {
+            0 => Config::rtopk(rho_r, rho_k),
+            1 => Config::topk(rho_k),
+            2 => Config::randomk(rho_k),
+            3 => Config::new(Method::RTopK {
+                r: Count::Exact(next(500)),
+                k: Count::Exact(next(50)),
+            }),
+            _ => Config::sign(),
+        };
+        if let Method::RTopK {
+            r: Count::Exact(r),
+            k: Count::Exact(k),
+        } = cfg.method
+        {
+            cfg.method = Method::RTopK {
+                r: Count::Exact(r.max(k)),
+                k: Count::Exact(k),
+            };
+        }
+        cfg.mode = if next(2) == 0 {
+            Mode::Global
+        } else {
+            Mode::PerLayer
+        };
+        cfg.scale = if next(2) == 0 {
+            Scale::None
+        } else {
+            Scale::Unbiased
+        };
+        cfg.values = [DType::F32, DType::F16, DType::BF16][next(3) as usize];
+        cfg.momentum = if next(3) == 0 { 0.5 } else { 0.0 };
+        cfg.seed = next(u64::MAX) << 20 | next(1 << 20);
+        cfg.worker = next(1 << 31) as u32;
+        let grads: Vec<Vec<f32>> = (0..3).map(|t| dyadic(n, case * 10 + t)).collect();
+        let exact = if cfg.is_sparse() {
+            Exact::Bits
+        } else {
+            Exact::Within(1e-5)
+        };
+        let what = format!("random case {case}: {cfg:?} layers {sizes:?}");
+        match next(3) {
+            0 => compare(&ctx, &layout, &cfg, &grads, exact, &what),
+            1 => {
+                let g: Vec<Vec<f16>> = grads.iter().map(|g| to(g)).collect();
+                compare(&ctx, &layout, &cfg, &g, exact, &what)
+            }
+            _ => {
+                let g: Vec<Vec<bf16>> = grads.iter().map(|g| to(g)).collect();
+                compare(&ctx, &layout, &cfg, &g, exact, &what)
+            }
+        }
+    }
+}
+
+#[test]
+fn lost_device_is_a_typed_error() {
+    if ctx().is_none() {
+        return;
+    }
+    // A context of its own: destroying the device must not disturb the other tests.
+    let ctx = wgpu::Context::new().unwrap();
+    let layout = Layout::single(5000).unwrap();
+    let mut g = wgpu::Compressor::new(&ctx, &layout, &Config::topk(0.01)).unwrap();
+    let x = data(5000, 1);
+    let mut p = Payload::Sparse(Default::default());
+    g.step_to_host(&x, 0, &mut p).unwrap();
+    ctx.device().destroy();
+    let r = g.step_to_host(&x, 1, &mut p);
+    assert!(
+        matches!(
+            r,
+            Err(Error::Device {
+                backend: "wgpu",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let r = wgpu::Compressor::new(&ctx, &layout, &Config::topk(0.01));
+    assert!(matches!(r, Err(Error::Device { .. })), "{r:?}");
+}
