@@ -52,6 +52,7 @@ pub(crate) struct Inner {
     pub(crate) stats: Module,
     lost: Arc<AtomicBool>,
     lost_reason: Arc<Mutex<String>>,
+    uncaptured: Arc<Mutex<Option<String>>>,
     description: String,
 }
 
@@ -105,11 +106,23 @@ impl Context {
                 backend: "wgpu",
                 reason: format!("adapter {} refused a device: {e}", info.name),
             })?;
-        Self::build(
+        let ctx = Self::build(
             device,
             queue,
             format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type),
-        )
+        )?;
+        // wgpu's default handler panics on errors outside an error scope (e.g. a queue write
+        // to a lost device). This device is ours, so record them instead and report them as
+        // Error::Device from the next call; a caller's device keeps the caller's handler.
+        let slot = ctx.inner.uncaptured.clone();
+        ctx.inner
+            .device
+            .on_uncaptured_error(Arc::new(move |e: ::wgpu::Error| {
+                if let Ok(mut s) = slot.lock() {
+                    s.get_or_insert_with(|| e.to_string());
+                }
+            }));
+        Ok(ctx)
     }
 
     /// Uses a caller's device and queue (for sharing buffers with a training framework). The
@@ -213,6 +226,7 @@ impl Context {
                 stats,
                 lost,
                 lost_reason,
+                uncaptured: Arc::new(Mutex::new(None)),
                 description,
             }),
         })
@@ -271,6 +285,9 @@ impl Inner {
                 .map(|r| r.clone())
                 .unwrap_or_else(|_| "device lost".into());
             return Err(dev_err(r));
+        }
+        if let Some(e) = self.uncaptured.lock().ok().and_then(|mut s| s.take()) {
+            return Err(dev_err(e));
         }
         Ok(())
     }
