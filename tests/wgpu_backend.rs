@@ -903,3 +903,77 @@ fn lost_device_is_a_typed_error() {
     let r = wgpu::Compressor::new(&ctx, &layout, &Config::topk(0.01));
     assert!(matches!(r, Err(Error::Device { .. })), "{r:?}");
 }
+
+#[test]
+fn edge_sizes_for_aggregation_and_statistics() {
+    let Some(ctx) = ctx() else { return };
+    for n in [0usize, 1, 255, 256, 257, (1 << 20) + 3] {
+        let layout = Layout::new(&[n / 2, 0, n - n / 2]).unwrap();
+        // Aggregation: sparse and sign payloads, both rules, per-layer groups.
+        for rule in [Average::OverWorkers, Average::OverSenders] {
+            for cfg in [Config::rtopk(0.1, 0.05), Config::sign()] {
+                let mut cfg = cfg;
+                cfg.mode = Mode::PerLayer;
+                cfg.values = DType::BF16;
+                let mut c = cpu::Compressor::new(&layout, &cfg).unwrap();
+                let payloads = payloads_from(&mut c, 3, n);
+                let mut want = vec![0.0; n];
+                cpu::Aggregator::new(&layout, Mode::PerLayer, rule, 3)
+                    .unwrap()
+                    .aggregate(&payloads, &mut want)
+                    .unwrap();
+                let mut got = vec![1.0; n];
+                wgpu::Aggregator::new(&ctx, &layout, Mode::PerLayer, rule, 3)
+                    .unwrap()
+                    .aggregate(&payloads, &mut got)
+                    .unwrap();
+                compare_f32(
+                    &want,
+                    &got,
+                    Exact::Bits,
+                    &format!("aggregate n={n} {rule:?}"),
+                );
+            }
+        }
+        // Statistics on every dtype.
+        let x: Vec<f32> = data(n, 2).iter().map(|v| v * 10.0 - 3.0).collect();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        cpu::layer_stats(&x, &layout, &mut a).unwrap();
+        wgpu::layer_stats(&ctx, &x, &layout, &mut b).unwrap();
+        let xh: Vec<f16> = to(&x);
+        let (mut ah, mut bh) = (Vec::new(), Vec::new());
+        cpu::layer_stats(&xh, &layout, &mut ah).unwrap();
+        wgpu::layer_stats(&ctx, &xh, &layout, &mut bh).unwrap();
+        for (a, b) in a.iter().zip(&b).chain(ah.iter().zip(&bh)) {
+            assert_eq!(
+                (a.count, a.non_finite, a.min, a.max, a.max_abs),
+                (b.count, b.non_finite, b.min, b.max, b.max_abs),
+                "n={n}"
+            );
+            let sd = a.var.sqrt();
+            assert!(
+                (a.mean - b.mean).abs() <= 1e-5 * (a.mean.abs() + sd),
+                "n={n} mean"
+            );
+            assert!((a.var - b.var).abs() <= 1e-4 * a.var, "n={n} var");
+        }
+        // Variance estimator, K = 2, bf16.
+        let y: Vec<bf16> = to(&data(n, 3));
+        let z: Vec<bf16> = to(&data(n, 4));
+        let refs: [&[bf16]; 2] = [&y, &z];
+        let (mut va, mut vb) = (Vec::new(), Vec::new());
+        cpu::estimate_variance(&refs, &layout, &mut va).unwrap();
+        wgpu::estimate_variance(&ctx, &refs, &layout, &mut vb).unwrap();
+        for (a, b) in va.iter().zip(&vb) {
+            let scale = a.sigma_x2 + a.sigma_n2;
+            assert!(
+                (a.sigma_n2 - b.sigma_n2).abs() <= 1e-4 * scale + 1e-12,
+                "n={n}: {a:?} {b:?}"
+            );
+            assert!(
+                (a.sigma_x2 - b.sigma_x2).abs() <= 1e-4 * scale + 1e-12,
+                "n={n}: {a:?} {b:?}"
+            );
+        }
+    }
+}

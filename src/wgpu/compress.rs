@@ -170,13 +170,13 @@ impl Compressor {
 
         // Stage 1 selects by magnitude (random keys for random-k); rTop-k adds stage 2 on the
         // random keys of the top-r list. mode: 0 nothing, 1 selecting, 3 take everything.
-        let (stage1_key, stage1_need, stage2): (u32, fn(&Group) -> (usize, usize), bool) =
-            match config.method {
-                Method::RTopK { .. } => (0, |g| (g.r, g.range.len()), true),
-                Method::TopK { .. } => (0, |g| (g.k, g.range.len()), false),
-                Method::RandomK { .. } => (1, |g| (g.k, g.range.len()), false),
-                Method::Sign => (NONE, |_| (0, 0), false),
-            };
+        type Need = fn(&Group) -> (usize, usize);
+        let (stage1_key, stage1_need, stage2): (u32, Need, bool) = match config.method {
+            Method::RTopK { .. } => (0, |g| (g.r, g.range.len()), true),
+            Method::TopK { .. } => (0, |g| (g.k, g.range.len()), false),
+            Method::RandomK { .. } => (1, |g| (g.k, g.range.len()), false),
+            Method::Sign => (NONE, |_| (0, 0), false),
+        };
         let gstate1 = GSTATE;
         let gstate2 = GSTATE + 4 * ng as u32;
         let mut st = vec![0u32; (gstate2 as usize) + 4 * ng];
@@ -663,7 +663,7 @@ impl Compressor {
         if self.config.is_sparse() {
             let k = self.sent as u64;
             let values_dtype = self.config.values;
-            let res = inner.read_back(
+            inner.read_back(
                 &self.staging,
                 &[
                     (&self.st, 0, 16),
@@ -687,8 +687,7 @@ impl Compressor {
                     p.values.extend(floats(&b[16 + 4 * k..16 + 8 * k]));
                     Ok(())
                 },
-            )?;
-            res
+            )?
         } else {
             let nw = (n as usize).div_ceil(64) * 2;
             inner.read_back(

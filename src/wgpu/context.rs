@@ -126,8 +126,11 @@ impl Context {
     }
 
     /// Uses a caller's device and queue (for sharing buffers with a training framework). The
-    /// device's limits apply: request the adapter's limits when creating it if gradients are
-    /// larger than 128 MiB.
+    /// device's limits apply: it needs `max_storage_buffers_per_shader_stage >= 16` (WebGPU's
+    /// default is 8, so request the adapter's limits, as [`Context::new`] does), and
+    /// `max_storage_buffer_binding_size` bounds the largest plan (4 bytes per element).
+    /// Errors with [`Error::BackendUnavailable`] when the device has too few storage slots.
+    /// The caller's uncaptured-error handler is left in place.
     pub fn from_device(device: ::wgpu::Device, queue: ::wgpu::Queue) -> Result<Self> {
         Self::build(device, queue, "caller's device".into())
     }
