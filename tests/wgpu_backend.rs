@@ -977,3 +977,36 @@ fn edge_sizes_for_aggregation_and_statistics() {
         }
     }
 }
+
+#[test]
+fn rejected_step_rolls_back_on_the_device_without_a_host_read() {
+    let Some(ctx) = ctx() else { return };
+    let n = 9000;
+    let layout = Layout::single(n).unwrap();
+    let mut cfg = Config::rtopk(0.05, 0.01);
+    cfg.momentum = 0.5;
+    let mut c = cpu::Compressor::new(&layout, &cfg).unwrap();
+    let mut g = wgpu::Compressor::new(&ctx, &layout, &cfg).unwrap();
+    let good: Vec<Vec<f32>> = (0..3).map(|s| dyadic(n, s)).collect();
+    let mut bad = good[1].clone();
+    bad[4321] = f32::NAN;
+    c.step(&good[0], 0).unwrap();
+    g.step_host(&good[0], 0).unwrap();
+    // Rejected on both; the GPU step is not read, so only the device knows.
+    assert!(c.step(&bad, 1).is_err());
+    g.step_host(&bad, 1).unwrap();
+    let want = c.step(&good[2], 2).unwrap().clone();
+    g.step_host(&good[2], 2).unwrap();
+    let mut p = Payload::Sparse(Default::default());
+    g.read_payload(&mut p).unwrap();
+    compare_payload(&want, &p, Exact::Bits, "after an unread rejected step", true);
+    let mut r = Vec::new();
+    g.residual_to_host(&mut r).unwrap();
+    compare_f32(c.residual(), &r, Exact::Bits, "residual after an unread rejected step");
+    g.momentum_to_host(&mut r).unwrap();
+    compare_f32(c.momentum(), &r, Exact::Bits, "momentum after an unread rejected step");
+    // reset() zeroes both on the device.
+    g.reset().unwrap();
+    g.residual_to_host(&mut r).unwrap();
+    assert!(r.iter().all(|&v| v == 0.0));
+}
