@@ -999,12 +999,28 @@ fn rejected_step_rolls_back_on_the_device_without_a_host_read() {
     g.step_host(&good[2], 2).unwrap();
     let mut p = Payload::Sparse(Default::default());
     g.read_payload(&mut p).unwrap();
-    compare_payload(&want, &p, Exact::Bits, "after an unread rejected step", true);
+    compare_payload(
+        &want,
+        &p,
+        Exact::Bits,
+        "after an unread rejected step",
+        true,
+    );
     let mut r = Vec::new();
     g.residual_to_host(&mut r).unwrap();
-    compare_f32(c.residual(), &r, Exact::Bits, "residual after an unread rejected step");
+    compare_f32(
+        c.residual(),
+        &r,
+        Exact::Bits,
+        "residual after an unread rejected step",
+    );
     g.momentum_to_host(&mut r).unwrap();
-    compare_f32(c.momentum(), &r, Exact::Bits, "momentum after an unread rejected step");
+    compare_f32(
+        c.momentum(),
+        &r,
+        Exact::Bits,
+        "momentum after an unread rejected step",
+    );
     // reset() zeroes both on the device.
     g.reset().unwrap();
     g.residual_to_host(&mut r).unwrap();

@@ -126,6 +126,11 @@ impl Aggregator {
         })
     }
 
+    /// The averaging rule this plan applies.
+    pub fn rule(&self) -> Average {
+        self.rule
+    }
+
     /// Averages `payloads` (one per worker, in worker order) into `out` (length `n`). Every
     /// payload is checked before anything is written: on error `out` is untouched.
     pub fn aggregate(&mut self, payloads: &[Payload], out: &mut [f32]) -> Result<()> {
@@ -322,7 +327,6 @@ impl Aggregator {
             Error::Device { reason, .. } => dev_err(format!("aggregation: {reason}")),
             e => e,
         })?;
-        let _ = self.rule;
         Ok(&self.out)
     }
 }
