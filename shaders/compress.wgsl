@@ -56,7 +56,8 @@ const CTR_SEL: u32 = 6u;
 // Per group 8 words (start, end, r, k, scale bits, first tile, end tile, 0), then per tile 4
 // words (group, start, end, 0) at cfg.tiles_off.
 @group(0) @binding(2) var<storage, read> plan: array<u32>;
-// 0 non-finite count, 1 first non-finite index, 2 current buffer, 4.. list counters,
+// 0 non-finite count, 1 first non-finite index, 2 current buffer, 3 rejected steps since the
+// last host read, 4.. list counters,
 // then per stage and group 4 words (mode, need, pivot, 0).
 @group(0) @binding(3) var<storage, read_write> st: array<atomic<u32>>;
 @group(0) @binding(4) var<storage, read_write> ea: array<f32>;
@@ -754,10 +755,14 @@ fn sign_apply(
     }
 }
 
-// Commit: the next buffers become current only if p was finite everywhere.
+// Commit: the next buffers become current only if p was finite everywhere. Word 3 counts
+// rejected steps until the host reads it (so a rejection is not lost when several steps run
+// between two reads).
 @compute @workgroup_size(1)
 fn flip() {
     if atomicLoad(&st[ST_BAD]) == 0u {
         atomicXor(&st[ST_CUR], 1u);
+    } else {
+        atomicAdd(&st[3u], 1u);
     }
 }

@@ -999,6 +999,7 @@ fn rejected_step_rolls_back_on_the_device_without_a_host_read() {
     g.step_host(&good[2], 2).unwrap();
     let mut p = Payload::Sparse(Default::default());
     g.read_payload(&mut p).unwrap();
+    assert_eq!(g.rejected_steps(), 1, "the unread rejection is counted");
     compare_payload(
         &want,
         &p,
@@ -1006,6 +1007,10 @@ fn rejected_step_rolls_back_on_the_device_without_a_host_read() {
         "after an unread rejected step",
         true,
     );
+    g.step_host(&good[2], 3).unwrap();
+    g.read_payload(&mut p).unwrap();
+    assert_eq!(g.rejected_steps(), 0, "the count restarts at each read");
+    c.step(&good[2], 3).unwrap();
     let mut r = Vec::new();
     g.residual_to_host(&mut r).unwrap();
     compare_f32(

@@ -117,6 +117,7 @@ pub struct Compressor {
     grad_bind: Option<(::wgpu::Buffer, u64, ::wgpu::BindGroup)>,
     sent: usize,
     stepped: bool,
+    rejected: u64,
 }
 
 impl std::fmt::Debug for Compressor {
@@ -529,6 +530,7 @@ impl Compressor {
             grad_bind: None,
             sent,
             stepped: false,
+            rejected: 0,
         })
     }
 
@@ -540,8 +542,8 @@ impl Compressor {
     /// Records every pass into one submission and returns without waiting. A non-finite
     /// accumulated value is detected on the device: the step then changes nothing, and the
     /// next [`Compressor::read_payload`] returns [`Error::NonFinite`]. Only the latest step is
-    /// reported: read the payload after every step (as a worker must anyway, to send it) to
-    /// learn about each rejection.
+    /// an error there; [`Compressor::rejected_steps`] counts every rejection since the
+    /// previous read, for callers that step several times between reads.
     pub fn step(&mut self, grad: &::wgpu::Buffer, dtype: DType, step: u64) -> Result<()> {
         let need = grad_bytes(self.layout.n(), dtype);
         if grad.size() < need {
@@ -600,9 +602,9 @@ impl Compressor {
             .create_command_encoder(&::wgpu::CommandEncoderDescriptor {
                 label: Some("gradsift step"),
             });
-        // Fresh per-step state except word 2, the current-buffer index.
+        // Fresh per-step state except words 2 (current buffer) and 3 (rejections not yet read).
         enc.copy_buffer_to_buffer(&self.st_init, 0, &self.st, 0, 8);
-        enc.copy_buffer_to_buffer(&self.st_init, 12, &self.st, 12, self.st.size() - 12);
+        enc.copy_buffer_to_buffer(&self.st_init, 16, &self.st, 16, self.st.size() - 16);
         enc.clear_buffer(&self.hist, 0, None);
         enc.clear_buffer(&self.bits, 0, None);
         {
@@ -657,6 +659,25 @@ impl Compressor {
                 "read_payload before the first step".into(),
             ));
         }
+        let mut rejected = None;
+        let r = self.read_payload_inner(out, &mut rejected);
+        if let Some(c) = rejected {
+            self.rejected = u64::from(c);
+            // Ordered before the next step's submission by the queue.
+            self.ctx.inner.queue.write_buffer(&self.st, 12, &[0u8; 4]);
+        }
+        r
+    }
+
+    /// How many steps were rejected (non-finite accumulated values) between the previous
+    /// [`Compressor::read_payload`] and the latest one, the latest step included. Only the
+    /// latest step's rejection is an error of `read_payload`; this count tells a caller that
+    /// stepped several times between reads whether an earlier step was rejected too.
+    pub fn rejected_steps(&self) -> u64 {
+        self.rejected
+    }
+
+    fn read_payload_inner(&mut self, out: &mut Payload, rejected: &mut Option<u32>) -> Result<()> {
         let n = self.layout.n() as u32;
         let ng = self.groups.len();
         let inner = &self.ctx.inner;
@@ -671,6 +692,7 @@ impl Compressor {
                     (&self.out_val, 0, k * 4),
                 ],
                 |b| {
+                    *rejected = words(b).nth(3);
                     status(b)?;
                     if !matches!(out, Payload::Sparse(_)) {
                         *out = Payload::Sparse(SparsePayload::default());
@@ -698,6 +720,7 @@ impl Compressor {
                     (&self.bits, 0, nw as u64 * 4),
                 ],
                 |b| {
+                    *rejected = words(b).nth(3);
                     status(b)?;
                     if !matches!(out, Payload::Sign(_)) {
                         *out = Payload::Sign(SignPayload::default());

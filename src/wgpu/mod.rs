@@ -37,7 +37,9 @@
 //! non-finite value was counted. [`Compressor::step`] therefore returns without waiting, and
 //! the rejection is reported by the next host read ([`Compressor::read_payload`]) as
 //! [`crate::Error::NonFinite`] with the count and first index; residual and momentum are then
-//! exactly as before the step. The cost is a second residual (and momentum) buffer.
+//! exactly as before the step. A device-side counter of rejected steps survives until that
+//! read ([`Compressor::rejected_steps`]), so rejections between two reads are not lost. The
+//! cost is a second residual (and momentum) buffer; nothing is read back mid-step.
 //!
 //! # Limits and errors
 //! The device is requested with the adapter's real limits. A plan buffer above
