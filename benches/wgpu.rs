@@ -76,6 +76,43 @@ fn bench(c: &mut Criterion) {
         }
         g.finish();
     }
+
+    // Per-layer mode over 5,000 mixed layers (empty to 200k elements) against one global
+    // selection over the same n: the cost per step should stay close.
+    let mut s = 7u64;
+    let sizes: Vec<usize> = (0..5000)
+        .map(|l| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            if l % 1000 == 0 {
+                200_000
+            } else {
+                (s >> 33) as usize % 200
+            }
+        })
+        .collect();
+    let layout = Layout::new(&sizes).unwrap();
+    let n = layout.n();
+    let x = gaussian(n, 2);
+    let Ok(grad) = ctx.upload(&x) else { return };
+    let mut g = c.benchmark_group(format!("wgpu_5000_layers_n{n}"));
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes(12 * n as u64));
+    for mode in [gradsift::Mode::Global, gradsift::Mode::PerLayer] {
+        let mut cfg = Config::rtopk(0.01, 0.001);
+        cfg.mode = mode;
+        let mut plan = wgpu::Compressor::new(&ctx, &layout, &cfg).unwrap();
+        let mut t = 0u64;
+        g.bench_function(format!("ef_rtopk_{mode:?}"), |b| {
+            b.iter(|| {
+                t += 1;
+                plan.step(&grad, DType::F32, t).unwrap();
+                ctx.wait().unwrap();
+            })
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(benches, bench);
