@@ -29,7 +29,7 @@ struct Cfg {
     num_words: u32,
     num_blocks: u32,
     tiles_off: u32,
-    pad0: u32,
+    active_off: u32,
     pad1: u32,
     pad2: u32,
 }
@@ -44,12 +44,21 @@ struct Pass {
     in_slot: u32,
     out_slot: u32,
     args_off: u32,
+    // Active-group list (0 or 1) this round's pivot reads, NONE for all groups (round 0).
+    act_in: u32,
+    // Active-group list the pivot appends still-selecting groups to.
+    act_out: u32,
+    // Indirect-args word offset for this round's compact_list, NONE when it is direct.
+    args_off2: u32,
+    pad: u32,
 }
 
 const ST_BAD: u32 = 0u;
 const ST_FIRST: u32 = 1u;
 const ST_CUR: u32 = 2u;
 const CTR_SEL: u32 = 6u;
+// Counts of the two active-group lists (the lists live at cfg.active_off, num_groups each).
+const ACT_CNT: u32 = 7u;
 
 @group(0) @binding(0) var<uniform> ps: Pass;
 @group(0) @binding(1) var<uniform> cfg: Cfg;
@@ -57,7 +66,7 @@ const CTR_SEL: u32 = 6u;
 // words (group, start, end, 0) at cfg.tiles_off.
 @group(0) @binding(2) var<storage, read> plan: array<u32>;
 // 0 non-finite count, 1 first non-finite index, 2 current buffer, 3 rejected steps since the
-// last host read, 4.. list counters,
+// last host read, 4.. list counters, 7 and 8 active-group counts,
 // then per stage and group 4 words (mode, need, pivot, 0).
 @group(0) @binding(3) var<storage, read_write> st: array<atomic<u32>>;
 @group(0) @binding(4) var<storage, read_write> ea: array<f32>;
@@ -232,30 +241,51 @@ fn accumulate(
     }
 }
 
-// One workgroup per group: find the digit holding the need-th smallest key of this round.
-// Workgroup 0 also sizes the indirect dispatch of the next compact_list from the candidate
-// count, so nothing is read back to the host between rounds.
+fn write_grid(off: u32, wgs: u32) {
+    let x = min(wgs, 65535u);
+    var y = 1u;
+    if x > 0u {
+        y = (wgs + x - 1u) / x;
+    }
+    args[off] = x;
+    args[off + 1u] = y;
+    args[off + 2u] = 1u;
+}
+
+// One thread between rounds: sizes this round's pivot (one workgroup per still-selecting
+// group) and compact (one thread per candidate) from counts on the device, and resets the
+// counters this round appends to. This is what keeps the host out of the loop, and what keeps
+// rounds after the first proportional to the groups and candidates actually left.
+@compute @workgroup_size(1)
+fn prep() {
+    if ps.act_in != NONE && ps.args_off != NONE {
+        write_grid(ps.args_off, atomicLoad(&st[ACT_CNT + ps.act_in]));
+    }
+    atomicStore(&st[ACT_CNT + ps.act_out], 0u);
+    if ps.args_off2 != NONE {
+        let cnt = atomicLoad(&st[ps.in_slot]);
+        write_grid(ps.args_off2, (cnt + WG - 1u) / WG);
+    }
+    atomicStore(&st[ps.out_slot], 0u);
+}
+
+// One workgroup per group (round 0) or per still-selecting group (later rounds): find the
+// digit holding the need-th smallest key of this round.
 @compute @workgroup_size(256)
 fn pivot(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let g = flat_id(wid, nwg);
-    if g == 0u && lid == 0u && ps.args_off != NONE {
-        let cnt = atomicLoad(&st[ps.in_slot]);
-        let wgs = (cnt + WG - 1u) / WG;
-        let x = min(wgs, 65535u);
-        var y = 1u;
-        if x > 0u {
-            y = (wgs + x - 1u) / x;
+    let id = flat_id(wid, nwg);
+    var g = id;
+    if ps.act_in != NONE {
+        if id >= atomicLoad(&st[ACT_CNT + ps.act_in]) {
+            return;
         }
-        args[ps.args_off] = x;
-        args[ps.args_off + 1u] = y;
-        args[ps.args_off + 2u] = 1u;
-        atomicStore(&st[ps.out_slot], 0u);
+        g = atomicLoad(&st[cfg.active_off + ps.act_in * cfg.num_groups + id]);
     }
-    if g >= cfg.num_groups {
+    if id >= cfg.num_groups {
         return;
     }
     let base = ps.gstate_off + g * 4u;
@@ -297,6 +327,9 @@ fn pivot(
         atomicStore(&st[base + 2u], lid);
         if rest == h {
             atomicStore(&st[base], 2u);
+        } else if ps.next_digit != NONE {
+            let slot = atomicAdd(&st[ACT_CNT + ps.act_out], 1u);
+            atomicStore(&st[cfg.active_off + ps.act_out * cfg.num_groups + slot], g);
         }
     }
 }

@@ -22,6 +22,8 @@ const CTR_A: u32 = 4;
 const CTR_B: u32 = 5;
 const CTR_SEL: u32 = 6;
 const GSTATE: u32 = 16;
+/// Indirect-argument slots (4 words each): two per round after the first, per stage.
+const ARGS_SLOTS: u32 = 64;
 /// Words per bitmap block of the emission scan (must match `emit_payload`).
 const BLOCK_WORDS: u64 = 1024;
 
@@ -45,7 +47,8 @@ struct Cfg {
     num_words: u32,
     num_blocks: u32,
     tiles_off: u32,
-    pad: [u32; 3],
+    active_off: u32,
+    pad: [u32; 2],
 }
 
 #[repr(C)]
@@ -59,6 +62,10 @@ struct PassParams {
     in_slot: u32,
     out_slot: u32,
     args_off: u32,
+    act_in: u32,
+    act_out: u32,
+    args_off2: u32,
+    pad: u32,
 }
 
 enum Dispatch {
@@ -180,7 +187,9 @@ impl Compressor {
         };
         let gstate1 = GSTATE;
         let gstate2 = GSTATE + 4 * ng as u32;
-        let mut st = vec![0u32; (gstate2 as usize) + 4 * ng];
+        // Two active-group lists of ng words each follow the second stage's group state.
+        let active_off = gstate2 + 4 * ng as u32;
+        let mut st = vec![0u32; active_off as usize + 2 * ng];
         st[1] = NONE;
         let mode = |need: usize, total: usize| {
             if need == 0 {
@@ -233,8 +242,11 @@ impl Compressor {
         let list_a = f("candidates", list_cap)?;
         let list_b = f("candidates", list_cap)?;
         let sel = f("top-r list", sum_r as u64 * 4)?;
-        let args =
-            inner.storage_buffer("indirect args", 16 * 16, ::wgpu::BufferUsages::INDIRECT)?;
+        let args = inner.storage_buffer(
+            "indirect args",
+            u64::from(ARGS_SLOTS) * 16,
+            ::wgpu::BufferUsages::INDIRECT,
+        )?;
         let bits = f("selection bitmap", num_words as u64 * 4)?;
         let out_idx = f("payload indices", sent as u64 * 4)?;
         let out_val = f("payload values", sent.max(ng) as u64 * 4)?;
@@ -269,7 +281,8 @@ impl Compressor {
             num_words: num_words as u32,
             num_blocks: num_blocks as u32,
             tiles_off,
-            pad: [0; 3],
+            active_off,
+            pad: [0; 2],
         };
         let cfg_buf = inner.buffer(
             "config",
@@ -307,7 +320,12 @@ impl Compressor {
             Dispatch::Direct(tiles_grid.0, tiles_grid.1),
             params,
         );
+        // Indirect-args slots of 4 words, handed out in pass order.
         let mut args_slot = 0u32;
+        let mut next_slot = || {
+            args_slot += 1;
+            (args_slot - 1) * 4
+        };
         if sparse {
             let stages: Vec<(u32, u32, bool)> = if stage2 {
                 vec![(0, gstate1, true), (1, gstate2, false)]
@@ -316,13 +334,15 @@ impl Compressor {
             };
             for (si, &(key_kind, gstate_off, emit_list)) in stages.iter().enumerate() {
                 let from_list = si == 1;
-                // List ping-pong: round d reads `cur_in` and writes `cur_out`.
+                // List ping-pong: round d reads the output of round d - 1 and writes the other.
                 let lists = [(&list_a, CTR_A), (&list_b, CTR_B)];
                 let base = PassParams {
                     key_kind,
                     emit_list: u32::from(emit_list),
                     gstate_off,
                     args_off: NONE,
+                    args_off2: NONE,
+                    act_in: NONE,
                     next_digit: NONE,
                     ..Default::default()
                 };
@@ -351,19 +371,41 @@ impl Compressor {
                         lists[((d + 1) % 2) as usize]
                     };
                     let tile_round = d == 0 && !from_list;
+                    // Round 0's pivot covers every group; later rounds only the groups the
+                    // previous pivot left selecting (active lists ping-pong like the lists).
+                    let act_in = if d == 0 { NONE } else { (d + 1) % 2 };
+                    let act_out = d % 2;
+                    let pivot_args = if d == 0 { NONE } else { next_slot() };
+                    let compact_args = if tile_round { NONE } else { next_slot() };
                     let p = PassParams {
                         digit: d,
                         next_digit: next,
                         in_slot,
                         out_slot,
+                        act_in,
+                        act_out,
+                        args_off: pivot_args,
+                        args_off2: compact_args,
                         ..base
                     };
-                    let args_off = if tile_round { NONE } else { args_slot * 4 };
+                    let in_is_sel = std::ptr::eq(in_buf, &sel);
+                    let emit_safe = if in_is_sel { d_sel } else { emit_buf };
+                    push!(
+                        "prep",
+                        p,
+                        [in_buf, out_buf, emit_safe, &args],
+                        Dispatch::Direct(1, 1),
+                        params,
+                    );
                     push!(
                         "pivot",
-                        PassParams { args_off, ..p },
-                        [in_buf, out_buf, emit_buf, &args],
-                        Dispatch::Direct(groups_grid.0, groups_grid.1),
+                        p,
+                        [in_buf, out_buf, emit_safe, d_args],
+                        if d == 0 {
+                            Dispatch::Direct(groups_grid.0, groups_grid.1)
+                        } else {
+                            Dispatch::Indirect(u64::from(pivot_args) * 4)
+                        },
                         params,
                     );
                     if tile_round {
@@ -375,19 +417,13 @@ impl Compressor {
                             params,
                         );
                     } else {
-                        let emit_buf = if std::ptr::eq(in_buf, &sel) {
-                            d_sel
-                        } else {
-                            emit_buf
-                        };
                         push!(
                             "compact_list",
                             p,
-                            [in_buf, out_buf, emit_buf, d_args],
-                            Dispatch::Indirect(u64::from(args_slot) * 16),
+                            [in_buf, out_buf, emit_safe, d_args],
+                            Dispatch::Indirect(u64::from(compact_args) * 4),
                             params,
                         );
-                        args_slot += 1;
                     }
                 }
             }
@@ -435,9 +471,11 @@ impl Compressor {
             Dispatch::Direct(1, 1),
             params,
         );
-        debug_assert!(args_slot <= 16);
+        debug_assert!(args_slot <= ARGS_SLOTS);
 
-        let align = inner.uniform_align();
+        // Parameter slots must start at the uniform offset alignment and hold a whole PassParams.
+        let align = (std::mem::size_of::<PassParams>() as u64).div_ceil(inner.uniform_align())
+            * inner.uniform_align();
         let params_buf = inner.buffer(
             "pass parameters",
             align * params.len() as u64,
@@ -507,7 +545,9 @@ impl Compressor {
             return Err(dev_err(format!("building the step's bind groups: {err}")));
         }
         // Stage-1 indirect args must be readable as INDIRECT even before the first pivot runs.
-        inner.queue.write_buffer(&args, 0, &[0u8; 16 * 16]);
+        inner
+            .queue
+            .write_buffer(&args, 0, &[0u8; ARGS_SLOTS as usize * 16]);
         Ok(Self {
             ctx: ctx.clone(),
             layout: layout.clone(),

@@ -174,6 +174,7 @@ impl Context {
             ],
             &[
                 "accumulate",
+                "prep",
                 "pivot",
                 "compact_tiles",
                 "compact_list",
