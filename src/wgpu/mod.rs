@@ -24,7 +24,10 @@
 //! holding the `need`-th smallest key; a compact pass emits everything below it and appends
 //! the pivot byte's elements to a candidate list while histogramming their next byte. A group
 //! whose pivot bin is exactly what it still needs takes the bin and finishes, so typical data
-//! finishes in 2-3 rounds; later rounds dispatch zero workgroups. Because the index is part of
+//! finishes in 2-3 rounds. A one-thread `prep` pass before each round sizes that round's
+//! pivot (only the groups the previous pivot left selecting, kept in a device-side list) and
+//! compact (one thread per candidate) as indirect dispatches, so finished rounds cost two
+//! empty dispatches. Because the index is part of
 //! the key, ties resolve to the lower index (SPEC §1, §3) with no sort. Round 0 runs over
 //! 4096-element tiles that never straddle a group, with workgroup-local histograms; later
 //! rounds privatise the histogram for the group of each workgroup's first candidate. So one
