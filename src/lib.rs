@@ -11,6 +11,8 @@ mod layout;
 mod payload;
 pub mod philox;
 pub mod rd;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;
 pub mod wire;
 
 pub use config::{Config, Count, Group, Method, Scale};

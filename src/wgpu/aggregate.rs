@@ -1,0 +1,332 @@
+//! The parameter server's decoder on the GPU (SPEC §7); shaders in `shaders/aggregate.wgsl`.
+
+use super::context::{Context, dev_err, floats, grid};
+use crate::cpu::check_payload;
+use crate::{Average, Error, Layout, Mode, Payload, Result};
+use std::num::NonZeroU64;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Default)]
+struct WorkerParams {
+    offset: u32,
+    len: u32,
+    scale_off: u32,
+    bits_off: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct AggCfg {
+    n: u32,
+    num_groups: u32,
+    over_senders: u32,
+    workers: u32,
+}
+
+/// Server-side plan on the GPU: built once for a layout, a selection mode (the groups of sign
+/// payloads), an averaging rule and `K` workers. Payloads arrive as host data (decoded from
+/// the wire); they are checked on the host before anything is uploaded, so on error the
+/// output is untouched. Each worker is one dispatch, in worker order, so every coordinate gets
+/// the same f32 adds in the same order as on the CPU: results are bit-identical.
+pub struct Aggregator {
+    ctx: Context,
+    n: usize,
+    num_groups: usize,
+    rule: Average,
+    workers: usize,
+    cfg: ::wgpu::Buffer,
+    params: ::wgpu::Buffer,
+    out: ::wgpu::Buffer,
+    counts: ::wgpu::Buffer,
+    inv: ::wgpu::Buffer,
+    starts: ::wgpu::Buffer,
+    staging: ::wgpu::Buffer,
+    /// Upload buffers; grown (and the bind groups rebuilt) only when a call needs more room.
+    idx: Option<::wgpu::Buffer>,
+    val: Option<::wgpu::Buffer>,
+    signs: Option<::wgpu::Buffer>,
+    binds: Vec<::wgpu::BindGroup>,
+    host_idx: Vec<u32>,
+    host_val: Vec<f32>,
+    host_signs: Vec<u32>,
+}
+
+impl std::fmt::Debug for Aggregator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("wgpu::Aggregator")
+            .field("n", &self.n)
+            .field("workers", &self.workers)
+            .finish()
+    }
+}
+
+impl Aggregator {
+    /// Errors when `workers == 0` or a buffer exceeds the device's binding limit.
+    pub fn new(
+        ctx: &Context,
+        layout: &Layout,
+        mode: Mode,
+        rule: Average,
+        workers: usize,
+    ) -> Result<Self> {
+        if workers == 0 {
+            return Err(Error::InvalidConfig(
+                "aggregation needs K >= 1 workers".into(),
+            ));
+        }
+        let inner = &ctx.inner;
+        let n = layout.n();
+        let groups = layout.groups(mode);
+        let inv: Vec<u32> = std::iter::once(0.0f32)
+            .chain((1..=workers).map(|c| (1.0 / c as f64) as f32))
+            .map(f32::to_bits)
+            .collect();
+        let starts: Vec<u32> = groups.iter().map(|g| g.start as u32).collect();
+        let cfg = AggCfg {
+            n: n as u32,
+            num_groups: groups.len() as u32,
+            over_senders: u32::from(rule == Average::OverSenders),
+            workers: workers as u32,
+        };
+        let cfg_buf = inner.buffer(
+            "aggregation config",
+            16,
+            ::wgpu::BufferUsages::UNIFORM | ::wgpu::BufferUsages::COPY_DST,
+        )?;
+        inner
+            .queue
+            .write_buffer(&cfg_buf, 0, bytemuck::bytes_of(&cfg));
+        let align = inner.uniform_align();
+        let params = inner.buffer(
+            "worker parameters",
+            align * workers as u64,
+            ::wgpu::BufferUsages::UNIFORM | ::wgpu::BufferUsages::COPY_DST,
+        )?;
+        let none = ::wgpu::BufferUsages::empty();
+        Ok(Self {
+            ctx: ctx.clone(),
+            n,
+            num_groups: groups.len(),
+            rule,
+            workers,
+            cfg: cfg_buf,
+            params,
+            out: inner.storage_buffer("aggregate", n as u64 * 4, none)?,
+            counts: inner.storage_buffer("sender counts", n as u64 * 4, none)?,
+            inv: inner.storage_init("reciprocals", &inv)?,
+            starts: inner.storage_init("group starts", &starts)?,
+            staging: inner.staging(n as u64 * 4)?,
+            idx: None,
+            val: None,
+            signs: None,
+            binds: Vec::new(),
+            host_idx: Vec::new(),
+            host_val: Vec::new(),
+            host_signs: Vec::new(),
+        })
+    }
+
+    /// The averaging rule this plan applies.
+    pub fn rule(&self) -> Average {
+        self.rule
+    }
+
+    /// Averages `payloads` (one per worker, in worker order) into `out` (length `n`). Every
+    /// payload is checked before anything is written: on error `out` is untouched.
+    pub fn aggregate(&mut self, payloads: &[Payload], out: &mut [f32]) -> Result<()> {
+        if out.len() != self.n {
+            return Err(Error::LengthMismatch {
+                what: "aggregation output",
+                expected: self.n,
+                got: out.len(),
+            });
+        }
+        self.aggregate_on_device(payloads)?;
+        let n = self.n;
+        self.ctx
+            .inner
+            .read_back(&self.staging, &[(&self.out, 0, n as u64 * 4)], |b| {
+                for (o, v) in out.iter_mut().zip(floats(&b[..n * 4])) {
+                    *o = v;
+                }
+            })
+    }
+
+    /// Like [`Aggregator::aggregate`] but leaves the result on the device: the returned buffer
+    /// holds `n` f32 and stays valid until the next call.
+    pub fn aggregate_on_device(&mut self, payloads: &[Payload]) -> Result<&::wgpu::Buffer> {
+        if payloads.len() != self.workers {
+            return Err(Error::LengthMismatch {
+                what: "payloads (one per worker)",
+                expected: self.workers,
+                got: payloads.len(),
+            });
+        }
+        for (k, p) in payloads.iter().enumerate() {
+            check_payload(p, self.n, self.num_groups)
+                .map_err(|reason| Error::BadPayload { worker: k, reason })?;
+        }
+        let inner = self.ctx.inner.clone();
+        // Concatenate all workers' data (host scratch keeps its capacity across calls).
+        self.host_idx.clear();
+        self.host_val.clear();
+        self.host_signs.clear();
+        let align = inner.uniform_align();
+        let mut params = Vec::with_capacity(self.workers);
+        for p in payloads {
+            let mut w = WorkerParams::default();
+            match p {
+                Payload::Sparse(p) => {
+                    w.offset = self.host_val.len() as u32;
+                    w.len = p.indices.len() as u32;
+                    self.host_idx.extend_from_slice(&p.indices);
+                    self.host_val.extend_from_slice(&p.values);
+                }
+                Payload::Sign(p) => {
+                    w.scale_off = self.host_val.len() as u32;
+                    w.bits_off = self.host_signs.len() as u32;
+                    self.host_val.extend_from_slice(&p.scales);
+                    self.host_signs.extend(
+                        p.negative
+                            .iter()
+                            .flat_map(|&x| [x as u32, (x >> 32) as u32]),
+                    );
+                    // Keep the sparse index stream aligned with the values it indexes.
+                    self.host_idx.resize(self.host_val.len(), 0);
+                }
+            }
+            params.push(w);
+        }
+        let grow = |cur: &Option<::wgpu::Buffer>,
+                    need: usize,
+                    what: &str|
+         -> Result<Option<::wgpu::Buffer>> {
+            let bytes = (need.max(1) as u64) * 4;
+            match cur {
+                Some(b) if b.size() >= bytes => Ok(None),
+                _ => inner
+                    .storage_buffer(
+                        what,
+                        bytes.next_power_of_two(),
+                        ::wgpu::BufferUsages::empty(),
+                    )
+                    .map(Some),
+            }
+        };
+        let new_idx = grow(&self.idx, self.host_idx.len(), "payload indices")?;
+        let new_val = grow(&self.val, self.host_val.len(), "payload values")?;
+        let new_signs = grow(&self.signs, self.host_signs.len(), "payload signs")?;
+        let rebuild =
+            new_idx.is_some() || new_val.is_some() || new_signs.is_some() || self.binds.is_empty();
+        if let Some(b) = new_idx {
+            self.idx = Some(b);
+        }
+        if let Some(b) = new_val {
+            self.val = Some(b);
+        }
+        if let Some(b) = new_signs {
+            self.signs = Some(b);
+        }
+        let (idx, val, signs) = (
+            self.idx.as_ref().expect("grown above"),
+            self.val.as_ref().expect("grown above"),
+            self.signs.as_ref().expect("grown above"),
+        );
+        if rebuild {
+            let layout = &inner.aggregate.layouts[0];
+            self.binds = (0..self.workers)
+                .map(|k| {
+                    let res = [
+                        ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
+                            buffer: &self.params,
+                            offset: align * k as u64,
+                            size: NonZeroU64::new(16),
+                        }),
+                        self.cfg.as_entire_binding(),
+                        idx.as_entire_binding(),
+                        val.as_entire_binding(),
+                        signs.as_entire_binding(),
+                        self.out.as_entire_binding(),
+                        self.counts.as_entire_binding(),
+                        self.inv.as_entire_binding(),
+                        self.starts.as_entire_binding(),
+                    ];
+                    let entries: Vec<_> = res
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, resource)| ::wgpu::BindGroupEntry {
+                            binding: i as u32,
+                            resource,
+                        })
+                        .collect();
+                    inner
+                        .device
+                        .create_bind_group(&::wgpu::BindGroupDescriptor {
+                            label: Some("aggregate"),
+                            layout,
+                            entries: &entries,
+                        })
+                })
+                .collect();
+        }
+        let q = &inner.queue;
+        for (b, data) in [
+            (idx, bytemuck::cast_slice::<u32, u8>(&self.host_idx)),
+            (val, bytemuck::cast_slice(&self.host_val)),
+            (signs, bytemuck::cast_slice(&self.host_signs)),
+        ] {
+            if !data.is_empty() {
+                q.write_buffer(b, 0, data);
+            }
+        }
+        for (k, w) in params.iter().enumerate() {
+            q.write_buffer(&self.params, align * k as u64, bytemuck::bytes_of(w));
+        }
+        let mut enc = inner
+            .device
+            .create_command_encoder(&::wgpu::CommandEncoderDescriptor {
+                label: Some("aggregate"),
+            });
+        {
+            let m = &inner.aggregate;
+            let mut cp = enc.begin_compute_pass(&::wgpu::ComputePassDescriptor {
+                label: Some("aggregate"),
+                timestamp_writes: None,
+            });
+            let all = grid((self.n as u64).div_ceil(256));
+            cp.set_bind_group(0, &self.binds[0], &[]);
+            cp.set_pipeline(m.pipeline("clear"));
+            if all.0 > 0 {
+                cp.dispatch_workgroups(all.0, all.1, 1);
+            }
+            for (k, p) in payloads.iter().enumerate() {
+                cp.set_bind_group(0, &self.binds[k], &[]);
+                match p {
+                    Payload::Sparse(p) => {
+                        let g = grid((p.indices.len() as u64).div_ceil(256));
+                        if g.0 > 0 {
+                            cp.set_pipeline(m.pipeline("scatter"));
+                            cp.dispatch_workgroups(g.0, g.1, 1);
+                        }
+                    }
+                    Payload::Sign(_) => {
+                        if all.0 > 0 {
+                            cp.set_pipeline(m.pipeline("add_sign"));
+                            cp.dispatch_workgroups(all.0, all.1, 1);
+                        }
+                    }
+                }
+            }
+            cp.set_bind_group(0, &self.binds[0], &[]);
+            cp.set_pipeline(m.pipeline("finish"));
+            if all.0 > 0 {
+                cp.dispatch_workgroups(all.0, all.1, 1);
+            }
+        }
+        inner.submit(enc).map_err(|e| match e {
+            Error::Device { reason, .. } => dev_err(format!("aggregation: {reason}")),
+            e => e,
+        })?;
+        Ok(&self.out)
+    }
+}

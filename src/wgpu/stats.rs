@@ -1,0 +1,396 @@
+//! Per-layer statistics and the K-worker variance estimator on the GPU (SPEC §8); shaders in
+//! `shaders/stats.wgsl`. Reductions run in f32 (tile trees, then one workgroup per layer);
+//! the second pass is centred on the first pass's mean and its residual sum corrects mean and
+//! variance on the host, which keeps results within SPEC §8's tolerances of the f64 CPU.
+
+use super::compress::{dtype_code, grad_bytes};
+use super::context::{Context, dev_err, grid, words};
+use crate::{DType, Element, Error, LayerStats, Layout, Result, VarianceEstimate};
+use std::num::NonZeroU64;
+
+const TILE: usize = 4096;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct StatsCfg {
+    n: u32,
+    num_layers: u32,
+    num_tiles: u32,
+    dtype: u32,
+    workers: u32,
+    tiles_off: u32,
+    pad: [u32; 2],
+}
+
+/// A statistics plan for one layout: tile table, partial-sum and result buffers, built once
+/// and reused by [`Stats::layer_stats`] and [`Stats::estimate_variance`].
+pub struct Stats {
+    ctx: Context,
+    layout: Layout,
+    cfg: StatsCfg,
+    cfg_buf: ::wgpu::Buffer,
+    unused: ::wgpu::Buffer,
+    plan: ::wgpu::Buffer,
+    part: ::wgpu::Buffer,
+    res: ::wgpu::Buffer,
+    bad: ::wgpu::Buffer,
+    staging: ::wgpu::Buffer,
+    upload: Option<::wgpu::Buffer>,
+}
+
+impl std::fmt::Debug for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("wgpu::Stats")
+            .field("n", &self.layout.n())
+            .finish()
+    }
+}
+
+/// Workers the variance estimator accepts per call (bounds the per-worker status words).
+const MAX_WORKERS: usize = 4096;
+
+impl Stats {
+    /// Builds the plan. Errors when a buffer exceeds the device's binding limit.
+    pub fn new(ctx: &Context, layout: &Layout) -> Result<Self> {
+        let inner = &ctx.inner;
+        let nl = layout.num_layers();
+        let mut plan = Vec::with_capacity(nl * 4);
+        let mut tiles = Vec::new();
+        for l in 0..nl {
+            let r = layout.layer(l);
+            let t0 = tiles.len() / 4;
+            let mut s = r.start;
+            while s < r.end {
+                let e = (s + TILE).min(r.end);
+                tiles.extend_from_slice(&[l as u32, s as u32, e as u32, 0]);
+                s = e;
+            }
+            plan.extend_from_slice(&[
+                r.start as u32,
+                r.end as u32,
+                t0 as u32,
+                (tiles.len() / 4) as u32,
+            ]);
+        }
+        let num_tiles = tiles.len() / 4;
+        let tiles_off = plan.len() as u32;
+        plan.extend_from_slice(&tiles);
+        let cfg = StatsCfg {
+            n: layout.n() as u32,
+            num_layers: nl as u32,
+            num_tiles: num_tiles as u32,
+            dtype: 0,
+            workers: 1,
+            tiles_off,
+            pad: [0; 2],
+        };
+        let none = ::wgpu::BufferUsages::empty();
+        let uniform = ::wgpu::BufferUsages::UNIFORM | ::wgpu::BufferUsages::COPY_DST;
+        Ok(Self {
+            ctx: ctx.clone(),
+            layout: layout.clone(),
+            cfg,
+            cfg_buf: inner.buffer("stats config", 32, uniform)?,
+            unused: inner.buffer("unused", 16, uniform)?,
+            plan: inner.storage_init("stats plan", &plan)?,
+            part: inner.storage_buffer("tile partials", num_tiles as u64 * 32, none)?,
+            res: inner.storage_buffer("layer results", nl as u64 * 32, none)?,
+            bad: inner.storage_buffer("non-finite counts", MAX_WORKERS as u64 * 8, none)?,
+            staging: inner.staging((nl as u64 * 32).max(MAX_WORKERS as u64 * 8))?,
+            upload: None,
+        })
+    }
+
+    fn run(
+        &mut self,
+        x: &::wgpu::Buffer,
+        bytes: u64,
+        entries: &[(&'static str, bool)],
+    ) -> Result<()> {
+        let inner = self.ctx.inner.clone();
+        if x.size() < bytes {
+            return Err(Error::LengthMismatch {
+                what: "statistics input (bytes)",
+                expected: bytes as usize,
+                got: x.size() as usize,
+            });
+        }
+        let bind = bytes.max(4);
+        if bind > inner.limits.max_storage_buffer_binding_size {
+            return Err(dev_err(format!(
+                "the input needs {bind} bytes, above this device's limit of {} bytes per storage binding",
+                inner.limits.max_storage_buffer_binding_size
+            )));
+        }
+        inner
+            .queue
+            .write_buffer(&self.cfg_buf, 0, bytemuck::bytes_of(&self.cfg));
+        let scope = inner
+            .device
+            .push_error_scope(::wgpu::ErrorFilter::Validation);
+        let res = [
+            self.unused.as_entire_binding(),
+            self.cfg_buf.as_entire_binding(),
+            self.plan.as_entire_binding(),
+            ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
+                buffer: x,
+                offset: 0,
+                size: NonZeroU64::new(bind),
+            }),
+            self.part.as_entire_binding(),
+            self.res.as_entire_binding(),
+            self.bad.as_entire_binding(),
+        ];
+        let e: Vec<_> = res
+            .into_iter()
+            .enumerate()
+            .map(|(i, resource)| ::wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource,
+            })
+            .collect();
+        let bg = inner
+            .device
+            .create_bind_group(&::wgpu::BindGroupDescriptor {
+                label: Some("stats"),
+                layout: &inner.stats.layouts[0],
+                entries: &e,
+            });
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(dev_err(format!("binding the statistics input: {err}")));
+        }
+        let mut enc = inner
+            .device
+            .create_command_encoder(&::wgpu::CommandEncoderDescriptor { label: None });
+        enc.clear_buffer(&self.part, 0, None);
+        enc.clear_buffer(&self.res, 0, None);
+        // Per worker: count 0, first index u32::MAX.
+        let init: &[u32] = &[0, u32::MAX];
+        for k in 0..self.cfg.workers as u64 {
+            inner
+                .queue
+                .write_buffer(&self.bad, k * 8, bytemuck::cast_slice(init));
+        }
+        {
+            let mut cp = enc.begin_compute_pass(&::wgpu::ComputePassDescriptor {
+                label: Some("stats"),
+                timestamp_writes: None,
+            });
+            cp.set_bind_group(0, &bg, &[]);
+            for &(entry, per_tile) in entries {
+                let g = grid(if per_tile {
+                    u64::from(self.cfg.num_tiles)
+                } else {
+                    u64::from(self.cfg.num_layers)
+                });
+                if g.0 > 0 {
+                    cp.set_pipeline(inner.stats.pipeline(entry));
+                    cp.dispatch_workgroups(g.0, g.1, 1);
+                }
+            }
+        }
+        inner.submit(enc)
+    }
+
+    /// Statistics of each layer of the `n` elements of `dtype` in `x`, written to `out`
+    /// (cleared first). Same conventions as [`crate::cpu::layer_stats`].
+    pub fn layer_stats(
+        &mut self,
+        x: &::wgpu::Buffer,
+        dtype: DType,
+        out: &mut Vec<LayerStats>,
+    ) -> Result<()> {
+        self.cfg.dtype = dtype_code(dtype);
+        self.cfg.workers = 1;
+        self.run(
+            x,
+            grad_bytes(self.layout.n(), dtype),
+            &[
+                ("stats_partial", true),
+                ("stats_reduce", false),
+                ("m2_partial", true),
+                ("m2_reduce", false),
+            ],
+        )?;
+        let nl = self.layout.num_layers();
+        let inner = self.ctx.inner.clone();
+        inner.read_back(&self.staging, &[(&self.res, 0, nl as u64 * 32)], |b| {
+            let w: Vec<u32> = words(&b[..nl * 32]).collect();
+            out.clear();
+            for l in 0..nl {
+                let r = &w[l * 8..l * 8 + 8];
+                let f = |j: usize| f64::from(f32::from_bits(r[j]));
+                let fin = r[0] as u64;
+                let count = self.layout.layer(l).len() as u64;
+                let mut st = LayerStats {
+                    count,
+                    mean: 0.0,
+                    var: 0.0,
+                    min: f32::INFINITY,
+                    max: f32::NEG_INFINITY,
+                    max_abs: 0.0,
+                    non_finite: r[1] as u64,
+                };
+                if fin > 0 {
+                    let c = fin as f64;
+                    let m0 = f64::from(f32::from_bits(r[2]) / fin as f32);
+                    let (d1, d2) = (f(6), f(7));
+                    st.mean = m0 + d1 / c;
+                    st.var = ((d2 - d1 * d1 / c) / c).max(0.0);
+                    st.min = f32::from_bits(r[3]);
+                    st.max = f32::from_bits(r[4]);
+                    st.max_abs = f32::from_bits(r[5]);
+                }
+                out.push(st);
+            }
+        })
+    }
+
+    /// [`Stats::layer_stats`] on a host slice (copied into a plan-owned device buffer).
+    pub fn layer_stats_host<T: Element>(
+        &mut self,
+        x: &[T],
+        out: &mut Vec<LayerStats>,
+    ) -> Result<()> {
+        self.layout.check_len("buffer", x.len())?;
+        let up = self.upload_buffer(grad_bytes(x.len(), T::DTYPE))?;
+        self.ctx.inner.write_padded(&up, 0, bytemuck::cast_slice(x));
+        self.layer_stats(&up, T::DTYPE, out)
+    }
+
+    fn upload_buffer(&mut self, bytes: u64) -> Result<::wgpu::Buffer> {
+        match &self.upload {
+            Some(b) if b.size() >= bytes => Ok(b.clone()),
+            _ => {
+                let b = self.ctx.inner.storage_buffer(
+                    "statistics upload",
+                    bytes,
+                    ::wgpu::BufferUsages::empty(),
+                )?;
+                self.upload = Some(b.clone());
+                Ok(b)
+            }
+        }
+    }
+
+    /// Per-layer `sigma_X^2` and `sigma_N^2` (SPEC §8) from `workers` (`K >= 2`) buffers
+    /// stacked in `x`: worker `k`'s element `i` at position `k * n + i` (16-bit types packed
+    /// two per word over the whole stack). Errors like [`crate::cpu::estimate_variance`],
+    /// including [`Error::NonFinite`] for the first worker holding a non-finite value.
+    pub fn estimate_variance(
+        &mut self,
+        x: &::wgpu::Buffer,
+        workers: usize,
+        dtype: DType,
+        out: &mut Vec<VarianceEstimate>,
+    ) -> Result<()> {
+        if workers < 2 {
+            return Err(Error::InvalidConfig(format!(
+                "the variance estimator needs K >= 2 workers, got {workers}"
+            )));
+        }
+        if workers > MAX_WORKERS {
+            return Err(Error::InvalidConfig(format!(
+                "the wgpu variance estimator takes at most {MAX_WORKERS} workers, got {workers}"
+            )));
+        }
+        let total = self.layout.n() as u64 * workers as u64;
+        if total > crate::MAX_ELEMENTS {
+            return Err(Error::TooLarge { n: total });
+        }
+        self.cfg.dtype = dtype_code(dtype);
+        self.cfg.workers = workers as u32;
+        self.run(
+            x,
+            grad_bytes(total as usize, dtype),
+            &[
+                ("var_partial", true),
+                ("var_reduce", false),
+                ("var_m2_partial", true),
+                ("m2_reduce", false),
+            ],
+        )?;
+        let nl = self.layout.num_layers();
+        let inner = self.ctx.inner.clone();
+        let kf = workers as f64;
+        inner.read_back(&self.staging, &[(&self.bad, 0, workers as u64 * 8)], |b| {
+            let w: Vec<u32> = words(&b[..workers * 8]).collect();
+            match w.chunks_exact(2).find(|c| c[0] > 0) {
+                Some(c) => Err(Error::NonFinite {
+                    count: u64::from(c[0]),
+                    first_index: c[1],
+                }),
+                None => Ok(()),
+            }
+        })??;
+        inner.read_back(&self.staging, &[(&self.res, 0, nl as u64 * 32)], |b| {
+            let w: Vec<u32> = words(&b[..nl * 32]).collect();
+            out.clear();
+            for l in 0..nl {
+                let r = &w[l * 8..l * 8 + 8];
+                let nlf = self.layout.layer(l).len() as f64;
+                if nlf == 0.0 {
+                    out.push(VarianceEstimate::default());
+                    continue;
+                }
+                let f = |j: usize| f64::from(f32::from_bits(r[j]));
+                let sigma_n2 = f(1) / (nlf * (kf - 1.0));
+                let (d1, d2) = (f(6), f(7));
+                let var_ybar = ((d2 - d1 * d1 / nlf) / nlf).max(0.0);
+                out.push(VarianceEstimate {
+                    sigma_x2: (var_ybar - sigma_n2 / kf).max(0.0),
+                    sigma_n2,
+                });
+            }
+        })
+    }
+
+    /// [`Stats::estimate_variance`] on host slices (stacked into a plan-owned device buffer).
+    pub fn estimate_variance_host<T: Element>(
+        &mut self,
+        workers: &[&[T]],
+        out: &mut Vec<VarianceEstimate>,
+    ) -> Result<()> {
+        for w in workers {
+            self.layout.check_len("worker buffer", w.len())?;
+        }
+        if workers.len() < 2 {
+            return Err(Error::InvalidConfig(format!(
+                "the variance estimator needs K >= 2 workers, got {}",
+                workers.len()
+            )));
+        }
+        let stacked: Vec<T> = workers.iter().flat_map(|w| w.iter().copied()).collect();
+        let total = stacked.len() as u64;
+        if total > crate::MAX_ELEMENTS {
+            return Err(Error::TooLarge { n: total });
+        }
+        let up = self.upload_buffer(grad_bytes(stacked.len(), T::DTYPE))?;
+        self.ctx
+            .inner
+            .write_padded(&up, 0, bytemuck::cast_slice(&stacked));
+        self.estimate_variance(&up, workers.len(), T::DTYPE, out)
+    }
+}
+
+/// One-shot [`Stats::layer_stats_host`]: builds a plan per call (allocates; keep a [`Stats`]
+/// for repeated use).
+pub fn layer_stats<T: Element>(
+    ctx: &Context,
+    x: &[T],
+    layout: &Layout,
+    out: &mut Vec<LayerStats>,
+) -> Result<()> {
+    layout.check_len("buffer", x.len())?;
+    Stats::new(ctx, layout)?.layer_stats_host(x, out)
+}
+
+/// One-shot [`Stats::estimate_variance_host`] (allocates a plan per call).
+pub fn estimate_variance<T: Element>(
+    ctx: &Context,
+    workers: &[&[T]],
+    layout: &Layout,
+    out: &mut Vec<VarianceEstimate>,
+) -> Result<()> {
+    Stats::new(ctx, layout)?.estimate_variance_host(workers, out)
+}
