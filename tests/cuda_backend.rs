@@ -38,6 +38,12 @@ fn compile_for(arch: &str) {
         return;
     }
     let ptx = cuda::compile_ptx(arch).unwrap_or_else(|e| panic!("{e}"));
+    // scripts/gpu-stage.sh keeps these for devices without a usable NVRTC.
+    if let Some(dir) = std::env::var_os("GRADSIFT_DUMP_PTX") {
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{arch}.ptx")), &ptx).unwrap();
+    }
     for name in cuda::KERNEL_NAMES {
         assert!(
             ptx.contains(&format!(".entry {name}(")),
@@ -845,5 +851,28 @@ fn random_k_uses_the_spec_keys() {
         g.read_payload(&mut p).unwrap();
         let Payload::Sparse(p) = p else { panic!() };
         assert_eq!(p.indices, want, "n={n}");
+    }
+}
+
+#[test]
+fn top_r_alone_matches_cpu() {
+    let Some(cx) = ctx() else { return };
+    for n in [1usize, 257, 32769, (1 << 20) + 3] {
+        let inputs = [
+            gaussian::<f32>(n, 31, 1.0),
+            adversarial::<f32>(n, 32),
+            vec![0.25f32; n],
+        ];
+        for x in &inputs {
+            let dev = upload(&cx, x);
+            for r in [0, 1, n / 1000 + 1, n / 2, n.saturating_sub(1), n] {
+                let want = cpu::top_r(x, r).unwrap();
+                let mut plan = cuda::TopR::new(&cx, n, r).unwrap();
+                plan.select(&dev).unwrap();
+                let mut got = Vec::new();
+                plan.read(&mut got).unwrap();
+                assert_eq!(got, want, "top_r n={n} r={r}");
+            }
+        }
     }
 }

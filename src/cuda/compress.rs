@@ -11,7 +11,7 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 /// ones by the grid-wide radix passes. Must match `SMALL_MAX` in kernels/select.cu.
 const SMALL_MAX: usize = 32768;
 /// Words of a compaction tile (`TILE_WORDS` in kernels/select.cu).
-const TILE_WORDS: usize = 256;
+pub(crate) const TILE_WORDS: usize = 256;
 
 pub(crate) fn dtype_offset(d: DType) -> usize {
     match d {
@@ -481,7 +481,7 @@ impl Compressor {
     }
 }
 
-fn words_of(lo: u32, len: u32) -> usize {
+pub(crate) fn words_of(lo: u32, len: u32) -> usize {
     if len == 0 {
         return 0;
     }
@@ -490,8 +490,30 @@ fn words_of(lo: u32, len: u32) -> usize {
     w1 - w0 + 1
 }
 
-fn tiles_of(lo: u32, len: u32) -> usize {
+pub(crate) fn tiles_of(lo: u32, len: u32) -> usize {
     words_of(lo, len).div_ceil(TILE_WORDS)
+}
+
+/// One grid-wide radix selection of `a.m` elements: clear the group's bitmaps, reset the
+/// state, histogram digit 0 (unless the accumulate pass already did), then three rounds of
+/// pivot search and filtering passes; the last pass marks the selected set and the ties.
+pub(crate) fn radix_stage(
+    cx: &Context,
+    a: SelArgs,
+    pass0_done: bool,
+    grid: u32,
+    clear_grid: u32,
+) -> Result<()> {
+    if !pass0_done {
+        cx.launch(K::SelClearBits, clear_grid, 256, &a)?;
+        cx.launch(K::SelReset, 1, 1024, &a)?;
+        cx.launch(K::SelPass, grid, 256, &SelArgs { pass: 0, ..a })?;
+    }
+    for d in 0..3 {
+        cx.launch(K::SelFind, 1, 1024, &SelArgs { pass: d, ..a })?;
+        cx.launch(K::SelPass, grid, 256, &SelArgs { pass: d + 1, ..a })?;
+    }
+    Ok(())
 }
 
 /// The grid-wide selection of one big group: top-r on magnitudes (and/or random-k on
@@ -508,16 +530,7 @@ fn run_big(
     let clear_grid = cx.grid_for(words_of(g.lo, g.len) as u64, 256);
     let ntiles = tiles_of(g.lo, g.len) as u32;
     let stage = |a: SelArgs, pass0_done: bool, grid: u32| -> Result<()> {
-        if !pass0_done {
-            cx.launch(K::SelClearBits, clear_grid, 256, &a)?;
-            cx.launch(K::SelReset, 1, 1024, &a)?;
-            cx.launch(K::SelPass, grid, 256, &SelArgs { pass: 0, ..a })?;
-        }
-        for d in 0..3 {
-            cx.launch(K::SelFind, 1, 1024, &SelArgs { pass: d, ..a })?;
-            cx.launch(K::SelPass, grid, 256, &SelArgs { pass: d + 1, ..a })?;
-        }
-        Ok(())
+        radix_stage(cx, a, pass0_done, grid, clear_grid)
     };
     let compact = |payload: bool| -> Result<()> {
         let c = CompactArgs {

@@ -253,7 +253,27 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Arc<Loaded>> {
     // with NVRTC for the exact device instead, and report which one is in use.
     let mut errors = Vec::new();
     let mut module = None;
-    if let Some(ptx) = precompiled::PRECOMPILED_PTX {
+    // An explicit PTX file wins, and failing to use it is an error, not a fallback: it is
+    // how a machine without NVRTC runs kernels built elsewhere (scripts/gpu-stage.sh).
+    if let Some(path) = std::env::var_os("GRADSIFT_PTX") {
+        let ptx = std::fs::read_to_string(&path)
+            .map_err(|e| unavailable(format!("GRADSIFT_PTX={}: {e}", path.to_string_lossy())))?;
+        let m = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .map_err(|e| {
+                unavailable(format!(
+                    "GRADSIFT_PTX={} did not load: {e:?}",
+                    path.to_string_lossy()
+                ))
+            })?;
+        module = Some((m, "PTX file from GRADSIFT_PTX"));
+    }
+    let precompiled = if module.is_none() {
+        precompiled::PRECOMPILED_PTX
+    } else {
+        None
+    };
+    if let Some(ptx) = precompiled {
         match ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)) {
             Ok(m) => module = Some((m, "precompiled PTX (nvcc, compute_80)")),
             Err(e) => errors.push(format!("precompiled PTX did not load: {e:?}")),
