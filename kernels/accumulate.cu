@@ -63,19 +63,19 @@ __device__ __forceinline__ void ef_accumulate_impl(const AccArgs& a) {
     }
 }
 
-extern "C" __global__ void ef_accumulate_f32(AccArgs a) { ef_accumulate_impl<float>(a); }
-extern "C" __global__ void ef_accumulate_f16(AccArgs a) { ef_accumulate_impl<f16_t>(a); }
-extern "C" __global__ void ef_accumulate_bf16(AccArgs a) { ef_accumulate_impl<bf16_t>(a); }
+extern "C" __global__ void __launch_bounds__(256) ef_accumulate_f32(AccArgs a) { ef_accumulate_impl<float>(a); }
+extern "C" __global__ void __launch_bounds__(256) ef_accumulate_f16(AccArgs a) { ef_accumulate_impl<f16_t>(a); }
+extern "C" __global__ void __launch_bounds__(256) ef_accumulate_bf16(AccArgs a) { ef_accumulate_impl<bf16_t>(a); }
 
 // Opens a step: the non-finite counters restart; `cur` is left alone.
-extern "C" __global__ void ef_begin(StepBuffers b) {
+extern "C" __global__ void __launch_bounds__(32) ef_begin(StepBuffers b) {
     StepStatus* st = (StepStatus*)b.status;
     st->bad_count = 0;
     st->first_bad = GS_INF_U32;
 }
 
 // Closes a step: the next buffers become the state only when every p was finite.
-extern "C" __global__ void ef_commit(StepBuffers b) {
+extern "C" __global__ void __launch_bounds__(32) ef_commit(StepBuffers b) {
     StepStatus* st = (StepStatus*)b.status;
     if (st->bad_count == 0) {
         st->cur ^= 1u;

@@ -29,7 +29,7 @@ struct AggArgs {
     u32 workers;
 };
 
-extern "C" __global__ void agg_check_sparse(AggArgs a) {
+extern "C" __global__ void __launch_bounds__(256) agg_check_sparse(AggArgs a) {
     const u32* idx = (const u32*)a.idx;
     const float* val = (const float*)a.val;
     const u64 stride = (u64)gridDim.x * blockDim.x;
@@ -46,7 +46,7 @@ extern "C" __global__ void agg_check_sparse(AggArgs a) {
     }
 }
 
-extern "C" __global__ void agg_zero(AggArgs a) {
+extern "C" __global__ void __launch_bounds__(256) agg_zero(AggArgs a) {
     if (*(const volatile u32*)a.any) return;
     const u64 stride = (u64)gridDim.x * blockDim.x;
     float* out = (float*)a.out;
@@ -58,7 +58,7 @@ extern "C" __global__ void agg_zero(AggArgs a) {
 }
 
 // Indices are distinct within a payload (checked), so the adds of one launch never race.
-extern "C" __global__ void agg_scatter(AggArgs a) {
+extern "C" __global__ void __launch_bounds__(256) agg_scatter(AggArgs a) {
     if (*(const volatile u32*)a.any) return;
     const u32* idx = (const u32*)a.idx;
     const float* val = (const float*)a.val;
@@ -72,7 +72,7 @@ extern "C" __global__ void agg_scatter(AggArgs a) {
     }
 }
 
-extern "C" __global__ void agg_sign(AggArgs a) {
+extern "C" __global__ void __launch_bounds__(256) agg_sign(AggArgs a) {
     if (*(const volatile u32*)a.any) return;
     const AggItem it = ((const AggItem*)a.items)[blockIdx.x];
     const float s = ((const float*)a.scales)[it.group];
@@ -87,7 +87,7 @@ extern "C" __global__ void agg_sign(AggArgs a) {
     }
 }
 
-extern "C" __global__ void agg_finalize(AggArgs a) {
+extern "C" __global__ void __launch_bounds__(256) agg_finalize(AggArgs a) {
     if (*(const volatile u32*)a.any) return;
     const float* inv = (const float*)a.inv;
     float* out = (float*)a.out;

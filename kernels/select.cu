@@ -38,7 +38,7 @@ __device__ __forceinline__ u32 sel_key(const SelArgs& a, const float* p, u32 i) 
     return a.kind == 0 ? magnitude_key(p[i]) : philox_key(i, a.worker, a.t_lo, a.t_hi, a.s_lo, a.s_hi);
 }
 
-extern "C" __global__ void sel_reset(SelArgs a) {
+extern "C" __global__ void __launch_bounds__(1024) sel_reset(SelArgs a) {
     SelState* s = (SelState*)a.state;
     for (u32 j = threadIdx.x; j < 2048; j += blockDim.x) s->hist[j] = 0;
     if (threadIdx.x == 0) {
@@ -54,7 +54,7 @@ extern "C" __global__ void sel_reset(SelArgs a) {
 }
 
 // Clears the bitmap words covering the group's range.
-extern "C" __global__ void sel_clear_bits(SelArgs a) {
+extern "C" __global__ void __launch_bounds__(256) sel_clear_bits(SelArgs a) {
     if (a.len == 0) return;
     const u64 w0 = a.lo >> 5, w1 = ((u64)a.lo + a.len - 1) >> 5;
     const u64 stride = (u64)gridDim.x * blockDim.x;
@@ -66,7 +66,7 @@ extern "C" __global__ void sel_clear_bits(SelArgs a) {
     }
 }
 
-extern "C" __global__ void sel_pass(SelArgs a) {
+extern "C" __global__ void __launch_bounds__(256) sel_pass(SelArgs a) {
     __shared__ u32 hist[2048];
     SelState* s = (SelState*)a.state;
     const StepStatus* st = (const StepStatus*)a.b.status;
@@ -149,7 +149,7 @@ extern "C" __global__ void sel_pass(SelArgs a) {
 }
 
 // One block: the pivot digit of pass `a.pass` from the global histogram.
-extern "C" __global__ void sel_find(SelArgs a) {
+extern "C" __global__ void __launch_bounds__(1024) sel_find(SelArgs a) {
     __shared__ u32 scratch[32];
     SelState* s = (SelState*)a.state;
     const int d = a.pass;
@@ -214,7 +214,7 @@ __device__ __forceinline__ void load_tile_words(const CompactArgs& a, u32 tile, 
     }
 }
 
-extern "C" __global__ void compact_count(CompactArgs a) {
+extern "C" __global__ void __launch_bounds__(256) compact_count(CompactArgs a) {
     __shared__ u32 scratch[32];
     u32 dw, tw;
     load_tile_words(a, blockIdx.x, &dw, &tw);
@@ -227,7 +227,7 @@ extern "C" __global__ void compact_count(CompactArgs a) {
 }
 
 // One block: exclusive prefix sums of the per-tile counts, in place.
-extern "C" __global__ void compact_scan(CompactArgs a) {
+extern "C" __global__ void __launch_bounds__(1024) compact_scan(CompactArgs a) {
     __shared__ u32 scratch[32];
     u32* t = (u32*)a.tiles;
     u32 carry_d = 0, carry_t = 0;
@@ -260,7 +260,7 @@ __device__ __forceinline__ void emit_one(const CompactArgs& a, float* p, float* 
     if (un) un[i] = 0.0f;
 }
 
-extern "C" __global__ void compact_emit(CompactArgs a) {
+extern "C" __global__ void __launch_bounds__(256) compact_emit(CompactArgs a) {
     __shared__ u32 scratch[32];
     const StepStatus* st = (const StepStatus*)a.b.status;
     const u32 cur = st->cur;
@@ -292,7 +292,7 @@ extern "C" __global__ void compact_emit(CompactArgs a) {
 }
 
 // A big group that sends everything (k = n_g): every element, in order.
-extern "C" __global__ void emit_range(CompactArgs a) {
+extern "C" __global__ void __launch_bounds__(256) emit_range(CompactArgs a) {
     const StepStatus* st = (const StepStatus*)a.b.status;
     const u32 cur = st->cur;
     float* p = next_residual(a.b, cur);
@@ -390,7 +390,7 @@ __device__ void block_ordered(const SmallCtx& c, const SmallArgs& a, const Small
     }
 }
 
-extern "C" __global__ void select_small(SmallArgs a) {
+extern "C" __global__ void __launch_bounds__(512) select_small(SmallArgs a) {
     __shared__ u32 hist[2048];
     __shared__ u32 member[SMALL_MAX / 32];
     __shared__ u32 scratch[32];

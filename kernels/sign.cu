@@ -22,7 +22,7 @@ struct SignArgs {
     u32 pad;
 };
 
-extern "C" __global__ void sign_partial(SignArgs a) {
+extern "C" __global__ void __launch_bounds__(256) sign_partial(SignArgs a) {
     __shared__ double scratch[32];
     const Item it = ((const Item*)a.items)[blockIdx.x];
     const StepStatus* st = (const StepStatus*)a.b.status;
@@ -34,7 +34,7 @@ extern "C" __global__ void sign_partial(SignArgs a) {
 }
 
 // One block per group, items summed in a fixed order: deterministic for a given layout.
-extern "C" __global__ void sign_merge(SignArgs a) {
+extern "C" __global__ void __launch_bounds__(256) sign_merge(SignArgs a) {
     __shared__ double scratch[32];
     const u32 g = blockIdx.x;
     const u32 i0 = ((const u32*)a.group_items)[g], i1 = ((const u32*)a.group_items)[g + 1];
@@ -47,7 +47,7 @@ extern "C" __global__ void sign_merge(SignArgs a) {
     }
 }
 
-extern "C" __global__ void sign_apply(SignArgs a) {
+extern "C" __global__ void __launch_bounds__(256) sign_apply(SignArgs a) {
     const Item it = ((const Item*)a.items)[blockIdx.x];
     const StepStatus* st = (const StepStatus*)a.b.status;
     const u32 cur = st->cur;

@@ -127,13 +127,13 @@ __device__ __forceinline__ void stats_items_impl(const StatsArgs& a) {
     }
 }
 
-extern "C" __global__ void stats_items_f32(StatsArgs a) { stats_items_impl<float>(a); }
-extern "C" __global__ void stats_items_f16(StatsArgs a) { stats_items_impl<f16_t>(a); }
-extern "C" __global__ void stats_items_bf16(StatsArgs a) { stats_items_impl<bf16_t>(a); }
+extern "C" __global__ void __launch_bounds__(256) stats_items_f32(StatsArgs a) { stats_items_impl<float>(a); }
+extern "C" __global__ void __launch_bounds__(256) stats_items_f16(StatsArgs a) { stats_items_impl<f16_t>(a); }
+extern "C" __global__ void __launch_bounds__(256) stats_items_bf16(StatsArgs a) { stats_items_impl<bf16_t>(a); }
 
 // One block per layer: its items' partials merged per thread, then thread results merged
 // in a fixed tree (deterministic for a given layout).
-extern "C" __global__ void stats_merge(StatsArgs a) {
+extern "C" __global__ void __launch_bounds__(256) stats_merge(StatsArgs a) {
     __shared__ Moments sm[STATS_THREADS];
     __shared__ float sf[3][STATS_THREADS];
     __shared__ u64 sc[2][STATS_THREADS];
@@ -264,11 +264,11 @@ __device__ __forceinline__ void var_items_impl(const VarArgs& a) {
     }
 }
 
-extern "C" __global__ void var_items_f32(VarArgs a) { var_items_impl<float>(a); }
-extern "C" __global__ void var_items_f16(VarArgs a) { var_items_impl<f16_t>(a); }
-extern "C" __global__ void var_items_bf16(VarArgs a) { var_items_impl<bf16_t>(a); }
+extern "C" __global__ void __launch_bounds__(256) var_items_f32(VarArgs a) { var_items_impl<float>(a); }
+extern "C" __global__ void __launch_bounds__(256) var_items_f16(VarArgs a) { var_items_impl<f16_t>(a); }
+extern "C" __global__ void __launch_bounds__(256) var_items_bf16(VarArgs a) { var_items_impl<bf16_t>(a); }
 
-extern "C" __global__ void var_merge(VarArgs a) {
+extern "C" __global__ void __launch_bounds__(256) var_merge(VarArgs a) {
     __shared__ Moments sm[STATS_THREADS];
     __shared__ double sn[STATS_THREADS];
     const u32 l = blockIdx.x;

@@ -37,6 +37,22 @@ fn compile_for(arch: &str) {
     if !nvrtc_or_skip() {
         return;
     }
+    // Machine code first: ptxas must accept every kernel for the real architecture.
+    let sm = arch.replace("compute_", "sm_");
+    let (cubin, log) = cuda::compile_cubin(&sm).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!cubin.is_empty(), "empty cubin for {sm}");
+    for name in cuda::KERNEL_NAMES {
+        assert!(
+            log.contains(&format!("'{name}'")),
+            "ptxas did not report {name} for {sm}"
+        );
+    }
+    for line in log.lines().filter(|l| l.contains("spill stores")) {
+        if !line.contains(" 0 bytes spill stores, 0 bytes spill loads") {
+            println!("warning: {sm}: register spills: {line}");
+        }
+    }
+    println!("{sm}: cubin {} bytes", cubin.len());
     let ptx = cuda::compile_ptx(arch).unwrap_or_else(|e| panic!("{e}"));
     // scripts/gpu-stage.sh keeps these for devices without a usable NVRTC.
     if let Some(dir) = std::env::var_os("GRADSIFT_DUMP_PTX") {

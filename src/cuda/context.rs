@@ -158,6 +158,62 @@ pub fn compile_ptx(arch: &str) -> Result<String> {
     })
 }
 
+/// Compiles every kernel with NVRTC all the way to machine code for `sm` (e.g. `"sm_90"`):
+/// PTX generation plus ptxas, which catches what PTX alone does not (register or shared
+/// memory limits, unsupported instructions). Returns the cubin and ptxas' resource report.
+pub fn compile_cubin(sm: &str) -> Result<(Vec<u8>, String)> {
+    use cudarc::nvrtc::{result as nv, sys};
+    use std::ffi::{CStr, CString};
+    probe_nvrtc()?;
+    no_panic("NVRTC", || {
+        let err =
+            |what: &str, e: nv::NvrtcError| unavailable(format!("NVRTC {what} for {sm}: {e:?}"));
+        let src = CString::new(kernel_source()).map_err(|e| unavailable(e.to_string()))?;
+        let name = CString::new("gradsift.cu").map_err(|e| unavailable(e.to_string()))?;
+        let prog = nv::create_program(&src, Some(&name)).map_err(|e| err("create", e))?;
+        let opts = [
+            format!("--gpu-architecture={sm}"),
+            "--fmad=false".into(),
+            "--ftz=false".into(),
+            "--prec-div=true".into(),
+            "--prec-sqrt=true".into(),
+            "--std=c++17".into(),
+            "--ptxas-options=-v".into(),
+        ];
+        // SAFETY: `prog` is a live program; it is destroyed on every path below.
+        let compiled = unsafe { nv::compile_program(prog, &opts) };
+        let log = unsafe { nv::get_program_log(prog) }
+            .map(|l| {
+                unsafe { CStr::from_ptr(l.as_ptr()) }
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .unwrap_or_default();
+        let result = match compiled {
+            Err(e) => Err(unavailable(format!(
+                "kernel compilation failed for {sm} ({e:?}):\n{log}"
+            ))),
+            Ok(()) => {
+                let mut size = 0usize;
+                // SAFETY: standard two-call NVRTC size-then-copy protocol on a compiled program.
+                unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }
+                    .result()
+                    .map_err(|e| err("cubin size", e))
+                    .and_then(|()| {
+                        let mut bin = vec![0u8; size];
+                        unsafe { sys::nvrtcGetCUBIN(prog, bin.as_mut_ptr().cast()) }
+                            .result()
+                            .map_err(|e| err("cubin", e))
+                            .map(|()| (bin, log))
+                    })
+            }
+        };
+        // SAFETY: created above, destroyed once.
+        let _ = unsafe { nv::destroy_program(prog) };
+        result
+    })
+}
+
 /// cudarc wants a `&'static str`; architectures are few, so each is leaked once.
 fn static_arch(arch: &str) -> &'static str {
     static ARCHS: OnceLock<Mutex<Vec<&'static str>>> = OnceLock::new();

@@ -20,6 +20,8 @@ mod stats;
 
 pub use aggregate::Aggregator;
 pub use compress::Compressor;
-pub use context::{Context, KERNEL_NAMES, compile_ptx, kernel_source, probe_driver, probe_nvrtc};
+pub use context::{
+    Context, KERNEL_NAMES, compile_cubin, compile_ptx, kernel_source, probe_driver, probe_nvrtc,
+};
 pub use select::TopR;
 pub use stats::{Stats, estimate_variance, layer_stats};
