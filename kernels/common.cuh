@@ -17,10 +17,34 @@ struct f16_t { unsigned short bits; };
 struct bf16_t { unsigned short bits; };
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
+#ifdef GRADSIFT_CPU_EMU
+// scripts/cuda-emu runs these kernels on the CPU, where IEEE _Float16 stands in for cvt.
+__device__ __forceinline__ float emu_h2f(unsigned short b) {
+    _Float16 h;
+    __builtin_memcpy(&h, &b, 2);
+    return (float)h;
+}
+__device__ __forceinline__ unsigned short emu_f2h(float f) {
+    _Float16 h = (_Float16)f;
+    unsigned short b;
+    __builtin_memcpy(&b, &h, 2);
+    return b;
+}
+__device__ __forceinline__ unsigned short emu_f2bf(float f) {
+    u32 b = __float_as_uint(f);
+    if ((b & 0x7FFFFFFFu) > 0x7F800000u) return (unsigned short)((b >> 16) | 0x40u);
+    return (unsigned short)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+#endif
+
 __device__ __forceinline__ float to_f32(f16_t x) {
+#ifdef GRADSIFT_CPU_EMU
+    return emu_h2f(x.bits);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
     return f;
+#endif
 }
 __device__ __forceinline__ float to_f32(bf16_t x) {
     return __int_as_float(((int)x.bits) << 16);
@@ -34,16 +58,24 @@ __device__ __forceinline__ bool is_finite(float x) {
 // dtype: 0 = f32, 1 = f16, 2 = bf16 (DType::code on the host).
 __device__ __forceinline__ float quantize(float v, u32 dtype) {
     if (dtype == 1) {
+#ifdef GRADSIFT_CPU_EMU
+        float w = emu_h2f(emu_f2h(v));
+#else
         unsigned short h;
         asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
         float w;
         asm("cvt.f32.f16 %0, %1;" : "=f"(w) : "h"(h));
+#endif
         if (!is_finite(w) && is_finite(v)) w = copysignf(65504.0f, v);
         return w;
     }
     if (dtype == 2) {
+#ifdef GRADSIFT_CPU_EMU
+        unsigned short h = emu_f2bf(v);
+#else
         unsigned short h;
         asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+#endif
         float w = __int_as_float(((int)h) << 16);
         // bf16::MAX = 0x7F7F.
         if (!is_finite(w) && is_finite(v)) w = copysignf(__int_as_float(0x7F7F0000), v);
