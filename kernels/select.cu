@@ -10,9 +10,10 @@
 // compaction (count / scan / emit over the bitmaps) then yields ascending indices and
 // keeps the lowest-indexed `need` ties, which is the tie rule of SPEC §1.
 //
-// Small groups (per-layer mode): one block per group does the same digits with a shared
-// histogram and an in-order block scan for ties and output positions, so thousands of
-// small layers cost one launch.
+// Block-sized groups (per-layer mode: up to 2^20 elements; global mode: up to 2^15): one
+// block per group does the same digits with a shared histogram and an in-order block scan
+// for ties and output positions, so thousands of layers cost one launch and only the few
+// huge ones take the grid-wide passes, one after another.
 #ifndef GRADSIFT_NVRTC
 #include "common.cuh"
 #include "select.cuh"
@@ -302,9 +303,7 @@ extern "C" __global__ void __launch_bounds__(256) emit_range(CompactArgs a) {
         emit_one(a, p, un, (u32)j, a.lo + (u32)j);
 }
 
-// ---- Small groups: one block each ------------------------------------------------------
-
-#define SMALL_MAX 32768u
+// ---- Block-sized groups: one block each ------------------------------------------------
 
 struct SmallGroup {
     u32 lo, len, r, k, out_off;
@@ -316,6 +315,7 @@ struct SmallArgs {
     u64 groups;   // SmallGroup*
     u64 out_idx;  // u32*
     u64 out_val;  // float*
+    u64 member;   // u32* bitmap over all n elements, zeroed before the launch: top-r sets
     u32 worker, t_lo, t_hi, s_lo, s_hi;
     u32 dtype;
 };
@@ -341,8 +341,9 @@ __device__ void block_select(const SmallCtx& c, u32 kind, u32 lo, u32 len, const
         for (u32 j = threadIdx.x; j < nbins; j += blockDim.x) hist[j] = 0;
         __syncthreads();
         for (u32 j = threadIdx.x; j < len; j += blockDim.x) {
-            if (member && !((member[j >> 5] >> (j & 31u)) & 1u)) continue;
-            const u32 k = small_key(c, kind, lo + j);
+            const u32 i = lo + j;
+            if (member && !((member[i >> 5] >> (i & 31u)) & 1u)) continue;
+            const u32 k = small_key(c, kind, i);
             if ((k & mask) == prefix) atomicAdd(&hist[digit_of(k, d)], 1u);
         }
         __syncthreads();
@@ -364,8 +365,9 @@ __device__ void block_ordered(const SmallCtx& c, const SmallArgs& a, const Small
     u32 tie_base = 0, sel_base = 0;
     for (u32 base = 0; base < g.len; base += blockDim.x) {
         const u32 j = base + threadIdx.x;
-        const bool in = j < g.len && (!member || ((member[j >> 5] >> (j & 31u)) & 1u));
-        const u32 k = in ? small_key(c, kind, g.lo + j) : 0u;
+        const u32 i = g.lo + j;
+        const bool in = j < g.len && (!member || ((member[i >> 5] >> (i & 31u)) & 1u));
+        const u32 k = in ? small_key(c, kind, i) : 0u;
         const bool def = in && k < T;
         const bool tie = in && k == T;
         u32 ttot, stot;
@@ -374,9 +376,9 @@ __device__ void block_ordered(const SmallCtx& c, const SmallArgs& a, const Small
         const u32 pos = sel_base + block_exclusive_scan(sel ? 1u : 0u, scratch, &stot);
         if (sel) {
             if (out_member) {
-                atomicOr(&out_member[j >> 5], 1u << (j & 31u));
+                // Neighbouring groups may share the word: atomic.
+                atomicOr(&out_member[i >> 5], 1u << (i & 31u));
             } else {
-                const u32 i = g.lo + j;
                 const float pi = c.p[i];
                 const float v = quantize(__fmul_rn(pi, g.scale), a.dtype);
                 ((u32*)a.out_idx)[g.out_off + pos] = i;
@@ -390,10 +392,10 @@ __device__ void block_ordered(const SmallCtx& c, const SmallArgs& a, const Small
     }
 }
 
-extern "C" __global__ void __launch_bounds__(512) select_small(SmallArgs a) {
+extern "C" __global__ void __launch_bounds__(1024) select_small(SmallArgs a) {
     __shared__ u32 hist[2048];
-    __shared__ u32 member[SMALL_MAX / 32];
     __shared__ u32 scratch[32];
+    u32* member = (u32*)a.member;
     const SmallGroup g = ((const SmallGroup*)a.groups)[blockIdx.x];
     const StepStatus* st = (const StepStatus*)a.b.status;
     const u32 cur = st->cur;
@@ -422,8 +424,6 @@ extern "C" __global__ void __launch_bounds__(512) select_small(SmallArgs a) {
             block_ordered(c, a, g, 0, nullptr, T, need, nullptr, scratch);
             return;
         }
-        for (u32 j = threadIdx.x; j < (g.len + 31) / 32; j += blockDim.x) member[j] = 0;
-        __syncthreads();
         block_ordered(c, a, g, 0, nullptr, T, need, member, scratch);
         __syncthreads();
         mem = member;
@@ -437,4 +437,4 @@ static_assert(sizeof(SelState) == 8224, "SelState layout");
 static_assert(sizeof(SelArgs) == 136, "SelArgs layout");
 static_assert(sizeof(CompactArgs) == 136, "CompactArgs layout");
 static_assert(sizeof(SmallGroup) == 24, "SmallGroup layout");
-static_assert(sizeof(SmallArgs) == 96, "SmallArgs layout");
+static_assert(sizeof(SmallArgs) == 104, "SmallArgs layout");

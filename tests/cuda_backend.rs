@@ -385,7 +385,7 @@ fn run_all_configs<T: Element + cudarc::driver::DeviceRepr>(cx: &cuda::Context, 
     }
 }
 
-/// Around the thread-block sizes (256, 512, 1024) and the small/big group threshold.
+/// Around the thread-block sizes (256, 512, 1024) and the global block/grid threshold (2^15).
 const EDGE_SIZES: [usize; 14] = [
     0, 1, 2, 255, 256, 257, 511, 512, 513, 1023, 1025, 32767, 32768, 32769,
 ];
@@ -430,7 +430,9 @@ fn compressor_matches_cpu_2_pow_26() {
             &format!("2^26/{:?}", config.method),
         );
     }
-    let sizes: Vec<usize> = (0..64).map(|_| n / 64).collect();
+    // 32 layers of 2^20 take the block path, two of 2^24 the grid path.
+    let mut sizes: Vec<usize> = (0..32).map(|_| 1 << 20).collect();
+    sizes.extend([1 << 24, 1 << 24]);
     let layout = Layout::new(&sizes).unwrap();
     let mut c = Config::rtopk(0.01, 0.001);
     c.mode = Mode::PerLayer;
@@ -449,7 +451,9 @@ fn thousand_mixed_layers() {
             _ => 1 + r.below(40) as usize,
         })
         .collect();
+    // Around the per-layer block/grid threshold (2^20).
     sizes[500] = 1 << 20;
+    sizes[501] = (1 << 20) + 1;
     sizes[999] = 300_001;
     let layout = Layout::new(&sizes).unwrap();
     let n = layout.n();

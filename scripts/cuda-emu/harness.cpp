@@ -12,7 +12,6 @@
 #include "accumulate.cu"
 #include "select.cu"
 
-static const u32 SMALL = 32768;
 
 struct G {
     u32 lo, len, r, k, off;
@@ -27,6 +26,7 @@ struct Plan {
     u32 dtype, worker;
     u64 seed;
     u32 cand_cap;
+    u32 block_max = 0;  // set by init(): 2^15 global, 2^20 per layer (src/cuda/compress.rs)
     u32 sent = 0;
     std::vector<float> e[2], u[2];
     StepStatus st{};
@@ -53,6 +53,8 @@ static void init(Plan& p) {
         p.u[1].assign(p.n + 1, 0.f);
     }
     p.sent = 0;
+    p.block_max = p.global ? (1u << 15) : (1u << 20);
+    const u32 SMALL = p.block_max;
     u32 maxbig = 0, maxlist = 0;
     for (auto& g : p.groups) {
         g.off = p.sent;
@@ -94,7 +96,7 @@ static void gpu_step(Plan& p, const std::vector<float>& grad, u64 t) {
     base.s_hi = (u32)(p.seed >> 32);
     std::vector<G> big;
     for (auto& g : p.groups)
-        if (g.k && g.len > SMALL) big.push_back(g);
+        if (g.k && g.len > p.block_max) big.push_back(g);
     bool fused = p.global && big.size() == 1 && big[0].r < big[0].len;
     AccArgs acc{b, A(grad.data()), 0};
     if (fused) {
@@ -109,9 +111,10 @@ static void gpu_step(Plan& p, const std::vector<float>& grad, u64 t) {
     }
     emu_launch(ef_accumulate_f32, grid_for(p.n, 256), 256, acc);
     if (!p.small.empty()) {
-        SmallArgs s{b, A(p.small.data()), A(p.out_idx.data()), A(p.out_val.data()),
+        std::fill(p.defbits.begin(), p.defbits.end(), 0u);
+        SmallArgs s{b, A(p.small.data()), A(p.out_idx.data()), A(p.out_val.data()), A(p.defbits.data()),
                     p.worker, base.t_lo, base.t_hi, base.s_lo, base.s_hi, p.dtype};
-        emu_launch(select_small, (u32)p.small.size(), 512, s);
+        emu_launch(select_small, (u32)p.small.size(), 1024, s);
     }
     for (size_t j = 0; j < big.size(); ++j) {
         const G& g = big[j];
@@ -345,7 +348,7 @@ int main(int argc, char** argv) {
     }
     // Per-layer: small and big groups side by side, empty groups, unbiased f16 values, momentum.
     {
-        std::vector<u32> sizes = {5000, 0, 40000, 3, 33000, 1};
+        std::vector<u32> sizes = {5000, 0, 40000, 3, 33000, 1, (1u << 20) + 5};
         u32 n = 0;
         for (u32 s : sizes) n += s;
         std::vector<std::vector<float>> grads;

@@ -99,6 +99,7 @@ pub struct SmallArgs {
     pub groups: u64,
     pub out_idx: u64,
     pub out_val: u64,
+    pub member: u64,
     pub worker: u32,
     pub t_lo: u32,
     pub t_hi: u32,
@@ -212,7 +213,7 @@ const _: () = {
     assert!(size_of::<SelArgs>() == 136);
     assert!(size_of::<CompactArgs>() == 136);
     assert!(size_of::<SmallGroup>() == 24);
-    assert!(size_of::<SmallArgs>() == 96);
+    assert!(size_of::<SmallArgs>() == 104);
     assert!(size_of::<Item>() == 16);
     assert!(size_of::<SignArgs>() == 104);
     assert!(size_of::<StatsArgs>() == 48);

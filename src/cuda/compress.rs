@@ -7,9 +7,15 @@ use crate::{
 };
 use cudarc::driver::{CudaSlice, DevicePtr};
 
-/// Groups up to this size are selected by one thread block each (`select_small`); larger
-/// ones by the grid-wide radix passes. Must match `SMALL_MAX` in kernels/select.cu.
-const SMALL_MAX: usize = 32768;
+/// Groups up to this size are selected by one thread block each (`select_small`), larger
+/// ones by the grid-wide radix passes, which run one group after another. In per-layer
+/// mode the block path goes up to 2^20 elements: many mid-sized layers then share one
+/// launch across the SMs instead of paying ~25 launches each. One global group is better
+/// served by the whole grid as soon as it outgrows a block's few passes over L2.
+const BLOCK_MAX_GLOBAL: usize = 1 << 15;
+const BLOCK_MAX_PER_LAYER: usize = 1 << 20;
+/// Threads of a `select_small` block.
+const BLOCK_THREADS: u32 = 1024;
 /// Words of a compaction tile (`TILE_WORDS` in kernels/select.cu).
 pub(crate) const TILE_WORDS: usize = 256;
 
@@ -46,6 +52,10 @@ struct Sparse {
     defbits: DevBuf,
     tiebits: DevBuf,
     tiles: DevBuf,
+    /// Words of each bitmap.
+    words: usize,
+    /// Whether a block-sized group runs both stages (its top-r set goes through `defbits`).
+    small_member: bool,
     /// Global mode with one big top-r group: its first histogram rides on the accumulate pass.
     fused: bool,
 }
@@ -142,10 +152,14 @@ impl Compressor {
         let mut small = Vec::new();
         let mut big = Vec::new();
         let mut off = 0usize;
+        let block_max = match config.mode {
+            crate::Mode::Global => BLOCK_MAX_GLOBAL,
+            crate::Mode::PerLayer => BLOCK_MAX_PER_LAYER,
+        };
         for g in groups {
             let len = g.range.len();
             if g.k > 0 {
-                if len <= SMALL_MAX {
+                if len <= block_max {
                     small.push(SmallGroup {
                         lo: g.range.start as u32,
                         len: len as u32,
@@ -183,6 +197,9 @@ impl Compressor {
             .unwrap_or(0);
         let max_tiles = big.iter().map(|g| tiles_of(g.lo, g.len)).max().unwrap_or(0);
         let words = layout.n().div_ceil(32) + 1;
+        // Block-sized rTop-k groups keep their top-r set in `defbits` between the stages.
+        let small_member = small.iter().any(|g| g.k < g.r && g.r < g.len);
+        let need_bits = max_big > 0 || small_member;
         let fused = config.mode == crate::Mode::Global && big.len() == 1 && big[0].r < big[0].len;
         Ok(Sparse {
             out_idx: DevBuf::zeroed(cx, off * 4)?,
@@ -195,9 +212,11 @@ impl Compressor {
             cand: DevBuf::zeroed(cx, cand_cap * 4)?,
             cand_cap: cand_cap as u32,
             list: DevBuf::zeroed(cx, max_list * 4)?,
-            defbits: DevBuf::zeroed(cx, if max_big > 0 { words * 4 } else { 0 })?,
+            defbits: DevBuf::zeroed(cx, if need_bits { words * 4 } else { 0 })?,
             tiebits: DevBuf::zeroed(cx, if max_big > 0 { words * 4 } else { 0 })?,
             tiles: DevBuf::zeroed(cx, max_tiles * 8)?,
+            words,
+            small_member,
             fused,
         })
     }
@@ -300,11 +319,15 @@ impl Compressor {
                     acc(0)?;
                 }
                 if sp.n_small > 0 {
+                    if sp.small_member {
+                        sp.defbits.fill(cx, 0, sp.words * 4)?;
+                    }
                     let a = SmallArgs {
                         b,
                         groups: sp.small.ptr(),
                         out_idx: sp.out_idx.ptr(),
                         out_val: sp.out_val.ptr(),
+                        member: sp.defbits.ptr(),
                         worker: self.config.worker,
                         t_lo,
                         t_hi,
@@ -312,7 +335,7 @@ impl Compressor {
                         s_hi,
                         dtype: u32::from(self.config.values.code()),
                     };
-                    cx.launch(K::SelectSmall, sp.n_small, 512, &a)?;
+                    cx.launch(K::SelectSmall, sp.n_small, BLOCK_THREADS, &a)?;
                 }
                 for (j, g) in sp.big.iter().enumerate() {
                     run_big(cx, sp, g, base, sp.fused && j == 0, self.config.values)?;
