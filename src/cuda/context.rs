@@ -630,3 +630,62 @@ impl Drop for DevBuf {
         let _ = unsafe { drv::free_sync(self.ptr) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_handles_name_the_right_entry_points() {
+        let pairs = [
+            (K::EfAccumulateF32, "ef_accumulate_f32"),
+            (K::EfBegin, "ef_begin"),
+            (K::EfCommit, "ef_commit"),
+            (K::SelReset, "sel_reset"),
+            (K::SelClearBits, "sel_clear_bits"),
+            (K::SelPass, "sel_pass"),
+            (K::SelFind, "sel_find"),
+            (K::CompactCount, "compact_count"),
+            (K::CompactScan, "compact_scan"),
+            (K::CompactEmit, "compact_emit"),
+            (K::EmitRange, "emit_range"),
+            (K::SelectSmall, "select_small"),
+            (K::SignPartial, "sign_partial"),
+            (K::SignMerge, "sign_merge"),
+            (K::SignApply, "sign_apply"),
+            (K::StatsItemsF32, "stats_items_f32"),
+            (K::StatsMerge, "stats_merge"),
+            (K::VarItemsF32, "var_items_f32"),
+            (K::VarMerge, "var_merge"),
+            (K::AggCheckSparse, "agg_check_sparse"),
+            (K::AggZero, "agg_zero"),
+            (K::AggScatter, "agg_scatter"),
+            (K::AggSign, "agg_sign"),
+            (K::AggFinalize, "agg_finalize"),
+        ];
+        for (k, name) in pairs {
+            assert_eq!(KERNEL_NAMES[k as usize], name);
+        }
+        // The dtype-templated kernels are f32, f16, bf16 in that order.
+        for base in [K::EfAccumulateF32, K::StatsItemsF32, K::VarItemsF32] {
+            let b = KERNEL_NAMES[base as usize].trim_end_matches("f32");
+            assert_eq!(KERNEL_NAMES[base as usize + 1], format!("{b}f16"));
+            assert_eq!(KERNEL_NAMES[base as usize + 2], format!("{b}bf16"));
+        }
+        // Every entry point exists in the sources.
+        let src = kernel_source();
+        for name in KERNEL_NAMES {
+            assert!(
+                src.contains(&format!(") {name}(")),
+                "{name} not in kernels/"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_libraries_are_errors() {
+        // Whatever this machine has, probing never panics.
+        let _ = probe_driver();
+        let _ = probe_nvrtc();
+    }
+}
