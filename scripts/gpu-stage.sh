@@ -91,10 +91,20 @@ stage=gpu-stage
     echo "driver/toolkit libraries:"
     ldconfig -p 2>/dev/null | grep -E "libcuda\.so|libnvrtc" || true
 } >"$OUT/device.txt" 2>&1
-# NVRTC: a CUDA 13.0 libnvrtc if the machine has one; otherwise the PTX built off-device.
-nvrtc=$( (ls /usr/local/cuda/lib64/libnvrtc.so.13* /usr/local/cuda*/targets/*/lib/libnvrtc.so.13* \
-    $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null | tr ' ' '\n' | sed 's|$|/nvidia/cu13/lib/libnvrtc.so.13|') \
-    2>/dev/null || true) | head -1)
+# NVRTC: a CUDA 13.0.x libnvrtc if the machine has one (PTX from a newer NVRTC may not
+# load on driver 580); otherwise the PTX that NVRTC 13.0 built off-device.
+nvrtc=""
+for cand in /usr/local/cuda/lib64/libnvrtc.so.13* /usr/local/cuda*/targets/*/lib/libnvrtc.so.13* \
+    $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null | tr ' ' '\n' | sed 's|$|/nvidia/cu13/lib/libnvrtc.so.13|'); do
+    [[ -e "$cand" ]] || continue
+    real=$(readlink -f "$cand")
+    echo "found $cand -> $real" >>"$OUT/device.txt"
+    case "$real" in *libnvrtc.so.13.0*) nvrtc="$cand"; break ;; esac
+    # The pip wheel has no version in the file name; ask the library.
+    ver=$(python3 -c "import ctypes,sys; l=ctypes.CDLL(sys.argv[1]); a=ctypes.c_int(); b=ctypes.c_int(); l.nvrtcVersion(ctypes.byref(a),ctypes.byref(b)); print(f'{a.value}.{b.value}')" "$real" 2>/dev/null || true)
+    echo "  version $ver" >>"$OUT/device.txt"
+    [[ "$ver" == 13.0 ]] && { nvrtc="$cand"; break; }
+done
 if [[ -n "$nvrtc" && -z "${GRADSIFT_FORCE_PTX:-}" ]]; then
     export LD_LIBRARY_PATH="$(dirname "$nvrtc")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     echo "kernels: NVRTC from $nvrtc" | tee -a "$OUT/device.txt"

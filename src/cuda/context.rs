@@ -533,10 +533,13 @@ fn open(ordinal: usize) -> Result<Arc<CudaContext>> {
 }
 
 /// A raw device allocation owned by a plan: allocated once at construction, freed on drop.
+/// Initialisation is ordered on the plan's stream (a synchronous `cuMemset` would run on
+/// the legacy default stream, which a non-blocking stream does not wait for), and a drop
+/// waits for that stream before freeing, so no kernel in flight loses its memory.
 pub(crate) struct DevBuf {
     ptr: CUdeviceptr,
     bytes: usize,
-    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
 }
 
 impl std::fmt::Debug for DevBuf {
@@ -550,28 +553,23 @@ impl DevBuf {
     pub(crate) fn zeroed(cx: &Context, bytes: usize) -> Result<Self> {
         let bytes = bytes.max(4).next_multiple_of(4);
         cx.bind()?;
-        // SAFETY: plain allocation and a synchronous memset of what was just allocated.
+        // SAFETY: plain allocation; the buffer is owned (and freed) by the returned value.
         let ptr = unsafe { drv::malloc_sync(bytes) }
             .map_err(|e| device_err(&format!("allocating {bytes} bytes"), e))?;
         let buf = Self {
             ptr,
             bytes,
-            ctx: cx.ctx.clone(),
+            stream: cx.stream.clone(),
         };
-        unsafe { cudarc::driver::sys::cuMemsetD8_v2(ptr, 0, bytes) }
-            .result()
-            .map_err(|e| device_err("clearing a new allocation", e))?;
+        buf.fill(cx, 0, bytes)?;
         Ok(buf)
     }
 
-    /// A buffer holding `data`.
+    /// A buffer holding `data`; waits for the copy (plan construction only).
     pub(crate) fn from_slice<T: bytemuck::Pod>(cx: &Context, data: &[T]) -> Result<Self> {
         let buf = Self::zeroed(cx, std::mem::size_of_val(data))?;
-        if !data.is_empty() {
-            // SAFETY: the allocation holds at least `data`'s bytes.
-            unsafe { drv::memcpy_htod_sync(buf.ptr, bytemuck::cast_slice::<T, u8>(data)) }
-                .map_err(|e| device_err("upload", e))?;
-        }
+        buf.upload(cx, data)?;
+        cx.synchronize()?;
         Ok(buf)
     }
 
@@ -625,8 +623,12 @@ pub(crate) fn download_at<T: bytemuck::Pod>(cx: &Context, src: u64, out: &mut [T
 impl Drop for DevBuf {
     fn drop(&mut self) {
         // Errors cannot be reported from drop; a failed free leaks, which is the safe side.
-        let _ = self.ctx.bind_to_thread();
-        // SAFETY: allocated by `malloc_sync` in this context and freed once.
+        let _ = self.stream.context().bind_to_thread();
+        if self.stream.synchronize().is_err() {
+            return;
+        }
+        // SAFETY: allocated by `malloc_sync` in this context, no longer used by the
+        // stream, and freed once.
         let _ = unsafe { drv::free_sync(self.ptr) };
     }
 }
