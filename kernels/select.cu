@@ -88,23 +88,11 @@ extern "C" __global__ void __launch_bounds__(256) sel_pass(SelArgs a) {
     const bool sparse = mode == 2 || a.list != 0;
     const u32* src = mode == 2 ? cand : (const u32*)a.list;
     const u64 cnt = mode == 2 ? s->cand_len : a.list_len;
-    // Warp-uniform loops: every ballot below runs with all 32 lanes.
-    const u64 begin = sparse ? 0 : (a.lo & ~31u);
-    const u64 end = sparse ? cnt : (u64)a.lo + a.len;
-    for (u64 base = begin + warp_id * 32; base < end; base += nwarps * 32) {
-        const u64 x = base + lane;
-        bool valid;
-        u32 i;
-        if (sparse) {
-            valid = x < end;
-            i = valid ? src[x] : 0u;
-        } else {
-            valid = x >= a.lo && x < end;
-            i = (u32)x;
-        }
+    // Everything below runs warp-uniformly: every ballot sees all 32 lanes. `word` is the
+    // bitmap word of 32 consecutive, aligned elements (range source) or ~0 (sparse source).
+    auto visit = [&](bool valid, u32 i, u32 k, u64 word) {
         bool def = false, tie = false, app = false;
         if (valid) {
-            const u32 k = sel_key(a, p, i);
             if (d == 0) {
                 atomicAdd(&hist[digit_of(k, 0)], 1u);
             } else if ((k & pm) == pp) {
@@ -121,17 +109,16 @@ extern "C" __global__ void __launch_bounds__(256) sel_pass(SelArgs a) {
                 }
             }
         }
-        if (d == 0) continue;
-        if (sparse) {
+        if (d == 0) return;
+        if (word == ~0ull) {
             if (def) atomicOr(&defbits[i >> 5], 1u << (i & 31u));
             if (tie) atomicOr(&tiebits[i >> 5], 1u << (i & 31u));
         } else {
-            // 32 consecutive, word-aligned elements: one word per warp.
             const u32 dm = __ballot_sync(0xFFFFFFFFu, def);
             const u32 tm = __ballot_sync(0xFFFFFFFFu, tie);
             if (lane == 0) {
-                if (dm) atomicOr(&defbits[base >> 5], dm);
-                if (tm) atomicOr(&tiebits[base >> 5], tm);
+                if (dm) atomicOr(&defbits[word], dm);
+                if (tm) atomicOr(&tiebits[word], tm);
             }
         }
         const u32 am = __ballot_sync(0xFFFFFFFFu, app);
@@ -140,6 +127,29 @@ extern "C" __global__ void __launch_bounds__(256) sel_pass(SelArgs a) {
             if (lane == 0) at = atomicAdd(&s->cand_len, (u32)__popc(am));
             at = __shfl_sync(0xFFFFFFFFu, at, 0);
             if (app) cand[at + __popc(am & ((1u << lane) - 1u))] = i;
+        }
+    };
+    if (sparse) {
+        for (u64 base = warp_id * 32; base < cnt; base += nwarps * 32) {
+            const u64 x = base + lane;
+            const bool valid = x < cnt;
+            const u32 i = valid ? src[x] : 0u;
+            visit(valid, i, valid ? sel_key(a, p, i) : 0u, ~0ull);
+        }
+    } else {
+        // Four aligned words per warp and iteration: four loads in flight per thread.
+        const u64 begin = a.lo & ~31u, end = (u64)a.lo + a.len;
+        for (u64 base = begin + warp_id * 128; base < end; base += nwarps * 128) {
+            u32 kq[4];
+            bool vq[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const u64 x = base + 32 * q + lane;
+                vq[q] = x >= a.lo && x < end;
+                kq[q] = vq[q] ? sel_key(a, p, (u32)x) : 0u;
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q) visit(vq[q], (u32)(base + 32 * q + lane), kq[q], (base >> 5) + q);
         }
     }
     if (do_hist) {
