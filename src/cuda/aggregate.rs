@@ -124,6 +124,7 @@ impl Aggregator {
                 got: out.len(),
             });
         }
+        self.cx.same_context(out.context(), "the output")?;
         let stream = self.cx.stream.clone();
         let (dst, _guard) = out.device_ptr_mut(&stream);
         self.enqueue(payloads, dst)?;

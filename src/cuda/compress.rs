@@ -244,6 +244,7 @@ impl Compressor {
     /// done. `step` is the training step `t` that keys random-k (SPEC §3).
     pub fn step<T: Element>(&mut self, grad: &CudaSlice<T>, step: u64) -> Result<()> {
         self.layout.check_len("gradient", grad.len())?;
+        self.cx.same_context(grad.context(), "the gradient")?;
         let stream = self.cx.stream.clone();
         let (ptr, _guard) = grad.device_ptr(&stream);
         // SAFETY: `ptr` addresses `grad.len()` elements of `T` and the guard keeps the

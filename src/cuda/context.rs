@@ -465,6 +465,18 @@ impl Context {
             .map_err(|e| device_err("synchronize", e))
     }
 
+    /// Errors unless `other` is this context's CUDA context (a buffer from another device
+    /// or context cannot be read by these kernels).
+    pub(crate) fn same_context(&self, other: &Arc<CudaContext>, what: &str) -> Result<()> {
+        if other.cu_ctx() == self.ctx.cu_ctx() {
+            Ok(())
+        } else {
+            Err(Error::InvalidConfig(format!(
+                "{what} lives on another CUDA context than the plan"
+            )))
+        }
+    }
+
     pub(crate) fn bind(&self) -> Result<()> {
         self.ctx
             .bind_to_thread()

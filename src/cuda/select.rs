@@ -49,6 +49,7 @@ impl TopR {
 
     /// Enqueues the selection on `x` (no synchronisation).
     pub fn select(&mut self, x: &CudaSlice<f32>) -> Result<()> {
+        self.cx.same_context(x.context(), "the input")?;
         let stream = self.cx.stream.clone();
         let (ptr, _guard) = x.device_ptr(&stream);
         // SAFETY: `ptr` addresses `x.len()` f32 values.

@@ -74,6 +74,7 @@ impl Stats {
         out: &mut Vec<LayerStats>,
     ) -> Result<()> {
         self.layout.check_len("buffer", x.len())?;
+        self.cx.same_context(x.context(), "the buffer")?;
         let stream = self.cx.stream.clone();
         let (ptr, _guard) = x.device_ptr(&stream);
         // SAFETY: `ptr` addresses `x.len()` elements of `T`.
@@ -142,6 +143,7 @@ impl Stats {
         }
         for w in workers {
             self.layout.check_len("worker buffer", w.len())?;
+            self.cx.same_context(w.context(), "a worker buffer")?;
         }
         let stream = self.cx.stream.clone();
         let mut guards = Vec::with_capacity(workers.len());
