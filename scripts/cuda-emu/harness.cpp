@@ -353,7 +353,7 @@ int main(int argc, char** argv) {
         for (u32 s : sizes) n += s;
         std::vector<std::vector<float>> grads;
         for (int s = 0; s < 3; ++s) grads.push_back(data(n, s == 1 ? 1 : 0, 77 + s));
-        for (int variant = 0; variant < 3; ++variant) {
+        for (int variant = 0; variant < 4; ++variant) {
             Plan p{};
             p.n = n;
             p.global = false;
@@ -361,13 +361,13 @@ int main(int argc, char** argv) {
             for (u32 s : sizes) {
                 u32 r = std::min(s, s / 20 + 1), k = std::min(r, s / 100 + 1);
                 if (variant == 2) r = s;  // random-k
-                float scale = variant == 1 ? (float)r / (float)k : 1.0f;
+                float scale = variant == 1 || variant == 3 ? (float)r / (float)k : 1.0f;
                 p.groups.push_back({lo, s, r, s ? k : 0, 0, scale});
                 lo += s;
             }
             p.cand_cap = 65536;
             p.momentum = variant == 1 ? 0.9f : 0.0f;
-            p.dtype = variant == 1 ? 1 : 0;
+            p.dtype = variant == 1 ? 1 : (variant == 3 ? 2 : 0);  // f16, bf16 values
             p.seed = 42;
             p.worker = 1;
             run("per-layer variant " + std::to_string(variant), p, grads);

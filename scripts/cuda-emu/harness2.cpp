@@ -273,6 +273,81 @@ static void agg_case(u32 n, u32 k, bool senders, int corrupt) {
     printf("ok   aggregate n=%u K=%u senders=%d\n", n, k, senders);
 }
 
+
+static void agg_sign_case(u32 n, u32 k, bool senders) {
+    std::vector<u32> sizes = {n / 3, 0, n - n / 3};
+    std::vector<Item> items;
+    std::vector<u32> first;
+    items_of(sizes, items, first);
+    std::mt19937_64 r(n + k);
+    std::vector<std::vector<float>> scales(k);
+    std::vector<std::vector<u32>> words(k);
+    for (u32 w = 0; w < k; ++w) {
+        for (u32 g = 0; g < sizes.size(); ++g) scales[w].push_back((float)(r() % 1000) / 7.0f);
+        words[w].assign(2 * ((n + 63) / 64), 0);
+        for (u32 i = 0; i < n; ++i)
+            if (r() & 1) words[w][i >> 5] |= 1u << (i & 31);
+    }
+    std::vector<float> inv(k + 1);
+    for (u32 c = 1; c <= k; ++c) inv[c] = (float)(1.0 / c);
+    std::vector<float> out(n + 1, 7.0f);
+    std::vector<u32> counts(n + 1), ei(k, 0xFFFFFFFF), ev(k, 0xFFFFFFFF);
+    u32 any = 0;
+    AggArgs base{};
+    base.out = A(out.data());
+    base.counts = senders ? A(counts.data()) : 0;
+    base.err_idx = A(ei.data());
+    base.err_val = A(ev.data());
+    base.any = A(&any);
+    base.inv = A(inv.data());
+    base.items = A(items.data());
+    base.n = n;
+    base.workers = k;
+    emu_launch(agg_zero, grid_for(n, 256), 256, base);
+    for (u32 w = 0; w < k; ++w) {
+        AggArgs a = base;
+        a.scales = A(scales[w].data());
+        a.words = A(words[w].data());
+        emu_launch(agg_sign, items.size(), 256, a);
+    }
+    emu_launch(agg_finalize, grid_for(n, 256), 256, base);
+    u32 lo = 0;
+    for (u32 g = 0; g < sizes.size(); ++g) {
+        for (u32 i = lo; i < lo + sizes[g]; ++i) {
+            float want = 0.f;
+            for (u32 w = 0; w < k; ++w) want += ((words[w][i >> 5] >> (i & 31)) & 1) ? -scales[w][g] : scales[w][g];
+            want *= inv[k];
+            CHECK(__float_as_uint(want) == __float_as_uint(out[i]), "agg sign %u: %g vs %g", i, out[i], want);
+        }
+        lo += sizes[g];
+    }
+    printf("ok   aggregate sign n=%u K=%u senders=%d\n", n, k, senders);
+}
+
+// f16 and bf16 gradients through the accumulate kernel (exact widening).
+static void accumulate_half_case(u32 n) {
+    std::vector<unsigned short> h(n), bh(n);
+    std::mt19937_64 r(3);
+    for (u32 i = 0; i < n; ++i) {
+        h[i] = emu_f2h((float)((int)(r() % 20001) - 10000) / 77.0f);
+        bh[i] = emu_f2bf((float)((int)(r() % 20001) - 10000) / 77.0f);
+    }
+    for (int kind = 0; kind < 2; ++kind) {
+        std::vector<float> e[2] = {std::vector<float>(n + 1, 0.25f), std::vector<float>(n + 1)};
+        StepStatus st{};
+        StepBuffers b{A(e[0].data()), A(e[1].data()), 0, 0, A(&st), n, 0.0f};
+        emu_launch(ef_begin, 1, 1, b);
+        AccArgs acc{b, kind == 0 ? A(h.data()) : A(bh.data()), 0};
+        if (kind == 0) emu_launch(ef_accumulate_f16, grid_for(n, 256), 256, acc);
+        else emu_launch(ef_accumulate_bf16, grid_for(n, 256), 256, acc);
+        for (u32 i = 0; i < n; ++i) {
+            float g = kind == 0 ? emu_h2f(h[i]) : __int_as_float((int)bh[i] << 16);
+            CHECK(e[1][i] == 0.25f + g, "half accumulate %d at %u", kind, i);
+        }
+    }
+    printf("ok   accumulate f16/bf16 n=%u\n", n);
+}
+
 int main() {
     sign_case({10000}, 0.0f);
     sign_case({5000, 0, 9000, 1, 300}, 0.5f);
@@ -286,6 +361,9 @@ int main() {
         agg_case(9000, 1, s, 0);
     }
     for (int c = 1; c <= 3; ++c) agg_case(5000, 3, false, c);
+    agg_sign_case(9001, 3, false);
+    agg_sign_case(9001, 2, true);
+    accumulate_half_case(20000);
     printf("%d failure(s)\n", failures);
     return failures ? 1 : 0;
 }
