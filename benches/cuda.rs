@@ -1,0 +1,125 @@
+//! CUDA benchmarks (timed with CUDA events on the plan's stream, so launch gaps count but
+//! host synchronisation does not):
+//! - `copy`: device-to-device copy of 2^26 f32, the bandwidth reference (8 bytes/element).
+//! - `ef_rtopk_step`: the fused error-feedback rTop-k step at n = 2^26 f32, r = 1%,
+//!   k = 0.1%; its floor is 12 bytes/element (read g and e, write e), the throughput shown.
+//! - `top_k`: top-k alone at n = 2^26, k = 0.1%; compare with `python3 scripts/torch_topk.py`.
+//! - `layer_stats`: per-layer statistics (4 bytes/element read), one layer and 1000 layers.
+//!
+//! Without a CUDA device it prints why and measures nothing.
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use gradsift::{Config, Layout, Mode, cuda};
+use std::time::Duration;
+
+fn gaussian(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    let mut next = || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| ((-2.0 * next().ln()).sqrt() * (std::f64::consts::TAU * next()).cos()) as f32)
+        .collect()
+}
+
+/// GPU time of `iters` runs of `f`, between two events on the context's stream.
+fn gpu_time(cx: &cuda::Context, iters: u64, mut f: impl FnMut()) -> Duration {
+    let stream = cx.stream();
+    let start = cx.cuda_context().new_event(None).unwrap();
+    let end = cx.cuda_context().new_event(None).unwrap();
+    start.record(stream).unwrap();
+    for _ in 0..iters {
+        f();
+    }
+    end.record(stream).unwrap();
+    end.synchronize().unwrap();
+    Duration::from_secs_f64(f64::from(start.elapsed_ms(&end).unwrap()) / 1e3)
+}
+
+fn bench(c: &mut Criterion) {
+    let cx = match cuda::Context::new(0) {
+        Ok(cx) => cx,
+        Err(e) => {
+            println!("SKIPPED: no CUDA device ({e})");
+            return;
+        }
+    };
+    println!("CUDA context: {cx:?}");
+    let n = 1usize << 26;
+    let host = gaussian(n, 1);
+    let x = cx.stream().clone_htod(&host).unwrap();
+    let mut g = c.benchmark_group("cuda_n2^26");
+    g.sample_size(20);
+    g.measurement_time(Duration::from_secs(5));
+
+    let mut y = cx.stream().alloc_zeros::<f32>(n).unwrap();
+    g.throughput(Throughput::Bytes((n * 8) as u64));
+    g.bench_function("copy_f32", |b| {
+        b.iter_custom(|iters| gpu_time(&cx, iters, || cx.stream().memcpy_dtod(&x, &mut y).unwrap()))
+    });
+
+    let layout = Layout::single(n).unwrap();
+    let mut plan = cuda::Compressor::new(&cx, &layout, &Config::rtopk(0.01, 0.001)).unwrap();
+    let mut t = 0u64;
+    g.throughput(Throughput::Bytes((n * 12) as u64));
+    g.bench_function("ef_rtopk_step_r1pct_k0.1pct", |b| {
+        b.iter_custom(|iters| {
+            gpu_time(&cx, iters, || {
+                t += 1;
+                plan.step(&x, t).unwrap();
+            })
+        })
+    });
+    plan.check().unwrap();
+
+    let mut topk = cuda::Compressor::new(&cx, &layout, &Config::topk(0.001)).unwrap();
+    g.bench_function("ef_topk_step_k0.1pct", |b| {
+        b.iter_custom(|iters| {
+            gpu_time(&cx, iters, || {
+                t += 1;
+                topk.step(&x, t).unwrap();
+            })
+        })
+    });
+
+    let mut sel = cuda::TopR::new(&cx, n, n / 1000).unwrap();
+    g.throughput(Throughput::Bytes((n * 4) as u64));
+    g.bench_function("top_k_0.1pct", |b| {
+        b.iter_custom(|iters| gpu_time(&cx, iters, || sel.select(&x).unwrap()))
+    });
+
+    let mut out = Vec::new();
+    let mut stats = cuda::Stats::new(&cx, &layout, 0).unwrap();
+    g.bench_function("layer_stats_1_layer", |b| {
+        b.iter_custom(|iters| gpu_time(&cx, iters, || stats.layer_stats(&x, &mut out).unwrap()))
+    });
+    // 1000 layers: a few large, many small (sizes sum to n).
+    let mut sizes: Vec<usize> = (0..996).map(|i| 1000 + (i * 37) % 9000).collect();
+    let rest = n - sizes.iter().sum::<usize>();
+    sizes.extend([rest / 4, rest / 4, rest / 4, rest - 3 * (rest / 4)]);
+    let layers = Layout::new(&sizes).unwrap();
+    let mut stats_l = cuda::Stats::new(&cx, &layers, 0).unwrap();
+    g.bench_function("layer_stats_1000_layers", |b| {
+        b.iter_custom(|iters| gpu_time(&cx, iters, || stats_l.layer_stats(&x, &mut out).unwrap()))
+    });
+
+    let mut config = Config::rtopk(0.01, 0.001);
+    config.mode = Mode::PerLayer;
+    let mut per_layer = cuda::Compressor::new(&cx, &layers, &config).unwrap();
+    g.throughput(Throughput::Bytes((n * 12) as u64));
+    g.bench_function("ef_rtopk_step_per_layer_1000", |b| {
+        b.iter_custom(|iters| {
+            gpu_time(&cx, iters, || {
+                t += 1;
+                per_layer.step(&x, t).unwrap();
+            })
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,450 @@
+// Selection of the m smallest (key, index) pairs, SPEC §1-4: top-r on magnitude keys, and
+// random-k on Philox keys of the candidates.
+//
+// Big groups (grid-wide, in the spirit of AIR top-k): three radix passes of 11/11/10 bits,
+// each a per-block shared histogram flushed to a global one, then `sel_find` scans it for
+// the pivot digit. Elements whose digit lies below the pivot are certainly selected and
+// are marked in a bitmap the pass after; once the elements sharing the pivot prefix fit
+// the candidate buffer they are copied there and later passes read only the buffer. The
+// last pass marks the ties at the exact pivot key in a second bitmap; an ordered
+// compaction (count / scan / emit over the bitmaps) then yields ascending indices and
+// keeps the lowest-indexed `need` ties, which is the tie rule of SPEC §1.
+//
+// Block-sized groups (per-layer mode: up to 2^20 elements; global mode: up to 2^15): one
+// block per group does the same digits with a shared histogram and an in-order block scan
+// for ties and output positions, so thousands of layers cost one launch and only the few
+// huge ones take the grid-wide passes, one after another.
+#ifndef GRADSIFT_NVRTC
+#include "common.cuh"
+#include "select.cuh"
+#endif
+
+struct SelArgs {
+    StepBuffers b;   // p lives in the next residual buffer
+    u64 state;       // SelState*
+    u64 cand;        // u32* candidate buffer
+    u64 list;        // u32* source list (random-k over the top-r list), 0: the range
+    u64 defbits;     // u32* bitmap of certainly selected elements
+    u64 tiebits;     // u32* bitmap of elements equal to the pivot key
+    u32 lo, len;     // the group's element range (the bitmaps' range)
+    u32 list_len;
+    u32 cand_cap;
+    u32 m;           // how many to select, 1 <= m < source size
+    u32 kind;        // 0: magnitude key of p, 1: Philox key
+    u32 worker, t_lo, t_hi, s_lo, s_hi;
+    int pass;        // 0..2: histogram digit `pass`; 3: mark
+};
+
+__device__ __forceinline__ u32 sel_key(const SelArgs& a, const float* p, u32 i) {
+    return a.kind == 0 ? magnitude_key(p[i]) : philox_key(i, a.worker, a.t_lo, a.t_hi, a.s_lo, a.s_hi);
+}
+
+extern "C" __global__ void __launch_bounds__(1024) sel_reset(SelArgs a) {
+    SelState* s = (SelState*)a.state;
+    for (u32 j = threadIdx.x; j < 2048; j += blockDim.x) s->hist[j] = 0;
+    if (threadIdx.x == 0) {
+        s->prefix = 0;
+        s->mask = 0;
+        s->prev_prefix = 0;
+        s->prev_mask = 0;
+        s->need = a.m;
+        s->count = 0;
+        s->cand_mode = 0;
+        s->cand_len = 0;
+    }
+}
+
+// Clears the bitmap words covering the group's range.
+extern "C" __global__ void __launch_bounds__(256) sel_clear_bits(SelArgs a) {
+    if (a.len == 0) return;
+    const u64 w0 = a.lo >> 5, w1 = ((u64)a.lo + a.len - 1) >> 5;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    u32* d = (u32*)a.defbits;
+    u32* t = (u32*)a.tiebits;
+    for (u64 w = w0 + (u64)blockIdx.x * blockDim.x + threadIdx.x; w <= w1; w += stride) {
+        d[w] = 0;
+        t[w] = 0;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) sel_pass(SelArgs a) {
+    __shared__ u32 hist[2048];
+    SelState* s = (SelState*)a.state;
+    const StepStatus* st = (const StepStatus*)a.b.status;
+    const float* p = next_residual(a.b, st->cur);
+    const int d = a.pass;
+    const bool do_hist = d < 3;
+    const u32 nbins = do_hist ? (1u << digit_bits(d)) : 0u;
+    for (u32 j = threadIdx.x; j < nbins; j += blockDim.x) hist[j] = 0;
+    __syncthreads();
+    const u32 mode = s->cand_mode;
+    const u32 prefix = s->prefix, mask = s->mask, pp = s->prev_prefix, pm = s->prev_mask;
+    u32* defbits = (u32*)a.defbits;
+    u32* tiebits = (u32*)a.tiebits;
+    u32* cand = (u32*)a.cand;
+    const u32 lane = threadIdx.x & 31u;
+    const u64 warp_id = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const u64 nwarps = ((u64)gridDim.x * blockDim.x) >> 5;
+    const bool sparse = mode == 2 || a.list != 0;
+    const u32* src = mode == 2 ? cand : (const u32*)a.list;
+    const u64 cnt = mode == 2 ? s->cand_len : a.list_len;
+    // Everything below runs warp-uniformly: every ballot sees all 32 lanes. `word` is the
+    // bitmap word of 32 consecutive, aligned elements (range source) or ~0 (sparse source).
+    auto visit = [&](bool valid, u32 i, u32 k, u64 word) {
+        bool def = false, tie = false, app = false;
+        if (valid) {
+            if (d == 0) {
+                atomicAdd(&hist[digit_of(k, 0)], 1u);
+            } else if ((k & pm) == pp) {
+                const u32 km = k & mask;
+                if (km < prefix) {
+                    def = true;
+                } else if (km == prefix) {
+                    if (d == 3) {
+                        tie = true;
+                    } else {
+                        atomicAdd(&hist[digit_of(k, d)], 1u);
+                        app = mode == 1;
+                    }
+                }
+            }
+        }
+        if (d == 0) return;
+        if (word == ~0ull) {
+            if (def) atomicOr(&defbits[i >> 5], 1u << (i & 31u));
+            if (tie) atomicOr(&tiebits[i >> 5], 1u << (i & 31u));
+        } else {
+            const u32 dm = __ballot_sync(0xFFFFFFFFu, def);
+            const u32 tm = __ballot_sync(0xFFFFFFFFu, tie);
+            if (lane == 0) {
+                if (dm) atomicOr(&defbits[word], dm);
+                if (tm) atomicOr(&tiebits[word], tm);
+            }
+        }
+        const u32 am = __ballot_sync(0xFFFFFFFFu, app);
+        if (am) {
+            u32 at = 0;
+            if (lane == 0) at = atomicAdd(&s->cand_len, (u32)__popc(am));
+            at = __shfl_sync(0xFFFFFFFFu, at, 0);
+            if (app) cand[at + __popc(am & ((1u << lane) - 1u))] = i;
+        }
+    };
+    if (sparse) {
+        for (u64 base = warp_id * 32; base < cnt; base += nwarps * 32) {
+            const u64 x = base + lane;
+            const bool valid = x < cnt;
+            const u32 i = valid ? src[x] : 0u;
+            visit(valid, i, valid ? sel_key(a, p, i) : 0u, ~0ull);
+        }
+    } else {
+        // Four aligned words per warp and iteration: four loads in flight per thread.
+        const u64 begin = a.lo & ~31u, end = (u64)a.lo + a.len;
+        for (u64 base = begin + warp_id * 128; base < end; base += nwarps * 128) {
+            u32 kq[4];
+            bool vq[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const u64 x = base + 32 * q + lane;
+                vq[q] = x >= a.lo && x < end;
+                kq[q] = vq[q] ? sel_key(a, p, (u32)x) : 0u;
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q) visit(vq[q], (u32)(base + 32 * q + lane), kq[q], (base >> 5) + q);
+        }
+    }
+    if (do_hist) {
+        __syncthreads();
+        for (u32 j = threadIdx.x; j < nbins; j += blockDim.x)
+            if (hist[j]) atomicAdd(&s->hist[j], hist[j]);
+    }
+}
+
+// One block: the pivot digit of pass `a.pass` from the global histogram.
+extern "C" __global__ void __launch_bounds__(1024) sel_find(SelArgs a) {
+    __shared__ u32 scratch[32];
+    SelState* s = (SelState*)a.state;
+    const int d = a.pass;
+    const u32 nbins = 1u << digit_bits(d);
+    const u32 need = d == 0 ? a.m : s->need;
+    u32 pivot, below, count;
+    find_pivot(s->hist, nbins, need, scratch, &pivot, &below, &count);
+    if (threadIdx.x == 0) {
+        if (pivot == GS_INF_U32) pivot = 0;  // unreachable when 1 <= need <= total
+        s->prev_prefix = s->prefix;
+        s->prev_mask = s->mask;
+        s->prefix |= pivot << digit_shift(d);
+        s->mask |= digit_mask(d);
+        s->need = need - below;
+        s->count = count;
+        if (s->cand_mode == 1) {
+            s->cand_mode = 2;
+        } else if (s->cand_mode == 0 && d < 2 && count <= a.cand_cap) {
+            s->cand_mode = 1;
+            s->cand_len = 0;
+        }
+    }
+    for (u32 j = threadIdx.x; j < 2048; j += blockDim.x) s->hist[j] = 0;
+}
+
+// ---- Ordered compaction of the two bitmaps over the group's range ------------------------
+
+#define TILE_WORDS 256u
+
+struct CompactArgs {
+    StepBuffers b;
+    u64 state;       // SelState* (its `need`: ties to keep)
+    u64 defbits, tiebits;
+    u64 tiles;       // u32[2 * ntiles]: (def, tie) counts, then their exclusive prefixes
+    u64 out_list;    // list mode: u32* ascending indices
+    u64 out_idx;     // payload mode: u32* indices
+    u64 out_val;     // payload mode: float* values
+    u32 lo, len, ntiles, out_off;
+    float scale;
+    u32 dtype;
+    u32 payload;     // 0: list mode, 1: payload mode (values, residual, momentum masking)
+    u32 pad;
+};
+
+__device__ __forceinline__ u32 range_word_mask(u64 w, u32 lo, u32 len) {
+    const u64 start = w * 32, end = (u64)lo + len;
+    u32 m = 0xFFFFFFFFu;
+    if (start < lo) m &= 0xFFFFFFFFu << (lo - start);
+    if (start + 32 > end) m &= (end <= start) ? 0u : (0xFFFFFFFFu >> (start + 32 - end));
+    return m;
+}
+
+__device__ __forceinline__ void load_tile_words(const CompactArgs& a, u32 tile, u32* dw, u32* tw) {
+    const u64 w0 = a.lo >> 5, w1 = ((u64)a.lo + a.len - 1) >> 5;
+    const u64 w = w0 + (u64)tile * TILE_WORDS + threadIdx.x;
+    *dw = 0;
+    *tw = 0;
+    if (threadIdx.x < TILE_WORDS && w <= w1) {
+        const u32 m = range_word_mask(w, a.lo, a.len);
+        *dw = ((const u32*)a.defbits)[w] & m;
+        *tw = ((const u32*)a.tiebits)[w] & m;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) compact_count(CompactArgs a) {
+    __shared__ u32 scratch[32];
+    u32 dw, tw;
+    load_tile_words(a, blockIdx.x, &dw, &tw);
+    const u32 dc = block_sum_u32(__popc(dw), scratch);
+    const u32 tc = block_sum_u32(__popc(tw), scratch);
+    if (threadIdx.x == 0) {
+        ((u32*)a.tiles)[2 * blockIdx.x] = dc;
+        ((u32*)a.tiles)[2 * blockIdx.x + 1] = tc;
+    }
+}
+
+// One block: exclusive prefix sums of the per-tile counts, in place.
+extern "C" __global__ void __launch_bounds__(1024) compact_scan(CompactArgs a) {
+    __shared__ u32 scratch[32];
+    u32* t = (u32*)a.tiles;
+    u32 carry_d = 0, carry_t = 0;
+    for (u32 c = 0; c < a.ntiles; c += blockDim.x) {
+        const u32 j = c + threadIdx.x;
+        const u32 dv = j < a.ntiles ? t[2 * j] : 0u;
+        const u32 tv = j < a.ntiles ? t[2 * j + 1] : 0u;
+        u32 dtot, ttot;
+        const u32 de = block_exclusive_scan(dv, scratch, &dtot);
+        const u32 te = block_exclusive_scan(tv, scratch, &ttot);
+        if (j < a.ntiles) {
+            t[2 * j] = carry_d + de;
+            t[2 * j + 1] = carry_t + te;
+        }
+        carry_d += dtot;
+        carry_t += ttot;
+    }
+}
+
+__device__ __forceinline__ void emit_one(const CompactArgs& a, float* p, float* un, u32 pos, u32 i) {
+    if (!a.payload) {
+        ((u32*)a.out_list)[pos] = i;
+        return;
+    }
+    const float pi = p[i];
+    const float v = quantize(__fmul_rn(pi, a.scale), a.dtype);
+    ((u32*)a.out_idx)[a.out_off + pos] = i;
+    ((float*)a.out_val)[a.out_off + pos] = v;
+    p[i] = __fsub_rn(pi, v);
+    if (un) un[i] = 0.0f;
+}
+
+extern "C" __global__ void __launch_bounds__(256) compact_emit(CompactArgs a) {
+    __shared__ u32 scratch[32];
+    const StepStatus* st = (const StepStatus*)a.b.status;
+    const u32 cur = st->cur;
+    float* p = next_residual(a.b, cur);
+    float* un = a.b.u0 ? next_momentum(a.b, cur) : nullptr;
+    const u32 need = ((const SelState*)a.state)->need;
+    u32 dw, tw;
+    load_tile_words(a, blockIdx.x, &dw, &tw);
+    u32 dtot, ttot;
+    u32 dbefore = block_exclusive_scan(__popc(dw), scratch, &dtot);
+    u32 tbefore = block_exclusive_scan(__popc(tw), scratch, &ttot);
+    if ((dw | tw) == 0) return;
+    dbefore += ((const u32*)a.tiles)[2 * blockIdx.x];
+    tbefore += ((const u32*)a.tiles)[2 * blockIdx.x + 1];
+    const u64 w = (u64)(a.lo >> 5) + (u64)blockIdx.x * TILE_WORDS + threadIdx.x;
+    u32 bits = dw | tw;
+    while (bits) {
+        const u32 b = __ffs(bits) - 1;
+        bits &= bits - 1;
+        const u32 i = (u32)(w * 32 + b);
+        if ((dw >> b) & 1u) {
+            emit_one(a, p, un, dbefore + min(tbefore, need), i);
+            ++dbefore;
+        } else {
+            if (tbefore < need) emit_one(a, p, un, dbefore + tbefore, i);
+            ++tbefore;
+        }
+    }
+}
+
+// A big group that sends everything (k = n_g): every element, in order.
+extern "C" __global__ void __launch_bounds__(256) emit_range(CompactArgs a) {
+    const StepStatus* st = (const StepStatus*)a.b.status;
+    const u32 cur = st->cur;
+    float* p = next_residual(a.b, cur);
+    float* un = a.b.u0 ? next_momentum(a.b, cur) : nullptr;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < a.len; j += stride)
+        emit_one(a, p, un, (u32)j, a.lo + (u32)j);
+}
+
+// ---- Block-sized groups: one block each ------------------------------------------------
+
+struct SmallGroup {
+    u32 lo, len, r, k, out_off;
+    float scale;
+};
+
+struct SmallArgs {
+    StepBuffers b;
+    u64 groups;   // SmallGroup*
+    u64 out_idx;  // u32*
+    u64 out_val;  // float*
+    u64 member;   // u32* bitmap over all n elements, zeroed before the launch: top-r sets
+    u32 worker, t_lo, t_hi, s_lo, s_hi;
+    u32 dtype;
+};
+
+struct SmallCtx {
+    const float* p;
+    float* pw;
+    float* un;
+    u32 worker, t_lo, t_hi, s_lo, s_hi;
+};
+
+__device__ __forceinline__ u32 small_key(const SmallCtx& c, u32 kind, u32 i) {
+    return kind == 0 ? magnitude_key(c.p[i]) : philox_key(i, c.worker, c.t_lo, c.t_hi, c.s_lo, c.s_hi);
+}
+
+// The exact key T of the m-th smallest (key, index) over the group (restricted to the
+// `member` bitmap when given) and how many elements equal to T are taken.
+__device__ void block_select(const SmallCtx& c, u32 kind, u32 lo, u32 len, const u32* member,
+                             u32 m, u32* hist, u32* scratch, u32* T, u32* need_out) {
+    u32 prefix = 0, mask = 0, need = m;
+    for (int d = 0; d < 3; ++d) {
+        const u32 nbins = 1u << digit_bits(d);
+        for (u32 j = threadIdx.x; j < nbins; j += blockDim.x) hist[j] = 0;
+        __syncthreads();
+        for (u32 j = threadIdx.x; j < len; j += blockDim.x) {
+            const u32 i = lo + j;
+            if (member && !((member[i >> 5] >> (i & 31u)) & 1u)) continue;
+            const u32 k = small_key(c, kind, i);
+            if ((k & mask) == prefix) atomicAdd(&hist[digit_of(k, d)], 1u);
+        }
+        __syncthreads();
+        u32 pivot, below, count;
+        find_pivot(hist, nbins, need, scratch, &pivot, &below, &count);
+        if (pivot == GS_INF_U32) pivot = 0;
+        prefix |= pivot << digit_shift(d);
+        mask |= digit_mask(d);
+        need -= below;
+    }
+    *T = prefix;
+    *need_out = need;
+}
+
+// In index order: selected(i) = key < T, or key == T among the first `need` such. Either
+// records the selection in `out_member` or emits the payload entries.
+__device__ void block_ordered(const SmallCtx& c, const SmallArgs& a, const SmallGroup& g, u32 kind,
+                              const u32* member, u32 T, u32 need, u32* out_member, u32* scratch) {
+    u32 tie_base = 0, sel_base = 0;
+    for (u32 base = 0; base < g.len; base += blockDim.x) {
+        const u32 j = base + threadIdx.x;
+        const u32 i = g.lo + j;
+        const bool in = j < g.len && (!member || ((member[i >> 5] >> (i & 31u)) & 1u));
+        const u32 k = in ? small_key(c, kind, i) : 0u;
+        const bool def = in && k < T;
+        const bool tie = in && k == T;
+        u32 ttot, stot;
+        const u32 trank = tie_base + block_exclusive_scan(tie ? 1u : 0u, scratch, &ttot);
+        const bool sel = def || (tie && trank < need);
+        const u32 pos = sel_base + block_exclusive_scan(sel ? 1u : 0u, scratch, &stot);
+        if (sel) {
+            if (out_member) {
+                // Neighbouring groups may share the word: atomic.
+                atomicOr(&out_member[i >> 5], 1u << (i & 31u));
+            } else {
+                const float pi = c.p[i];
+                const float v = quantize(__fmul_rn(pi, g.scale), a.dtype);
+                ((u32*)a.out_idx)[g.out_off + pos] = i;
+                ((float*)a.out_val)[g.out_off + pos] = v;
+                c.pw[i] = __fsub_rn(pi, v);
+                if (c.un) c.un[i] = 0.0f;
+            }
+        }
+        tie_base += ttot;
+        sel_base += stot;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(1024) select_small(SmallArgs a) {
+    __shared__ u32 hist[2048];
+    __shared__ u32 scratch[32];
+    u32* member = (u32*)a.member;
+    const SmallGroup g = ((const SmallGroup*)a.groups)[blockIdx.x];
+    const StepStatus* st = (const StepStatus*)a.b.status;
+    const u32 cur = st->cur;
+    SmallCtx c;
+    c.pw = next_residual(a.b, cur);
+    c.p = c.pw;
+    c.un = a.b.u0 ? next_momentum(a.b, cur) : nullptr;
+    c.worker = a.worker;
+    c.t_lo = a.t_lo;
+    c.t_hi = a.t_hi;
+    c.s_lo = a.s_lo;
+    c.s_hi = a.s_hi;
+    if (g.k == 0) return;
+    const bool do_top = g.r < g.len;
+    const bool do_rand = g.k < g.r;
+    if (!do_top && !do_rand) {
+        // Everything is sent: every key is below 0xFFFFFFFF (magnitude keys are 31-bit).
+        block_ordered(c, a, g, 0, nullptr, GS_INF_U32, 0, nullptr, scratch);
+        return;
+    }
+    const u32* mem = nullptr;
+    if (do_top) {
+        u32 T, need;
+        block_select(c, 0, g.lo, g.len, nullptr, g.r, hist, scratch, &T, &need);
+        if (!do_rand) {
+            block_ordered(c, a, g, 0, nullptr, T, need, nullptr, scratch);
+            return;
+        }
+        block_ordered(c, a, g, 0, nullptr, T, need, member, scratch);
+        __syncthreads();
+        mem = member;
+    }
+    u32 T, need;
+    block_select(c, 1, g.lo, g.len, mem, g.k, hist, scratch, &T, &need);
+    block_ordered(c, a, g, 1, mem, T, need, nullptr, scratch);
+}
+
+static_assert(sizeof(SelState) == 8224, "SelState layout");
+static_assert(sizeof(SelArgs) == 136, "SelArgs layout");
+static_assert(sizeof(CompactArgs) == 136, "CompactArgs layout");
+static_assert(sizeof(SmallGroup) == 24, "SmallGroup layout");
+static_assert(sizeof(SmallArgs) == 104, "SmallArgs layout");

@@ -1,0 +1,392 @@
+// Runs gradsift's selection and error-feedback kernels (kernels/accumulate.cu, select.cu)
+// on the CPU through emu.h, driving them in the same order as src/cuda/compress.rs, and
+// compares every payload, residual and momentum with a sort-based model of SPEC §1-5.
+// Build and run: scripts/cuda-emu/run.sh
+#include "emu.h"
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+
+#include "accumulate.cu"
+#include "select.cu"
+
+
+struct G {
+    u32 lo, len, r, k, off;
+    float scale;
+};
+
+struct Plan {
+    u32 n;
+    std::vector<G> groups;
+    bool global;
+    float momentum;
+    u32 dtype, worker;
+    u64 seed;
+    u32 cand_cap;
+    u32 block_max = 0;  // set by init(): 2^15 global, 2^20 per layer (src/cuda/compress.rs)
+    u32 sent = 0;
+    std::vector<float> e[2], u[2];
+    StepStatus st{};
+    std::vector<u32> out_idx, list, defbits, tiebits, tiles, cand;
+    std::vector<float> out_val;
+    std::vector<SmallGroup> small;
+    std::vector<u32> sel_state;
+};
+
+static u32 words_of(u32 lo, u32 len) {
+    return len ? (u32)((((u64)lo + len - 1) >> 5) - (lo >> 5) + 1) : 0;
+}
+static u32 tiles_of(u32 lo, u32 len) { return (words_of(lo, len) + 255) / 256; }
+static u32 grid_for(u64 n, u32 block) {
+    u64 w = std::max<u64>(1, (n + block - 1) / block);
+    return (u32)std::min<u64>(w, 8);  // one "SM" x 8 blocks
+}
+
+static void init(Plan& p) {
+    p.e[0].assign(p.n + 1, 0.f);
+    p.e[1].assign(p.n + 1, 0.f);
+    if (p.momentum > 0) {
+        p.u[0].assign(p.n + 1, 0.f);
+        p.u[1].assign(p.n + 1, 0.f);
+    }
+    p.sent = 0;
+    p.block_max = p.global ? (1u << 15) : (1u << 20);
+    const u32 SMALL = p.block_max;
+    u32 maxbig = 0, maxlist = 0;
+    for (auto& g : p.groups) {
+        g.off = p.sent;
+        p.sent += g.k;
+        if (g.k && g.len <= SMALL) p.small.push_back({g.lo, g.len, g.r, g.k, g.off, g.scale});
+        if (g.k && g.len > SMALL) {
+            maxbig = std::max(maxbig, g.len);
+            if (g.k < g.r && g.r < g.len) maxlist = std::max(maxlist, g.r);
+        }
+    }
+    p.out_idx.assign(p.sent + 1, 0xDEADBEEF);
+    p.out_val.assign(p.sent + 1, NAN);
+    p.list.assign(maxlist + 1, 0);
+    p.defbits.assign(p.n / 32 + 2, 0);
+    p.tiebits.assign(p.n / 32 + 2, 0);
+    p.tiles.assign(2 * (tiles_of(0, p.n) + 2), 0);
+    p.cand.assign(p.cand_cap + 1, 0);
+    p.sel_state.assign(sizeof(SelState) / 4, 0);
+}
+
+static u64 A(const void* x) { return (u64)(uintptr_t)x; }
+
+static void gpu_step(Plan& p, const std::vector<float>& grad, u64 t) {
+    StepBuffers b{A(p.e[0].data()), A(p.e[1].data()),
+                  p.momentum > 0 ? A(p.u[0].data()) : 0, p.momentum > 0 ? A(p.u[1].data()) : 0,
+                  A(&p.st), p.n, p.momentum};
+    emu_launch(ef_begin, 1, 1, b);
+    SelArgs base{};
+    base.b = b;
+    base.state = A(p.sel_state.data());
+    base.cand = A(p.cand.data());
+    base.defbits = A(p.defbits.data());
+    base.tiebits = A(p.tiebits.data());
+    base.cand_cap = p.cand_cap;
+    base.worker = p.worker;
+    base.t_lo = (u32)t;
+    base.t_hi = (u32)(t >> 32);
+    base.s_lo = (u32)p.seed;
+    base.s_hi = (u32)(p.seed >> 32);
+    std::vector<G> big;
+    for (auto& g : p.groups)
+        if (g.k && g.len > p.block_max) big.push_back(g);
+    bool fused = p.global && big.size() == 1 && big[0].r < big[0].len;
+    AccArgs acc{b, A(grad.data()), 0};
+    if (fused) {
+        SelArgs a = base;
+        a.lo = big[0].lo;
+        a.len = big[0].len;
+        a.m = big[0].r;
+        a.kind = 0;
+        emu_launch(sel_clear_bits, grid_for(words_of(a.lo, a.len), 256), 256, a);
+        emu_launch(sel_reset, 1, 1024, a);
+        acc.sel_state = base.state;
+    }
+    emu_launch(ef_accumulate_f32, grid_for(p.n, 256), 256, acc);
+    if (!p.small.empty()) {
+        std::fill(p.defbits.begin(), p.defbits.end(), 0u);
+        SmallArgs s{b, A(p.small.data()), A(p.out_idx.data()), A(p.out_val.data()), A(p.defbits.data()),
+                    p.worker, base.t_lo, base.t_hi, base.s_lo, base.s_hi, p.dtype};
+        emu_launch(select_small, (u32)p.small.size(), 1024, s);
+    }
+    for (size_t j = 0; j < big.size(); ++j) {
+        const G& g = big[j];
+        u32 range_grid = grid_for(g.len, 256), clear_grid = grid_for(words_of(g.lo, g.len), 256);
+        u32 ntiles = tiles_of(g.lo, g.len);
+        auto stage = [&](SelArgs a, bool done, u32 grid) {
+            if (!done) {
+                emu_launch(sel_clear_bits, clear_grid, 256, a);
+                emu_launch(sel_reset, 1, 1024, a);
+                a.pass = 0;
+                emu_launch(sel_pass, grid, 256, a);
+            }
+            for (int d = 0; d < 3; ++d) {
+                a.pass = d;
+                emu_launch(sel_find, 1, 1024, a);
+                a.pass = d + 1;
+                emu_launch(sel_pass, grid, 256, a);
+            }
+        };
+        auto compact = [&](bool payload) {
+            CompactArgs c{};
+            c.b = b;
+            c.state = base.state;
+            c.defbits = base.defbits;
+            c.tiebits = base.tiebits;
+            c.tiles = A(p.tiles.data());
+            c.out_list = A(p.list.data());
+            c.out_idx = A(p.out_idx.data());
+            c.out_val = A(p.out_val.data());
+            c.lo = g.lo;
+            c.len = g.len;
+            c.ntiles = ntiles;
+            c.out_off = g.off;
+            c.scale = g.scale;
+            c.dtype = p.dtype;
+            c.payload = payload;
+            emu_launch(compact_count, ntiles, 256, c);
+            emu_launch(compact_scan, 1, 1024, c);
+            emu_launch(compact_emit, ntiles, 256, c);
+        };
+        SelArgs range = base;
+        range.lo = g.lo;
+        range.len = g.len;
+        if (g.k == g.len) {
+            CompactArgs c{};
+            c.b = b;
+            c.out_idx = A(p.out_idx.data());
+            c.out_val = A(p.out_val.data());
+            c.lo = g.lo;
+            c.len = g.len;
+            c.out_off = g.off;
+            c.scale = g.scale;
+            c.dtype = p.dtype;
+            c.payload = 1;
+            emu_launch(emit_range, range_grid, 256, c);
+            continue;
+        }
+        if (g.r < g.len) {
+            SelArgs a = range;
+            a.m = g.r;
+            a.kind = 0;
+            stage(a, fused && j == 0, range_grid);
+            if (g.k == g.r) {
+                compact(true);
+                continue;
+            }
+            compact(false);
+            SelArgs a2 = range;
+            a2.m = g.k;
+            a2.kind = 1;
+            a2.list = A(p.list.data());
+            a2.list_len = g.r;
+            stage(a2, false, grid_for(g.r, 256));
+            compact(true);
+        } else {
+            SelArgs a = range;
+            a.m = g.k;
+            a.kind = 1;
+            stage(a, false, range_grid);
+            compact(true);
+        }
+    }
+    emu_launch(ef_commit, 1, 1, b);
+}
+
+// ---- reference ---------------------------------------------------------------------------
+
+struct Ref {
+    std::vector<float> e, u;
+};
+
+static bool ref_step(const Plan& p, Ref& r, const std::vector<float>& grad, u64 t,
+                     std::vector<u32>& idx, std::vector<float>& val, u64& bad, u32& first) {
+    std::vector<float> pv(p.n), un = r.u;
+    bad = 0;
+    first = 0xFFFFFFFF;
+    for (u32 i = 0; i < p.n; ++i) {
+        if (p.momentum > 0) {
+            un[i] = p.momentum * r.u[i] + grad[i];
+            pv[i] = r.e[i] + un[i];
+        } else {
+            pv[i] = r.e[i] + grad[i];
+        }
+        if (!std::isfinite(pv[i])) {
+            ++bad;
+            first = std::min(first, i);
+        }
+    }
+    if (bad) return false;
+    idx.clear();
+    val.clear();
+    for (auto& g : p.groups) {
+        std::vector<std::pair<u32, u32>> v;
+        for (u32 i = g.lo; i < g.lo + g.len; ++i) v.push_back({magnitude_key(pv[i]), i});
+        std::sort(v.begin(), v.end());
+        v.resize(std::min<size_t>(g.r, v.size()));
+        std::vector<std::pair<u32, u32>> w;
+        for (auto& [key, i] : v)
+            w.push_back({philox_key(i, p.worker, (u32)t, (u32)(t >> 32), (u32)p.seed, (u32)(p.seed >> 32)), i});
+        std::sort(w.begin(), w.end());
+        w.resize(std::min<size_t>(g.k, w.size()));
+        std::vector<u32> s;
+        for (auto& [key, i] : w) s.push_back(i);
+        std::sort(s.begin(), s.end());
+        for (u32 i : s) {
+            float x = quantize(pv[i] * g.scale, p.dtype);
+            idx.push_back(i);
+            val.push_back(x);
+            pv[i] -= x;
+            if (p.momentum > 0) un[i] = 0;
+        }
+    }
+    r.e = pv;
+    if (p.momentum > 0) r.u = un;
+    return true;
+}
+
+static int failures = 0;
+
+static void run(const std::string& name, Plan p, const std::vector<std::vector<float>>& grads) {
+    init(p);
+    Ref r;
+    r.e.assign(p.n, 0.f);
+    r.u.assign(p.n, 0.f);
+    for (size_t s = 0; s < grads.size(); ++s) {
+        u64 t = s + 1;
+        std::vector<u32> idx;
+        std::vector<float> val;
+        u64 bad;
+        u32 first;
+        bool ok = ref_step(p, r, grads[s], t, idx, val, bad, first);
+        gpu_step(p, grads[s], t);
+        std::string what = name + " step " + std::to_string(t);
+        if (!ok) {
+            if (p.st.bad_count != bad || p.st.first_bad != first) {
+                printf("FAIL %s: non-finite %llu@%u vs ref %llu@%u\n", what.c_str(),
+                       (unsigned long long)p.st.bad_count, p.st.first_bad, (unsigned long long)bad, first);
+                ++failures;
+                return;
+            }
+        } else {
+            if (p.st.bad_count) {
+                printf("FAIL %s: spurious non-finite\n", what.c_str());
+                ++failures;
+                return;
+            }
+            for (u32 j = 0; j < p.sent; ++j) {
+                if (p.out_idx[j] != idx[j] || __float_as_uint(p.out_val[j]) != __float_as_uint(val[j])) {
+                    printf("FAIL %s: payload[%u] = (%u, %g), ref (%u, %g)\n", what.c_str(), j, p.out_idx[j],
+                           p.out_val[j], idx[j], val[j]);
+                    ++failures;
+                    return;
+                }
+            }
+        }
+        const auto& e = p.e[p.st.cur];
+        for (u32 i = 0; i < p.n; ++i) {
+            if (__float_as_uint(e[i]) != __float_as_uint(r.e[i])) {
+                printf("FAIL %s: residual[%u] = %g, ref %g\n", what.c_str(), i, e[i], r.e[i]);
+                ++failures;
+                return;
+            }
+            if (p.momentum > 0 && __float_as_uint(p.u[p.st.cur][i]) != __float_as_uint(r.u[i])) {
+                printf("FAIL %s: momentum[%u]\n", what.c_str(), i);
+                ++failures;
+                return;
+            }
+        }
+    }
+    printf("ok   %s\n", name.c_str());
+}
+
+static std::vector<float> data(u32 n, int kind, u64 seed) {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> nd;
+    const float pool[] = {0.f, -0.f, 1.f, -1.f, 2.f, -2.f, 1e-45f, 1e-3f};
+    std::vector<float> v(n);
+    for (auto& x : v) {
+        if (kind == 0) x = nd(rng);
+        else if (kind == 1) x = pool[rng() % 8];
+        else x = 1.5f;
+    }
+    return v;
+}
+
+int main(int argc, char** argv) {
+    bool quick = argc > 1 && std::string(argv[1]) == "quick";
+    std::vector<u32> sizes = quick ? std::vector<u32>{300, 40000} : std::vector<u32>{1, 100, 257, 32768, 32769, 70001};
+    for (u32 n : sizes) {
+        for (int kind = 0; kind < 3; ++kind) {
+            std::vector<std::vector<float>> grads;
+            for (int s = 0; s < 3; ++s) grads.push_back(data(n, kind, 10 * n + s + kind));
+            u32 k1 = n / 100 + 1, r5 = std::min(n, n / 20 + 1);
+            struct M { const char* name; u32 r, k; };
+            for (M m : {M{"topk", k1, k1}, M{"rtopk", r5, k1}, M{"randomk", n, k1}, M{"all", n, n}}) {
+                for (u32 cap : {std::max(n / 16, 65536u), 16u}) {
+                    Plan p{};
+                    p.n = n;
+                    p.global = true;
+                    p.groups = {{0, n, std::min(m.r, n), std::min(m.k, n), 0, 1.0f}};
+                    p.cand_cap = std::min(cap, n);
+                    p.seed = 0x1234567890ull;
+                    p.worker = 3;
+                    p.dtype = 0;
+                    run("global n=" + std::to_string(n) + " data=" + std::to_string(kind) + " " + m.name +
+                            " cap=" + std::to_string(p.cand_cap),
+                        p, grads);
+                }
+            }
+        }
+    }
+    // Per-layer: small and big groups side by side, empty groups, unbiased f16 values, momentum.
+    {
+        std::vector<u32> sizes = {5000, 0, 40000, 3, 33000, 1, (1u << 20) + 5};
+        u32 n = 0;
+        for (u32 s : sizes) n += s;
+        std::vector<std::vector<float>> grads;
+        for (int s = 0; s < 3; ++s) grads.push_back(data(n, s == 1 ? 1 : 0, 77 + s));
+        for (int variant = 0; variant < 4; ++variant) {
+            Plan p{};
+            p.n = n;
+            p.global = false;
+            u32 lo = 0;
+            for (u32 s : sizes) {
+                u32 r = std::min(s, s / 20 + 1), k = std::min(r, s / 100 + 1);
+                if (variant == 2) r = s;  // random-k
+                float scale = variant == 1 || variant == 3 ? (float)r / (float)k : 1.0f;
+                p.groups.push_back({lo, s, r, s ? k : 0, 0, scale});
+                lo += s;
+            }
+            p.cand_cap = 65536;
+            p.momentum = variant == 1 ? 0.9f : 0.0f;
+            p.dtype = variant == 1 ? 1 : (variant == 3 ? 2 : 0);  // f16, bf16 values
+            p.seed = 42;
+            p.worker = 1;
+            run("per-layer variant " + std::to_string(variant), p, grads);
+        }
+    }
+    // Non-finite input: rejected, state untouched, then a good step.
+    {
+        u32 n = 40000;
+        auto g0 = data(n, 0, 1), g1 = data(n, 0, 2), g2 = data(n, 0, 3);
+        g1[123] = NAN;
+        g1[39999] = INFINITY;
+        Plan p{};
+        p.n = n;
+        p.global = true;
+        p.groups = {{0, n, 2000, 400, 0, 1.0f}};
+        p.cand_cap = 65536;
+        p.momentum = 0.5f;
+        run("nan rejection", p, {g0, g1, g2});
+    }
+    printf("%d failure(s)\n", failures);
+    return failures ? 1 : 0;
+}

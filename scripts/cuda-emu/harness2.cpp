@@ -1,0 +1,369 @@
+// Emulated runs of the scaled-sign, statistics, variance and aggregation kernels
+// (kernels/sign.cu, stats.cu, aggregate.cu), driven as src/cuda/*.rs drives them, against
+// straightforward f64 / sequential models of SPEC §6-8.
+#include "emu.h"
+#include <algorithm>
+#include <cstdio>
+#include <random>
+#include <string>
+
+#include "accumulate.cu"
+#include "sign.cu"
+#include "stats.cu"
+#include "aggregate.cu"
+
+static int failures = 0;
+#define CHECK(c, ...)                  \
+    do {                               \
+        if (!(c)) {                    \
+            printf("FAIL " __VA_ARGS__); \
+            printf("\n");              \
+            ++failures;                \
+            return;                    \
+        }                              \
+    } while (0)
+
+static u64 A(const void* x) { return (u64)(uintptr_t)x; }
+static u32 grid_for(u64 n, u32 block) {
+    u64 w = std::max<u64>(1, (n + block - 1) / block);
+    return (u32)std::min<u64>(w, 8);
+}
+
+static void items_of(const std::vector<u32>& sizes, std::vector<Item>& items, std::vector<u32>& first) {
+    u32 lo = 0;
+    for (u32 g = 0; g < sizes.size(); ++g) {
+        first.push_back(items.size());
+        for (u32 o = 0; o < sizes[g]; o += 4096) items.push_back({g, lo + o, std::min(4096u, sizes[g] - o), 0});
+        lo += sizes[g];
+    }
+    first.push_back(items.size());
+}
+
+static std::vector<float> gauss(u32 n, u64 seed, float scale, float off = 0) {
+    std::mt19937_64 r(seed);
+    std::normal_distribution<float> nd;
+    std::vector<float> v(n);
+    for (auto& x : v) x = nd(r) * scale + off;
+    return v;
+}
+
+static void sign_case(const std::vector<u32>& sizes, float momentum) {
+    u32 n = 0;
+    for (u32 s : sizes) n += s;
+    std::vector<Item> items;
+    std::vector<u32> first;
+    items_of(sizes, items, first);
+    std::vector<float> e[2] = {std::vector<float>(n + 1), std::vector<float>(n + 1)};
+    std::vector<float> u[2] = {std::vector<float>(n + 1), std::vector<float>(n + 1)};
+    StepStatus st{};
+    std::vector<double> partial(items.size() + 1);
+    std::vector<float> scales(sizes.size() + 1);
+    std::vector<u32> words(2 * ((n + 63) / 64) + 2);
+    std::vector<float> re(n, 0.f), ru(n, 0.f);
+    for (int step = 0; step < 3; ++step) {
+        auto g = gauss(n, 5 + step, 1.0f);
+        StepBuffers b{A(e[0].data()), A(e[1].data()), momentum > 0 ? A(u[0].data()) : 0,
+                      momentum > 0 ? A(u[1].data()) : 0, A(&st), n, momentum};
+        std::fill(words.begin(), words.end(), 0);
+        emu_launch(ef_begin, 1, 1, b);
+        emu_launch(ef_accumulate_f32, grid_for(n, 256), 256, AccArgs{b, A(g.data()), 0});
+        SignArgs a{b, A(items.data()), A(partial.data()), A(first.data()), A(sizes.data()), A(scales.data()),
+                   A(words.data()), (u32)sizes.size(), 0};
+        emu_launch(sign_partial, items.size(), 256, a);
+        emu_launch(sign_merge, sizes.size(), 256, a);
+        emu_launch(sign_apply, items.size(), 256, a);
+        emu_launch(ef_commit, 1, 1, b);
+        // Reference.
+        u32 lo = 0;
+        for (u32 gi = 0; gi < sizes.size(); ++gi) {
+            std::vector<float> p(sizes[gi]);
+            double sum = 0;
+            for (u32 j = 0; j < sizes[gi]; ++j) {
+                u32 i = lo + j;
+                float un = momentum > 0 ? momentum * ru[i] + g[i] : g[i];
+                if (momentum > 0) ru[i] = un;
+                p[j] = re[i] + un;
+                sum += std::fabs((double)p[j]);
+            }
+            float s = sizes[gi] ? (float)(sum / sizes[gi]) : 0.f;
+            CHECK(std::fabs(s - scales[gi]) <= 1e-6f * s, "sign scale %u: %g vs %g", gi, scales[gi], s);
+            for (u32 j = 0; j < sizes[gi]; ++j) {
+                u32 i = lo + j;
+                bool neg = p[j] < 0;
+                bool got = (words[i >> 5] >> (i & 31)) & 1;
+                CHECK(neg == got, "sign bit %u", i);
+                re[i] = neg ? p[j] + scales[gi] : p[j] - scales[gi];
+                ru[i] = 0;
+                CHECK(e[st.cur][i] == re[i], "sign residual %u: %g vs %g", i, e[st.cur][i], re[i]);
+                if (momentum > 0) CHECK(u[st.cur][i] == 0.f, "sign momentum %u", i);
+            }
+            lo += sizes[gi];
+        }
+    }
+    printf("ok   sign sizes=%zu n=%u momentum=%g\n", sizes.size(), n, momentum);
+}
+
+static void stats_case(const std::vector<u32>& sizes, float off, bool nan) {
+    u32 n = 0;
+    for (u32 s : sizes) n += s;
+    std::vector<Item> items;
+    std::vector<u32> first;
+    items_of(sizes, items, first);
+    auto x = gauss(n, 9, 3.0f, off);
+    if (nan && n > 10) {
+        x[3] = NAN;
+        x[n - 1] = -INFINITY;
+    }
+    std::vector<StatsPartial> part(items.size() + 1);
+    std::vector<StatsOut> out(sizes.size() + 1);
+    StatsArgs a{A(x.data()), A(items.data()), A(part.data()), A(first.data()), A(out.data()), (u32)sizes.size(), 0};
+    emu_launch(stats_items_f32, items.size(), 256, a);
+    emu_launch(stats_merge, sizes.size(), 256, a);
+    u32 lo = 0;
+    for (u32 l = 0; l < sizes.size(); ++l) {
+        double s = 0;
+        u64 c = 0, bad = 0;
+        float mn = INFINITY, mx = -INFINITY, ma = 0;
+        for (u32 i = lo; i < lo + sizes[l]; ++i) {
+            if (!std::isfinite(x[i])) {
+                ++bad;
+                continue;
+            }
+            ++c;
+            s += x[i];
+            mn = std::min(mn, x[i]);
+            mx = std::max(mx, x[i]);
+            ma = std::max(ma, std::fabs(x[i]));
+        }
+        double mean = c ? s / c : 0, m2 = 0;
+        for (u32 i = lo; i < lo + sizes[l]; ++i)
+            if (std::isfinite(x[i])) m2 += (x[i] - mean) * (x[i] - mean);
+        double var = c ? m2 / c : 0;
+        const StatsOut& o = out[l];
+        CHECK(o.non_finite == bad && o.finite == c, "stats %u counts", l);
+        CHECK(o.min == mn && o.max == mx && o.max_abs == ma, "stats %u min/max", l);
+        CHECK(std::fabs(o.mean - mean) <= 1e-9 * (std::fabs(mean) + std::sqrt(var)), "stats %u mean %g vs %g", l,
+              o.mean, mean);
+        CHECK(std::fabs(o.var - var) <= 1e-9 * var, "stats %u var %g vs %g", l, o.var, var);
+        lo += sizes[l];
+    }
+    printf("ok   stats layers=%zu n=%u off=%g nan=%d\n", sizes.size(), n, off, nan);
+}
+
+static void var_case(const std::vector<u32>& sizes, u32 k) {
+    u32 n = 0;
+    for (u32 s : sizes) n += s;
+    std::vector<Item> items;
+    std::vector<u32> first;
+    items_of(sizes, items, first);
+    std::vector<std::vector<float>> ys;
+    auto x = gauss(n, 1, 2.0f);
+    for (u32 w = 0; w < k; ++w) {
+        auto nz = gauss(n, 100 + w, 0.5f);
+        for (u32 i = 0; i < n; ++i) nz[i] += x[i];
+        ys.push_back(nz);
+    }
+    ys[k - 1][n / 2] = NAN;
+    std::vector<u64> ptrs;
+    for (auto& y : ys) ptrs.push_back(A(y.data()));
+    std::vector<VarPartial> part(items.size() + 1);
+    std::vector<VarOut> out(sizes.size() + 1);
+    std::vector<u64> bc(k, 0);
+    std::vector<u32> bf(k, 0xFFFFFFFF);
+    VarArgs a{A(ptrs.data()), A(items.data()), A(part.data()), A(first.data()), A(sizes.data()), A(out.data()),
+              A(bc.data()), A(bf.data()), k, (u32)sizes.size()};
+    emu_launch(var_items_f32, items.size(), 256, a);
+    emu_launch(var_merge, sizes.size(), 256, a);
+    CHECK(bc[k - 1] == 1 && bf[k - 1] == n / 2, "var non-finite report");
+    for (u32 w = 0; w + 1 < k; ++w) CHECK(bc[w] == 0, "var spurious non-finite");
+    ys[k - 1][n / 2] = 0.0f;
+    std::fill(bc.begin(), bc.end(), 0);
+    emu_launch(var_items_f32, items.size(), 256, a);
+    emu_launch(var_merge, sizes.size(), 256, a);
+    u32 lo = 0;
+    for (u32 l = 0; l < sizes.size(); ++l) {
+        u32 nl = sizes[l];
+        double noise = 0, s = 0;
+        std::vector<double> yb(nl);
+        for (u32 j = 0; j < nl; ++j) {
+            double sum = 0;
+            for (u32 w = 0; w < k; ++w) sum += ys[w][lo + j];
+            yb[j] = sum / k;
+            for (u32 w = 0; w < k; ++w) noise += (ys[w][lo + j] - yb[j]) * (ys[w][lo + j] - yb[j]);
+            s += yb[j];
+        }
+        double sn = nl ? noise / (nl * (k - 1.0)) : 0, m = nl ? s / nl : 0, m2 = 0;
+        for (double v : yb) m2 += (v - m) * (v - m);
+        double sx = nl ? std::max(0.0, m2 / nl - sn / k) : 0;
+        CHECK(std::fabs(out[l].sigma_n2 - sn) <= 1e-9 * sn + 1e-300, "var %u sigma_n2 %g vs %g", l, out[l].sigma_n2, sn);
+        CHECK(std::fabs(out[l].sigma_x2 - sx) <= 1e-9 * sx + 1e-300, "var %u sigma_x2 %g vs %g", l, out[l].sigma_x2, sx);
+        lo += nl;
+    }
+    printf("ok   variance layers=%zu n=%u K=%u\n", sizes.size(), n, k);
+}
+
+struct Sp {
+    std::vector<u32> idx;
+    std::vector<float> val;
+};
+
+static void agg_case(u32 n, u32 k, bool senders, int corrupt) {
+    std::mt19937_64 r(n * 7 + k);
+    std::vector<Sp> ps(k);
+    for (auto& p : ps) {
+        for (u32 i = 0; i < n; ++i)
+            if (r() % 10 == 0) {
+                p.idx.push_back(i);
+                p.val.push_back((float)(int)(r() % 2001 - 1000) / 7.0f);
+            }
+    }
+    if (corrupt == 1 && ps[1].idx.size() > 2) ps[1].idx[1] = ps[1].idx[0];
+    if (corrupt == 2 && ps[1].idx.size() > 2) ps[1].idx.back() = n;
+    if (corrupt == 3 && ps[1].val.size() > 2) ps[1].val[2] = NAN;
+    std::vector<float> inv(k + 1);
+    inv[0] = 0;
+    for (u32 c = 1; c <= k; ++c) inv[c] = (float)(1.0 / c);
+    std::vector<float> out(n + 1, 7.0f);
+    std::vector<u32> counts(n + 1), ei(k, 0xFFFFFFFF), ev(k, 0xFFFFFFFF);
+    u32 any = 0;
+    AggArgs base{};
+    base.out = A(out.data());
+    base.counts = senders ? A(counts.data()) : 0;
+    base.err_idx = A(ei.data());
+    base.err_val = A(ev.data());
+    base.any = A(&any);
+    base.inv = A(inv.data());
+    base.n = n;
+    base.workers = k;
+    for (u32 w = 0; w < k; ++w) {
+        AggArgs a = base;
+        a.idx = A(ps[w].idx.data());
+        a.val = A(ps[w].val.data());
+        a.len = ps[w].idx.size();
+        a.worker = w;
+        emu_launch(agg_check_sparse, grid_for(a.len, 256), 256, a);
+    }
+    emu_launch(agg_zero, grid_for(n, 256), 256, base);
+    for (u32 w = 0; w < k; ++w) {
+        AggArgs a = base;
+        a.idx = A(ps[w].idx.data());
+        a.val = A(ps[w].val.data());
+        a.len = ps[w].idx.size();
+        emu_launch(agg_scatter, grid_for(a.len, 256), 256, a);
+    }
+    emu_launch(agg_finalize, grid_for(n, 256), 256, base);
+    if (corrupt) {
+        CHECK(any != 0, "agg corrupt %d not detected", corrupt);
+        CHECK((corrupt == 3 ? ev[1] : ei[1]) != 0xFFFFFFFF && ei[0] == 0xFFFFFFFF, "agg error position");
+        for (u32 i = 0; i < n; ++i) CHECK(out[i] == 7.0f, "agg out written on error");
+        printf("ok   aggregate rejects corruption %d\n", corrupt);
+        return;
+    }
+    std::vector<float> want(n, 0.f);
+    std::vector<u32> c(n, 0);
+    for (auto& p : ps)
+        for (size_t j = 0; j < p.idx.size(); ++j) {
+            want[p.idx[j]] += p.val[j];
+            c[p.idx[j]]++;
+        }
+    for (u32 i = 0; i < n; ++i) {
+        want[i] *= senders ? inv[c[i]] : inv[k];
+        CHECK(__float_as_uint(want[i]) == __float_as_uint(out[i]), "agg %u: %g vs %g", i, out[i], want[i]);
+    }
+    printf("ok   aggregate n=%u K=%u senders=%d\n", n, k, senders);
+}
+
+
+static void agg_sign_case(u32 n, u32 k, bool senders) {
+    std::vector<u32> sizes = {n / 3, 0, n - n / 3};
+    std::vector<Item> items;
+    std::vector<u32> first;
+    items_of(sizes, items, first);
+    std::mt19937_64 r(n + k);
+    std::vector<std::vector<float>> scales(k);
+    std::vector<std::vector<u32>> words(k);
+    for (u32 w = 0; w < k; ++w) {
+        for (u32 g = 0; g < sizes.size(); ++g) scales[w].push_back((float)(r() % 1000) / 7.0f);
+        words[w].assign(2 * ((n + 63) / 64), 0);
+        for (u32 i = 0; i < n; ++i)
+            if (r() & 1) words[w][i >> 5] |= 1u << (i & 31);
+    }
+    std::vector<float> inv(k + 1);
+    for (u32 c = 1; c <= k; ++c) inv[c] = (float)(1.0 / c);
+    std::vector<float> out(n + 1, 7.0f);
+    std::vector<u32> counts(n + 1), ei(k, 0xFFFFFFFF), ev(k, 0xFFFFFFFF);
+    u32 any = 0;
+    AggArgs base{};
+    base.out = A(out.data());
+    base.counts = senders ? A(counts.data()) : 0;
+    base.err_idx = A(ei.data());
+    base.err_val = A(ev.data());
+    base.any = A(&any);
+    base.inv = A(inv.data());
+    base.items = A(items.data());
+    base.n = n;
+    base.workers = k;
+    emu_launch(agg_zero, grid_for(n, 256), 256, base);
+    for (u32 w = 0; w < k; ++w) {
+        AggArgs a = base;
+        a.scales = A(scales[w].data());
+        a.words = A(words[w].data());
+        emu_launch(agg_sign, items.size(), 256, a);
+    }
+    emu_launch(agg_finalize, grid_for(n, 256), 256, base);
+    u32 lo = 0;
+    for (u32 g = 0; g < sizes.size(); ++g) {
+        for (u32 i = lo; i < lo + sizes[g]; ++i) {
+            float want = 0.f;
+            for (u32 w = 0; w < k; ++w) want += ((words[w][i >> 5] >> (i & 31)) & 1) ? -scales[w][g] : scales[w][g];
+            want *= inv[k];
+            CHECK(__float_as_uint(want) == __float_as_uint(out[i]), "agg sign %u: %g vs %g", i, out[i], want);
+        }
+        lo += sizes[g];
+    }
+    printf("ok   aggregate sign n=%u K=%u senders=%d\n", n, k, senders);
+}
+
+// f16 and bf16 gradients through the accumulate kernel (exact widening).
+static void accumulate_half_case(u32 n) {
+    std::vector<unsigned short> h(n), bh(n);
+    std::mt19937_64 r(3);
+    for (u32 i = 0; i < n; ++i) {
+        h[i] = emu_f2h((float)((int)(r() % 20001) - 10000) / 77.0f);
+        bh[i] = emu_f2bf((float)((int)(r() % 20001) - 10000) / 77.0f);
+    }
+    for (int kind = 0; kind < 2; ++kind) {
+        std::vector<float> e[2] = {std::vector<float>(n + 1, 0.25f), std::vector<float>(n + 1)};
+        StepStatus st{};
+        StepBuffers b{A(e[0].data()), A(e[1].data()), 0, 0, A(&st), n, 0.0f};
+        emu_launch(ef_begin, 1, 1, b);
+        AccArgs acc{b, kind == 0 ? A(h.data()) : A(bh.data()), 0};
+        if (kind == 0) emu_launch(ef_accumulate_f16, grid_for(n, 256), 256, acc);
+        else emu_launch(ef_accumulate_bf16, grid_for(n, 256), 256, acc);
+        for (u32 i = 0; i < n; ++i) {
+            float g = kind == 0 ? emu_h2f(h[i]) : __int_as_float((int)bh[i] << 16);
+            CHECK(e[1][i] == 0.25f + g, "half accumulate %d at %u", kind, i);
+        }
+    }
+    printf("ok   accumulate f16/bf16 n=%u\n", n);
+}
+
+int main() {
+    sign_case({10000}, 0.0f);
+    sign_case({5000, 0, 9000, 1, 300}, 0.5f);
+    stats_case({0, 1, 4095, 4096, 4097, 20000}, 0.0f, false);
+    stats_case({30000}, 1000.0f, true);
+    var_case({1, 4097, 9000, 0}, 2);
+    var_case({20000}, 5);
+    for (bool s : {false, true}) {
+        agg_case(1, 3, s, 0);
+        agg_case(9000, 3, s, 0);
+        agg_case(9000, 1, s, 0);
+    }
+    for (int c = 1; c <= 3; ++c) agg_case(5000, 3, false, c);
+    agg_sign_case(9001, 3, false);
+    agg_sign_case(9001, 2, true);
+    accumulate_half_case(20000);
+    printf("%d failure(s)\n", failures);
+    return failures ? 1 : 0;
+}

@@ -1,0 +1,247 @@
+//! `#[repr(C)]` mirrors of the structs the kernels take by value or read from device memory.
+//! Their sizes are asserted here and, independently, by `static_assert`s in the kernels, so
+//! a layout drift fails both compilers.
+
+#![allow(missing_docs)]
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct StepStatus {
+    pub bad_count: u64,
+    pub first_bad: u32,
+    pub cur: u32,
+    pub steps_committed: u32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepBuffers {
+    pub e0: u64,
+    pub e1: u64,
+    pub u0: u64,
+    pub u1: u64,
+    pub status: u64,
+    pub n: u32,
+    pub momentum: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct AccArgs {
+    pub b: StepBuffers,
+    pub grad: u64,
+    pub sel_state: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SelArgs {
+    pub b: StepBuffers,
+    pub state: u64,
+    pub cand: u64,
+    pub list: u64,
+    pub defbits: u64,
+    pub tiebits: u64,
+    pub lo: u32,
+    pub len: u32,
+    pub list_len: u32,
+    pub cand_cap: u32,
+    pub m: u32,
+    pub kind: u32,
+    pub worker: u32,
+    pub t_lo: u32,
+    pub t_hi: u32,
+    pub s_lo: u32,
+    pub s_hi: u32,
+    pub pass: i32,
+}
+
+/// Size of the device `SelState` (2048 histogram bins and eight words).
+pub const SEL_STATE_BYTES: usize = 2048 * 4 + 8 * 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CompactArgs {
+    pub b: StepBuffers,
+    pub state: u64,
+    pub defbits: u64,
+    pub tiebits: u64,
+    pub tiles: u64,
+    pub out_list: u64,
+    pub out_idx: u64,
+    pub out_val: u64,
+    pub lo: u32,
+    pub len: u32,
+    pub ntiles: u32,
+    pub out_off: u32,
+    pub scale: f32,
+    pub dtype: u32,
+    pub payload: u32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SmallGroup {
+    pub lo: u32,
+    pub len: u32,
+    pub r: u32,
+    pub k: u32,
+    pub out_off: u32,
+    pub scale: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SmallArgs {
+    pub b: StepBuffers,
+    pub groups: u64,
+    pub out_idx: u64,
+    pub out_val: u64,
+    pub member: u64,
+    pub worker: u32,
+    pub t_lo: u32,
+    pub t_hi: u32,
+    pub s_lo: u32,
+    pub s_hi: u32,
+    pub dtype: u32,
+}
+
+/// A work item of the segmented kernels: `len <= ITEM` elements of group `group`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Item {
+    pub group: u32,
+    pub lo: u32,
+    pub len: u32,
+    pub pad: u32,
+}
+
+/// Elements per work item (256 threads x 16 registers in the statistics kernels).
+pub const ITEM: usize = 4096;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SignArgs {
+    pub b: StepBuffers,
+    pub items: u64,
+    pub partial: u64,
+    pub group_items: u64,
+    pub group_len: u64,
+    pub scales: u64,
+    pub words: u64,
+    pub ngroups: u32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StatsArgs {
+    pub x: u64,
+    pub items: u64,
+    pub partial: u64,
+    pub layer_items: u64,
+    pub out: u64,
+    pub nlayers: u32,
+    pub pad: u32,
+}
+
+pub const STATS_PARTIAL_BYTES: usize = 40;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct StatsOut {
+    pub finite: u64,
+    pub non_finite: u64,
+    pub mean: f64,
+    pub var: f64,
+    pub min: f32,
+    pub max: f32,
+    pub max_abs: f32,
+    pub pad: f32,
+}
+
+pub const VAR_PARTIAL_BYTES: usize = 32;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct VarOut {
+    pub sigma_x2: f64,
+    pub sigma_n2: f64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VarArgs {
+    pub workers: u64,
+    pub items: u64,
+    pub partial: u64,
+    pub layer_items: u64,
+    pub layer_len: u64,
+    pub out: u64,
+    pub bad_count: u64,
+    pub bad_first: u64,
+    pub k: u32,
+    pub nlayers: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AggArgs {
+    pub out: u64,
+    pub counts: u64,
+    pub idx: u64,
+    pub val: u64,
+    pub err_idx: u64,
+    pub err_val: u64,
+    pub any: u64,
+    pub inv: u64,
+    pub scales: u64,
+    pub words: u64,
+    pub items: u64,
+    pub len: u32,
+    pub n: u32,
+    pub worker: u32,
+    pub workers: u32,
+}
+
+const _: () = {
+    assert!(size_of::<StepStatus>() == 24);
+    assert!(size_of::<StepBuffers>() == 48);
+    assert!(size_of::<AccArgs>() == 64);
+    assert!(size_of::<SelArgs>() == 136);
+    assert!(size_of::<CompactArgs>() == 136);
+    assert!(size_of::<SmallGroup>() == 24);
+    assert!(size_of::<SmallArgs>() == 104);
+    assert!(size_of::<Item>() == 16);
+    assert!(size_of::<SignArgs>() == 104);
+    assert!(size_of::<StatsArgs>() == 48);
+    assert!(size_of::<StatsOut>() == 48);
+    assert!(size_of::<VarOut>() == 16);
+    assert!(size_of::<VarArgs>() == 72);
+    assert!(size_of::<AggArgs>() == 104);
+};
+
+/// Splits each group into work items of at most [`ITEM`] elements. Returns the items and,
+/// per group, the index of its first item (`groups + 1` entries).
+pub fn items(groups: &[std::ops::Range<usize>]) -> (Vec<Item>, Vec<u32>) {
+    let mut items = Vec::new();
+    let mut first = Vec::with_capacity(groups.len() + 1);
+    for (g, r) in groups.iter().enumerate() {
+        first.push(items.len() as u32);
+        let mut lo = r.start;
+        while lo < r.end {
+            let len = (r.end - lo).min(ITEM);
+            items.push(Item {
+                group: g as u32,
+                lo: lo as u32,
+                len: len as u32,
+                pad: 0,
+            });
+            lo += len;
+        }
+    }
+    first.push(items.len() as u32);
+    (items, first)
+}

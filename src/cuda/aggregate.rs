@@ -1,0 +1,297 @@
+//! The parameter server's decoder on the GPU (SPEC §7).
+
+use super::abi::{self, AggArgs};
+use super::context::{Context, DevBuf, K, download_at};
+use crate::cpu::{Average, check_payload};
+use crate::{Error, Layout, Mode, Payload, Result};
+use cudarc::driver::{CudaSlice, DevicePtrMut};
+use std::ops::Range;
+
+/// Per-worker device staging for uploaded payloads; grows to the largest payload seen and
+/// is then reused, so a steady stream of same-sized payloads allocates nothing.
+#[derive(Debug)]
+struct Staging {
+    idx: DevBuf,
+    val: DevBuf,
+    cap: usize,
+}
+
+/// Server-side plan on the GPU: the same contract as [`crate::cpu::Aggregator`].
+///
+/// Payloads are validated twice over: cheap structural checks on the host (lengths, `n`,
+/// scale counts), then indices (in range, strictly ascending) and values (finite) on the
+/// device, where the kernels that write `out` first read a device flag and do nothing if
+/// any payload failed. Workers are summed one launch each in worker order, one f32 add per
+/// worker per coordinate, so the result has the CPU's bits.
+#[derive(Debug)]
+pub struct Aggregator {
+    cx: Context,
+    n: usize,
+    groups: Vec<Range<usize>>,
+    rule: Average,
+    workers: usize,
+    out: DevBuf,
+    counts: Option<DevBuf>,
+    inv: DevBuf,
+    items: DevBuf,
+    n_items: u32,
+    err_idx: DevBuf,
+    err_val: DevBuf,
+    any: DevBuf,
+    host_err_idx: Vec<u32>,
+    host_err_val: Vec<u32>,
+    staging: Vec<Staging>,
+    sign_scales: Vec<DevBuf>,
+    sign_words: Vec<DevBuf>,
+}
+
+impl Aggregator {
+    /// Errors when `workers == 0`.
+    pub fn new(
+        cx: &Context,
+        layout: &Layout,
+        mode: Mode,
+        rule: Average,
+        workers: usize,
+    ) -> Result<Self> {
+        if workers == 0 {
+            return Err(Error::InvalidConfig(
+                "aggregation needs K >= 1 workers".into(),
+            ));
+        }
+        let n = layout.n();
+        let groups = layout.groups(mode);
+        let inv: Vec<f32> = std::iter::once(0.0)
+            .chain((1..=workers).map(|c| (1.0 / c as f64) as f32))
+            .collect();
+        let (items, _) = abi::items(&groups);
+        Ok(Self {
+            cx: cx.clone(),
+            n,
+            rule,
+            workers,
+            out: DevBuf::zeroed(cx, n * 4)?,
+            counts: if rule == Average::OverSenders {
+                Some(DevBuf::zeroed(cx, n * 4)?)
+            } else {
+                None
+            },
+            inv: DevBuf::from_slice(cx, &inv)?,
+            n_items: items.len() as u32,
+            items: DevBuf::from_slice(cx, &items)?,
+            err_idx: DevBuf::zeroed(cx, workers * 4)?,
+            err_val: DevBuf::zeroed(cx, workers * 4)?,
+            any: DevBuf::zeroed(cx, 4)?,
+            host_err_idx: vec![0; workers],
+            host_err_val: vec![0; workers],
+            staging: Vec::new(),
+            sign_scales: Vec::new(),
+            sign_words: Vec::new(),
+            groups,
+        })
+    }
+
+    /// Averages `payloads` (one per worker, in worker order) into the host buffer `out`
+    /// (length `n`). Every payload is checked before anything is written: on error `out`
+    /// is untouched. Waits for the stream (the result is host data).
+    pub fn aggregate(&mut self, payloads: &[Payload], out: &mut [f32]) -> Result<()> {
+        if out.len() != self.n {
+            self.check_count(payloads)?;
+            return Err(Error::LengthMismatch {
+                what: "aggregation output",
+                expected: self.n,
+                got: out.len(),
+            });
+        }
+        let dst = self.out.ptr();
+        self.enqueue(payloads, dst)?;
+        self.report(payloads)?;
+        download_at(&self.cx, dst, out)
+    }
+
+    /// As [`Aggregator::aggregate`], into a device buffer. Waits for the stream once, to
+    /// report a rejected payload as an error; on error `out` is untouched.
+    pub fn aggregate_device(
+        &mut self,
+        payloads: &[Payload],
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if out.len() != self.n {
+            self.check_count(payloads)?;
+            return Err(Error::LengthMismatch {
+                what: "aggregation output",
+                expected: self.n,
+                got: out.len(),
+            });
+        }
+        self.cx.same_context(out.context(), "the output")?;
+        let stream = self.cx.stream.clone();
+        let (dst, _guard) = out.device_ptr_mut(&stream);
+        self.enqueue(payloads, dst)?;
+        self.report(payloads)
+    }
+
+    fn check_count(&self, payloads: &[Payload]) -> Result<()> {
+        if payloads.len() != self.workers {
+            return Err(Error::LengthMismatch {
+                what: "payloads (one per worker)",
+                expected: self.workers,
+                got: payloads.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The host half of the checks: everything that costs O(1) or O(groups) per payload.
+    fn host_check(&self, p: &Payload) -> bool {
+        if p.n() as usize != self.n {
+            return false;
+        }
+        match p {
+            Payload::Sparse(s) => s.indices.len() == s.values.len() && s.indices.len() <= self.n,
+            Payload::Sign(s) => {
+                s.scales.len() == self.groups.len()
+                    && s.negative.len() == self.n.div_ceil(64)
+                    && s.scales.iter().all(|v| v.is_finite())
+            }
+        }
+    }
+
+    fn ensure_staging(&mut self, w: usize, len: usize) -> Result<()> {
+        while self.staging.len() <= w {
+            self.staging.push(Staging {
+                idx: DevBuf::zeroed(&self.cx, 0)?,
+                val: DevBuf::zeroed(&self.cx, 0)?,
+                cap: 0,
+            });
+        }
+        if self.staging[w].cap < len {
+            self.staging[w] = Staging {
+                idx: DevBuf::zeroed(&self.cx, len * 4)?,
+                val: DevBuf::zeroed(&self.cx, len * 4)?,
+                cap: len,
+            };
+        }
+        Ok(())
+    }
+
+    fn ensure_sign(&mut self, w: usize) -> Result<()> {
+        while self.sign_scales.len() <= w {
+            self.sign_scales
+                .push(DevBuf::zeroed(&self.cx, self.groups.len() * 4)?);
+            self.sign_words
+                .push(DevBuf::zeroed(&self.cx, self.n.div_ceil(64) * 8)?);
+        }
+        Ok(())
+    }
+
+    fn enqueue(&mut self, payloads: &[Payload], dst: u64) -> Result<()> {
+        self.check_count(payloads)?;
+        self.cx.bind()?;
+        let k = self.workers;
+        self.err_idx.fill(&self.cx, 0xFF, k * 4)?;
+        self.err_val.fill(&self.cx, 0xFF, k * 4)?;
+        self.any.fill(&self.cx, 0, 4)?;
+        let base = AggArgs {
+            out: dst,
+            counts: self.counts.as_ref().map_or(0, |c| c.ptr()),
+            err_idx: self.err_idx.ptr(),
+            err_val: self.err_val.ptr(),
+            any: self.any.ptr(),
+            inv: self.inv.ptr(),
+            items: self.items.ptr(),
+            n: self.n as u32,
+            workers: k as u32,
+            ..Default::default()
+        };
+        let mut host_ok = true;
+        for (w, p) in payloads.iter().enumerate() {
+            if !self.host_check(p) {
+                host_ok = false;
+                break;
+            }
+            match p {
+                Payload::Sparse(s) => {
+                    self.ensure_staging(w, s.indices.len())?;
+                    let st = &self.staging[w];
+                    st.idx.upload(&self.cx, &s.indices)?;
+                    st.val.upload(&self.cx, &s.values)?;
+                    let a = AggArgs {
+                        idx: st.idx.ptr(),
+                        val: st.val.ptr(),
+                        len: s.indices.len() as u32,
+                        worker: w as u32,
+                        ..base
+                    };
+                    self.cx.launch(
+                        K::AggCheckSparse,
+                        self.cx.grid_for(a.len as u64, 256),
+                        256,
+                        &a,
+                    )?;
+                }
+                Payload::Sign(s) => {
+                    self.ensure_sign(w)?;
+                    self.sign_scales[w].upload(&self.cx, &s.scales)?;
+                    self.sign_words[w].upload(&self.cx, &s.negative)?;
+                }
+            }
+        }
+        if !host_ok {
+            // Nothing may be written; `report` names the first bad worker.
+            return Ok(());
+        }
+        let grid_n = self.cx.grid_for(self.n as u64, 256);
+        self.cx.launch(K::AggZero, grid_n, 256, &base)?;
+        for (w, p) in payloads.iter().enumerate() {
+            match p {
+                Payload::Sparse(s) => {
+                    let st = &self.staging[w];
+                    let a = AggArgs {
+                        idx: st.idx.ptr(),
+                        val: st.val.ptr(),
+                        len: s.indices.len() as u32,
+                        worker: w as u32,
+                        ..base
+                    };
+                    self.cx
+                        .launch(K::AggScatter, self.cx.grid_for(a.len as u64, 256), 256, &a)?;
+                }
+                Payload::Sign(_) => {
+                    let a = AggArgs {
+                        scales: self.sign_scales[w].ptr(),
+                        words: self.sign_words[w].ptr(),
+                        worker: w as u32,
+                        ..base
+                    };
+                    self.cx.launch(K::AggSign, self.n_items, 256, &a)?;
+                }
+            }
+        }
+        self.cx.launch(K::AggFinalize, grid_n, 256, &base)
+    }
+
+    /// Waits for the checks and turns the first failure (in worker order) into the error
+    /// the CPU reference gives.
+    fn report(&mut self, payloads: &[Payload]) -> Result<()> {
+        self.err_idx.download(&self.cx, &mut self.host_err_idx)?;
+        self.err_val.download(&self.cx, &mut self.host_err_val)?;
+        for (w, p) in payloads.iter().enumerate() {
+            let device_bad = self.host_err_idx[w] != u32::MAX || self.host_err_val[w] != u32::MAX;
+            if !self.host_check(p) || device_bad {
+                // The failing payload is rare and already on the host: describe it exactly
+                // as the reference does.
+                let reason = check_payload(p, self.n, self.groups.len())
+                    .err()
+                    .unwrap_or_else(|| "rejected by the device checks".into());
+                return Err(Error::BadPayload { worker: w, reason });
+            }
+        }
+        Ok(())
+    }
+
+    /// The rule this plan averages with.
+    pub fn rule(&self) -> Average {
+        self.rule
+    }
+}

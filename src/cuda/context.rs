@@ -1,0 +1,705 @@
+//! Loading: probing libcuda and libnvrtc without panicking, compiling the kernels once per
+//! architecture, loading them once per CUDA context, and the small raw-memory and launch
+//! helpers every plan uses.
+
+use crate::{Error, Result};
+use cudarc::driver::sys::{CUdeviceptr, CUstream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, result as drv};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, OnceLock};
+
+mod precompiled {
+    include!(concat!(env!("OUT_DIR"), "/cuda_ptx.rs"));
+}
+
+/// The kernel sources, embedded so that NVRTC can build them on a machine without nvcc.
+/// Order matters: headers first, then every unit, as one program.
+pub(crate) const SOURCES: [(&str, &str); 7] = [
+    ("common.cuh", include_str!("../../kernels/common.cuh")),
+    ("select.cuh", include_str!("../../kernels/select.cuh")),
+    ("accumulate.cu", include_str!("../../kernels/accumulate.cu")),
+    ("select.cu", include_str!("../../kernels/select.cu")),
+    ("sign.cu", include_str!("../../kernels/sign.cu")),
+    ("stats.cu", include_str!("../../kernels/stats.cu")),
+    ("aggregate.cu", include_str!("../../kernels/aggregate.cu")),
+];
+
+/// Every kernel entry point the backend loads.
+pub const KERNEL_NAMES: [&str; 30] = [
+    "ef_accumulate_f32",
+    "ef_accumulate_f16",
+    "ef_accumulate_bf16",
+    "ef_begin",
+    "ef_commit",
+    "sel_reset",
+    "sel_clear_bits",
+    "sel_pass",
+    "sel_find",
+    "compact_count",
+    "compact_scan",
+    "compact_emit",
+    "emit_range",
+    "select_small",
+    "sign_partial",
+    "sign_merge",
+    "sign_apply",
+    "stats_items_f32",
+    "stats_items_f16",
+    "stats_items_bf16",
+    "stats_merge",
+    "var_items_f32",
+    "var_items_f16",
+    "var_items_bf16",
+    "var_merge",
+    "agg_check_sparse",
+    "agg_zero",
+    "agg_scatter",
+    "agg_sign",
+    "agg_finalize",
+];
+
+/// The whole program NVRTC compiles: every file of `kernels/`, headers first.
+pub fn kernel_source() -> String {
+    let mut s = String::from("#define GRADSIFT_NVRTC 1\n");
+    for (name, text) in SOURCES {
+        s.push_str(&format!("// ---- {name}\n"));
+        s.push_str(text);
+        s.push('\n');
+    }
+    s
+}
+
+pub(crate) fn unavailable(reason: impl Into<String>) -> Error {
+    Error::BackendUnavailable {
+        backend: "cuda",
+        reason: reason.into(),
+    }
+}
+
+pub(crate) fn device_err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Device {
+        backend: "cuda",
+        reason: format!("{what}: {e:?}"),
+    }
+}
+
+/// Runs `f`, turning a panic inside cudarc (a symbol missing from an old driver or NVRTC)
+/// into an error: probing covers the missing-library case, this covers the rest.
+fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(unavailable(format!("{what}: {msg}")))
+        }
+    }
+}
+
+/// Whether libnvrtc can be loaded, and why not.
+pub fn probe_nvrtc() -> Result<()> {
+    // SAFETY: only tries to dlopen the candidate names; no symbol is called.
+    if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(unavailable(
+            "NVRTC not found: libnvrtc.so (CUDA 13) could not be loaded; install it (e.g. \
+             `pip install nvidia-cuda-nvrtc==13.0.88`) and add its lib directory to \
+             LD_LIBRARY_PATH",
+        ))
+    }
+}
+
+/// Whether libcuda (the driver) can be loaded, and why not.
+pub fn probe_driver() -> Result<()> {
+    // SAFETY: as above, dlopen only.
+    if unsafe { cudarc::driver::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(unavailable(
+            "no CUDA driver: libcuda.so could not be loaded (is the NVIDIA driver installed?)",
+        ))
+    }
+}
+
+/// Compiles every kernel with NVRTC for `arch` (e.g. `"compute_90"`) and returns the PTX.
+/// A compile error carries NVRTC's log. This is what the CI compile test runs.
+pub fn compile_ptx(arch: &str) -> Result<String> {
+    probe_nvrtc()?;
+    no_panic("NVRTC", || {
+        let arch: &'static str = static_arch(arch);
+        let opts = cudarc::nvrtc::CompileOptions {
+            // IEEE semantics: separate roundings where the CPU reference has them, no
+            // flush-to-zero, correctly rounded division and square root.
+            fmad: Some(false),
+            ftz: Some(false),
+            prec_div: Some(true),
+            prec_sqrt: Some(true),
+            use_fast_math: None,
+            arch: Some(arch),
+            options: vec!["--std=c++17".into()],
+            name: Some("gradsift.cu".into()),
+            ..Default::default()
+        };
+        match cudarc::nvrtc::compile_ptx_with_opts(kernel_source(), opts) {
+            Ok(ptx) => Ok(ptx.to_src()),
+            Err(cudarc::nvrtc::CompileError::CompileError { log, options, .. }) => {
+                Err(unavailable(format!(
+                    "kernel compilation failed for {arch} with {options:?}:\n{}",
+                    log.to_string_lossy()
+                )))
+            }
+            Err(e) => Err(unavailable(format!("NVRTC failed for {arch}: {e:?}"))),
+        }
+    })
+}
+
+/// Compiles every kernel with NVRTC all the way to machine code for `sm` (e.g. `"sm_90"`):
+/// PTX generation plus ptxas, which catches what PTX alone does not (register or shared
+/// memory limits, unsupported instructions). Returns the cubin and ptxas' resource report.
+pub fn compile_cubin(sm: &str) -> Result<(Vec<u8>, String)> {
+    use cudarc::nvrtc::{result as nv, sys};
+    use std::ffi::{CStr, CString};
+    probe_nvrtc()?;
+    no_panic("NVRTC", || {
+        let err =
+            |what: &str, e: nv::NvrtcError| unavailable(format!("NVRTC {what} for {sm}: {e:?}"));
+        let src = CString::new(kernel_source()).map_err(|e| unavailable(e.to_string()))?;
+        let name = CString::new("gradsift.cu").map_err(|e| unavailable(e.to_string()))?;
+        let prog = nv::create_program(&src, Some(&name)).map_err(|e| err("create", e))?;
+        let opts = [
+            format!("--gpu-architecture={sm}"),
+            "--fmad=false".into(),
+            "--ftz=false".into(),
+            "--prec-div=true".into(),
+            "--prec-sqrt=true".into(),
+            "--std=c++17".into(),
+            "--ptxas-options=-v".into(),
+        ];
+        // SAFETY: `prog` is a live program; it is destroyed on every path below.
+        let compiled = unsafe { nv::compile_program(prog, &opts) };
+        let log = unsafe { nv::get_program_log(prog) }
+            .map(|l| {
+                unsafe { CStr::from_ptr(l.as_ptr()) }
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .unwrap_or_default();
+        let result = match compiled {
+            Err(e) => Err(unavailable(format!(
+                "kernel compilation failed for {sm} ({e:?}):\n{log}"
+            ))),
+            Ok(()) => {
+                let mut size = 0usize;
+                // SAFETY: standard two-call NVRTC size-then-copy protocol on a compiled program.
+                unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }
+                    .result()
+                    .map_err(|e| err("cubin size", e))
+                    .and_then(|()| {
+                        let mut bin = vec![0u8; size];
+                        unsafe { sys::nvrtcGetCUBIN(prog, bin.as_mut_ptr().cast()) }
+                            .result()
+                            .map_err(|e| err("cubin", e))
+                            .map(|()| (bin, log))
+                    })
+            }
+        };
+        // SAFETY: created above, destroyed once.
+        let _ = unsafe { nv::destroy_program(prog) };
+        result
+    })
+}
+
+/// cudarc wants a `&'static str`; architectures are few, so each is leaked once.
+fn static_arch(arch: &str) -> &'static str {
+    static ARCHS: OnceLock<Mutex<Vec<&'static str>>> = OnceLock::new();
+    let mut v = ARCHS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(a) = v.iter().find(|a| **a == arch) {
+        return a;
+    }
+    let a: &'static str = Box::leak(arch.to_string().into_boxed_str());
+    v.push(a);
+    a
+}
+
+/// PTX per architecture, compiled at most once per process.
+fn ptx_for(arch: &str) -> Result<(String, &'static str)> {
+    static CACHE: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(p) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(arch) {
+        return Ok((p.clone(), "NVRTC"));
+    }
+    let ptx = compile_ptx(arch)?;
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(arch.to_string(), ptx.clone());
+    Ok((ptx, "NVRTC"))
+}
+
+/// The loaded module and its functions, shared by every [`Context`] on one CUDA context.
+pub(crate) struct Loaded {
+    _module: Arc<CudaModule>,
+    funcs: Vec<CudaFunction>,
+    pub(crate) sms: u32,
+    pub(crate) source: &'static str,
+    pub(crate) arch: String,
+}
+
+/// Kernel handles by name (indices into [`KERNEL_NAMES`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(missing_docs, non_camel_case_types)]
+pub(crate) enum K {
+    EfAccumulateF32 = 0,
+    EfBegin = 3,
+    EfCommit = 4,
+    SelReset = 5,
+    SelClearBits = 6,
+    SelPass = 7,
+    SelFind = 8,
+    CompactCount = 9,
+    CompactScan = 10,
+    CompactEmit = 11,
+    EmitRange = 12,
+    SelectSmall = 13,
+    SignPartial = 14,
+    SignMerge = 15,
+    SignApply = 16,
+    StatsItemsF32 = 17,
+    StatsMerge = 20,
+    VarItemsF32 = 21,
+    VarMerge = 24,
+    AggCheckSparse = 25,
+    AggZero = 26,
+    AggScatter = 27,
+    AggSign = 28,
+    AggFinalize = 29,
+}
+
+fn load(ctx: &Arc<CudaContext>) -> Result<Arc<Loaded>> {
+    static MODULES: OnceLock<Mutex<HashMap<usize, Arc<Loaded>>>> = OnceLock::new();
+    let key = ctx.cu_ctx() as usize;
+    let modules = MODULES.get_or_init(Default::default);
+    if let Some(l) = modules.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(l.clone());
+    }
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(|e| device_err("compute capability", e))?;
+    if major < 8 {
+        return Err(unavailable(format!(
+            "device {} has compute capability {major}.{minor}; gradsift's kernels need 8.0 or newer",
+            ctx.ordinal()
+        )));
+    }
+    let arch = format!("compute_{major}{minor}");
+    let sms = ctx
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .map_err(|e| device_err("SM count", e))? as u32;
+    // Prefer nvcc's PTX; if this driver cannot JIT it (older PTX ISA support), compile
+    // with NVRTC for the exact device instead, and report which one is in use.
+    let mut errors = Vec::new();
+    let mut module = None;
+    // An explicit PTX file wins, and failing to use it is an error, not a fallback: it is
+    // how a machine without NVRTC runs kernels built elsewhere (scripts/gpu-stage.sh).
+    if let Some(path) = std::env::var_os("GRADSIFT_PTX") {
+        let ptx = std::fs::read_to_string(&path)
+            .map_err(|e| unavailable(format!("GRADSIFT_PTX={}: {e}", path.to_string_lossy())))?;
+        let m = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .map_err(|e| {
+                unavailable(format!(
+                    "GRADSIFT_PTX={} did not load: {e:?}",
+                    path.to_string_lossy()
+                ))
+            })?;
+        module = Some((m, "PTX file from GRADSIFT_PTX"));
+    }
+    let precompiled = if module.is_none() {
+        precompiled::PRECOMPILED_PTX
+    } else {
+        None
+    };
+    if let Some(ptx) = precompiled {
+        match ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)) {
+            Ok(m) => module = Some((m, "precompiled PTX (nvcc, compute_80)")),
+            Err(e) => errors.push(format!("precompiled PTX did not load: {e:?}")),
+        }
+    }
+    if module.is_none() {
+        match ptx_for(&arch) {
+            Ok((ptx, _)) => match ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)) {
+                Ok(m) => module = Some((m, "NVRTC")),
+                Err(e) => errors.push(format!("NVRTC PTX for {arch} did not load: {e:?}")),
+            },
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    let (module, source) =
+        module.ok_or_else(|| unavailable(format!("no usable kernels: {}", errors.join("; "))))?;
+    let mut funcs = Vec::with_capacity(KERNEL_NAMES.len());
+    for name in KERNEL_NAMES {
+        funcs.push(
+            module
+                .load_function(name)
+                .map_err(|e| device_err(&format!("loading kernel {name}"), e))?,
+        );
+    }
+    let loaded = Arc::new(Loaded {
+        _module: module,
+        funcs,
+        sms,
+        source,
+        arch,
+    });
+    modules
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, loaded.clone());
+    Ok(loaded)
+}
+
+/// A CUDA device, a stream to run on, and the loaded kernels.
+///
+/// Cheap to clone. Every plan built from a context enqueues on its stream and never
+/// synchronises unless a method returns host data. The kernels are compiled (or the
+/// precompiled PTX is loaded) once per CUDA context and shared by every `Context` on it,
+/// so wrapping each framework stream in its own `Context` costs nothing.
+#[derive(Clone)]
+pub struct Context {
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) k: Arc<Loaded>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("ordinal", &self.ctx.ordinal())
+            .field("arch", &self.k.arch)
+            .field("kernels", &self.k.source)
+            .finish()
+    }
+}
+
+impl Context {
+    /// Device `ordinal` with a new non-blocking stream. Errors (never panics) when there is
+    /// no driver, no device, no NVRTC (and no precompiled PTX), or the kernels fail to build.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let ctx = open(ordinal)?;
+        let stream = no_panic("CUDA stream", || {
+            ctx.new_stream()
+                .map_err(|e| device_err("creating a stream", e))
+        })?;
+        Self::from_stream(stream)
+    }
+
+    /// Runs everything on `stream` (for instance one made with
+    /// [`CudaContext::wrap_borrowed_stream`] around PyTorch's current stream).
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        probe_driver()?;
+        let ctx = stream.context().clone();
+        let k = no_panic("loading kernels", || {
+            ctx.bind_to_thread()
+                .map_err(|e| device_err("binding the context", e))?;
+            load(&ctx)
+        })?;
+        Ok(Self { ctx, stream, k })
+    }
+
+    /// Runs on a raw `CUstream` of device `ordinal`'s primary context, the one PyTorch and
+    /// the runtime API use (`torch.cuda.current_stream().cuda_stream`).
+    ///
+    /// # Safety
+    /// `stream` must be a valid stream of that context and outlive every use of the
+    /// returned context and of plans built from it.
+    pub unsafe fn from_raw_stream(ordinal: usize, stream: CUstream) -> Result<Self> {
+        let ctx = open(ordinal)?;
+        // SAFETY: forwarded to the caller.
+        let stream = unsafe { ctx.wrap_borrowed_stream(stream) };
+        Self::from_stream(stream)
+    }
+
+    /// The same device and kernels on another stream.
+    pub fn with_stream(&self, stream: Arc<CudaStream>) -> Result<Self> {
+        if !Arc::ptr_eq(stream.context(), &self.ctx) {
+            return Err(Error::InvalidConfig(
+                "the stream belongs to another CUDA context".into(),
+            ));
+        }
+        Ok(Self {
+            ctx: self.ctx.clone(),
+            stream,
+            k: self.k.clone(),
+        })
+    }
+
+    /// The cudarc context.
+    pub fn cuda_context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream every plan of this context runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Where the kernels came from: precompiled PTX or NVRTC.
+    pub fn kernel_origin(&self) -> &'static str {
+        self.k.source
+    }
+
+    /// Blocks until the stream's work is done.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| device_err("synchronize", e))
+    }
+
+    /// Errors unless `other` is this context's CUDA context (a buffer from another device
+    /// or context cannot be read by these kernels).
+    pub(crate) fn same_context(&self, other: &Arc<CudaContext>, what: &str) -> Result<()> {
+        if other.cu_ctx() == self.ctx.cu_ctx() {
+            Ok(())
+        } else {
+            Err(Error::InvalidConfig(format!(
+                "{what} lives on another CUDA context than the plan"
+            )))
+        }
+    }
+
+    pub(crate) fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| device_err("binding the context", e))
+    }
+
+    pub(crate) fn cu_stream(&self) -> CUstream {
+        self.stream.cu_stream()
+    }
+
+    /// Blocks for a grid-stride kernel over `n` items: enough to fill the device, no more.
+    pub(crate) fn grid_for(&self, n: u64, block: u32) -> u32 {
+        let want = n.div_ceil(u64::from(block)).max(1);
+        want.min(u64::from(self.k.sms.max(1)) * 8) as u32
+    }
+
+    /// Launches kernel `f` with one by-value struct argument.
+    pub(crate) fn launch<A: Copy>(&self, f: K, grid: u32, block: u32, args: &A) -> Result<()> {
+        self.launch_idx(f as usize, grid, block, args)
+    }
+
+    /// As [`Context::launch`], for the dtype-templated kernels (`base` + dtype offset).
+    pub(crate) fn launch_idx<A: Copy>(
+        &self,
+        idx: usize,
+        grid: u32,
+        block: u32,
+        args: &A,
+    ) -> Result<()> {
+        if grid == 0 {
+            return Ok(());
+        }
+        let mut params = [args as *const A as *mut c_void];
+        // SAFETY: every kernel takes exactly one struct whose layout `abi` mirrors; the
+        // addresses inside it are live device allocations owned by the calling plan.
+        unsafe {
+            drv::launch_kernel(
+                self.k.funcs[idx].cu_function(),
+                (grid, 1, 1),
+                (block, 1, 1),
+                0,
+                self.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(|e| device_err(KERNEL_NAMES[idx], e))
+    }
+}
+
+fn open(ordinal: usize) -> Result<Arc<CudaContext>> {
+    probe_driver()?;
+    no_panic("CUDA driver", || {
+        drv::init().map_err(|e| unavailable(format!("cuInit failed: {e:?}")))?;
+        let count = CudaContext::device_count()
+            .map_err(|e| unavailable(format!("cannot count devices: {e:?}")))?;
+        if count <= 0 {
+            return Err(unavailable("no CUDA device found"));
+        }
+        if ordinal >= count as usize {
+            return Err(unavailable(format!(
+                "device {ordinal} requested, only {count} present"
+            )));
+        }
+        CudaContext::new(ordinal).map_err(|e| unavailable(format!("cannot open device: {e:?}")))
+    })
+}
+
+/// A raw device allocation owned by a plan: allocated once at construction, freed on drop.
+/// Initialisation is ordered on the plan's stream (a synchronous `cuMemset` would run on
+/// the legacy default stream, which a non-blocking stream does not wait for), and a drop
+/// waits for that stream before freeing, so no kernel in flight loses its memory.
+pub(crate) struct DevBuf {
+    ptr: CUdeviceptr,
+    bytes: usize,
+    stream: Arc<CudaStream>,
+}
+
+impl std::fmt::Debug for DevBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DevBuf({:#x}, {} bytes)", self.ptr, self.bytes)
+    }
+}
+
+impl DevBuf {
+    /// `bytes` of zeroed device memory (at least 4 bytes, so every address is valid).
+    pub(crate) fn zeroed(cx: &Context, bytes: usize) -> Result<Self> {
+        let bytes = bytes.max(4).next_multiple_of(4);
+        cx.bind()?;
+        // SAFETY: plain allocation; the buffer is owned (and freed) by the returned value.
+        let ptr = unsafe { drv::malloc_sync(bytes) }
+            .map_err(|e| device_err(&format!("allocating {bytes} bytes"), e))?;
+        let buf = Self {
+            ptr,
+            bytes,
+            stream: cx.stream.clone(),
+        };
+        buf.fill(cx, 0, bytes)?;
+        Ok(buf)
+    }
+
+    /// A buffer holding `data`; waits for the copy (plan construction only).
+    pub(crate) fn from_slice<T: bytemuck::Pod>(cx: &Context, data: &[T]) -> Result<Self> {
+        let buf = Self::zeroed(cx, std::mem::size_of_val(data))?;
+        buf.upload(cx, data)?;
+        cx.synchronize()?;
+        Ok(buf)
+    }
+
+    pub(crate) fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Stream-ordered fill of the first `bytes` bytes with `value`.
+    pub(crate) fn fill(&self, cx: &Context, value: u8, bytes: usize) -> Result<()> {
+        debug_assert!(bytes <= self.bytes);
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: within the allocation, on the plan's stream.
+        unsafe { drv::memset_d8_async(self.ptr, value, bytes, cx.cu_stream()) }
+            .map_err(|e| device_err("memset", e))
+    }
+
+    /// Stream-ordered upload of `data` at byte offset 0. Pageable host memory is staged by
+    /// the driver before this returns, so `data` may be dropped afterwards.
+    pub(crate) fn upload<T: bytemuck::Pod>(&self, cx: &Context, data: &[T]) -> Result<()> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        if bytes.len() > self.bytes {
+            return Err(device_err("upload", "data larger than the buffer"));
+        }
+        // SAFETY: within the allocation, on the plan's stream.
+        unsafe { drv::memcpy_htod_async(self.ptr, bytes, cx.cu_stream()) }
+            .map_err(|e| device_err("upload", e))
+    }
+
+    /// Copies the first `out.len()` elements into `out`, then waits for the stream.
+    pub(crate) fn download<T: bytemuck::Pod>(&self, cx: &Context, out: &mut [T]) -> Result<()> {
+        download_at(cx, self.ptr, out)
+    }
+}
+
+/// Copies `out.len()` elements from device address `src` into `out` and waits for the stream.
+pub(crate) fn download_at<T: bytemuck::Pod>(cx: &Context, src: u64, out: &mut [T]) -> Result<()> {
+    let bytes: &mut [u8] = bytemuck::cast_slice_mut(out);
+    if !bytes.is_empty() {
+        // SAFETY: the caller passes an address with at least `out`'s bytes behind it.
+        unsafe { drv::memcpy_dtoh_async(bytes, src, cx.cu_stream()) }
+            .map_err(|e| device_err("download", e))?;
+    }
+    cx.synchronize()
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        // Errors cannot be reported from drop; a failed free leaks, which is the safe side.
+        let _ = self.stream.context().bind_to_thread();
+        if self.stream.synchronize().is_err() {
+            return;
+        }
+        // SAFETY: allocated by `malloc_sync` in this context, no longer used by the
+        // stream, and freed once.
+        let _ = unsafe { drv::free_sync(self.ptr) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_handles_name_the_right_entry_points() {
+        let pairs = [
+            (K::EfAccumulateF32, "ef_accumulate_f32"),
+            (K::EfBegin, "ef_begin"),
+            (K::EfCommit, "ef_commit"),
+            (K::SelReset, "sel_reset"),
+            (K::SelClearBits, "sel_clear_bits"),
+            (K::SelPass, "sel_pass"),
+            (K::SelFind, "sel_find"),
+            (K::CompactCount, "compact_count"),
+            (K::CompactScan, "compact_scan"),
+            (K::CompactEmit, "compact_emit"),
+            (K::EmitRange, "emit_range"),
+            (K::SelectSmall, "select_small"),
+            (K::SignPartial, "sign_partial"),
+            (K::SignMerge, "sign_merge"),
+            (K::SignApply, "sign_apply"),
+            (K::StatsItemsF32, "stats_items_f32"),
+            (K::StatsMerge, "stats_merge"),
+            (K::VarItemsF32, "var_items_f32"),
+            (K::VarMerge, "var_merge"),
+            (K::AggCheckSparse, "agg_check_sparse"),
+            (K::AggZero, "agg_zero"),
+            (K::AggScatter, "agg_scatter"),
+            (K::AggSign, "agg_sign"),
+            (K::AggFinalize, "agg_finalize"),
+        ];
+        for (k, name) in pairs {
+            assert_eq!(KERNEL_NAMES[k as usize], name);
+        }
+        // The dtype-templated kernels are f32, f16, bf16 in that order.
+        for base in [K::EfAccumulateF32, K::StatsItemsF32, K::VarItemsF32] {
+            let b = KERNEL_NAMES[base as usize].trim_end_matches("f32");
+            assert_eq!(KERNEL_NAMES[base as usize + 1], format!("{b}f16"));
+            assert_eq!(KERNEL_NAMES[base as usize + 2], format!("{b}bf16"));
+        }
+        // Every entry point exists in the sources.
+        let src = kernel_source();
+        for name in KERNEL_NAMES {
+            assert!(
+                src.contains(&format!(") {name}(")),
+                "{name} not in kernels/"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_libraries_are_errors() {
+        // Whatever this machine has, probing never panics.
+        let _ = probe_driver();
+        let _ = probe_nvrtc();
+    }
+}

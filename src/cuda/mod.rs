@@ -1,0 +1,53 @@
+//! The CUDA backend (feature `cuda`): the CPU backend's items under the same names and
+//! parameter order, with a [`Context`] first. Built on cudarc with dynamic loading, so the
+//! crate compiles and links on machines without CUDA; constructing a [`Context`] there
+//! returns [`crate::Error::BackendUnavailable`] saying what is missing.
+//!
+//! Kernels live in `kernels/*.cu`. `build.rs` compiles them to PTX when nvcc is present;
+//! otherwise the embedded sources are compiled by NVRTC on first use, once per process and
+//! architecture, and loaded once per CUDA context.
+//!
+//! Streams: every plan enqueues on its context's stream (a cudarc stream, or a framework's
+//! raw `CUstream` through [`Context::from_raw_stream`]) and only waits when a method hands
+//! back host data. Steps allocate nothing.
+//!
+//! # How a step runs
+//! - `ef_accumulate` reads `g`, `e` (and `u`) once and writes `p` (and `u'`) into the
+//!   *other* half of ping-pong buffers, counting non-finite elements. A device word names
+//!   the current half; `ef_commit`, the step's last kernel, flips it only when the count is
+//!   0, so a rejected step leaves `e` and `u` as they were without any host round trip, and
+//!   [`Compressor::read_payload`] / [`Compressor::check`] report [`crate::Error::NonFinite`].
+//! - Selection is a radix select on 32-bit keys (inverted magnitude bits for top-r, Philox
+//!   words for random-k), digits of 11/11/10 bits. Groups up to a block's worth (2^15 in
+//!   global mode, 2^20 per layer) run one block each in a single launch. Larger groups use
+//!   grid-wide passes in the spirit of AIR top-k: per-block shared histograms flushed to a
+//!   global one (the first fused into `ef_accumulate` in global mode), a one-block pivot
+//!   search, elements below the pivot marked in a bitmap on the next pass, and the elements
+//!   sharing the pivot prefix copied to a candidate buffer once they fit, so later passes
+//!   read only that buffer. The last pass marks the ties at the exact pivot key; an ordered
+//!   compaction (tile counts, scan, emit) keeps the lowest-indexed ties (SPEC §1) and yields
+//!   ascending indices. rTop-k compacts the top-r set to a list and runs the same select on
+//!   the Philox keys of that list. Values, residual update and momentum masking are fused
+//!   into the final emit.
+//! - Statistics, the scaled-sign scale and the variance estimator are segmented reductions
+//!   over items of at most 4096 elements merged per layer with Chan's formula in f64.
+//! - Aggregation validates payloads on the device; the kernels that write the output read
+//!   a device flag first and do nothing if any payload was bad.
+//!
+//! `scripts/cuda-emu/` runs the kernels on the CPU (fibers for threads) against models of
+//! SPEC.md, for machines without a GPU.
+
+mod abi;
+mod aggregate;
+mod compress;
+mod context;
+mod select;
+mod stats;
+
+pub use aggregate::Aggregator;
+pub use compress::Compressor;
+pub use context::{
+    Context, KERNEL_NAMES, compile_cubin, compile_ptx, kernel_source, probe_driver, probe_nvrtc,
+};
+pub use select::TopR;
+pub use stats::{Stats, estimate_variance, layer_stats};

@@ -1,0 +1,252 @@
+//! Per-layer statistics and the K-worker variance estimator on the GPU (SPEC §8).
+
+use super::abi::{self, StatsArgs, StatsOut, VarArgs, VarOut};
+use super::compress::dtype_offset;
+use super::context::{Context, DevBuf, K};
+use crate::{DType, Element, Error, LayerStats, Layout, Result, VarianceEstimate};
+use cudarc::driver::{CudaSlice, DevicePtr};
+
+/// A reusable statistics plan for one layout: work items, partials and outputs are
+/// allocated once, so repeated calls allocate nothing on the device (host outputs are
+/// reused `Vec`s).
+///
+/// Both reductions are segmented: each layer is cut into items of at most 4096 elements,
+/// one block per item reads its slice once (coalesced) and keeps it in registers for the
+/// centred second pass, and one block per layer merges its items with Chan's formula in f64.
+#[derive(Debug)]
+pub struct Stats {
+    cx: Context,
+    layout: Layout,
+    items: DevBuf,
+    n_items: u32,
+    layer_items: DevBuf,
+    layer_len: DevBuf,
+    partial: DevBuf,
+    out: DevBuf,
+    host: Vec<StatsOut>,
+    max_workers: usize,
+    var_partial: DevBuf,
+    var_out: DevBuf,
+    var_host: Vec<VarOut>,
+    worker_ptrs: DevBuf,
+    host_ptrs: Vec<u64>,
+    bad_count: DevBuf,
+    bad_first: DevBuf,
+    host_bad_count: Vec<u64>,
+    host_bad_first: Vec<u32>,
+}
+
+impl Stats {
+    /// A plan for `layout`, able to estimate variances over up to `max_workers` buffers.
+    pub fn new(cx: &Context, layout: &Layout, max_workers: usize) -> Result<Self> {
+        let ranges: Vec<_> = (0..layout.num_layers()).map(|l| layout.layer(l)).collect();
+        let (items, first) = abi::items(&ranges);
+        let lens: Vec<u32> = ranges.iter().map(|r| r.len() as u32).collect();
+        let nl = layout.num_layers();
+        Ok(Self {
+            cx: cx.clone(),
+            layout: layout.clone(),
+            n_items: items.len() as u32,
+            items: DevBuf::from_slice(cx, &items)?,
+            layer_items: DevBuf::from_slice(cx, &first)?,
+            layer_len: DevBuf::from_slice(cx, &lens)?,
+            partial: DevBuf::zeroed(cx, items.len() * abi::STATS_PARTIAL_BYTES)?,
+            out: DevBuf::zeroed(cx, nl * size_of::<StatsOut>())?,
+            host: vec![StatsOut::default(); nl],
+            max_workers,
+            var_partial: DevBuf::zeroed(cx, items.len() * abi::VAR_PARTIAL_BYTES)?,
+            var_out: DevBuf::zeroed(cx, nl * size_of::<VarOut>())?,
+            var_host: vec![VarOut::default(); nl],
+            worker_ptrs: DevBuf::zeroed(cx, max_workers * 8)?,
+            host_ptrs: Vec::with_capacity(max_workers),
+            bad_count: DevBuf::zeroed(cx, max_workers * 8)?,
+            bad_first: DevBuf::zeroed(cx, max_workers * 4)?,
+            host_bad_count: vec![0; max_workers],
+            host_bad_first: vec![0; max_workers],
+        })
+    }
+
+    /// Statistics of each layer of `x`, written to `out` (cleared first). Waits for the
+    /// stream, since the result is host data.
+    pub fn layer_stats<T: Element>(
+        &mut self,
+        x: &CudaSlice<T>,
+        out: &mut Vec<LayerStats>,
+    ) -> Result<()> {
+        self.layout.check_len("buffer", x.len())?;
+        self.cx.same_context(x.context(), "the buffer")?;
+        let stream = self.cx.stream.clone();
+        let (ptr, _guard) = x.device_ptr(&stream);
+        // SAFETY: `ptr` addresses `x.len()` elements of `T`.
+        unsafe { self.layer_stats_raw(ptr, x.len(), T::DTYPE, out) }
+    }
+
+    /// [`Stats::layer_stats`] on a raw device pointer.
+    ///
+    /// # Safety
+    /// `x` must address `len` elements of `dtype` on this context's device.
+    pub unsafe fn layer_stats_raw(
+        &mut self,
+        x: u64,
+        len: usize,
+        dtype: DType,
+        out: &mut Vec<LayerStats>,
+    ) -> Result<()> {
+        self.layout.check_len("buffer", len)?;
+        self.cx.bind()?;
+        let a = StatsArgs {
+            x,
+            items: self.items.ptr(),
+            partial: self.partial.ptr(),
+            layer_items: self.layer_items.ptr(),
+            out: self.out.ptr(),
+            nlayers: self.layout.num_layers() as u32,
+            pad: 0,
+        };
+        self.cx.launch_idx(
+            K::StatsItemsF32 as usize + dtype_offset(dtype),
+            self.n_items,
+            256,
+            &a,
+        )?;
+        self.cx.launch(K::StatsMerge, a.nlayers, 256, &a)?;
+        self.out.download(&self.cx, &mut self.host)?;
+        out.clear();
+        for (l, s) in self.host.iter().enumerate() {
+            let count = self.layout.layer(l).len() as u64;
+            out.push(LayerStats {
+                count,
+                mean: s.mean,
+                var: s.var,
+                min: s.min,
+                max: s.max,
+                max_abs: s.max_abs,
+                non_finite: s.non_finite,
+            });
+        }
+        Ok(())
+    }
+
+    /// Per-layer `sigma_X^2` and `sigma_N^2` from `K >= 2` workers' buffers (SPEC §8),
+    /// written to `out`. Errors as [`crate::cpu::estimate_variance`] does, including
+    /// [`Error::NonFinite`] for the first worker holding a NaN or infinity.
+    pub fn estimate_variance<T: Element>(
+        &mut self,
+        workers: &[&CudaSlice<T>],
+        out: &mut Vec<VarianceEstimate>,
+    ) -> Result<()> {
+        if workers.len() < 2 {
+            return Err(Error::InvalidConfig(format!(
+                "the variance estimator needs K >= 2 workers, got {}",
+                workers.len()
+            )));
+        }
+        for w in workers {
+            self.layout.check_len("worker buffer", w.len())?;
+            self.cx.same_context(w.context(), "a worker buffer")?;
+        }
+        let stream = self.cx.stream.clone();
+        let mut guards = Vec::with_capacity(workers.len());
+        let mut ptrs = std::mem::take(&mut self.host_ptrs);
+        ptrs.clear();
+        for w in workers {
+            let (p, g) = w.device_ptr(&stream);
+            ptrs.push(p);
+            guards.push(g);
+        }
+        // SAFETY: every pointer addresses a live buffer of the layout's length.
+        let r = unsafe { self.estimate_variance_raw(&ptrs, T::DTYPE, out) };
+        self.host_ptrs = ptrs;
+        r
+    }
+
+    /// [`Stats::estimate_variance`] on raw device pointers, one per worker.
+    ///
+    /// # Safety
+    /// Each address must hold the layout's `n` elements of `dtype` on this device.
+    pub unsafe fn estimate_variance_raw(
+        &mut self,
+        workers: &[u64],
+        dtype: DType,
+        out: &mut Vec<VarianceEstimate>,
+    ) -> Result<()> {
+        let k = workers.len();
+        if k < 2 {
+            return Err(Error::InvalidConfig(format!(
+                "the variance estimator needs K >= 2 workers, got {k}"
+            )));
+        }
+        if k > self.max_workers {
+            return Err(Error::InvalidConfig(format!(
+                "this plan was built for at most {} workers, got {k}",
+                self.max_workers
+            )));
+        }
+        self.cx.bind()?;
+        let cx = &self.cx;
+        self.worker_ptrs.upload(cx, workers)?;
+        self.bad_count.fill(cx, 0, k * 8)?;
+        self.bad_first.fill(cx, 0xFF, k * 4)?;
+        let a = VarArgs {
+            workers: self.worker_ptrs.ptr(),
+            items: self.items.ptr(),
+            partial: self.var_partial.ptr(),
+            layer_items: self.layer_items.ptr(),
+            layer_len: self.layer_len.ptr(),
+            out: self.var_out.ptr(),
+            bad_count: self.bad_count.ptr(),
+            bad_first: self.bad_first.ptr(),
+            k: k as u32,
+            nlayers: self.layout.num_layers() as u32,
+        };
+        cx.launch_idx(
+            K::VarItemsF32 as usize + dtype_offset(dtype),
+            self.n_items,
+            256,
+            &a,
+        )?;
+        cx.launch(K::VarMerge, a.nlayers, 256, &a)?;
+        self.bad_count.download(cx, &mut self.host_bad_count[..k])?;
+        self.bad_first.download(cx, &mut self.host_bad_first[..k])?;
+        if let Some(w) = (0..k).find(|&w| self.host_bad_count[w] > 0) {
+            return Err(Error::NonFinite {
+                count: self.host_bad_count[w],
+                first_index: self.host_bad_first[w],
+            });
+        }
+        self.var_out.download(cx, &mut self.var_host)?;
+        out.clear();
+        out.extend(self.var_host.iter().map(|v| VarianceEstimate {
+            sigma_x2: v.sigma_x2,
+            sigma_n2: v.sigma_n2,
+        }));
+        Ok(())
+    }
+}
+
+/// One-off [`Stats::layer_stats`] (builds a plan; keep a [`Stats`] to avoid that per call).
+pub fn layer_stats<T: Element>(
+    cx: &Context,
+    x: &CudaSlice<T>,
+    layout: &Layout,
+    out: &mut Vec<LayerStats>,
+) -> Result<()> {
+    layout.check_len("buffer", x.len())?;
+    Stats::new(cx, layout, 0)?.layer_stats(x, out)
+}
+
+/// One-off [`Stats::estimate_variance`] (builds a plan sized for `workers.len()`).
+pub fn estimate_variance<T: Element>(
+    cx: &Context,
+    workers: &[&CudaSlice<T>],
+    layout: &Layout,
+    out: &mut Vec<VarianceEstimate>,
+) -> Result<()> {
+    if workers.len() < 2 {
+        return Err(Error::InvalidConfig(format!(
+            "the variance estimator needs K >= 2 workers, got {}",
+            workers.len()
+        )));
+    }
+    Stats::new(cx, layout, workers.len())?.estimate_variance(workers, out)
+}
