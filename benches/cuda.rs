@@ -12,18 +12,8 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use gradsift::{Config, Layout, Mode, cuda};
 use std::time::Duration;
 
-fn gaussian(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    let mut next = || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    (0..n)
-        .map(|_| ((-2.0 * next().ln()).sqrt() * (std::f64::consts::TAU * next()).cos()) as f32)
-        .collect()
-}
+mod common;
+use common::gaussian;
 
 /// GPU time of `iters` runs of `f`, between two events on the context's stream.
 fn gpu_time(cx: &cuda::Context, iters: u64, mut f: impl FnMut()) -> Duration {

@@ -9,18 +9,8 @@
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use gradsift::{Config, DType, Layout, wgpu};
 
-fn gaussian(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    let mut next = || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    (0..n)
-        .map(|_| ((-2.0 * next().ln()).sqrt() * (std::f64::consts::TAU * next()).cos()) as f32)
-        .collect()
-}
+mod common;
+use common::gaussian;
 
 fn bench(c: &mut Criterion) {
     let ctx = match wgpu::Context::new() {
