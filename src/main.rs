@@ -24,6 +24,9 @@ enum Command {
     /// Rate-distortion analysis of every compressor on your workers' gradients (.npy/.npz):
     /// bits per element, distortion, rho, R_sum(D), R_in(D) and efficiency per method.
     Analyze(cli::analyze::AnalyzeArgs),
+    /// Run the seed papers' experiments (rTop-k vs top-k vs random-k; the rate-distortion
+    /// paper's Fig. 6, 7 and 8) and write a markdown report with PNG plots.
+    Reproduce(cli::reproduce::ReproduceArgs),
 }
 
 fn main() {
@@ -32,6 +35,7 @@ fn main() {
         Some(Command::Train(args)) => cli::train::run(&args).map_err(|e| e.to_string()),
         Some(Command::Demo) => cli::demo::run().map_err(|e| e.to_string()),
         Some(Command::Analyze(args)) => cli::analyze::run(&args).map_err(|e| e.to_string()),
+        Some(Command::Reproduce(args)) => cli::reproduce::run(&args).map_err(|e| e.to_string()),
     };
     if let Err(e) = result {
         eprintln!("gradsift: {e}");

@@ -1,12 +1,14 @@
 //! `gradsift analyze` end to end on the NumPy fixtures of tests/data (made by
-//! scripts/make_npz_fixture.py), and its messages for bad files.
+//! scripts/make_npz_fixture.py), its messages for bad files, and the built-in MNIST default.
 #![cfg(feature = "cli")]
 
+use gradsift::Average;
 use gradsift::cli::analyze::{
-    AnalyzeArgs, AnalyzeError, BackendChoice, analyze, discover, parse_file_name, render_table,
-    write_json,
+    AnalyzeArgs, BackendChoice, EMBEDDED_PLOT, EMBEDDED_STEPS, analyze, analyze_steps, discover,
+    embedded_default_at, methods, parse_file_name, plot_path, render_table, write_json,
 };
 use gradsift::cli::plot;
+use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
 
 fn data(p: &str) -> PathBuf {
@@ -247,7 +249,7 @@ fn file_discovery_rules() {
 }
 
 #[test]
-fn backends_and_the_embedded_default() {
+fn backend_choice() {
     let mut a = args(&["good"]);
     a.backend = BackendChoice::Cuda;
     let e = analyze(&a).unwrap_err().to_string();
@@ -269,10 +271,113 @@ fn backends_and_the_embedded_default() {
         "{:?}",
         r.notes
     );
+}
 
-    let none = AnalyzeArgs::default();
-    match analyze(&none) {
-        Err(AnalyzeError::Usage(m)) => assert!(m.contains("gradsift train"), "{m}"),
-        other => panic!("expected the part-4 hook's message, got {other:?}"),
+// The embedded default trains the built-in MNIST MLP in-process; the test asks for early steps
+// only, so that it stays a few seconds long on a loaded machine.
+#[test]
+fn embedded_default_is_the_mnist_workers_gradients() {
+    let steps = [0, 5, 20];
+    let (layers, workers, data) = embedded_default_at(&steps).unwrap();
+    assert_eq!(workers, 5);
+    let names: Vec<&str> = layers.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "fc1.weight",
+            "fc1.bias",
+            "fc2.weight",
+            "fc2.bias",
+            "fc3.weight",
+            "fc3.bias"
+        ]
+    );
+    let shapes: Vec<Vec<u64>> = layers.iter().map(|l| l.shape.clone()).collect();
+    assert_eq!(
+        shapes,
+        [
+            vec![784, 128],
+            vec![128],
+            vec![128, 64],
+            vec![64],
+            vec![64, 10],
+            vec![10]
+        ]
+    );
+    let n: usize = layers.iter().map(|l| l.n).sum();
+    assert_eq!(n, 784 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10);
+    assert_eq!(data.iter().map(|d| d.step).collect::<Vec<_>>(), [0, 5, 20]);
+    for d in &data {
+        assert_eq!(d.grads.len(), 5);
+        for g in &d.grads {
+            assert_eq!(g.len(), n);
+            assert!(g.iter().all(|v| v.is_finite()));
+        }
+        // Each worker has its own batch, so their gradients differ.
+        assert_ne!(d.grads[0], d.grads[1]);
     }
+    // Training moves the model: a later step's gradients are not the first step's.
+    assert_ne!(data[0].grads[0], data[2].grads[0]);
+
+    // Deterministic, and a step's gradients do not depend on which others are asked for.
+    let (_, _, again) = embedded_default_at(&[5]).unwrap();
+    assert_eq!(again[0].grads, data[1].grads);
+    assert!(embedded_default_at(&[5, 5]).is_err());
+    assert!(embedded_default_at(&[500]).is_err());
+
+    // Every method runs on them and the statistics are those of real gradients.
+    let methods = methods(&AnalyzeArgs::default()).unwrap();
+    let report = analyze_steps(
+        layers,
+        workers,
+        data.into_iter().map(Ok),
+        &methods,
+        Average::OverWorkers,
+        "cpu",
+        &ProgressBar::hidden(),
+    )
+    .unwrap();
+    assert_eq!(report.workers, 5);
+    assert_eq!(report.methods.len(), methods.len());
+    assert_eq!(
+        methods.len(),
+        10,
+        "three ratios x three sparsifiers, and sign"
+    );
+    assert_eq!(report.statistics.len(), 3);
+    for s in &report.statistics {
+        assert!(s.sigma_x2.is_finite() && s.sigma_x2 > 0.0, "{s:?}");
+        assert!(s.sigma_n2.is_finite() && s.sigma_n2 > 0.0, "{s:?}");
+        for &(x, nn) in &s.layers {
+            assert!(
+                x.is_finite() && x >= 0.0 && nn.is_finite() && nn > 0.0,
+                "{s:?}"
+            );
+        }
+    }
+    let table = render_table(&report, false);
+    for m in &report.methods {
+        assert_eq!(m.steps.len(), 3, "{}", m.name);
+        assert!(m.summary.bits_per_element > 0.0, "{}", m.name);
+        assert!(m.summary.efficiency.is_finite(), "{}", m.name);
+        assert!(
+            table.lines().any(|l| l.starts_with(m.name.as_str())),
+            "no row for {}:\n{table}",
+            m.name
+        );
+    }
+}
+
+#[test]
+fn bare_analyze_uses_the_embedded_default_and_draws_the_plot() {
+    assert_eq!(EMBEDDED_STEPS.first(), Some(&0));
+    assert!(EMBEDDED_STEPS.len() >= 4);
+    let bare = AnalyzeArgs::default();
+    assert_eq!(plot_path(&bare), Some(PathBuf::from(EMBEDDED_PLOT)));
+    let chosen = AnalyzeArgs {
+        plot: Some("elsewhere.png".into()),
+        ..AnalyzeArgs::default()
+    };
+    assert_eq!(plot_path(&chosen), Some(PathBuf::from("elsewhere.png")));
+    assert_eq!(plot_path(&args(&["good"])), None);
 }

@@ -6,6 +6,7 @@ pub mod analyze;
 pub mod demo;
 pub mod npy;
 pub mod plot;
+pub mod reproduce;
 pub mod train;
 
 /// SplitMix64 with Box-Muller normals: deterministic on every platform and across crate

@@ -13,7 +13,7 @@ use std::sync::Once;
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-gradsift.ttf");
 static REGISTER: Once = Once::new();
 
-fn register_font() {
+pub(crate) fn register_font() {
     REGISTER.call_once(|| {
         // The bytes are a valid TrueType font checked in with the crate; a failure here would
         // only leave text undrawn, which the test of the plot catches.
@@ -24,7 +24,7 @@ fn register_font() {
 /// `(step, bits per coordinate)` points of one line.
 type Points = Vec<(f64, f64)>;
 
-const PALETTE: [RGBColor; 10] = [
+pub(crate) const PALETTE: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),

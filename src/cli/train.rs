@@ -198,6 +198,19 @@ impl Mlp {
         .expect("an MLP has far fewer than 2^32 parameters")
     }
 
+    /// Name and shape of each parameter tensor, in layout order: `fc1.weight` (stored
+    /// `in x out`), `fc1.bias`, `fc2.weight`, ...
+    pub fn parameters(&self) -> Vec<(String, Vec<usize>)> {
+        self.params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let kind = if i % 2 == 0 { "weight" } else { "bias" };
+                (format!("fc{}.{kind}", i / 2 + 1), p.dims().to_vec())
+            })
+            .collect()
+    }
+
     /// Number of parameters.
     pub fn num_params(&self) -> usize {
         self.params.iter().map(|p| p.elem_count()).sum()
@@ -334,6 +347,15 @@ pub struct TrainConfig {
     pub per_layer: bool,
     /// Steps per epoch cap (0: a full pass); for quick tests.
     pub max_steps_per_epoch: usize,
+    /// Baseline only (`method = None`): `Some(rho)` adds i.i.d. Gaussian noise of variance
+    /// `rho sigma_Nl^2(t) / K` per coordinate to the exact average of each layer, so that the
+    /// server's estimate has `D(t) = sigma_N^2(t)/K (1 + rho)` (the seed paper's Fig. 8), and
+    /// records a [`StepMeasurement`] per step with `R_sum` at that `D`. `Some(0.0)` records the
+    /// ideal-gradient statistics of Fig. 6 without adding noise.
+    pub baseline_noise_rho: Option<f64>,
+    /// Stop as soon as an exponential moving average (factor 0.9) of the per-step training
+    /// loss reaches this value (Fig. 8's "steps to a target loss").
+    pub target_loss: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -352,6 +374,8 @@ impl Default for TrainConfig {
             hidden: vec![128, 64],
             per_layer: false,
             max_steps_per_epoch: 0,
+            baseline_noise_rho: None,
+            target_loss: None,
         }
     }
 }
@@ -415,6 +439,14 @@ impl TrainConfig {
         if !(self.lr > 0.0) || !(0.0..1.0).contains(&self.momentum) {
             return bad("--lr must be positive and --momentum in [0, 1)".into());
         }
+        if let Some(rho) = self.baseline_noise_rho {
+            if !(rho >= 0.0 && rho.is_finite()) || self.method != TrainMethod::None {
+                return bad(format!(
+                    "noise injection needs the uncompressed baseline and a finite rho >= 0, got {rho} with {}",
+                    self.method
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -453,8 +485,12 @@ pub struct TrainReport {
     pub params: usize,
     /// One entry per epoch.
     pub epochs: Vec<EpochReport>,
-    /// Every step's measurement (empty for the baseline): the time series of Fig. 6.
+    /// Every step's measurement (empty for the baseline unless
+    /// [`TrainConfig::baseline_noise_rho`] is set): the time series of Fig. 6.
     pub steps: Vec<StepMeasurement>,
+    /// Steps taken until the smoothed training loss reached [`TrainConfig::target_loss`];
+    /// `None` when it never did (or no target was set).
+    pub steps_to_target: Option<usize>,
 }
 
 /// Trains one run on `train`, evaluating on `test` after each epoch; `on_step(done, total)`
@@ -471,24 +507,7 @@ pub fn train(
     let model = Mlp::new(&cfg.hidden, cfg.seed)?;
     let layout = model.layout();
     let n = layout.n();
-    // Each worker owns a contiguous shard of a seeded permutation.
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    shuffle(&mut order, &mut SplitMix(cfg.seed ^ 0x5348_4152_44));
-    let shard = train.len() / k;
-    if shard < cfg.batch {
-        return Err(TrainError::Usage(format!(
-            "{} training images cannot give {k} workers a batch of {} each",
-            train.len(),
-            cfg.batch
-        )));
-    }
-    let mut shards: Vec<Vec<usize>> = (0..k)
-        .map(|w| order[w * shard..(w + 1) * shard].to_vec())
-        .collect();
-    let mut steps_per_epoch = shard / cfg.batch;
-    if cfg.max_steps_per_epoch > 0 {
-        steps_per_epoch = steps_per_epoch.min(cfg.max_steps_per_epoch);
-    }
+    let (mut shards, steps_per_epoch) = worker_shards(cfg, train)?;
     let total = steps_per_epoch * cfg.epochs;
 
     let mut grads = vec![vec![0f32; n]; k];
@@ -497,6 +516,9 @@ pub fn train(
     let mut state = StepState::default();
     let mut variances = Vec::new();
     let mut rng = SplitMix(cfg.seed ^ 0x4241_5443_48);
+    // A generator of its own, so that injecting noise leaves the batches unchanged.
+    let mut noise_rng = SplitMix(cfg.seed ^ 0x4E4F_4953_45);
+    let (mut loss_ema, mut steps_to_target) = (None::<f64>, None);
     let mut epochs = Vec::with_capacity(cfg.epochs);
     let mut steps = Vec::new();
     let mut t = 0u64;
@@ -511,6 +533,7 @@ pub fn train(
             ..Default::default()
         };
         let (mut bits, mut r_sum_bits) = (0.0f64, 0.0f64);
+        let mut done = 0usize;
         for s in 0..steps_per_epoch {
             let mut loss = 0.0;
             for (w, g) in grads.iter_mut().enumerate() {
@@ -537,29 +560,50 @@ pub fn train(
                 }
                 None => {
                     // Server-side momentum SGD on the exact mean: the uncompressed baseline.
+                    let views: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
+                    crate::cpu::estimate_variance(&views, &layout, &mut variances)?;
                     let inv = 1.0 / k as f32;
-                    for (i, (u, v)) in update.iter_mut().zip(velocity.iter_mut()).enumerate() {
+                    for (i, u) in update.iter_mut().enumerate() {
                         let mut sum = 0.0f32;
                         for g in &grads {
                             sum += g[i];
                         }
                         *u = sum * inv;
+                    }
+                    if let Some(rho) = cfg.baseline_noise_rho.filter(|&r| r > 0.0) {
+                        for (l, v) in variances.iter().enumerate() {
+                            let sd = (rho * v.sigma_n2 / k as f64).sqrt();
+                            for u in &mut update[layout.layer(l)] {
+                                *u += (sd * noise_rng.normal()) as f32;
+                            }
+                        }
+                    }
+                    for (u, v) in update.iter().zip(velocity.iter_mut()) {
                         *v = cfg.momentum * *v + *u;
                     }
                     model.apply(&velocity, cfg.lr)?;
                     bits += (32 * n * k) as f64;
-                    let views: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
-                    crate::cpu::estimate_variance(&views, &layout, &mut variances)?;
                     for (v, nl) in variances.iter().zip(layout.sizes()) {
                         rep.sigma_x2 += v.sigma_x2 * nl as f64 / n as f64;
                         rep.sigma_n2 += v.sigma_n2 * nl as f64 / n as f64;
                     }
+                    if let Some(rho) = cfg.baseline_noise_rho {
+                        steps.push(noisy_baseline_step(t, k, &layout, &variances, rho));
+                    }
                 }
             }
             t += 1;
+            done += 1;
             on_step(epoch * steps_per_epoch + s + 1, total);
+            let step_loss = loss / k as f64;
+            let ema = loss_ema.map_or(step_loss, |e| 0.9 * e + 0.1 * step_loss);
+            loss_ema = Some(ema);
+            if cfg.target_loss.is_some_and(|target| ema <= target) {
+                steps_to_target = Some(t as usize);
+                break;
+            }
         }
-        let steps_f = steps_per_epoch as f64;
+        let steps_f = done as f64;
         rep.train_loss /= steps_f;
         rep.bits_per_worker_step = bits / (steps_f * k as f64);
         rep.sigma_x2 /= steps_f;
@@ -571,13 +615,163 @@ pub fn train(
         rep.test_accuracy = model.accuracy(test)?;
         on_epoch(&rep);
         epochs.push(rep);
+        if steps_to_target.is_some() {
+            break;
+        }
     }
     Ok(TrainReport {
         config: cfg.clone(),
         params: model.num_params(),
         epochs,
         steps,
+        steps_to_target,
     })
+}
+
+/// The measurement of an uncompressed step whose estimate carries injected noise of
+/// `rho sigma_Nl^2 / K`: `D_l = sigma_Nl^2 / K (1 + rho)` by construction, and `R_sum(D_l)`
+/// is the least any scheme could send for that distortion (infinite at `rho = 0`).
+fn noisy_baseline_step(
+    t: u64,
+    k: usize,
+    layout: &Layout,
+    variances: &[crate::VarianceEstimate],
+    rho: f64,
+) -> StepMeasurement {
+    let kf = k as f64;
+    let n = layout.n();
+    let nf = n.max(1) as f64;
+    let layers: Vec<rd::LayerMeasurement> = variances
+        .iter()
+        .zip(layout.sizes())
+        .map(|(v, nl)| {
+            let d = v.sigma_n2 / kf * (1.0 + rho);
+            rd::LayerMeasurement {
+                n: nl,
+                sigma_x2: v.sigma_x2,
+                sigma_n2: v.sigma_n2,
+                d_c: d - v.sigma_n2 / kf,
+                d,
+                rho,
+                r_sum: rd::sum_rate(d, v.sigma_x2, v.sigma_n2, k),
+                r_in: rd::independent_rate(d, v.sigma_x2, v.sigma_n2, k),
+            }
+        })
+        .collect();
+    let weighted = |f: fn(&rd::LayerMeasurement) -> f64| -> f64 {
+        layers
+            .iter()
+            .filter(|l| l.n > 0)
+            .map(|l| l.n as f64 * f(l))
+            .sum::<f64>()
+    };
+    let bits = (32 * n * k) as u64;
+    let r_sum_bits = weighted(|l| l.r_sum);
+    StepMeasurement {
+        step: t,
+        workers: k,
+        n,
+        bits,
+        bits_per_element: 32.0,
+        sigma_x2: weighted(|l| l.sigma_x2) / nf,
+        sigma_n2: weighted(|l| l.sigma_n2) / nf,
+        d_c: weighted(|l| l.d_c) / nf,
+        d: weighted(|l| l.d) / nf,
+        rho,
+        r_sum_bits,
+        r_in_bits: weighted(|l| l.r_in),
+        // The per-layer split is fixed by construction here; no re-allocation is measured.
+        r_sum_p1_bits: r_sum_bits,
+        efficiency: r_sum_bits / bits as f64,
+        layers,
+    }
+}
+
+/// Each worker's shard of `train` (a contiguous slice of a seeded permutation) and the steps
+/// of one epoch: what [`train`] and [`worker_gradients_at`] share, so both see the same batches.
+fn worker_shards(cfg: &TrainConfig, train: &Mnist) -> Result<(Vec<Vec<usize>>, usize)> {
+    let k = cfg.workers;
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    shuffle(&mut order, &mut SplitMix(cfg.seed ^ 0x5348_4152_44));
+    let shard = train.len() / k;
+    if shard < cfg.batch {
+        return Err(TrainError::Usage(format!(
+            "{} training images cannot give {k} workers a batch of {} each",
+            train.len(),
+            cfg.batch
+        )));
+    }
+    let shards = (0..k)
+        .map(|w| order[w * shard..(w + 1) * shard].to_vec())
+        .collect();
+    let mut steps_per_epoch = shard / cfg.batch;
+    if cfg.max_steps_per_epoch > 0 {
+        steps_per_epoch = steps_per_epoch.min(cfg.max_steps_per_epoch);
+    }
+    Ok((shards, steps_per_epoch))
+}
+
+/// The `K` workers' local gradients (layout order, before averaging) at each of `steps`
+/// (0-based, strictly ascending) of the uncompressed baseline run of `cfg`: the same model,
+/// shards and batches as [`train`] with `method = None`, server-side momentum SGD on the exact
+/// mean. `cfg.method`, the ratios and the warm-up are ignored. Returns one `[worker][element]`
+/// set per requested step; training stops after the last one.
+pub fn worker_gradients_at(
+    cfg: &TrainConfig,
+    train: &Mnist,
+    steps: &[usize],
+) -> Result<Vec<Vec<Vec<f32>>>> {
+    cfg.validate()?;
+    if steps.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(TrainError::Usage(format!(
+            "steps must be strictly ascending, got {steps:?}"
+        )));
+    }
+    let k = cfg.workers;
+    let model = Mlp::new(&cfg.hidden, cfg.seed)?;
+    let n = model.num_params();
+    let (mut shards, steps_per_epoch) = worker_shards(cfg, train)?;
+    let total = steps_per_epoch * cfg.epochs;
+    if let Some(&last) = steps.last().filter(|&&l| l >= total) {
+        return Err(TrainError::Usage(format!(
+            "step {last} is past the run's last step {} ({} epochs of {steps_per_epoch} steps)",
+            total.saturating_sub(1),
+            cfg.epochs
+        )));
+    }
+    let mut grads = vec![vec![0f32; n]; k];
+    let mut velocity = vec![0f32; n];
+    let mut update = vec![0f32; n];
+    // The seed of train()'s batch shuffles, so that step t here is step t there.
+    let mut rng = SplitMix(cfg.seed ^ 0x4241_5443_48);
+    let mut wanted = steps.iter().copied().peekable();
+    let mut out = Vec::with_capacity(steps.len());
+    let mut t = 0usize;
+    'epochs: for _ in 0..cfg.epochs {
+        for s in shards.iter_mut() {
+            shuffle(s, &mut rng);
+        }
+        for s in 0..steps_per_epoch {
+            let Some(&next) = wanted.peek() else {
+                break 'epochs;
+            };
+            for (w, g) in grads.iter_mut().enumerate() {
+                model.loss_and_grad(train, &shards[w][s * cfg.batch..(s + 1) * cfg.batch], g)?;
+            }
+            if t == next {
+                out.push(grads.clone());
+                wanted.next();
+            }
+            let inv = 1.0 / k as f32;
+            for (i, (u, v)) in update.iter_mut().zip(velocity.iter_mut()).enumerate() {
+                *u = grads.iter().map(|g| g[i]).sum::<f32>() * inv;
+                *v = cfg.momentum * *v + *u;
+            }
+            model.apply(&velocity, cfg.lr)?;
+            t += 1;
+        }
+    }
+    Ok(out)
 }
 
 /// Options of `gradsift train`.

@@ -1,0 +1,982 @@
+//! `gradsift reproduce`: the seed papers' experiments on the embedded MNIST digits, written
+//! as a markdown report with PNG plots.
+//!
+//! - the rTop-k paper's comparison (its Tables I-III): baseline, rTop-k, top-k and random-k at
+//!   99% and 99.9% compression, several seeds;
+//! - the rate-distortion paper's Fig. 6 (`sigma_X^2(t)`, `sigma_N^2(t)` on ideal gradients),
+//!   Fig. 7 (scaled sign's bits against `R_in(D)` and `R_sum(D)` at the same `D`) and Fig. 8
+//!   (steps to a target loss and mean sum rate against `rho`, with injected Gaussian noise).
+//!
+//! Every run goes through [`train`]; nothing here has a training loop of its own.
+
+use super::plot::{PALETTE, register_font};
+use super::train::{Mnist, TrainConfig, TrainError, TrainMethod, TrainReport, train};
+use crate::rd;
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Options of `gradsift reproduce`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReproduceArgs {
+    /// Folder for report.md and the PNG plots (created if missing).
+    #[arg(long, default_value = "docs/reproduce")]
+    pub out: PathBuf,
+    /// Seeds per configuration of the rTop-k comparison.
+    #[arg(long, default_value_t = 3)]
+    pub seeds: usize,
+    /// Epochs per run (also the step cap of Fig. 8's runs).
+    #[arg(long, default_value_t = 8)]
+    pub epochs: usize,
+    /// A smoke run: a small MLP, a few steps per epoch, one seed, three values of rho.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// What went wrong.
+#[derive(Debug)]
+pub enum ReproduceError {
+    /// A training run failed.
+    Train(TrainError),
+    /// The report or a plot could not be written.
+    Output(PathBuf, String),
+}
+
+impl std::fmt::Display for ReproduceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReproduceError::Train(e) => write!(f, "{e}"),
+            ReproduceError::Output(p, m) => write!(f, "{}: {m}", p.display()),
+        }
+    }
+}
+
+impl std::error::Error for ReproduceError {}
+
+impl From<TrainError> for ReproduceError {
+    fn from(e: TrainError) -> Self {
+        ReproduceError::Train(e)
+    }
+}
+
+type Result<T> = std::result::Result<T, ReproduceError>;
+
+/// The PNGs the report links, in the order they appear.
+pub const PLOTS: [&str; 4] = [
+    "accuracy.png",
+    "fig6_variances.png",
+    "fig7_sign_rates.png",
+    "fig8_rho.png",
+];
+
+/// The comparison's configurations: method, fraction sent (`None`: uncompressed), label, and
+/// the rTop-k paper's Table I (ResNet-18 on CIFAR-10, distributed setting) for reference.
+const COMPARISON: [(TrainMethod, Option<f64>, &str, &str); 7] = [
+    (TrainMethod::None, None, "Baseline", "92.40%"),
+    (TrainMethod::Rtopk, Some(0.01), "rTop-k 99%", "93.25%"),
+    (TrainMethod::Rtopk, Some(0.001), "rTop-k 99.9%", "89.34%"),
+    (TrainMethod::Topk, Some(0.01), "Top-k 99%", "92.46%"),
+    (TrainMethod::Topk, Some(0.001), "Top-k 99.9%", "86.12%"),
+    (TrainMethod::Randomk, Some(0.01), "Random-k 99%", "66.81%"),
+    (TrainMethod::Randomk, Some(0.001), "Random-k 99.9%", "-"),
+];
+
+/// Fig. 8's target: the smoothed training loss (cross-entropy) at which a run counts as
+/// converged; about 90% training accuracy for this MLP, the paper's criterion.
+const TARGET_LOSS: f64 = 0.3;
+
+/// One row of the comparison table.
+#[derive(Debug, Clone)]
+pub struct ComparisonRow {
+    /// e.g. "rTop-k 99%".
+    pub label: String,
+    /// Final test accuracy of each seed that finished.
+    pub accuracies: Vec<f64>,
+    /// Seeds whose training diverged (a non-finite gradient stopped the run).
+    pub diverged: usize,
+    /// Wire bits per worker per step in the last epoch (seed 0).
+    pub bits_per_worker_step: f64,
+    /// The rTop-k paper's Table I figure.
+    pub paper: String,
+}
+
+/// One point of Fig. 8.
+#[derive(Debug, Clone)]
+pub struct RhoPoint {
+    /// `rho = K D / sigma_N^2 - 1`.
+    pub rho: f64,
+    /// Steps until the smoothed loss reached the target; `None`: not within the cap.
+    pub steps: Option<usize>,
+    /// Steps run.
+    pub steps_run: usize,
+    /// Mean over the steps run of `R_sum(D(t))`, bits per coordinate summed over workers.
+    pub mean_sum_rate: f64,
+    /// Final test accuracy.
+    pub accuracy: f64,
+}
+
+/// What the report was built from.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// The comparison table's rows, in [`COMPARISON`] order.
+    pub comparison: Vec<ComparisonRow>,
+    /// Fig. 8's points, by increasing `rho`.
+    pub rho: Vec<RhoPoint>,
+    /// Wall-clock seconds of the whole reproduction.
+    pub seconds: f64,
+}
+
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let m = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (m, var.sqrt())
+}
+
+/// Runs every experiment and writes `report.md` and [`PLOTS`] into `args.out`; `log`
+/// receives one line per finished run.
+pub fn reproduce(args: &ReproduceArgs, mut log: impl FnMut(&str)) -> Result<Summary> {
+    let start = Instant::now();
+    let out = &args.out;
+    std::fs::create_dir_all(out).map_err(|e| ReproduceError::Output(out.clone(), e.to_string()))?;
+    let data = Mnist::embedded()?;
+    let (train_set, test_set) = data.split(2000);
+    let seeds = if args.quick { 1 } else { args.seeds.max(1) };
+    let base = TrainConfig {
+        epochs: args.epochs.max(1),
+        ..TrainConfig::default()
+    };
+    let base = if args.quick {
+        TrainConfig {
+            epochs: 2,
+            hidden: vec![32],
+            warmup_epochs: 1,
+            max_steps_per_epoch: 10,
+            ..base
+        }
+    } else {
+        base
+    };
+    let run = |cfg: &TrainConfig| train(cfg, &train_set, &test_set, |_, _| {}, |_| {});
+
+    // The rTop-k paper's comparison. The baseline records its ideal-gradient statistics
+    // (rho = 0 adds no noise), which are Fig. 6.
+    let mut comparison = Vec::new();
+    let mut curves: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let mut ideal: Option<TrainReport> = None;
+    for (method, ratio, label, paper) in COMPARISON {
+        let mut reports = Vec::new();
+        let mut diverged = 0;
+        for seed in 0..seeds as u64 {
+            let cfg = TrainConfig {
+                method,
+                ratio: ratio.unwrap_or(1.0),
+                seed,
+                baseline_noise_rho: (method == TrainMethod::None).then_some(0.0),
+                ..base.clone()
+            };
+            match run(&cfg) {
+                Ok(r) => {
+                    log(&format!(
+                        "{label}, seed {seed}: test accuracy {:.2}%",
+                        100.0 * r.epochs.last().map_or(0.0, |e| e.test_accuracy)
+                    ));
+                    reports.push(r);
+                }
+                // A diverging run is a result of the comparison, not a failure of it.
+                Err(TrainError::Gradsift(e)) => {
+                    log(&format!("{label}, seed {seed}: diverged ({e})"));
+                    diverged += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let epochs = reports.first().map_or(0, |r| r.epochs.len());
+        let curve: Vec<(f64, f64)> = (0..epochs)
+            .map(|e| {
+                let accs: Vec<f64> = reports.iter().map(|r| r.epochs[e].test_accuracy).collect();
+                ((e + 1) as f64, 100.0 * mean_sd(&accs).0)
+            })
+            .collect();
+        if !curve.is_empty() {
+            curves.push((label.to_string(), curve));
+        }
+        comparison.push(ComparisonRow {
+            label: label.to_string(),
+            accuracies: reports
+                .iter()
+                .map(|r| r.epochs.last().map_or(0.0, |e| e.test_accuracy))
+                .collect(),
+            diverged,
+            bits_per_worker_step: reports
+                .first()
+                .and_then(|r| r.epochs.last())
+                .map_or(f64::NAN, |e| e.bits_per_worker_step),
+            paper: paper.to_string(),
+        });
+        if method == TrainMethod::None {
+            ideal = reports.into_iter().next();
+        }
+    }
+    let ideal = ideal.ok_or_else(|| {
+        ReproduceError::Train(TrainError::Usage(
+            "the uncompressed baseline diverged; nothing to compare with".into(),
+        ))
+    })?;
+
+    // Fig. 7: scaled sign (1 bit per element per worker) on its own training run.
+    let sign = run(&TrainConfig {
+        method: TrainMethod::Sign,
+        ..base.clone()
+    })?;
+    log(&format!(
+        "scaled sign: test accuracy {:.2}%",
+        100.0 * sign.epochs.last().map_or(0.0, |e| e.test_accuracy)
+    ));
+
+    // Fig. 8: the baseline with injected noise, until the target loss or the step cap.
+    let rhos: &[f64] = if args.quick {
+        &[0.0, 10.0, 1000.0]
+    } else {
+        &[0.0, 0.1, 1.0, 10.0, 30.0, 100.0, 300.0, 1000.0]
+    };
+    let mut rho = Vec::new();
+    for &r in rhos {
+        let rep = run(&TrainConfig {
+            method: TrainMethod::None,
+            baseline_noise_rho: Some(r),
+            target_loss: Some(TARGET_LOSS),
+            ..base.clone()
+        })?;
+        let rates: Vec<f64> = rep.steps.iter().map(|m| m.r_sum_per_coordinate()).collect();
+        let point = RhoPoint {
+            rho: r,
+            steps: rep.steps_to_target,
+            steps_run: rep.steps.len(),
+            mean_sum_rate: rates.iter().sum::<f64>() / rates.len().max(1) as f64,
+            accuracy: rep.epochs.last().map_or(0.0, |e| e.test_accuracy),
+        };
+        log(&format!(
+            "rho = {r}: {} steps, mean R_sum {:.3} bits/coordinate",
+            point
+                .steps
+                .map_or(format!("target not reached in {}", point.steps_run), |s| s
+                    .to_string()),
+            point.mean_sum_rate
+        ));
+        rho.push(point);
+    }
+
+    draw_accuracy(&out.join(PLOTS[0]), &curves)?;
+    draw_fig6(&out.join(PLOTS[1]), &ideal)?;
+    let fig7 = fig7_series(&sign);
+    draw_fig7(&out.join(PLOTS[2]), &fig7)?;
+    draw_fig8(&out.join(PLOTS[3]), &rho, &base)?;
+
+    let summary = Summary {
+        comparison,
+        rho,
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    let md = report(args, &base, seeds, &summary, &ideal, &sign, &fig7);
+    let path = out.join("report.md");
+    std::fs::write(&path, md).map_err(|e| ReproduceError::Output(path, e.to_string()))?;
+    Ok(summary)
+}
+
+/// Runs `gradsift reproduce`.
+pub fn run(args: &ReproduceArgs) -> Result<()> {
+    let s = reproduce(args, |line| println!("{line}"))?;
+    println!(
+        "wrote {} and {} plots in {:.0} s",
+        args.out.join("report.md").display(),
+        PLOTS.len(),
+        s.seconds
+    );
+    Ok(())
+}
+
+/// Per step of the sign run: sent bits, and `R_in`, `R_sum` at the measured `D` and at the
+/// Gaussian model's `D_sign` (per layer, size-weighted), all bits per coordinate summed over
+/// the `K` workers.
+struct Fig7 {
+    sent: Vec<(f64, f64)>,
+    r_in_meas: Vec<(f64, f64)>,
+    r_sum_meas: Vec<(f64, f64)>,
+    r_in_model: Vec<(f64, f64)>,
+    r_sum_model: Vec<(f64, f64)>,
+}
+
+fn fig7_series(sign: &TrainReport) -> Fig7 {
+    let mut f = Fig7 {
+        sent: vec![],
+        r_in_meas: vec![],
+        r_sum_meas: vec![],
+        r_in_model: vec![],
+        r_sum_model: vec![],
+    };
+    for m in &sign.steps {
+        let t = m.step as f64;
+        let k = m.workers;
+        let nf = m.n.max(1) as f64;
+        let (mut r_in, mut r_sum) = (0.0, 0.0);
+        for l in m.layers.iter().filter(|l| l.n > 0) {
+            let d = rd::sign_distortion(l.sigma_x2, l.sigma_n2, k);
+            r_in += l.n as f64 * rd::independent_rate(d, l.sigma_x2, l.sigma_n2, k);
+            r_sum += l.n as f64 * rd::sum_rate(d, l.sigma_x2, l.sigma_n2, k);
+        }
+        f.sent.push((t, m.sent_per_coordinate()));
+        f.r_in_meas.push((t, m.r_in_per_coordinate()));
+        f.r_sum_meas.push((t, m.r_sum_per_coordinate()));
+        f.r_in_model.push((t, r_in / nf));
+        f.r_sum_model.push((t, r_sum / nf));
+    }
+    f
+}
+
+fn avg(v: &[(f64, f64)], from: f64, to: f64) -> f64 {
+    let (s, n) = v
+        .iter()
+        .filter(|p| p.0 >= from && p.0 < to && p.1.is_finite())
+        .fold((0.0, 0usize), |(s, n), p| (s + p.1, n + 1));
+    if n == 0 { f64::NAN } else { s / n as f64 }
+}
+
+// ---------------------------------------------------------------------------------------
+// Plots. Log axes are drawn as log10 of the data on a linear axis, labelled as powers of
+// ten: one coordinate type for every chart, whatever mix of log and linear axes it has.
+
+type Series = (String, Vec<(f64, f64)>, ShapeStyle);
+
+fn out_err(path: &Path) -> impl Fn(String) -> ReproduceError + '_ {
+    move |m| ReproduceError::Output(path.to_path_buf(), format!("cannot draw: {m}"))
+}
+
+/// `10^v` with three significant digits: tick positions are evenly spaced in `log10`, so
+/// they rarely fall on round numbers, and a rounded value is still an honest reading.
+fn pow10_label(v: f64) -> String {
+    let x = 10f64.powf(v);
+    if (1e-2..1e4).contains(&x) {
+        let digits = (2 - x.log10().floor() as i32).max(0) as usize;
+        let s = format!("{x:.digits$}");
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s
+        }
+    } else {
+        format!("{x:.2e}")
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn chart(
+    area: &DrawingArea<BitMapBackend<'_>, Shift>,
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    (x_log, y_log): (bool, bool),
+    series: &[Series],
+    legend: SeriesLabelPosition,
+) -> Result<()> {
+    let err = out_err(path);
+    let tx = |v: f64| if x_log { v.log10() } else { v };
+    let ty = |v: f64| if y_log { v.log10() } else { v };
+    let pts: Vec<Vec<(f64, f64)>> = series
+        .iter()
+        .map(|(_, p, _)| {
+            p.iter()
+                .map(|&(x, y)| (tx(x), ty(y)))
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .collect()
+        })
+        .collect();
+    let all = pts.iter().flatten();
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in all {
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+    }
+    if x0 > x1 {
+        return Err(err("nothing finite to plot".into()));
+    }
+    let (px, py) = (((x1 - x0) * 0.04).max(0.05), ((y1 - y0) * 0.08).max(0.05));
+    let mut c = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(42)
+        .y_label_area_size(70)
+        .build_cartesian_2d((x0 - px)..(x1 + px), (y0 - py)..(y1 + py))
+        .map_err(|e| err(e.to_string()))?;
+    let xf = |v: &f64| {
+        if x_log {
+            pow10_label(*v)
+        } else {
+            format!("{v}")
+        }
+    };
+    let yf = |v: &f64| {
+        if y_log {
+            pow10_label(*v)
+        } else {
+            let s = format!("{v:.3}");
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        }
+    };
+    let mut mesh = c.configure_mesh();
+    mesh.x_desc(x_desc)
+        .y_desc(y_desc)
+        .x_label_formatter(&xf)
+        .y_label_formatter(&yf)
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 15));
+    // No minor grid: it adds little to a reading and much to the PNG's size.
+    mesh.light_line_style(WHITE).x_labels(10).y_labels(10);
+    mesh.draw().map_err(|e| err(e.to_string()))?;
+    for ((label, _, style), p) in series.iter().zip(&pts) {
+        let style = *style;
+        c.draw_series(LineSeries::new(p.clone(), style))
+            .map_err(|e| err(e.to_string()))?
+            .label(label.as_str())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 22, y)], style));
+        if p.len() <= 60 {
+            c.draw_series(p.iter().map(|&q| Circle::new(q, 3, style.color.filled())))
+                .map_err(|e| err(e.to_string()))?;
+        }
+    }
+    c.configure_series_labels()
+        .position(legend)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+fn canvas(path: &Path, size: (u32, u32)) -> Result<DrawingArea<BitMapBackend<'_>, Shift>> {
+    register_font();
+    let root = BitMapBackend::new(path, size).into_drawing_area();
+    root.fill(&WHITE)
+        .map_err(|e| out_err(path)(e.to_string()))?;
+    Ok(root)
+}
+
+fn style(i: usize, width: u32) -> ShapeStyle {
+    PALETTE[i % PALETTE.len()].stroke_width(width)
+}
+
+fn draw_accuracy(path: &Path, curves: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
+    let root = canvas(path, (900, 560))?;
+    let series: Vec<Series> = curves
+        .iter()
+        .enumerate()
+        .map(|(i, (l, p))| (l.clone(), p.clone(), style(i, 2)))
+        .collect();
+    chart(
+        &root,
+        path,
+        "Test accuracy (mean over seeds), MLP on MNIST, K = 5 workers",
+        "epoch",
+        "test accuracy, %",
+        (false, false),
+        &series,
+        SeriesLabelPosition::LowerRight,
+    )?;
+    root.present().map_err(|e| out_err(path)(e.to_string()))
+}
+
+fn draw_fig6(path: &Path, ideal: &TrainReport) -> Result<()> {
+    let root = canvas(path, (900, 520))?;
+    let pick = |f: fn(&rd::StepMeasurement) -> f64| -> Vec<(f64, f64)> {
+        ideal
+            .steps
+            .iter()
+            .map(|m| (m.step as f64 + 1.0, f(m)))
+            .collect()
+    };
+    let series = vec![
+        (
+            "sigma_X^2(t): global gradient".to_string(),
+            pick(|m| m.sigma_x2),
+            style(0, 2),
+        ),
+        (
+            "sigma_N^2(t): gradient noise".to_string(),
+            pick(|m| m.sigma_n2),
+            style(3, 2),
+        ),
+    ];
+    chart(
+        &root,
+        path,
+        "Fig. 6: gradient statistics per step (ideal gradients, baseline seed 0)",
+        "iteration",
+        "variance per coordinate",
+        (false, true),
+        &series,
+        SeriesLabelPosition::UpperRight,
+    )?;
+    root.present().map_err(|e| out_err(path)(e.to_string()))
+}
+
+fn draw_fig7(path: &Path, f: &Fig7) -> Result<()> {
+    let root = canvas(path, (900, 560))?;
+    let series = vec![
+        (
+            "scaled sign: wire bits sent".to_string(),
+            f.sent.clone(),
+            style(0, 2),
+        ),
+        (
+            "R_in(D_sign): ideal quantization".to_string(),
+            f.r_in_model.clone(),
+            style(1, 2),
+        ),
+        (
+            "R_sum(D_sign): theoretical minimum".to_string(),
+            f.r_sum_model.clone(),
+            style(2, 2),
+        ),
+        (
+            "R_in(D), measured D (error feedback)".to_string(),
+            f.r_in_meas.clone(),
+            style(4, 1),
+        ),
+        (
+            "R_sum(D), measured D (error feedback)".to_string(),
+            f.r_sum_meas.clone(),
+            style(3, 1),
+        ),
+    ];
+    chart(
+        &root,
+        path,
+        "Fig. 7: bits per coordinate, summed over K = 5 workers",
+        "iteration",
+        "bits per coordinate (all workers)",
+        (false, true),
+        &series,
+        SeriesLabelPosition::MiddleRight,
+    )?;
+    root.present().map_err(|e| out_err(path)(e.to_string()))
+}
+
+fn draw_fig8(path: &Path, points: &[RhoPoint], base: &TrainConfig) -> Result<()> {
+    let root = canvas(path, (1000, 460))?;
+    let (left, right) = root.split_horizontally(500);
+    // rho = 0 cannot sit on a log axis: it is drawn at 10^-2 and named in the report.
+    let x = |r: f64| if r > 0.0 { r } else { 1e-2 };
+    let cap = points.iter().map(|p| p.steps_run).max().unwrap_or(0) as f64;
+    let reached: Vec<(f64, f64)> = points
+        .iter()
+        .filter_map(|p| p.steps.map(|s| (x(p.rho), s as f64)))
+        .collect();
+    let missed: Vec<(f64, f64)> = points
+        .iter()
+        .filter(|p| p.steps.is_none())
+        .map(|p| (x(p.rho), p.steps_run as f64))
+        .collect();
+    let mut series = vec![(
+        format!("steps to smoothed loss {TARGET_LOSS}"),
+        reached,
+        style(0, 2),
+    )];
+    if !missed.is_empty() {
+        series.push((
+            format!("not reached ({} steps max)", cap),
+            missed,
+            style(3, 2),
+        ));
+    }
+    chart(
+        &left,
+        path,
+        "Fig. 8a: iterations to the target loss",
+        "rho (rho = 0 drawn at 0.01)",
+        "iterations",
+        (true, false),
+        &series,
+        SeriesLabelPosition::UpperLeft,
+    )?;
+    let rate: Vec<(f64, f64)> = points
+        .iter()
+        .filter(|p| p.rho > 0.0)
+        .map(|p| (p.rho, p.mean_sum_rate))
+        .collect();
+    chart(
+        &right,
+        path,
+        "Fig. 8b: mean R_sum(D(t)) per iteration",
+        "rho",
+        "bits per coordinate (all workers)",
+        (true, true),
+        &[(format!("K = {} workers", base.workers), rate, style(2, 2))],
+        SeriesLabelPosition::UpperRight,
+    )?;
+    root.present().map_err(|e| out_err(path)(e.to_string()))
+}
+
+// ---------------------------------------------------------------------------------------
+// The report.
+
+fn pct(x: f64) -> String {
+    format!("{:.2}", 100.0 * x)
+}
+
+fn report(
+    args: &ReproduceArgs,
+    base: &TrainConfig,
+    seeds: usize,
+    s: &Summary,
+    ideal: &TrainReport,
+    sign: &TrainReport,
+    f7: &Fig7,
+) -> String {
+    let mut md = String::new();
+    let w = &mut md;
+    let steps_per_epoch = ideal.steps.len() / ideal.epochs.len().max(1);
+    let hidden: Vec<String> = base.hidden.iter().map(|h| h.to_string()).collect();
+    let _ = writeln!(w, "# Reproducing the seed papers with gradsift\n");
+    let _ = writeln!(
+        w,
+        "Generated by `gradsift reproduce --out {}{}` in {:.0} s (2 CPU cores). Every run is \
+         `gradsift train`'s simulated cluster: K = {} workers, each with its own shard of the \
+         8,000 embedded MNIST training digits (2,000 held-out test digits), an MLP 784-{}-10 \
+         ({} parameters), batch {} per worker, {} steps per epoch, {} epochs, lr {}, momentum \
+         {} (DGC momentum correction and error feedback on the workers for compressed runs; \
+         server-side momentum for the baseline), DGC sparsity warm-up over {} epoch(s).{}\n",
+        args.out.display(),
+        if args.quick {
+            " --quick".to_string()
+        } else {
+            format!(" --seeds {seeds} --epochs {}", base.epochs)
+        },
+        s.seconds,
+        base.workers,
+        hidden.join("-"),
+        ideal.params,
+        base.batch,
+        steps_per_epoch,
+        base.epochs,
+        base.lr,
+        base.momentum,
+        base.warmup_epochs,
+        if args.quick {
+            " **Quick smoke run: the numbers below mean nothing.**"
+        } else {
+            ""
+        }
+    );
+
+    // --- rTop-k comparison
+    let _ = writeln!(
+        w,
+        "## 1. rTop-k against top-k and random-k (rTop-k paper, Tables I-III)\n"
+    );
+    let _ = writeln!(
+        w,
+        "Same budget for every sparsifier: a fraction k/n = 1% (99% compression) or 0.1% (99.9%) \
+         of the gradient per worker per step; rTop-k takes the top r = {}k and sends a random k \
+         of them (r/k = K, the paper's choice). Final test accuracy over {seeds} seed(s) \
+         (seeds 0..{}); spread is the sample standard deviation and the min-max range. Bits are \
+         the wire format's, per worker per step, last epoch.\n",
+        base.r_over_k,
+        seeds - 1
+    );
+    let _ = writeln!(
+        w,
+        "| Method | Test accuracy, % (mean ± sd) | min - max | bits / worker / step | paper, Table I (ResNet-18, CIFAR-10) |"
+    );
+    let _ = writeln!(w, "|---|---|---|---|---|");
+    for r in &s.comparison {
+        if r.accuracies.is_empty() {
+            let _ = writeln!(
+                w,
+                "| {} | diverged in all {} seeds | - | - | {} |",
+                r.label, r.diverged, r.paper
+            );
+            continue;
+        }
+        let (m, sd) = mean_sd(&r.accuracies);
+        let lo = r.accuracies.iter().copied().fold(f64::MAX, f64::min);
+        let hi = r.accuracies.iter().copied().fold(f64::MIN, f64::max);
+        let _ = writeln!(
+            w,
+            "| {}{} | {} ± {} | {} - {} | {:.0} | {} |",
+            r.label,
+            if r.diverged > 0 {
+                format!(" ({} of {seeds} seeds diverged)", r.diverged)
+            } else {
+                String::new()
+            },
+            pct(m),
+            pct(sd),
+            pct(lo),
+            pct(hi),
+            r.bits_per_worker_step,
+            r.paper
+        );
+    }
+    let _ = writeln!(w, "\n![test accuracy per epoch](accuracy.png)\n");
+    let get = |l: &str| {
+        s.comparison
+            .iter()
+            .find(|r| r.label == l && !r.accuracies.is_empty())
+            .map(|r| mean_sd(&r.accuracies))
+            .unwrap_or((f64::NAN, 0.0))
+    };
+    let _ = writeln!(w, "What agrees and what does not:\n");
+    for level in ["99%", "99.9%"] {
+        let (rt, rsd) = get(&format!("rTop-k {level}"));
+        let (tk, tsd) = get(&format!("Top-k {level}"));
+        let (rk, _) = get(&format!("Random-k {level}"));
+        let gap = rt - tk;
+        let noise = rsd.max(tsd);
+        let verdict = if gap > 2.0 * noise && gap > 0.0 {
+            "rTop-k beats top-k by more than twice the seed spread, as in the paper"
+        } else if gap < -2.0 * noise {
+            "top-k beats rTop-k by more than twice the seed spread: **the paper's ordering is not reproduced here**"
+        } else {
+            "the difference between rTop-k and top-k is within about two seed standard deviations: **no significant difference here**, where the paper reports rTop-k ahead"
+        };
+        let _ = writeln!(
+            w,
+            "- At {level}: rTop-k {} % vs top-k {} % (difference {:+.2} points, seed sd up to {:.2}): {verdict}. Random-k {}{}.",
+            pct(rt),
+            pct(tk),
+            100.0 * gap,
+            100.0 * noise,
+            if rk.is_nan() {
+                String::new()
+            } else {
+                format!("reaches {} %", pct(rk))
+            },
+            if rk.is_nan() {
+                " (it diverged: its n/k-scaled, unbiased updates are 1/ratio times larger than \
+                 the gradient, too large for lr 0.05 with momentum 0.9): the worst of the three, as \
+                 in the paper, where it still trained"
+            } else if rk < rt.min(tk) {
+                ", the worst of the three, as in the paper"
+            } else {
+                ", **not** the worst, unlike the paper"
+            }
+        );
+    }
+    let (b, _) = get("Baseline");
+    let (r99, _) = get("rTop-k 99%");
+    let _ = writeln!(
+        w,
+        "- Baseline {} % against rTop-k 99% {} %: the paper's rTop-k 99% slightly beats its baseline \
+         (93.25% vs 92.40%); here rTop-k 99% is {} the baseline.\n",
+        pct(b),
+        pct(r99),
+        if r99 > b { "above" } else { "below" }
+    );
+    let _ = writeln!(
+        w,
+        "Why it can differ: the paper trains ResNet-18 on 50,000 CIFAR-10 images for many epochs \
+         (hundreds of thousands of parameters per layer; 5 warm-up epochs), while this is a \
+         {}-parameter MLP on 8,000 MNIST digits for {} epochs, a problem easy enough that every \
+         method that keeps error feedback ends close to the baseline. The server here averages \
+         over all K workers (SPEC §7 `OverWorkers`), where the paper divides each coordinate by \
+         the number of workers that sent it. Random-k is sent scaled by n/k (unbiased) with error \
+         feedback; the paper does not state its random-k scaling.\n",
+        ideal.params, base.epochs
+    );
+
+    // --- Fig. 6
+    let n_steps = ideal.steps.len() as f64;
+    let sx = |a: f64, b: f64| {
+        avg(
+            &ideal
+                .steps
+                .iter()
+                .map(|m| (m.step as f64, m.sigma_x2))
+                .collect::<Vec<_>>(),
+            a,
+            b,
+        )
+    };
+    let sn = |a: f64, b: f64| {
+        avg(
+            &ideal
+                .steps
+                .iter()
+                .map(|m| (m.step as f64, m.sigma_n2))
+                .collect::<Vec<_>>(),
+            a,
+            b,
+        )
+    };
+    let tenth = (n_steps / 10.0).max(1.0);
+    let (x_first, x_last) = (sx(0.0, tenth), sx(n_steps - tenth, n_steps + 1.0));
+    let (n_first, n_last) = (sn(0.0, tenth), sn(n_steps - tenth, n_steps + 1.0));
+    let _ = writeln!(
+        w,
+        "## 2. Fig. 6: sigma_X^2(t) and sigma_N^2(t)\n\n\
+         Per step of the uncompressed baseline (seed 0), size-weighted over layers (SPEC §8).\n\n\
+         ![sigma_X^2 and sigma_N^2 per step](fig6_variances.png)\n\n\
+         | | first 10% of steps | last 10% of steps | ratio last/first |\n|---|---|---|---|\n\
+         | sigma_X^2 | {x_first:.3e} | {x_last:.3e} | {:.3} |\n\
+         | sigma_N^2 | {n_first:.3e} | {n_last:.3e} | {:.3} |\n",
+        x_last / x_first,
+        n_last / n_first
+    );
+    let _ = writeln!(
+        w,
+        "The paper: sigma_X^2 is large at first and decays toward 0, while sigma_N^2 stays roughly \
+         constant, so sigma_X^2/sigma_N^2 falls. Here sigma_X^2 {} by a factor {:.1} and \
+         sigma_N^2 {} by a factor {:.1}; sigma_X^2/sigma_N^2 goes from {:.3} to {:.3}. {}\n",
+        if x_last < x_first { "falls" } else { "rises" },
+        (x_first / x_last).max(x_last / x_first),
+        if n_last < n_first { "falls" } else { "rises" },
+        (n_first / n_last).max(n_last / n_first),
+        x_first / n_first,
+        x_last / n_last,
+        if (n_first / n_last) > 2.0 {
+            "The decay of sigma_X^2 agrees; sigma_N^2 is **not** constant here: this MLP fits its 8,000 \
+             training digits, so per-sample gradients shrink as the loss goes to 0 (the paper's \
+             models stay at a loss far from 0 over the plotted iterations)."
+        } else {
+            "Both agree with the paper's shape."
+        }
+    );
+
+    // --- Fig. 7
+    let steps7 = sign.steps.len() as f64;
+    let third = (steps7 / 3.0).max(1.0);
+    let row = |name: &str, v: &[(f64, f64)]| {
+        format!(
+            "| {name} | {:.3} | {:.3} | {:.3} |\n",
+            avg(v, 0.0, steps7 + 1.0),
+            avg(v, 0.0, third),
+            avg(v, steps7 - third, steps7 + 1.0)
+        )
+    };
+    let _ = writeln!(
+        w,
+        "## 3. Fig. 7: scaled sign against R_in(D) and R_sum(D)\n\n\
+         A training run with scaled sign (SPEC §6; error feedback and momentum correction as for \
+         the sparsifiers; final test accuracy {} %). Bits per coordinate summed over the K = {} \
+         workers. The paper's curves use the Gaussian model's distortion of scaled sign, \
+         D_sign = (sigma_N^2 + (pi-2)/pi (sigma_N^2 + sigma_X^2))/K, computed per layer from the \
+         step's sigma_X^2 and sigma_N^2; the thin lines use the distortion actually measured \
+         against the exact mean. That measured D is far larger than D_sign, and its rates far \
+         lower: with error feedback and momentum correction each worker signs its accumulated \
+         residual plus velocity, whose scale (mean |p|) is much larger than the step's gradient, \
+         so one step's estimate is far from that step's mean gradient (the error is paid back in \
+         later steps, which a per-step D does not see).\n\n\
+         ![sign bits against R_in and R_sum](fig7_sign_rates.png)\n\n\
+         | bits per coordinate (all workers) | all steps | first third | last third |\n|---|---|---|---|",
+        pct(sign.epochs.last().map_or(0.0, |e| e.test_accuracy)),
+        base.workers
+    );
+    w.push_str(&row("scaled sign, sent (wire)", &f7.sent));
+    w.push_str(&row("R_in(D_sign), ideal quantization", &f7.r_in_model));
+    w.push_str(&row("R_sum(D_sign), theoretical minimum", &f7.r_sum_model));
+    w.push_str(&row("R_in(D), measured D", &f7.r_in_meas));
+    w.push_str(&row("R_sum(D), measured D", &f7.r_sum_meas));
+    let k = base.workers as f64;
+    let r_in_const = k / 2.0 * (1.0 + std::f64::consts::PI / (std::f64::consts::PI - 2.0)).log2();
+    let sum_first = avg(&f7.r_sum_model, 0.0, third);
+    let sum_last = avg(&f7.r_sum_model, steps7 - third, steps7 + 1.0);
+    let _ = writeln!(
+        w,
+        "\nThe paper: sign's rate sits a little above the constant R_in(D_sign) = K/2 log2(1 + \
+         pi/(pi-2)) = {r_in_const:.3} bits here, and far above R_sum(D_sign), with the gap \
+         largest early in training. Here: sign sends {:.3} bits ({:.3} per worker, the 1-bit \
+         signs plus one f32 scale per layer and the payload header), R_in(D_sign) is {:.3} \
+         (agrees with the closed form), and R_sum(D_sign) is {:.3} early and {:.3} late: {}\n",
+        avg(&f7.sent, 0.0, steps7 + 1.0),
+        avg(&f7.sent, 0.0, steps7 + 1.0) / k,
+        avg(&f7.r_in_model, 0.0, steps7 + 1.0),
+        sum_first,
+        sum_last,
+        if sum_first < sum_last {
+            "the gap to the minimum is largest at the beginning, as in the paper (R_sum grows as \
+             sigma_X^2/sigma_N^2 falls, Fig. 6)."
+        } else {
+            "**unlike the paper, the gap does not shrink over training here**."
+        }
+    );
+
+    // --- Fig. 8
+    let _ = writeln!(
+        w,
+        "## 4. Fig. 8: iterations to a target loss and mean sum rate against rho\n\n\
+         The uncompressed baseline (seed 0) with i.i.d. Gaussian noise of variance \
+         rho sigma_N^2(t)/K per coordinate (per layer, from the step's estimate) added to the \
+         exact average, so that D(t) = sigma_N^2(t)/K (1 + rho); trained until an exponential \
+         moving average (0.9) of the training loss reaches {TARGET_LOSS} (cross-entropy; about 90% \
+         training accuracy, the paper's criterion), for at most {} steps. The sum rate per \
+         iteration is R_sum(D(t)) per layer (rd::sum_rate), size-weighted, averaged over the \
+         iterations run; at rho = 0 it is infinite (exact transmission).\n\n\
+         ![iterations and sum rate against rho](fig8_rho.png)\n\n\
+         | rho | iterations to loss {TARGET_LOSS} | mean R_sum, bits / coordinate (all workers) | total R_sum bits to target, per coordinate | final test accuracy, % |\n|---|---|---|---|---|",
+        base.epochs * steps_per_epoch
+    );
+    for p in &s.rho {
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} |",
+            p.rho,
+            p.steps
+                .map_or(format!("not reached in {}", p.steps_run), |x| x.to_string()),
+            if p.mean_sum_rate.is_finite() {
+                format!("{:.3}", p.mean_sum_rate)
+            } else {
+                "inf".into()
+            },
+            match p.steps {
+                Some(st) if p.mean_sum_rate.is_finite() =>
+                    format!("{:.1}", p.mean_sum_rate * st as f64),
+                _ => "-".into(),
+            },
+            pct(p.accuracy)
+        );
+    }
+    let first = s.rho.iter().find(|p| p.rho > 0.0);
+    let last = s.rho.last();
+    let base_steps = s.rho.first().and_then(|p| p.steps);
+    let at = |r: f64| s.rho.iter().find(|p| p.rho == r).and_then(|p| p.steps);
+    let rate_falls = match (first, last) {
+        (Some(a), Some(b)) => b.mean_sum_rate < a.mean_sum_rate,
+        _ => false,
+    };
+    let _ = writeln!(
+        w,
+        "\nThe paper (MLP on MNIST, K = 10): iterations grow slowly for rho < 100, sharply beyond \
+         10^2, with no convergence beyond 10^3; the mean sum rate falls with rho, so the best \
+         total cost lies between rho = 10 and 100. Here: {} iterations at rho = 0, {} at rho = 10, \
+         {} at rho = 100, {} at rho = 1000; the mean sum rate {} with rho. {}\n",
+        base_steps.map_or("-".into(), |x| x.to_string()),
+        at(10.0).map_or("not reached".into(), |x| x.to_string()),
+        at(100.0).map_or("not reached".into(), |x| x.to_string()),
+        at(1000.0).map_or("not reached".into(), |x| x.to_string()),
+        if rate_falls {
+            "falls"
+        } else {
+            "does **not** fall"
+        },
+        "Differences in the exact thresholds come from the setup: K = 5 instead of 10, \
+         batch 32 per worker instead of 128, lr 0.05 and momentum 0.9 instead of 0.01 and 0.5, \
+         and a different loss scale (the paper's target loss of 1.70 at 90% accuracy suggests a \
+         softmax output layer under the cross-entropy; ours is plain cross-entropy on logits, \
+         so the target is 0.3). One seed per rho: the iteration counts carry seed noise."
+    );
+    let _ = writeln!(
+        w,
+        "## Runtime and settings\n\nSeeds: {seeds}; epochs per run: {}; Fig. 7 and Fig. 8 use \
+         seed 0. Chosen so that the whole reproduction runs in about ten minutes on two CPU cores. \
+         Rerun with `gradsift reproduce --out DIR --seeds S --epochs E`.",
+        base.epochs
+    );
+    md
+}
