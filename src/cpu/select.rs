@@ -41,7 +41,10 @@ impl Selector {
             cand: Vec::with_capacity(max_group),
             next: Vec::with_capacity(max_group),
             filtered: Vec::with_capacity(max_group),
-            packed: Vec::with_capacity(max_group.min(SMALL)),
+            // Exact path: up to SMALL words; sampled path: at most max_group / stride words.
+            packed: Vec::with_capacity(
+                max_group.min(SMALL.max(2 * SAMPLE).max(max_group / 1024 + 1)),
+            ),
         }
     }
 
@@ -63,7 +66,7 @@ impl Selector {
             out.extend(items);
             return;
         }
-        if len <= SMALL || m > len / 8 || !self.select_sampled(items.clone(), m, &key, out) {
+        if !sampling_pays(len, m) || !self.select_sampled(items.clone(), m, &key, out) {
             self.select_exact(items, m, &key, out);
         }
         out[start..].sort_unstable();
@@ -99,7 +102,7 @@ impl Selector {
         let m = m.min(len);
         let key = |i: u32| magnitude_key(p[i as usize]);
         let items = range.start as u32..range.end as u32;
-        if m == 0 || m == len || len <= SMALL || m > len / 8 {
+        if m == 0 || m == len || !sampling_pays(len, m) {
             return self.select(items, m, key, out);
         }
         let start = out.len();
@@ -251,6 +254,12 @@ impl Selector {
         // All remaining candidates share the full key; they are in ascending index order.
         out.extend_from_slice(&self.cand[..need]);
     }
+}
+
+/// Sampling needs a stride of at least 2 to read less than the group, and a target well
+/// below the group size to filter much out; otherwise the exact select is cheaper.
+fn sampling_pays(len: usize, m: usize) -> bool {
+    len >= 2 * SAMPLE && m <= len / 8
 }
 
 /// The digit `d` whose bin holds the `m`-th smallest element, and how many of that bin are
