@@ -100,6 +100,8 @@ pub struct Compressor {
     status: DevBuf,
     method: Method,
     stepped: bool,
+    /// Steps fully enqueued (wrapping like the device's `steps_committed`).
+    enqueued: u32,
 }
 
 impl Compressor {
@@ -140,6 +142,7 @@ impl Compressor {
             status,
             method,
             stepped: false,
+            enqueued: 0,
         })
     }
 
@@ -267,6 +270,9 @@ impl Compressor {
         step: u64,
     ) -> Result<()> {
         self.layout.check_len("gradient", len)?;
+        // Until this step is fully enqueued there is no payload to read: a launch that fails
+        // halfway must not let read_payload hand out the previous step's payload again.
+        self.stepped = false;
         self.cx.bind()?;
         let cx = &self.cx;
         let b = self.bufs;
@@ -363,7 +369,17 @@ impl Compressor {
         }
         cx.launch(K::EfCommit, 1, 1, &b)?;
         self.stepped = true;
+        self.enqueued = self.enqueued.wrapping_add(1);
         Ok(())
+    }
+
+    /// Waits for the enqueued steps and returns how many of them were rejected (non-finite
+    /// `p`, state left untouched) since the plan was built: [`Compressor::check`] reports
+    /// only the last step, so a caller that reads payloads rarely uses this to notice a
+    /// rejection followed by accepted steps.
+    pub fn rejected_steps(&self) -> Result<u64> {
+        let st = self.status()?;
+        Ok(u64::from(self.enqueued.wrapping_sub(st.steps_committed)))
     }
 
     fn status(&self) -> Result<abi::StepStatus> {
@@ -391,7 +407,7 @@ impl Compressor {
     pub fn read_payload(&mut self, out: &mut Payload) -> Result<()> {
         if !self.stepped {
             return Err(Error::InvalidConfig(
-                "read_payload before the first step".into(),
+                "no payload to read: no step has been enqueued since the plan was built or since the last step failed to launch".into(),
             ));
         }
         self.check()?;
