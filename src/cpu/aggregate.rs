@@ -36,9 +36,7 @@ impl Aggregator {
                 "aggregation needs K >= 1 workers".into(),
             ));
         }
-        let inv = std::iter::once(0.0)
-            .chain((1..=workers).map(|c| (1.0 / c as f64) as f32))
-            .collect();
+        let inv = reciprocals(workers);
         Ok(Self {
             n: layout.n(),
             groups: layout.groups(mode),
@@ -114,6 +112,14 @@ impl Aggregator {
         }
         Ok(())
     }
+}
+
+/// `[0, f32(1/1), .., f32(1/K)]`: the multipliers of both averaging rules, rounded once on
+/// the host so that every backend multiplies by the same bits.
+pub(crate) fn reciprocals(workers: usize) -> Vec<f32> {
+    std::iter::once(0.0)
+        .chain((1..=workers).map(|c| (1.0 / c as f64) as f32))
+        .collect()
 }
 
 /// Everything SPEC §7/§10 asks of a payload before it may touch the output.

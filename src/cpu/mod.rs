@@ -10,8 +10,8 @@ mod compress;
 mod select;
 mod stats;
 
-pub(crate) use aggregate::check_payload;
 pub use aggregate::{Aggregator, Average};
+pub(crate) use aggregate::{check_payload, reciprocals};
 pub use compress::{Compressor, random_k, rtopk, top_r};
 pub use select::{Selector, magnitude_key};
 pub use stats::{LayerStats, VarianceEstimate, VarianceTracker, estimate_variance, layer_stats};

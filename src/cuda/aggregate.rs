@@ -61,9 +61,7 @@ impl Aggregator {
         }
         let n = layout.n();
         let groups = layout.groups(mode);
-        let inv: Vec<f32> = std::iter::once(0.0)
-            .chain((1..=workers).map(|c| (1.0 / c as f64) as f32))
-            .collect();
+        let inv = crate::cpu::reciprocals(workers);
         let (items, _) = abi::items(&groups);
         Ok(Self {
             cx: cx.clone(),

@@ -20,11 +20,7 @@ const BLOCK_THREADS: u32 = 1024;
 pub(crate) const TILE_WORDS: usize = 256;
 
 pub(crate) fn dtype_offset(d: DType) -> usize {
-    match d {
-        DType::F32 => 0,
-        DType::F16 => 1,
-        DType::BF16 => 2,
-    }
+    usize::from(d.code())
 }
 
 #[derive(Debug, Clone, Copy)]

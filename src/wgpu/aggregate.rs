@@ -77,8 +77,8 @@ impl Aggregator {
         let inner = &ctx.inner;
         let n = layout.n();
         let groups = layout.groups(mode);
-        let inv: Vec<u32> = std::iter::once(0.0f32)
-            .chain((1..=workers).map(|c| (1.0 / c as f64) as f32))
+        let inv: Vec<u32> = crate::cpu::reciprocals(workers)
+            .into_iter()
             .map(f32::to_bits)
             .collect();
         let starts: Vec<u32> = groups.iter().map(|g| g.start as u32).collect();

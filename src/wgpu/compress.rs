@@ -81,11 +81,7 @@ struct Pass {
 }
 
 pub(crate) fn dtype_code(d: DType) -> u32 {
-    match d {
-        DType::F32 => 0,
-        DType::F16 => 1,
-        DType::BF16 => 2,
-    }
+    u32::from(d.code())
 }
 
 /// Bytes a gradient of `n` elements of `dtype` occupies in a buffer (16-bit types padded to
