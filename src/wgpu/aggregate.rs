@@ -49,6 +49,8 @@ pub struct Aggregator {
     host_idx: Vec<u32>,
     host_val: Vec<f32>,
     host_signs: Vec<u32>,
+    /// Per-worker offsets of the last call, kept for its capacity.
+    host_params: Vec<WorkerParams>,
 }
 
 impl std::fmt::Debug for Aggregator {
@@ -123,6 +125,7 @@ impl Aggregator {
             host_idx: Vec::new(),
             host_val: Vec::new(),
             host_signs: Vec::new(),
+            host_params: Vec::with_capacity(workers),
         })
     }
 
@@ -172,7 +175,8 @@ impl Aggregator {
         self.host_val.clear();
         self.host_signs.clear();
         let align = inner.uniform_align();
-        let mut params = Vec::with_capacity(self.workers);
+        let mut params = std::mem::take(&mut self.host_params);
+        params.clear();
         for p in payloads {
             let mut w = WorkerParams::default();
             match p {
@@ -282,6 +286,7 @@ impl Aggregator {
         for (k, w) in params.iter().enumerate() {
             q.write_buffer(&self.params, align * k as u64, bytemuck::bytes_of(w));
         }
+        self.host_params = params;
         let mut enc = inner
             .device
             .create_command_encoder(&::wgpu::CommandEncoderDescriptor {
