@@ -1,5 +1,5 @@
 //! The command-line face of the crate (feature `cli`, on by default): `gradsift train`,
-//! `gradsift analyze` and `gradsift demo`. Library-level so that tests (and other tools) can call the commands
+//! `gradsift analyze`, `gradsift reproduce` and `gradsift demo`. Library-level so that tests (and other tools) can call the commands
 //! without spawning the binary; `src/main.rs` only dispatches.
 
 pub mod analyze;
