@@ -4,19 +4,33 @@
 #[test]
 fn report_gpu_backends_in_this_build() {
     if cfg!(feature = "wgpu") {
-        println!("wgpu backend: built; tests/wgpu_backend.rs runs it (SKIPPED lines there if no adapter)");
+        println!(
+            "wgpu backend: built; tests/wgpu_backend.rs runs it (SKIPPED lines there if no adapter)"
+        );
     } else {
-        println!("SKIPPED: wgpu backend tests (build with --features wgpu, as scripts/test.sh does)");
+        println!(
+            "SKIPPED: wgpu backend tests (build with --features wgpu, as scripts/test.sh does)"
+        );
     }
     if cfg!(feature = "cuda") {
-        println!("cuda backend: built; tests/cuda_backend.rs compiles every kernel with NVRTC and runs the GPU suite if there is a device");
+        println!(
+            "cuda backend: built; tests/cuda_backend.rs compiles every kernel with NVRTC and runs the GPU suite if there is a device"
+        );
     } else {
-        println!("SKIPPED: cuda backend tests (build with --features cuda, as scripts/test.sh does)");
+        println!(
+            "SKIPPED: cuda backend tests (build with --features cuda, as scripts/test.sh does)"
+        );
     }
     // CI sets these; a build without the backend it requires must fail, not skip.
-    for (var, feature, on) in [("GRADSIFT_REQUIRE_WGPU", "wgpu", cfg!(feature = "wgpu")), ("GRADSIFT_REQUIRE_NVRTC", "cuda", cfg!(feature = "cuda"))] {
+    for (var, feature, on) in [
+        ("GRADSIFT_REQUIRE_WGPU", "wgpu", cfg!(feature = "wgpu")),
+        ("GRADSIFT_REQUIRE_NVRTC", "cuda", cfg!(feature = "cuda")),
+    ] {
         if std::env::var(var).is_ok_and(|v| v == "1") {
-            assert!(on, "{var}=1 but this test binary was built without --features {feature}");
+            assert!(
+                on,
+                "{var}=1 but this test binary was built without --features {feature}"
+            );
         }
     }
 }
