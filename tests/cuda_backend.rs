@@ -9,11 +9,13 @@
 
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use gradsift::cpu;
 use gradsift::cuda;
 use gradsift::{
-    Config, Count, DType, Element, Error, LayerStats, Layout, Method, Mode, Payload, Scale,
-    SparsePayload, VarianceEstimate, bf16, f16,
+    Config, Count, DType, Element, Error, Layout, Method, Mode, Payload, Scale, SparsePayload,
+    VarianceEstimate, bf16, f16,
 };
 
 fn required(var: &str) -> bool {
@@ -537,27 +539,6 @@ fn bad_input_is_an_error() {
 
 // ---- statistics -----------------------------------------------------------------------------
 
-fn close_stats(w: &LayerStats, g: &LayerStats, what: &str) {
-    assert_eq!(w.count, g.count, "{what}: count");
-    assert_eq!(w.non_finite, g.non_finite, "{what}: non_finite");
-    assert_eq!(w.min, g.min, "{what}: min");
-    assert_eq!(w.max, g.max, "{what}: max");
-    assert_eq!(w.max_abs, g.max_abs, "{what}: max_abs");
-    let sd = w.var.sqrt();
-    assert!(
-        (w.mean - g.mean).abs() <= 1e-5 * (w.mean.abs() + sd),
-        "{what}: mean {} vs {}",
-        w.mean,
-        g.mean
-    );
-    assert!(
-        (w.var - g.var).abs() <= 1e-4 * w.var,
-        "{what}: var {} vs {}",
-        w.var,
-        g.var
-    );
-}
-
 fn stats_case<T: Element + cudarc::driver::DeviceRepr>(
     cx: &cuda::Context,
     layout: &Layout,
@@ -578,7 +559,7 @@ fn stats_case<T: Element + cudarc::driver::DeviceRepr>(
     plan.layer_stats(&dev, &mut got).unwrap();
     assert_eq!(want.len(), got.len());
     for (l, (w, g)) in want.iter().zip(&got).enumerate() {
-        close_stats(w, g, &format!("{what}: layer {l}"));
+        common::assert_stats_close(w, g, &format!("{what}: layer {l}"));
     }
     // Reuse: a second call on the same plan gives the same result.
     let mut again = Vec::new();

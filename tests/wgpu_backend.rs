@@ -3,6 +3,8 @@
 //! Without an adapter the tests print "SKIPPED: no wgpu adapter (<reason>)" and pass, unless
 //! `GRADSIFT_REQUIRE_WGPU=1` (CI, on lavapipe), where a missing adapter fails them.
 
+mod common;
+
 use gradsift::{
     Average, Config, Count, DType, Element, Error, Layout, Method, Mode, Payload, Scale, bf16, cpu,
     f16, wgpu,
@@ -705,29 +707,7 @@ fn layer_statistics_within_spec_tolerance() {
         wgpu::layer_stats(ctx, x, layout, &mut b).unwrap();
         assert_eq!(a.len(), b.len());
         for (l, (a, b)) in a.iter().zip(&b).enumerate() {
-            assert_eq!(
-                (a.count, a.non_finite),
-                (b.count, b.non_finite),
-                "layer {l}"
-            );
-            assert_eq!(
-                (a.min, a.max, a.max_abs),
-                (b.min, b.max, b.max_abs),
-                "layer {l}"
-            );
-            let sd = a.var.sqrt();
-            assert!(
-                (a.mean - b.mean).abs() <= 1e-5 * (a.mean.abs() + sd),
-                "layer {l} mean {} {}",
-                a.mean,
-                b.mean
-            );
-            assert!(
-                (a.var - b.var).abs() <= 1e-4 * a.var,
-                "layer {l} var {} {}",
-                a.var,
-                b.var
-            );
+            common::assert_stats_close(a, b, &format!("layer {l}"));
         }
     }
     check(&ctx, &x, &layout);

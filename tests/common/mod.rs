@@ -486,3 +486,31 @@ pub fn check_payload_against_ref(
         assert_bits_eq(momentum, &re.u, &format!("{ctx}: momentum"));
     }
 }
+
+/// SPEC §8/§11: a GPU backend's per-layer statistics against the CPU reference — counts and
+/// extremes exact, mean within `1e-5 (|mean| + sd)`, variance within `1e-4 var`.
+pub fn assert_stats_close(want: &gradsift::LayerStats, got: &gradsift::LayerStats, what: &str) {
+    assert_eq!(
+        (want.count, want.non_finite),
+        (got.count, got.non_finite),
+        "{what}: counts"
+    );
+    assert_eq!(
+        (want.min, want.max, want.max_abs),
+        (got.min, got.max, got.max_abs),
+        "{what}: extremes"
+    );
+    let sd = want.var.sqrt();
+    assert!(
+        (want.mean - got.mean).abs() <= 1e-5 * (want.mean.abs() + sd),
+        "{what}: mean {} vs {}",
+        want.mean,
+        got.mean
+    );
+    assert!(
+        (want.var - got.var).abs() <= 1e-4 * want.var,
+        "{what}: var {} vs {}",
+        want.var,
+        got.var
+    );
+}
