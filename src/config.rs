@@ -130,6 +130,12 @@ impl Config {
         Self::new(Method::Sign)
     }
 
+    /// The same configuration for worker `worker` (which keys its random-k draws, SPEC §3).
+    pub fn with_worker(mut self, worker: u32) -> Self {
+        self.worker = worker;
+        self
+    }
+
     /// Checks every field's domain.
     pub fn validate(&self) -> Result<()> {
         if !self.momentum.is_finite() || !(0.0..1.0).contains(&self.momentum) {

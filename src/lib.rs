@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+pub mod backend;
 #[cfg(feature = "cli")]
 pub mod cli;
 mod config;
@@ -17,6 +18,9 @@ pub mod rd;
 pub mod wgpu;
 pub mod wire;
 
+pub use backend::{
+    Aggregate, Aggregator, Backend, Compress, Compressor, Device, Skipped, Statistics, Stats,
+};
 pub use config::{Config, Count, Group, Method, Scale};
 pub use cpu::{Average, LayerStats, VarianceEstimate, VarianceTracker};
 pub use dtype::{DType, Element};

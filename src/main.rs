@@ -20,7 +20,7 @@ enum Command {
     Train(cli::train::TrainArgs),
     /// Compress a synthetic ResNet-18-shaped gradient of 5 workers with every method and
     /// print bits, distortion and time.
-    Demo,
+    Demo(cli::demo::DemoArgs),
     /// Rate-distortion analysis of every compressor on your workers' gradients (.npy/.npz):
     /// bits per element, distortion, rho, R_sum(D), R_in(D) and efficiency per method.
     Analyze(cli::analyze::AnalyzeArgs),
@@ -33,7 +33,7 @@ fn main() {
     let result = match Cli::parse().command {
         None => cli::train::run(&cli::train::TrainArgs::default_run()).map_err(|e| e.to_string()),
         Some(Command::Train(args)) => cli::train::run(&args).map_err(|e| e.to_string()),
-        Some(Command::Demo) => cli::demo::run().map_err(|e| e.to_string()),
+        Some(Command::Demo(args)) => cli::demo::run(&args).map_err(|e| e.to_string()),
         Some(Command::Analyze(args)) => cli::analyze::run(&args).map_err(|e| e.to_string()),
         Some(Command::Reproduce(args)) => cli::reproduce::run(&args).map_err(|e| e.to_string()),
     };

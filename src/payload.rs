@@ -46,7 +46,31 @@ pub enum Payload {
     Sign(SignPayload),
 }
 
+impl Default for Payload {
+    /// An empty sparse payload (`n = 0`): a slot that [`crate::Compress::read_payload`]
+    /// fills, reusing its allocations.
+    fn default() -> Self {
+        Payload::Sparse(SparsePayload::default())
+    }
+}
+
 impl Payload {
+    /// The sparse payload, or `None` for a sign payload.
+    pub fn as_sparse(&self) -> Option<&SparsePayload> {
+        match self {
+            Payload::Sparse(p) => Some(p),
+            Payload::Sign(_) => None,
+        }
+    }
+
+    /// The sign payload, or `None` for a sparse one.
+    pub fn as_sign(&self) -> Option<&SignPayload> {
+        match self {
+            Payload::Sign(p) => Some(p),
+            Payload::Sparse(_) => None,
+        }
+    }
+
     /// Length of the dense buffer this payload describes.
     pub fn n(&self) -> u32 {
         match self {

@@ -23,8 +23,8 @@
 //!   scalar functions and an [`Error::InvalidConfig`] from the others; nothing panics.
 
 use crate::{
-    Average, Config, Element, Error, Layout, Payload, Result, SparsePayload, VarianceEstimate, cpu,
-    wire,
+    Aggregate, Aggregator, Average, Compress, Compressor, Config, Device, Element, Error, Layout,
+    Payload, Result, SparsePayload, Statistics, Stats, VarianceEstimate, wire,
 };
 use std::f64::consts::{LN_2, PI};
 
@@ -606,26 +606,55 @@ fn rho(d: f64, sigma_n2: f64, k: f64) -> f64 {
     }
 }
 
-/// What [`measure_step`] keeps between steps: one CPU compressor per worker (with its
-/// error-feedback residual and momentum), the server's aggregator and scratch buffers.
-/// Start from `StepState::default()`; it is (re)built, with zero residuals, whenever the
-/// layout, selection mode, averaging rule or `K` changes. A change of method or ratios alone
-/// keeps the residuals ([`cpu::Compressor::reconfigure`]).
-#[derive(Debug, Default)]
+/// What [`measure_step`] keeps between steps: the backend, one compressor per worker (with
+/// its error-feedback residual and momentum), the server's aggregator, the statistics plan
+/// and scratch buffers. `StepState::default()` runs on the CPU; [`StepState::new`] on any
+/// [`Device`]. The plans are (re)built, with zero residuals, whenever the layout, selection
+/// mode, averaging rule or `K` changes; a change of method or ratios alone keeps the
+/// residuals ([`Compress::reconfigure`]).
+#[derive(Debug)]
 pub struct StepState {
+    device: Device,
     key: Option<(Layout, Config, Average, usize)>,
-    compressors: Vec<cpu::Compressor>,
-    aggregator: Option<cpu::Aggregator>,
+    compressors: Vec<Compressor>,
+    aggregator: Option<Aggregator>,
+    stats: Option<Stats>,
     bytes: Vec<u8>,
     payloads: Vec<Payload>,
     estimate: Vec<f32>,
     variances: Vec<VarianceEstimate>,
 }
 
+impl Default for StepState {
+    fn default() -> Self {
+        Self::new(Device::cpu())
+    }
+}
+
 impl StepState {
+    /// Empty state whose plans will run on `device`.
+    pub fn new(device: Device) -> Self {
+        Self {
+            device,
+            key: None,
+            compressors: Vec::new(),
+            aggregator: None,
+            stats: None,
+            bytes: Vec::new(),
+            payloads: Vec::new(),
+            estimate: Vec::new(),
+            variances: Vec::new(),
+        }
+    }
+
+    /// The device the plans run on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// The workers' compressors (their residuals are the error-feedback state).
-    pub fn compressors(&self) -> &[cpu::Compressor] {
-        &self.compressors
+    pub fn compressors_mut(&mut self) -> &mut [Compressor] {
+        &mut self.compressors
     }
 
     /// The server's aggregate of the last [`measure_step`]: the update to apply, length `n`.
@@ -634,8 +663,11 @@ impl StepState {
     }
 
     /// Zeroes every worker's residual and momentum.
-    pub fn reset(&mut self) {
-        self.compressors.iter_mut().for_each(|c| c.reset());
+    ///
+    /// # Errors
+    /// [`crate::Error::Device`] when a GPU call fails.
+    pub fn reset(&mut self) -> Result<()> {
+        self.compressors.iter_mut().try_for_each(|c| c.reset())
     }
 
     fn prepare(
@@ -654,9 +686,7 @@ impl StepState {
         if let Some((l, c, a, kk)) = &self.key {
             if l == layout && *a == average && *kk == k && c.mode == config.mode {
                 for (w, plan) in self.compressors.iter_mut().enumerate() {
-                    let mut c = config.clone();
-                    c.worker = w as u32;
-                    plan.reconfigure(&c)?;
+                    plan.reconfigure(&config.clone().with_worker(w as u32))?;
                 }
                 self.key = Some(key);
                 return Ok(());
@@ -665,12 +695,12 @@ impl StepState {
         self.key = None;
         self.compressors = (0..k)
             .map(|w| {
-                let mut c = config.clone();
-                c.worker = w as u32;
-                cpu::Compressor::new(layout, &c)
+                self.device
+                    .compressor(layout, &config.clone().with_worker(w as u32))
             })
             .collect::<Result<_>>()?;
-        self.aggregator = Some(cpu::Aggregator::new(layout, config.mode, average, k)?);
+        self.aggregator = Some(self.device.aggregator(layout, config.mode, average, k)?);
+        self.stats = Some(self.device.stats(layout, k)?);
         self.payloads = vec![Payload::Sparse(SparsePayload::default()); k];
         self.estimate = vec![0.0; layout.n()];
         self.key = Some(key);
@@ -684,7 +714,7 @@ impl StepState {
 /// differ across workers) through its error-feedback plan in `state`; each payload is encoded
 /// with [`wire::encode`] (its exact length is the bits counted) and decoded back, and the
 /// server averages the decoded payloads with `average`. Then, per layer: `sigma_X^2`,
-/// `sigma_N^2` ([`cpu::estimate_variance`]), `D_c = ||g_hat - ybar||^2 / n_l` against the
+/// `sigma_N^2` ([`Statistics::estimate_variance`] on the state's device), `D_c = ||g_hat - ybar||^2 / n_l` against the
 /// mean of the exact gradients, `D = sigma_N^2 / K + D_c`, `rho`, and `R_sum(D)`, `R_in(D)`.
 ///
 /// Errors on `K < 2`, lengths that disagree with `layout`, a non-finite gradient, or an
@@ -699,8 +729,17 @@ pub fn measure_step<T: Element>(
     step: u64,
 ) -> Result<StepMeasurement> {
     let k = grads.len();
-    cpu::estimate_variance(grads, layout, &mut state.variances)?;
+    if k < 2 {
+        return Err(crate::Error::InvalidConfig(format!(
+            "measure_step needs K >= 2 workers, got {k}"
+        )));
+    }
+    for g in grads {
+        layout.check_len("worker gradient", g.len())?;
+    }
     state.prepare(layout, config, average, k)?;
+    let stats = state.stats.as_mut().expect("prepared above");
+    stats.estimate_variance(grads, &mut state.variances)?;
     let mut bits = 0u64;
     let mut failed = None;
     for ((plan, grad), payload) in state
@@ -723,7 +762,7 @@ pub fn measure_step<T: Element>(
         }
     }
     if let Some(e) = failed {
-        state.reset();
+        state.reset()?;
         return Err(e);
     }
     let agg = state.aggregator.as_mut().expect("prepared above");

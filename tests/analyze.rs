@@ -2,12 +2,12 @@
 //! scripts/make_npz_fixture.py), its messages for bad files, and the built-in MNIST default.
 #![cfg(feature = "cli")]
 
-use gradsift::Average;
 use gradsift::cli::analyze::{
-    AnalyzeArgs, BackendChoice, EMBEDDED_PLOT, EMBEDDED_STEPS, analyze, analyze_steps, discover,
+    AnalyzeArgs, EMBEDDED_PLOT, EMBEDDED_STEPS, analyze, analyze_steps, discover,
     embedded_default_at, methods, parse_file_name, plot_path, render_table, write_json,
 };
 use gradsift::cli::plot;
+use gradsift::{Average, Backend};
 use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
 
@@ -248,29 +248,79 @@ fn file_discovery_rules() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Opens `backend` the way the CLI does; `None` (with a SKIPPED line) when it cannot run on
+/// this machine, unless CI requires it (GRADSIFT_REQUIRE_WGPU / GRADSIFT_REQUIRE_CUDA).
+fn run_on(backend: Backend, base: &AnalyzeArgs) -> Option<gradsift::cli::analyze::Report> {
+    let mut a = base.clone();
+    a.backend = backend;
+    match analyze(&a) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            let e = e.to_string();
+            assert!(
+                e.contains(&format!("{backend} backend unavailable")),
+                "an unavailable backend is a typed error naming it: {e}"
+            );
+            let var = format!("GRADSIFT_REQUIRE_{}", backend.name().to_uppercase());
+            assert!(
+                std::env::var(&var).is_err(),
+                "{var} is set but the {backend} backend did not open: {e}"
+            );
+            println!("SKIPPED: gradsift analyze --backend {backend}: {e}");
+            None
+        }
+    }
+}
+
 #[test]
-fn backend_choice() {
+fn every_backend_gives_the_cpu_analysis() {
+    let base = args(&["good"]);
+    let cpu = analyze(&base).unwrap();
+    assert_eq!(cpu.backend, "cpu");
+    for backend in [Backend::Wgpu, Backend::Cuda] {
+        let Some(r) = run_on(backend, &base) else {
+            continue;
+        };
+        assert_eq!(r.backend, backend.name());
+        assert!(
+            r.notes.iter().any(|n| n.contains("uploaded once per step")),
+            "the report says where the gradients come from: {:?}",
+            r.notes
+        );
+        assert_eq!(r.methods.len(), cpu.methods.len());
+        for (g, c) in r.methods.iter().zip(&cpu.methods) {
+            // Payloads are bit-identical without momentum (docs/SPEC.md §11), so the wire
+            // bits are equal; the statistics are reductions, within the §8 tolerance.
+            for (gs, cs) in g.steps.iter().zip(&c.steps) {
+                assert_eq!(gs.bits, cs.bits, "{backend} {}: bits", g.name);
+                assert!(
+                    close(gs.sigma_n2, cs.sigma_n2, 1e-4),
+                    "{backend} {}",
+                    g.name
+                );
+                assert!(close(gs.d_c, cs.d_c, 1e-4), "{backend} {}: D_c", g.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn auto_says_what_it_skipped() {
     let mut a = args(&["good"]);
-    a.backend = BackendChoice::Cuda;
-    let e = analyze(&a).unwrap_err().to_string();
-    assert!(
-        e.contains("backend cuda not available in this build"),
-        "{e}"
-    );
-    a.backend = BackendChoice::Wgpu;
-    let e = analyze(&a).unwrap_err().to_string();
-    assert!(
-        e.contains("backend wgpu not available in this build"),
-        "{e}"
-    );
-    a.backend = BackendChoice::Auto;
+    a.backend = Backend::Auto;
     let r = analyze(&a).unwrap();
-    assert_eq!(r.backend, "cpu");
-    assert!(
-        r.notes.iter().any(|n| n.contains("using cpu")),
-        "{:?}",
-        r.notes
-    );
+    // Auto takes CUDA, then wgpu, then the CPU, and names every backend it passed over.
+    let order = ["cuda", "wgpu", "cpu"];
+    let at = order.iter().position(|b| *b == r.backend).unwrap();
+    for skipped in &order[..at] {
+        assert!(
+            r.notes
+                .iter()
+                .any(|n| n.contains(&format!("skipped {skipped}"))),
+            "{:?}",
+            r.notes
+        );
+    }
 }
 
 // The embedded default trains the built-in MNIST MLP in-process; the test asks for early steps
@@ -333,7 +383,7 @@ fn embedded_default_is_the_mnist_workers_gradients() {
         data.into_iter().map(Ok),
         &methods,
         Average::OverWorkers,
-        "cpu",
+        &gradsift::Device::cpu(),
         &ProgressBar::hidden(),
     )
     .unwrap();

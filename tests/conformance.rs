@@ -14,6 +14,7 @@
 mod common;
 
 use common::*;
+use gradsift::Compress;
 use gradsift::cpu::{self, Aggregator, Compressor};
 use gradsift::philox::philox4x32_10;
 use gradsift::{Average, Config, Count, DType, Error, Layout, Method, Mode, Payload, Scale, wire};
@@ -320,7 +321,7 @@ fn random_k_is_uniform_chi_square() {
     let mut counts = vec![0u64; n];
     let mut pair_first = 0u64; // how often index 0 and index 1 are drawn together
     for t in 0..steps {
-        c.reset();
+        c.reset().unwrap();
         let p = match c.step(&g, t).unwrap() {
             Payload::Sparse(p) => p,
             p => panic!("{p:?}"),
@@ -415,7 +416,7 @@ fn rtopk_unbiased_for_top_r() {
     let steps = 4000u64;
     let mut sum = vec![0.0f64; 330];
     for t in 0..steps {
-        c.reset();
+        c.reset().unwrap();
         let p = match c.step(&g, 1000 + t).unwrap() {
             Payload::Sparse(p) => p,
             p => panic!("{p:?}"),
@@ -517,13 +518,13 @@ fn half_precision_compressor_matches_f32_widening() {
                     let ph = ch.step(&h, t).unwrap().clone();
                     let pfh = cfh.step(&widen_f16(&h), t).unwrap().clone();
                     assert_eq!(ph, pfh, "{cfg:?} step {t} f16");
-                    assert_bits_eq(ch.residual(), cfh.residual(), "f16 residual");
-                    assert_bits_eq(ch.momentum(), cfh.momentum(), "f16 momentum");
+                    assert_bits_eq(ch.residual_slice(), cfh.residual_slice(), "f16 residual");
+                    assert_bits_eq(ch.momentum_slice(), cfh.momentum_slice(), "f16 momentum");
                     let pb = cb.step(&b, t).unwrap().clone();
                     let pfb = cfb.step(&widen_bf16(&b), t).unwrap().clone();
                     assert_eq!(pb, pfb, "{cfg:?} step {t} bf16");
-                    assert_bits_eq(cb.residual(), cfb.residual(), "bf16 residual");
-                    assert_bits_eq(cb.momentum(), cfb.momentum(), "bf16 momentum");
+                    assert_bits_eq(cb.residual_slice(), cfb.residual_slice(), "bf16 residual");
+                    assert_bits_eq(cb.momentum_slice(), cfb.momentum_slice(), "bf16 momentum");
                 }
             }
         }
@@ -636,11 +637,17 @@ fn compressor_edge_cases_global_and_per_layer() {
                 for (j, (g, &t)) in grads.iter().zip(&steps).enumerate() {
                     let ctx = format!("{name}, {cfg:?}, step {t}");
                     if reset_before[j] {
-                        c.reset();
+                        c.reset().unwrap();
                         re.e.iter_mut().for_each(|x| *x = 0.0);
                         re.u.iter_mut().for_each(|x| *x = 0.0);
-                        assert!(c.residual().iter().all(|&x| x.to_bits() == 0), "{ctx}");
-                        assert!(c.momentum().iter().all(|&x| x.to_bits() == 0), "{ctx}");
+                        assert!(
+                            c.residual_slice().iter().all(|&x| x.to_bits() == 0),
+                            "{ctx}"
+                        );
+                        assert!(
+                            c.momentum_slice().iter().all(|&x| x.to_bits() == 0),
+                            "{ctx}"
+                        );
                     }
                     let out = re.step(g, t).unwrap();
                     let payload = c.step(g, t).unwrap().clone();
@@ -648,8 +655,8 @@ fn compressor_edge_cases_global_and_per_layer() {
                         &payload,
                         out,
                         &mut re,
-                        c.residual(),
-                        c.momentum(),
+                        c.residual_slice(),
+                        c.momentum_slice(),
                         &ctx,
                     );
                 }
@@ -796,7 +803,7 @@ fn bad_lengths_and_sizes_are_errors() {
     let mut c = Compressor::new(&layout, &cfg).unwrap();
     let g: Vec<f32> = (0..15).map(|i| i as f32 - 7.0).collect();
     c.step(&g, 0).unwrap();
-    let (e, u) = (c.residual().to_vec(), c.momentum().to_vec());
+    let (e, u) = (c.residual_slice().to_vec(), c.momentum_slice().to_vec());
     for len in [0usize, 14, 16, 100] {
         let bad = vec![1.0f32; len];
         assert!(matches!(
@@ -812,8 +819,8 @@ fn bad_lengths_and_sizes_are_errors() {
             Err(Error::LengthMismatch { .. })
         ));
     }
-    assert_bits_eq(c.residual(), &e, "residual after length errors");
-    assert_bits_eq(c.momentum(), &u, "momentum after length errors");
+    assert_bits_eq(c.residual_slice(), &e, "residual after length errors");
+    assert_bits_eq(c.momentum_slice(), &u, "momentum after length errors");
 
     // K = 0 workers.
     for rule in [Average::OverWorkers, Average::OverSenders] {

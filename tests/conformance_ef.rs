@@ -11,6 +11,7 @@ mod common;
 
 use common::*;
 use gradsift::cpu::{Aggregator, Compressor};
+use gradsift::{Aggregate, Compress};
 use gradsift::{
     Average, Config, Count, DType, Error, Layout, Method, Mode, Payload, Scale, SignPayload,
     SparsePayload,
@@ -87,9 +88,9 @@ fn error_feedback_invariant_value_dtypes() {
                     for t in 0..6u64 {
                         let ctx = format!("{cfg:?} step {t}");
                         let g = wide_gradient(n, &mut rng);
-                        let e_old = c.residual().to_vec();
+                        let e_old = c.residual_slice().to_vec();
                         let u_old = if momentum > 0.0 {
-                            c.momentum().to_vec()
+                            c.momentum_slice().to_vec()
                         } else {
                             vec![0.0; n]
                         };
@@ -100,7 +101,7 @@ fn error_feedback_invariant_value_dtypes() {
                             (0..n).map(|i| e_old[i] + g[i]).collect()
                         };
                         let payload = sparse(c.step(&g, t).unwrap()).clone();
-                        let e_new = c.residual();
+                        let e_new = c.residual_slice();
                         assert_eq!(payload.values_dtype, values);
                         assert_eq!(payload.n as usize, n);
 
@@ -160,7 +161,7 @@ fn error_feedback_invariant_value_dtypes() {
                             }
                         }
                         if momentum > 0.0 {
-                            let m = c.momentum();
+                            let m = c.momentum_slice();
                             for i in 0..n {
                                 if sent[i] {
                                     assert_eq!(m[i], 0.0, "{ctx}: momentum not masked at {i}");
@@ -205,8 +206,8 @@ fn error_feedback_with_unbiased_scale() {
                     &payload,
                     out,
                     &mut re,
-                    c.residual(),
-                    c.momentum(),
+                    c.residual_slice(),
+                    c.momentum_slice(),
                     &format!("{cfg:?} step {t}"),
                 );
             }
@@ -240,8 +241,8 @@ fn momentum_correction_matches_reference() {
                     &payload,
                     out,
                     &mut re,
-                    c.residual(),
-                    c.momentum(),
+                    c.residual_slice(),
+                    c.momentum_slice(),
                     &format!("{cfg:?} step {t}"),
                 );
             }
@@ -286,13 +287,13 @@ fn non_finite_step_is_rejected_and_changes_nothing() {
             b.step(&g, t).unwrap();
         }
         if cfg.momentum > 0.0 && cfg.is_sparse() {
-            assert!(a.momentum().iter().any(|&u| u != 0.0));
+            assert!(a.momentum_slice().iter().any(|&u| u != 0.0));
         }
         let mut cases = bad_cases.clone();
         cases.push(((0..n).map(|i| (i, nan)).collect(), n as u64, 0));
         for (t, (bad, count, first)) in cases.iter().enumerate() {
-            let e = a.residual().to_vec();
-            let u = a.momentum().to_vec();
+            let e = a.residual_slice().to_vec();
+            let u = a.momentum_slice().to_vec();
             let mut g: Vec<f32> = (0..n).map(|_| rng.gauss() as f32).collect();
             for &(i, v) in bad {
                 g[i] = v;
@@ -317,8 +318,8 @@ fn non_finite_step_is_rejected_and_changes_nothing() {
                 }),
                 "{cfg:?} f16: {bad:?}"
             );
-            assert_bits_eq(a.residual(), &e, "residual after a rejected step");
-            assert_bits_eq(a.momentum(), &u, "momentum after a rejected step");
+            assert_bits_eq(a.residual_slice(), &e, "residual after a rejected step");
+            assert_bits_eq(a.momentum_slice(), &u, "momentum after a rejected step");
         }
         // The failed steps left no trace: both plans go on identically.
         for t in 20..23 {
@@ -326,8 +327,16 @@ fn non_finite_step_is_rejected_and_changes_nothing() {
             let pa = a.step(&g, t).unwrap().clone();
             let pb = b.step(&g, t).unwrap().clone();
             assert_eq!(pa, pb, "{cfg:?}");
-            assert_bits_eq(a.residual(), b.residual(), "residual after recovery");
-            assert_bits_eq(a.momentum(), b.momentum(), "momentum after recovery");
+            assert_bits_eq(
+                a.residual_slice(),
+                b.residual_slice(),
+                "residual after recovery",
+            );
+            assert_bits_eq(
+                a.momentum_slice(),
+                b.momentum_slice(),
+                "momentum after recovery",
+            );
         }
     }
 }
@@ -345,8 +354,8 @@ fn overflow_in_accumulation_is_non_finite() {
         g[5] = 3e38;
         g[7] = -3e38;
         c.step(&g, 0).unwrap();
-        let e = c.residual().to_vec();
-        let u = c.momentum().to_vec();
+        let e = c.residual_slice().to_vec();
+        let u = c.momentum_slice().to_vec();
         assert_eq!(e[5], 3e38);
         assert_eq!(
             c.step(&g, 1).map(|_| ()),
@@ -356,8 +365,8 @@ fn overflow_in_accumulation_is_non_finite() {
             }),
             "momentum {momentum}"
         );
-        assert_bits_eq(c.residual(), &e, "residual");
-        assert_bits_eq(c.momentum(), &u, "momentum");
+        assert_bits_eq(c.residual_slice(), &e, "residual");
+        assert_bits_eq(c.momentum_slice(), &u, "momentum");
     }
 }
 
@@ -378,7 +387,7 @@ fn scaled_sign_small_example() {
     assert_eq!(neg, [false, true, false, false, false, true, false]);
     assert_eq!(p.negative, vec![0b010_0010]);
     assert_bits_eq(
-        c.residual(),
+        c.residual_slice(),
         &[-0.5, -0.5, -1.5, 1.5, -1.5, -2.5, -1.0],
         "global sign residual",
     );
@@ -391,7 +400,7 @@ fn scaled_sign_small_example() {
     assert_eq!((p.scales[0], p.scales[2]), (1.5, 1.5));
     assert_eq!(p.scales[1], 0.0, "an empty layer has nothing to scale");
     assert_bits_eq(
-        c.residual(),
+        c.residual_slice(),
         &[-0.5, -0.5, -1.5, 1.5, -1.5, -2.5, -1.0],
         "per-layer sign residual",
     );
@@ -421,13 +430,13 @@ fn scaled_sign_matches_reference() {
                     &payload,
                     out,
                     &mut re,
-                    c.residual(),
-                    c.momentum(),
+                    c.residual_slice(),
+                    c.momentum_slice(),
                     &format!("{cfg:?} step {t}"),
                 );
                 if momentum > 0.0 {
                     assert!(
-                        c.momentum().iter().all(|&u| u == 0.0),
+                        c.momentum_slice().iter().all(|&u| u == 0.0),
                         "every element was sent"
                     );
                 }

@@ -14,6 +14,7 @@ fn quick_reproduction_writes_report_and_plots() {
         seeds: 3,
         epochs: 8,
         quick: true,
+        backend: gradsift::Backend::Cpu,
     };
     let mut lines = 0;
     let summary = reproduce(&args, |_| lines += 1).unwrap();

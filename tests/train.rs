@@ -3,6 +3,7 @@
 
 #![cfg(feature = "cli")]
 
+use gradsift::Backend;
 use gradsift::cli::train::{Mnist, PIXELS, TrainConfig, TrainMethod, train};
 use std::io::Write;
 
@@ -191,5 +192,109 @@ fn bad_options_are_errors() {
         },
     ] {
         assert!(train(&cfg, &tr, &te, |_, _| {}, |_| {}).is_err(), "{cfg:?}");
+    }
+}
+
+/// The same tiny run on a GPU backend; `None` (with a SKIPPED line) when it cannot open here,
+/// unless CI requires it (GRADSIFT_REQUIRE_WGPU / GRADSIFT_REQUIRE_CUDA).
+fn train_on(
+    backend: Backend,
+    cfg: &TrainConfig,
+    tr: &Mnist,
+    te: &Mnist,
+) -> Option<gradsift::cli::train::TrainReport> {
+    let cfg = TrainConfig {
+        backend,
+        ..cfg.clone()
+    };
+    match train(&cfg, tr, te, |_, _| {}, |_| {}) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            let e = e.to_string();
+            assert!(e.contains(&format!("{backend} backend unavailable")), "{e}");
+            let var = format!("GRADSIFT_REQUIRE_{}", backend.name().to_uppercase());
+            assert!(std::env::var(&var).is_err(), "{var} is set: {e}");
+            println!("SKIPPED: gradsift train --backend {backend}: {e}");
+            None
+        }
+    }
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / a.abs().max(b.abs()).max(f64::MIN_POSITIVE)
+}
+
+/// Without momentum every operation of the compression path is a copy or a single f32
+/// operation, so docs/SPEC.md §11 demands identical payloads: the whole run (losses,
+/// accuracy, bits) must come out bit for bit as on the CPU, for every sparse method and for
+/// per-layer selection. Only the variance estimates are reductions (§8 tolerance).
+#[test]
+fn gpu_backends_train_bit_identically_without_momentum() {
+    let data = Mnist::embedded().unwrap();
+    let (tr, te) = data.split(500);
+    for (method, per_layer) in [
+        (TrainMethod::Rtopk, false),
+        (TrainMethod::Topk, true),
+        (TrainMethod::Randomk, false),
+    ] {
+        let cfg = TrainConfig {
+            momentum: 0.0,
+            per_layer,
+            max_steps_per_epoch: 6,
+            ..tiny(method)
+        };
+        let cpu = train(&cfg, &tr, &te, |_, _| {}, |_| {}).unwrap();
+        for backend in [Backend::Wgpu, Backend::Cuda] {
+            let Some(gpu) = train_on(backend, &cfg, &tr, &te) else {
+                continue;
+            };
+            for (g, c) in gpu.epochs.iter().zip(&cpu.epochs) {
+                let what = format!("{backend} {method} per_layer={per_layer} epoch {}", c.epoch);
+                assert_eq!(
+                    g.train_loss.to_bits(),
+                    c.train_loss.to_bits(),
+                    "{what}: loss"
+                );
+                assert_eq!(g.test_accuracy, c.test_accuracy, "{what}: accuracy");
+                assert_eq!(
+                    g.bits_per_worker_step, c.bits_per_worker_step,
+                    "{what}: bits"
+                );
+                assert!(rel(g.sigma_n2, c.sigma_n2) < 1e-4, "{what}: sigma_N^2");
+            }
+        }
+    }
+}
+
+/// With DGC momentum correction a GPU may fuse `m u + g` into one multiply-add (§11 allows
+/// 1 ulp per element), so a run may drift from the CPU's; it must stay a close, healthy run.
+/// The README quotes how far it moved.
+#[test]
+fn gpu_backends_train_closely_with_momentum() {
+    let data = Mnist::embedded().unwrap();
+    let (tr, te) = data.split(500);
+    let cfg = tiny(TrainMethod::Rtopk);
+    let cpu = train(&cfg, &tr, &te, |_, _| {}, |_| {}).unwrap();
+    for backend in [Backend::Wgpu, Backend::Cuda] {
+        let Some(gpu) = train_on(backend, &cfg, &tr, &te) else {
+            continue;
+        };
+        let (g, c) = (gpu.epochs.last().unwrap(), cpu.epochs.last().unwrap());
+        println!(
+            "{backend} vs cpu with momentum: loss {:.6} vs {:.6} (rel {:.2e}), accuracy {:.4} vs {:.4}, bits {} vs {}",
+            g.train_loss,
+            c.train_loss,
+            rel(g.train_loss, c.train_loss),
+            g.test_accuracy,
+            c.test_accuracy,
+            g.bits_per_worker_step,
+            c.bits_per_worker_step
+        );
+        assert!(
+            rel(g.train_loss, c.train_loss) < 0.05,
+            "{backend}: loss moved too far"
+        );
+        assert!((g.test_accuracy - c.test_accuracy).abs() < 0.05);
+        assert!(rel(g.bits_per_worker_step, c.bits_per_worker_step) < 0.05);
     }
 }

@@ -8,7 +8,7 @@
 
 use super::npy::{LoadError, NamedArray, read_arrays};
 use crate::rd::{self, StepMeasurement, StepState};
-use crate::{Average, Config, Layout, Method, Mode, Scale};
+use crate::{Average, Backend, Config, Device, Layout, Method, Mode, Scale};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -40,20 +40,6 @@ uncompressed momentum SGD) at steps 0, 10, 25, 50, 100, 150 and 200 (of the 500 
 run; a few seconds of training), and also draws the plot to gradsift-analyze.png unless --plot
 names another file.";
 
-/// Which backend runs the compressors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendChoice {
-    /// The CPU reference (always available).
-    Cpu,
-    /// CUDA (`gradsift::cuda`).
-    Cuda,
-    /// wgpu (`gradsift::wgpu`).
-    Wgpu,
-    /// The first GPU backend that works, else the CPU (and say so).
-    Auto,
-}
-
 /// Selection mode (SPEC §0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ModeArg {
@@ -79,9 +65,10 @@ pub struct AnalyzeArgs {
     /// Gradient files (.npz/.npy) or directories of them; see below for the naming scheme.
     /// None: the built-in MNIST model's workers' gradients, with the plot.
     pub inputs: Vec<PathBuf>,
-    /// Backend that runs the compressors.
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub backend: BackendChoice,
+    /// Backend that runs the compressors, the aggregation and the statistics: cpu, cuda,
+    /// wgpu or auto (CUDA, then wgpu, then the CPU).
+    #[arg(long, default_value_t = Backend::Cpu)]
+    pub backend: Backend,
     /// Send ratios k/n: rTop-k, top-k and random-k run at each.
     #[arg(long, value_delimiter = ',', default_value = "0.001,0.01,0.1")]
     pub ratios: Vec<f64>,
@@ -119,7 +106,7 @@ impl Default for AnalyzeArgs {
     fn default() -> Self {
         Self {
             inputs: Vec::new(),
-            backend: BackendChoice::Cpu,
+            backend: Backend::Cpu,
             ratios: vec![0.001, 0.01, 0.1],
             r_over_k: 4.0,
             mode: ModeArg::PerLayer,
@@ -134,38 +121,8 @@ impl Default for AnalyzeArgs {
     }
 }
 
-/// Everything `gradsift analyze` can fail on, in words a user can act on.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum AnalyzeError {
-    /// A gradient file is unreadable, malformed, or does not fit the others.
-    #[error(transparent)]
-    Load(#[from] LoadError),
-    /// The inputs or options do not make an analysis (too few workers, missing files, ...).
-    #[error("{0}")]
-    Usage(String),
-    /// A compressor or bound failed on the data.
-    #[error("method {method}, step {step}: {source}")]
-    Compute {
-        /// The method's name.
-        method: String,
-        /// The step.
-        step: u64,
-        /// What the library said.
-        source: crate::Error,
-    },
-    /// The built-in MNIST model could not produce its gradients.
-    #[error("built-in MNIST gradients: {0}")]
-    Embedded(#[from] super::train::TrainError),
-    /// An output file could not be written.
-    #[error("{}: {message}", path.display())]
-    Output {
-        /// The file.
-        path: PathBuf,
-        /// What went wrong.
-        message: String,
-    },
-}
+/// The error of `gradsift analyze`: the CLI's one error type.
+pub use super::error::CliError as AnalyzeError;
 
 /// One layer of the analysed model.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -275,8 +232,8 @@ pub struct MethodReport {
 /// The whole analysis.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
-    /// The backend that ran the compressors.
-    pub backend: &'static str,
+    /// The backend that ran the compressors (`cpu`, `cuda`, `wgpu`).
+    pub backend: String,
     /// Workers `K`.
     pub workers: usize,
     /// Gradient elements `n`.
@@ -291,29 +248,6 @@ pub struct Report {
     pub methods: Vec<MethodReport>,
     /// Things the user should know (backend fallback, skipped files).
     pub notes: Vec<String>,
-}
-
-/// The backend the compressors run on, and a note when `auto` fell back.
-///
-/// Only the CPU backend exists in this build; the CUDA and wgpu backends are separate
-/// modules that other branches are building. When `gradsift::cuda` / `gradsift::wgpu` land,
-/// this is the one place that chooses them.
-pub fn resolve_backend(
-    choice: BackendChoice,
-) -> Result<(&'static str, Option<String>), AnalyzeError> {
-    match choice {
-        BackendChoice::Cpu => Ok(("cpu", None)),
-        BackendChoice::Cuda => Err(AnalyzeError::Usage(
-            "backend cuda not available in this build (gradsift::cuda is not part of it yet); use --backend cpu".into(),
-        )),
-        BackendChoice::Wgpu => Err(AnalyzeError::Usage(
-            "backend wgpu not available in this build (gradsift::wgpu is not part of it yet); use --backend cpu".into(),
-        )),
-        BackendChoice::Auto => Ok((
-            "cpu",
-            Some("backend auto: no GPU backend in this build, using cpu".into()),
-        )),
-    }
 }
 
 fn percent(x: f64) -> String {
@@ -690,12 +624,15 @@ pub fn analyze_steps(
     steps: impl Iterator<Item = Result<StepData, AnalyzeError>>,
     methods: &[MethodSpec],
     average: Average,
-    backend: &'static str,
+    device: &Device,
     progress: &ProgressBar,
 ) -> Result<Report, AnalyzeError> {
     let mut layers = layers;
     let mut layout: Option<Layout> = None;
-    let mut states: Vec<StepState> = methods.iter().map(|_| StepState::default()).collect();
+    let mut states: Vec<StepState> = methods
+        .iter()
+        .map(|_| StepState::new(device.clone()))
+        .collect();
     let mut results: Vec<Vec<StepMeasurement>> = vec![Vec::new(); methods.len()];
     let mut stats = Vec::new();
     for data in steps {
@@ -747,7 +684,7 @@ pub fn analyze_steps(
         })
         .collect();
     Ok(Report {
-        backend,
+        backend: device.backend().to_string(),
         workers,
         n: layers.iter().map(|l| l.n).sum(),
         layers,
@@ -829,13 +766,14 @@ fn progress_bar(total: u64, work: f64) -> ProgressBar {
 /// Runs the analysis of `args` (files, or the embedded default when there are none) and
 /// returns the report; prints nothing except the progress bar on long inputs.
 pub fn analyze(args: &AnalyzeArgs) -> Result<Report, AnalyzeError> {
-    let (backend, note) = resolve_backend(args.backend)?;
+    let (device, device_notes) =
+        super::backend::open(args.backend).map_err(|e| AnalyzeError::Usage(e.to_string()))?;
     let methods = methods(args)?;
     let average = match args.average {
         AverageArg::OverWorkers => Average::OverWorkers,
         AverageArg::OverSenders => Average::OverSenders,
     };
-    let mut notes: Vec<String> = note.into_iter().collect();
+    let mut notes = device_notes;
     let mut report = if args.inputs.is_empty() {
         let (layers, workers, steps) = embedded_default()?;
         notes.push(format!(
@@ -850,7 +788,7 @@ pub fn analyze(args: &AnalyzeArgs) -> Result<Report, AnalyzeError> {
             steps.into_iter().map(Ok),
             &methods,
             average,
-            backend,
+            &device,
             &pb,
         )?
     } else {
@@ -884,7 +822,7 @@ pub fn analyze(args: &AnalyzeArgs) -> Result<Report, AnalyzeError> {
             steps,
             &methods,
             average,
-            backend,
+            &device,
             &pb,
         );
         pb.finish_and_clear();

@@ -1,7 +1,10 @@
 //! `gradsift demo`: compresses a realistic multi-layer gradient of K workers with every
 //! method and prints bits, distortion and time (the default command of the binary).
 
-use crate::{Config, DType, Layout, Mode, Payload, Scale, VarianceEstimate, cpu, wire};
+use crate::{
+    Aggregate, Backend, Compress, Config, DType, Layout, Mode, Payload, Scale, Statistics,
+    VarianceEstimate, wire,
+};
 use std::time::Instant;
 
 /// Layer shapes of a ResNet-18 for CIFAR-10 (conv weights, BN scales and shifts, the
@@ -56,14 +59,28 @@ fn synthetic_gradients(layout: &Layout, workers: usize) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// Options of `gradsift demo`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Backend that runs the compressors, the aggregation and the variance estimate: cpu,
+    /// cuda, wgpu or auto (CUDA, then wgpu, then the CPU).
+    #[arg(long, default_value_t = Backend::Cpu)]
+    pub backend: Backend,
+}
+
 /// Runs the demo and prints its table.
-pub fn run() -> crate::Result<()> {
+pub fn run(args: &DemoArgs) -> crate::Result<()> {
+    let (device, notes) = super::backend::open(args.backend)?;
+    for note in notes {
+        eprintln!("gradsift demo: {note}");
+    }
     let workers = 5;
     let layout = Layout::new(&resnet18_layout())?;
     let n = layout.n();
     println!(
-        "gradsift demo: {workers} workers, ResNet-18 layout ({} layers, {n} parameters), synthetic y_k = x + n_k",
-        layout.num_layers()
+        "gradsift demo: {workers} workers, ResNet-18 layout ({} layers, {n} parameters), synthetic y_k = x + n_k, backend {}",
+        layout.num_layers(),
+        device.backend()
     );
     let grads = synthetic_gradients(&layout, workers);
     let mean: Vec<f32> = (0..n)
@@ -72,7 +89,9 @@ pub fn run() -> crate::Result<()> {
 
     let views: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
     let mut est: Vec<VarianceEstimate> = Vec::new();
-    cpu::estimate_variance(&views, &layout, &mut est)?;
+    device
+        .stats(&layout, workers)?
+        .estimate_variance(&views, &mut est)?;
     let (sx, sn) = est
         .iter()
         .zip(layout.sizes())
@@ -132,7 +151,7 @@ pub fn run() -> crate::Result<()> {
         let mut plans = Vec::with_capacity(workers);
         for w in 0..workers {
             config.worker = w as u32;
-            plans.push(cpu::Compressor::new(&layout, &config)?);
+            plans.push(device.compressor(&layout, &config)?);
         }
         let mut step_time = 0.0;
         for (plan, g) in plans.iter_mut().zip(&grads) {
@@ -149,7 +168,7 @@ pub fn run() -> crate::Result<()> {
         }
         let dt = step_time * 1e3 / workers as f64;
         let mut agg =
-            cpu::Aggregator::new(&layout, config.mode, crate::Average::OverWorkers, workers)?;
+            device.aggregator(&layout, config.mode, crate::Average::OverWorkers, workers)?;
         agg.aggregate(&payloads, &mut agg_out)?;
         let err: f64 = agg_out
             .iter()

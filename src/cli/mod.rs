@@ -3,7 +3,11 @@
 //! without spawning the binary; `src/main.rs` only dispatches.
 
 pub mod analyze;
+pub mod backend;
 pub mod demo;
+pub mod error;
+pub mod mlp;
+pub mod mnist;
 pub mod npy;
 pub mod plot;
 pub mod reproduce;

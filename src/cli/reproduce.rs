@@ -33,35 +33,15 @@ pub struct ReproduceArgs {
     /// A smoke run: a small MLP, a few steps per epoch, one seed, three values of rho.
     #[arg(long)]
     pub quick: bool,
+    /// Backend of every run's compressors, aggregation and variance estimates: cpu, cuda,
+    /// wgpu or auto (CUDA, then wgpu, then the CPU).
+    #[arg(long, default_value_t = crate::Backend::Cpu)]
+    pub backend: crate::Backend,
 }
 
-/// What went wrong.
-#[derive(Debug)]
-pub enum ReproduceError {
-    /// A training run failed.
-    Train(TrainError),
-    /// The report or a plot could not be written.
-    Output(PathBuf, String),
-}
-
-impl std::fmt::Display for ReproduceError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ReproduceError::Train(e) => write!(f, "{e}"),
-            ReproduceError::Output(p, m) => write!(f, "{}: {m}", p.display()),
-        }
-    }
-}
-
-impl std::error::Error for ReproduceError {}
-
-impl From<TrainError> for ReproduceError {
-    fn from(e: TrainError) -> Self {
-        ReproduceError::Train(e)
-    }
-}
-
-type Result<T> = std::result::Result<T, ReproduceError>;
+/// The error of `gradsift reproduce`: the CLI's one error type.
+pub use super::error::CliError as ReproduceError;
+use super::error::Result;
 
 /// The PNGs the report links, in the order they appear.
 pub const PLOTS: [&str; 4] = [
@@ -151,12 +131,18 @@ fn mean_sd(v: &[f64]) -> (f64, f64) {
 pub fn reproduce(args: &ReproduceArgs, mut log: impl FnMut(&str)) -> Result<Summary> {
     let start = Instant::now();
     let out = &args.out;
-    std::fs::create_dir_all(out).map_err(|e| ReproduceError::Output(out.clone(), e.to_string()))?;
+    std::fs::create_dir_all(out).map_err(|e| ReproduceError::Output {
+        path: out.clone(),
+        message: e.to_string(),
+    })?;
     let data = Mnist::embedded()?;
     let (train_set, test_set) = data.split(2000);
     let seeds = if args.quick { 1 } else { args.seeds.max(1) };
+    let (device, notes) = super::backend::open(args.backend)?;
+    notes.iter().for_each(|n| log(n));
     let base = TrainConfig {
         epochs: args.epochs.max(1),
+        backend: device.backend(),
         ..TrainConfig::default()
     };
     let base = if args.quick {
@@ -232,9 +218,7 @@ pub fn reproduce(args: &ReproduceArgs, mut log: impl FnMut(&str)) -> Result<Summ
         }
     }
     let ideal = ideal.ok_or_else(|| {
-        ReproduceError::Train(TrainError::Usage(
-            "the uncompressed baseline diverged; nothing to compare with".into(),
-        ))
+        TrainError::Usage("the uncompressed baseline diverged; nothing to compare with".into())
     })?;
 
     // Fig. 7: scaled sign (1 bit per element per worker) on its own training run.
@@ -333,7 +317,10 @@ pub fn reproduce(args: &ReproduceArgs, mut log: impl FnMut(&str)) -> Result<Summ
     };
     let md = report(args, &base, seeds, &summary, &ideal, &sign, &fig7);
     let path = out.join("report.md");
-    std::fs::write(&path, md).map_err(|e| ReproduceError::Output(path, e.to_string()))?;
+    std::fs::write(&path, md).map_err(|e| ReproduceError::Output {
+        path,
+        message: e.to_string(),
+    })?;
     Ok(summary)
 }
 
@@ -402,7 +389,10 @@ fn avg(v: &[(f64, f64)], from: f64, to: f64) -> f64 {
 type Series = (String, Vec<(f64, f64)>, ShapeStyle);
 
 fn out_err(path: &Path) -> impl Fn(String) -> ReproduceError + '_ {
-    move |m| ReproduceError::Output(path.to_path_buf(), format!("cannot draw: {m}"))
+    move |m| ReproduceError::Output {
+        path: path.to_path_buf(),
+        message: format!("cannot draw: {m}"),
+    }
 }
 
 /// `10^v` with three significant digits: tick positions are evenly spaced in `log10`, so

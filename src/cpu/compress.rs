@@ -2,7 +2,9 @@
 
 use super::select::{Selector, magnitude_key};
 use crate::philox::random_key;
-use crate::{Config, Element, Error, Group, Layout, Payload, Result, SignPayload, SparsePayload};
+use crate::{
+    Compress, Config, Element, Error, Group, Layout, Payload, Result, SignPayload, SparsePayload,
+};
 
 /// A worker's compression plan: built once for a layout and a configuration, it owns the
 /// residual `e`, the momentum `u` and every scratch buffer, so [`Compressor::step`]
@@ -24,6 +26,12 @@ pub struct Compressor {
     selector: Selector,
     top_r: Vec<u32>,
     payload: Payload,
+    /// Whether `payload` belongs to the last step (false before the first and after a
+    /// rejected one).
+    fresh: bool,
+    /// The last step's rejection, reported again by `check` and `payload`.
+    last_error: Option<Error>,
+    rejected: u64,
 }
 
 impl Compressor {
@@ -60,14 +68,14 @@ impl Compressor {
             top_r: Vec::with_capacity(max_r),
             groups,
             payload,
+            fresh: false,
+            last_error: None,
+            rejected: 0,
         })
     }
 
-    /// One training step: accumulate `grad` into the residual, compress, keep what was not
-    /// sent. `step` is the training step `t` that keys random-k (SPEC §3).
-    ///
-    /// Returns the payload to send (valid until the next call). On error nothing changes.
-    pub fn step<T: Element>(&mut self, grad: &[T], step: u64) -> Result<&Payload> {
+    /// [`Compress::step`] without the bookkeeping of the last step's outcome.
+    fn step_once<T: Element>(&mut self, grad: &[T], step: u64) -> Result<&Payload> {
         self.layout.check_len("gradient", grad.len())?;
         let m = self.config.momentum;
         let bad = if m > 0.0 {
@@ -165,48 +173,101 @@ impl Compressor {
         Ok(&self.payload)
     }
 
-    /// Switches to another configuration for the same layout, keeping the residual (and the
-    /// momentum, when both configurations use one): DGC's sparsity warm-up changes the
-    /// ratio every epoch without dropping what was not sent. Allocates when the new
-    /// configuration needs more room; on error nothing changes.
-    pub fn reconfigure(&mut self, config: &Config) -> Result<()> {
+    /// The residual `e` (f32, length `n`) in place: the CPU's zero-copy view of what
+    /// [`Compress::residual`] copies.
+    pub fn residual_slice(&self) -> &[f32] {
+        &self.residual
+    }
+
+    /// The momentum `u` in place; empty when the configuration has no momentum.
+    pub fn momentum_slice(&self) -> &[f32] {
+        &self.momentum
+    }
+}
+
+impl Compress for Compressor {
+    type Buffer<T: Element> = [T];
+
+    fn step<T: Element>(&mut self, grad: &[T], step: u64) -> Result<&Payload> {
+        self.fresh = false;
+        match self.step_once(grad, step).map(|_| ()) {
+            Ok(()) => {
+                self.fresh = true;
+                self.last_error = None;
+                Ok(&self.payload)
+            }
+            Err(e) => {
+                if matches!(e, Error::NonFinite { .. }) {
+                    self.rejected += 1;
+                    self.last_error = Some(e.clone());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn step_device<T: Element>(&mut self, grad: &[T], step: u64) -> Result<()> {
+        self.step(grad, step).map(|_| ())
+    }
+
+    fn payload(&mut self) -> Result<&Payload> {
+        if let Some(e) = &self.last_error {
+            return Err(e.clone());
+        }
+        if !self.fresh {
+            return Err(Error::InvalidConfig(
+                "no payload to read: no step has succeeded since the plan was built".into(),
+            ));
+        }
+        Ok(&self.payload)
+    }
+
+    fn check(&mut self) -> Result<()> {
+        self.last_error.clone().map_or(Ok(()), Err)
+    }
+
+    fn rejected_steps(&mut self) -> Result<u64> {
+        Ok(self.rejected)
+    }
+
+    fn residual(&mut self, out: &mut Vec<f32>) -> Result<()> {
+        out.clear();
+        out.extend_from_slice(&self.residual);
+        Ok(())
+    }
+
+    fn momentum(&mut self, out: &mut Vec<f32>) -> Result<()> {
+        out.clear();
+        out.extend_from_slice(&self.momentum);
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Result<()> {
+        self.residual.fill(0.0);
+        self.momentum.fill(0.0);
+        Ok(())
+    }
+
+    fn reconfigure(&mut self, config: &Config) -> Result<()> {
         let fresh = Self::new(&self.layout, config)?;
         let old = std::mem::replace(self, fresh);
         self.residual = old.residual;
         if !self.momentum.is_empty() && !old.momentum.is_empty() {
             self.momentum = old.momentum;
         }
+        self.rejected = old.rejected;
         Ok(())
     }
 
-    /// The residual `e` (what has not been sent yet), f32, length `n`.
-    pub fn residual(&self) -> &[f32] {
-        &self.residual
-    }
-
-    /// The momentum `u`; empty when the configuration has no momentum.
-    pub fn momentum(&self) -> &[f32] {
-        &self.momentum
-    }
-
-    /// Zeroes residual and momentum (e.g. after the model was reloaded).
-    pub fn reset(&mut self) {
-        self.residual.fill(0.0);
-        self.momentum.fill(0.0);
-    }
-
-    /// The layout this plan was built for.
-    pub fn layout(&self) -> &Layout {
+    fn layout(&self) -> &Layout {
         &self.layout
     }
 
-    /// The configuration this plan was built for.
-    pub fn config(&self) -> &Config {
+    fn config(&self) -> &Config {
         &self.config
     }
 
-    /// The selection groups with their resolved counts.
-    pub fn groups(&self) -> &[Group] {
+    fn groups(&self) -> &[Group] {
         &self.groups
     }
 }
@@ -349,14 +410,23 @@ mod tests {
         let mut plan = Compressor::new(&layout, &c).unwrap();
         let g: Vec<f32> = (0..150).map(|i| (i as f32 * 0.37).sin()).collect();
         plan.step(&g, 0).unwrap();
-        let (e, u) = (plan.residual().to_vec(), plan.momentum().to_vec());
+        let (e, u) = (
+            plan.residual_slice().to_vec(),
+            plan.momentum_slice().to_vec(),
+        );
         assert!(e.iter().any(|&x| x != 0.0) && u.iter().any(|&x| x != 0.0));
         assert!(plan.reconfigure(&Config::rtopk(0.1, 0.2)).is_err());
-        assert_eq!((plan.residual(), plan.momentum()), (&e[..], &u[..]));
+        assert_eq!(
+            (plan.residual_slice(), plan.momentum_slice()),
+            (&e[..], &u[..])
+        );
         let mut c2 = Config::topk(0.05);
         c2.momentum = 0.9;
         plan.reconfigure(&c2).unwrap();
-        assert_eq!((plan.residual(), plan.momentum()), (&e[..], &u[..]));
+        assert_eq!(
+            (plan.residual_slice(), plan.momentum_slice()),
+            (&e[..], &u[..])
+        );
         let Payload::Sparse(p) = plan.step(&g, 1).unwrap() else {
             panic!()
         };

@@ -1,9 +1,10 @@
-//! The CPU backend: the executable form of SPEC.md, and the default for users without a GPU.
+//! The CPU backend: the executable form of docs/SPEC.md, and the default for users without a
+//! GPU.
 //!
-//! Every GPU backend exposes the same items under the same names and parameter order
-//! (`Compressor::new(.., layout, config)`, `Compressor::step(grad, step)`,
-//! `Aggregator::aggregate(payloads, out)`, `layer_stats`, `estimate_variance`) and is tested
-//! against this module.
+//! [`Compressor`], [`Aggregator`] and [`Stats`] implement the backend contract
+//! ([`crate::Compress`], [`crate::Aggregate`], [`crate::Statistics`]) that the CUDA and wgpu
+//! backends implement too, with host slices as the "device" buffers; every GPU backend is
+//! tested against this module.
 
 mod aggregate;
 mod compress;
@@ -14,4 +15,6 @@ pub use aggregate::{Aggregator, Average};
 pub(crate) use aggregate::{check_payload, reciprocals};
 pub use compress::{Compressor, random_k, rtopk, top_r};
 pub use select::{Selector, magnitude_key};
-pub use stats::{LayerStats, VarianceEstimate, VarianceTracker, estimate_variance, layer_stats};
+pub use stats::{
+    LayerStats, Stats, VarianceEstimate, VarianceTracker, estimate_variance, layer_stats,
+};

@@ -242,3 +242,48 @@ impl VarianceTracker {
         &self.state
     }
 }
+
+/// A statistics plan for one layout: the CPU's form of [`crate::Statistics`] (it holds no
+/// scratch; [`layer_stats`] and [`estimate_variance`] are the same computations as free
+/// functions).
+#[derive(Debug, Clone)]
+pub struct Stats {
+    layout: Layout,
+}
+
+impl Stats {
+    /// A plan for `layout`.
+    pub fn new(layout: &Layout) -> Self {
+        Self {
+            layout: layout.clone(),
+        }
+    }
+}
+
+impl crate::Statistics for Stats {
+    type Buffer<T: Element> = [T];
+
+    fn layer_stats<T: Element>(&mut self, x: &[T], out: &mut Vec<LayerStats>) -> Result<()> {
+        layer_stats(x, &self.layout, out)
+    }
+
+    fn layer_stats_device<T: Element>(&mut self, x: &[T], out: &mut Vec<LayerStats>) -> Result<()> {
+        layer_stats(x, &self.layout, out)
+    }
+
+    fn estimate_variance<T: Element>(
+        &mut self,
+        workers: &[&[T]],
+        out: &mut Vec<VarianceEstimate>,
+    ) -> Result<()> {
+        estimate_variance(workers, &self.layout, out)
+    }
+
+    fn estimate_variance_device<T: Element>(
+        &mut self,
+        workers: &[&[T]],
+        out: &mut Vec<VarianceEstimate>,
+    ) -> Result<()> {
+        estimate_variance(workers, &self.layout, out)
+    }
+}

@@ -3,7 +3,7 @@
 use super::abi::{self, AggArgs};
 use super::context::{Context, DevBuf, K, download_at};
 use crate::cpu::{Average, check_payload};
-use crate::{Error, Layout, Mode, Payload, Result};
+use crate::{Aggregate, Error, Layout, Mode, Payload, Result};
 use cudarc::driver::{CudaSlice, DevicePtrMut};
 use std::ops::Range;
 
@@ -287,9 +287,21 @@ impl Aggregator {
         }
         Ok(())
     }
+}
 
-    /// The rule this plan averages with.
-    pub fn rule(&self) -> Average {
+impl Aggregate for Aggregator {
+    type Output = CudaSlice<f32>;
+
+    /// Waits for the stream (the result is host data).
+    fn aggregate(&mut self, payloads: &[Payload], out: &mut [f32]) -> Result<()> {
+        Aggregator::aggregate(self, payloads, out)
+    }
+
+    fn aggregate_device(&mut self, payloads: &[Payload], out: &mut CudaSlice<f32>) -> Result<()> {
+        Aggregator::aggregate_device(self, payloads, out)
+    }
+
+    fn rule(&self) -> Average {
         self.rule
     }
 }

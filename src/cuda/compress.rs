@@ -2,6 +2,7 @@
 
 use super::abi::{self, AccArgs, CompactArgs, SelArgs, SignArgs, SmallArgs, SmallGroup};
 use super::context::{Context, DevBuf, K, download_at};
+use crate::Compress;
 use crate::{
     Config, DType, Element, Error, Group, Layout, Payload, Result, SignPayload, SparsePayload,
 };
@@ -98,6 +99,12 @@ pub struct Compressor {
     stepped: bool,
     /// Steps fully enqueued (wrapping like the device's `steps_committed`).
     enqueued: u32,
+    /// Rejections counted by the plans this one replaced through `reconfigure`.
+    rejected_before: u64,
+    /// Host copy of the last payload, for [`Compress::payload`].
+    host: Payload,
+    /// Device copy of a host gradient (`Compress::step`), allocated on the first call.
+    upload: Option<CudaSlice<u8>>,
 }
 
 impl Compressor {
@@ -139,6 +146,9 @@ impl Compressor {
             method,
             stepped: false,
             enqueued: 0,
+            rejected_before: 0,
+            host: Payload::default(),
+            upload: None,
         })
     }
 
@@ -236,19 +246,6 @@ impl Compressor {
             n_words64,
             ngroups: groups.len() as u32,
         })
-    }
-
-    /// One training step on a cudarc buffer: accumulate `grad` into the residual, compress,
-    /// keep what was not sent. Enqueued on the context's stream; returns before the GPU is
-    /// done. `step` is the training step `t` that keys random-k (SPEC §3).
-    pub fn step<T: Element>(&mut self, grad: &CudaSlice<T>, step: u64) -> Result<()> {
-        self.layout.check_len("gradient", grad.len())?;
-        self.cx.same_context(grad.context(), "the gradient")?;
-        let stream = self.cx.stream.clone();
-        let (ptr, _guard) = grad.device_ptr(&stream);
-        // SAFETY: `ptr` addresses `grad.len()` elements of `T` and the guard keeps the
-        // buffer's read ordered with this stream.
-        unsafe { self.step_raw(ptr, grad.len(), T::DTYPE, step) }
     }
 
     /// [`Compressor::step`] on a raw device pointer, for frameworks that hand out
@@ -375,7 +372,7 @@ impl Compressor {
     /// rejection followed by accepted steps.
     pub fn rejected_steps(&self) -> Result<u64> {
         let st = self.status()?;
-        Ok(u64::from(self.enqueued.wrapping_sub(st.steps_committed)))
+        Ok(self.rejected_before + u64::from(self.enqueued.wrapping_sub(st.steps_committed)))
     }
 
     fn status(&self) -> Result<abi::StepStatus> {
@@ -515,6 +512,121 @@ impl Compressor {
     pub fn context(&self) -> &Context {
         &self.cx
     }
+}
+
+impl Compress for Compressor {
+    type Buffer<T: Element> = CudaSlice<T>;
+
+    fn step<T: Element>(&mut self, grad: &[T], step: u64) -> Result<&Payload> {
+        self.layout.check_len("gradient", grad.len())?;
+        self.cx.bind()?;
+        let stream = self.cx.stream.clone();
+        let bytes: &[u8] = bytemuck::cast_slice(grad);
+        if self.upload.is_none() {
+            // Sized for f32 so one buffer serves every dtype.
+            let buf = stream
+                .alloc_zeros::<u8>((self.layout.n() * 4).max(4))
+                .map_err(|e| super::context::device_err("allocating the gradient upload", e))?;
+            self.upload = Some(buf);
+        }
+        let mut up = self.upload.take().expect("allocated above");
+        let r = (|| {
+            let mut dst = up.slice_mut(..bytes.len());
+            stream
+                .memcpy_htod(bytes, &mut dst)
+                .map_err(|e| super::context::device_err("uploading the gradient", e))?;
+            let (ptr, _guard) = up.device_ptr(&stream);
+            // SAFETY: `ptr` addresses `grad.len()` elements of `T`, ordered on this stream.
+            unsafe { self.step_raw(ptr, grad.len(), T::DTYPE, step) }
+        })();
+        self.upload = Some(up);
+        r?;
+        self.payload()
+    }
+
+    /// Enqueued on the context's stream; returns before the GPU is done.
+    fn step_device<T: Element>(&mut self, grad: &CudaSlice<T>, step: u64) -> Result<()> {
+        self.layout.check_len("gradient", grad.len())?;
+        self.cx.same_context(grad.context(), "the gradient")?;
+        let stream = self.cx.stream.clone();
+        let (ptr, _guard) = grad.device_ptr(&stream);
+        // SAFETY: `ptr` addresses `grad.len()` elements of `T` and the guard keeps the
+        // buffer's read ordered with this stream.
+        unsafe { self.step_raw(ptr, grad.len(), T::DTYPE, step) }
+    }
+
+    fn payload(&mut self) -> Result<&Payload> {
+        let mut host = std::mem::take(&mut self.host);
+        let r = Compressor::read_payload(self, &mut host);
+        self.host = host;
+        r.map(|()| &self.host)
+    }
+
+    fn read_payload(&mut self, out: &mut Payload) -> Result<()> {
+        Compressor::read_payload(self, out)
+    }
+
+    fn check(&mut self) -> Result<()> {
+        Compressor::check(self)
+    }
+
+    fn rejected_steps(&mut self) -> Result<u64> {
+        Compressor::rejected_steps(self)
+    }
+
+    fn residual(&mut self, out: &mut Vec<f32>) -> Result<()> {
+        Compressor::residual(self, out)
+    }
+
+    fn momentum(&mut self, out: &mut Vec<f32>) -> Result<()> {
+        Compressor::momentum(self, out)
+    }
+
+    fn reset(&mut self) -> Result<()> {
+        Compressor::reset(self)
+    }
+
+    /// Builds the new plan, then copies the current residual (and momentum) into it device
+    /// to device on the stream; the old plan's buffers are freed once that copy is done.
+    fn reconfigure(&mut self, config: &Config) -> Result<()> {
+        let mut fresh = Compressor::new(&self.cx, &self.layout, config)?;
+        let bytes = self.layout.n() * 4;
+        let e = self.current(false)?;
+        // A fresh plan's current half is the first one (its status word is zero).
+        copy_dtod(&self.cx, fresh.bufs.e0, e, bytes)?;
+        if self.bufs.u0 != 0 && fresh.bufs.u0 != 0 {
+            let u = self.current(true)?;
+            copy_dtod(&self.cx, fresh.bufs.u0, u, bytes)?;
+        }
+        fresh.rejected_before = Compressor::rejected_steps(self)?;
+        fresh.upload = self.upload.take();
+        *self = fresh;
+        Ok(())
+    }
+
+    fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn groups(&self) -> &[Group] {
+        &self.groups
+    }
+}
+
+/// Stream-ordered device-to-device copy of `bytes` bytes.
+fn copy_dtod(cx: &Context, dst: u64, src: u64, bytes: usize) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    cx.bind()?;
+    // SAFETY: both addresses hold at least `bytes` bytes (residual/momentum buffers of
+    // plans for the same layout), on the plans' shared stream.
+    unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, cx.cu_stream()) }
+        .map_err(|e| super::context::device_err("device copy", e))
 }
 
 pub(crate) fn words_of(lo: u32, len: u32) -> usize {

@@ -1,5 +1,7 @@
-//! The CUDA backend (feature `cuda`): the CPU backend's items under the same names and
-//! parameter order, with a [`Context`] first. Built on cudarc with dynamic loading, so the
+//! The CUDA backend (feature `cuda`): [`Compressor`], [`Aggregator`] and [`Stats`]
+//! implement the backend contract ([`crate::Compress`], [`crate::Aggregate`],
+//! [`crate::Statistics`]) with `cudarc::driver::CudaSlice<T>` as the device buffer type, and
+//! raw-pointer entry points (`step_raw`, ...) for frameworks that hand out addresses. Built on cudarc with dynamic loading, so the
 //! crate compiles and links on machines without CUDA; constructing a [`Context`] there
 //! returns [`crate::Error::BackendUnavailable`] saying what is missing.
 //!
@@ -16,7 +18,8 @@
 //!   *other* half of ping-pong buffers, counting non-finite elements. A device word names
 //!   the current half; `ef_commit`, the step's last kernel, flips it only when the count is
 //!   0, so a rejected step leaves `e` and `u` as they were without any host round trip, and
-//!   [`Compressor::read_payload`] / [`Compressor::check`] report [`crate::Error::NonFinite`].
+//!   [`crate::Compress::payload`] / [`crate::Compress::check`] report
+//!   [`crate::Error::NonFinite`].
 //! - Selection is a radix select on 32-bit keys (inverted magnitude bits for top-r, Philox
 //!   words for random-k), digits of 11/11/10 bits. Groups up to a block's worth (2^15 in
 //!   global mode, 2^20 per layer) run one block each in a single launch. Larger groups use

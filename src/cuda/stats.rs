@@ -3,6 +3,7 @@
 use super::abi::{self, StatsArgs, StatsOut, VarArgs, VarOut};
 use super::compress::dtype_offset;
 use super::context::{Context, DevBuf, K};
+use crate::Statistics;
 use crate::{DType, Element, Error, LayerStats, Layout, Result, VarianceEstimate};
 use cudarc::driver::{CudaSlice, DevicePtr};
 
@@ -34,6 +35,8 @@ pub struct Stats {
     bad_first: DevBuf,
     host_bad_count: Vec<u64>,
     host_bad_first: Vec<u32>,
+    /// Device copy of host input (`Statistics::layer_stats` and friends), grown on demand.
+    upload: Option<CudaSlice<u8>>,
 }
 
 impl Stats {
@@ -63,12 +66,13 @@ impl Stats {
             bad_first: DevBuf::zeroed(cx, max_workers * 4)?,
             host_bad_count: vec![0; max_workers],
             host_bad_first: vec![0; max_workers],
+            upload: None,
         })
     }
 
     /// Statistics of each layer of `x`, written to `out` (cleared first). Waits for the
     /// stream, since the result is host data.
-    pub fn layer_stats<T: Element>(
+    fn layer_stats_on<T: Element>(
         &mut self,
         x: &CudaSlice<T>,
         out: &mut Vec<LayerStats>,
@@ -130,7 +134,7 @@ impl Stats {
     /// Per-layer `sigma_X^2` and `sigma_N^2` from `K >= 2` workers' buffers (SPEC §8),
     /// written to `out`. Errors as [`crate::cpu::estimate_variance`] does, including
     /// [`Error::NonFinite`] for the first worker holding a NaN or infinity.
-    pub fn estimate_variance<T: Element>(
+    fn estimate_variance_on<T: Element>(
         &mut self,
         workers: &[&CudaSlice<T>],
         out: &mut Vec<VarianceEstimate>,
@@ -224,7 +228,96 @@ impl Stats {
     }
 }
 
-/// One-off [`Stats::layer_stats`] (builds a plan; keep a [`Stats`] to avoid that per call).
+impl Stats {
+    /// Copies `parts` back to back into the plan's upload buffer (grown when too small) and
+    /// returns the device address of each part.
+    fn upload_parts<T: Element>(&mut self, parts: &[&[T]], ptrs: &mut Vec<u64>) -> Result<()> {
+        self.cx.bind()?;
+        let stream = self.cx.stream.clone();
+        let bytes: usize = parts.iter().map(|p| std::mem::size_of_val(*p)).sum();
+        if self.upload.as_ref().is_none_or(|b| b.len() < bytes) {
+            let buf = stream
+                .alloc_zeros::<u8>(bytes.max(4))
+                .map_err(|e| super::context::device_err("allocating the statistics upload", e))?;
+            self.upload = Some(buf);
+        }
+        let up = self.upload.as_mut().expect("allocated above");
+        ptrs.clear();
+        let mut at = 0;
+        for p in parts {
+            let b: &[u8] = bytemuck::cast_slice(p);
+            let mut dst = up.slice_mut(at..at + b.len());
+            stream
+                .memcpy_htod(b, &mut dst)
+                .map_err(|e| super::context::device_err("uploading statistics input", e))?;
+            at += b.len();
+        }
+        let (base, _guard) = up.device_ptr(&stream);
+        let mut at = 0u64;
+        for p in parts {
+            ptrs.push(base + at);
+            at += std::mem::size_of_val(*p) as u64;
+        }
+        Ok(())
+    }
+}
+
+impl Statistics for Stats {
+    type Buffer<T: Element> = CudaSlice<T>;
+
+    /// Uploads `x` into a plan-owned device buffer (allocated on the first call), then as
+    /// [`Statistics::layer_stats_device`].
+    fn layer_stats<T: Element>(&mut self, x: &[T], out: &mut Vec<LayerStats>) -> Result<()> {
+        self.layout.check_len("buffer", x.len())?;
+        let mut ptrs = std::mem::take(&mut self.host_ptrs);
+        let r = self.upload_parts(&[x], &mut ptrs).and_then(|()| {
+            // SAFETY: the upload buffer holds `x` at `ptrs[0]`, ordered on this stream.
+            unsafe { self.layer_stats_raw(ptrs[0], x.len(), T::DTYPE, out) }
+        });
+        self.host_ptrs = ptrs;
+        r
+    }
+
+    fn layer_stats_device<T: Element>(
+        &mut self,
+        x: &CudaSlice<T>,
+        out: &mut Vec<LayerStats>,
+    ) -> Result<()> {
+        self.layer_stats_on(x, out)
+    }
+
+    /// Uploads the workers' buffers back to back into a plan-owned device buffer, then as
+    /// [`Statistics::estimate_variance_device`].
+    fn estimate_variance<T: Element>(
+        &mut self,
+        workers: &[&[T]],
+        out: &mut Vec<VarianceEstimate>,
+    ) -> Result<()> {
+        if workers.len() < 2 {
+            return Err(Error::InvalidConfig(format!(
+                "the variance estimator needs K >= 2 workers, got {}",
+                workers.len()
+            )));
+        }
+        for w in workers {
+            self.layout.check_len("worker buffer", w.len())?;
+        }
+        let mut ptrs = Vec::with_capacity(workers.len());
+        self.upload_parts(workers, &mut ptrs)?;
+        // SAFETY: each pointer addresses one worker's `n` elements in the upload buffer.
+        unsafe { self.estimate_variance_raw(&ptrs, T::DTYPE, out) }
+    }
+
+    fn estimate_variance_device<T: Element>(
+        &mut self,
+        workers: &[&CudaSlice<T>],
+        out: &mut Vec<VarianceEstimate>,
+    ) -> Result<()> {
+        self.estimate_variance_on(workers, out)
+    }
+}
+
+/// One-off [`Statistics::layer_stats_device`] (builds a plan; keep a [`Stats`] to avoid that per call).
 pub fn layer_stats<T: Element>(
     cx: &Context,
     x: &CudaSlice<T>,
@@ -232,10 +325,10 @@ pub fn layer_stats<T: Element>(
     out: &mut Vec<LayerStats>,
 ) -> Result<()> {
     layout.check_len("buffer", x.len())?;
-    Stats::new(cx, layout, 0)?.layer_stats(x, out)
+    Stats::new(cx, layout, 0)?.layer_stats_on(x, out)
 }
 
-/// One-off [`Stats::estimate_variance`] (builds a plan sized for `workers.len()`).
+/// One-off [`Statistics::estimate_variance_device`] (builds a plan sized for `workers.len()`).
 pub fn estimate_variance<T: Element>(
     cx: &Context,
     workers: &[&CudaSlice<T>],
@@ -248,5 +341,5 @@ pub fn estimate_variance<T: Element>(
             workers.len()
         )));
     }
-    Stats::new(cx, layout, workers.len())?.estimate_variance(workers, out)
+    Stats::new(cx, layout, workers.len())?.estimate_variance_on(workers, out)
 }

@@ -2,7 +2,7 @@
 
 use super::context::{Context, dev_err, floats, grid};
 use crate::cpu::check_payload;
-use crate::{Average, Error, Layout, Mode, Payload, Result};
+use crate::{Aggregate, Average, Error, Layout, Mode, Payload, Result};
 use std::num::NonZeroU64;
 
 #[repr(C)]
@@ -129,14 +129,19 @@ impl Aggregator {
         })
     }
 
-    /// The averaging rule this plan applies.
-    pub fn rule(&self) -> Average {
-        self.rule
+    /// Like [`Aggregate::aggregate`] but leaves the result in the plan's own device buffer,
+    /// which holds `n` f32 and stays valid until the next call: no copy into a caller's
+    /// buffer, unlike [`Aggregate::aggregate_device`].
+    pub fn aggregate_in_place(&mut self, payloads: &[Payload]) -> Result<&::wgpu::Buffer> {
+        self.aggregate_on_device(payloads)
     }
+}
 
-    /// Averages `payloads` (one per worker, in worker order) into `out` (length `n`). Every
-    /// payload is checked before anything is written: on error `out` is untouched.
-    pub fn aggregate(&mut self, payloads: &[Payload], out: &mut [f32]) -> Result<()> {
+impl Aggregate for Aggregator {
+    type Output = ::wgpu::Buffer;
+
+    /// Waits for the device (the result is host data).
+    fn aggregate(&mut self, payloads: &[Payload], out: &mut [f32]) -> Result<()> {
         if out.len() != self.n {
             return Err(Error::LengthMismatch {
                 what: "aggregation output",
@@ -155,9 +160,40 @@ impl Aggregator {
             })
     }
 
-    /// Like [`Aggregator::aggregate`] but leaves the result on the device: the returned buffer
-    /// holds `n` f32 and stays valid until the next call.
-    pub fn aggregate_on_device(&mut self, payloads: &[Payload]) -> Result<&::wgpu::Buffer> {
+    /// `out` needs `n * 4` bytes and `COPY_DST` usage; the result is copied into it on the
+    /// device.
+    fn aggregate_device(&mut self, payloads: &[Payload], out: &mut ::wgpu::Buffer) -> Result<()> {
+        let bytes = self.n as u64 * 4;
+        if out.size() < bytes {
+            return Err(Error::LengthMismatch {
+                what: "aggregation output (bytes)",
+                expected: bytes as usize,
+                got: out.size() as usize,
+            });
+        }
+        if !out.usage().contains(::wgpu::BufferUsages::COPY_DST) {
+            return Err(Error::InvalidConfig(
+                "the aggregation output buffer needs COPY_DST usage".into(),
+            ));
+        }
+        self.aggregate_on_device(payloads)?;
+        let inner = self.ctx.inner.clone();
+        let mut enc = inner
+            .device
+            .create_command_encoder(&::wgpu::CommandEncoderDescriptor {
+                label: Some("aggregate output"),
+            });
+        enc.copy_buffer_to_buffer(&self.out, 0, out, 0, bytes);
+        inner.submit(enc)
+    }
+
+    fn rule(&self) -> Average {
+        self.rule
+    }
+}
+
+impl Aggregator {
+    fn aggregate_on_device(&mut self, payloads: &[Payload]) -> Result<&::wgpu::Buffer> {
         if payloads.len() != self.workers {
             return Err(Error::LengthMismatch {
                 what: "payloads (one per worker)",

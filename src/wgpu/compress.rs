@@ -10,7 +10,7 @@
 
 use super::context::{Context, Inner, dev_err, floats, grid, words};
 use crate::{
-    Config, DType, Element, Error, Group, Layout, Method, Payload, Result, SignPayload,
+    Compress, Config, DType, Element, Error, Group, Layout, Method, Payload, Result, SignPayload,
     SparsePayload,
 };
 use std::num::NonZeroU64;
@@ -120,7 +120,10 @@ pub struct Compressor {
     grad_bind: Option<(::wgpu::Buffer, u64, ::wgpu::BindGroup)>,
     sent: usize,
     stepped: bool,
+    /// Rejections read back from the device so far (the device counts those not yet read).
     rejected: u64,
+    /// Host copy of the last payload, for [`Compress::payload`].
+    host: Payload,
 }
 
 impl std::fmt::Debug for Compressor {
@@ -567,6 +570,7 @@ impl Compressor {
             sent,
             stepped: false,
             rejected: 0,
+            host: Payload::default(),
         })
     }
 
@@ -580,7 +584,7 @@ impl Compressor {
     /// next [`Compressor::read_payload`] returns [`Error::NonFinite`]. Only the latest step is
     /// an error there; [`Compressor::rejected_steps`] counts every rejection since the
     /// previous read, for callers that step several times between reads.
-    pub fn step(&mut self, grad: &::wgpu::Buffer, dtype: DType, step: u64) -> Result<()> {
+    pub fn step_buffer(&mut self, grad: &::wgpu::Buffer, dtype: DType, step: u64) -> Result<()> {
         let need = grad_bytes(self.layout.n(), dtype);
         if grad.size() < need {
             return Err(Error::LengthMismatch {
@@ -668,28 +672,7 @@ impl Compressor {
         Ok(())
     }
 
-    /// [`Compressor::step`] on a host slice: copies it into a device buffer owned by the plan
-    /// (allocated on the first call) and steps on that.
-    pub fn step_host<T: Element>(&mut self, grad: &[T], step: u64) -> Result<()> {
-        self.layout.check_len("gradient", grad.len())?;
-        let bytes: &[u8] = bytemuck::cast_slice(grad);
-        if self.upload.is_none() {
-            let inner = &self.ctx.inner;
-            self.upload = Some(inner.storage_buffer(
-                "gradient upload",
-                self.layout.n() as u64 * 4,
-                ::wgpu::BufferUsages::empty(),
-            )?);
-        }
-        let up = self.upload.clone().expect("allocated above");
-        self.ctx.inner.write_padded(&up, 0, bytes);
-        self.step(&up, T::DTYPE, step)
-    }
-
-    /// Reads the payload of the last step into `out` (reusing its allocations). Errors with
-    /// [`Error::NonFinite`] when the last step was rejected (residual and momentum are then as
-    /// they were before it), and with [`Error::InvalidConfig`] before the first step.
-    pub fn read_payload(&mut self, out: &mut Payload) -> Result<()> {
+    fn read_payload_into(&mut self, out: &mut Payload) -> Result<()> {
         if !self.stepped {
             return Err(Error::InvalidConfig(
                 "read_payload before the first step".into(),
@@ -698,19 +681,11 @@ impl Compressor {
         let mut rejected = None;
         let r = self.read_payload_inner(out, &mut rejected);
         if let Some(c) = rejected {
-            self.rejected = u64::from(c);
+            self.rejected += u64::from(c);
             // Ordered before the next step's submission by the queue.
             self.ctx.inner.queue.write_buffer(&self.st, 12, &[0u8; 4]);
         }
         r
-    }
-
-    /// How many steps were rejected (non-finite accumulated values) between the previous
-    /// [`Compressor::read_payload`] and the latest one, the latest step included. Only the
-    /// latest step's rejection is an error of `read_payload`; this count tells a caller that
-    /// stepped several times between reads whether an earlier step was rejected too.
-    pub fn rejected_steps(&self) -> u64 {
-        self.rejected
     }
 
     fn read_payload_inner(&mut self, out: &mut Payload, rejected: &mut Option<u32>) -> Result<()> {
@@ -779,37 +754,11 @@ impl Compressor {
         }
     }
 
-    /// Step and read the payload: the CPU backend's `step` in one call, for host data.
-    pub fn step_to_host<T: Element>(
-        &mut self,
-        grad: &[T],
-        step: u64,
-        out: &mut Payload,
-    ) -> Result<()> {
-        self.step_host(grad, step)?;
-        self.read_payload(out)
-    }
-
     fn current(&self) -> Result<usize> {
         let inner = &self.ctx.inner;
         inner.read_back(&self.staging, &[(&self.st, 0, 16)], |b| {
             (words(&b[..16]).nth(2).unwrap_or(0) & 1) as usize
         })
-    }
-
-    /// The residual `e` (f32, length `n`) copied into `out` (cleared first). Does not report a
-    /// rejected step: the residual is then the one from before it.
-    pub fn residual_to_host(&mut self, out: &mut Vec<f32>) -> Result<()> {
-        let cur = self.current()?;
-        read_f32(&self.ctx, &self.staging, &self.e[cur], self.layout.n(), out)
-    }
-
-    /// The momentum `u` copied into `out` (cleared first); empty without momentum.
-    pub fn momentum_to_host(&mut self, out: &mut Vec<f32>) -> Result<()> {
-        out.clear();
-        let Some(u) = &self.u else { return Ok(()) };
-        let cur = self.current()?;
-        read_f32(&self.ctx, &self.staging, &u[cur], self.layout.n(), out)
     }
 
     /// The device buffer holding the current residual (valid until the next step).
@@ -818,8 +767,87 @@ impl Compressor {
         Ok(&self.e[cur])
     }
 
-    /// Zeroes residual and momentum (e.g. after the model was reloaded).
-    pub fn reset(&mut self) -> Result<()> {
+    /// The context this plan runs on.
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+}
+
+impl Compress for Compressor {
+    type Buffer<T: Element> = ::wgpu::Buffer;
+
+    /// Copies `grad` into a device buffer owned by the plan (allocated on the first call),
+    /// steps on it and reads the payload back.
+    fn step<T: Element>(&mut self, grad: &[T], step: u64) -> Result<&Payload> {
+        self.layout.check_len("gradient", grad.len())?;
+        if self.upload.is_none() {
+            self.upload = Some(self.ctx.inner.storage_buffer(
+                "gradient upload",
+                self.layout.n() as u64 * 4,
+                ::wgpu::BufferUsages::empty(),
+            )?);
+        }
+        let up = self.upload.clone().expect("allocated above");
+        self.ctx
+            .inner
+            .write_padded(&up, 0, bytemuck::cast_slice(grad));
+        self.step_buffer(&up, T::DTYPE, step)?;
+        self.payload()
+    }
+
+    /// `grad` holds `n` elements of `T` (f16 and bf16 packed two per 32-bit word, element
+    /// `2j` in the low half), with `STORAGE` usage. Records every pass into one submission
+    /// and returns without waiting.
+    fn step_device<T: Element>(&mut self, grad: &::wgpu::Buffer, step: u64) -> Result<()> {
+        self.step_buffer(grad, T::DTYPE, step)
+    }
+
+    fn payload(&mut self) -> Result<&Payload> {
+        let mut host = std::mem::take(&mut self.host);
+        let r = self.read_payload_into(&mut host);
+        self.host = host;
+        r.map(|()| &self.host)
+    }
+
+    fn read_payload(&mut self, out: &mut Payload) -> Result<()> {
+        self.read_payload_into(out)
+    }
+
+    fn check(&mut self) -> Result<()> {
+        if !self.stepped {
+            return Ok(());
+        }
+        let inner = self.ctx.inner.clone();
+        inner.read_back(&self.staging, &[(&self.st, 0, 16)], |b| status(b))?
+    }
+
+    fn rejected_steps(&mut self) -> Result<u64> {
+        let inner = self.ctx.inner.clone();
+        let c = inner.read_back(&self.staging, &[(&self.st, 0, 16)], |b| {
+            words(b).nth(3).unwrap_or(0)
+        })?;
+        if c > 0 {
+            self.rejected += u64::from(c);
+            // Ordered before the next step's submission by the queue.
+            inner.queue.write_buffer(&self.st, 12, &[0u8; 4]);
+        }
+        Ok(self.rejected)
+    }
+
+    /// After a rejected step this is the residual from before it.
+    fn residual(&mut self, out: &mut Vec<f32>) -> Result<()> {
+        let cur = self.current()?;
+        read_f32(&self.ctx, &self.staging, &self.e[cur], self.layout.n(), out)
+    }
+
+    fn momentum(&mut self, out: &mut Vec<f32>) -> Result<()> {
+        out.clear();
+        let Some(u) = &self.u else { return Ok(()) };
+        let cur = self.current()?;
+        read_f32(&self.ctx, &self.staging, &u[cur], self.layout.n(), out)
+    }
+
+    fn reset(&mut self) -> Result<()> {
         let inner = &self.ctx.inner;
         let mut enc = inner
             .device
@@ -830,24 +858,41 @@ impl Compressor {
         inner.submit(enc)
     }
 
-    /// The layout this plan was built for.
-    pub fn layout(&self) -> &Layout {
+    /// Builds the new plan, then copies the current residual (and momentum) into it on the
+    /// device.
+    fn reconfigure(&mut self, config: &Config) -> Result<()> {
+        let mut fresh = Compressor::new(&self.ctx, &self.layout, config)?;
+        let rejected = self.rejected_steps()?;
+        let cur = self.current()?;
+        let bytes = self.layout.n() as u64 * 4;
+        let inner = self.ctx.inner.clone();
+        let mut enc = inner
+            .device
+            .create_command_encoder(&::wgpu::CommandEncoderDescriptor {
+                label: Some("reconfigure"),
+            });
+        // A fresh plan's current half is the first one (its state word 2 starts at 0).
+        enc.copy_buffer_to_buffer(&self.e[cur], 0, &fresh.e[0], 0, bytes);
+        if let (Some(u), Some(fu)) = (&self.u, &fresh.u) {
+            enc.copy_buffer_to_buffer(&u[cur], 0, &fu[0], 0, bytes);
+        }
+        inner.submit(enc)?;
+        fresh.rejected = rejected;
+        fresh.upload = self.upload.take();
+        *self = fresh;
+        Ok(())
+    }
+
+    fn layout(&self) -> &Layout {
         &self.layout
     }
 
-    /// The configuration this plan was built for.
-    pub fn config(&self) -> &Config {
+    fn config(&self) -> &Config {
         &self.config
     }
 
-    /// The selection groups with their resolved counts.
-    pub fn groups(&self) -> &[Group] {
+    fn groups(&self) -> &[Group] {
         &self.groups
-    }
-
-    /// The context this plan runs on.
-    pub fn context(&self) -> &Context {
-        &self.ctx
     }
 }
 

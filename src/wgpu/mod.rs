@@ -1,7 +1,7 @@
 //! The portable GPU backend: WGSL compute shaders (`shaders/`) driven through `wgpu`
-//! (Vulkan, Metal, DX12; in CI Mesa's lavapipe). Same items, names and parameter order as
-//! [`crate::cpu`]: [`Compressor`], [`Aggregator`], [`layer_stats`], [`estimate_variance`],
-//! plus a [`Context`] that owns the device and every pipeline and bind-group layout, built
+//! (Vulkan, Metal, DX12; in CI Mesa's lavapipe). [`Compressor`], [`Aggregator`] and [`Stats`]
+//! implement the backend contract ([`crate::Compress`], [`crate::Aggregate`],
+//! [`crate::Statistics`]) with `wgpu::Buffer` as the device buffer type, plus a [`Context`] that owns the device and every pipeline and bind-group layout, built
 //! once and shared (cheap clone) by all plans.
 //!
 //! # Data
@@ -37,11 +37,12 @@
 //! # Rejected steps
 //! Residual and momentum are ping-pong pairs; a device-side word names the current one. Every
 //! pass reads it and writes only the other buffer; the last pass flips it only when no
-//! non-finite value was counted. [`Compressor::step`] therefore returns without waiting, and
-//! the rejection is reported by the next host read ([`Compressor::read_payload`]) as
+//! non-finite value was counted. [`crate::Compress::step_device`] therefore returns without
+//! waiting, and the rejection is reported by the next host read ([`crate::Compress::payload`],
+//! [`crate::Compress::read_payload`], [`crate::Compress::check`]) as
 //! [`crate::Error::NonFinite`] with the count and first index; residual and momentum are then
 //! exactly as before the step. A device-side counter of rejected steps survives until that
-//! read ([`Compressor::rejected_steps`]), so rejections between two reads are not lost. The
+//! read, and [`crate::Compress::rejected_steps`] adds them up, so no rejection is lost. The
 //! cost is a second residual (and momentum) buffer; nothing is read back mid-step.
 //!
 //! # Limits and errors

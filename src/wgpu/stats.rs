@@ -5,7 +5,7 @@
 
 use super::compress::{dtype_code, grad_bytes};
 use super::context::{Context, dev_err, grid, words};
-use crate::{DType, Element, Error, LayerStats, Layout, Result, VarianceEstimate};
+use crate::{DType, Element, Error, LayerStats, Layout, Result, Statistics, VarianceEstimate};
 use std::num::NonZeroU64;
 
 const TILE: usize = 4096;
@@ -36,6 +36,8 @@ pub struct Stats {
     bad: ::wgpu::Buffer,
     staging: ::wgpu::Buffer,
     upload: Option<::wgpu::Buffer>,
+    /// Host-side stack of the workers' bytes for the host variance entry point.
+    host_stack: Vec<u8>,
 }
 
 impl std::fmt::Debug for Stats {
@@ -98,6 +100,7 @@ impl Stats {
             bad: inner.storage_buffer("non-finite counts", MAX_WORKERS as u64 * 8, none)?,
             staging: inner.staging((nl as u64 * 32).max(MAX_WORKERS as u64 * 8))?,
             upload: None,
+            host_stack: Vec::new(),
         })
     }
 
@@ -194,7 +197,7 @@ impl Stats {
 
     /// Statistics of each layer of the `n` elements of `dtype` in `x`, written to `out`
     /// (cleared first). Same conventions as [`crate::cpu::layer_stats`].
-    pub fn layer_stats(
+    pub fn layer_stats_buffer(
         &mut self,
         x: &::wgpu::Buffer,
         dtype: DType,
@@ -246,18 +249,6 @@ impl Stats {
         })
     }
 
-    /// [`Stats::layer_stats`] on a host slice (copied into a plan-owned device buffer).
-    pub fn layer_stats_host<T: Element>(
-        &mut self,
-        x: &[T],
-        out: &mut Vec<LayerStats>,
-    ) -> Result<()> {
-        self.layout.check_len("buffer", x.len())?;
-        let up = self.upload_buffer(grad_bytes(x.len(), T::DTYPE))?;
-        self.ctx.inner.write_padded(&up, 0, bytemuck::cast_slice(x));
-        self.layer_stats(&up, T::DTYPE, out)
-    }
-
     fn upload_buffer(&mut self, bytes: u64) -> Result<::wgpu::Buffer> {
         match &self.upload {
             Some(b) if b.size() >= bytes => Ok(b.clone()),
@@ -277,7 +268,7 @@ impl Stats {
     /// stacked in `x`: worker `k`'s element `i` at position `k * n + i` (16-bit types packed
     /// two per word over the whole stack). Errors like [`crate::cpu::estimate_variance`],
     /// including [`Error::NonFinite`] for the first worker holding a non-finite value.
-    pub fn estimate_variance(
+    pub fn estimate_variance_stacked(
         &mut self,
         x: &::wgpu::Buffer,
         workers: usize,
@@ -344,9 +335,32 @@ impl Stats {
             }
         })
     }
+}
 
-    /// [`Stats::estimate_variance`] on host slices (stacked into a plan-owned device buffer).
-    pub fn estimate_variance_host<T: Element>(
+impl Statistics for Stats {
+    type Buffer<T: Element> = ::wgpu::Buffer;
+
+    /// Copies `x` into a plan-owned device buffer (allocated on the first call), then as
+    /// [`Statistics::layer_stats_device`].
+    fn layer_stats<T: Element>(&mut self, x: &[T], out: &mut Vec<LayerStats>) -> Result<()> {
+        self.layout.check_len("buffer", x.len())?;
+        let up = self.upload_buffer(grad_bytes(x.len(), T::DTYPE))?;
+        self.ctx.inner.write_padded(&up, 0, bytemuck::cast_slice(x));
+        self.layer_stats_buffer(&up, T::DTYPE, out)
+    }
+
+    /// `x` holds `n` elements of `T` (16-bit types packed two per word), `STORAGE` usage.
+    fn layer_stats_device<T: Element>(
+        &mut self,
+        x: &::wgpu::Buffer,
+        out: &mut Vec<LayerStats>,
+    ) -> Result<()> {
+        self.layer_stats_buffer(x, T::DTYPE, out)
+    }
+
+    /// Stacks the workers' buffers into a plan-owned device buffer (grown when too small),
+    /// then as [`Stats::estimate_variance_stacked`].
+    fn estimate_variance<T: Element>(
         &mut self,
         workers: &[&[T]],
         out: &mut Vec<VarianceEstimate>,
@@ -360,20 +374,74 @@ impl Stats {
                 workers.len()
             )));
         }
-        let stacked: Vec<T> = workers.iter().flat_map(|w| w.iter().copied()).collect();
-        let total = stacked.len() as u64;
+        let total = (workers.len() * self.layout.n()) as u64;
         if total > crate::MAX_ELEMENTS {
             return Err(Error::TooLarge { n: total });
         }
-        let up = self.upload_buffer(grad_bytes(stacked.len(), T::DTYPE))?;
-        self.ctx
-            .inner
-            .write_padded(&up, 0, bytemuck::cast_slice(&stacked));
-        self.estimate_variance(&up, workers.len(), T::DTYPE, out)
+        let mut stack = std::mem::take(&mut self.host_stack);
+        stack.clear();
+        for w in workers {
+            stack.extend_from_slice(bytemuck::cast_slice(w));
+        }
+        let r = self
+            .upload_buffer(grad_bytes(total as usize, T::DTYPE))
+            .and_then(|up| {
+                self.ctx.inner.write_padded(&up, 0, &stack);
+                self.estimate_variance_stacked(&up, workers.len(), T::DTYPE, out)
+            });
+        self.host_stack = stack;
+        r
+    }
+
+    /// Copies the workers' buffers into one stacked device buffer (device to device), then
+    /// as [`Stats::estimate_variance_stacked`]. With 16-bit elements and an odd `n` a worker
+    /// would start mid-word, which a buffer copy cannot do: that is an
+    /// [`Error::InvalidConfig`]; stack the buffers yourself or use the host entry point.
+    fn estimate_variance_device<T: Element>(
+        &mut self,
+        workers: &[&::wgpu::Buffer],
+        out: &mut Vec<VarianceEstimate>,
+    ) -> Result<()> {
+        let n = self.layout.n() as u64;
+        let each = n * u64::from(T::DTYPE.bits() / 8);
+        if each % 4 != 0 {
+            return Err(Error::InvalidConfig(format!(
+                "wgpu: stacking {:?} buffers of {n} 16-bit elements needs an even n; pass a stacked buffer to Stats::estimate_variance_stacked or use the host entry point",
+                T::DTYPE
+            )));
+        }
+        if workers.len() < 2 {
+            return Err(Error::InvalidConfig(format!(
+                "the variance estimator needs K >= 2 workers, got {}",
+                workers.len()
+            )));
+        }
+        for w in workers {
+            if w.size() < each {
+                return Err(Error::LengthMismatch {
+                    what: "worker buffer (bytes)",
+                    expected: each as usize,
+                    got: w.size() as usize,
+                });
+            }
+        }
+        let total = each * workers.len() as u64;
+        let up = self.upload_buffer(total)?;
+        let inner = self.ctx.inner.clone();
+        let mut enc = inner
+            .device
+            .create_command_encoder(&::wgpu::CommandEncoderDescriptor {
+                label: Some("stack workers"),
+            });
+        for (k, w) in workers.iter().enumerate() {
+            enc.copy_buffer_to_buffer(w, 0, &up, k as u64 * each, each);
+        }
+        inner.submit(enc)?;
+        self.estimate_variance_stacked(&up, workers.len(), T::DTYPE, out)
     }
 }
 
-/// One-shot [`Stats::layer_stats_host`]: builds a plan per call (allocates; keep a [`Stats`]
+/// One-shot [`Statistics::layer_stats`]: builds a plan per call (allocates; keep a [`Stats`]
 /// for repeated use).
 pub fn layer_stats<T: Element>(
     ctx: &Context,
@@ -382,15 +450,15 @@ pub fn layer_stats<T: Element>(
     out: &mut Vec<LayerStats>,
 ) -> Result<()> {
     layout.check_len("buffer", x.len())?;
-    Stats::new(ctx, layout)?.layer_stats_host(x, out)
+    Statistics::layer_stats(&mut Stats::new(ctx, layout)?, x, out)
 }
 
-/// One-shot [`Stats::estimate_variance_host`] (allocates a plan per call).
+/// One-shot [`Statistics::estimate_variance`] (allocates a plan per call).
 pub fn estimate_variance<T: Element>(
     ctx: &Context,
     workers: &[&[T]],
     layout: &Layout,
     out: &mut Vec<VarianceEstimate>,
 ) -> Result<()> {
-    Stats::new(ctx, layout)?.estimate_variance_host(workers, out)
+    Statistics::estimate_variance(&mut Stats::new(ctx, layout)?, workers, out)
 }
