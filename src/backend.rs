@@ -186,7 +186,7 @@ pub trait Compress {
     /// # Examples
     /// ```
     /// use gradsift::{Compress, Config, Layout, cpu};
-    /// let mut plan = cpu::Compressor::new(&Layout::new(&[3])?, &Config::topk(0.34))?;
+    /// let mut plan = cpu::Compressor::new(&Layout::new(&[3])?, &Config::topk(0.3))?;
     /// plan.step(&[1.0f32, -4.0, 2.0], 0)?;
     /// let mut e = Vec::new();
     /// plan.residual(&mut e)?;
@@ -256,10 +256,49 @@ pub trait Compress {
     fn reconfigure(&mut self, config: &Config) -> Result<()>;
 
     /// The layout this plan was built for.
+    ///
+    /// # Errors
+    /// None: plain access.
+    ///
+    /// # Examples
+    /// ```
+    /// use gradsift::{Compress, Config, Device, Layout};
+    /// let plan = Device::cpu().compressor(&Layout::new(&[3, 5])?, &Config::sign())?;
+    /// assert_eq!(plan.layout().n(), 8);
+    /// # Ok::<(), gradsift::Error>(())
+    /// ```
     fn layout(&self) -> &Layout;
-    /// The configuration this plan runs.
+
+    /// The configuration this plan runs (after [`Compress::reconfigure`], the new one).
+    ///
+    /// # Errors
+    /// None: plain access.
+    ///
+    /// # Examples
+    /// ```
+    /// use gradsift::{Compress, Config, Device, Layout};
+    /// let plan = Device::cpu().compressor(&Layout::new(&[8])?, &Config::topk(0.5).with_worker(3))?;
+    /// assert_eq!(plan.config().worker, 3);
+    /// # Ok::<(), gradsift::Error>(())
+    /// ```
     fn config(&self) -> &Config;
-    /// The selection groups with their resolved counts.
+
+    /// The selection groups (the whole buffer in global mode, one per layer in per-layer
+    /// mode) with their resolved counts `r` and `k` (docs/SPEC.md §2).
+    ///
+    /// # Errors
+    /// None: plain access.
+    ///
+    /// # Examples
+    /// ```
+    /// use gradsift::{Compress, Config, Device, Layout, Mode};
+    /// let mut config = Config::rtopk(0.5, 0.25);
+    /// config.mode = Mode::PerLayer;
+    /// let plan = Device::cpu().compressor(&Layout::new(&[4, 8])?, &config)?;
+    /// let counts: Vec<_> = plan.groups().iter().map(|g| (g.r, g.k)).collect();
+    /// assert_eq!(counts, [(2, 1), (4, 2)]);
+    /// # Ok::<(), gradsift::Error>(())
+    /// ```
     fn groups(&self) -> &[Group];
 }
 
@@ -313,6 +352,17 @@ pub trait Aggregate {
     fn aggregate_device(&mut self, payloads: &[Payload], out: &mut Self::Output) -> Result<()>;
 
     /// The averaging rule this plan applies.
+    ///
+    /// # Errors
+    /// None: plain access.
+    ///
+    /// # Examples
+    /// ```
+    /// use gradsift::{Aggregate, Average, Device, Layout, Mode};
+    /// let server = Device::cpu().aggregator(&Layout::new(&[4])?, Mode::Global, Average::OverSenders, 3)?;
+    /// assert_eq!(server.rule(), Average::OverSenders);
+    /// # Ok::<(), gradsift::Error>(())
+    /// ```
     fn rule(&self) -> Average;
 }
 
@@ -373,7 +423,7 @@ pub trait Statistics {
     /// let mut stats = cpu::Stats::new(&Layout::new(&[2])?);
     /// let mut out = Vec::new();
     /// stats.estimate_variance(&[&[1.0f32, 1.0][..], &[3.0, 3.0][..]], &mut out)?;
-    /// assert_eq!(out[0].sigma_n2, 4.0); // ((1-2)^2 + (3-2)^2) * 2 / (2 * 1)
+    /// assert_eq!(out[0].sigma_n2, 2.0); // ((1-2)^2 + (3-2)^2) * 2 coordinates / (n = 2 * (K - 1) = 1)
     /// assert!(stats.estimate_variance(&[&[1.0f32, 1.0][..]], &mut out).is_err());
     /// # Ok::<(), gradsift::Error>(())
     /// ```
@@ -425,7 +475,20 @@ impl Backend {
     /// Every concrete backend, in the order [`Backend::Auto`] tries them.
     pub const PREFERENCE: [Backend; 3] = [Backend::Cuda, Backend::Wgpu, Backend::Cpu];
 
-    /// The lower-case name used on the command line (`cpu`, `cuda`, `wgpu`, `auto`).
+    /// The lower-case name used on the command line (`cpu`, `cuda`, `wgpu`, `auto`), which
+    /// [`str::parse`] reads back.
+    ///
+    /// # Errors
+    /// None; parsing an unknown name is an [`Error::InvalidConfig`].
+    ///
+    /// # Examples
+    /// ```
+    /// use gradsift::Backend;
+    /// assert_eq!(Backend::Wgpu.name(), "wgpu");
+    /// assert_eq!("CUDA".parse::<Backend>()?, Backend::Cuda);
+    /// assert!("tpu".parse::<Backend>().is_err());
+    /// # Ok::<(), gradsift::Error>(())
+    /// ```
     pub fn name(self) -> &'static str {
         match self {
             Backend::Cpu => "cpu",
@@ -566,7 +629,16 @@ impl Device {
         })
     }
 
-    /// The CPU backend.
+    /// The CPU backend (what [`Device::open`] gives for [`Backend::Cpu`]).
+    ///
+    /// # Errors
+    /// None: the CPU always opens.
+    ///
+    /// # Examples
+    /// ```
+    /// use gradsift::{Backend, Device};
+    /// assert_eq!(Device::cpu().backend(), Backend::Cpu);
+    /// ```
     pub fn cpu() -> Self {
         Self {
             opened: Opened::Cpu,
@@ -575,6 +647,16 @@ impl Device {
     }
 
     /// Which backend this is (never [`Backend::Auto`]).
+    ///
+    /// # Errors
+    /// None: plain access.
+    ///
+    /// # Examples
+    /// ```
+    /// use gradsift::{Backend, Device};
+    /// assert_ne!(Device::open(Backend::Auto)?.backend(), Backend::Auto);
+    /// # Ok::<(), gradsift::Error>(())
+    /// ```
     pub fn backend(&self) -> Backend {
         match &self.opened {
             Opened::Cpu => Backend::Cpu,
@@ -585,8 +667,16 @@ impl Device {
         }
     }
 
-    /// The backend and device in words (`"cpu"`, `"cuda: device 0 (...)"`, `"wgpu: llvmpipe
-    /// (Vulkan)"`).
+    /// The backend and device in words (`"cpu"`, `"cuda: ..."`, `"wgpu: llvmpipe ...
+    /// (Vulkan, Cpu)"`).
+    ///
+    /// # Errors
+    /// None: plain access.
+    ///
+    /// # Examples
+    /// ```
+    /// assert_eq!(gradsift::Device::cpu().description(), "cpu");
+    /// ```
     pub fn description(&self) -> String {
         match &self.opened {
             Opened::Cpu => "cpu".into(),
@@ -597,7 +687,22 @@ impl Device {
         }
     }
 
-    /// The backends that [`Backend::Auto`] passed over before this one, with the reasons.
+    /// The backends that [`Backend::Auto`] passed over before this one, with the reasons
+    /// (empty when a backend was named explicitly).
+    ///
+    /// # Errors
+    /// None: plain access.
+    ///
+    /// # Examples
+    /// ```
+    /// use gradsift::{Backend, Device};
+    /// let device = Device::open(Backend::Auto)?;
+    /// // Auto ends on the CPU at the latest, having skipped every backend before it.
+    /// let tried = Backend::PREFERENCE.iter().position(|b| *b == device.backend()).unwrap();
+    /// assert_eq!(device.skipped().len(), tried);
+    /// assert!(Device::cpu().skipped().is_empty());
+    /// # Ok::<(), gradsift::Error>(())
+    /// ```
     pub fn skipped(&self) -> &[Skipped] {
         &self.skipped
     }

@@ -131,6 +131,12 @@ impl Config {
     }
 
     /// The same configuration for worker `worker` (which keys its random-k draws, SPEC §3).
+    ///
+    /// # Examples
+    /// ```
+    /// let c = gradsift::Config::randomk(0.01).with_worker(2);
+    /// assert_eq!(c.worker, 2);
+    /// ```
     pub fn with_worker(mut self, worker: u32) -> Self {
         self.worker = worker;
         self

@@ -68,7 +68,7 @@ impl Layout {
     /// [`Mode::PerLayer`].
     pub fn groups(&self, mode: Mode) -> Vec<Range<usize>> {
         match mode {
-            Mode::Global => vec![0..self.n()],
+            Mode::Global => std::iter::once(0..self.n()).collect(),
             Mode::PerLayer => (0..self.num_layers()).map(|l| self.layer(l)).collect(),
         }
     }

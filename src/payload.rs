@@ -56,6 +56,13 @@ impl Default for Payload {
 
 impl Payload {
     /// The sparse payload, or `None` for a sign payload.
+    ///
+    /// # Examples
+    /// ```
+    /// use gradsift::{Payload, SignPayload};
+    /// assert!(Payload::default().as_sparse().is_some());
+    /// assert!(Payload::Sign(SignPayload::default()).as_sparse().is_none());
+    /// ```
     pub fn as_sparse(&self) -> Option<&SparsePayload> {
         match self {
             Payload::Sparse(p) => Some(p),
@@ -64,6 +71,13 @@ impl Payload {
     }
 
     /// The sign payload, or `None` for a sparse one.
+    ///
+    /// # Examples
+    /// ```
+    /// use gradsift::{Payload, SignPayload};
+    /// assert!(Payload::default().as_sign().is_none());
+    /// assert!(Payload::Sign(SignPayload::default()).as_sign().is_some());
+    /// ```
     pub fn as_sign(&self) -> Option<&SignPayload> {
         match self {
             Payload::Sign(p) => Some(p),

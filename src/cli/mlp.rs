@@ -16,7 +16,7 @@ pub struct Mlp {
 impl Mlp {
     /// Kaiming-uniform weights and zero biases from a seeded generator.
     pub fn new(hidden: &[usize], seed: u64) -> Result<Self> {
-        let mut rng = SplitMix(seed ^ 0x6D6C_70);
+        let mut rng = SplitMix(seed ^ 0x006D_6C70);
         let mut dims = vec![PIXELS];
         dims.extend_from_slice(hidden);
         dims.push(10);

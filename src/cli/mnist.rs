@@ -90,7 +90,7 @@ impl Mnist {
     /// set. The split does not depend on the training seed, so runs compare on equal terms.
     pub fn split(&self, test: usize) -> (Self, Self) {
         let mut idx: Vec<usize> = (0..self.len()).collect();
-        shuffle(&mut idx, &mut SplitMix(0x4D4E_4953_54)); // "MNIST"
+        shuffle(&mut idx, &mut SplitMix(0x004D_4E49_5354)); // "MNIST"
         let test = test.min(self.len());
         (self.subset(&idx[test..]), self.subset(&idx[..test]))
     }

@@ -10,6 +10,7 @@ pub mod mlp;
 pub mod mnist;
 pub mod npy;
 pub mod plot;
+pub mod report;
 pub mod reproduce;
 pub mod train;
 

@@ -4,7 +4,8 @@
 //! Text is drawn with an embedded subset of DejaVu Sans (assets/fonts, made by
 //! scripts/make_font_subset.py), so plotting needs no system fonts.
 
-use super::analyze::{AnalyzeError, Report};
+use super::error::CliError as AnalyzeError;
+use super::report::Report;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 use std::path::Path;

@@ -187,7 +187,7 @@ pub fn reproduce(args: &ReproduceArgs, mut log: impl FnMut(&str)) -> Result<Summ
                     log(&format!("{label}, seed {seed}: diverged ({e})"));
                     diverged += 1;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
         }
         let epochs = reports.first().map_or(0, |r| r.epochs.len());
@@ -286,7 +286,7 @@ pub fn reproduce(args: &ReproduceArgs, mut log: impl FnMut(&str)) -> Result<Summ
                 mean_sum_rate_baseline,
                 accuracy: f64::NAN,
             },
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         };
         log(&format!(
             "rho = {r}: {}, mean R_sum {:.3} bits/coordinate",

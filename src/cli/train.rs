@@ -250,9 +250,9 @@ pub fn train(
     let mut stats = device.stats(&layout, k)?;
     let mut state = StepState::new(device);
     let mut variances = Vec::new();
-    let mut rng = SplitMix(cfg.seed ^ 0x4241_5443_48);
+    let mut rng = SplitMix(cfg.seed ^ 0x0042_4154_4348);
     // A generator of its own, so that injecting noise leaves the batches unchanged.
-    let mut noise_rng = SplitMix(cfg.seed ^ 0x4E4F_4953_45);
+    let mut noise_rng = SplitMix(cfg.seed ^ 0x004E_4F49_5345);
     let (mut loss_ema, mut steps_to_target) = (None::<f64>, None);
     let mut epochs = Vec::with_capacity(cfg.epochs);
     let mut steps = Vec::new();
@@ -427,7 +427,7 @@ fn noisy_baseline_step(
 fn worker_shards(cfg: &TrainConfig, train: &Mnist) -> Result<(Vec<Vec<usize>>, usize)> {
     let k = cfg.workers;
     let mut order: Vec<usize> = (0..train.len()).collect();
-    shuffle(&mut order, &mut SplitMix(cfg.seed ^ 0x5348_4152_44));
+    shuffle(&mut order, &mut SplitMix(cfg.seed ^ 0x0053_4841_5244));
     let shard = train.len() / k;
     if shard < cfg.batch {
         return Err(TrainError::Usage(format!(
@@ -478,7 +478,7 @@ pub fn worker_gradients_at(
     let mut velocity = vec![0f32; n];
     let mut update = vec![0f32; n];
     // The seed of train()'s batch shuffles, so that step t here is step t there.
-    let mut rng = SplitMix(cfg.seed ^ 0x4241_5443_48);
+    let mut rng = SplitMix(cfg.seed ^ 0x0042_4154_4348);
     let mut wanted = steps.iter().copied().peekable();
     let mut out = Vec::with_capacity(steps.len());
     let mut t = 0usize;

@@ -7,7 +7,7 @@ use crate::{
 };
 
 /// A worker's compression plan: built once for a layout and a configuration, it owns the
-/// residual `e`, the momentum `u` and every scratch buffer, so [`Compressor::step`]
+/// residual `e`, the momentum `u` and every scratch buffer, so [`Compress::step`]
 /// allocates nothing.
 ///
 /// The step computes `p = e + g` (or `u = m u + g; p = e + u`) into a second buffer and
@@ -175,11 +175,28 @@ impl Compressor {
 
     /// The residual `e` (f32, length `n`) in place: the CPU's zero-copy view of what
     /// [`Compress::residual`] copies.
+    ///
+    /// # Examples
+    /// ```
+    /// use gradsift::{Compress, Config, Layout, cpu};
+    /// let mut plan = cpu::Compressor::new(&Layout::new(&[2])?, &Config::topk(0.5))?;
+    /// plan.step(&[3.0f32, 1.0], 0)?;
+    /// assert_eq!(plan.residual_slice(), [0.0, 1.0]);
+    /// # Ok::<(), gradsift::Error>(())
+    /// ```
     pub fn residual_slice(&self) -> &[f32] {
         &self.residual
     }
 
     /// The momentum `u` in place; empty when the configuration has no momentum.
+    ///
+    /// # Examples
+    /// ```
+    /// use gradsift::{Compress, Config, Layout, cpu};
+    /// let mut plan = cpu::Compressor::new(&Layout::new(&[2])?, &Config::topk(0.5))?;
+    /// assert!(plan.momentum_slice().is_empty());
+    /// # Ok::<(), gradsift::Error>(())
+    /// ```
     pub fn momentum_slice(&self) -> &[f32] {
         &self.momentum
     }

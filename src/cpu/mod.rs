@@ -11,8 +11,10 @@ mod compress;
 mod select;
 mod stats;
 
+pub(crate) use aggregate::check_payload;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) use aggregate::reciprocals;
 pub use aggregate::{Aggregator, Average};
-pub(crate) use aggregate::{check_payload, reciprocals};
 pub use compress::{Compressor, random_k, rtopk, top_r};
 pub use select::{Selector, magnitude_key};
 pub use stats::{

@@ -253,6 +253,16 @@ pub struct Stats {
 
 impl Stats {
     /// A plan for `layout`.
+    ///
+    /// # Examples
+    /// ```
+    /// use gradsift::{Layout, Statistics, cpu};
+    /// let mut stats = cpu::Stats::new(&Layout::new(&[2])?);
+    /// let mut out = Vec::new();
+    /// stats.layer_stats(&[gradsift::f16::from_f32(1.5), gradsift::f16::from_f32(-0.5)], &mut out)?;
+    /// assert_eq!((out[0].mean, out[0].max_abs), (0.5, 1.5));
+    /// # Ok::<(), gradsift::Error>(())
+    /// ```
     pub fn new(layout: &Layout) -> Self {
         Self {
             layout: layout.clone(),

@@ -79,12 +79,12 @@ enum Method {
 /// A worker's compression plan on the GPU: the same contract as [`crate::cpu::Compressor`]
 /// (SPEC §5), with residual, momentum and all scratch on the device, allocated once here.
 ///
-/// [`Compressor::step`] only enqueues kernels on the context's stream: no host
+/// [`Compress::step_device`] only enqueues kernels on the context's stream: no host
 /// synchronisation, no allocation. Residual and momentum are ping-pong pairs; a device word
 /// says which half is current and only the step's last kernel flips it, and only when every
 /// element of `p` was finite. A rejected step therefore leaves the state exactly as it was,
 /// and the error ([`Error::NonFinite`]) surfaces when host data is asked for
-/// ([`Compressor::read_payload`], [`Compressor::check`]).
+/// ([`Compress::payload`], [`Compress::read_payload`], [`Compress::check`]).
 #[derive(Debug)]
 pub struct Compressor {
     cx: Context,
@@ -248,7 +248,7 @@ impl Compressor {
         })
     }
 
-    /// [`Compressor::step`] on a raw device pointer, for frameworks that hand out
+    /// [`Compress::step_device`] on a raw device pointer, for frameworks that hand out
     /// addresses (`tensor.data_ptr()` in PyTorch). Runs on the context's stream: build the
     /// context with [`Context::from_raw_stream`] on the framework's current stream.
     ///

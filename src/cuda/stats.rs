@@ -85,7 +85,7 @@ impl Stats {
         unsafe { self.layer_stats_raw(ptr, x.len(), T::DTYPE, out) }
     }
 
-    /// [`Stats::layer_stats`] on a raw device pointer.
+    /// [`Statistics::layer_stats_device`] on a raw device pointer.
     ///
     /// # Safety
     /// `x` must address `len` elements of `dtype` on this context's device.
@@ -164,7 +164,7 @@ impl Stats {
         r
     }
 
-    /// [`Stats::estimate_variance`] on raw device pointers, one per worker.
+    /// [`Statistics::estimate_variance_device`] on raw device pointers, one per worker.
     ///
     /// # Safety
     /// Each address must hold the layout's `n` elements of `dtype` on this device.

@@ -4,8 +4,8 @@
 //! NaN rollback: residual and momentum are ping-pong pairs and the index of the current one
 //! lives in a device-side state word. Every pass reads it, writes only the other buffer, and
 //! the last pass flips it only when the accumulate pass counted no non-finite value. So
-//! [`Compressor::step`] never waits for the device, and a rejected step is reported by the
-//! next call that returns host data ([`Compressor::read_payload`] and friends) as
+//! [`Compress::step_device`] never waits for the device, and a rejected step is reported by the
+//! next call that returns host data ([`Compress::payload`] and friends) as
 //! [`Error::NonFinite`], with residual and momentum exactly as before the step.
 
 use super::context::{Context, Inner, dev_err, floats, grid, words};
@@ -95,7 +95,7 @@ pub(crate) fn grad_bytes(n: usize, dtype: DType) -> u64 {
 
 /// A worker's compression plan on the GPU: residual, momentum and every scratch buffer live on
 /// the device, the passes and their bind groups are built once here, and
-/// [`Compressor::step`] records them into one submission without reading anything back.
+/// [`Compress::step_device`] records them into one submission without reading anything back.
 pub struct Compressor {
     ctx: Context,
     layout: Layout,
@@ -574,16 +574,22 @@ impl Compressor {
         })
     }
 
-    /// One training step on a device buffer holding `n` gradient elements of `dtype` (f16 and
-    /// bf16 packed two per 32-bit word, element `2j` in the low half). `step` is the training
+    /// [`Compress::step_device`] with the element type given at run time: `grad` holds `n`
+    /// gradient elements of `dtype` (f16 and bf16 packed two per 32-bit word, element `2j` in
+    /// the low half). `step` is the training
     /// step `t` that keys random-k (SPEC §3). `grad` needs `STORAGE` usage and at least
     /// `n * 4` bytes (f32) or `ceil(n / 2) * 4` bytes (16-bit types).
     ///
     /// Records every pass into one submission and returns without waiting. A non-finite
     /// accumulated value is detected on the device: the step then changes nothing, and the
-    /// next [`Compressor::read_payload`] returns [`Error::NonFinite`]. Only the latest step is
-    /// an error there; [`Compressor::rejected_steps`] counts every rejection since the
-    /// previous read, for callers that step several times between reads.
+    /// next [`Compress::read_payload`] returns [`Error::NonFinite`]. Only the latest step is
+    /// an error there; [`Compress::rejected_steps`] counts every rejection since the plan
+    /// was built, for callers that step several times between reads.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] for a buffer too small for `n` elements;
+    /// [`Error::InvalidConfig`] without `STORAGE` usage; [`Error::Device`] above the device's
+    /// binding limit, for a lost device or a failed submission.
     pub fn step_buffer(&mut self, grad: &::wgpu::Buffer, dtype: DType, step: u64) -> Result<()> {
         let need = grad_bytes(self.layout.n(), dtype);
         if grad.size() < need {
@@ -818,7 +824,7 @@ impl Compress for Compressor {
             return Ok(());
         }
         let inner = self.ctx.inner.clone();
-        inner.read_back(&self.staging, &[(&self.st, 0, 16)], |b| status(b))?
+        inner.read_back(&self.staging, &[(&self.st, 0, 16)], status)?
     }
 
     fn rejected_steps(&mut self) -> Result<u64> {

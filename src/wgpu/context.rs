@@ -268,7 +268,7 @@ impl Context {
     }
 
     /// A storage buffer holding `data` (f32, f16 or bf16; 16-bit data is padded to whole
-    /// 32-bit words with a zero), usable as a gradient by [`super::Compressor::step`].
+    /// 32-bit words with a zero), usable as a gradient by [`crate::Compress::step_device`].
     pub fn upload<T: crate::Element>(&self, data: &[T]) -> Result<::wgpu::Buffer> {
         let bytes: &[u8] = bytemuck::cast_slice(data);
         let size = (bytes.len() as u64).div_ceil(4).max(1) * 4;

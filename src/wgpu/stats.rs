@@ -23,7 +23,7 @@ struct StatsCfg {
 }
 
 /// A statistics plan for one layout: tile table, partial-sum and result buffers, built once
-/// and reused by [`Stats::layer_stats`] and [`Stats::estimate_variance`].
+/// and reused by every [`Statistics`] call.
 pub struct Stats {
     ctx: Context,
     layout: Layout,
