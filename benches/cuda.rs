@@ -9,7 +9,7 @@
 //! Without a CUDA device it prints why and measures nothing.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use gradsift::{Config, Layout, Mode, cuda};
+use gradsift::{Compress, Config, Layout, Mode, Statistics, cuda};
 use std::time::Duration;
 
 mod common;
@@ -59,7 +59,7 @@ fn bench(c: &mut Criterion) {
         b.iter_custom(|iters| {
             gpu_time(&cx, iters, || {
                 t += 1;
-                plan.step(&x, t).unwrap();
+                plan.step_device(&x, t).unwrap();
             })
         })
     });
@@ -70,7 +70,7 @@ fn bench(c: &mut Criterion) {
         b.iter_custom(|iters| {
             gpu_time(&cx, iters, || {
                 t += 1;
-                topk.step(&x, t).unwrap();
+                topk.step_device(&x, t).unwrap();
             })
         })
     });
@@ -84,7 +84,11 @@ fn bench(c: &mut Criterion) {
     let mut out = Vec::new();
     let mut stats = cuda::Stats::new(&cx, &layout, 0).unwrap();
     g.bench_function("layer_stats_1_layer", |b| {
-        b.iter_custom(|iters| gpu_time(&cx, iters, || stats.layer_stats(&x, &mut out).unwrap()))
+        b.iter_custom(|iters| {
+            gpu_time(&cx, iters, || {
+                stats.layer_stats_device(&x, &mut out).unwrap()
+            })
+        })
     });
     // 1000 layers: a few large, many small (sizes sum to n).
     let mut sizes: Vec<usize> = (0..996).map(|i| 1000 + (i * 37) % 9000).collect();
@@ -93,7 +97,11 @@ fn bench(c: &mut Criterion) {
     let layers = Layout::new(&sizes).unwrap();
     let mut stats_l = cuda::Stats::new(&cx, &layers, 0).unwrap();
     g.bench_function("layer_stats_1000_layers", |b| {
-        b.iter_custom(|iters| gpu_time(&cx, iters, || stats_l.layer_stats(&x, &mut out).unwrap()))
+        b.iter_custom(|iters| {
+            gpu_time(&cx, iters, || {
+                stats_l.layer_stats_device(&x, &mut out).unwrap()
+            })
+        })
     });
 
     let mut config = Config::rtopk(0.01, 0.001);
@@ -104,7 +112,7 @@ fn bench(c: &mut Criterion) {
         b.iter_custom(|iters| {
             gpu_time(&cx, iters, || {
                 t += 1;
-                per_layer.step(&x, t).unwrap();
+                per_layer.step_device(&x, t).unwrap();
             })
         })
     });

@@ -2,7 +2,7 @@
 //! Compare with `python3 scripts/numpy_argpartition.py` run on the same machine.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use gradsift::{Config, Layout, cpu};
+use gradsift::{Compress, Config, Layout, cpu};
 use std::hint::black_box;
 
 mod common;

@@ -7,7 +7,7 @@
 //! Sizes the device cannot bind are reported and skipped, not shrunk.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use gradsift::{Config, DType, Layout, wgpu};
+use gradsift::{Compress, Config, Layout, wgpu};
 
 mod common;
 use common::gaussian;
@@ -58,7 +58,7 @@ fn bench(c: &mut Criterion) {
             g.bench_function(name, |b| {
                 b.iter(|| {
                     t += 1;
-                    plan.step(&grad, DType::F32, t).unwrap();
+                    plan.step_device::<f32>(&grad, t).unwrap();
                     // Wait for the device so the sample measures the work, not the recording.
                     ctx.wait().unwrap();
                 })
@@ -97,7 +97,7 @@ fn bench(c: &mut Criterion) {
         g.bench_function(format!("ef_rtopk_{mode:?}"), |b| {
             b.iter(|| {
                 t += 1;
-                plan.step(&grad, DType::F32, t).unwrap();
+                plan.step_device::<f32>(&grad, t).unwrap();
                 ctx.wait().unwrap();
             })
         });

@@ -107,7 +107,7 @@ pub struct RhoPoint {
 /// What the report was built from.
 #[derive(Debug, Clone)]
 pub struct Summary {
-    /// The comparison table's rows, in [`COMPARISON`] order.
+    /// The comparison table's rows, in the order of the comparison table.
     pub comparison: Vec<ComparisonRow>,
     /// Fig. 8's points, by increasing `rho`.
     pub rho: Vec<RhoPoint>,

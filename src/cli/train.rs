@@ -160,7 +160,7 @@ impl TrainConfig {
         if !(self.ratio > 0.0 && self.ratio <= 1.0) {
             return bad(format!("--ratio must lie in (0, 1], got {}", self.ratio));
         }
-        if !(self.r_over_k >= 1.0) {
+        if self.r_over_k.is_nan() || self.r_over_k < 1.0 {
             return bad(format!(
                 "--r-over-k must be at least 1, got {}",
                 self.r_over_k
@@ -169,7 +169,7 @@ impl TrainConfig {
         if self.batch == 0 || self.epochs == 0 {
             return bad("--batch and --epochs must be positive".into());
         }
-        if !(self.lr > 0.0) || !(0.0..1.0).contains(&self.momentum) {
+        if self.lr.is_nan() || self.lr <= 0.0 || !(0.0..1.0).contains(&self.momentum) {
             return bad("--lr must be positive and --momentum in [0, 1)".into());
         }
         if let Some(rho) = self.baseline_noise_rho {
