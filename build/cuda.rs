@@ -1,18 +1,33 @@
-//! Precompiles `kernels/*.cu` to PTX when nvcc is present. Without nvcc the crate still
-//! builds: the sources are embedded (src/cuda/kernels.rs) and compiled by NVRTC at first
-//! use. Either way `$OUT_DIR/cuda_ptx.rs` defines `PRECOMPILED_PTX: Option<&str>`.
+//! Builds the CUDA kernels' program from the table in `kernels/registry.rs`: writes the
+//! single NVRTC source (`$OUT_DIR/gradsift_nvrtc.cu`, every header then every unit, which
+//! src/cuda/kernels.rs embeds and NVRTC compiles at first use) and, when nvcc is present,
+//! precompiles the units to PTX. Either way `$OUT_DIR/cuda_ptx.rs` defines
+//! `PRECOMPILED_PTX: Option<&str>`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Kernel files in the order NVRTC concatenates them (kept in sync with src/cuda/kernels.rs).
-const UNITS: [&str; 5] = [
-    "accumulate.cu",
-    "select.cu",
-    "sign.cu",
-    "stats.cu",
-    "aggregate.cu",
-];
+/// The kernel table (`UNITS`, `HEADERS`, the `Kernel` handles src/cuda uses).
+#[allow(dead_code)]
+mod registry {
+    include!("../kernels/registry.rs");
+}
+use registry::{HEADERS, UNITS};
+
+/// The whole program NVRTC compiles: headers first, then every unit, as one source.
+fn nvrtc_program(kernels: &Path) -> String {
+    let mut s = String::from("#define GRADSIFT_NVRTC 1\n");
+    for name in HEADERS.iter().chain(UNITS) {
+        let path = kernels.join(name);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!("kernels/registry.rs lists {name}: {}: {e}", path.display())
+        });
+        s.push_str(&format!("// ---- {name}\n"));
+        s.push_str(&text);
+        s.push('\n');
+    }
+    s
+}
 
 pub fn run() {
     println!("cargo::rerun-if-changed=kernels");
@@ -22,6 +37,8 @@ pub fn run() {
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
     let kernels = manifest.join("kernels");
+    std::fs::write(out.join("gradsift_nvrtc.cu"), nvrtc_program(&kernels))
+        .expect("write gradsift_nvrtc.cu");
     let ptx = if std::env::var_os("GRADSIFT_NO_NVCC").is_some() {
         None
     } else {

@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # The test command of the README: installs what the GPU backends' tests need, then runs
-# every test. On a laptop without root or network it runs what it can and says what it
-# skipped; in CI (CI=true) a missing Vulkan adapter or NVRTC fails the run instead.
+# every test: `cargo test --features wgpu,cuda "$@"` and, alongside it, the CUDA kernels
+# under the CPU emulation (scripts/cuda-emu/run.sh quick, a few minutes), whose log is
+# printed after cargo's and ends with `N passed, M failed`. The run fails if either fails;
+# cargo's exit status wins when both do. On a laptop without root or network it runs what
+# it can and says what it skipped; in CI (CI=true) a missing Vulkan adapter, NVRTC or g++
+# fails the run instead.
+#
+# GRADSIFT_CUDA_EMU=quick (default) | full | 0: which emulation matrix to run, or none
+# (0 says SKIPPED; refused in CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,4 +52,69 @@ if $in_ci && [ -z "${VK_ICD_FILENAMES:-}${VK_DRIVER_FILES:-}" ]; then
   [ -n "$lvp" ] && export VK_DRIVER_FILES="$lvp"
 fi
 
-exec cargo test --features wgpu,cuda "$@"
+# The CUDA emulation: g++ builds the real kernels for the CPU (see scripts/cuda-emu/).
+emu_mode=${GRADSIFT_CUDA_EMU:-quick}
+emu_skip=""
+case "$emu_mode" in
+  quick | full) ;;
+  0)
+    if $in_ci; then note "ERROR: GRADSIFT_CUDA_EMU=0 in CI: the CUDA emulation may not be skipped"; exit 1; fi
+    emu_mode=""
+    emu_skip="GRADSIFT_CUDA_EMU=0"
+    ;;
+  *) note "ERROR: GRADSIFT_CUDA_EMU=$emu_mode: expected quick, full or 0"; exit 1 ;;
+esac
+if [ -n "$emu_mode" ] && ! command -v g++ >/dev/null 2>&1; then
+  fail_or_warn "g++ not found, needed by the CUDA emulation (scripts/cuda-emu)"
+  emu_mode=""
+  emu_skip="g++ not found"
+fi
+
+emu_pid=""
+emu_log=""
+cleanup() {
+  # An interrupted run must not leave the emulation running: it has its own process group.
+  if [ -n "$emu_pid" ]; then kill -- "-$emu_pid" 2>/dev/null || kill "$emu_pid" 2>/dev/null || true; fi
+  if [ -n "$emu_log" ]; then rm -f "$emu_log"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+if [ -n "$emu_mode" ]; then
+  emu_args=()
+  [ "$emu_mode" = quick ] && emu_args=(quick)
+  emu_log=$(mktemp "${TMPDIR:-/tmp}/gradsift-test-emu.XXXXXX")
+  # Niced, so that building the tests keeps priority on a small machine.
+  if command -v setsid >/dev/null 2>&1; then
+    setsid nice -n 10 scripts/cuda-emu/run.sh "${emu_args[@]}" >"$emu_log" 2>&1 &
+  else
+    nice -n 10 scripts/cuda-emu/run.sh "${emu_args[@]}" >"$emu_log" 2>&1 &
+  fi
+  emu_pid=$!
+fi
+
+cargo_rc=0
+cargo test --features wgpu,cuda "$@" || cargo_rc=$?
+
+emu_rc=0
+if [ -n "$emu_mode" ]; then
+  if [ "$cargo_rc" -ne 0 ]; then note "cargo test failed (exit $cargo_rc); waiting for the CUDA emulation"; fi
+  wait "$emu_pid" || emu_rc=$?
+  emu_pid=""
+  echo
+  echo "CUDA emulation (scripts/cuda-emu/run.sh ${emu_args[*]:-}):"
+  cat "$emu_log"
+else
+  echo
+  echo "CUDA emulation: SKIPPED ($emu_skip)"
+fi
+
+if [ "$cargo_rc" -ne 0 ]; then
+  note "FAILED: cargo test (exit $cargo_rc)"
+  exit "$cargo_rc"
+fi
+if [ "$emu_rc" -ne 0 ]; then
+  note "FAILED: CUDA emulation (exit $emu_rc)"
+  exit "$emu_rc"
+fi

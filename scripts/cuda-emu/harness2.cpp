@@ -13,6 +13,7 @@
 #include "aggregate.cu"
 
 static int failures = 0;
+static int passes = 0;
 #define CHECK(c, ...)                  \
     do {                               \
         if (!(c)) {                    \
@@ -100,6 +101,7 @@ static void sign_case(const std::vector<u32>& sizes, float momentum) {
             lo += sizes[gi];
         }
     }
+    ++passes;
     printf("ok   sign sizes=%zu n=%u momentum=%g\n", sizes.size(), n, momentum);
 }
 
@@ -147,6 +149,7 @@ static void stats_case(const std::vector<u32>& sizes, float off, bool nan) {
         CHECK(std::fabs(o.var - var) <= 1e-9 * var, "stats %u var %g vs %g", l, o.var, var);
         lo += sizes[l];
     }
+    ++passes;
     printf("ok   stats layers=%zu n=%u off=%g nan=%d\n", sizes.size(), n, off, nan);
 }
 
@@ -199,6 +202,7 @@ static void var_case(const std::vector<u32>& sizes, u32 k) {
         CHECK(std::fabs(out[l].sigma_x2 - sx) <= 1e-9 * sx + 1e-300, "var %u sigma_x2 %g vs %g", l, out[l].sigma_x2, sx);
         lo += nl;
     }
+    ++passes;
     printf("ok   variance layers=%zu n=%u K=%u\n", sizes.size(), n, k);
 }
 
@@ -256,6 +260,7 @@ static void agg_case(u32 n, u32 k, bool senders, int corrupt) {
         CHECK(any != 0, "agg corrupt %d not detected", corrupt);
         CHECK((corrupt == 3 ? ev[1] : ei[1]) != 0xFFFFFFFF && ei[0] == 0xFFFFFFFF, "agg error position");
         for (u32 i = 0; i < n; ++i) CHECK(out[i] == 7.0f, "agg out written on error");
+        ++passes;
         printf("ok   aggregate rejects corruption %d\n", corrupt);
         return;
     }
@@ -270,6 +275,7 @@ static void agg_case(u32 n, u32 k, bool senders, int corrupt) {
         want[i] *= senders ? inv[c[i]] : inv[k];
         CHECK(__float_as_uint(want[i]) == __float_as_uint(out[i]), "agg %u: %g vs %g", i, out[i], want[i]);
     }
+    ++passes;
     printf("ok   aggregate n=%u K=%u senders=%d\n", n, k, senders);
 }
 
@@ -321,6 +327,7 @@ static void agg_sign_case(u32 n, u32 k, bool senders) {
         }
         lo += sizes[g];
     }
+    ++passes;
     printf("ok   aggregate sign n=%u K=%u senders=%d\n", n, k, senders);
 }
 
@@ -345,6 +352,7 @@ static void accumulate_half_case(u32 n) {
             CHECK(e[1][i] == 0.25f + g, "half accumulate %d at %u", kind, i);
         }
     }
+    ++passes;
     printf("ok   accumulate f16/bf16 n=%u\n", n);
 }
 
@@ -364,6 +372,7 @@ int main() {
     agg_sign_case(9001, 3, false);
     agg_sign_case(9001, 2, true);
     accumulate_half_case(20000);
-    printf("%d failure(s)\n", failures);
+    // The summary CI log readers look for: alone on the last line.
+    printf("%d passed, %d failed\n", passes, failures);
     return failures ? 1 : 0;
 }

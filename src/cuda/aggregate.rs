@@ -1,7 +1,8 @@
 //! The parameter server's decoder on the GPU (SPEC §7).
 
 use super::abi::{self, AggArgs};
-use super::context::{Context, DevBuf, K, download_at};
+use super::context::{Context, DevBuf, download_at};
+use super::kernels::Kernel as K;
 use crate::cpu::{Average, check_payload};
 use crate::{Aggregate, Error, Layout, Mode, Payload, Result};
 use cudarc::driver::{CudaSlice, DevicePtrMut};

@@ -1,7 +1,8 @@
 //! The fused error-feedback compression step on the GPU (SPEC §4-6, §10).
 
 use super::abi::{self, AccArgs, CompactArgs, SelArgs, SignArgs, SmallArgs, SmallGroup};
-use super::context::{Context, DevBuf, K, download_at};
+use super::context::{Context, DevBuf, download_at};
+use super::kernels::Kernel as K;
 use crate::Compress;
 use crate::{
     Config, DType, Element, Error, Group, Layout, Payload, Result, SignPayload, SparsePayload,
@@ -19,10 +20,6 @@ const BLOCK_MAX_PER_LAYER: usize = 1 << 20;
 const BLOCK_THREADS: u32 = 1024;
 /// Words of a compaction tile (`TILE_WORDS` in kernels/select.cu).
 pub(crate) const TILE_WORDS: usize = 256;
-
-pub(crate) fn dtype_offset(d: DType) -> usize {
-    usize::from(d.code())
-}
 
 #[derive(Debug, Clone, Copy)]
 struct BigGroup {
@@ -274,8 +271,9 @@ impl Compressor {
         let (t_lo, t_hi) = (step as u32, (step >> 32) as u32);
         let (s_lo, s_hi) = (self.config.seed as u32, (self.config.seed >> 32) as u32);
         let acc = |sel_state: u64| -> Result<()> {
-            cx.launch_idx(
-                K::EfAccumulateF32 as usize + dtype_offset(dtype),
+            cx.launch_for(
+                K::EfAccumulate,
+                dtype,
                 cx.grid_for(n, 256),
                 256,
                 &AccArgs { b, grad, sel_state },

@@ -2,72 +2,16 @@
 //! architecture, loading them once per CUDA context, and the small raw-memory and launch
 //! helpers every plan uses.
 
-use crate::{Error, Result};
+use super::kernels::{KERNEL_NAMES, Kernel, kernel_source};
+use crate::{DType, Error, Result};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, result as drv};
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 mod precompiled {
     include!(concat!(env!("OUT_DIR"), "/cuda_ptx.rs"));
-}
-
-/// The kernel sources, embedded so that NVRTC can build them on a machine without nvcc.
-/// Order matters: headers first, then every unit, as one program.
-pub(crate) const SOURCES: [(&str, &str); 7] = [
-    ("common.cuh", include_str!("../../kernels/common.cuh")),
-    ("select.cuh", include_str!("../../kernels/select.cuh")),
-    ("accumulate.cu", include_str!("../../kernels/accumulate.cu")),
-    ("select.cu", include_str!("../../kernels/select.cu")),
-    ("sign.cu", include_str!("../../kernels/sign.cu")),
-    ("stats.cu", include_str!("../../kernels/stats.cu")),
-    ("aggregate.cu", include_str!("../../kernels/aggregate.cu")),
-];
-
-/// Every kernel entry point the backend loads.
-pub const KERNEL_NAMES: [&str; 30] = [
-    "ef_accumulate_f32",
-    "ef_accumulate_f16",
-    "ef_accumulate_bf16",
-    "ef_begin",
-    "ef_commit",
-    "sel_reset",
-    "sel_clear_bits",
-    "sel_pass",
-    "sel_find",
-    "compact_count",
-    "compact_scan",
-    "compact_emit",
-    "emit_range",
-    "select_small",
-    "sign_partial",
-    "sign_merge",
-    "sign_apply",
-    "stats_items_f32",
-    "stats_items_f16",
-    "stats_items_bf16",
-    "stats_merge",
-    "var_items_f32",
-    "var_items_f16",
-    "var_items_bf16",
-    "var_merge",
-    "agg_check_sparse",
-    "agg_zero",
-    "agg_scatter",
-    "agg_sign",
-    "agg_finalize",
-];
-
-/// The whole program NVRTC compiles: every file of `kernels/`, headers first.
-pub fn kernel_source() -> String {
-    let mut s = String::from("#define GRADSIFT_NVRTC 1\n");
-    for (name, text) in SOURCES {
-        s.push_str(&format!("// ---- {name}\n"));
-        s.push_str(text);
-        s.push('\n');
-    }
-    s
 }
 
 pub(crate) fn unavailable(reason: impl Into<String>) -> Error {
@@ -244,51 +188,71 @@ fn ptx_for(arch: &str) -> Result<(String, &'static str)> {
     Ok((ptx, "NVRTC"))
 }
 
-/// The loaded module and its functions, shared by every [`Context`] on one CUDA context.
+/// The module loaded into one CUDA context and its functions: the compiled-module cache of
+/// the [`Context`]s on that CUDA context. Every such `Context` (clones, [`Context::with_stream`],
+/// and a `Context` built later for another stream of the same CUDA context while one is
+/// alive) holds it through an `Arc`; the last one to go frees the module and, with it, its
+/// reference to the CUDA context.
 pub(crate) struct Loaded {
     _module: Arc<CudaModule>,
+    /// One per entry point, in [`KERNEL_NAMES`] order ([`Kernel::entry`] indexes it).
     funcs: Vec<CudaFunction>,
     pub(crate) sms: u32,
     pub(crate) source: &'static str,
     pub(crate) arch: String,
 }
 
-/// Kernel handles by name (indices into [`KERNEL_NAMES`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[allow(missing_docs, non_camel_case_types)]
-pub(crate) enum K {
-    EfAccumulateF32 = 0,
-    EfBegin = 3,
-    EfCommit = 4,
-    SelReset = 5,
-    SelClearBits = 6,
-    SelPass = 7,
-    SelFind = 8,
-    CompactCount = 9,
-    CompactScan = 10,
-    CompactEmit = 11,
-    EmitRange = 12,
-    SelectSmall = 13,
-    SignPartial = 14,
-    SignMerge = 15,
-    SignApply = 16,
-    StatsItemsF32 = 17,
-    StatsMerge = 20,
-    VarItemsF32 = 21,
-    VarMerge = 24,
-    AggCheckSparse = 25,
-    AggZero = 26,
-    AggScatter = 27,
-    AggSign = 28,
-    AggFinalize = 29,
+/// Values shared by key while someone holds them: entries are weak, so the index keeps
+/// nothing alive, and a dead entry is replaced (or pruned) on the next insert.
+struct WeakIndex<K, V> {
+    entries: Mutex<Vec<(K, Weak<V>)>>,
 }
 
+impl<K: PartialEq, V> WeakIndex<K, V> {
+    const fn new() -> Self {
+        Self {
+            entries: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn get(&self, key: &K) -> Option<Arc<V>> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.upgrade())
+    }
+
+    /// Stores `value` under `key` unless a live value got there first (two threads loading
+    /// at once); returns the one to use.
+    fn insert(&self, key: K, value: Arc<V>) -> Arc<V> {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.retain(|(_, v)| v.strong_count() > 0);
+        if let Some(live) = entries
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, v)| v.upgrade())
+        {
+            return live;
+        }
+        entries.push((key, Arc::downgrade(&value)));
+        value
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// The loaded kernels of the CUDA context `ctx`: those of a live [`Context`] on it, or
+/// loaded now. Keyed by the `CUcontext`, which cannot be reused while a [`Loaded`] holds
+/// its `CudaContext`.
 fn load(ctx: &Arc<CudaContext>) -> Result<Arc<Loaded>> {
-    static MODULES: OnceLock<Mutex<HashMap<usize, Arc<Loaded>>>> = OnceLock::new();
+    static LOADED: WeakIndex<usize, Loaded> = WeakIndex::new();
     let key = ctx.cu_ctx() as usize;
-    let modules = MODULES.get_or_init(Default::default);
-    if let Some(l) = modules.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-        return Ok(l.clone());
+    if let Some(l) = LOADED.get(&key) {
+        return Ok(l);
     }
     let (major, minor) = ctx
         .compute_capability()
@@ -361,11 +325,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Arc<Loaded>> {
         source,
         arch,
     });
-    modules
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(key, loaded.clone());
-    Ok(loaded)
+    Ok(LOADED.insert(key, loaded))
 }
 
 /// A CUDA device, a stream to run on, and the loaded kernels.
@@ -373,7 +333,9 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Arc<Loaded>> {
 /// Cheap to clone. Every plan built from a context enqueues on its stream and never
 /// synchronises unless a method returns host data. The kernels are compiled (or the
 /// precompiled PTX is loaded) once per CUDA context and shared by every `Context` on it,
-/// so wrapping each framework stream in its own `Context` costs nothing.
+/// so wrapping each framework stream in its own `Context` costs nothing while another
+/// `Context` on that CUDA context is alive. The loaded module belongs to those `Context`s
+/// (and the plans holding them): dropping the last one frees it.
 #[derive(Clone)]
 pub struct Context {
     pub(crate) ctx: Arc<CudaContext>,
@@ -493,28 +455,38 @@ impl Context {
         want.min(u64::from(self.k.sms.max(1)) * 8) as u32
     }
 
-    /// Launches kernel `f` with one by-value struct argument.
-    pub(crate) fn launch<A: Copy>(&self, f: K, grid: u32, block: u32, args: &A) -> Result<()> {
-        self.launch_idx(f as usize, grid, block, args)
+    /// Launches kernel `k` (one that is not per dtype) with one by-value struct argument.
+    pub(crate) fn launch<A: Copy>(&self, k: Kernel, grid: u32, block: u32, args: &A) -> Result<()> {
+        self.launch_entry(k.entry(None)?, grid, block, args)
     }
 
-    /// As [`Context::launch`], for the dtype-templated kernels (`base` + dtype offset).
-    pub(crate) fn launch_idx<A: Copy>(
+    /// As [`Context::launch`], for a per-dtype kernel: its instantiation for `dtype`.
+    pub(crate) fn launch_for<A: Copy>(
         &self,
-        idx: usize,
+        k: Kernel,
+        dtype: DType,
         grid: u32,
         block: u32,
         args: &A,
     ) -> Result<()> {
+        self.launch_entry(k.entry(Some(dtype))?, grid, block, args)
+    }
+
+    fn launch_entry<A: Copy>(&self, idx: usize, grid: u32, block: u32, args: &A) -> Result<()> {
         if grid == 0 {
             return Ok(());
         }
+        let f = self
+            .k
+            .funcs
+            .get(idx)
+            .ok_or_else(|| device_err("launch", format!("no loaded entry point {idx}")))?;
         let mut params = [args as *const A as *mut c_void];
         // SAFETY: every kernel takes exactly one struct whose layout `abi` mirrors; the
         // addresses inside it are live device allocations owned by the calling plan.
         unsafe {
             drv::launch_kernel(
-                self.k.funcs[idx].cu_function(),
+                f.cu_function(),
                 (grid, 1, 1),
                 (block, 1, 1),
                 0,
@@ -650,43 +622,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kernel_handles_name_the_right_entry_points() {
-        let pairs = [
-            (K::EfAccumulateF32, "ef_accumulate_f32"),
-            (K::EfBegin, "ef_begin"),
-            (K::EfCommit, "ef_commit"),
-            (K::SelReset, "sel_reset"),
-            (K::SelClearBits, "sel_clear_bits"),
-            (K::SelPass, "sel_pass"),
-            (K::SelFind, "sel_find"),
-            (K::CompactCount, "compact_count"),
-            (K::CompactScan, "compact_scan"),
-            (K::CompactEmit, "compact_emit"),
-            (K::EmitRange, "emit_range"),
-            (K::SelectSmall, "select_small"),
-            (K::SignPartial, "sign_partial"),
-            (K::SignMerge, "sign_merge"),
-            (K::SignApply, "sign_apply"),
-            (K::StatsItemsF32, "stats_items_f32"),
-            (K::StatsMerge, "stats_merge"),
-            (K::VarItemsF32, "var_items_f32"),
-            (K::VarMerge, "var_merge"),
-            (K::AggCheckSparse, "agg_check_sparse"),
-            (K::AggZero, "agg_zero"),
-            (K::AggScatter, "agg_scatter"),
-            (K::AggSign, "agg_sign"),
-            (K::AggFinalize, "agg_finalize"),
-        ];
-        for (k, name) in pairs {
-            assert_eq!(KERNEL_NAMES[k as usize], name);
-        }
-        // The dtype-templated kernels are f32, f16, bf16 in that order.
-        for base in [K::EfAccumulateF32, K::StatsItemsF32, K::VarItemsF32] {
-            let b = KERNEL_NAMES[base as usize].trim_end_matches("f32");
-            assert_eq!(KERNEL_NAMES[base as usize + 1], format!("{b}f16"));
-            assert_eq!(KERNEL_NAMES[base as usize + 2], format!("{b}bf16"));
-        }
-        // Every entry point exists in the sources.
+    fn every_entry_point_is_in_the_program() {
         let src = kernel_source();
         for name in KERNEL_NAMES {
             assert!(
@@ -694,6 +630,28 @@ mod tests {
                 "{name} not in kernels/"
             );
         }
+    }
+
+    #[test]
+    fn the_weak_index_keeps_nothing_alive() {
+        let index: WeakIndex<usize, String> = WeakIndex::new();
+        let a = index.insert(1, Arc::new("a".into()));
+        assert_eq!(index.get(&1).as_deref().map(String::as_str), Some("a"));
+        // A live value wins over a second load.
+        let again = index.insert(1, Arc::new("a2".into()));
+        assert!(Arc::ptr_eq(&a, &again));
+        let weak = Arc::downgrade(&a);
+        drop((a, again));
+        assert!(weak.upgrade().is_none(), "the index kept the value alive");
+        assert!(index.get(&1).is_none());
+        // The dead entry is replaced, and pruned on inserts.
+        let b = index.insert(1, Arc::new("b".into()));
+        let c = index.insert(2, Arc::new("c".into()));
+        assert_eq!(index.len(), 2);
+        drop(b);
+        let _d = index.insert(3, Arc::new("d".into()));
+        assert_eq!(index.len(), 2);
+        assert_eq!(index.get(&2).as_deref(), Some(&*c));
     }
 
     #[test]

@@ -5,9 +5,12 @@
 //! crate compiles and links on machines without CUDA; constructing a [`Context`] there
 //! returns [`crate::Error::BackendUnavailable`] saying what is missing.
 //!
-//! Kernels live in `kernels/*.cu`. `build.rs` compiles them to PTX when nvcc is present;
-//! otherwise the embedded sources are compiled by NVRTC on first use, once per process and
-//! architecture, and loaded once per CUDA context.
+//! Kernels live in `kernels/*.cu`, listed once in `kernels/registry.rs`: every unit and
+//! every entry point with its per-dtype instantiations. build.rs, the embedded NVRTC
+//! program and the launch handles all derive from that table (`src/cuda/kernels.rs`).
+//! `build.rs` compiles them to PTX when nvcc is present; otherwise the embedded sources are
+//! compiled by NVRTC on first use, once per process and architecture, and loaded once per
+//! CUDA context for as long as a [`Context`] on it is alive.
 //!
 //! Streams: every plan enqueues on its context's stream (a cudarc stream, or a framework's
 //! raw `CUstream` through [`Context::from_raw_stream`]) and only waits when a method hands
@@ -44,13 +47,13 @@ mod abi;
 mod aggregate;
 mod compress;
 mod context;
+mod kernels;
 mod select;
 mod stats;
 
 pub use aggregate::Aggregator;
 pub use compress::Compressor;
-pub use context::{
-    Context, KERNEL_NAMES, compile_cubin, compile_ptx, kernel_source, probe_driver, probe_nvrtc,
-};
+pub use context::{Context, compile_cubin, compile_ptx, probe_driver, probe_nvrtc};
+pub use kernels::{KERNEL_NAMES, kernel_source};
 pub use select::TopR;
 pub use stats::{Stats, estimate_variance, layer_stats};

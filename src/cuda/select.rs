@@ -2,7 +2,8 @@
 
 use super::abi::{CompactArgs, SelArgs, StepBuffers, StepStatus};
 use super::compress::{TILE_WORDS, radix_stage, tiles_of, words_of};
-use super::context::{Context, DevBuf, K};
+use super::context::{Context, DevBuf};
+use super::kernels::Kernel as K;
 use crate::{Error, Layout, Result};
 use cudarc::driver::{CudaSlice, DevicePtr};
 

@@ -1,8 +1,8 @@
 //! Per-layer statistics and the K-worker variance estimator on the GPU (SPEC §8).
 
 use super::abi::{self, StatsArgs, StatsOut, VarArgs, VarOut};
-use super::compress::dtype_offset;
-use super::context::{Context, DevBuf, K};
+use super::context::{Context, DevBuf};
+use super::kernels::Kernel as K;
 use crate::Statistics;
 use crate::{DType, Element, Error, LayerStats, Layout, Result, VarianceEstimate};
 use cudarc::driver::{CudaSlice, DevicePtr};
@@ -107,12 +107,8 @@ impl Stats {
             nlayers: self.layout.num_layers() as u32,
             pad: 0,
         };
-        self.cx.launch_idx(
-            K::StatsItemsF32 as usize + dtype_offset(dtype),
-            self.n_items,
-            256,
-            &a,
-        )?;
+        self.cx
+            .launch_for(K::StatsItems, dtype, self.n_items, 256, &a)?;
         self.cx.launch(K::StatsMerge, a.nlayers, 256, &a)?;
         self.out.download(&self.cx, &mut self.host)?;
         out.clear();
@@ -203,12 +199,7 @@ impl Stats {
             k: k as u32,
             nlayers: self.layout.num_layers() as u32,
         };
-        cx.launch_idx(
-            K::VarItemsF32 as usize + dtype_offset(dtype),
-            self.n_items,
-            256,
-            &a,
-        )?;
+        cx.launch_for(K::VarItems, dtype, self.n_items, 256, &a)?;
         cx.launch(K::VarMerge, a.nlayers, 256, &a)?;
         self.bad_count.download(cx, &mut self.host_bad_count[..k])?;
         self.bad_first.download(cx, &mut self.host_bad_first[..k])?;

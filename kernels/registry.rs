@@ -1,0 +1,145 @@
+// The one list of gradsift's CUDA kernels. Read with `include!` by build/cuda.rs (which
+// files nvcc compiles and build.rs concatenates into the NVRTC program) and by
+// src/cuda/kernels.rs (the embedded program, the entry points loaded from the module and
+// the `Kernel` handles the launch code uses). Adding a kernel: define it in a unit below
+// as `extern "C" __global__`, add a line here; nothing else is numbered by hand. A unit
+// test checks this table against the `extern "C" __global__` definitions in `kernels/`.
+//
+// Syntax: `headers: [...]` lists the headers in the order the single NVRTC program pastes
+// them (before every unit); then each unit in concatenation order with its kernels as
+// `Handle = "entry_point"` or, for a kernel instantiated once per element type,
+// `Handle = "base" [f32, f16, bf16]`, whose entry points are `base_f32`, `base_f16`, ...
+
+macro_rules! kernel_registry {
+    (
+        headers: [$($header:literal),* $(,)?],
+        $($unit:literal: [$($kernel:ident = $base:literal $([$($dt:ident),+ $(,)?])?),* $(,)?]),* $(,)?
+    ) => {
+        /// Headers of `kernels/`, in the order the NVRTC program pastes them.
+        pub const HEADERS: &[&str] = &[$($header),*];
+
+        /// Translation units of `kernels/`, in the order nvcc and NVRTC concatenate them.
+        pub const UNITS: &[&str] = &[$($unit),*];
+
+        /// A kernel of `kernels/`: one entry point, or one per element type.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[allow(clippy::enum_variant_names)]
+        pub enum Kernel {
+            $($(
+                #[doc = concat!("`", $base, "` in `kernels/", $unit, "`.")]
+                $kernel,
+            )*)*
+        }
+
+        impl Kernel {
+            /// Every kernel, in table order.
+            pub const ALL: &'static [Kernel] = &[$($(Kernel::$kernel,)*)*];
+
+            /// The unit defining it.
+            pub const fn unit(self) -> &'static str {
+                match self {
+                    $($(Kernel::$kernel => $unit,)*)*
+                }
+            }
+
+            /// Its entry point names: one, or `base_<dtype>` per instantiation.
+            pub const fn entries(self) -> &'static [&'static str] {
+                match self {
+                    $($(Kernel::$kernel => kernel_registry!(@entries $base $([$($dt),+])?),)*)*
+                }
+            }
+
+            /// The element types it is instantiated for (`"f32"`, ...), empty when it is
+            /// not templated; `entries()[i]` is the instantiation for `dtypes()[i]`.
+            pub const fn dtypes(self) -> &'static [&'static str] {
+                match self {
+                    $($(Kernel::$kernel => kernel_registry!(@dtypes $([$($dt),+])?),)*)*
+                }
+            }
+        }
+    };
+    (@entries $base:literal) => { &[$base] };
+    (@entries $base:literal [$($dt:ident),+]) => { &[$(concat!($base, "_", stringify!($dt))),+] };
+    (@dtypes) => { &[] };
+    (@dtypes [$($dt:ident),+]) => { &[$(stringify!($dt)),+] };
+}
+
+kernel_registry! {
+    headers: ["common.cuh", "select.cuh"],
+    "accumulate.cu": [
+        EfAccumulate = "ef_accumulate" [f32, f16, bf16],
+        EfBegin = "ef_begin",
+        EfCommit = "ef_commit",
+    ],
+    "select.cu": [
+        SelReset = "sel_reset",
+        SelClearBits = "sel_clear_bits",
+        SelPass = "sel_pass",
+        SelFind = "sel_find",
+        CompactCount = "compact_count",
+        CompactScan = "compact_scan",
+        CompactEmit = "compact_emit",
+        EmitRange = "emit_range",
+        SelectSmall = "select_small",
+    ],
+    "sign.cu": [
+        SignPartial = "sign_partial",
+        SignMerge = "sign_merge",
+        SignApply = "sign_apply",
+    ],
+    "stats.cu": [
+        StatsItems = "stats_items" [f32, f16, bf16],
+        StatsMerge = "stats_merge",
+        VarItems = "var_items" [f32, f16, bf16],
+        VarMerge = "var_merge",
+    ],
+    "aggregate.cu": [
+        AggCheckSparse = "agg_check_sparse",
+        AggZero = "agg_zero",
+        AggScatter = "agg_scatter",
+        AggSign = "agg_sign",
+        AggFinalize = "agg_finalize",
+    ],
+}
+
+/// How many entry points the table lists (templated kernels count once per dtype).
+pub const ENTRY_COUNT: usize = {
+    let mut n = 0;
+    let mut i = 0;
+    while i < Kernel::ALL.len() {
+        n += Kernel::ALL[i].entries().len();
+        i += 1;
+    }
+    n
+};
+
+/// Every entry point, in table order: the order of the functions loaded from the module.
+pub const KERNEL_NAMES: [&str; ENTRY_COUNT] = {
+    let mut names = [""; ENTRY_COUNT];
+    let mut n = 0;
+    let mut i = 0;
+    while i < Kernel::ALL.len() {
+        let entries = Kernel::ALL[i].entries();
+        let mut j = 0;
+        while j < entries.len() {
+            names[n] = entries[j];
+            n += 1;
+            j += 1;
+        }
+        i += 1;
+    }
+    names
+};
+
+impl Kernel {
+    /// Index of its first entry point in [`KERNEL_NAMES`].
+    pub const fn first_entry(self) -> usize {
+        let mut n = 0;
+        let mut i = 0;
+        while i < self as usize {
+            n += Kernel::ALL[i].entries().len();
+            i += 1;
+        }
+        n
+    }
+}
