@@ -97,6 +97,25 @@ fi
 cargo_rc=0
 cargo test --features wgpu,cuda "$@" || cargo_rc=$?
 
+# Every feature combination builds without warnings and passes clippy: the bare library, each
+# backend alone, and the default (the CLI with every backend). In CI, or with GRADSIFT_LINT=1;
+# it overlaps the emulation, which runs in the background.
+lint_rc=0
+if [ "$cargo_rc" -eq 0 ] && { $in_ci || [ "${GRADSIFT_LINT:-}" = 1 ]; }; then
+  if ! cargo fmt --check; then note "cargo fmt --check failed"; lint_rc=1; fi
+  for features in "--no-default-features" "--no-default-features --features cuda" \
+    "--no-default-features --features wgpu" ""; do
+    note "clippy ${features:-(default features)} -D warnings"
+    # shellcheck disable=SC2086
+    if ! cargo clippy $features --all-targets -- -D warnings; then
+      note "clippy failed for ${features:-default features}"
+      lint_rc=1
+    fi
+  done
+elif [ "$cargo_rc" -eq 0 ]; then
+  note "lint (fmt, clippy over 4 feature sets): SKIPPED (runs with CI=true or GRADSIFT_LINT=1)"
+fi
+
 emu_rc=0
 if [ -n "$emu_mode" ]; then
   if [ "$cargo_rc" -ne 0 ]; then note "cargo test failed (exit $cargo_rc); waiting for the CUDA emulation"; fi
@@ -117,4 +136,8 @@ fi
 if [ "$emu_rc" -ne 0 ]; then
   note "FAILED: CUDA emulation (exit $emu_rc)"
   exit "$emu_rc"
+fi
+if [ "$lint_rc" -ne 0 ]; then
+  note "FAILED: lint (cargo fmt --check / clippy -D warnings)"
+  exit "$lint_rc"
 fi
