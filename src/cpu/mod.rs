@@ -1,4 +1,4 @@
-//! The CPU backend: the executable form of SPEC.md, and the default for users without a GPU.
+//! The CPU backend: the executable form of docs/SPEC.md, and the default for users without a GPU.
 //!
 //! Every GPU backend exposes the same items under the same names and parameter order
 //! (`Compressor::new(.., layout, config)`, `Compressor::step(grad, step)`,

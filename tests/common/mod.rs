@@ -1,5 +1,5 @@
 //! Shared pieces of the SPEC-conformance suite: a small deterministic PRNG, and naive
-//! reference implementations written from SPEC.md alone (full sorts, plain loops). Nothing
+//! reference implementations written from docs/SPEC.md alone (full sorts, plain loops). Nothing
 //! here calls gradsift's selection, compression or statistics code; the only gradsift items
 //! used are the data types and `philox4x32_10`, whose known answers the suite checks first.
 
