@@ -274,7 +274,10 @@ mod tests {
         let g = c.plan_groups(&layout).unwrap();
         assert_eq!((g[0].r, g[0].k), (101, 5));
         let err = c.plan_groups(&Layout::single(20).unwrap()).unwrap_err();
-        assert!(matches!(&err, Error::InvalidConfig(m) if m.contains("global")), "{err:?}");
+        assert!(
+            matches!(&err, Error::InvalidConfig(m) if m.contains("global")),
+            "{err:?}"
+        );
         // An explicit k is clamped to the group size first: small layers do not fail.
         let c = Config::new(Method::RTopK {
             r: Count::Exact(5),

@@ -398,7 +398,8 @@ fn unbiased_scale_overflow_fails_the_step_and_changes_nothing() {
                 let mut planted = Vec::new();
                 for gr in &groups {
                     let len = gr.range.len();
-                    planted.extend((0..gr.r).map(|j| (gr.range.start + j * len / gr.r.max(1)) as u32));
+                    planted
+                        .extend((0..gr.r).map(|j| (gr.range.start + j * len / gr.r.max(1)) as u32));
                 }
                 let t = 10;
                 let mut want_sent = Vec::new();

@@ -709,8 +709,8 @@ impl Compressor {
         r
     }
 
-    /// How many steps were rejected (non-finite accumulated values) between the previous
-    /// [`Compressor::read_payload`] and the latest one, the latest step included. Only the
+    /// How many steps were rejected (non-finite accumulated or scaled values) between the
+    /// previous [`Compressor::read_payload`] and the latest one, the latest step included. Only the
     /// latest step's rejection is an error of `read_payload`; this count tells a caller that
     /// stepped several times between reads whether an earlier step was rejected too.
     pub fn rejected_steps(&self) -> u64 {
