@@ -87,11 +87,18 @@ extern "C" __global__ void __launch_bounds__(32) ef_begin(StepBuffers b) {
     StepStatus* st = (StepStatus*)b.status;
     st->bad_count = 0;
     st->first_bad = GS_INF_U32;
+    st->val_bad = 0;
+    st->val_first = GS_INF_U32;
 }
 
-// Closes a step: the next buffers become the state only when every p was finite.
+// Closes a step: the next buffers become the state only when every p and every sent value
+// was finite. With a finite p, overflowing scaled values are the step's report (SPEC §5).
 extern "C" __global__ void __launch_bounds__(32) ef_commit(StepBuffers b) {
     StepStatus* st = (StepStatus*)b.status;
+    if (st->bad_count == 0 && st->val_bad != 0) {
+        st->bad_count = st->val_bad;
+        st->first_bad = st->val_first;
+    }
     if (st->bad_count == 0) {
         st->cur ^= 1u;
         st->steps_committed += 1u;
@@ -99,6 +106,6 @@ extern "C" __global__ void __launch_bounds__(32) ef_commit(StepBuffers b) {
 }
 
 // The host mirrors these layouts (src/cuda/abi.rs); a mismatch fails compilation here.
-static_assert(sizeof(StepStatus) == 24, "StepStatus layout");
+static_assert(sizeof(StepStatus) == 32, "StepStatus layout");
 static_assert(sizeof(StepBuffers) == 48, "StepBuffers layout");
 static_assert(sizeof(AccArgs) == 64, "AccArgs layout");

@@ -121,12 +121,17 @@ __device__ __forceinline__ u32 digit_mask(int d) {
 // Step status shared by every kernel of a compression step. `cur` selects which of the
 // ping-pong residual/momentum buffers holds the committed state; it flips only in
 // `ef_commit` when the step saw no non-finite value, which is what makes a rejected step
-// leave the state untouched without a host round trip.
+// leave the state untouched without a host round trip. `bad_count`/`first_bad` count the
+// non-finite elements of p (accumulate); `val_bad`/`val_first` the sent values that only
+// the unbiased scale made non-finite (the emitting kernels, SPEC §5), which `ef_commit`
+// reports in their place when p was finite.
 struct StepStatus {
     u64 bad_count;
     u32 first_bad;
     u32 cur;
     u32 steps_committed;
+    u32 val_bad;
+    u32 val_first;
     u32 pad;
 };
 
@@ -138,6 +143,17 @@ struct StepBuffers {
     u32 n;
     float momentum;
 };
+
+// SPEC §5: a sent value v = quantize(p * scale) that is not finite although p is (|p| *
+// scale > f32::MAX; f16/bf16 saturation only applies to finite values) fails the step like
+// a non-finite p. A non-finite p is already counted by the accumulate pass.
+__device__ __forceinline__ void note_sent_value(const StepBuffers& b, float pi, float v, u32 i) {
+    if (!is_finite(v) && is_finite(pi)) {
+        StepStatus* st = (StepStatus*)b.status;
+        atomicAdd(&st->val_bad, 1u);
+        atomicMin(&st->val_first, i);
+    }
+}
 
 __device__ __forceinline__ float* next_residual(const StepBuffers& b, u32 cur) {
     return (float*)(cur ? b.e0 : b.e1);

@@ -265,6 +265,7 @@ __device__ __forceinline__ void emit_one(const CompactArgs& a, float* p, float* 
     }
     const float pi = p[i];
     const float v = quantize(__fmul_rn(pi, a.scale), a.dtype);
+    note_sent_value(a.b, pi, v, i);
     ((u32*)a.out_idx)[a.out_off + pos] = i;
     ((float*)a.out_val)[a.out_off + pos] = v;
     p[i] = __fsub_rn(pi, v);
@@ -391,6 +392,7 @@ __device__ void block_ordered(const SmallCtx& c, const SmallArgs& a, const Small
             } else {
                 const float pi = c.p[i];
                 const float v = quantize(__fmul_rn(pi, g.scale), a.dtype);
+                note_sent_value(a.b, pi, v, i);
                 ((u32*)a.out_idx)[g.out_off + pos] = i;
                 ((float*)a.out_val)[g.out_off + pos] = v;
                 c.pw[i] = __fsub_rn(pi, v);

@@ -175,8 +175,11 @@ extern "C" __global__ void __launch_bounds__(256) stats_merge(StatsArgs a) {
         StatsOut r;
         r.finite = sc[0][0];
         r.non_finite = sc[1][0];
-        r.mean = sm[0].n > 0.0 ? sm[0].mean : 0.0;
-        r.var = sm[0].n > 0.0 ? sm[0].m2 / sm[0].n : 0.0;
+        // Moments over the finite elements only; with none (an empty layer included) they
+        // are NaN (SPEC §8).
+        const double nan = __longlong_as_double(0x7FF8000000000000ll);
+        r.mean = sm[0].n > 0.0 ? sm[0].mean : nan;
+        r.var = sm[0].n > 0.0 ? sm[0].m2 / sm[0].n : nan;
         r.min = sf[0][0];
         r.max = sf[1][0];
         r.max_abs = sf[2][0];

@@ -46,6 +46,13 @@ if [ -d "$nvrtc_dir/nvidia/cu13/lib" ]; then
   export LD_LIBRARY_PATH="$PWD/$nvrtc_dir/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 
+# The Vulkan loader probes a Wayland socket there; without it every adapter query prints an
+# error line (harmless, but it buries the test output).
+if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
+  XDG_RUNTIME_DIR=$(mktemp -d "${TMPDIR:-/tmp}/gradsift-xdg.XXXXXX")
+  export XDG_RUNTIME_DIR
+fi
+
 # Software rendering only: never pick up a real GPU's ICD by accident in CI.
 if $in_ci && [ -z "${VK_ICD_FILENAMES:-}${VK_DRIVER_FILES:-}" ]; then
   lvp=$(ls /usr/share/vulkan/icd.d/lvp_icd*.json 2>/dev/null | head -n 1 || true)

@@ -2,7 +2,8 @@
 //
 // Residual and momentum are ping-pong pairs (ea/eb, ua/ub). st[CUR] names the current one;
 // every pass reads it on the device, writes only the other one, and the last pass (`flip`)
-// makes the other one current only when the accumulate pass counted no non-finite value.
+// makes the other one current only when the accumulate pass counted no non-finite value and
+// the emission none that the unbiased scale made non-finite (SPEC §5).
 // A rejected step therefore leaves the current residual and momentum untouched without any
 // host round trip in the middle of the step.
 //
@@ -56,6 +57,10 @@ struct Pass {
 const ST_BAD: u32 = 0u;
 const ST_FIRST: u32 = 1u;
 const ST_CUR: u32 = 2u;
+// Sent values that only the unbiased scale made non-finite (p finite), and the lowest such
+// index: counted by `emit_payload`, reported by `flip` in words 0 and 1 when p was finite.
+const ST_VBAD: u32 = 9u;
+const ST_VFIRST: u32 = 10u;
 const CTR_SEL: u32 = 6u;
 // Counts of the two active-group lists (the lists live at cfg.active_off, num_groups each).
 const ACT_CNT: u32 = 7u;
@@ -66,7 +71,8 @@ const ACT_CNT: u32 = 7u;
 // words (group, start, end, 0) at cfg.tiles_off.
 @group(0) @binding(2) var<storage, read> plan: array<u32>;
 // 0 non-finite count, 1 first non-finite index, 2 current buffer, 3 rejected steps since the
-// last host read, 4.. list counters, 7 and 8 active-group counts,
+// last host read, 4.. list counters, 7 and 8 active-group counts, 9 and 10 the count and first
+// index of sent values made non-finite by the scale,
 // then per stage and group 4 words (mode, need, pivot, 0).
 @group(0) @binding(3) var<storage, read_write> st: array<atomic<u32>>;
 @group(0) @binding(4) var<storage, read_write> ea: array<f32>;
@@ -673,6 +679,13 @@ fn emit_payload(
                 x = p * scale;
             }
             let v = quantize(x, cfg.values);
+            // SPEC §5: a value only the scale made non-finite (|p| * scale > f32::MAX; the
+            // f16/bf16 saturation applies to finite values only) fails the step like a
+            // non-finite p, which `accumulate` has counted already.
+            if !is_finite_bits(bitcast<u32>(v)) && is_finite_bits(bitcast<u32>(p)) {
+                atomicAdd(&st[ST_VBAD], 1u);
+                atomicMin(&st[ST_VFIRST], i);
+            }
             out_idx[o] = i;
             out_val[o] = v;
             p_store(i, cur, p - v);
@@ -788,11 +801,17 @@ fn sign_apply(
     }
 }
 
-// Commit: the next buffers become current only if p was finite everywhere. Word 3 counts
-// rejected steps until the host reads it (so a rejection is not lost when several steps run
-// between two reads).
+// Commit: the next buffers become current only if p was finite everywhere and so was every
+// sent value; with a finite p, the overflowing scaled values become the step's report (words
+// 0 and 1, SPEC §5). Word 3 counts rejected steps until the host reads it (so a rejection is
+// not lost when several steps run between two reads).
 @compute @workgroup_size(1)
 fn flip() {
+    let vbad = atomicLoad(&st[ST_VBAD]);
+    if atomicLoad(&st[ST_BAD]) == 0u && vbad != 0u {
+        atomicStore(&st[ST_BAD], vbad);
+        atomicStore(&st[ST_FIRST], atomicLoad(&st[ST_VFIRST]));
+    }
     if atomicLoad(&st[ST_BAD]) == 0u {
         atomicXor(&st[ST_CUR], 1u);
     } else {

@@ -176,18 +176,32 @@ impl Config {
         !matches!(self.method, Method::Sign)
     }
 
-    /// The groups of `layout` under this config's mode, with their resolved counts and scale.
+    /// The groups of `layout` under this config's mode, with their resolved counts and scale
+    /// (SPEC §2). An explicit `k` that exceeds a group's resolved `r` is an error naming the
+    /// group, whatever kind of count `r` is: `k` is never silently clamped to `r`.
     pub fn plan_groups(&self, layout: &Layout) -> Result<Vec<Group>> {
         self.validate()?;
-        Ok(layout
+        layout
             .groups(self.mode)
             .into_iter()
-            .map(|range| {
+            .enumerate()
+            .map(|(gi, range)| {
                 let n = range.len();
                 let (r, k) = match self.method {
-                    Method::RTopK { r, k } => {
-                        let r = r.resolve(n);
-                        (r, k.resolve(n).min(r))
+                    Method::RTopK { r: rc, k: kc } => {
+                        let r = rc.resolve(n);
+                        let k = kc.resolve(n);
+                        if matches!(kc, Count::Exact(_)) && k > r {
+                            let group = match self.mode {
+                                Mode::Global => "the buffer (global mode)".to_string(),
+                                Mode::PerLayer => format!("layer {gi}"),
+                            };
+                            return Err(Error::InvalidConfig(format!(
+                                "rTop-k needs k <= r: in {group} of {n} elements the explicit k = {k} exceeds r = {r} (from {rc:?})"
+                            )));
+                        }
+                        // A ratio k is at most r for validated ratios; min() is SPEC §2's form.
+                        (r, k.min(r))
                     }
                     Method::TopK { k } => {
                         let k = k.resolve(n);
@@ -201,9 +215,9 @@ impl Config {
                     Scale::Unbiased if k > 0 => r as f32 / k as f32,
                     _ => 1.0,
                 };
-                Group { range, r, k, scale }
+                Ok(Group { range, r, k, scale })
             })
-            .collect())
+            .collect()
     }
 }
 
@@ -248,6 +262,48 @@ mod tests {
             k: Count::Exact(4),
         });
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn explicit_k_above_a_ratio_r_is_an_error() {
+        // SPEC §2: an explicit k above the resolved r fails, also when r is a ratio.
+        let layout = Layout::new(&[1000, 10, 0]).unwrap();
+        let mut c = Config::new(Method::RTopK {
+            r: Count::Ratio(0.1),
+            k: Count::Exact(5),
+        });
+        c.mode = Mode::PerLayer;
+        // Layer 0: r = 100, k = 5; layer 1: r = 1 < k = 5; the empty layer: r = k = 0.
+        let err = c.plan_groups(&layout).unwrap_err();
+        let Error::InvalidConfig(msg) = &err else {
+            panic!("{err:?}")
+        };
+        assert!(
+            msg.contains("layer 1") && msg.contains("k = 5") && msg.contains("r = 1"),
+            "{msg}"
+        );
+        c.mode = Mode::Global;
+        let g = c.plan_groups(&layout).unwrap();
+        assert_eq!((g[0].r, g[0].k), (101, 5));
+        let err = c.plan_groups(&Layout::single(20).unwrap()).unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidConfig(m) if m.contains("global")),
+            "{err:?}"
+        );
+        // An explicit k is clamped to the group size first: small layers do not fail.
+        let c = Config::new(Method::RTopK {
+            r: Count::Exact(5),
+            k: Count::Exact(5),
+        });
+        assert_eq!(c.plan_groups(&Layout::single(3).unwrap()).unwrap()[0].k, 3);
+        // A ratio k is never an error at plan time.
+        let mut c = Config::new(Method::RTopK {
+            r: Count::Exact(2),
+            k: Count::Ratio(0.5),
+        });
+        c.mode = Mode::PerLayer;
+        let g = c.plan_groups(&layout).unwrap();
+        assert_eq!((g[0].r, g[0].k), (2, 2));
     }
 
     #[test]

@@ -28,14 +28,17 @@ pub enum Error {
     /// A configuration value is out of its domain (ratio outside [0, 1], `k > r`, `K = 0`, ...).
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
-    /// The accumulated vector `p` (residual + gradient) holds NaN or infinity; nothing was written.
+    /// The accumulated vector `p` (residual + gradient) holds NaN or infinity, or (with a
+    /// finite `p`) a sent value became infinite through `Scale::Unbiased`; nothing was
+    /// written (SPEC §5, §10). Also the statistics' report of a non-finite input.
     #[error(
-        "step rejected: {count} non-finite value(s) in the accumulated gradient, the first at index {first_index}; residual and momentum are unchanged"
+        "step rejected: {count} non-finite value(s) in the accumulated gradient or in its scaled sent values, the first at index {first_index}; residual and momentum are unchanged"
     )]
     NonFinite {
-        /// How many elements of `p` are NaN or +-inf.
+        /// How many elements of `p` are NaN or +-inf; when `p` is finite, how many sent
+        /// values overflowed through the unbiased scale.
         count: u64,
-        /// The lowest such index.
+        /// The lowest such index (of `p`, or of the sent values).
         first_index: u32,
     },
     /// A payload could not be decoded; see [`DecodeError`].

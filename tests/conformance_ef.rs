@@ -370,6 +370,108 @@ fn overflow_in_accumulation_is_non_finite() {
     }
 }
 
+/// SPEC §5: a sent value that only `Scale::Unbiased` makes non-finite (`|p| * scale >
+/// f32::MAX`, `p` finite) fails the step like a non-finite `p`: `Error::NonFinite` with the
+/// count and the first index of the offending sent values, residual and momentum untouched
+/// bit for bit, and no payload. f16/bf16 values do not escape it: their saturation applies
+/// to finite values only, and `p * scale` is already infinite in f32.
+#[test]
+fn unbiased_scale_overflow_fails_the_step_and_changes_nothing() {
+    let sizes = [40usize, 0, 24];
+    let layout = Layout::new(&sizes).unwrap();
+    let n = layout.n();
+    let mut rng = Rng::new(25);
+    for values in [DType::F32, DType::F16, DType::BF16] {
+        for mode in [Mode::Global, Mode::PerLayer] {
+            for momentum in [0.0f32, 0.9] {
+                // Global: r = 16, k = 4, scale 4. Per layer: (r, k) = (10, 2), scale 5, and
+                // (6, 2), scale 3.
+                let mut cfg = Config::rtopk(0.25, 0.05);
+                cfg.scale = Scale::Unbiased;
+                cfg.values = values;
+                cfg.mode = mode;
+                cfg.momentum = momentum;
+                cfg.seed = 7;
+                cfg.worker = 2;
+                let mut a = Compressor::new(&layout, &cfg).unwrap();
+                let mut b = Compressor::new(&layout, &cfg).unwrap();
+                let groups = a.groups().to_vec();
+                for t in 0..3 {
+                    let g: Vec<f32> = (0..n).map(|_| rng.gauss() as f32).collect();
+                    a.step(&g, t).unwrap();
+                    b.step(&g, t).unwrap();
+                }
+                // Exactly r_g huge elements per group: they are its top-r, so every sent value
+                // is 2e38 * scale (scale >= 3): infinite. The random-k draw among them is
+                // the reference's.
+                let mut planted = Vec::new();
+                for gr in &groups {
+                    let len = gr.range.len();
+                    planted
+                        .extend((0..gr.r).map(|j| (gr.range.start + j * len / gr.r.max(1)) as u32));
+                }
+                let t = 10;
+                let mut want_sent = Vec::new();
+                for gr in &groups {
+                    let cand: Vec<u32> = planted
+                        .iter()
+                        .copied()
+                        .filter(|&i| gr.range.contains(&(i as usize)))
+                        .collect();
+                    want_sent.extend(ref_random_k(&cand, gr.k, cfg.worker, t, cfg.seed));
+                }
+                assert_eq!(want_sent.len(), 4, "{cfg:?}");
+                let e = a.residual_slice().to_vec();
+                let u = a.momentum_slice().to_vec();
+                let mut g: Vec<f32> = (0..n).map(|_| rng.gauss() as f32).collect();
+                for (j, &i) in planted.iter().enumerate() {
+                    g[i as usize] = if j % 2 == 0 { 2e38 } else { -2e38 };
+                }
+                let ctx = format!("{cfg:?}");
+                assert_eq!(
+                    a.step(&g, t).map(|_| ()),
+                    Err(Error::NonFinite {
+                        count: 4,
+                        first_index: *want_sent.iter().min().unwrap(),
+                    }),
+                    "{ctx}"
+                );
+                assert_bits_eq(a.residual_slice(), &e, &format!("{ctx}: residual"));
+                assert_bits_eq(a.momentum_slice(), &u, &format!("{ctx}: momentum"));
+                // With a non-finite p as well, the step reports p (as without scaling).
+                let mut g2 = g.clone();
+                g2[n - 1] = f32::NAN;
+                assert_eq!(
+                    a.step(&g2, t).map(|_| ()),
+                    Err(Error::NonFinite {
+                        count: 1,
+                        first_index: (n - 1) as u32,
+                    }),
+                    "{ctx}"
+                );
+                assert_bits_eq(a.residual_slice(), &e, &format!("{ctx}: residual"));
+                assert_bits_eq(a.momentum_slice(), &u, &format!("{ctx}: momentum"));
+                // Just below the edge the values are finite and the step goes through.
+                for &i in &planted {
+                    g[i as usize] = g[i as usize].signum() * 5e37;
+                }
+                let mut a2 = Compressor::new(&layout, &cfg).unwrap();
+                let p = a2.step(&g, t).unwrap();
+                assert!(sparse(p).values.iter().all(|v| v.is_finite()), "{ctx}");
+                // The rejected steps left no trace.
+                for t in 20..23 {
+                    let g: Vec<f32> = (0..n).map(|_| rng.gauss() as f32).collect();
+                    let pa = a.step(&g, t).unwrap().clone();
+                    let pb = b.step(&g, t).unwrap().clone();
+                    assert_eq!(pa, pb, "{ctx}");
+                    assert_bits_eq(a.residual_slice(), b.residual_slice(), "residual after recovery");
+                    assert_bits_eq(a.momentum_slice(), b.momentum_slice(), "momentum after recovery");
+                }
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // SPEC §6: scaled sign
 // ---------------------------------------------------------------------------------------

@@ -133,6 +133,7 @@ inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
 inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((uint64_t)a * b) >> 32); }
 inline unsigned __float_as_uint(float f) { return emu_from<unsigned>(emu_bits(f)); }
 inline float __int_as_float(int i) { return emu_from<float>(emu_bits(i)); }
+inline double __longlong_as_double(long long i) { return emu_from<double>(emu_bits(i)); }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }

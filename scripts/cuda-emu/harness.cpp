@@ -226,6 +226,8 @@ static bool ref_step(const Plan& p, Ref& r, const std::vector<float>& grad, u64 
     if (bad) return false;
     idx.clear();
     val.clear();
+    u64 vbad = 0;
+    u32 vfirst = 0xFFFFFFFF;
     for (auto& g : p.groups) {
         std::vector<std::pair<u32, u32>> v;
         for (u32 i = g.lo; i < g.lo + g.len; ++i) v.push_back({magnitude_key(pv[i]), i});
@@ -241,11 +243,21 @@ static bool ref_step(const Plan& p, Ref& r, const std::vector<float>& grad, u64 
         std::sort(s.begin(), s.end());
         for (u32 i : s) {
             float x = quantize(pv[i] * g.scale, p.dtype);
+            // SPEC §5: a value only the unbiased scale made non-finite fails the step.
+            if (!std::isfinite(x)) {
+                ++vbad;
+                vfirst = std::min(vfirst, i);
+            }
             idx.push_back(i);
             val.push_back(x);
             pv[i] -= x;
             if (p.momentum > 0) un[i] = 0;
         }
+    }
+    if (vbad) {
+        bad = vbad;
+        first = vfirst;
+        return false;
     }
     r.e = pv;
     if (p.momentum > 0) r.u = un;
@@ -388,6 +400,53 @@ int main(int argc, char** argv) {
         p.cand_cap = 65536;
         p.momentum = 0.5f;
         run("nan rejection", p, {g0, g1, g2});
+    }
+    // SPEC §5: sent values that only Scale::Unbiased makes non-finite (|p| * scale > f32::MAX)
+    // reject the step like a non-finite p: the status reports them, the state is untouched,
+    // and the next good step goes on as if the rejected one never happened. Every top-r
+    // candidate overflowing (all sent values bad), and a few (only some sent values bad);
+    // grid-wide groups (compact_emit) and block-sized ones (select_small), f32/f16 values.
+    for (int variant = 0; variant < 4; ++variant) {
+        const bool global = variant < 2;
+        std::vector<u32> sizes = global ? std::vector<u32>{40000} : std::vector<u32>{5000, 0, 300, 40000};
+        u32 n = 0;
+        for (u32 s : sizes) n += s;
+        auto g0 = data(n, 0, 11), g1 = data(n, 0, 12), g2 = data(n, 0, 13);
+        const u32 every = variant % 2 == 0 ? 5 : 97;  // 1 in 5 planted: > r per group; 1 in 97: fewer
+        for (u32 i = 0; i < n; i += every) g1[i] = (i & 1) ? 1e38f : -1e38f;
+        Plan p{};
+        p.n = n;
+        p.global = global;
+        u32 lo = 0;
+        for (u32 s : sizes) {
+            u32 r = std::min(s, s / 20 + 1), k = std::min(r, s / 100 + 1);
+            p.groups.push_back({lo, s, r, s ? k : 0, 0, s ? (float)r / (float)k : 1.0f});
+            lo += s;
+        }
+        p.cand_cap = 65536;
+        p.momentum = variant == 1 ? 0.5f : 0.0f;
+        p.dtype = variant == 3 ? 1 : 0;
+        p.seed = 9;
+        p.worker = 4;
+        run("unbiased overflow rejection variant " + std::to_string(variant), p, {g0, g1, g2});
+        // The model must agree that the planted step is rejected (not a vacuous pass).
+        Ref r;
+        r.e.assign(n, 0.f);
+        r.u.assign(n, 0.f);
+        std::vector<u32> idx;
+        std::vector<float> val;
+        u64 bad;
+        u32 first;
+        bool ok0 = ref_step(p, r, g0, 1, idx, val, bad, first);
+        bool ok1 = ref_step(p, r, g1, 2, idx, val, bad, first);
+        if (!ok0 || ok1 || bad == 0) {
+            printf("FAIL overflow variant %d: the planted step is not a scaled-value rejection\n", variant);
+            ++failures;
+        } else {
+            ++passes;
+            printf("ok   overflow variant %d rejects %llu sent value(s), first at %u\n", variant,
+                   (unsigned long long)bad, first);
+        }
     }
     // The summary CI log readers look for: alone on the last line.
     printf("%d passed, %d failed\n", passes, failures);

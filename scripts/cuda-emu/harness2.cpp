@@ -105,7 +105,8 @@ static void sign_case(const std::vector<u32>& sizes, float momentum) {
     printf("ok   sign sizes=%zu n=%u momentum=%g\n", sizes.size(), n, momentum);
 }
 
-static void stats_case(const std::vector<u32>& sizes, float off, bool nan) {
+// `all_bad`: every element of that layer is non-finite (its moments must be NaN, SPEC §8).
+static void stats_case(const std::vector<u32>& sizes, float off, bool nan, int all_bad = -1) {
     u32 n = 0;
     for (u32 s : sizes) n += s;
     std::vector<Item> items;
@@ -115,6 +116,11 @@ static void stats_case(const std::vector<u32>& sizes, float off, bool nan) {
     if (nan && n > 10) {
         x[3] = NAN;
         x[n - 1] = -INFINITY;
+    }
+    if (all_bad >= 0) {
+        u32 lo = 0;
+        for (int l = 0; l < all_bad; ++l) lo += sizes[l];
+        for (u32 i = lo; i < lo + sizes[all_bad]; ++i) x[i] = (i % 3) ? NAN : ((i % 2) ? INFINITY : -INFINITY);
     }
     std::vector<StatsPartial> part(items.size() + 1);
     std::vector<StatsOut> out(sizes.size() + 1);
@@ -137,20 +143,27 @@ static void stats_case(const std::vector<u32>& sizes, float off, bool nan) {
             mx = std::max(mx, x[i]);
             ma = std::max(ma, std::fabs(x[i]));
         }
-        double mean = c ? s / c : 0, m2 = 0;
+        double mean = c ? s / c : NAN, m2 = 0;
         for (u32 i = lo; i < lo + sizes[l]; ++i)
             if (std::isfinite(x[i])) m2 += (x[i] - mean) * (x[i] - mean);
-        double var = c ? m2 / c : 0;
+        double var = c ? m2 / c : NAN;
         const StatsOut& o = out[l];
         CHECK(o.non_finite == bad && o.finite == c, "stats %u counts", l);
         CHECK(o.min == mn && o.max == mx && o.max_abs == ma, "stats %u min/max", l);
+        if (c == 0) {
+            // No finite element (an empty layer included): NaN moments (SPEC §8).
+            CHECK(std::isnan(o.mean) && std::isnan(o.var), "stats %u: no finite element, mean %g var %g", l,
+                  o.mean, o.var);
+            lo += sizes[l];
+            continue;
+        }
         CHECK(std::fabs(o.mean - mean) <= 1e-9 * (std::fabs(mean) + std::sqrt(var)), "stats %u mean %g vs %g", l,
               o.mean, mean);
         CHECK(std::fabs(o.var - var) <= 1e-9 * var, "stats %u var %g vs %g", l, o.var, var);
         lo += sizes[l];
     }
     ++passes;
-    printf("ok   stats layers=%zu n=%u off=%g nan=%d\n", sizes.size(), n, off, nan);
+    printf("ok   stats layers=%zu n=%u off=%g nan=%d all_bad=%d\n", sizes.size(), n, off, nan, all_bad);
 }
 
 static void var_case(const std::vector<u32>& sizes, u32 k) {
@@ -361,6 +374,7 @@ int main() {
     sign_case({5000, 0, 9000, 1, 300}, 0.5f);
     stats_case({0, 1, 4095, 4096, 4097, 20000}, 0.0f, false);
     stats_case({30000}, 1000.0f, true);
+    stats_case({5000, 4097, 0, 300}, 5.0f, true, 1);
     var_case({1, 4097, 9000, 0}, 2);
     var_case({20000}, 5);
     for (bool s : {false, true}) {

@@ -10,8 +10,9 @@ use crate::{
 /// residual `e`, the momentum `u` and every scratch buffer, so [`Compress::step`]
 /// allocates nothing.
 ///
-/// The step computes `p = e + g` (or `u = m u + g; p = e + u`) into a second buffer and
-/// swaps it in only once `p` is known to be finite, so a rejected step leaves `e` and `u`
+/// The step computes `p = e + g` (or `u = m u + g; p = e + u`) into a second buffer,
+/// selects and computes the sent values on it, and swaps it in only once `p` and every sent
+/// value are known to be finite (SPEC §5, §10), so a rejected step leaves `e` and `u`
 /// exactly as they were at the cost of one extra buffer per state vector.
 #[derive(Debug)]
 pub struct Compressor {
@@ -101,18 +102,16 @@ impl Compressor {
                 first_index: first as u32,
             });
         }
-        // From here on nothing can fail: commit p as the residual and u' as the momentum.
-        std::mem::swap(&mut self.residual, &mut self.scratch_p);
-        if m > 0.0 {
-            std::mem::swap(&mut self.momentum, &mut self.scratch_u);
-        }
         match &mut self.payload {
             Payload::Sparse(out) => {
                 out.indices.clear();
                 out.values.clear();
                 let seed = self.config.seed;
                 let worker = self.config.worker;
-                let p = &self.residual;
+                // Select and compute the values on the uncommitted `p`: a value that only
+                // `Scale::Unbiased` makes non-finite fails the step like a non-finite `p`
+                // (SPEC §5), so nothing may be committed before the values are known.
+                let p = &self.scratch_p;
                 for g in &self.groups {
                     select_group(
                         &mut self.selector,
@@ -125,23 +124,52 @@ impl Compressor {
                         &mut out.indices,
                     );
                 }
-                // Values, residual and masking in one sweep over the sent set (groups are
-                // contiguous and ascending, so each group's span of `indices` is its own).
+                // Groups are contiguous and ascending, so each group's span of `indices` is
+                // its own, and the first bad value met has the lowest index.
+                let (mut bad, mut first) = (0u64, 0u32);
                 let mut at = 0;
                 for g in &self.groups {
                     for &i in &out.indices[at..at + g.k] {
-                        let i = i as usize;
-                        let v = self.config.values.quantize(self.residual[i] * g.scale);
-                        out.values.push(v);
-                        self.residual[i] -= v;
-                        if m > 0.0 {
-                            self.momentum[i] = 0.0;
+                        let v = self.config.values.quantize(p[i as usize] * g.scale);
+                        if !v.is_finite() {
+                            if bad == 0 {
+                                first = i;
+                            }
+                            bad += 1;
                         }
+                        out.values.push(v);
                     }
                     at += g.k;
                 }
+                if bad > 0 {
+                    // Never hand out a payload the server would have to reject.
+                    out.indices.clear();
+                    out.values.clear();
+                    return Err(Error::NonFinite {
+                        count: bad,
+                        first_index: first,
+                    });
+                }
+                // From here on nothing can fail: commit p as the residual and u' as the
+                // momentum, then remove what was sent (and mask its momentum).
+                std::mem::swap(&mut self.residual, &mut self.scratch_p);
+                if m > 0.0 {
+                    std::mem::swap(&mut self.momentum, &mut self.scratch_u);
+                }
+                for (&i, &v) in out.indices.iter().zip(&out.values) {
+                    let i = i as usize;
+                    self.residual[i] -= v;
+                    if m > 0.0 {
+                        self.momentum[i] = 0.0;
+                    }
+                }
             }
             Payload::Sign(out) => {
+                // Nothing below can fail (the scales are means of finite |p|): commit first.
+                std::mem::swap(&mut self.residual, &mut self.scratch_p);
+                if m > 0.0 {
+                    std::mem::swap(&mut self.momentum, &mut self.scratch_u);
+                }
                 out.scales.clear();
                 out.negative.clear();
                 out.negative.resize(self.layout.n().div_ceil(64), 0);

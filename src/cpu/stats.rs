@@ -2,16 +2,17 @@
 
 use crate::{Element, Error, Layout, Result};
 
-/// Statistics of one layer. Mean and variance cover the finite elements only; an empty
-/// layer (or one with no finite element) has mean 0, variance 0, `min = +inf`,
-/// `max = -inf`, `max_abs = 0`.
+/// Statistics of one layer (SPEC §8). Mean and variance cover the finite elements only
+/// (dividing by their number); a layer with no finite element (an empty one included) has
+/// mean and variance NaN, `min = +inf`, `max = -inf`, `max_abs = 0`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LayerStats {
     /// Number of elements `n_l`, finite or not.
     pub count: u64,
-    /// Mean of the finite elements.
+    /// Mean of the finite elements; NaN when there is none.
     pub mean: f64,
-    /// Population variance (divide by the number of finite elements) of the finite elements.
+    /// Population variance (divide by the number of finite elements) of the finite elements;
+    /// NaN when there is none.
     pub var: f64,
     /// Smallest finite element.
     pub min: f32,
@@ -86,8 +87,8 @@ pub fn layer_stats<T: Element>(x: &[T], layout: &Layout, out: &mut Vec<LayerStat
         let layer = &x[layout.layer(l)];
         let mut st = LayerStats {
             count: layer.len() as u64,
-            mean: 0.0,
-            var: 0.0,
+            mean: f64::NAN,
+            var: f64::NAN,
             min: f32::INFINITY,
             max: f32::NEG_INFINITY,
             max_abs: 0.0,

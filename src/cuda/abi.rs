@@ -11,6 +11,10 @@ pub struct StepStatus {
     pub first_bad: u32,
     pub cur: u32,
     pub steps_committed: u32,
+    /// Sent values made non-finite only by the unbiased scale (SPEC §5), and the lowest
+    /// index among them; `ef_commit` reports them in `bad_count`/`first_bad` when p was finite.
+    pub val_bad: u32,
+    pub val_first: u32,
     pub pad: u32,
 }
 
@@ -207,7 +211,7 @@ pub struct AggArgs {
 }
 
 const _: () = {
-    assert!(size_of::<StepStatus>() == 24);
+    assert!(size_of::<StepStatus>() == 32);
     assert!(size_of::<StepBuffers>() == 48);
     assert!(size_of::<AccArgs>() == 64);
     assert!(size_of::<SelArgs>() == 136);

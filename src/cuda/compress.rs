@@ -79,7 +79,8 @@ enum Method {
 /// [`Compress::step_device`] only enqueues kernels on the context's stream: no host
 /// synchronisation, no allocation. Residual and momentum are ping-pong pairs; a device word
 /// says which half is current and only the step's last kernel flips it, and only when every
-/// element of `p` was finite. A rejected step therefore leaves the state exactly as it was,
+/// element of `p` and every sent value was finite (a value can overflow through
+/// `Scale::Unbiased`, SPEC §5). A rejected step therefore leaves the state exactly as it was,
 /// and the error ([`Error::NonFinite`]) surfaces when host data is asked for
 /// ([`Compress::payload`], [`Compress::read_payload`], [`Compress::check`]).
 #[derive(Debug)]
@@ -365,7 +366,7 @@ impl Compressor {
     }
 
     /// Waits for the enqueued steps and returns how many of them were rejected (non-finite
-    /// `p`, state left untouched) since the plan was built: [`Compressor::check`] reports
+    /// `p` or scaled value, state left untouched) since the plan was built: [`Compressor::check`] reports
     /// only the last step, so a caller that reads payloads rarely uses this to notice a
     /// rejection followed by accepted steps.
     pub fn rejected_steps(&self) -> Result<u64> {

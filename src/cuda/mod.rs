@@ -41,7 +41,7 @@
 //!   a device flag first and do nothing if any payload was bad.
 //!
 //! `scripts/cuda-emu/` runs the kernels on the CPU (fibers for threads) against models of
-//! SPEC.md, for machines without a GPU.
+//! docs/SPEC.md, for machines without a GPU.
 
 mod abi;
 mod aggregate;

@@ -3,7 +3,8 @@
 //!
 //! NaN rollback: residual and momentum are ping-pong pairs and the index of the current one
 //! lives in a device-side state word. Every pass reads it, writes only the other buffer, and
-//! the last pass flips it only when the accumulate pass counted no non-finite value. So
+//! the last pass flips it only when the accumulate pass counted no non-finite value and the
+//! emission no value that `Scale::Unbiased` made non-finite (SPEC §5). So
 //! [`Compress::step_device`] never waits for the device, and a rejected step is reported by the
 //! next call that returns host data ([`Compress::payload`] and friends) as
 //! [`Error::NonFinite`], with residual and momentum exactly as before the step.
@@ -21,6 +22,8 @@ const NONE: u32 = u32::MAX;
 const CTR_A: u32 = 4;
 const CTR_B: u32 = 5;
 const CTR_SEL: u32 = 6;
+/// Count and first index of sent values made non-finite by the scale (`ST_VBAD`, `ST_VFIRST`).
+const ST_VFIRST: usize = 10;
 const GSTATE: u32 = 16;
 /// Indirect-argument slots (4 words each): two per round after the first, per stage.
 const ARGS_SLOTS: u32 = 64;
@@ -190,6 +193,7 @@ impl Compressor {
         let active_off = gstate2 + 4 * ng as u32;
         let mut st = vec![0u32; active_off as usize + 2 * ng];
         st[1] = NONE;
+        st[ST_VFIRST] = NONE;
         let mode = |need: usize, total: usize| {
             if need == 0 {
                 0

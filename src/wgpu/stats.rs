@@ -225,10 +225,11 @@ impl Stats {
                 let f = |j: usize| f64::from(f32::from_bits(r[j]));
                 let fin = r[0] as u64;
                 let count = self.layout.layer(l).len() as u64;
+                // Moments over the finite elements; none: NaN (SPEC §8).
                 let mut st = LayerStats {
                     count,
-                    mean: 0.0,
-                    var: 0.0,
+                    mean: f64::NAN,
+                    var: f64::NAN,
                     min: f32::INFINITY,
                     max: f32::NEG_INFINITY,
                     max_abs: 0.0,
