@@ -11,6 +11,8 @@ pub mod cuda;
 mod dtype;
 mod error;
 mod layout;
+#[doc = include_str!("../docs/SPEC.md")]
+pub mod spec {}
 mod payload;
 pub mod philox;
 pub mod rd;

@@ -464,8 +464,16 @@ fn unbiased_scale_overflow_fails_the_step_and_changes_nothing() {
                     let pa = a.step(&g, t).unwrap().clone();
                     let pb = b.step(&g, t).unwrap().clone();
                     assert_eq!(pa, pb, "{ctx}");
-                    assert_bits_eq(a.residual_slice(), b.residual_slice(), "residual after recovery");
-                    assert_bits_eq(a.momentum_slice(), b.momentum_slice(), "momentum after recovery");
+                    assert_bits_eq(
+                        a.residual_slice(),
+                        b.residual_slice(),
+                        "residual after recovery",
+                    );
+                    assert_bits_eq(
+                        a.momentum_slice(),
+                        b.momentum_slice(),
+                        "momentum after recovery",
+                    );
                 }
             }
         }
