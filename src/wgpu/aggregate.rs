@@ -1,9 +1,8 @@
 //! The parameter server's decoder on the GPU (SPEC §7); shaders in `shaders/aggregate.wgsl`.
 
-use super::context::{Context, dev_err, floats, grid};
+use super::context::{Context, dev_err, floats, grid, prefix};
 use crate::cpu::check_payload;
 use crate::{Aggregate, Average, Error, Layout, Mode, Payload, Result};
-use std::num::NonZeroU64;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Default)]
@@ -277,11 +276,7 @@ impl Aggregator {
             self.binds = (0..self.workers)
                 .map(|k| {
                     let res = [
-                        ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
-                            buffer: &self.params,
-                            offset: align * k as u64,
-                            size: NonZeroU64::new(16),
-                        }),
+                        prefix(&self.params, align * k as u64, 16),
                         self.cfg.as_entire_binding(),
                         idx.as_entire_binding(),
                         val.as_entire_binding(),
@@ -291,21 +286,7 @@ impl Aggregator {
                         self.inv.as_entire_binding(),
                         self.starts.as_entire_binding(),
                     ];
-                    let entries: Vec<_> = res
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, resource)| ::wgpu::BindGroupEntry {
-                            binding: i as u32,
-                            resource,
-                        })
-                        .collect();
-                    inner
-                        .device
-                        .create_bind_group(&::wgpu::BindGroupDescriptor {
-                            label: Some("aggregate"),
-                            layout,
-                            entries: &entries,
-                        })
+                    inner.bind_group("aggregate", layout, res)
                 })
                 .collect();
         }

@@ -9,12 +9,11 @@
 //! next call that returns host data ([`Compress::payload`] and friends) as
 //! [`Error::NonFinite`], with residual and momentum exactly as before the step.
 
-use super::context::{Context, Inner, dev_err, floats, grid, words};
+use super::context::{Context, Inner, dev_err, floats, grid, prefix, words};
 use crate::{
     Compress, Config, DType, Element, Error, Group, Layout, Method, Payload, Result, SignPayload,
     SparsePayload,
 };
-use std::num::NonZeroU64;
 
 const WG: u64 = 256;
 const TILE: usize = 4096;
@@ -139,136 +138,24 @@ impl std::fmt::Debug for Compressor {
 }
 
 impl Compressor {
-    /// Builds the plan on `ctx`'s device. Errors when the configuration is out of its domain,
-    /// when a plan buffer exceeds the device's storage-binding limit (the message states the
-    /// limit), or when the device is out of memory.
+    /// Builds the plan on `ctx`'s device: the plan and state words, every buffer, and one
+    /// bind group per pass, so that a step only records the passes.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] when the configuration is out of its domain for `layout`;
+    /// [`Error::Device`] when a plan buffer exceeds the device's storage-binding limit (the
+    /// message states the limit), when the device is out of memory or lost.
     pub fn new(ctx: &Context, layout: &Layout, config: &Config) -> Result<Self> {
         let groups = config.plan_groups(layout)?;
         let inner: &Inner = &ctx.inner;
         inner.check_alive()?;
-        let n = layout.n();
-        let ng = groups.len();
-        let momentum = config.momentum > 0.0;
-        let sparse = config.is_sparse();
-
-        // Plan words: 8 per group, then 4 per tile; tiles never straddle groups.
-        let mut plan = Vec::with_capacity(ng * 8);
-        let mut tiles = Vec::new();
-        for (gi, g) in groups.iter().enumerate() {
-            let t0 = tiles.len() / 4;
-            let mut s = g.range.start;
-            while s < g.range.end {
-                let e = (s + TILE).min(g.range.end);
-                tiles.extend_from_slice(&[gi as u32, s as u32, e as u32, 0]);
-                s = e;
-            }
-            let t1 = tiles.len() / 4;
-            plan.extend_from_slice(&[
-                g.range.start as u32,
-                g.range.end as u32,
-                g.r as u32,
-                g.k as u32,
-                g.scale.to_bits(),
-                t0 as u32,
-                t1 as u32,
-                0,
-            ]);
-        }
-        let num_tiles = tiles.len() / 4;
-        let tiles_off = plan.len() as u32;
-        plan.extend_from_slice(&tiles);
-
-        // Stage 1 selects by magnitude (random keys for random-k); rTop-k adds stage 2 on the
-        // random keys of the top-r list. mode: 0 nothing, 1 selecting, 3 take everything.
-        type Need = fn(&Group) -> (usize, usize);
-        let (stage1_key, stage1_need, stage2): (u32, Need, bool) = match config.method {
-            Method::RTopK { .. } => (0, |g| (g.r, g.range.len()), true),
-            Method::TopK { .. } => (0, |g| (g.k, g.range.len()), false),
-            Method::RandomK { .. } => (1, |g| (g.k, g.range.len()), false),
-            Method::Sign => (NONE, |_| (0, 0), false),
-        };
-        let gstate1 = GSTATE;
-        let gstate2 = GSTATE + 4 * ng as u32;
-        // Two active-group lists of ng words each follow the second stage's group state.
-        let active_off = gstate2 + 4 * ng as u32;
-        let mut st = vec![0u32; active_off as usize + 2 * ng];
-        st[1] = NONE;
-        st[ST_VFIRST] = NONE;
-        let mode = |need: usize, total: usize| {
-            if need == 0 {
-                0
-            } else if need >= total {
-                3
-            } else {
-                1
-            }
-        };
-        for (gi, g) in groups.iter().enumerate() {
-            let (need, total) = stage1_need(g);
-            let b = gstate1 as usize + 4 * gi;
-            st[b..b + 4].copy_from_slice(&[mode(need, total), need as u32, 255, 0]);
-            if stage2 {
-                let b = gstate2 as usize + 4 * gi;
-                st[b..b + 4].copy_from_slice(&[mode(g.k, g.r), g.k as u32, 255, 0]);
-            }
-        }
-        let sum_r: usize = if stage2 {
-            groups.iter().map(|g| g.r).sum()
-        } else {
-            0
-        };
-        let sent: usize = if sparse {
-            groups.iter().map(|g| g.k).sum()
-        } else {
-            0
-        };
-        let num_words = if sparse {
-            n.div_ceil(32)
-        } else {
-            n.div_ceil(64) * 2
-        };
-        let num_blocks = (num_words as u64).div_ceil(BLOCK_WORDS);
-
-        let none = ::wgpu::BufferUsages::empty();
-        let f = |what: &str, bytes: u64| inner.storage_buffer(what, bytes, none);
-        let plan_buf = inner.storage_init("plan", &plan)?;
-        let st_buf = inner.storage_init("state", &st)?;
-        let st_init = inner.storage_init("state template", &st)?;
-        let e = [f("residual", n as u64 * 4)?, f("residual", n as u64 * 4)?];
-        let u = if momentum {
-            Some([f("momentum", n as u64 * 4)?, f("momentum", n as u64 * 4)?])
-        } else {
-            None
-        };
-        let hist = f("histograms", if sparse { ng as u64 * 1024 } else { 4 })?;
-        let list_cap = if sparse { n as u64 * 4 } else { 4 };
-        let list_a = f("candidates", list_cap)?;
-        let list_b = f("candidates", list_cap)?;
-        let sel = f("top-r list", sum_r as u64 * 4)?;
-        let args = inner.storage_buffer(
-            "indirect args",
-            u64::from(ARGS_SLOTS) * 16,
-            ::wgpu::BufferUsages::INDIRECT,
-        )?;
-        let bits = f("selection bitmap", num_words as u64 * 4)?;
-        let out_idx = f("payload indices", sent as u64 * 4)?;
-        let out_val = f("payload values", sent.max(ng) as u64 * 4)?;
-        let partial = f("partials", num_tiles.max(num_blocks as usize) as u64 * 4)?;
-        let dummies: Vec<_> = (0..4)
-            .map(|_| f("unused binding", 4))
-            .collect::<Result<_>>()?;
-        let staging = inner.staging(
-            16 + if sparse {
-                sent as u64 * 8
-            } else {
-                ng as u64 * 4 + num_words as u64 * 4
-            }
-            .max(n as u64 * 4),
-        )?;
-
+        let shape = Shape::of(layout, config, &groups);
+        let (plan, num_tiles, tiles_off) = plan_words(&groups);
+        let st = state_words(&shape, &groups);
+        let bufs = Buffers::new(inner, &shape, config, &plan, &st, num_tiles)?;
         let cfg = Cfg {
-            n: n as u32,
-            num_groups: ng as u32,
+            n: shape.n as u32,
+            num_groups: shape.ng as u32,
             num_tiles: num_tiles as u32,
             dtype: 0,
             worker: config.worker,
@@ -277,14 +164,14 @@ impl Compressor {
             step_lo: 0,
             step_hi: 0,
             momentum: config.momentum,
-            has_momentum: u32::from(momentum),
+            has_momentum: u32::from(config.momentum > 0.0),
             values: dtype_code(config.values),
-            first_key: stage1_key,
-            gstate1_off: gstate1,
-            num_words: num_words as u32,
-            num_blocks: num_blocks as u32,
+            first_key: shape.stage1_key,
+            gstate1_off: GSTATE,
+            num_words: shape.num_words as u32,
+            num_blocks: shape.num_blocks as u32,
             tiles_off,
-            active_off,
+            active_off: shape.active_off,
             pad: [0; 2],
         };
         let cfg_buf = inner.buffer(
@@ -295,262 +182,20 @@ impl Compressor {
         inner
             .queue
             .write_buffer(&cfg_buf, 0, bytemuck::bytes_of(&cfg));
-
-        // Every pass gets its own parameter slot and bind group, built here once.
-        let mut params: Vec<PassParams> = Vec::new();
-        let mut specs: Vec<(&'static str, usize, [&::wgpu::Buffer; 4], Dispatch)> = Vec::new();
-        let tiles_grid = grid(num_tiles as u64);
-        let groups_grid = grid(ng as u64);
-        // Bindings 9..12: list_in, list_out, sel, args. A buffer is never bound both read-only
-        // and writable in one dispatch, and the args buffer is not bound where it drives an
-        // indirect dispatch.
-        let [d_sel, d_args, d_ua, d_ub] = [&dummies[0], &dummies[1], &dummies[2], &dummies[3]];
-        macro_rules! push {
-            ($entry:expr, $p:expr, $bufs:expr, $d:expr, $params:expr,) => {{
-                params.push($p);
-                specs.push(($entry, params.len() - 1, $bufs, $d));
-            }};
-        }
-        let plain = PassParams {
-            next_digit: NONE,
-            args_off: NONE,
-            ..Default::default()
-        };
-        push!(
-            "accumulate",
-            plain,
-            [&list_b, &list_a, &sel, d_args],
-            Dispatch::Direct(tiles_grid.0, tiles_grid.1),
-            params,
-        );
-        // Indirect-args slots of 4 words, handed out in pass order.
-        let mut args_slot = 0u32;
-        let mut next_slot = || {
-            args_slot += 1;
-            (args_slot - 1) * 4
-        };
-        if sparse {
-            let stages: Vec<(u32, u32, bool)> = if stage2 {
-                vec![(0, gstate1, true), (1, gstate2, false)]
-            } else {
-                vec![(stage1_key, gstate1, false)]
-            };
-            for (si, &(key_kind, gstate_off, emit_list)) in stages.iter().enumerate() {
-                let from_list = si == 1;
-                // List ping-pong: round d reads the output of round d - 1 and writes the other.
-                let lists = [(&list_a, CTR_A), (&list_b, CTR_B)];
-                let base = PassParams {
-                    key_kind,
-                    emit_list: u32::from(emit_list),
-                    gstate_off,
-                    args_off: NONE,
-                    args_off2: NONE,
-                    act_in: NONE,
-                    next_digit: NONE,
-                    ..Default::default()
-                };
-                let emit_buf = if emit_list { &sel } else { d_sel };
-                if from_list {
-                    let hist_grid = grid((sum_r as u64).div_ceil(WG));
-                    push!(
-                        "hist_list",
-                        PassParams {
-                            in_slot: CTR_SEL,
-                            ..base
-                        },
-                        [&sel, &list_a, d_sel, d_args],
-                        Dispatch::Direct(hist_grid.0, hist_grid.1),
-                        params,
-                    );
-                }
-                for d in 0..8u32 {
-                    let next = if d < 7 { d + 1 } else { NONE };
-                    // Input of round d: tiles (stage 1, d = 0), the top-r list (stage 2, d = 0),
-                    // else the output of round d - 1.
-                    let (out_buf, out_slot) = lists[(d % 2) as usize];
-                    let (in_buf, in_slot) = if d == 0 {
-                        if from_list { (&sel, CTR_SEL) } else { lists[1] }
-                    } else {
-                        lists[((d + 1) % 2) as usize]
-                    };
-                    let tile_round = d == 0 && !from_list;
-                    // Round 0's pivot covers every group; later rounds only the groups the
-                    // previous pivot left selecting (active lists ping-pong like the lists).
-                    let act_in = if d == 0 { NONE } else { (d + 1) % 2 };
-                    let act_out = d % 2;
-                    let pivot_args = if d == 0 { NONE } else { next_slot() };
-                    let compact_args = if tile_round { NONE } else { next_slot() };
-                    let p = PassParams {
-                        digit: d,
-                        next_digit: next,
-                        in_slot,
-                        out_slot,
-                        act_in,
-                        act_out,
-                        args_off: pivot_args,
-                        args_off2: compact_args,
-                        ..base
-                    };
-                    let in_is_sel = std::ptr::eq(in_buf, &sel);
-                    let emit_safe = if in_is_sel { d_sel } else { emit_buf };
-                    push!(
-                        "prep",
-                        p,
-                        [in_buf, out_buf, emit_safe, &args],
-                        Dispatch::Direct(1, 1),
-                        params,
-                    );
-                    push!(
-                        "pivot",
-                        p,
-                        [in_buf, out_buf, emit_safe, d_args],
-                        if d == 0 {
-                            Dispatch::Direct(groups_grid.0, groups_grid.1)
-                        } else {
-                            Dispatch::Indirect(u64::from(pivot_args) * 4)
-                        },
-                        params,
-                    );
-                    if tile_round {
-                        push!(
-                            "compact_tiles",
-                            p,
-                            [in_buf, out_buf, emit_buf, d_args],
-                            Dispatch::Direct(tiles_grid.0, tiles_grid.1),
-                            params,
-                        );
-                    } else {
-                        push!(
-                            "compact_list",
-                            p,
-                            [in_buf, out_buf, emit_safe, d_args],
-                            Dispatch::Indirect(u64::from(compact_args) * 4),
-                            params,
-                        );
-                    }
-                }
-            }
-            let b = grid(num_blocks);
-            push!(
-                "scan_blocks",
-                plain,
-                [&list_b, &list_a, &sel, d_args],
-                Dispatch::Direct(b.0, b.1),
-                params,
-            );
-            push!(
-                "scan_top",
-                plain,
-                [&list_b, &list_a, &sel, d_args],
-                Dispatch::Direct(1, 1),
-                params,
-            );
-            push!(
-                "emit_payload",
-                plain,
-                [&list_b, &list_a, &sel, d_args],
-                Dispatch::Direct(b.0, b.1),
-                params,
-            );
+        let mut rec = Recorder::default();
+        rec.accumulate(grid(num_tiles as u64));
+        if shape.sparse {
+            rec.select(&shape, num_tiles);
+            rec.emit(shape.num_blocks);
         } else {
-            for (entry, gr) in [
-                ("sign_partial", tiles_grid),
-                ("sign_scale", groups_grid),
-                ("sign_apply", tiles_grid),
-            ] {
-                push!(
-                    entry,
-                    plain,
-                    [&list_b, &list_a, &sel, d_args],
-                    Dispatch::Direct(gr.0, gr.1),
-                    params,
-                );
-            }
+            rec.sign(grid(num_tiles as u64), grid(shape.ng as u64));
         }
-        push!(
-            "flip",
-            plain,
-            [&list_b, &list_a, &sel, d_args],
-            Dispatch::Direct(1, 1),
-            params,
-        );
-        debug_assert!(args_slot <= ARGS_SLOTS);
-
-        // Parameter slots must start at the uniform offset alignment and hold a whole PassParams.
-        let align = (std::mem::size_of::<PassParams>() as u64).div_ceil(inner.uniform_align())
-            * inner.uniform_align();
-        let params_buf = inner.buffer(
-            "pass parameters",
-            align * params.len() as u64,
-            ::wgpu::BufferUsages::UNIFORM | ::wgpu::BufferUsages::COPY_DST,
-        )?;
-        for (i, p) in params.iter().enumerate() {
-            inner
-                .queue
-                .write_buffer(&params_buf, align * i as u64, bytemuck::bytes_of(p));
-        }
-        let (ua, ub) = match &u {
-            Some([a, b]) => (a, b),
-            None => (d_ua, d_ub),
-        };
-        let scope = inner
-            .device
-            .push_error_scope(::wgpu::ErrorFilter::Validation);
-        let passes = specs
-            .into_iter()
-            .map(|(entry, pi, [lin, lout, selb, argsb], dispatch)| {
-                let res = [
-                    ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
-                        buffer: &params_buf,
-                        offset: align * pi as u64,
-                        size: NonZeroU64::new(std::mem::size_of::<PassParams>() as u64),
-                    }),
-                    whole(&cfg_buf),
-                    whole(&plan_buf),
-                    whole(&st_buf),
-                    whole(&e[0]),
-                    whole(&e[1]),
-                    whole(ua),
-                    whole(ub),
-                    whole(&hist),
-                    whole(lin),
-                    whole(lout),
-                    whole(selb),
-                    whole(argsb),
-                    whole(&bits),
-                    whole(&out_idx),
-                    whole(&out_val),
-                    whole(&partial),
-                ];
-                let entries: Vec<_> = res
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, resource)| ::wgpu::BindGroupEntry {
-                        binding: i as u32,
-                        resource,
-                    })
-                    .collect();
-                let bind = inner
-                    .device
-                    .create_bind_group(&::wgpu::BindGroupDescriptor {
-                        label: Some(entry),
-                        layout: &inner.compress.layouts[0],
-                        entries: &entries,
-                    });
-                Pass {
-                    entry,
-                    bind,
-                    dispatch,
-                }
-            })
-            .collect();
-        if let Some(err) = pollster::block_on(scope.pop()) {
-            return Err(dev_err(format!("building the step's bind groups: {err}")));
-        }
+        rec.flip();
+        let passes = rec.bind(inner, &cfg_buf, &bufs)?;
         // Stage-1 indirect args must be readable as INDIRECT even before the first pivot runs.
         inner
             .queue
-            .write_buffer(&args, 0, &[0u8; ARGS_SLOTS as usize * 16]);
+            .write_buffer(&bufs.args, 0, &[0u8; ARGS_SLOTS as usize * 16]);
         Ok(Self {
             ctx: ctx.clone(),
             layout: layout.clone(),
@@ -558,20 +203,20 @@ impl Compressor {
             groups,
             cfg,
             cfg_buf,
-            st: st_buf,
-            st_init,
-            e,
-            u,
-            hist,
-            args,
-            bits,
-            out_idx,
-            out_val,
+            st: bufs.st,
+            st_init: bufs.st_init,
+            e: bufs.e,
+            u: bufs.u,
+            hist: bufs.hist,
+            args: bufs.args,
+            bits: bufs.bits,
+            out_idx: bufs.out_idx,
+            out_val: bufs.out_val,
             passes,
-            staging,
+            staging: bufs.staging,
             upload: None,
             grad_bind: None,
-            sent,
+            sent: shape.sent,
             stepped: false,
             rejected: 0,
             host: Payload::default(),
@@ -622,20 +267,11 @@ impl Compressor {
             let scope = inner
                 .device
                 .push_error_scope(::wgpu::ErrorFilter::Validation);
-            let bg = inner
-                .device
-                .create_bind_group(&::wgpu::BindGroupDescriptor {
-                    label: Some("gradient"),
-                    layout: &inner.compress.layouts[1],
-                    entries: &[::wgpu::BindGroupEntry {
-                        binding: 0,
-                        resource: ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
-                            buffer: grad,
-                            offset: 0,
-                            size: NonZeroU64::new(bind_size),
-                        }),
-                    }],
-                });
+            let bg = inner.bind_group(
+                "gradient",
+                &inner.compress.layouts[1],
+                [prefix(grad, 0, bind_size)],
+            );
             if let Some(e) = pollster::block_on(scope.pop()) {
                 return Err(dev_err(format!("binding the gradient buffer: {e}")));
             }
@@ -903,6 +539,470 @@ impl Compress for Compressor {
 
     fn groups(&self) -> &[Group] {
         &self.groups
+    }
+}
+
+/// The sizes a plan is built from.
+struct Shape {
+    n: usize,
+    ng: usize,
+    sparse: bool,
+    /// Stage 1 selects by magnitude (key 0) or by random key (1, random-k); `NONE` for sign.
+    stage1_key: u32,
+    /// rTop-k adds stage 2: random keys over the top-r list.
+    stage2: bool,
+    gstate2: u32,
+    active_off: u32,
+    sum_r: usize,
+    sent: usize,
+    num_words: usize,
+    num_blocks: u64,
+}
+
+impl Shape {
+    fn of(layout: &Layout, config: &Config, groups: &[Group]) -> Self {
+        let n = layout.n();
+        let ng = groups.len();
+        let sparse = config.is_sparse();
+        let (stage1_key, stage2) = match config.method {
+            Method::RTopK { .. } => (0, true),
+            Method::TopK { .. } => (0, false),
+            Method::RandomK { .. } => (1, false),
+            Method::Sign => (NONE, false),
+        };
+        let gstate2 = GSTATE + 4 * ng as u32;
+        let num_words = if sparse {
+            n.div_ceil(32)
+        } else {
+            n.div_ceil(64) * 2
+        };
+        Self {
+            n,
+            ng,
+            sparse,
+            stage1_key,
+            stage2,
+            gstate2,
+            // Two active-group lists of ng words each follow the second stage's group state.
+            active_off: gstate2 + 4 * ng as u32,
+            sum_r: if stage2 {
+                groups.iter().map(|g| g.r).sum()
+            } else {
+                0
+            },
+            sent: if sparse {
+                groups.iter().map(|g| g.k).sum()
+            } else {
+                0
+            },
+            num_words,
+            num_blocks: (num_words as u64).div_ceil(BLOCK_WORDS),
+        }
+    }
+
+    /// How many elements stage 1 keeps of how many (rTop-k: r of the group, else k).
+    fn stage1_need(&self, g: &Group) -> (usize, usize) {
+        match (self.sparse, self.stage2) {
+            (false, _) => (0, 0),
+            (true, true) => (g.r, g.range.len()),
+            (true, false) => (g.k, g.range.len()),
+        }
+    }
+}
+
+/// Plan words: 8 per group, then 4 per tile of at most `TILE` elements (tiles never straddle
+/// groups). Returns the words, the tile count and where the tiles start.
+fn plan_words(groups: &[Group]) -> (Vec<u32>, usize, u32) {
+    let mut plan = Vec::with_capacity(groups.len() * 8);
+    let mut tiles = Vec::new();
+    for (gi, g) in groups.iter().enumerate() {
+        let t0 = tiles.len() / 4;
+        let mut s = g.range.start;
+        while s < g.range.end {
+            let e = (s + TILE).min(g.range.end);
+            tiles.extend_from_slice(&[gi as u32, s as u32, e as u32, 0]);
+            s = e;
+        }
+        let t1 = tiles.len() / 4;
+        plan.extend_from_slice(&[
+            g.range.start as u32,
+            g.range.end as u32,
+            g.r as u32,
+            g.k as u32,
+            g.scale.to_bits(),
+            t0 as u32,
+            t1 as u32,
+            0,
+        ]);
+    }
+    let num_tiles = tiles.len() / 4;
+    let tiles_off = plan.len() as u32;
+    plan.extend_from_slice(&tiles);
+    (plan, num_tiles, tiles_off)
+}
+
+/// The device state at the start of every step: status words, then per stage and group
+/// `[mode, need, 255, 0]` (mode 0 nothing to select, 1 selecting, 3 take everything).
+fn state_words(shape: &Shape, groups: &[Group]) -> Vec<u32> {
+    let mut st = vec![0u32; shape.active_off as usize + 2 * shape.ng];
+    st[1] = NONE;
+    st[ST_VFIRST] = NONE;
+    let mode = |need: usize, total: usize| match need {
+        0 => 0,
+        _ if need >= total => 3,
+        _ => 1,
+    };
+    for (gi, g) in groups.iter().enumerate() {
+        let (need, total) = shape.stage1_need(g);
+        let b = GSTATE as usize + 4 * gi;
+        st[b..b + 4].copy_from_slice(&[mode(need, total), need as u32, 255, 0]);
+        if shape.stage2 {
+            let b = shape.gstate2 as usize + 4 * gi;
+            st[b..b + 4].copy_from_slice(&[mode(g.k, g.r), g.k as u32, 255, 0]);
+        }
+    }
+    st
+}
+
+/// Every device buffer of a plan.
+struct Buffers {
+    plan: ::wgpu::Buffer,
+    st: ::wgpu::Buffer,
+    st_init: ::wgpu::Buffer,
+    e: [::wgpu::Buffer; 2],
+    u: Option<[::wgpu::Buffer; 2]>,
+    hist: ::wgpu::Buffer,
+    list_a: ::wgpu::Buffer,
+    list_b: ::wgpu::Buffer,
+    sel: ::wgpu::Buffer,
+    args: ::wgpu::Buffer,
+    bits: ::wgpu::Buffer,
+    out_idx: ::wgpu::Buffer,
+    out_val: ::wgpu::Buffer,
+    partial: ::wgpu::Buffer,
+    /// Stand-ins for bindings a pass does not use: sel, args, and the two momentum buffers.
+    dummies: [::wgpu::Buffer; 4],
+    staging: ::wgpu::Buffer,
+}
+
+impl Buffers {
+    fn new(
+        inner: &Inner,
+        shape: &Shape,
+        config: &Config,
+        plan: &[u32],
+        st: &[u32],
+        num_tiles: usize,
+    ) -> Result<Self> {
+        let (n, ng, sparse) = (shape.n as u64, shape.ng as u64, shape.sparse);
+        let none = ::wgpu::BufferUsages::empty();
+        let f = |what: &str, bytes: u64| inner.storage_buffer(what, bytes, none);
+        let pair =
+            |what: &str| -> Result<[::wgpu::Buffer; 2]> { Ok([f(what, n * 4)?, f(what, n * 4)?]) };
+        let list_cap = if sparse { n * 4 } else { 4 };
+        let readback = if sparse {
+            shape.sent as u64 * 8
+        } else {
+            ng * 4 + shape.num_words as u64 * 4
+        };
+        Ok(Self {
+            plan: inner.storage_init("plan", plan)?,
+            st: inner.storage_init("state", st)?,
+            st_init: inner.storage_init("state template", st)?,
+            e: pair("residual")?,
+            u: if config.momentum > 0.0 {
+                Some(pair("momentum")?)
+            } else {
+                None
+            },
+            hist: f("histograms", if sparse { ng * 1024 } else { 4 })?,
+            list_a: f("candidates", list_cap)?,
+            list_b: f("candidates", list_cap)?,
+            sel: f("top-r list", shape.sum_r as u64 * 4)?,
+            args: inner.storage_buffer(
+                "indirect args",
+                u64::from(ARGS_SLOTS) * 16,
+                ::wgpu::BufferUsages::INDIRECT,
+            )?,
+            bits: f("selection bitmap", shape.num_words as u64 * 4)?,
+            out_idx: f("payload indices", shape.sent as u64 * 4)?,
+            out_val: f("payload values", shape.sent.max(shape.ng) as u64 * 4)?,
+            partial: f(
+                "partials",
+                num_tiles.max(shape.num_blocks as usize) as u64 * 4,
+            )?,
+            dummies: [
+                f("unused binding", 4)?,
+                f("unused binding", 4)?,
+                f("unused binding", 4)?,
+                f("unused binding", 4)?,
+            ],
+            staging: inner.staging(16 + readback.max(n * 4))?,
+        })
+    }
+}
+
+/// Which of a plan's buffers a pass binds at 9..12 (list_in, list_out, sel, args). A buffer
+/// is never bound both read-only and writable in one dispatch, and the args buffer is not
+/// bound where it drives an indirect dispatch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Buf {
+    ListA,
+    ListB,
+    Sel,
+    Args,
+    /// The stand-in for an unused sel binding.
+    NoSel,
+    /// The stand-in for an unused args binding.
+    NoArgs,
+}
+
+impl Buf {
+    fn of(self, b: &Buffers) -> &::wgpu::Buffer {
+        match self {
+            Buf::ListA => &b.list_a,
+            Buf::ListB => &b.list_b,
+            Buf::Sel => &b.sel,
+            Buf::Args => &b.args,
+            Buf::NoSel => &b.dummies[0],
+            Buf::NoArgs => &b.dummies[1],
+        }
+    }
+}
+
+/// The passes of a step in order, each with its own parameter slot.
+#[derive(Default)]
+struct Recorder {
+    params: Vec<PassParams>,
+    specs: Vec<(&'static str, [Buf; 4], Dispatch)>,
+    /// Indirect-args slots of 4 words, handed out in pass order.
+    args_slots: u32,
+}
+
+/// The parameters of a pass that selects nothing (no next digit, no indirect args).
+const PLAIN: PassParams = PassParams {
+    digit: 0,
+    next_digit: NONE,
+    key_kind: 0,
+    emit_list: 0,
+    gstate_off: 0,
+    in_slot: 0,
+    out_slot: 0,
+    args_off: NONE,
+    act_in: 0,
+    act_out: 0,
+    args_off2: 0,
+    pad: 0,
+};
+const PLAIN_BUFS: [Buf; 4] = [Buf::ListB, Buf::ListA, Buf::Sel, Buf::NoArgs];
+
+impl Recorder {
+    fn push(&mut self, entry: &'static str, p: PassParams, bufs: [Buf; 4], d: Dispatch) {
+        self.params.push(p);
+        self.specs.push((entry, bufs, d));
+    }
+
+    fn next_slot(&mut self) -> u32 {
+        self.args_slots += 1;
+        debug_assert!(self.args_slots <= ARGS_SLOTS);
+        (self.args_slots - 1) * 4
+    }
+
+    /// `p = e + g` (or with momentum) over tiles, counting non-finite values and building
+    /// the round-0 histograms.
+    fn accumulate(&mut self, tiles: (u32, u32)) {
+        self.push(
+            "accumulate",
+            PLAIN,
+            PLAIN_BUFS,
+            Dispatch::Direct(tiles.0, tiles.1),
+        );
+    }
+
+    /// Stage 1 (magnitude or random keys over the tiles) and, for rTop-k, stage 2 (random
+    /// keys over the top-r list): up to 8 radix rounds each.
+    fn select(&mut self, shape: &Shape, num_tiles: usize) {
+        let stages: &[(u32, u32, bool)] = if shape.stage2 {
+            &[(0, GSTATE, true), (1, shape.gstate2, false)]
+        } else {
+            &[(shape.stage1_key, GSTATE, false)]
+        };
+        for (si, &(key_kind, gstate_off, emit_list)) in stages.iter().enumerate() {
+            let base = PassParams {
+                key_kind,
+                emit_list: u32::from(emit_list),
+                gstate_off,
+                args_off: NONE,
+                args_off2: NONE,
+                act_in: NONE,
+                next_digit: NONE,
+                ..Default::default()
+            };
+            let from_list = si == 1;
+            if from_list {
+                let g = grid((shape.sum_r as u64).div_ceil(WG));
+                let p = PassParams {
+                    in_slot: CTR_SEL,
+                    ..base
+                };
+                let bufs = [Buf::Sel, Buf::ListA, Buf::NoSel, Buf::NoArgs];
+                self.push("hist_list", p, bufs, Dispatch::Direct(g.0, g.1));
+            }
+            let emit = if emit_list { Buf::Sel } else { Buf::NoSel };
+            for d in 0..8u32 {
+                self.round(base, d, from_list, emit, shape.ng, num_tiles);
+            }
+        }
+    }
+
+    /// One radix round `d` of a stage: `prep` sizes it, `pivot` finds each group's pivot
+    /// digit, a compaction emits what lies below it and keeps the pivot digit's elements.
+    fn round(
+        &mut self,
+        base: PassParams,
+        d: u32,
+        from_list: bool,
+        emit: Buf,
+        ng: usize,
+        num_tiles: usize,
+    ) {
+        // List ping-pong: round d reads the output of round d - 1 and writes the other list.
+        let lists = [(Buf::ListA, CTR_A), (Buf::ListB, CTR_B)];
+        let (out_buf, out_slot) = lists[(d % 2) as usize];
+        // Round 0 reads the tiles (stage 1) or the top-r list (stage 2).
+        let (in_buf, in_slot) = match d {
+            0 if from_list => (Buf::Sel, CTR_SEL),
+            0 => lists[1],
+            _ => lists[((d + 1) % 2) as usize],
+        };
+        let tile_round = d == 0 && !from_list;
+        // Round 0's pivot covers every group; later rounds only the groups the previous
+        // pivot left selecting (active lists ping-pong like the lists).
+        let pivot_args = if d == 0 { NONE } else { self.next_slot() };
+        let compact_args = if tile_round { NONE } else { self.next_slot() };
+        let p = PassParams {
+            digit: d,
+            next_digit: if d < 7 { d + 1 } else { NONE },
+            in_slot,
+            out_slot,
+            act_in: if d == 0 { NONE } else { (d + 1) % 2 },
+            act_out: d % 2,
+            args_off: pivot_args,
+            args_off2: compact_args,
+            ..base
+        };
+        let emit_safe = if in_buf == Buf::Sel { Buf::NoSel } else { emit };
+        self.push(
+            "prep",
+            p,
+            [in_buf, out_buf, emit_safe, Buf::Args],
+            Dispatch::Direct(1, 1),
+        );
+        let pivot = if d == 0 {
+            let g = grid(ng as u64);
+            Dispatch::Direct(g.0, g.1)
+        } else {
+            Dispatch::Indirect(u64::from(pivot_args) * 4)
+        };
+        self.push("pivot", p, [in_buf, out_buf, emit_safe, Buf::NoArgs], pivot);
+        if tile_round {
+            let g = grid(num_tiles as u64);
+            let bufs = [in_buf, out_buf, emit, Buf::NoArgs];
+            self.push("compact_tiles", p, bufs, Dispatch::Direct(g.0, g.1));
+        } else {
+            let bufs = [in_buf, out_buf, emit_safe, Buf::NoArgs];
+            let at = Dispatch::Indirect(u64::from(compact_args) * 4);
+            self.push("compact_list", p, bufs, at);
+        }
+    }
+
+    /// The bitmap-to-index scan that writes the payload in ascending order and subtracts
+    /// what was sent.
+    fn emit(&mut self, num_blocks: u64) {
+        let g = grid(num_blocks);
+        self.push("scan_blocks", PLAIN, PLAIN_BUFS, Dispatch::Direct(g.0, g.1));
+        self.push("scan_top", PLAIN, PLAIN_BUFS, Dispatch::Direct(1, 1));
+        self.push(
+            "emit_payload",
+            PLAIN,
+            PLAIN_BUFS,
+            Dispatch::Direct(g.0, g.1),
+        );
+    }
+
+    /// Scaled sign: per-tile partial sums of |p|, the per-group scale, the signs.
+    fn sign(&mut self, tiles: (u32, u32), groups: (u32, u32)) {
+        for (entry, g) in [
+            ("sign_partial", tiles),
+            ("sign_scale", groups),
+            ("sign_apply", tiles),
+        ] {
+            self.push(entry, PLAIN, PLAIN_BUFS, Dispatch::Direct(g.0, g.1));
+        }
+    }
+
+    /// The one-thread commit: flips to the new residual only when the step was accepted.
+    fn flip(&mut self) {
+        self.push("flip", PLAIN, PLAIN_BUFS, Dispatch::Direct(1, 1));
+    }
+
+    /// Writes every pass's parameters into one uniform buffer and builds its bind group.
+    fn bind(self, inner: &Inner, cfg: &::wgpu::Buffer, b: &Buffers) -> Result<Vec<Pass>> {
+        // Parameter slots start at the uniform offset alignment and hold a whole PassParams.
+        let size = std::mem::size_of::<PassParams>() as u64;
+        let align = size.div_ceil(inner.uniform_align()) * inner.uniform_align();
+        let params_buf = inner.buffer(
+            "pass parameters",
+            align * self.params.len() as u64,
+            ::wgpu::BufferUsages::UNIFORM | ::wgpu::BufferUsages::COPY_DST,
+        )?;
+        for (i, p) in self.params.iter().enumerate() {
+            inner
+                .queue
+                .write_buffer(&params_buf, align * i as u64, bytemuck::bytes_of(p));
+        }
+        let (ua, ub) = match &b.u {
+            Some([x, y]) => (x, y),
+            None => (&b.dummies[2], &b.dummies[3]),
+        };
+        let scope = inner
+            .device
+            .push_error_scope(::wgpu::ErrorFilter::Validation);
+        let passes = self
+            .specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (entry, [lin, lout, selb, argsb], dispatch))| {
+                let res = [
+                    prefix(&params_buf, align * i as u64, size),
+                    whole(cfg),
+                    whole(&b.plan),
+                    whole(&b.st),
+                    whole(&b.e[0]),
+                    whole(&b.e[1]),
+                    whole(ua),
+                    whole(ub),
+                    whole(&b.hist),
+                    whole(lin.of(b)),
+                    whole(lout.of(b)),
+                    whole(selb.of(b)),
+                    whole(argsb.of(b)),
+                    whole(&b.bits),
+                    whole(&b.out_idx),
+                    whole(&b.out_val),
+                    whole(&b.partial),
+                ];
+                Pass {
+                    entry,
+                    bind: inner.bind_group(entry, &inner.compress.layouts[0], res),
+                    dispatch,
+                }
+            })
+            .collect();
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(dev_err(format!("building the step's bind groups: {err}")));
+        }
+        Ok(passes)
     }
 }
 

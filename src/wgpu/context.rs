@@ -450,6 +450,43 @@ impl Inner {
     pub(crate) fn uniform_align(&self) -> u64 {
         u64::from(self.limits.min_uniform_buffer_offset_alignment).max(16)
     }
+
+    /// A bind group whose binding `i` is `resources[i]`: every module numbers its bindings
+    /// from 0 in declaration order, so compress, stats and aggregate all bind this way.
+    pub(crate) fn bind_group<'a>(
+        &self,
+        label: &str,
+        layout: &::wgpu::BindGroupLayout,
+        resources: impl IntoIterator<Item = ::wgpu::BindingResource<'a>>,
+    ) -> ::wgpu::BindGroup {
+        let entries: Vec<_> = resources
+            .into_iter()
+            .enumerate()
+            .map(|(i, resource)| ::wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource,
+            })
+            .collect();
+        self.device.create_bind_group(&::wgpu::BindGroupDescriptor {
+            label: Some(label),
+            layout,
+            entries: &entries,
+        })
+    }
+}
+
+/// `size` bytes of `buffer` from `offset` (a uniform slot, or a gradient shorter than its
+/// buffer), as a binding.
+pub(crate) fn prefix(
+    buffer: &::wgpu::Buffer,
+    offset: u64,
+    size: u64,
+) -> ::wgpu::BindingResource<'_> {
+    ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
+        buffer,
+        offset,
+        size: std::num::NonZeroU64::new(size),
+    })
 }
 
 fn make_module(

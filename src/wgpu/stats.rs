@@ -4,9 +4,8 @@
 //! variance on the host, which keeps results within SPEC §8's tolerances of the f64 CPU.
 
 use super::compress::{dtype_code, grad_bytes};
-use super::context::{Context, dev_err, grid, words};
+use super::context::{Context, dev_err, grid, prefix, words};
 use crate::{DType, Element, Error, LayerStats, Layout, Result, Statistics, VarianceEstimate};
-use std::num::NonZeroU64;
 
 const TILE: usize = 4096;
 
@@ -135,30 +134,12 @@ impl Stats {
             self.unused.as_entire_binding(),
             self.cfg_buf.as_entire_binding(),
             self.plan.as_entire_binding(),
-            ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
-                buffer: x,
-                offset: 0,
-                size: NonZeroU64::new(bind),
-            }),
+            prefix(x, 0, bind),
             self.part.as_entire_binding(),
             self.res.as_entire_binding(),
             self.bad.as_entire_binding(),
         ];
-        let e: Vec<_> = res
-            .into_iter()
-            .enumerate()
-            .map(|(i, resource)| ::wgpu::BindGroupEntry {
-                binding: i as u32,
-                resource,
-            })
-            .collect();
-        let bg = inner
-            .device
-            .create_bind_group(&::wgpu::BindGroupDescriptor {
-                label: Some("stats"),
-                layout: &inner.stats.layouts[0],
-                entries: &e,
-            });
+        let bg = inner.bind_group("stats", &inner.stats.layouts[0], res);
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(dev_err(format!("binding the statistics input: {err}")));
         }
