@@ -72,9 +72,9 @@ done <"$stage/benches.txt"
 rm "$stage/tests.txt" "$stage/benches.txt"
 
 # PTX for devices without a usable NVRTC 13.0 (and the compile test, run here once more).
-tb=$(grep -m1 '^test-cuda_backend$' "$stage/tests.list" || true)
+tb=$(grep -m1 '^test-backends$' "$stage/tests.list" || true)
 if [[ -n "$tb" ]]; then
-    GRADSIFT_REQUIRE_NVRTC=1 GRADSIFT_DUMP_PTX="$stage/ptx" "$stage/bin/$tb" kernels_compile >&2
+    GRADSIFT_REQUIRE_NVRTC=1 GRADSIFT_DUMP_PTX="$stage/ptx" "$stage/bin/$tb" nvrtc::kernels_compile >&2
 fi
 cp scripts/torch_topk.py "$stage/"
 

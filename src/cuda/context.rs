@@ -433,9 +433,12 @@ impl Context {
         if other.cu_ctx() == self.ctx.cu_ctx() {
             Ok(())
         } else {
-            Err(Error::InvalidConfig(format!(
-                "{what} lives on another CUDA context than the plan"
-            )))
+            Err(Error::Device {
+                backend: "cuda",
+                reason: format!(
+                    "{what} lives on another CUDA context than the plan; build the plan's Context from that buffer's stream (Context::from_stream)"
+                ),
+            })
         }
     }
 

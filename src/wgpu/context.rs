@@ -79,9 +79,13 @@ impl Context {
     /// Errors with [`Error::BackendUnavailable`] when there is no adapter, the device cannot be
     /// created, or the adapter allows fewer than 16 storage buffers per shader stage.
     pub fn new() -> Result<Self> {
-        let instance = ::wgpu::Instance::new(
-            ::wgpu::InstanceDescriptor::new_without_display_handle_from_env(),
-        );
+        // One instance for the process: every Context's resources live in the same registry,
+        // so a buffer of another Context's device is a validation error (device mismatch)
+        // that the error scopes turn into Error::Device, not a lookup that panics.
+        static INSTANCE: std::sync::OnceLock<::wgpu::Instance> = std::sync::OnceLock::new();
+        let instance = INSTANCE.get_or_init(|| {
+            ::wgpu::Instance::new(::wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+        });
         let adapter =
             pollster::block_on(instance.request_adapter(&::wgpu::RequestAdapterOptions {
                 power_preference: ::wgpu::PowerPreference::HighPerformance,
