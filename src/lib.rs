@@ -11,6 +11,9 @@ pub mod cuda;
 mod dtype;
 mod error;
 mod layout;
+#[cfg(feature = "npy")]
+#[path = "cli/npy.rs"]
+pub mod npy;
 mod payload;
 pub mod philox;
 pub mod rd;

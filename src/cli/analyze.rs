@@ -21,7 +21,9 @@ INPUT: one .npz file per worker per step, named <prefix>w<K>_s<T>.npz (worker K 
 step T), holding that worker's gradient of that step as one array per layer, in the same order
 and with the same shapes in every file. Pass the files, or a directory that holds them (files
 not named that way are skipped). Files named otherwise are read as the workers of one step, in
-the order given. A .npy file holds a whole gradient as one array (one layer).
+the order given. A .npy file holds a whole gradient as one array (one layer), named arr_0
+whatever the file is called, so worker0.npy and worker1.npy are two workers' gradients of
+the same layer (matched by position, not by file name).
 
 Writing them from PyTorch, after loss.backward() on worker `rank` at step `step`:
 
@@ -69,10 +71,11 @@ pub struct AnalyzeArgs {
     /// wgpu or auto (CUDA, then wgpu, then the CPU).
     #[arg(long, default_value_t = Backend::Cpu)]
     pub backend: Backend,
-    /// Send ratios k/n: rTop-k, top-k and random-k run at each.
+    /// Send ratios k/n, each in (0, 1], at most 32 of them: rTop-k, top-k and random-k run at
+    /// each.
     #[arg(long, value_delimiter = ',', default_value = "0.001,0.01,0.1")]
     pub ratios: Vec<f64>,
-    /// rTop-k candidate ratio r/n as a multiple of k/n (capped at 1).
+    /// rTop-k candidate ratio r/n as a multiple of k/n, in [1, 1e6] (r/n capped at 1).
     #[arg(long, default_value_t = 4.0)]
     pub r_over_k: f64,
     /// Global or per-layer selection.
@@ -87,7 +90,7 @@ pub struct AnalyzeArgs {
     /// DGC momentum correction factor in [0, 1) (0: plain error feedback).
     #[arg(long, default_value_t = 0.0)]
     pub momentum: f32,
-    /// Seed of the random-k keys.
+    /// Seed of the random-k keys (any u64).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Also print one table per method with a row per step.
@@ -148,6 +151,11 @@ fn percent(x: f64) -> String {
     format!("{s}%")
 }
 
+/// Most ratios `--ratios` takes (each adds three methods).
+pub const MAX_RATIOS: usize = 32;
+/// Largest `--r-over-k`; `r` is capped at `n` anyway.
+pub const MAX_R_OVER_K: f64 = 1e6;
+
 /// The methods of an analysis: rTop-k, top-k and random-k at each ratio, then scaled sign.
 pub fn methods(args: &AnalyzeArgs) -> Result<Vec<MethodSpec>, AnalyzeError> {
     if args.ratios.is_empty() {
@@ -160,10 +168,22 @@ pub fn methods(args: &AnalyzeArgs) -> Result<Vec<MethodSpec>, AnalyzeError> {
             "--ratios must lie in (0, 1], got {r}"
         )));
     }
-    if args.r_over_k.is_nan() || args.r_over_k < 1.0 {
+    if args.ratios.len() > MAX_RATIOS {
         return Err(AnalyzeError::Usage(format!(
-            "--r-over-k must be at least 1, got {}",
+            "--ratios takes at most {MAX_RATIOS} ratios, got {}",
+            args.ratios.len()
+        )));
+    }
+    if !(args.r_over_k >= 1.0 && args.r_over_k <= MAX_R_OVER_K) {
+        return Err(AnalyzeError::Usage(format!(
+            "--r-over-k must lie in [1, {MAX_R_OVER_K:e}], got {}",
             args.r_over_k
+        )));
+    }
+    if !(0.0..1.0).contains(&args.momentum) {
+        return Err(AnalyzeError::Usage(format!(
+            "--momentum must lie in [0, 1), got {}",
+            args.momentum
         )));
     }
     let mode = match args.mode {
@@ -486,14 +506,20 @@ fn summarize(steps: &[StepMeasurement]) -> Summary {
     }
 }
 
+/// The sign-model figures of one step (Fig. 7), size-weighted over the non-empty layers. An
+/// empty step (`n = 0`) reports 0 for all of them, and so does a layer whose two variances
+/// are 0 (its gradient is the constant 0: nothing to send).
 fn statistics(m: &StepMeasurement) -> StepStatistics {
     let k = m.workers;
     let mut d_sign = 0.0;
     let mut r_sum_sign = 0.0;
+    let mut r_in_sign = 0.0;
     for l in m.layers.iter().filter(|l| l.n > 0) {
         let d = rd::sign_distortion(l.sigma_x2, l.sigma_n2, k);
         d_sign += l.n as f64 * d;
         r_sum_sign += l.n as f64 * rd::sum_rate(d, l.sigma_x2, l.sigma_n2, k);
+        // K/2 log2(1 + pi/(pi - 2)) whatever the (non-zero) variances.
+        r_in_sign += l.n as f64 * rd::independent_rate(d, l.sigma_x2, l.sigma_n2, k);
     }
     let n = m.n.max(1) as f64;
     StepStatistics {
@@ -503,8 +529,7 @@ fn statistics(m: &StepMeasurement) -> StepStatistics {
         layers: m.layers.iter().map(|l| (l.sigma_x2, l.sigma_n2)).collect(),
         d_sign: d_sign / n,
         r_sum_sign: r_sum_sign / n,
-        r_in_sign: k as f64 / 2.0
-            * (1.0 + std::f64::consts::PI / (std::f64::consts::PI - 2.0)).log2(),
+        r_in_sign: r_in_sign / n,
     }
 }
 
@@ -796,7 +821,7 @@ pub fn render_table(report: &Report, per_step: bool) -> String {
     let sx = mean(report.statistics.iter().map(|s| s.sigma_x2));
     let sn = mean(report.statistics.iter().map(|s| s.sigma_n2));
     let r_sum_sign = mean(report.statistics.iter().map(|s| s.r_sum_sign));
-    let r_in_sign = report.statistics.first().map_or(0.0, |s| s.r_in_sign);
+    let r_in_sign = mean(report.statistics.iter().map(|s| s.r_in_sign));
     let _ = writeln!(
         out,
         "sigma_X^2 = {}, sigma_N^2 = {} (size-weighted, mean over steps); at the ideal sign \
