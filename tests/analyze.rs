@@ -588,3 +588,34 @@ fn analyze_options_out_of_range_are_usage_errors() {
         }
     }
 }
+
+/// The memory plan: all methods together when they fit, fewer per pass when not, and an
+/// up-front usage error when even one method cannot fit.
+#[test]
+fn memory_plan_groups_methods_and_refuses_what_cannot_fit() {
+    use gradsift::cli::analyze::{memory_estimate, memory_plan};
+    use gradsift::cli::error::CliError;
+    // Small: everything together.
+    let p = memory_plan(1000, 3, 10, None, None).unwrap();
+    assert_eq!(p.group, 10);
+    // 5 workers x 4 M elements under the default 512 MiB: one method at a time.
+    let p = memory_plan(4_000_000, 5, 10, None, Some(64 << 30)).unwrap();
+    assert_eq!(p.group, 1);
+    assert!(p.peak <= 600_000_000, "{p:?}");
+    let p = memory_plan(4_000_000, 5, 10, Some(1024), None).unwrap();
+    assert!(p.group >= 2 && memory_estimate(4_000_000, 5, p.group) <= 1024 << 20);
+    assert!(memory_estimate(4_000_000, 5, p.group + 1) > 1024 << 20);
+    for (max, avail) in [(Some(100), None), (None, Some(100 << 20)), (Some(10), None)] {
+        match memory_plan(4_000_000, 5, 10, max, avail) {
+            Err(CliError::Usage(m)) => assert!(m.contains("MiB"), "{m}"),
+            other => panic!("{max:?} {avail:?}: {other:?}"),
+        }
+    }
+    // Through analyze: an explicit limit that one method cannot fit fails before reading.
+    let e = analyze(&AnalyzeArgs {
+        max_memory: Some(10),
+        ..args(&["good"])
+    })
+    .unwrap_err();
+    assert!(matches!(e, CliError::Usage(_)), "{e}");
+}

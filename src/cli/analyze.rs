@@ -40,7 +40,17 @@ With no INPUT, the analysis runs on real gradients generated in-process: those o
 workers of `gradsift train`'s built-in MNIST model (MLP 784-128-64-10, batch 32 each,
 uncompressed momentum SGD) at steps 0, 10, 25, 50, 100, 150 and 200 (of the 500 of its 10-epoch
 run; a few seconds of training), and also draws the plot to gradsift-analyze.png unless --plot
-names another file.";
+names another file.
+
+MEMORY: the files are read one step at a time; a run holds one step's gradients of all K
+workers plus every method's state (error feedback, momentum, payloads) for the methods it
+analyses together. Estimated peak: 64 MiB + n K (12 + 10 G) bytes for n elements per worker
+and G methods at a time (the default methods are 10: rTop-k, top-k and random-k at 3 ratios,
+and sign). G is as large as --max-memory allows (default 512 MiB; all methods when they fit,
+at least 1: each further group re-reads the files). Example: K = 5 workers of n = 4 M
+elements need about 64 + 240 + 200 G MB: 0.5 GB one method at a time, 2.3 GB all 10 together.
+A run whose one-method estimate exceeds the memory available (MemAvailable), or an explicit
+--max-memory, fails up front saying how much it needs.";
 
 /// Selection mode (SPEC §0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -99,6 +109,12 @@ pub struct AnalyzeArgs {
     /// Write the report as JSON to this file ('-' for standard output).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Memory target in MiB, at least 64. The files are read one step at a time, and the
+    /// methods are analysed in groups small enough to stay under this (each group re-reads
+    /// the files); see MEMORY below. Given explicitly it is a hard limit: a run that cannot
+    /// fit it even one method at a time fails before reading anything.
+    #[arg(long, value_name = "MIB")]
+    pub max_memory: Option<u64>,
     /// Draw the seed paper's Fig. 7 for this data (PNG). Without INPUT the plot is drawn
     /// anyway, to gradsift-analyze.png unless this names another file.
     #[arg(long, value_name = "FILE.png")]
@@ -119,6 +135,7 @@ impl Default for AnalyzeArgs {
             seed: 0,
             per_step: false,
             json: None,
+            max_memory: None,
             plot: None,
         }
     }
@@ -680,6 +697,94 @@ fn progress_bar(total: u64, work: f64) -> ProgressBar {
     pb
 }
 
+/// Fixed part of [`memory_plan`]'s estimate: the program, its tables and small buffers.
+pub const MEMORY_FIXED: u64 = 64 << 20;
+/// Bytes per element per worker of one step's gradients and of reading them.
+pub const MEMORY_PER_ELEMENT: u64 = 12;
+/// Bytes per element per worker of one method's state (error feedback, momentum, selection
+/// scratch, payloads, the server's estimate): measured about 9 on the CPU backend.
+pub const MEMORY_PER_METHOD: u64 = 10;
+/// `--max-memory`'s default, MiB.
+pub const DEFAULT_MAX_MEMORY_MIB: u64 = 512;
+
+/// How an analysis fits in memory: methods analysed together, the budget and the estimate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// Methods analysed together (each group is one pass over the files).
+    pub group: usize,
+    /// The budget aimed at, bytes.
+    pub budget: u64,
+    /// Estimated peak of the plan, bytes.
+    pub peak: u64,
+}
+
+/// Estimated peak bytes of analysing `group` methods together on `workers` gradients of `n`
+/// elements: [`MEMORY_FIXED`] `+ n K (`[`MEMORY_PER_ELEMENT`]` + `[`MEMORY_PER_METHOD`]` G)`.
+pub fn memory_estimate(n: usize, workers: usize, group: usize) -> u64 {
+    let nk = (n as u64).saturating_mul(workers as u64);
+    MEMORY_FIXED.saturating_add(nk.saturating_mul(
+        MEMORY_PER_ELEMENT.saturating_add(MEMORY_PER_METHOD.saturating_mul(group as u64)),
+    ))
+}
+
+/// The memory available to a new process (`MemAvailable` of /proc/meminfo), when known.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb.saturating_mul(1024))
+}
+
+/// Chooses how many of `methods` to analyse together: as many as keep the estimate under
+/// `max_memory_mib` (default [`DEFAULT_MAX_MEMORY_MIB`]), at least one.
+///
+/// # Errors
+///
+/// [`AnalyzeError::Usage`] when `max_memory_mib` is below 64, or when even one method at a
+/// time is estimated above an explicit `max_memory_mib` or above `available` (bytes).
+pub fn memory_plan(
+    n: usize,
+    workers: usize,
+    methods: usize,
+    max_memory_mib: Option<u64>,
+    available: Option<u64>,
+) -> Result<MemoryPlan, AnalyzeError> {
+    if let Some(m) = max_memory_mib.filter(|&m| !(64..=(1 << 40)).contains(&m)) {
+        return Err(AnalyzeError::Usage(format!(
+            "--max-memory must lie in [64, 2^40] MiB, got {m}"
+        )));
+    }
+    let budget = max_memory_mib.unwrap_or(DEFAULT_MAX_MEMORY_MIB) << 20;
+    let one = memory_estimate(n, workers, 1);
+    let mib = |b: u64| b.div_ceil(1 << 20);
+    if max_memory_mib.is_some() && one > budget {
+        return Err(AnalyzeError::Usage(format!(
+            "this analysis (K = {workers} workers x n = {n} elements) needs about {} MiB even \
+                 one method at a time, over --max-memory {} MiB",
+            mib(one),
+            mib(budget)
+        )));
+    }
+    if let Some(avail) = available.filter(|&a| one > a) {
+        return Err(AnalyzeError::Usage(format!(
+            "this analysis (K = {workers} workers x n = {n} elements) needs about {} MiB even \
+                 one method at a time, but only {} MiB of memory is available",
+            mib(one),
+            mib(avail)
+        )));
+    }
+    let methods = methods.max(1);
+    let group = (1..=methods)
+        .rev()
+        .find(|&g| memory_estimate(n, workers, g) <= budget)
+        .unwrap_or(1);
+    Ok(MemoryPlan {
+        group,
+        budget,
+        peak: memory_estimate(n, workers, group),
+    })
+}
+
 /// Runs the analysis of `args` (files, or the embedded default when there are none) and
 /// returns the report; prints nothing except the progress bar on long inputs.
 pub fn analyze(args: &AnalyzeArgs) -> Result<Report, AnalyzeError> {
@@ -722,28 +827,61 @@ pub fn analyze(args: &AnalyzeArgs) -> Result<Report, AnalyzeError> {
         // File size / 4 approximates the element count of a float32 gradient.
         let work = size as f64 / 4.0 * workers as f64 * total as f64;
         let pb = progress_bar(total, work);
+        // Up front, from one file (one worker's gradient): will the run fit?
+        let n: usize = read_arrays(&files.steps[0].1[0])?
+            .iter()
+            .map(|a| a.data.len())
+            .sum();
+        let plan = memory_plan(
+            n,
+            workers,
+            methods.len(),
+            args.max_memory,
+            available_memory(),
+        )?;
         let mut layers = Vec::new();
         let mut reference = None;
         // The layer list is set by the first file; load that step first so it is known.
         let (first_step, first_files) = &files.steps[0];
         let first = load_step(*first_step, first_files, &mut layers, &mut reference)?;
-        let rest = files.steps[1..].iter().map(|(t, f)| {
-            let mut l = layers.clone();
-            let mut r = reference.clone();
-            load_step(*t, f, &mut l, &mut r)
-        });
-        let steps = std::iter::once(Ok(first)).chain(rest);
-        let r = analyze_steps(
-            layers.clone(),
-            workers,
-            steps,
-            &methods,
-            average,
-            &device,
-            &pb,
-        );
+        if plan.group < methods.len() {
+            notes.push(format!(
+                "analysing the {} methods {} at a time (each group re-reads the files) to stay \
+                 within {} MiB; estimated peak {} MiB",
+                methods.len(),
+                plan.group,
+                plan.budget >> 20,
+                plan.peak >> 20
+            ));
+        }
+        let mut first = Some(first);
+        let mut merged: Option<Report> = None;
+        for group in methods.chunks(plan.group) {
+            let rest_from = usize::from(first.is_some());
+            let head = first.take().map(Ok);
+            let layers_ref = &layers;
+            let reference_ref = &reference;
+            let rest = files.steps[rest_from..].iter().map(move |(t, f)| {
+                let mut l = layers_ref.clone();
+                let mut r = reference_ref.clone();
+                load_step(*t, f, &mut l, &mut r)
+            });
+            let steps = head.into_iter().chain(rest);
+            let r = analyze_steps(layers.clone(), workers, steps, group, average, &device, &pb);
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    pb.finish_and_clear();
+                    return Err(e);
+                }
+            };
+            match &mut merged {
+                None => merged = Some(r),
+                Some(m) => m.methods.extend(r.methods),
+            }
+        }
         pb.finish_and_clear();
-        r?
+        merged.expect("at least one method")
     };
     report.notes.extend(notes);
     Ok(report)
