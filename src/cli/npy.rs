@@ -273,6 +273,11 @@ pub fn read_npy(r: &mut impl Read, file: &Path, name: &str) -> Result<NamedArray
 /// Reorders column-major data to row-major, so that every worker's layer lines up element
 /// for element whatever order each file was written in.
 fn fortran_to_c(data: &[f32], shape: &[u64]) -> Vec<f32> {
+    // An empty array may have huge other dimensions (shape (0, 2^40, 2^40)): their strides
+    // would overflow, and there is nothing to reorder.
+    if data.is_empty() {
+        return Vec::new();
+    }
     let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
     let mut strides = vec![1usize; dims.len()];
     for i in 1..dims.len() {
@@ -444,6 +449,21 @@ mod tests {
                 .is_err()
         );
         assert!(parse_header("{'descr': '<f4', 'shape': (2,)}").is_err());
+    }
+
+    #[test]
+    fn empty_fortran_array_with_huge_dimensions_is_empty() {
+        // Found by reasoning about the npy fuzz target: the strides overflowed (a panic with
+        // overflow checks) although there is nothing to reorder.
+        let t = 1u64 << 40;
+        assert!(fortran_to_c(&[], &[0, t, t, t]).is_empty());
+        let header =
+            format!("{{'descr': '<f4', 'fortran_order': True, 'shape': (0, {t}, {t}, {t}), }}\n");
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(header.as_bytes());
+        let a = read_npy(&mut bytes.as_slice(), Path::new("x.npy"), "arr_0").unwrap();
+        assert!(a.data.is_empty());
     }
 
     #[test]
