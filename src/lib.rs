@@ -11,6 +11,9 @@ pub mod cuda;
 mod dtype;
 mod error;
 mod layout;
+#[cfg(feature = "npy")]
+#[path = "cli/npy.rs"]
+pub mod npy;
 #[doc = include_str!("../docs/SPEC.md")]
 pub mod spec {}
 mod payload;

@@ -32,16 +32,39 @@ fn valid_variances(sigma_x2: f64, sigma_n2: f64) -> bool {
     sigma_x2 >= 0.0 && sigma_n2 >= 0.0 && sigma_x2.is_finite() && sigma_n2.is_finite()
 }
 
-/// `K/2 log2(1 + sigma_N^2 / (K D - sigma_N^2))`, written as `-K/2 log2(1 - sigma_N^2 / (K D))`
-/// so that `ln_1p` keeps its precision when `D` is far above the floor.
+/// `K/2 log2(1 + sigma_N^2 / (K D - sigma_N^2)) = K/2 log2(K D / (K D - sigma_N^2))`, computed
+/// so that it keeps full precision on the whole domain:
+/// - far from the floor (`sigma_N^2 < K D / 2`) as `-K/2 log2(1 - sigma_N^2 / (K D))`, where
+///   `ln_1p` gets an argument in `(-1/2, 0]` and is well conditioned;
+/// - near the floor as `K/2 log2(K D / (K D - sigma_N^2))`, with the difference
+///   `K D - sigma_N^2` taken by one fused multiply-add (exact up to its one final rounding),
+///   so the log gets its argument to a few ulps. Going through `ln_1p` of a value near `-1`
+///   there lost most digits (1.3e-3 bits off at `D = sigma_N^2 / K (1 + 1e-12)`).
+///
+/// `+inf` at or below the floor ([`at_floor`]).
 fn noise_bits(d: f64, sigma_n2: f64, k: f64) -> f64 {
     if sigma_n2 == 0.0 {
         return 0.0;
     }
-    if k * d <= sigma_n2 {
+    if at_floor(d, sigma_n2, k) {
         return f64::INFINITY;
     }
-    -0.5 * k * (-sigma_n2 / (k * d)).ln_1p() / LN_2
+    let gap = k.mul_add(d, -sigma_n2);
+    let kd = k * d;
+    if sigma_n2 < 0.5 * kd {
+        -0.5 * k * (-sigma_n2 / kd).ln_1p() / LN_2
+    } else {
+        0.5 * k * (kd / gap).ln() / LN_2
+    }
+}
+
+/// `D <= sigma_N^2 / K` as f64 arithmetic sees it: `K D <= sigma_N^2` in the rounded
+/// product, or `D <= sigma_N^2 / K` in the rounded quotient (so `D = sigma_N^2 / K` written
+/// either way is the floor, where every rate is `+inf`), or `K D - sigma_N^2 <= 0` exactly.
+/// Above all three, `K D - sigma_N^2` is positive and the rates are finite (large within a
+/// few ulps of the floor, as they should be).
+fn at_floor(d: f64, sigma_n2: f64, k: f64) -> bool {
+    k * d <= sigma_n2 || d <= sigma_n2 / k || k.mul_add(d, -sigma_n2) <= 0.0
 }
 
 /// Shared domain handling of [`sum_rate`] and [`independent_rate`]: `None` when the
@@ -54,7 +77,7 @@ fn domain(d: f64, sigma_x2: f64, sigma_n2: f64, k: usize) -> Option<f64> {
         // Every worker holds the constant 0: the zero estimator is exact and unbiased.
         return Some(0.0);
     }
-    if k as f64 * d <= sigma_n2 {
+    if at_floor(d, sigma_n2, k as f64) {
         return Some(f64::INFINITY);
     }
     None
@@ -363,16 +386,17 @@ pub fn allocate_distortion(layers: &[LayerModel], k: usize, budget: f64) -> Resu
         .collect();
     let mut distortion = vec![0.0; layers.len()];
     let mut rates = vec![0.0; layers.len()];
-    let floor: f64 = active
-        .iter()
-        .map(|&i| layers[i].n as f64 * layers[i].sigma_n2 / kf)
-        .sum();
+    // Folds from +0.0 rather than `sum` (whose empty value is -0.0): no layer, no bits.
+    let floor: f64 = active.iter().fold(0.0, |a, &i| {
+        a + layers[i].n as f64 * layers[i].sigma_n2 / kf
+    });
     let finish = |distortion: Vec<f64>, rates: Vec<f64>, slope: f64| {
-        let total_bits = active.iter().map(|&i| layers[i].n as f64 * rates[i]).sum();
+        let total_bits = active
+            .iter()
+            .fold(0.0, |a, &i| a + layers[i].n as f64 * rates[i]);
         let squared_error = active
             .iter()
-            .map(|&i| layers[i].n as f64 * distortion[i])
-            .sum();
+            .fold(0.0, |a, &i| a + layers[i].n as f64 * distortion[i]);
         Allocation {
             distortion,
             rates,
@@ -475,10 +499,9 @@ pub fn iterations_bound(c: &Convergence, d: f64) -> f64 {
 /// step, one [`VarianceEstimate`] per iteration (of a single-layer model, or the
 /// size-weighted means of a multi-layer one). `+inf` if any step's `D` is below its floor.
 pub fn total_bits(p: u64, k: usize, d: f64, per_step: &[VarianceEstimate]) -> f64 {
-    per_step
-        .iter()
-        .map(|v| p as f64 * sum_rate(d, v.sigma_x2, v.sigma_n2, k))
-        .sum()
+    per_step.iter().fold(0.0, |a, v| {
+        a + p as f64 * sum_rate(d, v.sigma_x2, v.sigma_n2, k)
+    })
 }
 
 /// Total communication of a run to the gap `epsilon` with static statistics.
@@ -542,6 +565,12 @@ pub struct LayerMeasurement {
 /// together could send for the whole gradient at the measured per-layer distortions, so
 /// `efficiency = r_sum_bits / bits` (1 would be optimal; the bound assumes Gaussian data and
 /// an unbiased estimate, so biased compressors such as top-k can exceed 1 in principle).
+///
+/// Empty inputs: an empty layer (`n_l = 0`) reports `sigma_X^2 = sigma_N^2 = D = D_c = rho = 0`
+/// and zero rates, and counts in no size-weighted mean; a step with `n = 0` reports `+0.0`
+/// (never `-0.0`) for every per-coordinate figure, `bits_per_element` and
+/// [`StepMeasurement::sent_per_coordinate`] included (only `bits`, the payload headers, is
+/// non-zero).
 #[derive(Debug, Clone, PartialEq, Default)]
 #[cfg_attr(feature = "cli", derive(serde::Serialize))]
 pub struct StepMeasurement {
@@ -582,7 +611,10 @@ impl StepMeasurement {
     /// `bits / n`: bits sent per coordinate, summed over the `K` workers (the unit of
     /// [`sum_rate`]).
     pub fn sent_per_coordinate(&self) -> f64 {
-        self.bits as f64 / self.n.max(1) as f64
+        if self.n == 0 {
+            return 0.0;
+        }
+        self.bits as f64 / self.n as f64
     }
 
     /// `r_sum_bits / n`: the size-weighted mean of `R_sum,l(D_l)`, bits per coordinate.
@@ -774,6 +806,13 @@ pub fn measure_step<T: Element>(
     for (l, v) in state.variances.iter().enumerate() {
         let range = layout.layer(l);
         let nl = range.len();
+        // An empty layer has nothing to estimate: it reports zero variances (whatever the
+        // backend's estimator gives for no data), zero distortion and zero rates.
+        let v = if nl == 0 {
+            VarianceEstimate::default()
+        } else {
+            *v
+        };
         let mut err = 0.0f64;
         for i in range {
             let ybar = grads.iter().map(|g| f64::from(g[i].to_f32())).sum::<f64>() / kf;
@@ -800,12 +839,13 @@ pub fn measure_step<T: Element>(
             },
         });
     }
+    // A fold from +0.0, not `sum`: an empty f64 sum is -0.0, which an empty step would
+    // report as `sigma_x2: -0.0`.
     let weighted = |f: fn(&LayerMeasurement) -> f64| -> f64 {
         layers
             .iter()
             .filter(|l| l.n > 0)
-            .map(|l| l.n as f64 * f(l))
-            .sum::<f64>()
+            .fold(0.0, |a, l| a + l.n as f64 * f(l))
     };
     let nf = n.max(1) as f64;
     let (sigma_x2, sigma_n2) = (weighted(|l| l.sigma_x2) / nf, weighted(|l| l.sigma_n2) / nf);
@@ -825,7 +865,7 @@ pub fn measure_step<T: Element>(
         workers: k,
         n,
         bits,
-        bits_per_element: bits as f64 / (kf * nf),
+        bits_per_element: if n == 0 { 0.0 } else { bits as f64 / (kf * nf) },
         sigma_x2,
         sigma_n2,
         d_c,

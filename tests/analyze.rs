@@ -431,3 +431,191 @@ fn bare_analyze_uses_the_embedded_default_and_draws_the_plot() {
     assert_eq!(plot_path(&chosen), Some(PathBuf::from("elsewhere.png")));
     assert_eq!(plot_path(&args(&["good"])), None);
 }
+
+/// Writes a little-endian float32 `.npy` file of `shape` holding `data`.
+fn write_npy(path: &Path, shape: &[usize], data: &[f32]) {
+    let dims = match shape {
+        [d] => format!("({d},)"),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {dims}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    for v in data {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gradsift-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `gradsift analyze worker0.npy worker1.npy`: a .npy file's one array is matched by
+/// position (named arr_0), not by the file's name, so differently named workers' files are
+/// the workers of one step, as --help says.
+#[test]
+fn npy_files_of_any_name_are_the_workers_of_one_step() {
+    let dir = temp_dir("npy-names");
+    let (a, b) = (dir.join("worker0.npy"), dir.join("worker1.npy"));
+    let g0: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+    let g1: Vec<f32> = (0..64)
+        .map(|i| (i as f32 * 0.37).sin() + 0.1 * (i as f32).cos())
+        .collect();
+    write_npy(&a, &[8, 8], &g0);
+    write_npy(&b, &[8, 8], &g1);
+    let report = analyze(&AnalyzeArgs {
+        inputs: vec![a, b],
+        ratios: vec![0.25],
+        ..AnalyzeArgs::default()
+    })
+    .unwrap();
+    assert_eq!(report.workers, 2);
+    assert_eq!(report.n, 64);
+    assert_eq!(report.layers.len(), 1);
+    assert_eq!(report.layers[0].name, "arr_0");
+    assert_eq!(report.layers[0].shape, vec![8, 8]);
+    assert!(report.statistics[0].sigma_n2 > 0.0);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// n = 0: every per-coordinate figure is +0.0 (never -0.0), and the sign-model figures are
+/// all 0 together (r_in_sign used to be K/2 log2(1 + pi/(pi-2)) next to r_sum_sign = 0).
+#[test]
+fn empty_gradients_report_zeros_consistently() {
+    let dir = temp_dir("empty");
+    let (a, b) = (dir.join("grads_w0_s0.npy"), dir.join("grads_w1_s0.npy"));
+    write_npy(&a, &[0], &[]);
+    write_npy(&b, &[0], &[]);
+    let report = analyze(&AnalyzeArgs {
+        inputs: vec![dir.clone()],
+        ratios: vec![0.25],
+        ..AnalyzeArgs::default()
+    })
+    .unwrap();
+    assert_eq!(report.n, 0);
+    let s = &report.statistics[0];
+    for (name, v) in [
+        ("sigma_x2", s.sigma_x2),
+        ("sigma_n2", s.sigma_n2),
+        ("d_sign", s.d_sign),
+        ("r_sum_sign", s.r_sum_sign),
+        ("r_in_sign", s.r_in_sign),
+    ] {
+        assert_eq!(v.to_bits(), 0, "{name} = {v:?}, expected +0.0");
+    }
+    assert_eq!(s.layers, vec![(0.0, 0.0)]);
+    for m in &report.methods {
+        for st in &m.steps {
+            for (name, v) in [
+                ("sigma_x2", st.sigma_x2),
+                ("sigma_n2", st.sigma_n2),
+                ("d", st.d),
+                ("d_c", st.d_c),
+                ("rho", st.rho),
+                ("bits_per_element", st.bits_per_element),
+                ("r_sum_bits", st.r_sum_bits),
+                ("r_in_bits", st.r_in_bits),
+                ("r_sum_p1_bits", st.r_sum_p1_bits),
+                ("efficiency", st.efficiency),
+                ("sent/coord", st.sent_per_coordinate()),
+            ] {
+                assert_eq!(v.to_bits(), 0, "{}: {name} = {v:?}, expected +0.0", m.name);
+            }
+        }
+    }
+    let json = dir.join("report.json");
+    write_json(&report, &json).unwrap();
+    let text = std::fs::read_to_string(&json).unwrap();
+    assert!(!text.contains("-0.0"), "{text}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Every numeric option of analyze has a documented range; outside it, a usage error.
+#[test]
+fn analyze_options_out_of_range_are_usage_errors() {
+    use gradsift::cli::error::CliError;
+    let base = args(&["good"]);
+    let cases = [
+        AnalyzeArgs {
+            r_over_k: f64::INFINITY,
+            ..base.clone()
+        },
+        AnalyzeArgs {
+            r_over_k: f64::NAN,
+            ..base.clone()
+        },
+        AnalyzeArgs {
+            r_over_k: 1e7,
+            ..base.clone()
+        },
+        AnalyzeArgs {
+            momentum: 1.0,
+            ..base.clone()
+        },
+        AnalyzeArgs {
+            momentum: f32::NAN,
+            ..base.clone()
+        },
+        AnalyzeArgs {
+            ratios: vec![0.01; 33],
+            ..base.clone()
+        },
+        AnalyzeArgs {
+            ratios: vec![f64::INFINITY],
+            ..base.clone()
+        },
+    ];
+    for a in cases {
+        match analyze(&a) {
+            Err(CliError::Usage(m)) => assert!(m.contains("--"), "{m}"),
+            other => panic!("{a:?}: {other:?}"),
+        }
+    }
+}
+
+/// The memory plan: all methods together when they fit, fewer per pass when not, and an
+/// up-front usage error when even one method cannot fit.
+#[test]
+fn memory_plan_groups_methods_and_refuses_what_cannot_fit() {
+    use gradsift::cli::analyze::{memory_estimate, memory_plan};
+    use gradsift::cli::error::CliError;
+    // Small: everything together.
+    let p = memory_plan(1000, 3, 10, None, None).unwrap();
+    assert_eq!(p.group, 10);
+    // 5 workers x 4 M elements under the default 512 MiB: one method at a time.
+    let p = memory_plan(4_000_000, 5, 10, None, Some(64 << 30)).unwrap();
+    assert_eq!(p.group, 1);
+    assert!(p.peak <= 600_000_000, "{p:?}");
+    let p = memory_plan(4_000_000, 5, 10, Some(1024), None).unwrap();
+    assert!(p.group >= 2 && memory_estimate(4_000_000, 5, p.group) <= 1024 << 20);
+    assert!(memory_estimate(4_000_000, 5, p.group + 1) > 1024 << 20);
+    for (max, avail) in [(Some(100), None), (None, Some(100 << 20)), (Some(10), None)] {
+        match memory_plan(4_000_000, 5, 10, max, avail) {
+            Err(CliError::Usage(m)) => assert!(m.contains("MiB"), "{m}"),
+            other => panic!("{max:?} {avail:?}: {other:?}"),
+        }
+    }
+    // Through analyze: an explicit limit that one method cannot fit fails before reading.
+    let e = analyze(&AnalyzeArgs {
+        max_memory: Some(10),
+        ..args(&["good"])
+    })
+    .unwrap_err();
+    assert!(matches!(e, CliError::Usage(_)), "{e}");
+}

@@ -556,3 +556,54 @@ fn measure_step_keeps_error_feedback_between_steps() {
         .is_err()
     );
 }
+
+/// Just above the floor `D = sigma_N^2 / K` the noise term `K/2 log2(K D / (K D - sigma_N^2))`
+/// must keep full precision (it went through `ln_1p` of a value near -1 and was off by up to
+/// 1.3e-3 bits at `D = sigma_N^2/K (1 + 1e-12)`). References by exact rational reasoning:
+/// with `sigma_N^2 = K c` and `D = c d` for a power of two `c` and `d` in `(1, 2)`,
+/// `K D - sigma_N^2 = K c (d - 1)`, and `d - 1` is exact in f64 (Sterbenz), so the noise term
+/// is `K/2 log2(d / (d - 1))` with one rounding inside the log.
+#[test]
+fn noise_term_is_exact_just_above_the_floor() {
+    let mut worst = 0.0f64;
+    for k in [2usize, 3, 5, 7, 10, 100] {
+        let kf = k as f64;
+        for c in [1.0, 0.25, 2f64.powi(-30), 2f64.powi(40)] {
+            let sn = kf * c;
+            for eps in [1e-15, 1e-12, 1e-9, 1e-6, 1e-3, 0.1, 0.5, 0.9] {
+                let d = 1.0 + eps;
+                let dist = c * d;
+                assert_eq!(dist / c, d, "c is a power of two");
+                // sigma_X^2 = 0 isolates the noise term (the signal term is 0).
+                let expected = 0.5 * kf * (d / (d - 1.0)).log2();
+                let got = sum_rate(dist, 0.0, sn, k);
+                let rel = ((got - expected) / expected).abs();
+                worst = worst.max(rel);
+                assert!(
+                    rel <= 1e-14,
+                    "K={k} c={c} D = floor (1 + {eps}): R = {got}, expected {expected} (rel {rel:e})"
+                );
+                // R_in has the same noise term.
+                let got_in = independent_rate(dist, 0.0, sn, k);
+                assert!(
+                    close(got_in, expected, 1e-14),
+                    "R_in {got_in} vs {expected}"
+                );
+                // And the signal term adds what it should on top.
+                let sx = 3.0 * c;
+                let signal = 0.5 * (sx / dist).ln_1p() / LN_2;
+                assert!(close(sum_rate(dist, sx, sn, k), expected + signal, 1e-14));
+            }
+        }
+    }
+    // The floor itself is decided exactly: one ulp above it is finite, at it infinite.
+    let (k, sn) = (3usize, 3.0);
+    assert_eq!(sum_rate(1.0, 0.0, sn, k), f64::INFINITY);
+    let up = f64::from_bits(1.0f64.to_bits() + 1);
+    let r = sum_rate(up, 0.0, sn, k);
+    assert!(
+        r.is_finite() && close(r, 1.5 * (up / (up - 1.0)).log2(), 1e-14),
+        "{r}"
+    );
+    assert!(worst <= 1e-14, "{worst}");
+}

@@ -68,3 +68,33 @@ fn quick_reproduction_writes_report_and_plots() {
     assert_eq!(rows("| | first 10% of steps |").len(), 2);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// --seeds and --epochs have documented ranges; outside them a usage error before anything
+/// runs (0 seeds used to become 1 silently, a huge count to run for ever).
+#[test]
+fn out_of_range_options_are_usage_errors() {
+    use gradsift::cli::error::CliError;
+    let dir = std::env::temp_dir().join(format!("gradsift-reproduce-bad-{}", std::process::id()));
+    for (seeds, epochs) in [
+        (0, 8),
+        (101, 8),
+        (usize::MAX, 8),
+        (3, 0),
+        (3, 1001),
+        (3, usize::MAX),
+    ] {
+        let args = ReproduceArgs {
+            out: dir.clone(),
+            seeds,
+            epochs,
+            quick: false,
+            backend: gradsift::Backend::Cpu,
+        };
+        match reproduce(&args, |_| {}) {
+            Err(CliError::Usage(m)) => assert!(m.contains("--"), "{m}"),
+            Err(e) => panic!("seeds {seeds}, epochs {epochs}: {e}"),
+            Ok(_) => panic!("seeds {seeds}, epochs {epochs} accepted"),
+        }
+        assert!(!dir.exists(), "nothing is written before the check");
+    }
+}

@@ -298,3 +298,79 @@ fn gpu_backends_train_closely_with_momentum() {
         assert!(rel(g.bits_per_worker_step, c.bits_per_worker_step) < 0.05);
     }
 }
+
+/// Parses `gradsift train` options the way the binary does.
+fn train_args(opts: &[&str]) -> gradsift::cli::train::TrainArgs {
+    #[derive(clap::Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: gradsift::cli::train::TrainArgs,
+    }
+    let argv = std::iter::once("gradsift").chain(opts.iter().copied());
+    <Wrapper as clap::Parser>::try_parse_from(argv)
+        .unwrap()
+        .args
+}
+
+/// Every numeric option has a documented range; outside it `run` returns a usage error
+/// naming the option before it trains anything: no capacity-overflow panic (--epochs
+/// 18446744073709551615), no 80 GB allocation (--epochs 1000000000), no silent
+/// --warmup-epochs 1000000.
+#[test]
+fn out_of_range_options_are_usage_errors_not_panics() {
+    use gradsift::cli::error::CliError;
+    for (opts, option) in [
+        (&["--epochs", "18446744073709551615"][..], "--epochs"),
+        (&["--epochs", "1000000000"], "--epochs"),
+        (&["--epochs", "0"], "--epochs"),
+        (&["--warmup-epochs", "1000000"], "--warmup-epochs"),
+        (
+            &["--epochs", "3", "--warmup-epochs", "4"],
+            "--warmup-epochs",
+        ),
+        (&["--workers", "0"], "--workers"),
+        (&["--workers", "1000000"], "--workers"),
+        (&["--batch", "0"], "--batch"),
+        (&["--batch", "18446744073709551615"], "--batch"),
+        (&["--lr", "0"], "--lr"),
+        (&["--lr", "inf"], "--lr"),
+        (&["--lr", "NaN"], "--lr"),
+        (&["--ratio", "1.5"], "--ratio"),
+        (&["--ratio", "NaN"], "--ratio"),
+        (&["--r-over-k", "0.5"], "--r-over-k"),
+        (&["--r-over-k", "inf"], "--r-over-k"),
+    ] {
+        match gradsift::cli::train::run(&train_args(opts)) {
+            Err(CliError::Usage(m)) => assert!(m.contains(option), "{opts:?}: {m}"),
+            Err(e) => panic!("{opts:?}: {e}"),
+            Ok(()) => panic!("{opts:?} accepted"),
+        }
+    }
+    // The library entry points check the same ranges, so the step count cannot wrap.
+    let data = Mnist::embedded().unwrap();
+    let (tr, te) = data.split(300);
+    for cfg in [
+        TrainConfig {
+            epochs: usize::MAX,
+            ..tiny(TrainMethod::Rtopk)
+        },
+        TrainConfig {
+            epochs: usize::MAX / 2 + 1,
+            max_steps_per_epoch: 2,
+            ..tiny(TrainMethod::Rtopk)
+        },
+        TrainConfig {
+            hidden: vec![0],
+            ..tiny(TrainMethod::Rtopk)
+        },
+    ] {
+        assert!(matches!(
+            train(&cfg, &tr, &te, |_, _| {}, |_| {}),
+            Err(CliError::Usage(_))
+        ));
+        assert!(matches!(
+            gradsift::cli::train::worker_gradients_at(&cfg, &tr, &[0]),
+            Err(CliError::Usage(_))
+        ));
+    }
+}

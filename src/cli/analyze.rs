@@ -21,7 +21,9 @@ INPUT: one .npz file per worker per step, named <prefix>w<K>_s<T>.npz (worker K 
 step T), holding that worker's gradient of that step as one array per layer, in the same order
 and with the same shapes in every file. Pass the files, or a directory that holds them (files
 not named that way are skipped). Files named otherwise are read as the workers of one step, in
-the order given. A .npy file holds a whole gradient as one array (one layer).
+the order given. A .npy file holds a whole gradient as one array (one layer), named arr_0
+whatever the file is called, so worker0.npy and worker1.npy are two workers' gradients of
+the same layer (matched by position, not by file name).
 
 Writing them from PyTorch, after loss.backward() on worker `rank` at step `step`:
 
@@ -38,7 +40,17 @@ With no INPUT, the analysis runs on real gradients generated in-process: those o
 workers of `gradsift train`'s built-in MNIST model (MLP 784-128-64-10, batch 32 each,
 uncompressed momentum SGD) at steps 0, 10, 25, 50, 100, 150 and 200 (of the 500 of its 10-epoch
 run; a few seconds of training), and also draws the plot to gradsift-analyze.png unless --plot
-names another file.";
+names another file.
+
+MEMORY: the files are read one step at a time; a run holds one step's gradients of all K
+workers plus every method's state (error feedback, momentum, payloads) for the methods it
+analyses together. Estimated peak: 64 MiB + n K (12 + 10 G) bytes for n elements per worker
+and G methods at a time (the default methods are 10: rTop-k, top-k and random-k at 3 ratios,
+and sign). G is as large as --max-memory allows (default 512 MiB; all methods when they fit,
+at least 1: each further group re-reads the files). Example: K = 5 workers of n = 4 M
+elements need about 64 + 240 + 200 G MB: 0.5 GB one method at a time, 2.3 GB all 10 together.
+A run whose one-method estimate exceeds the memory available (MemAvailable), or an explicit
+--max-memory, fails up front saying how much it needs.";
 
 /// Selection mode (SPEC §0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -69,10 +81,11 @@ pub struct AnalyzeArgs {
     /// wgpu or auto (CUDA, then wgpu, then the CPU).
     #[arg(long, default_value_t = Backend::Cpu)]
     pub backend: Backend,
-    /// Send ratios k/n: rTop-k, top-k and random-k run at each.
+    /// Send ratios k/n, each in (0, 1], at most 32 of them: rTop-k, top-k and random-k run at
+    /// each.
     #[arg(long, value_delimiter = ',', default_value = "0.001,0.01,0.1")]
     pub ratios: Vec<f64>,
-    /// rTop-k candidate ratio r/n as a multiple of k/n (capped at 1).
+    /// rTop-k candidate ratio r/n as a multiple of k/n, in [1, 1e6] (r/n capped at 1).
     #[arg(long, default_value_t = 4.0)]
     pub r_over_k: f64,
     /// Global or per-layer selection.
@@ -87,7 +100,7 @@ pub struct AnalyzeArgs {
     /// DGC momentum correction factor in [0, 1) (0: plain error feedback).
     #[arg(long, default_value_t = 0.0)]
     pub momentum: f32,
-    /// Seed of the random-k keys.
+    /// Seed of the random-k keys (any u64).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Also print one table per method with a row per step.
@@ -96,6 +109,12 @@ pub struct AnalyzeArgs {
     /// Write the report as JSON to this file ('-' for standard output).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Memory target in MiB, at least 64. The files are read one step at a time, and the
+    /// methods are analysed in groups small enough to stay under this (each group re-reads
+    /// the files); see MEMORY below. Given explicitly it is a hard limit: a run that cannot
+    /// fit it even one method at a time fails before reading anything.
+    #[arg(long, value_name = "MIB")]
+    pub max_memory: Option<u64>,
     /// Draw the seed paper's Fig. 7 for this data (PNG). Without INPUT the plot is drawn
     /// anyway, to gradsift-analyze.png unless this names another file.
     #[arg(long, value_name = "FILE.png")]
@@ -116,6 +135,7 @@ impl Default for AnalyzeArgs {
             seed: 0,
             per_step: false,
             json: None,
+            max_memory: None,
             plot: None,
         }
     }
@@ -148,6 +168,11 @@ fn percent(x: f64) -> String {
     format!("{s}%")
 }
 
+/// Most ratios `--ratios` takes (each adds three methods).
+pub const MAX_RATIOS: usize = 32;
+/// Largest `--r-over-k`; `r` is capped at `n` anyway.
+pub const MAX_R_OVER_K: f64 = 1e6;
+
 /// The methods of an analysis: rTop-k, top-k and random-k at each ratio, then scaled sign.
 pub fn methods(args: &AnalyzeArgs) -> Result<Vec<MethodSpec>, AnalyzeError> {
     if args.ratios.is_empty() {
@@ -160,10 +185,22 @@ pub fn methods(args: &AnalyzeArgs) -> Result<Vec<MethodSpec>, AnalyzeError> {
             "--ratios must lie in (0, 1], got {r}"
         )));
     }
-    if args.r_over_k.is_nan() || args.r_over_k < 1.0 {
+    if args.ratios.len() > MAX_RATIOS {
         return Err(AnalyzeError::Usage(format!(
-            "--r-over-k must be at least 1, got {}",
+            "--ratios takes at most {MAX_RATIOS} ratios, got {}",
+            args.ratios.len()
+        )));
+    }
+    if !(args.r_over_k >= 1.0 && args.r_over_k <= MAX_R_OVER_K) {
+        return Err(AnalyzeError::Usage(format!(
+            "--r-over-k must lie in [1, {MAX_R_OVER_K:e}], got {}",
             args.r_over_k
+        )));
+    }
+    if !(0.0..1.0).contains(&args.momentum) {
+        return Err(AnalyzeError::Usage(format!(
+            "--momentum must lie in [0, 1), got {}",
+            args.momentum
         )));
     }
     let mode = match args.mode {
@@ -486,14 +523,20 @@ fn summarize(steps: &[StepMeasurement]) -> Summary {
     }
 }
 
+/// The sign-model figures of one step (Fig. 7), size-weighted over the non-empty layers. An
+/// empty step (`n = 0`) reports 0 for all of them, and so does a layer whose two variances
+/// are 0 (its gradient is the constant 0: nothing to send).
 fn statistics(m: &StepMeasurement) -> StepStatistics {
     let k = m.workers;
     let mut d_sign = 0.0;
     let mut r_sum_sign = 0.0;
+    let mut r_in_sign = 0.0;
     for l in m.layers.iter().filter(|l| l.n > 0) {
         let d = rd::sign_distortion(l.sigma_x2, l.sigma_n2, k);
         d_sign += l.n as f64 * d;
         r_sum_sign += l.n as f64 * rd::sum_rate(d, l.sigma_x2, l.sigma_n2, k);
+        // K/2 log2(1 + pi/(pi - 2)) whatever the (non-zero) variances.
+        r_in_sign += l.n as f64 * rd::independent_rate(d, l.sigma_x2, l.sigma_n2, k);
     }
     let n = m.n.max(1) as f64;
     StepStatistics {
@@ -503,8 +546,7 @@ fn statistics(m: &StepMeasurement) -> StepStatistics {
         layers: m.layers.iter().map(|l| (l.sigma_x2, l.sigma_n2)).collect(),
         d_sign: d_sign / n,
         r_sum_sign: r_sum_sign / n,
-        r_in_sign: k as f64 / 2.0
-            * (1.0 + std::f64::consts::PI / (std::f64::consts::PI - 2.0)).log2(),
+        r_in_sign: r_in_sign / n,
     }
 }
 
@@ -655,6 +697,94 @@ fn progress_bar(total: u64, work: f64) -> ProgressBar {
     pb
 }
 
+/// Fixed part of [`memory_plan`]'s estimate: the program, its tables and small buffers.
+pub const MEMORY_FIXED: u64 = 64 << 20;
+/// Bytes per element per worker of one step's gradients and of reading them.
+pub const MEMORY_PER_ELEMENT: u64 = 12;
+/// Bytes per element per worker of one method's state (error feedback, momentum, selection
+/// scratch, payloads, the server's estimate): measured about 9 on the CPU backend.
+pub const MEMORY_PER_METHOD: u64 = 10;
+/// `--max-memory`'s default, MiB.
+pub const DEFAULT_MAX_MEMORY_MIB: u64 = 512;
+
+/// How an analysis fits in memory: methods analysed together, the budget and the estimate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// Methods analysed together (each group is one pass over the files).
+    pub group: usize,
+    /// The budget aimed at, bytes.
+    pub budget: u64,
+    /// Estimated peak of the plan, bytes.
+    pub peak: u64,
+}
+
+/// Estimated peak bytes of analysing `group` methods together on `workers` gradients of `n`
+/// elements: [`MEMORY_FIXED`] `+ n K (`[`MEMORY_PER_ELEMENT`]` + `[`MEMORY_PER_METHOD`]` G)`.
+pub fn memory_estimate(n: usize, workers: usize, group: usize) -> u64 {
+    let nk = (n as u64).saturating_mul(workers as u64);
+    MEMORY_FIXED.saturating_add(nk.saturating_mul(
+        MEMORY_PER_ELEMENT.saturating_add(MEMORY_PER_METHOD.saturating_mul(group as u64)),
+    ))
+}
+
+/// The memory available to a new process (`MemAvailable` of /proc/meminfo), when known.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb.saturating_mul(1024))
+}
+
+/// Chooses how many of `methods` to analyse together: as many as keep the estimate under
+/// `max_memory_mib` (default [`DEFAULT_MAX_MEMORY_MIB`]), at least one.
+///
+/// # Errors
+///
+/// [`AnalyzeError::Usage`] when `max_memory_mib` is below 64, or when even one method at a
+/// time is estimated above an explicit `max_memory_mib` or above `available` (bytes).
+pub fn memory_plan(
+    n: usize,
+    workers: usize,
+    methods: usize,
+    max_memory_mib: Option<u64>,
+    available: Option<u64>,
+) -> Result<MemoryPlan, AnalyzeError> {
+    if let Some(m) = max_memory_mib.filter(|&m| !(64..=(1 << 40)).contains(&m)) {
+        return Err(AnalyzeError::Usage(format!(
+            "--max-memory must lie in [64, 2^40] MiB, got {m}"
+        )));
+    }
+    let budget = max_memory_mib.unwrap_or(DEFAULT_MAX_MEMORY_MIB) << 20;
+    let one = memory_estimate(n, workers, 1);
+    let mib = |b: u64| b.div_ceil(1 << 20);
+    if max_memory_mib.is_some() && one > budget {
+        return Err(AnalyzeError::Usage(format!(
+            "this analysis (K = {workers} workers x n = {n} elements) needs about {} MiB even \
+                 one method at a time, over --max-memory {} MiB",
+            mib(one),
+            mib(budget)
+        )));
+    }
+    if let Some(avail) = available.filter(|&a| one > a) {
+        return Err(AnalyzeError::Usage(format!(
+            "this analysis (K = {workers} workers x n = {n} elements) needs about {} MiB even \
+                 one method at a time, but only {} MiB of memory is available",
+            mib(one),
+            mib(avail)
+        )));
+    }
+    let methods = methods.max(1);
+    let group = (1..=methods)
+        .rev()
+        .find(|&g| memory_estimate(n, workers, g) <= budget)
+        .unwrap_or(1);
+    Ok(MemoryPlan {
+        group,
+        budget,
+        peak: memory_estimate(n, workers, group),
+    })
+}
+
 /// Runs the analysis of `args` (files, or the embedded default when there are none) and
 /// returns the report; prints nothing except the progress bar on long inputs.
 pub fn analyze(args: &AnalyzeArgs) -> Result<Report, AnalyzeError> {
@@ -697,28 +827,61 @@ pub fn analyze(args: &AnalyzeArgs) -> Result<Report, AnalyzeError> {
         // File size / 4 approximates the element count of a float32 gradient.
         let work = size as f64 / 4.0 * workers as f64 * total as f64;
         let pb = progress_bar(total, work);
+        // Up front, from one file (one worker's gradient): will the run fit?
+        let n: usize = read_arrays(&files.steps[0].1[0])?
+            .iter()
+            .map(|a| a.data.len())
+            .sum();
+        let plan = memory_plan(
+            n,
+            workers,
+            methods.len(),
+            args.max_memory,
+            available_memory(),
+        )?;
         let mut layers = Vec::new();
         let mut reference = None;
         // The layer list is set by the first file; load that step first so it is known.
         let (first_step, first_files) = &files.steps[0];
         let first = load_step(*first_step, first_files, &mut layers, &mut reference)?;
-        let rest = files.steps[1..].iter().map(|(t, f)| {
-            let mut l = layers.clone();
-            let mut r = reference.clone();
-            load_step(*t, f, &mut l, &mut r)
-        });
-        let steps = std::iter::once(Ok(first)).chain(rest);
-        let r = analyze_steps(
-            layers.clone(),
-            workers,
-            steps,
-            &methods,
-            average,
-            &device,
-            &pb,
-        );
+        if plan.group < methods.len() {
+            notes.push(format!(
+                "analysing the {} methods {} at a time (each group re-reads the files) to stay \
+                 within {} MiB; estimated peak {} MiB",
+                methods.len(),
+                plan.group,
+                plan.budget >> 20,
+                plan.peak >> 20
+            ));
+        }
+        let mut first = Some(first);
+        let mut merged: Option<Report> = None;
+        for group in methods.chunks(plan.group) {
+            let rest_from = usize::from(first.is_some());
+            let head = first.take().map(Ok);
+            let layers_ref = &layers;
+            let reference_ref = &reference;
+            let rest = files.steps[rest_from..].iter().map(move |(t, f)| {
+                let mut l = layers_ref.clone();
+                let mut r = reference_ref.clone();
+                load_step(*t, f, &mut l, &mut r)
+            });
+            let steps = head.into_iter().chain(rest);
+            let r = analyze_steps(layers.clone(), workers, steps, group, average, &device, &pb);
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    pb.finish_and_clear();
+                    return Err(e);
+                }
+            };
+            match &mut merged {
+                None => merged = Some(r),
+                Some(m) => m.methods.extend(r.methods),
+            }
+        }
         pb.finish_and_clear();
-        r?
+        merged.expect("at least one method")
     };
     report.notes.extend(notes);
     Ok(report)
@@ -796,7 +959,7 @@ pub fn render_table(report: &Report, per_step: bool) -> String {
     let sx = mean(report.statistics.iter().map(|s| s.sigma_x2));
     let sn = mean(report.statistics.iter().map(|s| s.sigma_n2));
     let r_sum_sign = mean(report.statistics.iter().map(|s| s.r_sum_sign));
-    let r_in_sign = report.statistics.first().map_or(0.0, |s| s.r_in_sign);
+    let r_in_sign = mean(report.statistics.iter().map(|s| s.r_in_sign));
     let _ = writeln!(
         out,
         "sigma_X^2 = {}, sigma_N^2 = {} (size-weighted, mean over steps); at the ideal sign \

@@ -8,7 +8,7 @@ pub mod demo;
 pub mod error;
 pub mod mlp;
 pub mod mnist;
-pub mod npy;
+pub use crate::npy;
 pub mod plot;
 pub mod report;
 pub mod reproduce;

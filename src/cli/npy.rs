@@ -14,13 +14,20 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq)]
 pub struct NamedArray {
     /// The array's name: the `.npz` member name without `.npy` (`arr_0`, `fc.weight`, ...),
-    /// or the file stem for a `.npy` file.
+    /// or [`NPY_ARRAY_NAME`] (`arr_0`) for the one array of a `.npy` file, whatever the file
+    /// is called: the workers' files of one step (`worker0.npy`, `worker1.npy`) then hold
+    /// the same layer, matched by position, as `np.savez` would name it.
     pub name: String,
     /// The array's shape (`[]` for a 0-d array, which holds one element).
     pub shape: Vec<u64>,
     /// The elements, widened (f16) or rounded (f64) to f32, in C (row-major) order.
     pub data: Vec<f32>,
 }
+
+/// The name of a `.npy` file's one array: `np.savez`'s name for the first positional array,
+/// so that a `.npy` gradient matches a one-array `.npz` one and the files of different
+/// workers (named differently) match each other.
+pub const NPY_ARRAY_NAME: &str = "arr_0";
 
 /// What went wrong reading gradients, always naming the file and, where there is one, the
 /// array.
@@ -84,21 +91,29 @@ pub fn read_arrays(path: &Path) -> Result<Vec<NamedArray>, LoadError> {
     let is_npy = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("npy"));
+    read_arrays_from(std::io::BufReader::new(file), is_npy, path)
+}
+
+/// [`read_arrays`] on any seekable reader (a file, or bytes in a `std::io::Cursor`): a
+/// `.npy` stream when `is_npy`, else a `.npz` archive. `file` only names the source in
+/// errors. Hostile input gives a [`LoadError`], never a panic, and allocates at most about
+/// what the input decompresses to (no allocation is sized by a header alone).
+pub fn read_arrays_from<R: Read + std::io::Seek>(
+    mut reader: R,
+    is_npy: bool,
+    file: &Path,
+) -> Result<Vec<NamedArray>, LoadError> {
+    let path = file;
     if is_npy {
-        let name = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let mut reader = std::io::BufReader::new(file);
-        return Ok(vec![read_npy(&mut reader, path, &name)?]);
+        return Ok(vec![read_npy(&mut reader, path, NPY_ARRAY_NAME)?]);
     }
-    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| {
+    let mut zip = zip::ZipArchive::new(reader).map_err(|e| {
         LoadError::file(
             path,
             format!("not a .npz (zip) archive: {e}; write it with np.savez"),
         )
     })?;
-    let mut out = Vec::with_capacity(zip.len());
+    let mut out = Vec::with_capacity(zip.len().min(1024));
     for i in 0..zip.len() {
         let mut member = zip
             .by_index(i)
@@ -258,6 +273,11 @@ pub fn read_npy(r: &mut impl Read, file: &Path, name: &str) -> Result<NamedArray
 /// Reorders column-major data to row-major, so that every worker's layer lines up element
 /// for element whatever order each file was written in.
 fn fortran_to_c(data: &[f32], shape: &[u64]) -> Vec<f32> {
+    // An empty array may have huge other dimensions (shape (0, 2^40, 2^40)): their strides
+    // would overflow, and there is nothing to reorder.
+    if data.is_empty() {
+        return Vec::new();
+    }
     let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
     let mut strides = vec![1usize; dims.len()];
     for i in 1..dims.len() {
@@ -429,6 +449,21 @@ mod tests {
                 .is_err()
         );
         assert!(parse_header("{'descr': '<f4', 'shape': (2,)}").is_err());
+    }
+
+    #[test]
+    fn empty_fortran_array_with_huge_dimensions_is_empty() {
+        // Found by reasoning about the npy fuzz target: the strides overflowed (a panic with
+        // overflow checks) although there is nothing to reorder.
+        let t = 1u64 << 40;
+        assert!(fortran_to_c(&[], &[0, t, t, t]).is_empty());
+        let header =
+            format!("{{'descr': '<f4', 'fortran_order': True, 'shape': (0, {t}, {t}, {t}), }}\n");
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(header.as_bytes());
+        let a = read_npy(&mut bytes.as_slice(), Path::new("x.npy"), "arr_0").unwrap();
+        assert!(a.data.is_empty());
     }
 
     #[test]

@@ -32,7 +32,9 @@ pub struct StepStatistics {
     /// `sum_l n_l R_sum,l(D_sign,l) / n`: Fig. 7's theoretical minimum, bits per coordinate
     /// summed over the `K` workers.
     pub r_sum_sign: f64,
-    /// `K/2 log2(1 + pi/(pi-2))`: Fig. 7's "ideal quantization" `R_in(D_sign)`.
+    /// `sum_l n_l R_in,l(D_sign,l) / n`: Fig. 7's "ideal quantization" `R_in(D_sign)`, which is
+    /// `K/2 log2(1 + pi/(pi-2))` for every layer with a non-zero variance. 0 for an empty
+    /// step (`n = 0`), like every figure here; a layer with both variances 0 adds 0.
     pub r_in_sign: f64,
 }
 

@@ -24,10 +24,10 @@ pub struct ReproduceArgs {
     /// Folder for report.md and the PNG plots (created if missing).
     #[arg(long, default_value = "docs/reproduce")]
     pub out: PathBuf,
-    /// Seeds per configuration of the rTop-k comparison.
+    /// Seeds per configuration of the rTop-k comparison, in 1..=100 (--quick uses one).
     #[arg(long, default_value_t = 3)]
     pub seeds: usize,
-    /// Epochs per run (also the step cap of Fig. 8's runs).
+    /// Epochs per run (also the step cap of Fig. 8's runs), in 1..=1000 (--quick uses 2).
     #[arg(long, default_value_t = 8)]
     pub epochs: usize,
     /// A smoke run: a small MLP, a few steps per epoch, one seed, three values of rho.
@@ -37,6 +37,32 @@ pub struct ReproduceArgs {
     /// wgpu or auto (CUDA, then wgpu, then the CPU).
     #[arg(long, default_value_t = crate::Backend::Cpu)]
     pub backend: crate::Backend,
+}
+
+/// Most seeds per configuration (`--seeds`).
+pub const MAX_SEEDS: usize = 100;
+
+/// Checks `--seeds` and `--epochs` against their documented ranges (1..=[`MAX_SEEDS`],
+/// 1..=[`super::train::MAX_EPOCHS`]).
+///
+/// # Errors
+///
+/// [`ReproduceError::Usage`] naming the option out of range.
+pub fn validate(args: &ReproduceArgs) -> Result<()> {
+    use super::train::MAX_EPOCHS;
+    if !(1..=MAX_SEEDS).contains(&args.seeds) {
+        return Err(ReproduceError::Usage(format!(
+            "--seeds must lie in [1, {MAX_SEEDS}], got {}",
+            args.seeds
+        )));
+    }
+    if !(1..=MAX_EPOCHS).contains(&args.epochs) {
+        return Err(ReproduceError::Usage(format!(
+            "--epochs must lie in [1, {MAX_EPOCHS}], got {}",
+            args.epochs
+        )));
+    }
+    Ok(())
 }
 
 /// The error of `gradsift reproduce`: the CLI's one error type.
@@ -129,6 +155,7 @@ fn mean_sd(v: &[f64]) -> (f64, f64) {
 /// Runs every experiment and writes `report.md` and [`PLOTS`] into `args.out`; `log`
 /// receives one line per finished run.
 pub fn reproduce(args: &ReproduceArgs, mut log: impl FnMut(&str)) -> Result<Summary> {
+    validate(args)?;
     let start = Instant::now();
     let out = &args.out;
     std::fs::create_dir_all(out).map_err(|e| ReproduceError::Output {
@@ -137,11 +164,11 @@ pub fn reproduce(args: &ReproduceArgs, mut log: impl FnMut(&str)) -> Result<Summ
     })?;
     let data = Mnist::embedded()?;
     let (train_set, test_set) = data.split(2000);
-    let seeds = if args.quick { 1 } else { args.seeds.max(1) };
+    let seeds = if args.quick { 1 } else { args.seeds };
     let (device, notes) = super::backend::open(args.backend)?;
     notes.iter().for_each(|n| log(n));
     let base = TrainConfig {
-        epochs: args.epochs.max(1),
+        epochs: args.epochs,
         backend: device.backend(),
         ..TrainConfig::default()
     };

@@ -149,28 +149,61 @@ impl TrainConfig {
         Some(c)
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks every setting against its documented range ([`LIMITS`], shown by
+    /// `gradsift train --help`): a [`TrainError::Usage`] naming the option outside its range,
+    /// never a panic or an allocation that cannot succeed.
+    ///
+    /// # Errors
+    ///
+    /// [`TrainError::Usage`] for the first setting out of range.
+    pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::Usage(m));
-        if self.workers < 2 {
+        if !(2..=MAX_WORKERS).contains(&self.workers) {
             return bad(format!(
-                "--workers must be at least 2 (the variance estimator needs K >= 2), got {}",
+                "--workers must lie in [2, {MAX_WORKERS}] (the variance estimator needs K >= 2), got {}",
                 self.workers
             ));
         }
         if !(self.ratio > 0.0 && self.ratio <= 1.0) {
             return bad(format!("--ratio must lie in (0, 1], got {}", self.ratio));
         }
-        if self.r_over_k.is_nan() || self.r_over_k < 1.0 {
+        if !(self.r_over_k >= 1.0 && self.r_over_k <= MAX_R_OVER_K) {
             return bad(format!(
-                "--r-over-k must be at least 1, got {}",
+                "--r-over-k must lie in [1, {MAX_R_OVER_K:e}], got {}",
                 self.r_over_k
             ));
         }
-        if self.batch == 0 || self.epochs == 0 {
-            return bad("--batch and --epochs must be positive".into());
+        if !(1..=MAX_EPOCHS).contains(&self.epochs) {
+            return bad(format!(
+                "--epochs must lie in [1, {MAX_EPOCHS}], got {}",
+                self.epochs
+            ));
         }
-        if self.lr.is_nan() || self.lr <= 0.0 || !(0.0..1.0).contains(&self.momentum) {
-            return bad("--lr must be positive and --momentum in [0, 1)".into());
+        if self.warmup_epochs > self.epochs {
+            return bad(format!(
+                "--warmup-epochs must lie in [0, --epochs = {}], got {}",
+                self.epochs, self.warmup_epochs
+            ));
+        }
+        if !(1..=MAX_BATCH).contains(&self.batch) {
+            return bad(format!(
+                "--batch must lie in [1, {MAX_BATCH}], got {}",
+                self.batch
+            ));
+        }
+        if !(self.lr > 0.0 && self.lr <= MAX_LR) {
+            return bad(format!("--lr must lie in (0, {MAX_LR}], got {}", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return bad(format!(
+                "momentum must lie in [0, 1), got {}",
+                self.momentum
+            ));
+        }
+        if let Some(h) = self.hidden.iter().find(|h| !(1..=MAX_HIDDEN).contains(*h)) {
+            return bad(format!(
+                "hidden layer widths must lie in [1, {MAX_HIDDEN}], got {h}"
+            ));
         }
         if let Some(rho) = self.baseline_noise_rho {
             if !(rho >= 0.0 && rho.is_finite()) || self.method != TrainMethod::None {
@@ -183,6 +216,26 @@ impl TrainConfig {
         Ok(())
     }
 }
+
+/// Most workers `K` of a run (`--workers`).
+pub const MAX_WORKERS: usize = 1000;
+/// Most epochs of a run (`--epochs`): about an hour of the default model on one core.
+pub const MAX_EPOCHS: usize = 1000;
+/// Largest mini-batch per worker (`--batch`); the training split must also hold `K` of them.
+pub const MAX_BATCH: usize = 65_536;
+/// Largest learning rate (`--lr`).
+pub const MAX_LR: f32 = 100.0;
+/// Largest `r / k` (`--r-over-k`); `r` is capped at `n` anyway.
+pub const MAX_R_OVER_K: f64 = 1e6;
+/// Widest hidden layer of the MLP.
+pub const MAX_HIDDEN: usize = 65_536;
+
+/// The ranges of `gradsift train`'s numeric options, as `--help` shows them.
+pub const LIMITS: &str = "\
+RANGES: --workers 2..=1000 (the training split must also give each worker one batch);
+--ratio (0, 1]; --r-over-k [1, 1e6]; --epochs 1..=1000; --warmup-epochs 0..=--epochs;
+--batch 1..=65536; --lr (0, 100]; --seed any 64-bit unsigned integer. A value outside its
+range is an error that names the option, before anything runs.";
 
 /// What one epoch achieved.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -241,7 +294,7 @@ pub fn train(
     let layout = model.layout();
     let n = layout.n();
     let (mut shards, steps_per_epoch) = worker_shards(cfg, train)?;
-    let total = steps_per_epoch * cfg.epochs;
+    let total = total_steps(steps_per_epoch, cfg.epochs)?;
 
     let mut grads = vec![vec![0f32; n]; k];
     let mut update = vec![0f32; n];
@@ -254,7 +307,7 @@ pub fn train(
     // A generator of its own, so that injecting noise leaves the batches unchanged.
     let mut noise_rng = SplitMix(cfg.seed ^ 0x004E_4F49_5345);
     let (mut loss_ema, mut steps_to_target) = (None::<f64>, None);
-    let mut epochs = Vec::with_capacity(cfg.epochs);
+    let mut epochs = Vec::with_capacity(cfg.epochs.min(MAX_EPOCHS));
     let mut steps = Vec::new();
     let mut t = 0u64;
     for epoch in 0..cfg.epochs {
@@ -422,6 +475,16 @@ fn noisy_baseline_step(
     }
 }
 
+/// `steps_per_epoch * epochs`, or a usage error where it would not fit a `usize` (it cannot
+/// within the validated ranges; this keeps the product from wrapping whatever the caller did).
+fn total_steps(steps_per_epoch: usize, epochs: usize) -> Result<usize> {
+    steps_per_epoch.checked_mul(epochs).ok_or_else(|| {
+        TrainError::Usage(format!(
+            "{epochs} epochs of {steps_per_epoch} steps overflow the step counter"
+        ))
+    })
+}
+
 /// Each worker's shard of `train` (a contiguous slice of a seeded permutation) and the steps
 /// of one epoch: what [`train`] and [`worker_gradients_at`] share, so both see the same batches.
 fn worker_shards(cfg: &TrainConfig, train: &Mnist) -> Result<(Vec<Vec<usize>>, usize)> {
@@ -466,7 +529,7 @@ pub fn worker_gradients_at(
     let model = Mlp::new(&cfg.hidden, cfg.seed)?;
     let n = model.num_params();
     let (mut shards, steps_per_epoch) = worker_shards(cfg, train)?;
-    let total = steps_per_epoch * cfg.epochs;
+    let total = total_steps(steps_per_epoch, cfg.epochs)?;
     if let Some(&last) = steps.last().filter(|&&l| l >= total) {
         return Err(TrainError::Usage(format!(
             "step {last} is past the run's last step {} ({} epochs of {steps_per_epoch} steps)",
@@ -511,33 +574,34 @@ pub fn worker_gradients_at(
 
 /// Options of `gradsift train`.
 #[derive(Debug, Clone, clap::Args)]
+#[command(after_help = LIMITS)]
 pub struct TrainArgs {
     /// Compressor; without this option the default run trains rTop-k next to the
     /// uncompressed baseline.
     #[arg(long, value_enum)]
     pub method: Option<TrainMethod>,
-    /// Fraction of each gradient sent, k/n (0.01 = 99% compression).
+    /// Fraction of each gradient sent, k/n (0.01 = 99% compression); in (0, 1].
     #[arg(long, default_value_t = 0.01)]
     pub ratio: f64,
-    /// rTop-k's r/k (default: the number of workers, as in the rTop-k paper).
+    /// rTop-k's r/k, in [1, 1e6] (default: the number of workers, as in the rTop-k paper).
     #[arg(long)]
     pub r_over_k: Option<f64>,
-    /// Number of workers K.
+    /// Number of workers K, in 2..=1000.
     #[arg(long, default_value_t = 5)]
     pub workers: usize,
-    /// Seed of weights, batches and random keys.
+    /// Seed of weights, batches and random keys (any u64).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Epochs.
+    /// Epochs, in 1..=1000.
     #[arg(long, default_value_t = 10)]
     pub epochs: usize,
-    /// Mini-batch per worker.
+    /// Mini-batch per worker, in 1..=65536 (and K batches must fit the 8,000 training images).
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
-    /// Learning rate.
+    /// Learning rate, in (0, 100].
     #[arg(long, default_value_t = 0.05)]
     pub lr: f32,
-    /// Epochs of DGC sparsity warm-up.
+    /// Epochs of DGC sparsity warm-up, in 0..=--epochs.
     #[arg(long, default_value_t = 2)]
     pub warmup_epochs: usize,
     /// Select per layer instead of over the whole gradient.
@@ -551,18 +615,11 @@ pub struct TrainArgs {
 
 /// Runs `gradsift train` and prints per-epoch figures.
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let (device, notes) = super::backend::open(args.backend)?;
-    for note in notes {
-        eprintln!("gradsift train: {note}");
-    }
-    let backend = device.backend();
-    let data = Mnist::embedded()?;
-    let (train_set, test_set) = data.split(2000);
     let methods = match args.method {
         Some(m) => vec![m],
         None => vec![TrainMethod::None, TrainMethod::Rtopk],
     };
-    let base = TrainConfig {
+    let mut base = TrainConfig {
         ratio: args.ratio,
         r_over_k: args.r_over_k.unwrap_or(args.workers as f64),
         workers: args.workers,
@@ -572,9 +629,24 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         lr: args.lr,
         warmup_epochs: args.warmup_epochs,
         per_layer: args.per_layer,
-        backend,
         ..TrainConfig::default()
     };
+    // Every option is checked before anything is opened, printed or trained.
+    for &method in &methods {
+        TrainConfig {
+            method,
+            ..base.clone()
+        }
+        .validate()?;
+    }
+    let (device, notes) = super::backend::open(args.backend)?;
+    for note in notes {
+        eprintln!("gradsift train: {note}");
+    }
+    let backend = device.backend();
+    base.backend = backend;
+    let data = Mnist::embedded()?;
+    let (train_set, test_set) = data.split(2000);
     println!(
         "gradsift train: MNIST ({} train / {} test images, embedded), MLP 784-{}-10, K = {} workers, batch {} each, backend {backend}",
         train_set.len(),
