@@ -451,8 +451,7 @@ impl Context {
 
     /// Blocks for a grid-stride kernel over `n` items: enough to fill the device, no more.
     pub(crate) fn grid_for(&self, n: u64, block: u32) -> u32 {
-        let want = n.div_ceil(u64::from(block)).max(1);
-        want.min(u64::from(self.k.sms.max(1)) * 8) as u32
+        super::launch::grid_for(self.k.sms, n, block)
     }
 
     /// Launches kernel `k` (one that is not per dtype) with one by-value struct argument.
@@ -472,7 +471,13 @@ impl Context {
         self.launch_entry(k.entry(Some(dtype))?, grid, block, args)
     }
 
-    fn launch_entry<A: Copy>(&self, idx: usize, grid: u32, block: u32, args: &A) -> Result<()> {
+    pub(crate) fn launch_entry<A: Copy>(
+        &self,
+        idx: usize,
+        grid: u32,
+        block: u32,
+        args: &A,
+    ) -> Result<()> {
         if grid == 0 {
             return Ok(());
         }
@@ -591,6 +596,17 @@ impl DevBuf {
     pub(crate) fn download<T: bytemuck::Pod>(&self, cx: &Context, out: &mut [T]) -> Result<()> {
         download_at(cx, self.ptr, out)
     }
+}
+
+/// Stream-ordered fill of `bytes` bytes at device address `ptr` with `value`.
+pub(crate) fn memset_at(cx: &Context, ptr: u64, value: u8, bytes: usize) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    // SAFETY: the caller passes an address with at least `bytes` bytes behind it, owned by
+    // a plan on this context's stream.
+    unsafe { drv::memset_d8_async(ptr, value, bytes, cx.cu_stream()) }
+        .map_err(|e| device_err("memset", e))
 }
 
 /// Copies `out.len()` elements from device address `src` into `out` and waits for the stream.
