@@ -64,6 +64,22 @@ pub enum Error {
         /// Why, in words a user can act on.
         reason: String,
     },
+    /// The CUDA driver is older than the toolkit that produced the only kernels available
+    /// for this device: PTX from NVRTC/nvcc X.Y needs a driver for CUDA X.Y or newer, and no
+    /// cubin for the device's architecture was found (or loaded). Names both versions.
+    #[error(
+        "cuda backend unavailable: the CUDA driver supports CUDA {driver}, but the kernels for {arch} are PTX from CUDA {needs}, which needs a CUDA {needs} driver; update the driver, or ship a cubin for {arch} (GRADSIFT_CUBIN_DIR) ({detail})"
+    )]
+    CudaDriverTooOld {
+        /// CUDA version of the driver (`cuDriverGetVersion`), e.g. "12.8".
+        driver: String,
+        /// CUDA version the PTX needs, e.g. "13.0".
+        needs: String,
+        /// The device's architecture, e.g. "sm_90".
+        arch: String,
+        /// What was tried.
+        detail: String,
+    },
     /// A GPU call failed after the backend was set up (out of memory, device lost, launch failure).
     #[error("{backend} backend error: {reason}")]
     Device {

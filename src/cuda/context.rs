@@ -2,6 +2,7 @@
 //! architecture, loading them once per CUDA context, and the small raw-memory and launch
 //! helpers every plan uses.
 
+use super::image::{self, Attempt, CudaVersion};
 use super::kernels::{KERNEL_NAMES, Kernel, kernel_source};
 use crate::{DType, Error, Result};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
@@ -269,12 +270,9 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Arc<Loaded>> {
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
         )
         .map_err(|e| device_err("SM count", e))? as u32;
-    // Prefer nvcc's PTX; if this driver cannot JIT it (older PTX ISA support), compile
-    // with NVRTC for the exact device instead, and report which one is in use.
-    let mut errors = Vec::new();
-    let mut module = None;
     // An explicit PTX file wins, and failing to use it is an error, not a fallback: it is
     // how a machine without NVRTC runs kernels built elsewhere (scripts/gpu-stage.sh).
+    let mut module = None;
     if let Some(path) = std::env::var_os("GRADSIFT_PTX") {
         let ptx = std::fs::read_to_string(&path)
             .map_err(|e| unavailable(format!("GRADSIFT_PTX={}: {e}", path.to_string_lossy())))?;
@@ -288,28 +286,10 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Arc<Loaded>> {
             })?;
         module = Some((m, "PTX file from GRADSIFT_PTX"));
     }
-    let precompiled = if module.is_none() {
-        precompiled::PRECOMPILED_PTX
-    } else {
-        None
-    };
-    if let Some(ptx) = precompiled {
-        match ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)) {
-            Ok(m) => module = Some((m, "precompiled PTX (nvcc, compute_80)")),
-            Err(e) => errors.push(format!("precompiled PTX did not load: {e:?}")),
-        }
-    }
     if module.is_none() {
-        match ptx_for(&arch) {
-            Ok((ptx, _)) => match ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)) {
-                Ok(m) => module = Some((m, "NVRTC")),
-                Err(e) => errors.push(format!("NVRTC PTX for {arch} did not load: {e:?}")),
-            },
-            Err(e) => errors.push(e.to_string()),
-        }
+        module = Some(load_best(ctx, (major as u32, minor as u32), &arch)?);
     }
-    let (module, source) =
-        module.ok_or_else(|| unavailable(format!("no usable kernels: {}", errors.join("; "))))?;
+    let (module, source) = module.expect("loaded above");
     let mut funcs = Vec::with_capacity(KERNEL_NAMES.len());
     for name in KERNEL_NAMES {
         funcs.push(
@@ -326,6 +306,114 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Arc<Loaded>> {
         arch,
     });
     Ok(LOADED.insert(key, loaded))
+}
+
+/// The driver's CUDA version (`cuDriverGetVersion`).
+pub fn driver_version() -> Result<CudaVersion> {
+    probe_driver()?;
+    no_panic("CUDA driver", || {
+        let mut v = 0;
+        // SAFETY: writes one int.
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }
+            .result()
+            .map_err(|e| unavailable(format!("cuDriverGetVersion failed: {e:?}")))?;
+        Ok(CudaVersion(v))
+    })
+}
+
+/// The CUDA version of the loadable libnvrtc (the PTX it writes needs a driver this new).
+pub fn nvrtc_version() -> Result<CudaVersion> {
+    probe_nvrtc()?;
+    no_panic("NVRTC", || {
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: writes two ints.
+        unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+            .result()
+            .map_err(|e| unavailable(format!("nvrtcVersion failed: {e:?}")))?;
+        Ok(CudaVersion::new(major, minor))
+    })
+}
+
+/// Cubins per architecture, compiled by NVRTC at most once per process.
+fn cubin_for(sm: u32) -> Result<Vec<u8>> {
+    static CACHE: OnceLock<Mutex<HashMap<u32, Vec<u8>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(c) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&sm) {
+        return Ok(c.clone());
+    }
+    let (bin, _) = compile_cubin(&format!("sm_{sm}"))?;
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(sm, bin.clone());
+    Ok(bin)
+}
+
+/// Loads the first image of [`image::plan`] that the driver accepts. When none does and
+/// the PTX on offer was newer than the driver, the error is the typed
+/// [`Error::CudaDriverTooOld`] naming both versions.
+fn load_best(
+    ctx: &Arc<CudaContext>,
+    cc: (u32, u32),
+    arch: &str,
+) -> Result<(Arc<CudaModule>, &'static str)> {
+    let driver = driver_version()?;
+    let nvrtc = nvrtc_version().ok();
+    let dir = std::env::var_os("GRADSIFT_CUBIN_DIR").map(std::path::PathBuf::from);
+    let file_cubins = dir.as_deref().map(image::cubins_in).unwrap_or_default();
+    let attempts = image::plan(
+        driver,
+        cc,
+        &file_cubins,
+        nvrtc,
+        precompiled::PRECOMPILED_PTX.is_some(),
+    )?;
+    let mut errors = Vec::new();
+    for a in attempts {
+        let r: Result<(Arc<CudaModule>, &'static str)> = match a {
+            Attempt::FileCubin(sm) => {
+                let path = dir
+                    .as_deref()
+                    .expect("file cubins come from the directory")
+                    .join(image::cubin_file_name(sm));
+                std::fs::read(&path)
+                    .map_err(|e| unavailable(format!("{}: {e}", path.display())))
+                    .and_then(|bin| load_cubin(ctx, &bin))
+                    .map(|m| (m, "cubin from GRADSIFT_CUBIN_DIR"))
+            }
+            Attempt::NvrtcCubin(sm) => cubin_for(sm)
+                .and_then(|bin| load_cubin(ctx, &bin))
+                .map(|m| (m, "NVRTC cubin")),
+            Attempt::PrecompiledPtx => ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(
+                    precompiled::PRECOMPILED_PTX.expect("planned only when present"),
+                ))
+                .map_err(|e| unavailable(format!("{e:?}")))
+                .map(|m| (m, "precompiled PTX (nvcc, compute_80)")),
+            Attempt::NvrtcPtx => ptx_for(arch).and_then(|(ptx, _)| {
+                ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                    .map_err(|e| unavailable(format!("{e:?}")))
+                    .map(|m| (m, "NVRTC PTX"))
+            }),
+        };
+        match r {
+            Ok(m) => return Ok(m),
+            Err(e) => errors.push(format!("{a:?}: {e}")),
+        }
+    }
+    let detail = errors.join("; ");
+    match nvrtc {
+        Some(nv) if driver < nv => Err(image::too_old(driver, nv, cc, detail)),
+        _ => Err(unavailable(format!(
+            "no usable kernels (driver CUDA {driver}): {detail}"
+        ))),
+    }
+}
+
+/// Loads a cubin (machine code: no JIT).
+fn load_cubin(ctx: &Arc<CudaContext>, bin: &[u8]) -> Result<Arc<CudaModule>> {
+    ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bin.to_vec()))
+        .map_err(|e| unavailable(format!("cubin did not load: {e:?}")))
 }
 
 /// A CUDA device, a stream to run on, and the loaded kernels.
@@ -675,5 +763,37 @@ mod tests {
         // Whatever this machine has, probing never panics.
         let _ = probe_driver();
         let _ = probe_nvrtc();
+    }
+}
+
+#[cfg(test)]
+mod nvrtc_tests {
+    /// The kernels compile with NVRTC to PTX (compute_80) and to cubins (sm_80, sm_90, and
+    /// sm_100 when this NVRTC knows it). Slow (ptxas), hence ignored by default; run with
+    /// `./scripts/test.sh --lib cuda::context::nvrtc_tests -- --ignored`.
+    #[test]
+    #[ignore]
+    fn kernels_compile_with_nvrtc() {
+        if super::probe_nvrtc().is_err() {
+            eprintln!("SKIPPED: no NVRTC");
+            return;
+        }
+        eprintln!("NVRTC {}", super::nvrtc_version().unwrap());
+        let ptx = super::compile_ptx("compute_80").unwrap_or_else(|e| panic!("{e}"));
+        assert!(ptx.contains(".entry compact_emit"));
+        for sm in ["sm_80", "sm_90", "sm_100"] {
+            match super::compile_cubin(sm) {
+                Ok((bin, log)) => {
+                    assert!(bin.starts_with(b"\x7fELF"), "{sm}: not an ELF cubin");
+                    let spills: Vec<&str> = log
+                        .lines()
+                        .filter(|l| l.contains("spill") && !l.contains(" 0 bytes spill stores"))
+                        .collect();
+                    eprintln!("{sm}: {} bytes; spills: {spills:?}", bin.len());
+                }
+                Err(e) if sm == "sm_100" => eprintln!("sm_100 not available: {e}"),
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 }

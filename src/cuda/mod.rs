@@ -47,6 +47,7 @@ mod abi;
 mod aggregate;
 mod compress;
 mod context;
+mod image;
 mod kernels;
 mod launch;
 mod select;
@@ -54,7 +55,10 @@ mod stats;
 
 pub use aggregate::Aggregator;
 pub use compress::{Compressor, Tuning, launches_per_step};
-pub use context::{Context, compile_cubin, compile_ptx, probe_driver, probe_nvrtc};
+pub use context::{
+    Context, compile_cubin, compile_ptx, driver_version, nvrtc_version, probe_driver, probe_nvrtc,
+};
+pub use image::CudaVersion;
 pub use kernels::{KERNEL_NAMES, kernel_source};
 pub use launch::{Launch, StepLaunches};
 pub use select::TopR;
