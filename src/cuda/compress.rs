@@ -1,7 +1,7 @@
 //! The fused error-feedback compression step on the GPU (SPEC §4-6, §10).
 
 use super::abi::{self, AccArgs, CompactArgs, SelArgs, SignArgs, SmallArgs, SmallGroup};
-use super::context::{Context, DevBuf, download_at};
+use super::context::{Context, DevBuf, Pinned, download_at};
 use super::kernels::Kernel as K;
 use super::launch::{Enqueue, Live, Recorder, StepLaunches};
 use crate::Compress;
@@ -303,6 +303,8 @@ pub struct Compressor {
     /// Device copy of a host gradient (`Compress::step`), allocated on the first call.
     upload: Option<CudaSlice<u8>>,
     tuning: Tuning,
+    /// Page-locked staging for `read_payload`: status and payload come back in one wait.
+    pinned: Pinned,
     /// Kernel launches and memsets the last `step_raw` enqueued.
     launches: (u32, u32),
 }
@@ -363,6 +365,7 @@ impl Compressor {
             host: Payload::default(),
             upload: None,
             tuning: *tuning,
+            pinned: Pinned::new(cx),
             launches: (0, 0),
         })
     }
@@ -493,7 +496,40 @@ impl Compressor {
                 "no payload to read: no step has been enqueued since the plan was built or since the last step failed to launch".into(),
             ));
         }
-        self.check()?;
+        // Status and payload are copied into pinned memory together; one wait.
+        const ST: usize = size_of::<abi::StepStatus>();
+        let a16 = |b: usize| b.next_multiple_of(16);
+        let cx = &self.cx;
+        cx.bind()?;
+        let (len1, len2, src1, src2) = match &self.method {
+            Method::Sparse(sp) => (
+                sp.shape.sent * 4,
+                sp.shape.sent * 4,
+                sp.out_idx.ptr(),
+                sp.out_val.ptr(),
+            ),
+            Method::Sign(sg) => (
+                sg.shape.ngroups() as usize * 4,
+                sg.shape.n_words64 * 8,
+                sg.scales.ptr(),
+                sg.words.ptr(),
+            ),
+        };
+        let (o1, o2) = (a16(ST), a16(ST) + a16(len1));
+        self.pinned.reserve(cx, o2 + len2)?;
+        self.pinned.download(cx, 0, ST, self.status.ptr())?;
+        self.pinned.download(cx, o1, len1, src1)?;
+        self.pinned.download(cx, o2, len2, src2)?;
+        cx.synchronize()?;
+        let bytes = self.pinned.bytes();
+        let st: abi::StepStatus = bytemuck::pod_read_unaligned(&bytes[..ST]);
+        if st.bad_count > 0 {
+            return Err(Error::NonFinite {
+                count: st.bad_count,
+                first_index: st.first_bad,
+            });
+        }
+        let (b1, b2) = (&bytes[o1..o1 + len1], &bytes[o2..o2 + len2]);
         let n = self.layout.n() as u32;
         match &self.method {
             Method::Sparse(sp) => {
@@ -505,12 +541,13 @@ impl Compressor {
                 };
                 p.n = n;
                 p.values_dtype = self.config.values;
-                p.indices.resize(sp.shape.sent, 0);
-                p.values.resize(sp.shape.sent, 0.0);
-                sp.out_idx.download(&self.cx, &mut p.indices)?;
-                sp.out_val.download(&self.cx, &mut p.values)?;
+                p.indices.clear();
+                p.indices.extend_from_slice(bytemuck::cast_slice(b1));
+                p.values.clear();
+                p.values.extend_from_slice(bytemuck::cast_slice(b2));
+                debug_assert_eq!(p.indices.len(), sp.shape.sent);
             }
-            Method::Sign(sg) => {
+            Method::Sign(_) => {
                 if !matches!(out, Payload::Sign(_)) {
                     *out = Payload::Sign(SignPayload::default());
                 }
@@ -518,11 +555,11 @@ impl Compressor {
                     unreachable!()
                 };
                 p.n = n;
-                p.scales.resize(sg.shape.ngroups() as usize, 0.0);
-                p.negative.resize(sg.shape.n_words64, 0);
-                sg.scales.download(&self.cx, &mut p.scales)?;
+                p.scales.clear();
+                p.scales.extend_from_slice(bytemuck::cast_slice(b1));
                 // Two little-endian u32 halves per u64 word: the same bytes.
-                sg.words.download(&self.cx, &mut p.negative)?;
+                p.negative.clear();
+                p.negative.extend_from_slice(bytemuck::cast_slice(b2));
             }
         }
         Ok(())
@@ -690,6 +727,7 @@ impl Compress for Compressor {
         }
         fresh.rejected_before = Compressor::rejected_steps(self)?;
         fresh.upload = self.upload.take();
+        std::mem::swap(&mut fresh.pinned, &mut self.pinned);
         *self = fresh;
         Ok(())
     }

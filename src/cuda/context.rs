@@ -708,6 +708,124 @@ pub(crate) fn download_at<T: bytemuck::Pod>(cx: &Context, src: u64, out: &mut [T
     cx.synchronize()
 }
 
+/// A reusable page-locked host buffer for a plan's transfers. Copies from pageable memory
+/// make the driver stage them synchronously (it waits on the stream before each one);
+/// from here they are truly asynchronous, so a call enqueues all its copies and kernels
+/// and waits once. Grows on demand (waiting for the stream first, since copies in flight
+/// may use it) and is otherwise reused.
+pub(crate) struct Pinned {
+    ptr: *mut u8,
+    cap: usize,
+    stream: Arc<CudaStream>,
+}
+
+// SAFETY: the allocation is owned by this value and only reached through `&mut self`
+// (writes) or `&self` (reads); the raw pointer is what makes it !Send by default.
+unsafe impl Send for Pinned {}
+// SAFETY: as above; `&self` methods only read the host bytes or enqueue reads of them.
+unsafe impl Sync for Pinned {}
+
+impl std::fmt::Debug for Pinned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pinned({} bytes)", self.cap)
+    }
+}
+
+impl Pinned {
+    pub(crate) fn new(cx: &Context) -> Self {
+        Self {
+            ptr: std::ptr::null_mut(),
+            cap: 0,
+            stream: cx.stream.clone(),
+        }
+    }
+
+    /// Makes room for `bytes` bytes. Contents are not kept.
+    pub(crate) fn reserve(&mut self, cx: &Context, bytes: usize) -> Result<()> {
+        if bytes <= self.cap {
+            return Ok(());
+        }
+        self.release();
+        let cap = bytes.next_power_of_two().max(4096);
+        cx.bind()?;
+        // SAFETY: plain page-locked allocation, owned and freed by `self`.
+        let p = unsafe { drv::malloc_host(cap, 0) }
+            .map_err(|e| device_err(&format!("allocating {cap} bytes of pinned memory"), e))?;
+        self.ptr = p.cast();
+        self.cap = cap;
+        Ok(())
+    }
+
+    /// The whole buffer. The stream must not be using it (callers wait once per call).
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        if self.cap == 0 {
+            return &mut [];
+        }
+        // SAFETY: `cap` bytes allocated at `ptr`, exclusively borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.cap) }
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        if self.cap == 0 {
+            return &[];
+        }
+        // SAFETY: as above, shared.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.cap) }
+    }
+
+    /// Enqueues the copy of `len` bytes at `offset` to device address `dst` (no wait).
+    pub(crate) fn upload(&self, cx: &Context, offset: usize, len: usize, dst: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let src = &self.bytes()[offset..offset + len];
+        // SAFETY: pinned source inside the allocation, which outlives the copy (it is freed
+        // only after the stream is synchronised); `dst` holds `len` bytes.
+        unsafe { drv::memcpy_htod_async(dst, src, cx.cu_stream()) }
+            .map_err(|e| device_err("upload", e))
+    }
+
+    /// Enqueues the copy of `len` bytes from device address `src` to `offset` (no wait).
+    pub(crate) fn download(
+        &mut self,
+        cx: &Context,
+        offset: usize,
+        len: usize,
+        src: u64,
+    ) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let dst = &mut self.bytes_mut()[offset..offset + len];
+        // SAFETY: pinned destination inside the allocation; `src` holds `len` bytes.
+        unsafe { drv::memcpy_dtoh_async(dst, src, cx.cu_stream()) }
+            .map_err(|e| device_err("download", e))
+    }
+
+    fn release(&mut self) {
+        if self.ptr.is_null() {
+            return;
+        }
+        let _ = self.stream.context().bind_to_thread();
+        if self.stream.synchronize().is_err() {
+            // A copy may still use it: leaking is the safe side.
+            self.ptr = std::ptr::null_mut();
+            self.cap = 0;
+            return;
+        }
+        // SAFETY: allocated by `malloc_host`, no copy in flight, freed once.
+        let _ = unsafe { drv::free_host(self.ptr.cast()) };
+        self.ptr = std::ptr::null_mut();
+        self.cap = 0;
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 impl Drop for DevBuf {
     fn drop(&mut self) {
         // Errors cannot be reported from drop; a failed free leaks, which is the safe side.
