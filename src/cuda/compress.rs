@@ -23,6 +23,10 @@ pub struct Tuning {
     pub block_max_global: usize,
     /// Per-layer mode: a block serves a layer up to this many elements (default 2^20).
     pub block_max_per_layer: usize,
+    /// Global mode with one grid-wide top-r group: fuse its first radix histogram into
+    /// `ef_accumulate` (default), or run it as a separate `sel_pass` (for measuring the
+    /// fused histogram's cost, `benches/cuda.rs`).
+    pub fuse_histogram: bool,
 }
 
 impl Default for Tuning {
@@ -30,6 +34,7 @@ impl Default for Tuning {
         Self {
             block_max_global: 1 << 15,
             block_max_per_layer: 1 << 20,
+            fuse_histogram: true,
         }
     }
 }
@@ -134,7 +139,10 @@ impl SparseShape {
         let max_tiles = big.iter().map(|g| tiles_of(g.lo, g.len)).max().unwrap_or(0);
         // Block-sized rTop-k groups keep their top-r set in `defbits` between the stages.
         let small_member = small.iter().any(|g| g.k < g.r && g.r < g.len);
-        let fused = config.mode == crate::Mode::Global && big.len() == 1 && big[0].r < big[0].len;
+        let fused = tuning.fuse_histogram
+            && config.mode == crate::Mode::Global
+            && big.len() == 1
+            && big[0].r < big[0].len;
         Ok(Self {
             small,
             sent: off,
@@ -1151,5 +1159,38 @@ mod tests {
         let l = count(&big, &per_layer(Config::sign()), &t);
         assert_eq!(l.count(), 6);
         assert_eq!(l.memsets, 1);
+    }
+
+    /// On a GPU: the counter of the real path equals the dry run, launch for launch.
+    #[test]
+    fn live_launches_match_the_dry_run() {
+        let cx = match Context::new(0) {
+            Ok(cx) => cx,
+            Err(e) if std::env::var_os("GRADSIFT_REQUIRE_CUDA").is_none() => {
+                eprintln!("SKIPPED: {e}");
+                return;
+            }
+            Err(e) => panic!("GRADSIFT_REQUIRE_CUDA is set: {e}"),
+        };
+        let sizes = [5000usize, 70_000, 1 << 17, 300];
+        let layout = Layout::new(&sizes).unwrap();
+        let grad = vec![0.5f32; layout.n()];
+        let lower = Tuning {
+            block_max_per_layer: 1 << 16,
+            ..Tuning::default()
+        };
+        for config in [
+            Config::topk(0.01),
+            Config::rtopk(0.05, 0.01),
+            per_layer(Config::topk(0.01)),
+            per_layer(Config::rtopk(0.05, 0.01)),
+            Config::sign(),
+        ] {
+            let mut c = Compressor::with_tuning(&cx, &layout, &config, &lower).unwrap();
+            c.step(&grad, 1).unwrap();
+            let dry = launches_per_step(&layout, &config, &lower, cx.k.sms).unwrap();
+            assert_eq!(c.launches_last_step() as usize, dry.count(), "{config:?}");
+            assert_eq!(c.memsets_last_step(), dry.memsets, "{config:?}");
+        }
     }
 }

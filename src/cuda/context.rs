@@ -887,7 +887,8 @@ mod tests {
 #[cfg(test)]
 mod nvrtc_tests {
     /// The kernels compile with NVRTC to PTX (compute_80) and to cubins (sm_80, sm_90, and
-    /// sm_100 when this NVRTC knows it). Slow (ptxas), hence ignored by default; run with
+    /// sm_100 when this NVRTC knows it), and with GRADSIFT_DUMP_CUBIN=DIR writes the cubins
+    /// there. Slow (ptxas), hence ignored by default; run with
     /// `./scripts/test.sh --lib cuda::context::nvrtc_tests -- --ignored`.
     #[test]
     #[ignore]
@@ -908,6 +909,13 @@ mod nvrtc_tests {
                         .filter(|l| l.contains("spill") && !l.contains(" 0 bytes spill stores"))
                         .collect();
                     eprintln!("{sm}: {} bytes; spills: {spills:?}", bin.len());
+                    // scripts/gpu-stage.sh ships these (GRADSIFT_CUBIN_DIR on the device).
+                    if let Some(dir) = std::env::var_os("GRADSIFT_DUMP_CUBIN") {
+                        let sm_n: u32 = sm.trim_start_matches("sm_").parse().unwrap();
+                        let path = std::path::Path::new(&dir)
+                            .join(super::super::image::cubin_file_name(sm_n));
+                        std::fs::write(&path, &bin).unwrap();
+                    }
                 }
                 Err(e) if sm == "sm_100" => eprintln!("sm_100 not available: {e}"),
                 Err(e) => panic!("{e}"),

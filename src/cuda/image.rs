@@ -104,9 +104,9 @@ pub(crate) fn too_old(
     detail: String,
 ) -> Error {
     Error::CudaDriverTooOld {
-        driver: driver.to_string(),
-        needs: needs.to_string(),
-        arch: format!("sm_{}", sm_of(cc)),
+        driver: driver.0,
+        needs: needs.0,
+        sm: sm_of(cc),
         detail,
     }
 }
@@ -180,18 +180,12 @@ mod tests {
         assert!(matches!(e, Error::BackendUnavailable { .. }), "{e:?}");
         let e = too_old(V12_8, V13_0, (9, 0), "cubin sm_90 did not load".into());
         let Error::CudaDriverTooOld {
-            driver,
-            needs,
-            arch,
-            ..
+            driver, needs, sm, ..
         } = &e
         else {
             panic!("{e:?}")
         };
-        assert_eq!(
-            (driver.as_str(), needs.as_str(), arch.as_str()),
-            ("12.8", "13.0", "sm_90")
-        );
+        assert_eq!((*driver, *needs, *sm), (12080, 13000, 90));
         let msg = e.to_string();
         assert!(
             msg.contains("12.8") && msg.contains("13.0") && msg.contains("sm_90"),
