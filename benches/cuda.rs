@@ -6,6 +6,14 @@
 //! - `top_k`: top-k alone at n = 2^26, k = 0.1%; compare with `python3 scripts/torch_topk.py`.
 //! - `layer_stats`: per-layer statistics (4 bytes/element read), one layer and 1000 layers.
 //!
+//! - Issue 17, one choice each (compare the pairs):
+//!   - `ef_topk_step_fused_hist` / `ef_topk_step_unfused_hist`: the first radix histogram
+//!     (warp-aggregated) fused into `ef_accumulate`, or a separate `sel_pass`;
+//!   - `top_r_1pct` / `top_r_30pct`: `compact_emit` (lane per bit) at small and large r;
+//!   - `ef_topk_per_layer_200_block_max_2^16|2^18|2^20`: the one-block cut-off on a 200-layer
+//!     mix (the launch count of each is printed: `launches per step`);
+//!   - `aggregate_8_workers_1pct`: pinned staging, one wait per call.
+//!
 //! Without a CUDA device it prints why and measures nothing.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -115,6 +123,99 @@ fn bench(c: &mut Criterion) {
                 per_layer.step_device(&x, t).unwrap();
             })
         })
+    });
+
+    // ---- Issue 17: each choice isolated ------------------------------------------------
+    g.throughput(Throughput::Bytes((n * 12) as u64));
+    for fuse in [true, false] {
+        let tuning = cuda::Tuning {
+            fuse_histogram: fuse,
+            ..Default::default()
+        };
+        let mut plan =
+            cuda::Compressor::with_tuning(&cx, &layout, &Config::topk(0.01), &tuning).unwrap();
+        let name = if fuse {
+            "ef_topk_step_fused_hist"
+        } else {
+            "ef_topk_step_unfused_hist"
+        };
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                gpu_time(&cx, iters, || {
+                    t += 1;
+                    plan.step_device(&x, t).unwrap();
+                })
+            })
+        });
+        println!("{name}: {} launches per step", plan.launches_last_step());
+    }
+
+    g.throughput(Throughput::Bytes((n * 4) as u64));
+    for (name, r) in [("top_r_1pct", n / 100), ("top_r_30pct", n / 10 * 3)] {
+        let mut sel = cuda::TopR::new(&cx, n, r).unwrap();
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| gpu_time(&cx, iters, || sel.select(&x).unwrap()))
+        });
+    }
+
+    // 200 layers from 4K to 1M elements (a transformer-like mix, 61M elements in all),
+    // top-k 1% per layer.
+    let mix: Vec<usize> = (0..200)
+        .map(|i| {
+            [
+                1 << 12,
+                (1 << 16) + 1,
+                1 << 17,
+                (1 << 18) + 4096,
+                (1 << 20) + 5,
+            ][i % 5]
+        })
+        .collect();
+    let mix_n: usize = mix.iter().sum();
+    let mix_layout = Layout::new(&mix).unwrap();
+    let xm = cx.stream().clone_htod(&host[..mix_n]).unwrap();
+    let mut config = Config::topk(0.01);
+    config.mode = Mode::PerLayer;
+    g.throughput(Throughput::Bytes((mix_n * 12) as u64));
+    for bits in [16u32, 18, 20] {
+        let tuning = cuda::Tuning {
+            block_max_per_layer: 1 << bits,
+            ..Default::default()
+        };
+        let mut plan = cuda::Compressor::with_tuning(&cx, &mix_layout, &config, &tuning).unwrap();
+        let name = format!("ef_topk_per_layer_200_block_max_2^{bits}");
+        g.bench_function(&name, |b| {
+            b.iter_custom(|iters| {
+                gpu_time(&cx, iters, || {
+                    t += 1;
+                    plan.step_device(&xm, t).unwrap();
+                })
+            })
+        });
+        println!("{name}: {} launches per step", plan.launches_last_step());
+    }
+
+    // Aggregation of 8 workers' 1% payloads from host memory: wall time (it waits by design).
+    let workers = 8;
+    let mut payloads = Vec::new();
+    for w in 0..workers {
+        let mut c =
+            cuda::Compressor::new(&cx, &layout, &Config::topk(0.01).with_worker(w)).unwrap();
+        c.step_device(&x, 1).unwrap();
+        payloads.push(c.payload().unwrap().clone());
+    }
+    let mut agg = cuda::Aggregator::new(
+        &cx,
+        &layout,
+        Mode::Global,
+        gradsift::cpu::Average::OverWorkers,
+        workers as usize,
+    )
+    .unwrap();
+    let mut out_host = vec![0.0f32; n];
+    g.throughput(Throughput::Elements(n as u64));
+    g.bench_function("aggregate_8_workers_1pct", |b| {
+        b.iter(|| agg.aggregate(&payloads, &mut out_host).unwrap())
     });
     g.finish();
 }

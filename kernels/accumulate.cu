@@ -50,12 +50,16 @@ __device__ __forceinline__ void ef_accumulate_impl(const AccArgs& a) {
             ++bad;
             if (first == GS_INF_U32) first = (u32)i;
         }
-        if (fuse) atomicAdd(&hist[digit_of(magnitude_key(pi), 0)], 1u);
+        return pi;
     };
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    // Both loops run warp-uniformly (the fused histogram combines a warp's lanes): `wi` is
+    // the index of the warp's lane 0; stride is a multiple of 32.
+    const u64 lane = threadIdx.x & 31u;
     // Four independent loads of each input in flight per thread: at full occupancy that is
-    // what it takes to cover DRAM latency at H100 bandwidth.
-    for (; i + 3 * stride < n; i += 4 * stride) {
+    // what it takes to cover DRAM latency at H100 bandwidth. The whole warp's four elements
+    // are in range here.
+    for (; (i - lane) + 31 + 3 * stride < n; i += 4 * stride) {
         float gv[4], ev[4], uv[4];
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
@@ -64,9 +68,16 @@ __device__ __forceinline__ void ef_accumulate_impl(const AccArgs& a) {
             uv[q] = mom ? u[i + q * stride] : 0.0f;
         }
 #pragma unroll
-        for (int q = 0; q < 4; ++q) finish(i + q * stride, gv[q], ev[q], uv[q]);
+        for (int q = 0; q < 4; ++q) {
+            const float pi = finish(i + q * stride, gv[q], ev[q], uv[q]);
+            if (fuse) warp_hist_add(hist, digit_of(magnitude_key(pi), 0), true);
+        }
     }
-    for (; i < n; i += stride) finish(i, to_f32(g[i]), e[i], mom ? u[i] : 0.0f);
+    for (; i - lane < n; i += stride) {
+        const bool valid = i < n;
+        const float pi = valid ? finish(i, to_f32(g[i]), e[i], mom ? u[i] : 0.0f) : 0.0f;
+        if (fuse) warp_hist_add(hist, digit_of(magnitude_key(pi), 0), valid);
+    }
     u32 total_bad = block_sum_u32(bad, scratch);
     if (bad) atomicMin(&st->first_bad, first);
     if (threadIdx.x == 0 && total_bad) atomicAdd(&st->bad_count, (u64)total_bad);

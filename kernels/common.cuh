@@ -225,6 +225,32 @@ __device__ __forceinline__ u32 block_sum_u32(u32 v, u32* scratch) {
     return total;
 }
 
+// Warp-aggregated atomics. Both must be called by all 32 lanes of a warp together (in
+// converged, warp-uniform code); `valid` says which lanes take part.
+//
+// Histogram: lanes with the same bin are combined (__match_any_sync) and one lane per bin
+// adds the group's count, so a warp whose keys fall into a few bins (real gradients'
+// exponents: bit 31 of a magnitude key is always 0 and most values share a handful of
+// exponents) sends one shared-memory atomic per distinct bin instead of 32 to one address.
+__device__ __forceinline__ void warp_hist_add(u32* hist, u32 bin, bool valid) {
+    const u32 lane = threadIdx.x & 31u;
+    if (__ballot_sync(0xFFFFFFFFu, valid) == 0u) return;  // warp-uniform
+    const u32 peers = __match_any_sync(0xFFFFFFFFu, valid ? bin : GS_INF_U32);
+    if (valid && lane == (u32)(__ffs(peers) - 1)) atomicAdd(&hist[bin], (u32)__popc(peers));
+}
+
+// Bitmap marking: sets bit `i` of `bits` for every lane with `mark`; lanes whose elements
+// share a 32-bit word OR their bits within the warp first (the groups are disjoint, each
+// reduces under its own member mask), then one lane per word does the global atomicOr.
+__device__ __forceinline__ void warp_mark_bits(u32* bits, u32 i, bool mark) {
+    const u32 lane = threadIdx.x & 31u;
+    if (__ballot_sync(0xFFFFFFFFu, mark) == 0u) return;  // warp-uniform
+    const u32 w = mark ? (i >> 5) : GS_INF_U32;       // i >> 5 < 2^27: never the sentinel
+    const u32 peers = __match_any_sync(0xFFFFFFFFu, w);
+    const u32 word = __reduce_or_sync(peers, mark ? (1u << (i & 31u)) : 0u);
+    if (mark && lane == (u32)(__ffs(peers) - 1)) atomicOr(&bits[w], word);
+}
+
 // Finds the digit holding the `need`-th smallest element of a histogram (1 <= need <=
 // sum): the digit d with below(d) < need <= below(d) + hist[d]. Every thread of the block
 // calls it; the result is valid in every thread.

@@ -91,10 +91,10 @@ extern "C" __global__ void __launch_bounds__(256) sel_pass(SelArgs a) {
     // Everything below runs warp-uniformly: every ballot sees all 32 lanes. `word` is the
     // bitmap word of 32 consecutive, aligned elements (range source) or ~0 (sparse source).
     auto visit = [&](bool valid, u32 i, u32 k, u64 word) {
-        bool def = false, tie = false, app = false;
+        bool def = false, tie = false, app = false, counted = false;
         if (valid) {
             if (d == 0) {
-                atomicAdd(&hist[digit_of(k, 0)], 1u);
+                counted = true;
             } else if ((k & pm) == pp) {
                 const u32 km = k & mask;
                 if (km < prefix) {
@@ -103,16 +103,18 @@ extern "C" __global__ void __launch_bounds__(256) sel_pass(SelArgs a) {
                     if (d == 3) {
                         tie = true;
                     } else {
-                        atomicAdd(&hist[digit_of(k, d)], 1u);
+                        counted = true;
                         app = mode == 1;
                     }
                 }
             }
         }
+        if (do_hist) warp_hist_add(hist, digit_of(k, d), counted);
         if (d == 0) return;
         if (word == ~0ull) {
-            if (def) atomicOr(&defbits[i >> 5], 1u << (i & 31u));
-            if (tie) atomicOr(&tiebits[i >> 5], 1u << (i & 31u));
+            // Sparse source (list or candidates): lanes sharing a word OR their bits first.
+            warp_mark_bits(defbits, i, def);
+            warp_mark_bits(tiebits, i, tie);
         } else {
             const u32 dm = __ballot_sync(0xFFFFFFFFu, def);
             const u32 tm = __ballot_sync(0xFFFFFFFFu, tie);
@@ -272,6 +274,10 @@ __device__ __forceinline__ void emit_one(const CompactArgs& a, float* p, float* 
     if (un) un[i] = 0.0f;
 }
 
+// Lane per bit: warp w of the block owns the tile's words 32w..32w+31, one per lane (the
+// lane that loaded it). For each of its non-empty words the warp broadcasts the word and
+// its prefix counts, and lane b places bit b with __popc of the lower lanes' bits, so the
+// stores to p, un, out_idx and out_val of a word are 32 consecutive elements.
 extern "C" __global__ void __launch_bounds__(256) compact_emit(CompactArgs a) {
     __shared__ u32 scratch[32];
     const StepStatus* st = (const StepStatus*)a.b.status;
@@ -284,21 +290,24 @@ extern "C" __global__ void __launch_bounds__(256) compact_emit(CompactArgs a) {
     u32 dtot, ttot;
     u32 dbefore = block_exclusive_scan(__popc(dw), scratch, &dtot);
     u32 tbefore = block_exclusive_scan(__popc(tw), scratch, &ttot);
-    if ((dw | tw) == 0) return;
     dbefore += ((const u32*)a.tiles)[2 * blockIdx.x];
     tbefore += ((const u32*)a.tiles)[2 * blockIdx.x + 1];
-    const u64 w = (u64)(a.lo >> 5) + (u64)blockIdx.x * TILE_WORDS + threadIdx.x;
-    u32 bits = dw | tw;
-    while (bits) {
-        const u32 b = __ffs(bits) - 1;
-        bits &= bits - 1;
-        const u32 i = (u32)(w * 32 + b);
-        if ((dw >> b) & 1u) {
-            emit_one(a, p, un, dbefore + min(tbefore, need), i);
-            ++dbefore;
-        } else {
-            if (tbefore < need) emit_one(a, p, un, dbefore + tbefore, i);
-            ++tbefore;
+    const u32 lane = threadIdx.x & 31u;
+    const u64 w_lane0 = (u64)(a.lo >> 5) + (u64)blockIdx.x * TILE_WORDS + (threadIdx.x - lane);
+    const u32 lower = (1u << lane) - 1u;
+    u32 busy = __ballot_sync(0xFFFFFFFFu, (dw | tw) != 0u);
+    while (busy) {  // warp-uniform
+        const u32 q = __ffs(busy) - 1;
+        busy &= busy - 1;
+        const u32 wd = __shfl_sync(0xFFFFFFFFu, dw, q);
+        const u32 wt = __shfl_sync(0xFFFFFFFFu, tw, q);
+        const u32 db = __shfl_sync(0xFFFFFFFFu, dbefore, q) + __popc(wd & lower);
+        const u32 tb = __shfl_sync(0xFFFFFFFFu, tbefore, q) + __popc(wt & lower);
+        const u32 i = (u32)((w_lane0 + q) * 32 + lane);
+        if ((wd >> lane) & 1u) {
+            emit_one(a, p, un, db + min(tb, need), i);
+        } else if (((wt >> lane) & 1u) && tb < need) {
+            emit_one(a, p, un, db + tb, i);
         }
     }
 }
@@ -351,11 +360,13 @@ __device__ void block_select(const SmallCtx& c, u32 kind, u32 lo, u32 len, const
         const u32 nbins = 1u << digit_bits(d);
         for (u32 j = threadIdx.x; j < nbins; j += blockDim.x) hist[j] = 0;
         __syncthreads();
-        for (u32 j = threadIdx.x; j < len; j += blockDim.x) {
+        // Warp-uniform loop: the histogram combines a warp's lanes.
+        for (u32 base = 0; base < len; base += blockDim.x) {
+            const u32 j = base + threadIdx.x;
             const u32 i = lo + j;
-            if (member && !((member[i >> 5] >> (i & 31u)) & 1u)) continue;
-            const u32 k = small_key(c, kind, i);
-            if ((k & mask) == prefix) atomicAdd(&hist[digit_of(k, d)], 1u);
+            const bool in = j < len && (!member || ((member[i >> 5] >> (i & 31u)) & 1u));
+            const u32 k = in ? small_key(c, kind, i) : 0u;
+            warp_hist_add(hist, digit_of(k, d), in && (k & mask) == prefix);
         }
         __syncthreads();
         u32 pivot, below, count;
@@ -385,19 +396,17 @@ __device__ void block_ordered(const SmallCtx& c, const SmallArgs& a, const Small
         const u32 trank = tie_base + block_exclusive_scan(tie ? 1u : 0u, scratch, &ttot);
         const bool sel = def || (tie && trank < need);
         const u32 pos = sel_base + block_exclusive_scan(sel ? 1u : 0u, scratch, &stot);
-        if (sel) {
-            if (out_member) {
-                // Neighbouring groups may share the word: atomic.
-                atomicOr(&out_member[i >> 5], 1u << (i & 31u));
-            } else {
-                const float pi = c.p[i];
-                const float v = quantize(__fmul_rn(pi, g.scale), a.dtype);
-                note_sent_value(a.b, pi, v, i);
-                ((u32*)a.out_idx)[g.out_off + pos] = i;
-                ((float*)a.out_val)[g.out_off + pos] = v;
-                c.pw[i] = __fsub_rn(pi, v);
-                if (c.un) c.un[i] = 0.0f;
-            }
+        if (out_member) {
+            // Neighbouring groups may share the word: atomic, one per word and warp.
+            warp_mark_bits(out_member, i, sel);
+        } else if (sel) {
+            const float pi = c.p[i];
+            const float v = quantize(__fmul_rn(pi, g.scale), a.dtype);
+            note_sent_value(a.b, pi, v, i);
+            ((u32*)a.out_idx)[g.out_off + pos] = i;
+            ((float*)a.out_val)[g.out_off + pos] = v;
+            c.pw[i] = __fsub_rn(pi, v);
+            if (c.un) c.un[i] = 0.0f;
         }
         tie_base += ttot;
         sel_base += stot;

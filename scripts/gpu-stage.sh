@@ -76,6 +76,13 @@ tb=$(grep -m1 '^test-backends$' "$stage/tests.list" || true)
 if [[ -n "$tb" ]]; then
     GRADSIFT_REQUIRE_NVRTC=1 GRADSIFT_DUMP_PTX="$stage/ptx" "$stage/bin/$tb" nvrtc::kernels_compile >&2
 fi
+# Cubins (sm_80, sm_90, sm_100 when NVRTC has it): machine code that loads on drivers older
+# than the PTX would need (a CUDA 12.x driver with NVRTC 13's PTX fails to load it).
+lt=$(grep -m1 '^lib-gradsift$' "$stage/tests.list" || true)
+if [[ -n "$lt" ]]; then
+    mkdir -p "$stage/cubin"
+    GRADSIFT_DUMP_CUBIN="$stage/cubin" "$stage/bin/$lt" --ignored kernels_compile_with_nvrtc --nocapture >&2
+fi
 cp scripts/torch_topk.py "$stage/"
 
 cat >"$stage/run.sh" <<'RUN'
@@ -112,6 +119,11 @@ else
     export GRADSIFT_PTX="$stage/ptx/compute_90.ptx"
     echo "kernels: no NVRTC 13 found, GRADSIFT_PTX=$GRADSIFT_PTX" | tee -a "$OUT/device.txt"
 fi
+# Shipped cubins are tried first (then NVRTC's own cubin, then PTX; src/cuda/image.rs).
+if [[ -d "$stage/cubin" ]]; then
+    export GRADSIFT_CUBIN_DIR="$stage/cubin"
+    echo "kernels: cubins $(ls "$stage/cubin" | tr '\n' ' ')" | tee -a "$OUT/device.txt"
+fi
 status=0
 while read -r t; do
     echo "== $t"
@@ -124,7 +136,8 @@ while read -r t; do
 done <"$stage/tests.list"
 while read -r b; do
     echo "== $b"
-    timeout 100 "$stage/bin/$b" --bench --warm-up-time 1 >"$OUT/$b.log" 2>&1
+    # The CUDA benches include issue 17's isolating pairs (about 12 more benchmarks).
+    timeout 200 "$stage/bin/$b" --bench --warm-up-time 1 >"$OUT/$b.log" 2>&1
     echo "rc=$?"; grep -vE "^Benchmarking|^Found|^  [0-9]+ \(|^$|change:|No change|Performance has|^\s+(high|low) (mild|severe)" "$OUT/$b.log" | tail -40
 done <"$stage/benches.list"
 echo "== torch"

@@ -64,6 +64,23 @@ pub enum Error {
         /// Why, in words a user can act on.
         reason: String,
     },
+    /// The CUDA driver is older than the toolkit that produced the only kernels available
+    /// for this device: PTX from NVRTC/nvcc X.Y needs a driver for CUDA X.Y or newer, and no
+    /// cubin for the device's architecture was found (or loaded). Names both versions.
+    #[error(
+        "cuda backend unavailable: the CUDA driver supports CUDA {}, but the kernels for sm_{sm} are PTX from CUDA {}, which needs a CUDA {} driver; update the driver, or ship a cubin for sm_{sm} (GRADSIFT_CUBIN_DIR) ({detail})",
+        cuda_version(*driver), cuda_version(*needs), cuda_version(*needs)
+    )]
+    CudaDriverTooOld {
+        /// CUDA version of the driver as `cuDriverGetVersion` encodes it (12080 is 12.8).
+        driver: i32,
+        /// CUDA version the PTX needs, encoded the same way (13000 is 13.0).
+        needs: i32,
+        /// The device's architecture number (90 for sm_90).
+        sm: u32,
+        /// What was tried.
+        detail: String,
+    },
     /// A GPU call failed after the backend was set up (out of memory, device lost, launch failure).
     #[error("{backend} backend error: {reason}")]
     Device {
@@ -72,6 +89,11 @@ pub enum Error {
         /// What the driver said.
         reason: String,
     },
+}
+
+/// "12.8" for the driver API's encoding 12080.
+fn cuda_version(v: i32) -> String {
+    format!("{}.{}", v / 1000, (v % 1000) / 10)
 }
 
 /// Result alias used throughout the crate.

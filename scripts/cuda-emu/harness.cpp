@@ -3,6 +3,7 @@
 // compares every payload, residual and momentum with a sort-based model of SPEC §1-5.
 // Build and run: scripts/cuda-emu/run.sh
 #include "emu.h"
+#include "emu_warp.h"
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>

@@ -2,6 +2,7 @@
 // (kernels/sign.cu, stats.cu, aggregate.cu), driven as src/cuda/*.rs drives them, against
 // straightforward f64 / sequential models of SPEC §6-8.
 #include "emu.h"
+#include "emu_warp.h"
 #include <algorithm>
 #include <cstdio>
 #include <random>

@@ -1,7 +1,7 @@
 //! The parameter server's decoder on the GPU (SPEC §7).
 
 use super::abi::{self, AggArgs};
-use super::context::{Context, DevBuf, download_at};
+use super::context::{Context, DevBuf, Pinned};
 use super::kernels::Kernel as K;
 use crate::cpu::{Average, check_payload};
 use crate::{Aggregate, Error, Layout, Mode, Payload, Result};
@@ -44,6 +44,11 @@ pub struct Aggregator {
     staging: Vec<Staging>,
     sign_scales: Vec<DevBuf>,
     sign_words: Vec<DevBuf>,
+    /// Page-locked staging of every host transfer of a call (uploads, the check results,
+    /// the host output), so the call enqueues everything and waits once.
+    pinned: Pinned,
+    /// Where the check results land in `pinned` during the current call.
+    err_at: usize,
 }
 
 impl Aggregator {
@@ -86,6 +91,8 @@ impl Aggregator {
             staging: Vec::new(),
             sign_scales: Vec::new(),
             sign_words: Vec::new(),
+            pinned: Pinned::new(cx),
+            err_at: 0,
             groups,
         })
     }
@@ -103,9 +110,8 @@ impl Aggregator {
             });
         }
         let dst = self.out.ptr();
-        self.enqueue(payloads, dst)?;
-        self.report(payloads)?;
-        download_at(&self.cx, dst, out)
+        self.enqueue(payloads, dst, self.n * 4)?;
+        self.report(payloads, Some(out))
     }
 
     /// As [`Aggregator::aggregate`], into a device buffer. Waits for the stream once, to
@@ -126,8 +132,8 @@ impl Aggregator {
         self.cx.same_context(out.context(), "the output")?;
         let stream = self.cx.stream.clone();
         let (dst, _guard) = out.device_ptr_mut(&stream);
-        self.enqueue(payloads, dst)?;
-        self.report(payloads)
+        self.enqueue(payloads, dst, 0)?;
+        self.report(payloads, None)
     }
 
     fn check_count(&self, payloads: &[Payload]) -> Result<()> {
@@ -184,10 +190,57 @@ impl Aggregator {
         Ok(())
     }
 
-    fn enqueue(&mut self, payloads: &[Payload], dst: u64) -> Result<()> {
+    /// Enqueues the uploads (through the pinned buffer), the checks and, when every payload
+    /// passes the host checks, the aggregation into `dst`; `out_bytes` of room are kept in
+    /// the pinned buffer for the host output. Waits for nothing.
+    fn enqueue(&mut self, payloads: &[Payload], dst: u64, out_bytes: usize) -> Result<()> {
         self.check_count(payloads)?;
         self.cx.bind()?;
+        // Workers up to the first that fails the host checks (`report` names it; the device
+        // checks of the ones before it still run, so the first failure in worker order wins).
+        let upto = payloads
+            .iter()
+            .position(|p| !self.host_check(p))
+            .unwrap_or(payloads.len());
+        let host_ok = upto == payloads.len();
+        let mut up_bytes = 0usize;
+        for (w, p) in payloads[..upto].iter().enumerate() {
+            match p {
+                Payload::Sparse(s) => {
+                    self.ensure_staging(w, s.indices.len())?;
+                    up_bytes += align(s.indices.len() * 4) + align(s.values.len() * 4);
+                }
+                Payload::Sign(s) => {
+                    self.ensure_sign(w)?;
+                    up_bytes += align(s.scales.len() * 4) + align(s.negative.len() * 8);
+                }
+            }
+        }
         let k = self.workers;
+        self.err_at = up_bytes;
+        self.pinned
+            .reserve(&self.cx, up_bytes + align(k * 8) + out_bytes)?;
+        // Host copies into pinned memory (the previous call waited for its transfers).
+        let mut at = 0usize;
+        let mut put = |pinned: &mut Pinned, bytes: &[u8]| -> usize {
+            let o = at;
+            pinned.bytes_mut()[o..o + bytes.len()].copy_from_slice(bytes);
+            at += align(bytes.len());
+            o
+        };
+        let mut offsets = Vec::with_capacity(upto);
+        for p in &payloads[..upto] {
+            offsets.push(match p {
+                Payload::Sparse(s) => (
+                    put(&mut self.pinned, bytemuck::cast_slice(&s.indices)),
+                    put(&mut self.pinned, bytemuck::cast_slice(&s.values)),
+                ),
+                Payload::Sign(s) => (
+                    put(&mut self.pinned, bytemuck::cast_slice(&s.scales)),
+                    put(&mut self.pinned, bytemuck::cast_slice(&s.negative)),
+                ),
+            });
+        }
         self.err_idx.fill(&self.cx, 0xFF, k * 4)?;
         self.err_val.fill(&self.cx, 0xFF, k * 4)?;
         self.any.fill(&self.cx, 0, 4)?;
@@ -203,22 +256,18 @@ impl Aggregator {
             workers: k as u32,
             ..Default::default()
         };
-        let mut host_ok = true;
-        for (w, p) in payloads.iter().enumerate() {
-            if !self.host_check(p) {
-                host_ok = false;
-                break;
-            }
+        for (w, p) in payloads[..upto].iter().enumerate() {
+            let (o1, o2) = offsets[w];
             match p {
                 Payload::Sparse(s) => {
-                    self.ensure_staging(w, s.indices.len())?;
                     let st = &self.staging[w];
-                    st.idx.upload(&self.cx, &s.indices)?;
-                    st.val.upload(&self.cx, &s.values)?;
+                    let len = s.indices.len();
+                    self.pinned.upload(&self.cx, o1, len * 4, st.idx.ptr())?;
+                    self.pinned.upload(&self.cx, o2, len * 4, st.val.ptr())?;
                     let a = AggArgs {
                         idx: st.idx.ptr(),
                         val: st.val.ptr(),
-                        len: s.indices.len() as u32,
+                        len: len as u32,
                         worker: w as u32,
                         ..base
                     };
@@ -230,9 +279,10 @@ impl Aggregator {
                     )?;
                 }
                 Payload::Sign(s) => {
-                    self.ensure_sign(w)?;
-                    self.sign_scales[w].upload(&self.cx, &s.scales)?;
-                    self.sign_words[w].upload(&self.cx, &s.negative)?;
+                    let sc = self.sign_scales[w].ptr();
+                    let wd = self.sign_words[w].ptr();
+                    self.pinned.upload(&self.cx, o1, s.scales.len() * 4, sc)?;
+                    self.pinned.upload(&self.cx, o2, s.negative.len() * 8, wd)?;
                 }
             }
         }
@@ -270,11 +320,27 @@ impl Aggregator {
         self.cx.launch(K::AggFinalize, grid_n, 256, &base)
     }
 
-    /// Waits for the checks and turns the first failure (in worker order) into the error
-    /// the CPU reference gives.
-    fn report(&mut self, payloads: &[Payload]) -> Result<()> {
-        self.err_idx.download(&self.cx, &mut self.host_err_idx)?;
-        self.err_val.download(&self.cx, &mut self.host_err_val)?;
+    /// Enqueues the check results (and, with `out`, the result) into the pinned buffer,
+    /// waits once, and turns the first failure (in worker order) into the error the CPU
+    /// reference gives; on success copies the result into `out`.
+    fn report(&mut self, payloads: &[Payload], out: Option<&mut [f32]>) -> Result<()> {
+        let k = self.workers;
+        let e = self.err_at;
+        let o = e + align(k * 8);
+        self.pinned
+            .download(&self.cx, e, k * 4, self.err_idx.ptr())?;
+        self.pinned
+            .download(&self.cx, e + k * 4, k * 4, self.err_val.ptr())?;
+        if out.is_some() {
+            self.pinned
+                .download(&self.cx, o, self.n * 4, self.out.ptr())?;
+        }
+        self.cx.synchronize()?;
+        let bytes = self.pinned.bytes();
+        self.host_err_idx
+            .copy_from_slice(bytemuck::cast_slice(&bytes[e..e + k * 4]));
+        self.host_err_val
+            .copy_from_slice(bytemuck::cast_slice(&bytes[e + k * 4..e + k * 8]));
         for (w, p) in payloads.iter().enumerate() {
             let device_bad = self.host_err_idx[w] != u32::MAX || self.host_err_val[w] != u32::MAX;
             if !self.host_check(p) || device_bad {
@@ -286,8 +352,17 @@ impl Aggregator {
                 return Err(Error::BadPayload { worker: w, reason });
             }
         }
+        if let Some(out) = out {
+            out.copy_from_slice(bytemuck::cast_slice(&bytes[o..o + self.n * 4]));
+        }
         Ok(())
     }
+}
+
+/// Offsets in the pinned buffer stay 16-byte aligned (it is page-aligned), so its regions
+/// can be viewed as `u32`/`f32`/`u64` slices.
+fn align(bytes: usize) -> usize {
+    bytes.next_multiple_of(16)
 }
 
 impl Aggregate for Aggregator {

@@ -1,21 +1,59 @@
 //! The fused error-feedback compression step on the GPU (SPEC §4-6, §10).
 
 use super::abi::{self, AccArgs, CompactArgs, SelArgs, SignArgs, SmallArgs, SmallGroup};
-use super::context::{Context, DevBuf, download_at};
+use super::context::{Context, DevBuf, Pinned, download_at};
 use super::kernels::Kernel as K;
+use super::launch::{Enqueue, Live, Recorder, StepLaunches};
 use crate::Compress;
 use crate::{
     Config, DType, Element, Error, Group, Layout, Payload, Result, SignPayload, SparsePayload,
 };
 use cudarc::driver::{CudaSlice, DevicePtr};
 
-/// Groups up to this size are selected by one thread block each (`select_small`), larger
-/// ones by the grid-wide radix passes, which run one group after another. In per-layer
-/// mode the block path goes up to 2^20 elements: many mid-sized layers then share one
-/// launch across the SMs instead of paying ~25 launches each. One global group is better
-/// served by the whole grid as soon as it outgrows a block's few passes over L2.
-const BLOCK_MAX_GLOBAL: usize = 1 << 15;
-const BLOCK_MAX_PER_LAYER: usize = 1 << 20;
+/// Cut-offs between the two selection paths: groups up to the cut-off are selected by one
+/// thread block each (`select_small`, all of them in one launch), larger ones by the
+/// grid-wide radix passes, which run one group after another (about 12 launches per
+/// top-k group, 25 per rTop-k group, see [`launches_per_step`]). The right cut-off is a
+/// trade between launches and the tail of one block working through a big group alone
+/// (about 8 passes over it from L2); it is a parameter so that a GPU can measure it
+/// (`benches/cuda.rs`, `ef_topk_per_layer_block_max_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// Global mode (one group): a block serves it up to this many elements (default 2^15).
+    pub block_max_global: usize,
+    /// Per-layer mode: a block serves a layer up to this many elements (default 2^20).
+    pub block_max_per_layer: usize,
+    /// Global mode with one grid-wide top-r group: fuse its first radix histogram into
+    /// `ef_accumulate` (default), or run it as a separate `sel_pass` (for measuring the
+    /// fused histogram's cost, `benches/cuda.rs`).
+    pub fuse_histogram: bool,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            block_max_global: 1 << 15,
+            block_max_per_layer: 1 << 20,
+            fuse_histogram: true,
+        }
+    }
+}
+
+impl Tuning {
+    fn block_max(&self, mode: crate::Mode) -> Result<usize> {
+        let m = match mode {
+            crate::Mode::Global => self.block_max_global,
+            crate::Mode::PerLayer => self.block_max_per_layer,
+        };
+        if m == 0 {
+            return Err(Error::InvalidConfig(
+                "Tuning: a block cut-off of 0 elements".into(),
+            ));
+        }
+        Ok(m)
+    }
+}
+
 /// Threads of a `select_small` block.
 const BLOCK_THREADS: u32 = 1024;
 /// Words of a compaction tile (`TILE_WORDS` in kernels/select.cu).
@@ -31,40 +69,209 @@ struct BigGroup {
     scale: f32,
 }
 
-#[derive(Debug)]
-struct Sparse {
-    out_idx: DevBuf,
-    out_val: DevBuf,
-    sent: usize,
-    small: DevBuf,
-    n_small: u32,
+/// The host half of a sparse plan: which groups take which path and the scratch sizes.
+/// Pure data, so the launch sequence can be derived without a device.
+#[derive(Debug, Clone)]
+struct SparseShape {
+    small: Vec<SmallGroup>,
     big: Vec<BigGroup>,
-    sel: DevBuf,
-    cand: DevBuf,
-    cand_cap: u32,
-    list: DevBuf,
-    defbits: DevBuf,
-    tiebits: DevBuf,
-    tiles: DevBuf,
+    /// Payload entries (sum of k).
+    sent: usize,
+    cand_cap: usize,
+    max_list: usize,
+    max_tiles: usize,
     /// Words of each bitmap.
     words: usize,
     /// Whether a block-sized group runs both stages (its top-r set goes through `defbits`).
     small_member: bool,
+    need_defbits: bool,
+    need_tiebits: bool,
     /// Global mode with one big top-r group: its first histogram rides on the accumulate pass.
     fused: bool,
 }
 
+impl SparseShape {
+    fn new(layout: &Layout, config: &Config, groups: &[Group], tuning: &Tuning) -> Result<Self> {
+        let block_max = tuning.block_max(config.mode)?;
+        let mut small = Vec::new();
+        let mut big = Vec::new();
+        let mut off = 0usize;
+        for g in groups {
+            let len = g.range.len();
+            if g.k > 0 {
+                let entry = (g.range.start as u32, len as u32, g.r as u32, g.k as u32);
+                if len <= block_max {
+                    small.push(SmallGroup {
+                        lo: entry.0,
+                        len: entry.1,
+                        r: entry.2,
+                        k: entry.3,
+                        out_off: off as u32,
+                        scale: g.scale,
+                    });
+                } else {
+                    big.push(BigGroup {
+                        lo: entry.0,
+                        len: entry.1,
+                        r: entry.2,
+                        k: entry.3,
+                        out_off: off as u32,
+                        scale: g.scale,
+                    });
+                }
+            }
+            off += g.k;
+        }
+        let max_big = big.iter().map(|g| g.len as usize).max().unwrap_or(0);
+        // The candidate buffer takes over once the elements sharing the pivot prefix fit;
+        // n/16 covers the pivot bin of 1% selections on smooth data with a wide margin.
+        let cand_cap = if max_big == 0 {
+            0
+        } else {
+            (max_big / 16).max(1 << 16).min(max_big)
+        };
+        let max_list = big
+            .iter()
+            .filter(|g| g.k < g.r && g.r < g.len)
+            .map(|g| g.r as usize)
+            .max()
+            .unwrap_or(0);
+        let max_tiles = big.iter().map(|g| tiles_of(g.lo, g.len)).max().unwrap_or(0);
+        // Block-sized rTop-k groups keep their top-r set in `defbits` between the stages.
+        let small_member = small.iter().any(|g| g.k < g.r && g.r < g.len);
+        let fused = tuning.fuse_histogram
+            && config.mode == crate::Mode::Global
+            && big.len() == 1
+            && big[0].r < big[0].len;
+        Ok(Self {
+            small,
+            sent: off,
+            cand_cap,
+            max_list,
+            max_tiles,
+            words: layout.n().div_ceil(32) + 1,
+            small_member,
+            need_defbits: max_big > 0 || small_member,
+            need_tiebits: max_big > 0,
+            fused,
+            big,
+        })
+    }
+}
+
+/// Device addresses of a sparse plan's buffers (all 0 in a dry run).
+#[derive(Debug, Clone, Copy, Default)]
+struct SparsePtrs {
+    out_idx: u64,
+    out_val: u64,
+    small: u64,
+    sel: u64,
+    cand: u64,
+    list: u64,
+    defbits: u64,
+    tiebits: u64,
+    tiles: u64,
+}
+
+#[derive(Debug)]
+struct Sparse {
+    shape: SparseShape,
+    out_idx: DevBuf,
+    out_val: DevBuf,
+    small: DevBuf,
+    sel: DevBuf,
+    cand: DevBuf,
+    list: DevBuf,
+    defbits: DevBuf,
+    tiebits: DevBuf,
+    tiles: DevBuf,
+}
+
+impl Sparse {
+    fn ptrs(&self) -> SparsePtrs {
+        SparsePtrs {
+            out_idx: self.out_idx.ptr(),
+            out_val: self.out_val.ptr(),
+            small: self.small.ptr(),
+            sel: self.sel.ptr(),
+            cand: self.cand.ptr(),
+            list: self.list.ptr(),
+            defbits: self.defbits.ptr(),
+            tiebits: self.tiebits.ptr(),
+            tiles: self.tiles.ptr(),
+        }
+    }
+}
+
+/// The host half of a scaled-sign plan.
+#[derive(Debug, Clone)]
+struct SignShape {
+    items: Vec<abi::Item>,
+    first: Vec<u32>,
+    lens: Vec<u32>,
+    n_words64: usize,
+}
+
+impl SignShape {
+    fn new(layout: &Layout, groups: &[Group]) -> Self {
+        let ranges: Vec<_> = groups.iter().map(|g| g.range.clone()).collect();
+        let (items, first) = abi::items(&ranges);
+        Self {
+            lens: ranges.iter().map(|r| r.len() as u32).collect(),
+            items,
+            first,
+            n_words64: layout.n().div_ceil(64),
+        }
+    }
+
+    fn n_items(&self) -> u32 {
+        self.items.len() as u32
+    }
+
+    fn ngroups(&self) -> u32 {
+        self.lens.len() as u32
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct SignPtrs {
+    items: u64,
+    partial: u64,
+    group_items: u64,
+    group_len: u64,
+    scales: u64,
+    words: u64,
+}
+
 #[derive(Debug)]
 struct Sign {
+    shape: SignShape,
     items: DevBuf,
-    n_items: u32,
     partial: DevBuf,
     group_items: DevBuf,
     group_len: DevBuf,
     scales: DevBuf,
     words: DevBuf,
-    n_words64: usize,
-    ngroups: u32,
+}
+
+impl Sign {
+    fn ptrs(&self) -> SignPtrs {
+        SignPtrs {
+            items: self.items.ptr(),
+            partial: self.partial.ptr(),
+            group_items: self.group_items.ptr(),
+            group_len: self.group_len.ptr(),
+            scales: self.scales.ptr(),
+            words: self.words.ptr(),
+        }
+    }
+}
+
+/// A method's plan as the step code sees it: the shape and where its buffers are.
+#[derive(Clone, Copy)]
+enum MethodView<'a> {
+    Sparse(&'a SparseShape, SparsePtrs),
+    Sign(&'a SignShape, SignPtrs),
 }
 
 #[derive(Debug)]
@@ -103,12 +310,27 @@ pub struct Compressor {
     host: Payload,
     /// Device copy of a host gradient (`Compress::step`), allocated on the first call.
     upload: Option<CudaSlice<u8>>,
+    tuning: Tuning,
+    /// Page-locked staging for `read_payload`: status and payload come back in one wait.
+    pinned: Pinned,
+    /// Kernel launches and memsets the last `step_raw` enqueued.
+    launches: (u32, u32),
 }
 
 impl Compressor {
     /// Builds the plan for `layout` and `config` on `cx`'s device. Errors when the
     /// configuration is out of its domain or the device runs out of memory.
     pub fn new(cx: &Context, layout: &Layout, config: &Config) -> Result<Self> {
+        Self::with_tuning(cx, layout, config, &Tuning::default())
+    }
+
+    /// As [`Compressor::new`] with explicit cut-offs between the selection paths.
+    pub fn with_tuning(
+        cx: &Context,
+        layout: &Layout,
+        config: &Config,
+        tuning: &Tuning,
+    ) -> Result<Self> {
         let groups = config.plan_groups(layout)?;
         let n = layout.n();
         let e = [DevBuf::zeroed(cx, n * 4)?, DevBuf::zeroed(cx, n * 4)?];
@@ -128,9 +350,12 @@ impl Compressor {
             momentum: config.momentum,
         };
         let method = if config.is_sparse() {
-            Method::Sparse(Self::plan_sparse(cx, layout, config, &groups)?)
+            Method::Sparse(Self::plan_sparse(
+                cx,
+                SparseShape::new(layout, config, &groups, tuning)?,
+            )?)
         } else {
-            Method::Sign(Self::plan_sign(cx, layout, &groups)?)
+            Method::Sign(Self::plan_sign(cx, SignShape::new(layout, &groups))?)
         };
         Ok(Self {
             cx: cx.clone(),
@@ -147,103 +372,67 @@ impl Compressor {
             rejected_before: 0,
             host: Payload::default(),
             upload: None,
+            tuning: *tuning,
+            pinned: Pinned::new(cx),
+            launches: (0, 0),
         })
     }
 
-    fn plan_sparse(
-        cx: &Context,
-        layout: &Layout,
-        config: &Config,
-        groups: &[Group],
-    ) -> Result<Sparse> {
-        let mut small = Vec::new();
-        let mut big = Vec::new();
-        let mut off = 0usize;
-        let block_max = match config.mode {
-            crate::Mode::Global => BLOCK_MAX_GLOBAL,
-            crate::Mode::PerLayer => BLOCK_MAX_PER_LAYER,
-        };
-        for g in groups {
-            let len = g.range.len();
-            if g.k > 0 {
-                if len <= block_max {
-                    small.push(SmallGroup {
-                        lo: g.range.start as u32,
-                        len: len as u32,
-                        r: g.r as u32,
-                        k: g.k as u32,
-                        out_off: off as u32,
-                        scale: g.scale,
-                    });
-                } else {
-                    big.push(BigGroup {
-                        lo: g.range.start as u32,
-                        len: len as u32,
-                        r: g.r as u32,
-                        k: g.k as u32,
-                        out_off: off as u32,
-                        scale: g.scale,
-                    });
-                }
-            }
-            off += g.k;
-        }
-        let max_big = big.iter().map(|g| g.len as usize).max().unwrap_or(0);
-        // The candidate buffer takes over once the elements sharing the pivot prefix fit;
-        // n/16 covers the pivot bin of 1% selections on smooth data with a wide margin.
-        let cand_cap = if max_big == 0 {
-            0
-        } else {
-            (max_big / 16).max(1 << 16).min(max_big)
-        };
-        let max_list = big
-            .iter()
-            .filter(|g| g.k < g.r && g.r < g.len)
-            .map(|g| g.r as usize)
-            .max()
-            .unwrap_or(0);
-        let max_tiles = big.iter().map(|g| tiles_of(g.lo, g.len)).max().unwrap_or(0);
-        let words = layout.n().div_ceil(32) + 1;
-        // Block-sized rTop-k groups keep their top-r set in `defbits` between the stages.
-        let small_member = small.iter().any(|g| g.k < g.r && g.r < g.len);
-        let need_bits = max_big > 0 || small_member;
-        let fused = config.mode == crate::Mode::Global && big.len() == 1 && big[0].r < big[0].len;
+    fn plan_sparse(cx: &Context, shape: SparseShape) -> Result<Sparse> {
         Ok(Sparse {
-            out_idx: DevBuf::zeroed(cx, off * 4)?,
-            out_val: DevBuf::zeroed(cx, off * 4)?,
-            sent: off,
-            n_small: small.len() as u32,
-            small: DevBuf::from_slice(cx, &small)?,
-            big,
+            out_idx: DevBuf::zeroed(cx, shape.sent * 4)?,
+            out_val: DevBuf::zeroed(cx, shape.sent * 4)?,
+            small: DevBuf::from_slice(cx, &shape.small)?,
             sel: DevBuf::zeroed(cx, abi::SEL_STATE_BYTES)?,
-            cand: DevBuf::zeroed(cx, cand_cap * 4)?,
-            cand_cap: cand_cap as u32,
-            list: DevBuf::zeroed(cx, max_list * 4)?,
-            defbits: DevBuf::zeroed(cx, if need_bits { words * 4 } else { 0 })?,
-            tiebits: DevBuf::zeroed(cx, if max_big > 0 { words * 4 } else { 0 })?,
-            tiles: DevBuf::zeroed(cx, max_tiles * 8)?,
-            words,
-            small_member,
-            fused,
+            cand: DevBuf::zeroed(cx, shape.cand_cap * 4)?,
+            list: DevBuf::zeroed(cx, shape.max_list * 4)?,
+            defbits: DevBuf::zeroed(
+                cx,
+                if shape.need_defbits {
+                    shape.words * 4
+                } else {
+                    0
+                },
+            )?,
+            tiebits: DevBuf::zeroed(
+                cx,
+                if shape.need_tiebits {
+                    shape.words * 4
+                } else {
+                    0
+                },
+            )?,
+            tiles: DevBuf::zeroed(cx, shape.max_tiles * 8)?,
+            shape,
         })
     }
 
-    fn plan_sign(cx: &Context, layout: &Layout, groups: &[Group]) -> Result<Sign> {
-        let ranges: Vec<_> = groups.iter().map(|g| g.range.clone()).collect();
-        let (items, first) = abi::items(&ranges);
-        let lens: Vec<u32> = ranges.iter().map(|r| r.len() as u32).collect();
-        let n_words64 = layout.n().div_ceil(64);
+    fn plan_sign(cx: &Context, shape: SignShape) -> Result<Sign> {
         Ok(Sign {
-            n_items: items.len() as u32,
-            items: DevBuf::from_slice(cx, &items)?,
-            partial: DevBuf::zeroed(cx, items.len() * 8)?,
-            group_items: DevBuf::from_slice(cx, &first)?,
-            group_len: DevBuf::from_slice(cx, &lens)?,
-            scales: DevBuf::zeroed(cx, groups.len() * 4)?,
-            words: DevBuf::zeroed(cx, n_words64 * 8)?,
-            n_words64,
-            ngroups: groups.len() as u32,
+            items: DevBuf::from_slice(cx, &shape.items)?,
+            partial: DevBuf::zeroed(cx, shape.items.len() * 8)?,
+            group_items: DevBuf::from_slice(cx, &shape.first)?,
+            group_len: DevBuf::from_slice(cx, &shape.lens)?,
+            scales: DevBuf::zeroed(cx, shape.lens.len() * 4)?,
+            words: DevBuf::zeroed(cx, shape.n_words64 * 8)?,
+            shape,
         })
+    }
+
+    /// Kernel launches the last step enqueued (0 before the first): the number
+    /// [`launches_per_step`] predicts without a device, counted here on the real path.
+    pub fn launches_last_step(&self) -> u32 {
+        self.launches.0
+    }
+
+    /// Stream memsets the last step enqueued.
+    pub fn memsets_last_step(&self) -> u32 {
+        self.launches.1
+    }
+
+    /// The cut-offs this plan was built with.
+    pub fn tuning(&self) -> &Tuning {
+        &self.tuning
     }
 
     /// [`Compress::step_device`] on a raw device pointer, for frameworks that hand out
@@ -265,101 +454,14 @@ impl Compressor {
         // halfway must not let read_payload hand out the previous step's payload again.
         self.stepped = false;
         self.cx.bind()?;
-        let cx = &self.cx;
-        let b = self.bufs;
-        let n = self.layout.n() as u64;
-        cx.launch(K::EfBegin, 1, 1, &b)?;
-        let (t_lo, t_hi) = (step as u32, (step >> 32) as u32);
-        let (s_lo, s_hi) = (self.config.seed as u32, (self.config.seed >> 32) as u32);
-        let acc = |sel_state: u64| -> Result<()> {
-            cx.launch_for(
-                K::EfAccumulate,
-                dtype,
-                cx.grid_for(n, 256),
-                256,
-                &AccArgs { b, grad, sel_state },
-            )
+        let view = match &self.method {
+            Method::Sparse(sp) => MethodView::Sparse(&sp.shape, sp.ptrs()),
+            Method::Sign(sg) => MethodView::Sign(&sg.shape, sg.ptrs()),
         };
-        match &self.method {
-            Method::Sparse(sp) => {
-                let base = SelArgs {
-                    b,
-                    state: sp.sel.ptr(),
-                    cand: sp.cand.ptr(),
-                    list: 0,
-                    defbits: sp.defbits.ptr(),
-                    tiebits: sp.tiebits.ptr(),
-                    cand_cap: sp.cand_cap,
-                    worker: self.config.worker,
-                    t_lo,
-                    t_hi,
-                    s_lo,
-                    s_hi,
-                    ..Default::default()
-                };
-                if sp.fused {
-                    let g = sp.big[0];
-                    let a = SelArgs {
-                        lo: g.lo,
-                        len: g.len,
-                        m: g.r,
-                        kind: 0,
-                        ..base
-                    };
-                    cx.launch(
-                        K::SelClearBits,
-                        cx.grid_for(words_of(g.lo, g.len) as u64, 256),
-                        256,
-                        &a,
-                    )?;
-                    cx.launch(K::SelReset, 1, 1024, &a)?;
-                    acc(sp.sel.ptr())?;
-                } else {
-                    acc(0)?;
-                }
-                if sp.n_small > 0 {
-                    if sp.small_member {
-                        sp.defbits.fill(cx, 0, sp.words * 4)?;
-                    }
-                    let a = SmallArgs {
-                        b,
-                        groups: sp.small.ptr(),
-                        out_idx: sp.out_idx.ptr(),
-                        out_val: sp.out_val.ptr(),
-                        member: sp.defbits.ptr(),
-                        worker: self.config.worker,
-                        t_lo,
-                        t_hi,
-                        s_lo,
-                        s_hi,
-                        dtype: u32::from(self.config.values.code()),
-                    };
-                    cx.launch(K::SelectSmall, sp.n_small, BLOCK_THREADS, &a)?;
-                }
-                for (j, g) in sp.big.iter().enumerate() {
-                    run_big(cx, sp, g, base, sp.fused && j == 0, self.config.values)?;
-                }
-            }
-            Method::Sign(sg) => {
-                sg.words.fill(cx, 0, sg.n_words64 * 8)?;
-                acc(0)?;
-                let a = SignArgs {
-                    b,
-                    items: sg.items.ptr(),
-                    partial: sg.partial.ptr(),
-                    group_items: sg.group_items.ptr(),
-                    group_len: sg.group_len.ptr(),
-                    scales: sg.scales.ptr(),
-                    words: sg.words.ptr(),
-                    ngroups: sg.ngroups,
-                    pad: 0,
-                };
-                cx.launch(K::SignPartial, sg.n_items, 256, &a)?;
-                cx.launch(K::SignMerge, sg.ngroups, 256, &a)?;
-                cx.launch(K::SignApply, sg.n_items, 256, &a)?;
-            }
-        }
-        cx.launch(K::EfCommit, 1, 1, &b)?;
+        let mut live = Live::new(&self.cx);
+        let r = enqueue_step(&mut live, self.bufs, &self.config, view, grad, dtype, step);
+        self.launches = (live.launches, live.memsets);
+        r?;
         self.stepped = true;
         self.enqueued = self.enqueued.wrapping_add(1);
         Ok(())
@@ -402,7 +504,40 @@ impl Compressor {
                 "no payload to read: no step has been enqueued since the plan was built or since the last step failed to launch".into(),
             ));
         }
-        self.check()?;
+        // Status and payload are copied into pinned memory together; one wait.
+        const ST: usize = size_of::<abi::StepStatus>();
+        let a16 = |b: usize| b.next_multiple_of(16);
+        let cx = &self.cx;
+        cx.bind()?;
+        let (len1, len2, src1, src2) = match &self.method {
+            Method::Sparse(sp) => (
+                sp.shape.sent * 4,
+                sp.shape.sent * 4,
+                sp.out_idx.ptr(),
+                sp.out_val.ptr(),
+            ),
+            Method::Sign(sg) => (
+                sg.shape.ngroups() as usize * 4,
+                sg.shape.n_words64 * 8,
+                sg.scales.ptr(),
+                sg.words.ptr(),
+            ),
+        };
+        let (o1, o2) = (a16(ST), a16(ST) + a16(len1));
+        self.pinned.reserve(cx, o2 + len2)?;
+        self.pinned.download(cx, 0, ST, self.status.ptr())?;
+        self.pinned.download(cx, o1, len1, src1)?;
+        self.pinned.download(cx, o2, len2, src2)?;
+        cx.synchronize()?;
+        let bytes = self.pinned.bytes();
+        let st: abi::StepStatus = bytemuck::pod_read_unaligned(&bytes[..ST]);
+        if st.bad_count > 0 {
+            return Err(Error::NonFinite {
+                count: st.bad_count,
+                first_index: st.first_bad,
+            });
+        }
+        let (b1, b2) = (&bytes[o1..o1 + len1], &bytes[o2..o2 + len2]);
         let n = self.layout.n() as u32;
         match &self.method {
             Method::Sparse(sp) => {
@@ -414,12 +549,13 @@ impl Compressor {
                 };
                 p.n = n;
                 p.values_dtype = self.config.values;
-                p.indices.resize(sp.sent, 0);
-                p.values.resize(sp.sent, 0.0);
-                sp.out_idx.download(&self.cx, &mut p.indices)?;
-                sp.out_val.download(&self.cx, &mut p.values)?;
+                p.indices.clear();
+                p.indices.extend_from_slice(bytemuck::cast_slice(b1));
+                p.values.clear();
+                p.values.extend_from_slice(bytemuck::cast_slice(b2));
+                debug_assert_eq!(p.indices.len(), sp.shape.sent);
             }
-            Method::Sign(sg) => {
+            Method::Sign(_) => {
                 if !matches!(out, Payload::Sign(_)) {
                     *out = Payload::Sign(SignPayload::default());
                 }
@@ -427,11 +563,11 @@ impl Compressor {
                     unreachable!()
                 };
                 p.n = n;
-                p.scales.resize(sg.ngroups as usize, 0.0);
-                p.negative.resize(sg.n_words64, 0);
-                sg.scales.download(&self.cx, &mut p.scales)?;
+                p.scales.clear();
+                p.scales.extend_from_slice(bytemuck::cast_slice(b1));
                 // Two little-endian u32 halves per u64 word: the same bytes.
-                sg.words.download(&self.cx, &mut p.negative)?;
+                p.negative.clear();
+                p.negative.extend_from_slice(bytemuck::cast_slice(b2));
             }
         }
         Ok(())
@@ -444,8 +580,8 @@ impl Compressor {
     /// Check [`Compressor::check`] before trusting them.
     pub fn device_payload(&self) -> (u64, u64, usize) {
         match &self.method {
-            Method::Sparse(sp) => (sp.out_idx.ptr(), sp.out_val.ptr(), sp.sent),
-            Method::Sign(sg) => (sg.words.ptr(), sg.scales.ptr(), sg.ngroups as usize),
+            Method::Sparse(sp) => (sp.out_idx.ptr(), sp.out_val.ptr(), sp.shape.sent),
+            Method::Sign(sg) => (sg.words.ptr(), sg.scales.ptr(), sg.shape.ngroups() as usize),
         }
     }
 
@@ -588,7 +724,7 @@ impl Compress for Compressor {
     /// Builds the new plan, then copies the current residual (and momentum) into it device
     /// to device on the stream; the old plan's buffers are freed once that copy is done.
     fn reconfigure(&mut self, config: &Config) -> Result<()> {
-        let mut fresh = Compressor::new(&self.cx, &self.layout, config)?;
+        let mut fresh = Compressor::with_tuning(&self.cx, &self.layout, config, &self.tuning)?;
         let bytes = self.layout.n() * 4;
         let e = self.current(false)?;
         // A fresh plan's current half is the first one (its status word is zero).
@@ -599,6 +735,7 @@ impl Compress for Compressor {
         }
         fresh.rejected_before = Compressor::rejected_steps(self)?;
         fresh.upload = self.upload.take();
+        std::mem::swap(&mut fresh.pinned, &mut self.pinned);
         *self = fresh;
         Ok(())
     }
@@ -641,66 +778,205 @@ pub(crate) fn tiles_of(lo: u32, len: u32) -> usize {
     words_of(lo, len).div_ceil(TILE_WORDS)
 }
 
+/// Kernel launches (and memsets) one step of `config` on `layout` enqueues, on a device of
+/// `sms` multiprocessors, without a device: the same code as [`Compressor::step_raw`] run
+/// against a recorder instead of the stream. For the launch budget of a layout (each launch
+/// is a few microseconds of gap on the GPU, whatever the work behind it).
+pub fn launches_per_step(
+    layout: &Layout,
+    config: &Config,
+    tuning: &Tuning,
+    sms: u32,
+) -> Result<StepLaunches> {
+    let groups = config.plan_groups(layout)?;
+    let mut rec = Recorder {
+        sms,
+        log: StepLaunches::default(),
+    };
+    let b = abi::StepBuffers {
+        n: layout.n() as u32,
+        momentum: config.momentum,
+        ..Default::default()
+    };
+    if config.is_sparse() {
+        let shape = SparseShape::new(layout, config, &groups, tuning)?;
+        let view = MethodView::Sparse(&shape, SparsePtrs::default());
+        enqueue_step(&mut rec, b, config, view, 0, DType::F32, 1)?;
+    } else {
+        let shape = SignShape::new(layout, &groups);
+        let view = MethodView::Sign(&shape, SignPtrs::default());
+        enqueue_step(&mut rec, b, config, view, 0, DType::F32, 1)?;
+    }
+    Ok(rec.log)
+}
+
+/// The whole step, in stream order: every kernel and memset of one error-feedback step.
+fn enqueue_step<E: Enqueue>(
+    e: &mut E,
+    b: abi::StepBuffers,
+    config: &Config,
+    method: MethodView<'_>,
+    grad: u64,
+    dtype: DType,
+    step: u64,
+) -> Result<()> {
+    let n = u64::from(b.n);
+    e.launch(K::EfBegin, None, 1, 1, &b)?;
+    let (t_lo, t_hi) = (step as u32, (step >> 32) as u32);
+    let (s_lo, s_hi) = (config.seed as u32, (config.seed >> 32) as u32);
+    let acc = |e: &mut E, sel_state: u64| -> Result<()> {
+        let grid = e.grid_for(n, 256);
+        e.launch(
+            K::EfAccumulate,
+            Some(dtype),
+            grid,
+            256,
+            &AccArgs { b, grad, sel_state },
+        )
+    };
+    match method {
+        MethodView::Sparse(sp, ptr) => {
+            let base = SelArgs {
+                b,
+                state: ptr.sel,
+                cand: ptr.cand,
+                list: 0,
+                defbits: ptr.defbits,
+                tiebits: ptr.tiebits,
+                cand_cap: sp.cand_cap as u32,
+                worker: config.worker,
+                t_lo,
+                t_hi,
+                s_lo,
+                s_hi,
+                ..Default::default()
+            };
+            if sp.fused {
+                let g = sp.big[0];
+                let a = SelArgs {
+                    lo: g.lo,
+                    len: g.len,
+                    m: g.r,
+                    kind: 0,
+                    ..base
+                };
+                let clear = e.grid_for(words_of(g.lo, g.len) as u64, 256);
+                e.launch(K::SelClearBits, None, clear, 256, &a)?;
+                e.launch(K::SelReset, None, 1, 1024, &a)?;
+                acc(e, ptr.sel)?;
+            } else {
+                acc(e, 0)?;
+            }
+            if !sp.small.is_empty() {
+                if sp.small_member {
+                    e.memset(ptr.defbits, 0, sp.words * 4)?;
+                }
+                let a = SmallArgs {
+                    b,
+                    groups: ptr.small,
+                    out_idx: ptr.out_idx,
+                    out_val: ptr.out_val,
+                    member: ptr.defbits,
+                    worker: config.worker,
+                    t_lo,
+                    t_hi,
+                    s_lo,
+                    s_hi,
+                    dtype: u32::from(config.values.code()),
+                };
+                e.launch(
+                    K::SelectSmall,
+                    None,
+                    sp.small.len() as u32,
+                    BLOCK_THREADS,
+                    &a,
+                )?;
+            }
+            for (j, g) in sp.big.iter().enumerate() {
+                run_big(e, &ptr, g, base, sp.fused && j == 0, config.values)?;
+            }
+        }
+        MethodView::Sign(sg, ptr) => {
+            e.memset(ptr.words, 0, sg.n_words64 * 8)?;
+            acc(e, 0)?;
+            let a = SignArgs {
+                b,
+                items: ptr.items,
+                partial: ptr.partial,
+                group_items: ptr.group_items,
+                group_len: ptr.group_len,
+                scales: ptr.scales,
+                words: ptr.words,
+                ngroups: sg.ngroups(),
+                pad: 0,
+            };
+            e.launch(K::SignPartial, None, sg.n_items(), 256, &a)?;
+            e.launch(K::SignMerge, None, sg.ngroups(), 256, &a)?;
+            e.launch(K::SignApply, None, sg.n_items(), 256, &a)?;
+        }
+    }
+    e.launch(K::EfCommit, None, 1, 1, &b)
+}
+
 /// One grid-wide radix selection of `a.m` elements: clear the group's bitmaps, reset the
 /// state, histogram digit 0 (unless the accumulate pass already did), then three rounds of
 /// pivot search and filtering passes; the last pass marks the selected set and the ties.
-pub(crate) fn radix_stage(
-    cx: &Context,
+pub(crate) fn radix_stage<E: Enqueue>(
+    e: &mut E,
     a: SelArgs,
     pass0_done: bool,
     grid: u32,
     clear_grid: u32,
 ) -> Result<()> {
     if !pass0_done {
-        cx.launch(K::SelClearBits, clear_grid, 256, &a)?;
-        cx.launch(K::SelReset, 1, 1024, &a)?;
-        cx.launch(K::SelPass, grid, 256, &SelArgs { pass: 0, ..a })?;
+        e.launch(K::SelClearBits, None, clear_grid, 256, &a)?;
+        e.launch(K::SelReset, None, 1, 1024, &a)?;
+        e.launch(K::SelPass, None, grid, 256, &SelArgs { pass: 0, ..a })?;
     }
     for d in 0..3 {
-        cx.launch(K::SelFind, 1, 1024, &SelArgs { pass: d, ..a })?;
-        cx.launch(K::SelPass, grid, 256, &SelArgs { pass: d + 1, ..a })?;
+        e.launch(K::SelFind, None, 1, 1024, &SelArgs { pass: d, ..a })?;
+        e.launch(K::SelPass, None, grid, 256, &SelArgs { pass: d + 1, ..a })?;
     }
     Ok(())
 }
 
+/// The ordered compaction of a group's bitmaps: tile counts, their scan, the emit.
+pub(crate) fn compact<E: Enqueue>(e: &mut E, c: &CompactArgs) -> Result<()> {
+    e.launch(K::CompactCount, None, c.ntiles, TILE_WORDS as u32, c)?;
+    e.launch(K::CompactScan, None, 1, 1024, c)?;
+    e.launch(K::CompactEmit, None, c.ntiles, TILE_WORDS as u32, c)
+}
+
 /// The grid-wide selection of one big group: top-r on magnitudes (and/or random-k on
 /// Philox keys), then the ordered compaction into the payload.
-fn run_big(
-    cx: &Context,
-    sp: &Sparse,
+fn run_big<E: Enqueue>(
+    e: &mut E,
+    sp: &SparsePtrs,
     g: &BigGroup,
     base: SelArgs,
     fused: bool,
     values: DType,
 ) -> Result<()> {
-    let range_grid = cx.grid_for(g.len as u64, 256);
-    let clear_grid = cx.grid_for(words_of(g.lo, g.len) as u64, 256);
+    let range_grid = e.grid_for(g.len as u64, 256);
+    let clear_grid = e.grid_for(words_of(g.lo, g.len) as u64, 256);
     let ntiles = tiles_of(g.lo, g.len) as u32;
-    let stage = |a: SelArgs, pass0_done: bool, grid: u32| -> Result<()> {
-        radix_stage(cx, a, pass0_done, grid, clear_grid)
-    };
-    let compact = |payload: bool| -> Result<()> {
-        let c = CompactArgs {
-            b: base.b,
-            state: sp.sel.ptr(),
-            defbits: sp.defbits.ptr(),
-            tiebits: sp.tiebits.ptr(),
-            tiles: sp.tiles.ptr(),
-            out_list: sp.list.ptr(),
-            out_idx: sp.out_idx.ptr(),
-            out_val: sp.out_val.ptr(),
-            lo: g.lo,
-            len: g.len,
-            ntiles,
-            out_off: g.out_off,
-            scale: g.scale,
-            dtype: u32::from(values.code()),
-            payload: u32::from(payload),
-            pad: 0,
-        };
-        cx.launch(K::CompactCount, ntiles, TILE_WORDS as u32, &c)?;
-        cx.launch(K::CompactScan, 1, 1024, &c)?;
-        cx.launch(K::CompactEmit, ntiles, TILE_WORDS as u32, &c)
+    let cargs = |payload: bool| CompactArgs {
+        b: base.b,
+        state: sp.sel,
+        defbits: sp.defbits,
+        tiebits: sp.tiebits,
+        tiles: sp.tiles,
+        out_list: sp.list,
+        out_idx: sp.out_idx,
+        out_val: sp.out_val,
+        lo: g.lo,
+        len: g.len,
+        ntiles,
+        out_off: g.out_off,
+        scale: g.scale,
+        dtype: u32::from(values.code()),
+        payload: u32::from(payload),
+        pad: 0,
     };
     let range = SelArgs {
         lo: g.lo,
@@ -710,8 +986,8 @@ fn run_big(
     if g.k == g.len {
         let c = CompactArgs {
             b: base.b,
-            out_idx: sp.out_idx.ptr(),
-            out_val: sp.out_val.ptr(),
+            out_idx: sp.out_idx,
+            out_val: sp.out_val,
             lo: g.lo,
             len: g.len,
             out_off: g.out_off,
@@ -720,41 +996,201 @@ fn run_big(
             payload: 1,
             ..Default::default()
         };
-        return cx.launch(K::EmitRange, range_grid, 256, &c);
+        return e.launch(K::EmitRange, None, range_grid, 256, &c);
     }
     if g.r < g.len {
-        stage(
-            SelArgs {
-                m: g.r,
-                kind: 0,
-                ..range
-            },
-            fused,
-            range_grid,
-        )?;
+        let a = SelArgs {
+            m: g.r,
+            kind: 0,
+            ..range
+        };
+        radix_stage(e, a, fused, range_grid, clear_grid)?;
         if g.k == g.r {
-            return compact(true);
+            return compact(e, &cargs(true));
         }
-        compact(false)?;
+        compact(e, &cargs(false))?;
         let a = SelArgs {
             m: g.k,
             kind: 1,
-            list: sp.list.ptr(),
+            list: sp.list,
             list_len: g.r,
             ..range
         };
-        stage(a, false, cx.grid_for(g.r as u64, 256))?;
-        compact(true)
+        let list_grid = e.grid_for(g.r as u64, 256);
+        radix_stage(e, a, false, list_grid, clear_grid)?;
+        compact(e, &cargs(true))
     } else {
-        stage(
-            SelArgs {
-                m: g.k,
-                kind: 1,
-                ..range
-            },
-            false,
-            range_grid,
-        )?;
-        compact(true)
+        let a = SelArgs {
+            m: g.k,
+            kind: 1,
+            ..range
+        };
+        radix_stage(e, a, false, range_grid, clear_grid)?;
+        compact(e, &cargs(true))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Mode;
+
+    const SMS: u32 = 132; // H100 SXM / H200
+
+    fn count(sizes: &[usize], config: &Config, tuning: &Tuning) -> StepLaunches {
+        launches_per_step(&Layout::new(sizes).unwrap(), config, tuning, SMS).unwrap()
+    }
+
+    fn per_layer(mut c: Config) -> Config {
+        c.mode = Mode::PerLayer;
+        c
+    }
+
+    /// The launch budget of a step (issue 17), printed for the report: global mode and a
+    /// 200-layer per-layer layout, top-k and rTop-k. Run with `--nocapture` to see it.
+    #[test]
+    fn launches_per_step_report() {
+        let topk = Config::topk(0.01);
+        let rtopk = Config::rtopk(0.05, 0.01);
+        let t = Tuning::default();
+        let big_layers = vec![1usize << 22; 200];
+        // A transformer-like mix: 200 layers from 4K to 4M elements.
+        let mixed: Vec<usize> = (0..200)
+            .map(|i| [1 << 12, (1 << 16) + 1, 1 << 18, (1 << 20) + 4096, 1 << 22][i % 5])
+            .collect();
+        let cases: [(&str, &[usize], Config); 6] = [
+            ("global 2^26 top-k", &[1 << 26], topk.clone()),
+            ("global 2^26 rtop-k", &[1 << 26], rtopk.clone()),
+            (
+                "per-layer 200 x 2^22 top-k",
+                &big_layers,
+                per_layer(topk.clone()),
+            ),
+            (
+                "per-layer 200 x 2^22 rtop-k",
+                &big_layers,
+                per_layer(rtopk.clone()),
+            ),
+            ("per-layer 200 mixed top-k", &mixed, per_layer(topk.clone())),
+            (
+                "per-layer 200 mixed rtop-k",
+                &mixed,
+                per_layer(rtopk.clone()),
+            ),
+        ];
+        for (name, sizes, config) in cases {
+            let l = count(sizes, &config, &t);
+            eprintln!(
+                "{name:32} {:6} launches ({:5} single-block), {} memsets",
+                l.count(),
+                l.single_block(),
+                l.memsets
+            );
+        }
+    }
+
+    #[test]
+    fn launch_sequence_is_the_step() {
+        let t = Tuning::default();
+        // Global top-k of one big group: begin, clear, reset, accumulate (fused pass 0),
+        // 3 x (find, pass), count, scan, emit, commit.
+        let l = count(&[1 << 26], &Config::topk(0.01), &t);
+        let names: Vec<&str> = l.launches.iter().map(|l| l.kernel).collect();
+        assert_eq!(
+            names,
+            [
+                "ef_begin",
+                "sel_clear_bits",
+                "sel_reset",
+                "ef_accumulate_f32",
+                "sel_find",
+                "sel_pass",
+                "sel_find",
+                "sel_pass",
+                "sel_find",
+                "sel_pass",
+                "compact_count",
+                "compact_scan",
+                "compact_emit",
+                "ef_commit"
+            ]
+        );
+        // The accumulate grid fills 132 SMs x 8 blocks.
+        assert_eq!(l.launches[3].grid, SMS * 8);
+        // Global rTop-k: + list compaction, a second 9-launch stage and a second compaction.
+        let l = count(&[1 << 26], &Config::rtopk(0.05, 0.01), &t);
+        assert_eq!(l.count(), 14 + 3 + 9);
+        // Per layer: 12 launches per big top-k layer, 25 per big rTop-k layer (plus the
+        // step's own begin / accumulate / commit).
+        let big = vec![1usize << 22; 200];
+        let l = count(&big, &per_layer(Config::topk(0.01)), &t);
+        assert_eq!(l.count(), 3 + 200 * 12);
+        assert_eq!(l.single_block(), 2 + 200 * 5);
+        let l = count(&big, &per_layer(Config::rtopk(0.05, 0.01)), &t);
+        assert_eq!(l.count(), 3 + 200 * 24);
+        // Block-sized layers all share one launch.
+        let small = vec![1usize << 16; 200];
+        let l = count(&small, &per_layer(Config::topk(0.01)), &t);
+        assert_eq!(l.count(), 4);
+        assert_eq!(l.launches[2].kernel, "select_small");
+        assert_eq!(l.launches[2].grid, 200);
+        // The cut-off moves layers between the paths.
+        let lower = Tuning {
+            block_max_per_layer: 1 << 15,
+            ..t
+        };
+        assert_eq!(
+            count(&small, &per_layer(Config::topk(0.01)), &lower).count(),
+            3 + 200 * 12
+        );
+        assert!(
+            launches_per_step(
+                &Layout::new(&small).unwrap(),
+                &Config::topk(0.01),
+                &Tuning {
+                    block_max_global: 0,
+                    ..t
+                },
+                SMS
+            )
+            .is_err()
+        );
+        // Scaled sign: memset, begin, accumulate, partial, merge, apply, commit.
+        let l = count(&big, &per_layer(Config::sign()), &t);
+        assert_eq!(l.count(), 6);
+        assert_eq!(l.memsets, 1);
+    }
+
+    /// On a GPU: the counter of the real path equals the dry run, launch for launch.
+    #[test]
+    fn live_launches_match_the_dry_run() {
+        let cx = match Context::new(0) {
+            Ok(cx) => cx,
+            Err(e) if std::env::var_os("GRADSIFT_REQUIRE_CUDA").is_none() => {
+                eprintln!("SKIPPED: {e}");
+                return;
+            }
+            Err(e) => panic!("GRADSIFT_REQUIRE_CUDA is set: {e}"),
+        };
+        let sizes = [5000usize, 70_000, 1 << 17, 300];
+        let layout = Layout::new(&sizes).unwrap();
+        let grad = vec![0.5f32; layout.n()];
+        let lower = Tuning {
+            block_max_per_layer: 1 << 16,
+            ..Tuning::default()
+        };
+        for config in [
+            Config::topk(0.01),
+            Config::rtopk(0.05, 0.01),
+            per_layer(Config::topk(0.01)),
+            per_layer(Config::rtopk(0.05, 0.01)),
+            Config::sign(),
+        ] {
+            let mut c = Compressor::with_tuning(&cx, &layout, &config, &lower).unwrap();
+            c.step(&grad, 1).unwrap();
+            let dry = launches_per_step(&layout, &config, &lower, cx.k.sms).unwrap();
+            assert_eq!(c.launches_last_step() as usize, dry.count(), "{config:?}");
+            assert_eq!(c.memsets_last_step(), dry.memsets, "{config:?}");
+        }
     }
 }

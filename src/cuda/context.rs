@@ -2,6 +2,7 @@
 //! architecture, loading them once per CUDA context, and the small raw-memory and launch
 //! helpers every plan uses.
 
+use super::image::{self, Attempt, CudaVersion};
 use super::kernels::{KERNEL_NAMES, Kernel, kernel_source};
 use crate::{DType, Error, Result};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
@@ -269,12 +270,9 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Arc<Loaded>> {
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
         )
         .map_err(|e| device_err("SM count", e))? as u32;
-    // Prefer nvcc's PTX; if this driver cannot JIT it (older PTX ISA support), compile
-    // with NVRTC for the exact device instead, and report which one is in use.
-    let mut errors = Vec::new();
-    let mut module = None;
     // An explicit PTX file wins, and failing to use it is an error, not a fallback: it is
     // how a machine without NVRTC runs kernels built elsewhere (scripts/gpu-stage.sh).
+    let mut module = None;
     if let Some(path) = std::env::var_os("GRADSIFT_PTX") {
         let ptx = std::fs::read_to_string(&path)
             .map_err(|e| unavailable(format!("GRADSIFT_PTX={}: {e}", path.to_string_lossy())))?;
@@ -288,28 +286,10 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Arc<Loaded>> {
             })?;
         module = Some((m, "PTX file from GRADSIFT_PTX"));
     }
-    let precompiled = if module.is_none() {
-        precompiled::PRECOMPILED_PTX
-    } else {
-        None
-    };
-    if let Some(ptx) = precompiled {
-        match ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)) {
-            Ok(m) => module = Some((m, "precompiled PTX (nvcc, compute_80)")),
-            Err(e) => errors.push(format!("precompiled PTX did not load: {e:?}")),
-        }
-    }
     if module.is_none() {
-        match ptx_for(&arch) {
-            Ok((ptx, _)) => match ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)) {
-                Ok(m) => module = Some((m, "NVRTC")),
-                Err(e) => errors.push(format!("NVRTC PTX for {arch} did not load: {e:?}")),
-            },
-            Err(e) => errors.push(e.to_string()),
-        }
+        module = Some(load_best(ctx, (major as u32, minor as u32), &arch)?);
     }
-    let (module, source) =
-        module.ok_or_else(|| unavailable(format!("no usable kernels: {}", errors.join("; "))))?;
+    let (module, source) = module.expect("loaded above");
     let mut funcs = Vec::with_capacity(KERNEL_NAMES.len());
     for name in KERNEL_NAMES {
         funcs.push(
@@ -326,6 +306,114 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Arc<Loaded>> {
         arch,
     });
     Ok(LOADED.insert(key, loaded))
+}
+
+/// The driver's CUDA version (`cuDriverGetVersion`).
+pub fn driver_version() -> Result<CudaVersion> {
+    probe_driver()?;
+    no_panic("CUDA driver", || {
+        let mut v = 0;
+        // SAFETY: writes one int.
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }
+            .result()
+            .map_err(|e| unavailable(format!("cuDriverGetVersion failed: {e:?}")))?;
+        Ok(CudaVersion(v))
+    })
+}
+
+/// The CUDA version of the loadable libnvrtc (the PTX it writes needs a driver this new).
+pub fn nvrtc_version() -> Result<CudaVersion> {
+    probe_nvrtc()?;
+    no_panic("NVRTC", || {
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: writes two ints.
+        unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+            .result()
+            .map_err(|e| unavailable(format!("nvrtcVersion failed: {e:?}")))?;
+        Ok(CudaVersion::new(major, minor))
+    })
+}
+
+/// Cubins per architecture, compiled by NVRTC at most once per process.
+fn cubin_for(sm: u32) -> Result<Vec<u8>> {
+    static CACHE: OnceLock<Mutex<HashMap<u32, Vec<u8>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(c) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&sm) {
+        return Ok(c.clone());
+    }
+    let (bin, _) = compile_cubin(&format!("sm_{sm}"))?;
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(sm, bin.clone());
+    Ok(bin)
+}
+
+/// Loads the first image of [`image::plan`] that the driver accepts. When none does and
+/// the PTX on offer was newer than the driver, the error is the typed
+/// [`Error::CudaDriverTooOld`] naming both versions.
+fn load_best(
+    ctx: &Arc<CudaContext>,
+    cc: (u32, u32),
+    arch: &str,
+) -> Result<(Arc<CudaModule>, &'static str)> {
+    let driver = driver_version()?;
+    let nvrtc = nvrtc_version().ok();
+    let dir = std::env::var_os("GRADSIFT_CUBIN_DIR").map(std::path::PathBuf::from);
+    let file_cubins = dir.as_deref().map(image::cubins_in).unwrap_or_default();
+    let attempts = image::plan(
+        driver,
+        cc,
+        &file_cubins,
+        nvrtc,
+        precompiled::PRECOMPILED_PTX.is_some(),
+    )?;
+    let mut errors = Vec::new();
+    for a in attempts {
+        let r: Result<(Arc<CudaModule>, &'static str)> = match a {
+            Attempt::FileCubin(sm) => {
+                let path = dir
+                    .as_deref()
+                    .expect("file cubins come from the directory")
+                    .join(image::cubin_file_name(sm));
+                std::fs::read(&path)
+                    .map_err(|e| unavailable(format!("{}: {e}", path.display())))
+                    .and_then(|bin| load_cubin(ctx, &bin))
+                    .map(|m| (m, "cubin from GRADSIFT_CUBIN_DIR"))
+            }
+            Attempt::NvrtcCubin(sm) => cubin_for(sm)
+                .and_then(|bin| load_cubin(ctx, &bin))
+                .map(|m| (m, "NVRTC cubin")),
+            Attempt::PrecompiledPtx => ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(
+                    precompiled::PRECOMPILED_PTX.expect("planned only when present"),
+                ))
+                .map_err(|e| unavailable(format!("{e:?}")))
+                .map(|m| (m, "precompiled PTX (nvcc, compute_80)")),
+            Attempt::NvrtcPtx => ptx_for(arch).and_then(|(ptx, _)| {
+                ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                    .map_err(|e| unavailable(format!("{e:?}")))
+                    .map(|m| (m, "NVRTC PTX"))
+            }),
+        };
+        match r {
+            Ok(m) => return Ok(m),
+            Err(e) => errors.push(format!("{a:?}: {e}")),
+        }
+    }
+    let detail = errors.join("; ");
+    match nvrtc {
+        Some(nv) if driver < nv => Err(image::too_old(driver, nv, cc, detail)),
+        _ => Err(unavailable(format!(
+            "no usable kernels (driver CUDA {driver}): {detail}"
+        ))),
+    }
+}
+
+/// Loads a cubin (machine code: no JIT).
+fn load_cubin(ctx: &Arc<CudaContext>, bin: &[u8]) -> Result<Arc<CudaModule>> {
+    ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bin.to_vec()))
+        .map_err(|e| unavailable(format!("cubin did not load: {e:?}")))
 }
 
 /// A CUDA device, a stream to run on, and the loaded kernels.
@@ -454,8 +542,7 @@ impl Context {
 
     /// Blocks for a grid-stride kernel over `n` items: enough to fill the device, no more.
     pub(crate) fn grid_for(&self, n: u64, block: u32) -> u32 {
-        let want = n.div_ceil(u64::from(block)).max(1);
-        want.min(u64::from(self.k.sms.max(1)) * 8) as u32
+        super::launch::grid_for(self.k.sms, n, block)
     }
 
     /// Launches kernel `k` (one that is not per dtype) with one by-value struct argument.
@@ -475,7 +562,13 @@ impl Context {
         self.launch_entry(k.entry(Some(dtype))?, grid, block, args)
     }
 
-    fn launch_entry<A: Copy>(&self, idx: usize, grid: u32, block: u32, args: &A) -> Result<()> {
+    pub(crate) fn launch_entry<A: Copy>(
+        &self,
+        idx: usize,
+        grid: u32,
+        block: u32,
+        args: &A,
+    ) -> Result<()> {
         if grid == 0 {
             return Ok(());
         }
@@ -596,6 +689,17 @@ impl DevBuf {
     }
 }
 
+/// Stream-ordered fill of `bytes` bytes at device address `ptr` with `value`.
+pub(crate) fn memset_at(cx: &Context, ptr: u64, value: u8, bytes: usize) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    // SAFETY: the caller passes an address with at least `bytes` bytes behind it, owned by
+    // a plan on this context's stream.
+    unsafe { drv::memset_d8_async(ptr, value, bytes, cx.cu_stream()) }
+        .map_err(|e| device_err("memset", e))
+}
+
 /// Copies `out.len()` elements from device address `src` into `out` and waits for the stream.
 pub(crate) fn download_at<T: bytemuck::Pod>(cx: &Context, src: u64, out: &mut [T]) -> Result<()> {
     let bytes: &mut [u8] = bytemuck::cast_slice_mut(out);
@@ -605,6 +709,124 @@ pub(crate) fn download_at<T: bytemuck::Pod>(cx: &Context, src: u64, out: &mut [T
             .map_err(|e| device_err("download", e))?;
     }
     cx.synchronize()
+}
+
+/// A reusable page-locked host buffer for a plan's transfers. Copies from pageable memory
+/// make the driver stage them synchronously (it waits on the stream before each one);
+/// from here they are truly asynchronous, so a call enqueues all its copies and kernels
+/// and waits once. Grows on demand (waiting for the stream first, since copies in flight
+/// may use it) and is otherwise reused.
+pub(crate) struct Pinned {
+    ptr: *mut u8,
+    cap: usize,
+    stream: Arc<CudaStream>,
+}
+
+// SAFETY: the allocation is owned by this value and only reached through `&mut self`
+// (writes) or `&self` (reads); the raw pointer is what makes it !Send by default.
+unsafe impl Send for Pinned {}
+// SAFETY: as above; `&self` methods only read the host bytes or enqueue reads of them.
+unsafe impl Sync for Pinned {}
+
+impl std::fmt::Debug for Pinned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pinned({} bytes)", self.cap)
+    }
+}
+
+impl Pinned {
+    pub(crate) fn new(cx: &Context) -> Self {
+        Self {
+            ptr: std::ptr::null_mut(),
+            cap: 0,
+            stream: cx.stream.clone(),
+        }
+    }
+
+    /// Makes room for `bytes` bytes. Contents are not kept.
+    pub(crate) fn reserve(&mut self, cx: &Context, bytes: usize) -> Result<()> {
+        if bytes <= self.cap {
+            return Ok(());
+        }
+        self.release();
+        let cap = bytes.next_power_of_two().max(4096);
+        cx.bind()?;
+        // SAFETY: plain page-locked allocation, owned and freed by `self`.
+        let p = unsafe { drv::malloc_host(cap, 0) }
+            .map_err(|e| device_err(&format!("allocating {cap} bytes of pinned memory"), e))?;
+        self.ptr = p.cast();
+        self.cap = cap;
+        Ok(())
+    }
+
+    /// The whole buffer. The stream must not be using it (callers wait once per call).
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        if self.cap == 0 {
+            return &mut [];
+        }
+        // SAFETY: `cap` bytes allocated at `ptr`, exclusively borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.cap) }
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        if self.cap == 0 {
+            return &[];
+        }
+        // SAFETY: as above, shared.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.cap) }
+    }
+
+    /// Enqueues the copy of `len` bytes at `offset` to device address `dst` (no wait).
+    pub(crate) fn upload(&self, cx: &Context, offset: usize, len: usize, dst: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let src = &self.bytes()[offset..offset + len];
+        // SAFETY: pinned source inside the allocation, which outlives the copy (it is freed
+        // only after the stream is synchronised); `dst` holds `len` bytes.
+        unsafe { drv::memcpy_htod_async(dst, src, cx.cu_stream()) }
+            .map_err(|e| device_err("upload", e))
+    }
+
+    /// Enqueues the copy of `len` bytes from device address `src` to `offset` (no wait).
+    pub(crate) fn download(
+        &mut self,
+        cx: &Context,
+        offset: usize,
+        len: usize,
+        src: u64,
+    ) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let dst = &mut self.bytes_mut()[offset..offset + len];
+        // SAFETY: pinned destination inside the allocation; `src` holds `len` bytes.
+        unsafe { drv::memcpy_dtoh_async(dst, src, cx.cu_stream()) }
+            .map_err(|e| device_err("download", e))
+    }
+
+    fn release(&mut self) {
+        if self.ptr.is_null() {
+            return;
+        }
+        let _ = self.stream.context().bind_to_thread();
+        if self.stream.synchronize().is_err() {
+            // A copy may still use it: leaking is the safe side.
+            self.ptr = std::ptr::null_mut();
+            self.cap = 0;
+            return;
+        }
+        // SAFETY: allocated by `malloc_host`, no copy in flight, freed once.
+        let _ = unsafe { drv::free_host(self.ptr.cast()) };
+        self.ptr = std::ptr::null_mut();
+        self.cap = 0;
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl Drop for DevBuf {
@@ -662,5 +884,45 @@ mod tests {
         // Whatever this machine has, probing never panics.
         let _ = probe_driver();
         let _ = probe_nvrtc();
+    }
+}
+
+#[cfg(test)]
+mod nvrtc_tests {
+    /// The kernels compile with NVRTC to PTX (compute_80) and to cubins (sm_80, sm_90, and
+    /// sm_100 when this NVRTC knows it), and with GRADSIFT_DUMP_CUBIN=DIR writes the cubins
+    /// there. Slow (ptxas), hence ignored by default; run with
+    /// `./scripts/test.sh --lib cuda::context::nvrtc_tests -- --ignored`.
+    #[test]
+    #[ignore]
+    fn kernels_compile_with_nvrtc() {
+        if super::probe_nvrtc().is_err() {
+            eprintln!("SKIPPED: no NVRTC");
+            return;
+        }
+        eprintln!("NVRTC {}", super::nvrtc_version().unwrap());
+        let ptx = super::compile_ptx("compute_80").unwrap_or_else(|e| panic!("{e}"));
+        assert!(ptx.contains(".entry compact_emit"));
+        for sm in ["sm_80", "sm_90", "sm_100"] {
+            match super::compile_cubin(sm) {
+                Ok((bin, log)) => {
+                    assert!(bin.starts_with(b"\x7fELF"), "{sm}: not an ELF cubin");
+                    let spills: Vec<&str> = log
+                        .lines()
+                        .filter(|l| l.contains("spill") && !l.contains(" 0 bytes spill stores"))
+                        .collect();
+                    eprintln!("{sm}: {} bytes; spills: {spills:?}", bin.len());
+                    // scripts/gpu-stage.sh ships these (GRADSIFT_CUBIN_DIR on the device).
+                    if let Some(dir) = std::env::var_os("GRADSIFT_DUMP_CUBIN") {
+                        let sm_n: u32 = sm.trim_start_matches("sm_").parse().unwrap();
+                        let path = std::path::Path::new(&dir)
+                            .join(super::super::image::cubin_file_name(sm_n));
+                        std::fs::write(&path, &bin).unwrap();
+                    }
+                }
+                Err(e) if sm == "sm_100" => eprintln!("sm_100 not available: {e}"),
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 }

@@ -47,13 +47,19 @@ mod abi;
 mod aggregate;
 mod compress;
 mod context;
+mod image;
 mod kernels;
+mod launch;
 mod select;
 mod stats;
 
 pub use aggregate::Aggregator;
-pub use compress::Compressor;
-pub use context::{Context, compile_cubin, compile_ptx, probe_driver, probe_nvrtc};
+pub use compress::{Compressor, Tuning, launches_per_step};
+pub use context::{
+    Context, compile_cubin, compile_ptx, driver_version, nvrtc_version, probe_driver, probe_nvrtc,
+};
+pub use image::CudaVersion;
 pub use kernels::{KERNEL_NAMES, kernel_source};
+pub use launch::{Launch, StepLaunches};
 pub use select::TopR;
 pub use stats::{Stats, estimate_variance, layer_stats};

@@ -1,9 +1,10 @@
 //! Top-r selection alone (no error feedback): the GPU form of [`crate::cpu::top_r`].
 
 use super::abi::{CompactArgs, SelArgs, StepBuffers, StepStatus};
-use super::compress::{TILE_WORDS, radix_stage, tiles_of, words_of};
+use super::compress::{compact, radix_stage, tiles_of, words_of};
 use super::context::{Context, DevBuf};
 use super::kernels::Kernel as K;
+use super::launch::Live;
 use crate::{Error, Layout, Result};
 use cudarc::driver::{CudaSlice, DevicePtr};
 
@@ -116,10 +117,9 @@ impl TopR {
             ..Default::default()
         };
         let clear_grid = cx.grid_for(words_of(0, len) as u64, 256);
-        radix_stage(cx, a, false, grid, clear_grid)?;
-        cx.launch(K::CompactCount, c.ntiles, TILE_WORDS as u32, &c)?;
-        cx.launch(K::CompactScan, 1, 1024, &c)?;
-        cx.launch(K::CompactEmit, c.ntiles, TILE_WORDS as u32, &c)
+        let mut live = Live::new(cx);
+        radix_stage(&mut live, a, false, grid, clear_grid)?;
+        compact(&mut live, &c)
     }
 
     /// Waits and copies the selected indices (ascending) into `out`.

@@ -1,7 +1,7 @@
 //! Per-layer statistics and the K-worker variance estimator on the GPU (SPEC §8).
 
 use super::abi::{self, StatsArgs, StatsOut, VarArgs, VarOut};
-use super::context::{Context, DevBuf};
+use super::context::{Context, DevBuf, Pinned};
 use super::kernels::Kernel as K;
 use crate::Statistics;
 use crate::{DType, Element, Error, LayerStats, Layout, Result, VarianceEstimate};
@@ -37,6 +37,8 @@ pub struct Stats {
     host_bad_first: Vec<u32>,
     /// Device copy of host input (`Statistics::layer_stats` and friends), grown on demand.
     upload: Option<CudaSlice<u8>>,
+    /// Page-locked staging of the variance estimator's results: one wait per call.
+    pinned: Pinned,
 }
 
 impl Stats {
@@ -67,6 +69,7 @@ impl Stats {
             host_bad_count: vec![0; max_workers],
             host_bad_first: vec![0; max_workers],
             upload: None,
+            pinned: Pinned::new(cx),
         })
     }
 
@@ -201,15 +204,27 @@ impl Stats {
         };
         cx.launch_for(K::VarItems, dtype, self.n_items, 256, &a)?;
         cx.launch(K::VarMerge, a.nlayers, 256, &a)?;
-        self.bad_count.download(cx, &mut self.host_bad_count[..k])?;
-        self.bad_first.download(cx, &mut self.host_bad_first[..k])?;
+        // Every result into pinned memory, then one wait.
+        let a16 = |b: usize| b.next_multiple_of(16);
+        let out_bytes = self.var_host.len() * size_of::<VarOut>();
+        let (o1, o2) = (a16(k * 8), a16(k * 8) + a16(k * 4));
+        self.pinned.reserve(cx, o2 + out_bytes)?;
+        self.pinned.download(cx, 0, k * 8, self.bad_count.ptr())?;
+        self.pinned.download(cx, o1, k * 4, self.bad_first.ptr())?;
+        self.pinned
+            .download(cx, o2, out_bytes, self.var_out.ptr())?;
+        cx.synchronize()?;
+        let bytes = self.pinned.bytes();
+        self.host_bad_count[..k].copy_from_slice(bytemuck::cast_slice(&bytes[..k * 8]));
+        self.host_bad_first[..k].copy_from_slice(bytemuck::cast_slice(&bytes[o1..o1 + k * 4]));
         if let Some(w) = (0..k).find(|&w| self.host_bad_count[w] > 0) {
             return Err(Error::NonFinite {
                 count: self.host_bad_count[w],
                 first_index: self.host_bad_first[w],
             });
         }
-        self.var_out.download(cx, &mut self.var_host)?;
+        bytemuck::cast_slice_mut::<VarOut, u8>(&mut self.var_host)
+            .copy_from_slice(&bytes[o2..o2 + out_bytes]);
         out.clear();
         out.extend(self.var_host.iter().map(|v| VarianceEstimate {
             sigma_x2: v.sigma_x2,
