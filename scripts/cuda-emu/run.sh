@@ -11,7 +11,11 @@ set -uo pipefail
 cd "$(dirname "$0")"
 work=$(mktemp -d "${TMPDIR:-/tmp}/gradsift-cuda-emu.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-flags=(-std=c++20 -O1 -g -ffp-contract=off -fno-fast-math -DGRADSIFT_CPU_EMU -I ../../kernels -pthread)
+flags=(-std=c++20 -O1 -gdwarf-4 -ffp-contract=off -fno-fast-math -DGRADSIFT_CPU_EMU -I ../../kernels -pthread -no-pie)
+# The sanitizer (emu.h): GCC's ThreadSanitizer instrumentation calls a hook before every
+# memory access; emu.h defines the hooks, so the TSan runtime is NOT linked (compile with
+# -fsanitize=thread, link without it).
+san_flags=(-fsanitize=thread --param tsan-distinguish-volatile=1)
 
 passed=0
 failed=0
@@ -20,7 +24,7 @@ status=0
 run_harness() {
   local src=$1 bin="$work/${1%.cpp}" log="$work/${1%.cpp}.log" rc summary
   shift
-  if ! g++ "${flags[@]}" -o "$bin" "$src"; then
+  if ! { g++ "${flags[@]}" "${san_flags[@]}" -c -o "$bin.o" "$src" && g++ "${flags[@]}" -o "$bin" "$bin.o"; }; then
     echo "FAIL $src: does not build"
     failed=$((failed + 1))
     status=1
