@@ -1,7 +1,8 @@
 // A tiny CPU emulation of the CUDA execution model, enough to run gradsift's kernels
 // without a GPU, and a sanitizer for them (racecheck, synccheck, memcheck, initcheck).
 //
-// Execution: every thread of a block is a ucontext fiber on one OS thread; __syncthreads
+// Execution: every thread of a block is a fiber on one OS thread (a 20-instruction stack
+// switch on x86-64, ucontext elsewhere: glibc's swapcontext costs a syscall per switch); __syncthreads
 // and the warp intrinsics are barriers that yield to a scheduler (warp intrinsics exchange
 // through per-warp slots between two warp barriers); atomics are __atomic builtins. Blocks
 // run one after another, so `static` (in a section of its own, "emu_shared") stands in for
@@ -79,6 +80,7 @@ inline EmuRegs emu_regs;
 enum EmuKind { EMU_RACE = 0, EMU_SYNC = 1, EMU_MEM = 2, EMU_INIT = 3, EMU_NKINDS = 4 };
 inline const char* const emu_kind_name[] = {"racecheck", "synccheck", "memcheck", "initcheck"};
 
+constexpr uint32_t EMU_STRONG_READ = 0x80000000u;  // in EmuSlot::pc, see emu_access
 struct EmuSlot {
     uint32_t tid = ~0u, iv = 0, pc = 0;  // global thread id, barrier interval, pc index
 };
@@ -303,7 +305,7 @@ EMU_NS inline void emu_remember(EmuSlot& s1, EmuSlot& s2, const EmuSlot& c, uint
 
 EMU_NS inline void emu_race(const EmuRegion& r, uintptr_t addr, const char* what, const EmuSlot& other,
                             const char* other_what, const EmuSlot& c) {
-    uintptr_t p1 = emu_san.pcs[c.pc], p2 = emu_san.pcs[other.pc];
+    uintptr_t p1 = emu_san.pcs[c.pc & ~EMU_STRONG_READ], p2 = emu_san.pcs[other.pc & ~EMU_STRONG_READ];
     char b[256];
     snprintf(b, sizeof b, "%s race on %s+%lu: ", r.shared ? "shared" : "global", r.name.c_str(),
              (unsigned long)(addr - r.lo));
@@ -312,7 +314,7 @@ EMU_NS inline void emu_race(const EmuRegion& r, uintptr_t addr, const char* what
                    " by " + emu_thread(other.tid) + " at " + emu_where(p2));
 }
 
-// kind: 0 read, 1 write, 2 atomic read-modify-write.
+// kind: 0 read, 1 write, 2 atomic read-modify-write, 3 volatile read, 4 volatile write.
 EMU_NS inline void emu_access(uintptr_t addr, size_t size, int kind, uintptr_t pc) {
     EmuSan& S = emu_san;
     if (!S.active || S.quiet || !S.checks || size == 0) return;
@@ -321,7 +323,7 @@ EMU_NS inline void emu_access(uintptr_t addr, size_t size, int kind, uintptr_t p
     if (addr >= (uintptr_t)&emu_regs && addr < (uintptr_t)(&emu_regs + 1)) return;
     EmuQuiet quiet;  // the checks' own (instrumented) library code
     EmuRegion* r = emu_region_of(addr);
-    static const char* const kn[] = {"read", "write", "atomic"};
+    static const char* const kn[] = {"read", "write", "atomic", "volatile read", "volatile write"};
     if (!r || addr + size > r->hi) {
         char b[256];
         if (r) {
@@ -350,34 +352,40 @@ EMU_NS inline void emu_access(uintptr_t addr, size_t size, int kind, uintptr_t p
     if (r->cells.empty()) r->cells.resize(r->init.size());
     EmuSlot c{S.cur_tid, S.iv, emu_pc_id(pc)};
     for (size_t g = (addr - r->lo) / 4, g1 = (addr + size - 1 - r->lo) / 4; g <= g1; ++g) {
-        if (kind != 1 && !r->init[g]) {
+        if (kind != 1 && kind != 4 && !r->init[g]) {
             char b[200];
             snprintf(b, sizeof b, "%s of uninitialised %s memory %s+%lu by ", kn[kind], sh ? "shared" : "global",
                      r->name.c_str(), (unsigned long)(g * 4));
             emu_report(EMU_INIT, pc, 0, std::string(b) + emu_thread(c.tid) + " at " + emu_where(pc));
             r->init[g] = 1;  // once per word
         }
-        if (kind != 0) r->init[g] = 1;
+        if (kind != 0 && kind != 3) r->init[g] = 1;
         EmuCell& cell = r->cells[g];
         if (cell.epoch != epoch) cell = EmuCell{epoch};
         const uintptr_t a = r->lo + 4 * g;
+        // Atomic slots hold atomics and volatile accesses (strong, in PTX's terms: two
+        // strong accesses never race); EMU_STRONG_READ marks a volatile read among them.
+        auto writes = [](const EmuSlot& s) { return !(s.pc & EMU_STRONG_READ); };
         if (kind == 0) {
             if (emu_conflicts(cell.w, c, bdim)) emu_race(*r, a, "read", cell.w, "write", c);
-            else if (emu_conflicts(cell.a1, c, bdim)) emu_race(*r, a, "read", cell.a1, "atomic", c);
-            else if (emu_conflicts(cell.a2, c, bdim)) emu_race(*r, a, "read", cell.a2, "atomic", c);
+            else if (writes(cell.a1) && emu_conflicts(cell.a1, c, bdim)) emu_race(*r, a, "read", cell.a1, "atomic", c);
+            else if (writes(cell.a2) && emu_conflicts(cell.a2, c, bdim)) emu_race(*r, a, "read", cell.a2, "atomic", c);
             emu_remember(cell.r1, cell.r2, c, bdim);
         } else if (kind == 1) {
             if (emu_conflicts(cell.w, c, bdim)) emu_race(*r, a, "write", cell.w, "write", c);
             else if (emu_conflicts(cell.r1, c, bdim)) emu_race(*r, a, "write", cell.r1, "read", c);
             else if (emu_conflicts(cell.r2, c, bdim)) emu_race(*r, a, "write", cell.r2, "read", c);
-            else if (emu_conflicts(cell.a1, c, bdim)) emu_race(*r, a, "write", cell.a1, "atomic", c);
-            else if (emu_conflicts(cell.a2, c, bdim)) emu_race(*r, a, "write", cell.a2, "atomic", c);
+            else if (emu_conflicts(cell.a1, c, bdim)) emu_race(*r, a, "write", cell.a1, "atomic/volatile", c);
+            else if (emu_conflicts(cell.a2, c, bdim)) emu_race(*r, a, "write", cell.a2, "atomic/volatile", c);
             cell.w = c;
         } else {
-            if (emu_conflicts(cell.w, c, bdim)) emu_race(*r, a, "atomic", cell.w, "write", c);
-            else if (emu_conflicts(cell.r1, c, bdim)) emu_race(*r, a, "atomic", cell.r1, "read", c);
-            else if (emu_conflicts(cell.r2, c, bdim)) emu_race(*r, a, "atomic", cell.r2, "read", c);
-            emu_remember(cell.a1, cell.a2, c, bdim);
+            const char* what = kind == 2 ? "atomic" : kind == 3 ? "volatile read" : "volatile write";
+            if (emu_conflicts(cell.w, c, bdim)) emu_race(*r, a, what, cell.w, "write", c);
+            else if (kind != 3 && emu_conflicts(cell.r1, c, bdim)) emu_race(*r, a, what, cell.r1, "read", c);
+            else if (kind != 3 && emu_conflicts(cell.r2, c, bdim)) emu_race(*r, a, what, cell.r2, "read", c);
+            EmuSlot cs = c;
+            if (kind == 3) cs.pc |= EMU_STRONG_READ;
+            emu_remember(cell.a1, cell.a2, cs, bdim);
         }
     }
 }
@@ -389,8 +397,8 @@ extern "C" {
     EMU_NS void __tsan_write##n(void* a) { emu_access((uintptr_t)a, n, 1, EMU_PC()); }                \
     EMU_NS void __tsan_unaligned_read##n(void* a) { emu_access((uintptr_t)a, n, 0, EMU_PC()); }       \
     EMU_NS void __tsan_unaligned_write##n(void* a) { emu_access((uintptr_t)a, n, 1, EMU_PC()); }      \
-    EMU_NS void __tsan_volatile_read##n(void* a) { emu_access((uintptr_t)a, n, 0, EMU_PC()); }        \
-    EMU_NS void __tsan_volatile_write##n(void* a) { emu_access((uintptr_t)a, n, 1, EMU_PC()); }
+    EMU_NS void __tsan_volatile_read##n(void* a) { emu_access((uintptr_t)a, n, 3, EMU_PC()); }        \
+    EMU_NS void __tsan_volatile_write##n(void* a) { emu_access((uintptr_t)a, n, 4, EMU_PC()); }
 EMU_TSAN_HOOKS(1)
 EMU_TSAN_HOOKS(2)
 EMU_TSAN_HOOKS(4)
@@ -414,8 +422,68 @@ struct EmuGroup {
     uint32_t lanes = 0, masks[32] = {};  // warps: arrived lanes and their masks
     bool masked = false;
 };
+// Fiber contexts. x86-64: callee-saved registers, x87 control word and MXCSR pushed on the
+// fiber's own stack, the stack pointer saved in `sp`.
+#if defined(__x86_64__)
+extern "C" void emu_ctx_switch(void** save_sp, void* to_sp);
+asm(R"(
+    .text
+    .globl emu_ctx_switch
+    .type emu_ctx_switch, @function
+emu_ctx_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $16, %rsp
+    fnstcw (%rsp)
+    stmxcsr 8(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    fldcw (%rsp)
+    ldmxcsr 8(%rsp)
+    addq $16, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_ctx_switch, .-emu_ctx_switch
+)");
+struct EmuCtx {
+    void* sp = nullptr;
+};
+EMU_NS inline void emu_switch(EmuCtx& from, EmuCtx& to) { emu_ctx_switch(&from.sp, to.sp); }
+// A fresh context that starts in fn() on [stack, stack + size).
+EMU_NS inline void emu_ctx_make(EmuCtx& c, char* stack, size_t size, void (*fn)()) {
+    uintptr_t top = ((uintptr_t)stack + size) & ~(uintptr_t)15;
+    uint64_t* sp = (uint64_t*)(top - 80);
+    std::memset(sp, 0, 80);
+    sp[0] = 0x037F;  // x87 control word
+    sp[1] = 0x1F80;  // MXCSR
+    sp[8] = (uint64_t)fn;  // returned to with rsp = top - 8, as after a call
+    c.sp = sp;
+}
+#else
+struct EmuCtx {
+    ucontext_t uc;
+};
+EMU_NS inline void emu_switch(EmuCtx& from, EmuCtx& to) { swapcontext(&from.uc, &to.uc); }
+EMU_NS inline void emu_ctx_make(EmuCtx& c, char* stack, size_t size, void (*fn)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = size;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, fn, 0);
+}
+#endif
+
 struct EmuFiber {
-    ucontext_t ctx;
+    EmuCtx ctx;
     dim3 tid;
     bool done = false;
     int quiet = 0;  // emu_san.quiet while this fiber is suspended
@@ -427,13 +495,13 @@ struct EmuBlock {
     EmuGroup block;
     std::vector<EmuGroup> warps;
     std::vector<std::array<uint64_t, 32>> slots;
-    ucontext_t sched;
+    EmuCtx sched;
     bool abandoned = false;
 };
 inline EmuBlock* emu_block = nullptr;
 inline EmuFiber* emu_cur = nullptr;
 
-EMU_NS inline void emu_yield() { swapcontext(&emu_cur->ctx, &emu_block->sched); }
+EMU_NS inline void emu_yield() { emu_switch(emu_cur->ctx, emu_block->sched); }
 
 EMU_NS inline unsigned emu_lane() { return emu_regs.tid.x & 31u; }
 EMU_NS inline unsigned emu_warp() { return emu_regs.tid.x >> 5; }
@@ -551,9 +619,9 @@ EMU_NOINLINE EMU_NS inline unsigned __ballot_sync(unsigned mask, bool p) {
 // Atomics: recorded as such, and in a random schedule a preemption point.
 EMU_NS inline void emu_atomic_point(const void* p, size_t size, uintptr_t pc) {
     emu_access((uintptr_t)p, size, 2, pc);
+    EmuQuiet q;
     if (emu_san.random && emu_block && (emu_san.rng() & 1)) {
         ++emu_san.progress;
-        EmuQuiet q;
         emu_yield();
     }
 }
@@ -612,7 +680,8 @@ struct EmuEntry {
     EMU_NS static void run() {
         kernel(*args);
         emu_cur->done = true;
-        // Returning lands in uc_link (the scheduler).
+        emu_yield();  // never resumed
+        abort();
     }
 };
 
@@ -678,11 +747,7 @@ EMU_NS inline void emu_launch_named(const char* name, void (*kernel)(A), unsigne
         for (unsigned t = 0; t < block; ++t) {
             EmuFiber& f = eb.fibers[t];
             f.tid = {t, 0, 0};
-            getcontext(&f.ctx);
-            f.ctx.uc_stack.ss_sp = stacks + (size_t)t * EMU_STACK;
-            f.ctx.uc_stack.ss_size = EMU_STACK;
-            f.ctx.uc_link = &eb.sched;
-            makecontext(&f.ctx, (void (*)())EmuEntry<A>::run, 0);
+            emu_ctx_make(f.ctx, stacks + (size_t)t * EMU_STACK, EMU_STACK, EmuEntry<A>::run);
         }
         pass.resize(block);
         for (unsigned t = 0; t < block; ++t) pass[t] = t;
@@ -699,7 +764,7 @@ EMU_NS inline void emu_launch_named(const char* name, void (*kernel)(A), unsigne
                 const int q0 = S.quiet;
                 S.quiet = f.quiet;
                 S.active = true;
-                swapcontext(&eb.sched, &f.ctx);
+                emu_switch(eb.sched, f.ctx);
                 S.active = false;
                 f.quiet = S.quiet;
                 S.quiet = q0;
@@ -728,3 +793,48 @@ EMU_NS inline void emu_launch_named(const char* name, void (*kernel)(A), unsigne
     S.param_lo = S.param_hi = 0;
 }
 #define emu_launch(kernel, ...) emu_launch_named(#kernel, kernel, __VA_ARGS__)
+
+// ---- command line shared by the harnesses --------------------------------------------------
+// [quick] [--schedule fixed|random] [--seeds N] [--seed0 S] [--only SUBSTRING] [--no-checks]
+struct EmuOpts {
+    bool quick = false;
+    bool random = false;
+    unsigned seeds = 1;
+    uint64_t seed0 = 1;
+    std::string only;
+};
+inline EmuOpts emu_opts;
+EMU_NS inline void emu_parse_args(int argc, char** argv) {
+    for (int i = 1; i < argc; ++i) {
+        std::string a = argv[i];
+        auto next = [&]() -> std::string {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "%s needs a value\n", a.c_str());
+                exit(2);
+            }
+            return argv[++i];
+        };
+        if (a == "quick") emu_opts.quick = true;
+        else if (a == "--schedule") emu_opts.random = next() == "random";
+        else if (a == "--seeds") emu_opts.seeds = (unsigned)std::stoul(next());
+        else if (a == "--seed0") emu_opts.seed0 = std::stoull(next());
+        else if (a == "--only") emu_opts.only = next();
+        else if (a == "--no-checks") emu_san.checks = false;
+        else {
+            fprintf(stderr, "unknown argument %s\n", a.c_str());
+            exit(2);
+        }
+    }
+}
+// The schedules every case runs under: the fixed one, or --seeds random ones.
+EMU_NS inline std::vector<std::pair<std::string, uint64_t>> emu_schedules() {
+    if (!emu_opts.random) return {{"", 0}};
+    std::vector<std::pair<std::string, uint64_t>> v;
+    for (unsigned s = 0; s < emu_opts.seeds; ++s)
+        v.push_back({" [random schedule seed " + std::to_string(emu_opts.seed0 + s) + "]", emu_opts.seed0 + s});
+    return v;
+}
+EMU_NS inline void emu_use_schedule(uint64_t seed) {
+    if (emu_opts.random) emu_schedule_random(seed);
+    else emu_schedule_fixed();
+}

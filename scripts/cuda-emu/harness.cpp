@@ -289,7 +289,7 @@ static bool ref_step(const Plan& p, Ref& r, const std::vector<float>& grad, u64 
 static int failures = 0;
 static int passes = 0;
 
-static void run(const std::string& name, Plan p, const std::vector<std::vector<float>>& grads) {
+static void run_once(const std::string& name, Plan p, const std::vector<std::vector<float>>& grads) {
     init(p);
     register_buffers(p);
     const unsigned long san0 = emu_san_errors();
@@ -350,6 +350,14 @@ static void run(const std::string& name, Plan p, const std::vector<std::vector<f
     printf("ok   %s\n", name.c_str());
 }
 
+static void run(const std::string& name, const Plan& p, const std::vector<std::vector<float>>& grads) {
+    if (!emu_opts.only.empty() && name.find(emu_opts.only) == std::string::npos) return;
+    for (auto& [tag, seed] : emu_schedules()) {
+        emu_use_schedule(seed);
+        run_once(name + tag, p, grads);
+    }
+}
+
 static std::vector<float> data(u32 n, int kind, u64 seed) {
     std::mt19937_64 rng(seed);
     std::normal_distribution<float> nd;
@@ -364,7 +372,8 @@ static std::vector<float> data(u32 n, int kind, u64 seed) {
 }
 
 int main(int argc, char** argv) {
-    bool quick = argc > 1 && std::string(argv[1]) == "quick";
+    emu_parse_args(argc, argv);
+    const bool quick = emu_opts.quick;
     std::vector<u32> sizes = quick ? std::vector<u32>{300, 40000} : std::vector<u32>{1, 100, 257, 32768, 32769, 70001};
     for (u32 n : sizes) {
         for (int kind = 0; kind < 3; ++kind) {

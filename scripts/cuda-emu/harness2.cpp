@@ -14,14 +14,15 @@
 
 static int failures = 0;
 static int passes = 0;
-#define CHECK(c, ...)                  \
-    do {                               \
-        if (!(c)) {                    \
-            printf("FAIL " __VA_ARGS__); \
-            printf("\n");              \
-            ++failures;                \
-            return;                    \
-        }                              \
+static std::string sched_tag;  // the schedule, when not the fixed one
+#define CHECK(c, ...)                                \
+    do {                                             \
+        if (!(c)) {                                  \
+            printf("FAIL " __VA_ARGS__);             \
+            printf("%s\n", sched_tag.c_str());       \
+            ++failures;                              \
+            return;                                  \
+        }                                            \
     } while (0)
 
 static u64 A(const void* x) { return (u64)(uintptr_t)x; }
@@ -131,7 +132,7 @@ static void sign_case(const std::vector<u32>& sizes, float momentum) {
     }
     SAN_OK(san0);
     ++passes;
-    printf("ok   sign sizes=%zu n=%u momentum=%g\n", sizes.size(), n, momentum);
+    printf("ok   sign sizes=%zu n=%u momentum=%g%s\n", sizes.size(), n, momentum, sched_tag.c_str());
 }
 
 static void stats_case(const std::vector<u32>& sizes, float off, bool nan) {
@@ -182,7 +183,7 @@ static void stats_case(const std::vector<u32>& sizes, float off, bool nan) {
     }
     SAN_OK(san0);
     ++passes;
-    printf("ok   stats layers=%zu n=%u off=%g nan=%d\n", sizes.size(), n, off, nan);
+    printf("ok   stats layers=%zu n=%u off=%g nan=%d%s\n", sizes.size(), n, off, nan, sched_tag.c_str());
 }
 
 static void var_case(const std::vector<u32>& sizes, u32 k) {
@@ -239,7 +240,7 @@ static void var_case(const std::vector<u32>& sizes, u32 k) {
     }
     SAN_OK(san0);
     ++passes;
-    printf("ok   variance layers=%zu n=%u K=%u\n", sizes.size(), n, k);
+    printf("ok   variance layers=%zu n=%u K=%u%s\n", sizes.size(), n, k, sched_tag.c_str());
 }
 
 struct Sp {
@@ -303,7 +304,7 @@ static void agg_case(u32 n, u32 k, bool senders, int corrupt) {
         for (u32 i = 0; i < n; ++i) CHECK(out[i] == 7.0f, "agg out written on error");
         SAN_OK(san0);
     ++passes;
-        printf("ok   aggregate rejects corruption %d\n", corrupt);
+        printf("ok   aggregate rejects corruption %d%s\n", corrupt, sched_tag.c_str());
         return;
     }
     std::vector<float> want(n, 0.f);
@@ -319,7 +320,7 @@ static void agg_case(u32 n, u32 k, bool senders, int corrupt) {
     }
     SAN_OK(san0);
     ++passes;
-    printf("ok   aggregate n=%u K=%u senders=%d\n", n, k, senders);
+    printf("ok   aggregate n=%u K=%u senders=%d%s\n", n, k, senders, sched_tag.c_str());
 }
 
 
@@ -377,7 +378,7 @@ static void agg_sign_case(u32 n, u32 k, bool senders) {
     }
     SAN_OK(san0);
     ++passes;
-    printf("ok   aggregate sign n=%u K=%u senders=%d\n", n, k, senders);
+    printf("ok   aggregate sign n=%u K=%u senders=%d%s\n", n, k, senders, sched_tag.c_str());
 }
 
 // f16 and bf16 gradients through the accumulate kernel (exact widening).
@@ -404,25 +405,37 @@ static void accumulate_half_case(u32 n) {
     }
     SAN_OK(san0);
     ++passes;
-    printf("ok   accumulate f16/bf16 n=%u\n", n);
+    printf("ok   accumulate f16/bf16 n=%u%s\n", n, sched_tag.c_str());
 }
 
-int main() {
-    sign_case({10000}, 0.0f);
-    sign_case({5000, 0, 9000, 1, 300}, 0.5f);
-    stats_case({0, 1, 4095, 4096, 4097, 20000}, 0.0f, false);
-    stats_case({30000}, 1000.0f, true);
-    var_case({1, 4097, 9000, 0}, 2);
-    var_case({20000}, 5);
-    for (bool s : {false, true}) {
-        agg_case(1, 3, s, 0);
-        agg_case(9000, 3, s, 0);
-        agg_case(9000, 1, s, 0);
+// Runs one case under every schedule asked for (--schedule random --seeds N).
+template <typename F>
+static void each(const char* name, F f) {
+    if (!emu_opts.only.empty() && std::string(name).find(emu_opts.only) == std::string::npos) return;
+    for (auto& [tag, seed] : emu_schedules()) {
+        sched_tag = tag;
+        emu_use_schedule(seed);
+        f();
     }
-    for (int c = 1; c <= 3; ++c) agg_case(5000, 3, false, c);
-    agg_sign_case(9001, 3, false);
-    agg_sign_case(9001, 2, true);
-    accumulate_half_case(20000);
+}
+
+int main(int argc, char** argv) {
+    emu_parse_args(argc, argv);
+    each("sign", [] { sign_case({10000}, 0.0f); });
+    each("sign", [] { sign_case({5000, 0, 9000, 1, 300}, 0.5f); });
+    each("stats", [] { stats_case({0, 1, 4095, 4096, 4097, 20000}, 0.0f, false); });
+    each("stats", [] { stats_case({30000}, 1000.0f, true); });
+    each("variance", [] { var_case({1, 4097, 9000, 0}, 2); });
+    each("variance", [] { var_case({20000}, 5); });
+    for (bool s : {false, true}) {
+        each("aggregate", [&] { agg_case(1, 3, s, 0); });
+        each("aggregate", [&] { agg_case(9000, 3, s, 0); });
+        each("aggregate", [&] { agg_case(9000, 1, s, 0); });
+    }
+    for (int c = 1; c <= 3; ++c) each("aggregate", [&] { agg_case(5000, 3, false, c); });
+    each("aggregate sign", [] { agg_sign_case(9001, 3, false); });
+    each("aggregate sign", [] { agg_sign_case(9001, 2, true); });
+    each("accumulate", [] { accumulate_half_case(20000); });
     // The summary CI log readers look for: alone on the last line.
     printf("%d passed, %d failed\n", passes, failures);
     return failures ? 1 : 0;
