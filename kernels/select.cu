@@ -351,6 +351,14 @@ __device__ __forceinline__ u32 small_key(const SmallCtx& c, u32 kind, u32 i) {
     return kind == 0 ? magnitude_key(c.p[i]) : philox_key(i, c.worker, c.t_lo, c.t_hi, c.s_lo, c.s_hi);
 }
 
+// Membership in the top-r bitmap. Neighbouring groups share the bitmap's boundary words,
+// and another block may atomicOr its own bits into such a word while this block reads it:
+// a volatile (strong) load, so that read does not race the atomics (PTX memory model);
+// the bits read here are only ever written by this block, before a __syncthreads.
+__device__ __forceinline__ bool member_bit(const u32* member, u32 i) {
+    return (((const volatile u32*)member)[i >> 5] >> (i & 31u)) & 1u;
+}
+
 // The exact key T of the m-th smallest (key, index) over the group (restricted to the
 // `member` bitmap when given) and how many elements equal to T are taken.
 __device__ void block_select(const SmallCtx& c, u32 kind, u32 lo, u32 len, const u32* member,
@@ -364,7 +372,7 @@ __device__ void block_select(const SmallCtx& c, u32 kind, u32 lo, u32 len, const
         for (u32 base = 0; base < len; base += blockDim.x) {
             const u32 j = base + threadIdx.x;
             const u32 i = lo + j;
-            const bool in = j < len && (!member || ((member[i >> 5] >> (i & 31u)) & 1u));
+            const bool in = j < len && (!member || member_bit(member, i));
             const u32 k = in ? small_key(c, kind, i) : 0u;
             warp_hist_add(hist, digit_of(k, d), in && (k & mask) == prefix);
         }
@@ -388,7 +396,7 @@ __device__ void block_ordered(const SmallCtx& c, const SmallArgs& a, const Small
     for (u32 base = 0; base < g.len; base += blockDim.x) {
         const u32 j = base + threadIdx.x;
         const u32 i = g.lo + j;
-        const bool in = j < g.len && (!member || ((member[i >> 5] >> (i & 31u)) & 1u));
+        const bool in = j < g.len && (!member || member_bit(member, i));
         const u32 k = in ? small_key(c, kind, i) : 0u;
         const bool def = in && k < T;
         const bool tie = in && k == T;

@@ -78,10 +78,43 @@ static void init(Plan& p) {
 
 static u64 A(const void* x) { return (u64)(uintptr_t)x; }
 
+// Device allocations for emu.h's memcheck/initcheck, sized as src/cuda/compress.rs sizes
+// them (the vectors above have slack that would hide an off-by-one). Scratch buffers that
+// the kernels must write before reading start poisoned, although the crate zeroes them.
+static void register_buffers(Plan& p) {
+    emu_dev_forget();
+    const u32 n = p.n;
+    emu_dev(p.e[0].data(), n, "e0");
+    emu_dev(p.e[1].data(), n, "e1");
+    if (p.momentum > 0) {
+        emu_dev(p.u[0].data(), n, "u0");
+        emu_dev(p.u[1].data(), n, "u1");
+    }
+    emu_dev(&p.st, 1, "status");
+    emu_dev(p.out_idx.data(), p.sent, "out_idx", false);
+    emu_dev(p.out_val.data(), p.sent, "out_val", false);
+    u32 maxbig = 0, maxlist = 0, maxtiles = 0;
+    for (auto& g : p.groups)
+        if (g.k && g.len > p.block_max) {
+            maxbig = std::max(maxbig, g.len);
+            if (g.k < g.r && g.r < g.len) maxlist = std::max(maxlist, g.r);
+            maxtiles = std::max(maxtiles, tiles_of(g.lo, g.len));
+        }
+    const u32 words = (n + 31) / 32 + 1;
+    emu_dev(p.defbits.data(), words, "defbits");  // memset by the host
+    emu_dev(p.tiebits.data(), words, "tiebits");
+    emu_dev(p.list.data(), maxlist, "list", false);
+    emu_dev(p.tiles.data(), 2 * maxtiles, "tiles", false);
+    emu_dev(p.cand.data(), maxbig ? p.cand_cap : 0, "cand", false);
+    emu_dev(p.sel_state.data(), p.sel_state.size(), "sel_state", false);
+    emu_dev(p.small.data(), p.small.size(), "small_groups");
+}
+
 static void gpu_step(Plan& p, const std::vector<float>& grad, u64 t) {
     StepBuffers b{A(p.e[0].data()), A(p.e[1].data()),
                   p.momentum > 0 ? A(p.u[0].data()) : 0, p.momentum > 0 ? A(p.u[1].data()) : 0,
                   A(&p.st), p.n, p.momentum};
+    emu_dev(grad.data(), p.n, "grad");
     emu_launch(ef_begin, 1, 1, b);
     SelArgs base{};
     base.b = b;
@@ -113,6 +146,7 @@ static void gpu_step(Plan& p, const std::vector<float>& grad, u64 t) {
     emu_launch(ef_accumulate_f32, grid_for(p.n, 256), 256, acc);
     if (!p.small.empty()) {
         std::fill(p.defbits.begin(), p.defbits.end(), 0u);
+        emu_dev(p.defbits.data(), (p.n + 31) / 32 + 1, "defbits");  // memset
         SmallArgs s{b, A(p.small.data()), A(p.out_idx.data()), A(p.out_val.data()), A(p.defbits.data()),
                     p.worker, base.t_lo, base.t_hi, base.s_lo, base.s_hi, p.dtype};
         emu_launch(select_small, (u32)p.small.size(), 1024, s);
@@ -268,8 +302,10 @@ static bool ref_step(const Plan& p, Ref& r, const std::vector<float>& grad, u64 
 static int failures = 0;
 static int passes = 0;
 
-static void run(const std::string& name, Plan p, const std::vector<std::vector<float>>& grads) {
+static void run_once(const std::string& name, Plan p, const std::vector<std::vector<float>>& grads) {
     init(p);
+    register_buffers(p);
+    const unsigned long san0 = emu_san_errors();
     Ref r;
     r.e.assign(p.n, 0.f);
     r.u.assign(p.n, 0.f);
@@ -318,8 +354,21 @@ static void run(const std::string& name, Plan p, const std::vector<std::vector<f
             }
         }
     }
+    if (emu_san_errors() != san0) {
+        printf("FAIL %s: %lu sanitizer errors\n", name.c_str(), emu_san_errors() - san0);
+        ++failures;
+        return;
+    }
     ++passes;
     printf("ok   %s\n", name.c_str());
+}
+
+static void run(const std::string& name, const Plan& p, const std::vector<std::vector<float>>& grads) {
+    if (!emu_opts.only.empty() && name.find(emu_opts.only) == std::string::npos) return;
+    for (auto& [tag, seed] : emu_schedules()) {
+        emu_use_schedule(seed);
+        run_once(name + tag, p, grads);
+    }
 }
 
 static std::vector<float> data(u32 n, int kind, u64 seed) {
@@ -336,7 +385,8 @@ static std::vector<float> data(u32 n, int kind, u64 seed) {
 }
 
 int main(int argc, char** argv) {
-    bool quick = argc > 1 && std::string(argv[1]) == "quick";
+    emu_parse_args(argc, argv);
+    const bool quick = emu_opts.quick;
     std::vector<u32> sizes = quick ? std::vector<u32>{300, 40000} : std::vector<u32>{1, 100, 257, 32768, 32769, 70001};
     for (u32 n : sizes) {
         for (int kind = 0; kind < 3; ++kind) {

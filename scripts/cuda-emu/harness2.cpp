@@ -15,17 +15,36 @@
 
 static int failures = 0;
 static int passes = 0;
-#define CHECK(c, ...)                  \
-    do {                               \
-        if (!(c)) {                    \
-            printf("FAIL " __VA_ARGS__); \
-            printf("\n");              \
-            ++failures;                \
-            return;                    \
-        }                              \
+static std::string sched_tag;  // the schedule, when not the fixed one
+#define CHECK(c, ...)                                \
+    do {                                             \
+        if (!(c)) {                                  \
+            printf("FAIL " __VA_ARGS__);             \
+            printf("%s\n", sched_tag.c_str());       \
+            ++failures;                              \
+            return;                                  \
+        }                                            \
     } while (0)
 
 static u64 A(const void* x) { return (u64)(uintptr_t)x; }
+// A device allocation of the first `n` elements of `v` (emu.h's memcheck/initcheck):
+// init = the host copied or memset it; otherwise it stays poisoned until a kernel writes it.
+template <typename V>
+static u64 D(V& v, size_t n, const char* name, bool init = true) {
+    emu_dev(v.data(), n, name, init);
+    return A(v.data());
+}
+template <typename T>
+static u64 D1(T* x, const char* name) {
+    emu_dev(x, 1, name, true);
+    return A(x);
+}
+// Each case starts with no allocations and passes only if the sanitizer stayed silent.
+static unsigned long san_begin() {
+    emu_dev_forget();
+    return emu_san_errors();
+}
+#define SAN_OK(san0) CHECK(emu_san_errors() == san0, "%s: %lu sanitizer errors", __func__, emu_san_errors() - san0)
 static u32 grid_for(u64 n, u32 block) {
     u64 w = std::max<u64>(1, (n + block - 1) / block);
     return (u32)std::min<u64>(w, 8);
@@ -50,6 +69,7 @@ static std::vector<float> gauss(u32 n, u64 seed, float scale, float off = 0) {
 }
 
 static void sign_case(const std::vector<u32>& sizes, float momentum) {
+    const unsigned long san0 = san_begin();
     u32 n = 0;
     for (u32 s : sizes) n += s;
     std::vector<Item> items;
@@ -64,9 +84,18 @@ static void sign_case(const std::vector<u32>& sizes, float momentum) {
     std::vector<float> re(n, 0.f), ru(n, 0.f);
     for (int step = 0; step < 3; ++step) {
         auto g = gauss(n, 5 + step, 1.0f);
-        StepBuffers b{A(e[0].data()), A(e[1].data()), momentum > 0 ? A(u[0].data()) : 0,
-                      momentum > 0 ? A(u[1].data()) : 0, A(&st), n, momentum};
+        StepBuffers b{D(e[0], n, "e0"), D(e[1], n, "e1"), momentum > 0 ? D(u[0], n, "u0") : 0,
+                      momentum > 0 ? D(u[1], n, "u1") : 0, D1(&st, "status"), n, momentum};
         std::fill(words.begin(), words.end(), 0);
+        D(g, n, "grad");
+        D(words, words.size() - 2, "words");  // memset by the host every step
+        if (step == 0) {
+            D(items, items.size(), "items");
+            D(first, first.size(), "group_items");
+            emu_dev(sizes.data(), sizes.size(), "group_len");
+            D(partial, items.size(), "partial", false);
+            D(scales, sizes.size(), "scales", false);
+        }
         emu_launch(ef_begin, 1, 1, b);
         emu_launch(ef_accumulate_f32, grid_for(n, 256), 256, AccArgs{b, A(g.data()), 0});
         SignArgs a{b, A(items.data()), A(partial.data()), A(first.data()), A(sizes.data()), A(scales.data()),
@@ -102,12 +131,14 @@ static void sign_case(const std::vector<u32>& sizes, float momentum) {
             lo += sizes[gi];
         }
     }
+    SAN_OK(san0);
     ++passes;
-    printf("ok   sign sizes=%zu n=%u momentum=%g\n", sizes.size(), n, momentum);
+    printf("ok   sign sizes=%zu n=%u momentum=%g%s\n", sizes.size(), n, momentum, sched_tag.c_str());
 }
 
 // `all_bad`: every element of that layer is non-finite (its moments must be NaN, SPEC §8).
 static void stats_case(const std::vector<u32>& sizes, float off, bool nan, int all_bad = -1) {
+    const unsigned long san0 = san_begin();
     u32 n = 0;
     for (u32 s : sizes) n += s;
     std::vector<Item> items;
@@ -125,7 +156,8 @@ static void stats_case(const std::vector<u32>& sizes, float off, bool nan, int a
     }
     std::vector<StatsPartial> part(items.size() + 1);
     std::vector<StatsOut> out(sizes.size() + 1);
-    StatsArgs a{A(x.data()), A(items.data()), A(part.data()), A(first.data()), A(out.data()), (u32)sizes.size(), 0};
+    StatsArgs a{D(x, n, "x"), D(items, items.size(), "items"), D(part, items.size(), "partial", false),
+                D(first, first.size(), "layer_items"), D(out, sizes.size(), "out", false), (u32)sizes.size(), 0};
     emu_launch(stats_items_f32, items.size(), 256, a);
     emu_launch(stats_merge, sizes.size(), 256, a);
     u32 lo = 0;
@@ -163,11 +195,14 @@ static void stats_case(const std::vector<u32>& sizes, float off, bool nan, int a
         CHECK(std::fabs(o.var - var) <= 1e-9 * var, "stats %u var %g vs %g", l, o.var, var);
         lo += sizes[l];
     }
+    SAN_OK(san0);
     ++passes;
-    printf("ok   stats layers=%zu n=%u off=%g nan=%d all_bad=%d\n", sizes.size(), n, off, nan, all_bad);
+    printf("ok   stats layers=%zu n=%u off=%g nan=%d all_bad=%d%s\n", sizes.size(), n, off, nan, all_bad,
+           sched_tag.c_str());
 }
 
 static void var_case(const std::vector<u32>& sizes, u32 k) {
+    const unsigned long san0 = san_begin();
     u32 n = 0;
     for (u32 s : sizes) n += s;
     std::vector<Item> items;
@@ -182,13 +217,15 @@ static void var_case(const std::vector<u32>& sizes, u32 k) {
     }
     ys[k - 1][n / 2] = NAN;
     std::vector<u64> ptrs;
-    for (auto& y : ys) ptrs.push_back(A(y.data()));
+    for (auto& y : ys) ptrs.push_back(D(y, n, "worker"));
     std::vector<VarPartial> part(items.size() + 1);
     std::vector<VarOut> out(sizes.size() + 1);
     std::vector<u64> bc(k, 0);
     std::vector<u32> bf(k, 0xFFFFFFFF);
-    VarArgs a{A(ptrs.data()), A(items.data()), A(part.data()), A(first.data()), A(sizes.data()), A(out.data()),
-              A(bc.data()), A(bf.data()), k, (u32)sizes.size()};
+    emu_dev(sizes.data(), sizes.size(), "layer_len");
+    VarArgs a{D(ptrs, k, "workers"), D(items, items.size(), "items"), D(part, items.size(), "partial", false),
+              D(first, first.size(), "layer_items"), A(sizes.data()), D(out, sizes.size(), "out", false),
+              D(bc, k, "bad_count"), D(bf, k, "bad_first"), k, (u32)sizes.size()};
     emu_launch(var_items_f32, items.size(), 256, a);
     emu_launch(var_merge, sizes.size(), 256, a);
     CHECK(bc[k - 1] == 1 && bf[k - 1] == n / 2, "var non-finite report");
@@ -216,8 +253,9 @@ static void var_case(const std::vector<u32>& sizes, u32 k) {
         CHECK(std::fabs(out[l].sigma_x2 - sx) <= 1e-9 * sx + 1e-300, "var %u sigma_x2 %g vs %g", l, out[l].sigma_x2, sx);
         lo += nl;
     }
+    SAN_OK(san0);
     ++passes;
-    printf("ok   variance layers=%zu n=%u K=%u\n", sizes.size(), n, k);
+    printf("ok   variance layers=%zu n=%u K=%u%s\n", sizes.size(), n, k, sched_tag.c_str());
 }
 
 struct Sp {
@@ -226,6 +264,7 @@ struct Sp {
 };
 
 static void agg_case(u32 n, u32 k, bool senders, int corrupt) {
+    const unsigned long san0 = san_begin();
     std::mt19937_64 r(n * 7 + k);
     std::vector<Sp> ps(k);
     for (auto& p : ps) {
@@ -245,14 +284,18 @@ static void agg_case(u32 n, u32 k, bool senders, int corrupt) {
     std::vector<u32> counts(n + 1), ei(k, 0xFFFFFFFF), ev(k, 0xFFFFFFFF);
     u32 any = 0;
     AggArgs base{};
-    base.out = A(out.data());
-    base.counts = senders ? A(counts.data()) : 0;
-    base.err_idx = A(ei.data());
-    base.err_val = A(ev.data());
-    base.any = A(&any);
-    base.inv = A(inv.data());
+    base.out = D(out, n, "out");
+    base.counts = senders ? D(counts, n, "counts") : 0;
+    base.err_idx = D(ei, k, "err_idx");
+    base.err_val = D(ev, k, "err_val");
+    base.any = D1(&any, "any");
+    base.inv = D(inv, k + 1, "inv");
     base.n = n;
     base.workers = k;
+    for (u32 w = 0; w < k; ++w) {
+        D(ps[w].idx, ps[w].idx.size(), "idx");
+        D(ps[w].val, ps[w].val.size(), "val");
+    }
     for (u32 w = 0; w < k; ++w) {
         AggArgs a = base;
         a.idx = A(ps[w].idx.data());
@@ -274,8 +317,9 @@ static void agg_case(u32 n, u32 k, bool senders, int corrupt) {
         CHECK(any != 0, "agg corrupt %d not detected", corrupt);
         CHECK((corrupt == 3 ? ev[1] : ei[1]) != 0xFFFFFFFF && ei[0] == 0xFFFFFFFF, "agg error position");
         for (u32 i = 0; i < n; ++i) CHECK(out[i] == 7.0f, "agg out written on error");
-        ++passes;
-        printf("ok   aggregate rejects corruption %d\n", corrupt);
+        SAN_OK(san0);
+    ++passes;
+        printf("ok   aggregate rejects corruption %d%s\n", corrupt, sched_tag.c_str());
         return;
     }
     std::vector<float> want(n, 0.f);
@@ -289,12 +333,14 @@ static void agg_case(u32 n, u32 k, bool senders, int corrupt) {
         want[i] *= senders ? inv[c[i]] : inv[k];
         CHECK(__float_as_uint(want[i]) == __float_as_uint(out[i]), "agg %u: %g vs %g", i, out[i], want[i]);
     }
+    SAN_OK(san0);
     ++passes;
-    printf("ok   aggregate n=%u K=%u senders=%d\n", n, k, senders);
+    printf("ok   aggregate n=%u K=%u senders=%d%s\n", n, k, senders, sched_tag.c_str());
 }
 
 
 static void agg_sign_case(u32 n, u32 k, bool senders) {
+    const unsigned long san0 = san_begin();
     std::vector<u32> sizes = {n / 3, 0, n - n / 3};
     std::vector<Item> items;
     std::vector<u32> first;
@@ -314,13 +360,17 @@ static void agg_sign_case(u32 n, u32 k, bool senders) {
     std::vector<u32> counts(n + 1), ei(k, 0xFFFFFFFF), ev(k, 0xFFFFFFFF);
     u32 any = 0;
     AggArgs base{};
-    base.out = A(out.data());
-    base.counts = senders ? A(counts.data()) : 0;
-    base.err_idx = A(ei.data());
-    base.err_val = A(ev.data());
-    base.any = A(&any);
-    base.inv = A(inv.data());
-    base.items = A(items.data());
+    base.out = D(out, n, "out");
+    base.counts = senders ? D(counts, n, "counts") : 0;
+    base.err_idx = D(ei, k, "err_idx");
+    base.err_val = D(ev, k, "err_val");
+    base.any = D1(&any, "any");
+    base.inv = D(inv, k + 1, "inv");
+    base.items = D(items, items.size(), "items");
+    for (u32 w = 0; w < k; ++w) {
+        D(scales[w], sizes.size(), "scales");
+        D(words[w], words[w].size(), "words");
+    }
     base.n = n;
     base.workers = k;
     emu_launch(agg_zero, grid_for(n, 256), 256, base);
@@ -341,12 +391,14 @@ static void agg_sign_case(u32 n, u32 k, bool senders) {
         }
         lo += sizes[g];
     }
+    SAN_OK(san0);
     ++passes;
-    printf("ok   aggregate sign n=%u K=%u senders=%d\n", n, k, senders);
+    printf("ok   aggregate sign n=%u K=%u senders=%d%s\n", n, k, senders, sched_tag.c_str());
 }
 
 // f16 and bf16 gradients through the accumulate kernel (exact widening).
 static void accumulate_half_case(u32 n) {
+    const unsigned long san0 = san_begin();
     std::vector<unsigned short> h(n), bh(n);
     std::mt19937_64 r(3);
     for (u32 i = 0; i < n; ++i) {
@@ -356,9 +408,9 @@ static void accumulate_half_case(u32 n) {
     for (int kind = 0; kind < 2; ++kind) {
         std::vector<float> e[2] = {std::vector<float>(n + 1, 0.25f), std::vector<float>(n + 1)};
         StepStatus st{};
-        StepBuffers b{A(e[0].data()), A(e[1].data()), 0, 0, A(&st), n, 0.0f};
+        StepBuffers b{D(e[0], n, "e0"), D(e[1], n, "e1"), 0, 0, D1(&st, "status"), n, 0.0f};
         emu_launch(ef_begin, 1, 1, b);
-        AccArgs acc{b, kind == 0 ? A(h.data()) : A(bh.data()), 0};
+        AccArgs acc{b, kind == 0 ? D(h, n, "grad") : D(bh, n, "grad"), 0};
         if (kind == 0) emu_launch(ef_accumulate_f16, grid_for(n, 256), 256, acc);
         else emu_launch(ef_accumulate_bf16, grid_for(n, 256), 256, acc);
         for (u32 i = 0; i < n; ++i) {
@@ -366,27 +418,40 @@ static void accumulate_half_case(u32 n) {
             CHECK(e[1][i] == 0.25f + g, "half accumulate %d at %u", kind, i);
         }
     }
+    SAN_OK(san0);
     ++passes;
-    printf("ok   accumulate f16/bf16 n=%u\n", n);
+    printf("ok   accumulate f16/bf16 n=%u%s\n", n, sched_tag.c_str());
 }
 
-int main() {
-    sign_case({10000}, 0.0f);
-    sign_case({5000, 0, 9000, 1, 300}, 0.5f);
-    stats_case({0, 1, 4095, 4096, 4097, 20000}, 0.0f, false);
-    stats_case({30000}, 1000.0f, true);
-    stats_case({5000, 4097, 0, 300}, 5.0f, true, 1);
-    var_case({1, 4097, 9000, 0}, 2);
-    var_case({20000}, 5);
-    for (bool s : {false, true}) {
-        agg_case(1, 3, s, 0);
-        agg_case(9000, 3, s, 0);
-        agg_case(9000, 1, s, 0);
+// Runs one case under every schedule asked for (--schedule random --seeds N).
+template <typename F>
+static void each(const char* name, F f) {
+    if (!emu_opts.only.empty() && std::string(name).find(emu_opts.only) == std::string::npos) return;
+    for (auto& [tag, seed] : emu_schedules()) {
+        sched_tag = tag;
+        emu_use_schedule(seed);
+        f();
     }
-    for (int c = 1; c <= 3; ++c) agg_case(5000, 3, false, c);
-    agg_sign_case(9001, 3, false);
-    agg_sign_case(9001, 2, true);
-    accumulate_half_case(20000);
+}
+
+int main(int argc, char** argv) {
+    emu_parse_args(argc, argv);
+    each("sign", [] { sign_case({10000}, 0.0f); });
+    each("sign", [] { sign_case({5000, 0, 9000, 1, 300}, 0.5f); });
+    each("stats", [] { stats_case({0, 1, 4095, 4096, 4097, 20000}, 0.0f, false); });
+    each("stats", [] { stats_case({30000}, 1000.0f, true); });
+    each("stats", [] { stats_case({5000, 4097, 0, 300}, 5.0f, true, 1); });
+    each("variance", [] { var_case({1, 4097, 9000, 0}, 2); });
+    each("variance", [] { var_case({20000}, 5); });
+    for (bool s : {false, true}) {
+        each("aggregate", [&] { agg_case(1, 3, s, 0); });
+        each("aggregate", [&] { agg_case(9000, 3, s, 0); });
+        each("aggregate", [&] { agg_case(9000, 1, s, 0); });
+    }
+    for (int c = 1; c <= 3; ++c) each("aggregate", [&] { agg_case(5000, 3, false, c); });
+    each("aggregate sign", [] { agg_sign_case(9001, 3, false); });
+    each("aggregate sign", [] { agg_sign_case(9001, 2, true); });
+    each("accumulate", [] { accumulate_half_case(20000); });
     // The summary CI log readers look for: alone on the last line.
     printf("%d passed, %d failed\n", passes, failures);
     return failures ? 1 : 0;
