@@ -359,13 +359,19 @@ def _raise_everywhere(state: GradsiftState, b: _Bucket, hdrs: np.ndarray, step: 
         raise ConfigMismatchError(f"gradsift hook: ranks are configured differently ({lines})")
     if (hdrs[:, 3] != hdrs[0, 3]).any():
         raise ConfigMismatchError(f"gradsift hook: ranks are at different steps {hdrs[:, 3].tolist()} of bucket {b.names[0]}...")
-    bad = [r for r in range(state.world_size) if hdrs[r, 0] != 0]
+    bad = [r for r in range(state.world_size) if hdrs[r, 0] == 1]
     if bad:
         raise NonFiniteError(
             f"gradsift hook: step {step} rejected: non-finite gradient on rank(s) {bad} "
             f"(bucket of {len(b.names)} parameters starting at {b.names[0]!r}); every rank kept its residual "
             f"and momentum, no update was applied"
-            + (f"; here: {local_error}" if local_error else "")
+        )
+    over = [r for r in range(state.world_size) if hdrs[r, 0] == 2]
+    if over:
+        raise NonFiniteError(
+            f"gradsift hook: step {step} rejected: the accumulated gradient overflowed on rank(s) {over} "
+            f"(bucket starting at {b.names[0]!r}); those ranks kept their residual, the others stepped; "
+            f"no update was applied" + (f"; here: {local_error}" if local_error else "")
         )
 
 
@@ -389,6 +395,14 @@ def gradsift_hook(state: GradsiftState, bucket: dist.GradBucket) -> torch.future
     if b.send is None or b.cap < b.comp.max_encoded_len():
         state._grow(b, 0, comm)
     dname = _DTYPES[buf.dtype]
+    # Phase 1, before anything changes: configuration, step and finiteness of every rank's
+    # gradient. Any disagreement or non-finite gradient raises on every rank, and no rank
+    # has stepped, so every residual is kept.
+    finite = bool(torch.isfinite(buf).all())
+    b.hdr.copy_(torch.tensor([0 if finite else 1, 0, state.fingerprint, step, 0, 0], dtype=torch.int64))
+    dist.all_gather(b.hdr_rows, b.hdr, group=state.process_group)
+    hdrs = b.hdrs.view(state.world_size, _HEADER).cpu().numpy()
+    _raise_everywhere(state, b, hdrs, step, None)
     local_error = None
     nbytes = 0
     cur = torch.cuda.current_stream(buf.device) if buf.is_cuda else None
@@ -408,7 +422,10 @@ def gradsift_hook(state: GradsiftState, bucket: dist.GradBucket) -> torch.future
             nbytes = b.comp.encode_into(b.send.numpy())
     except NonFiniteError as e:
         local_error = str(e)
-    b.hdr.copy_(torch.tensor([1 if local_error else 0, nbytes, state.fingerprint, step, 0, 0], dtype=torch.int64))
+    # Phase 2: message sizes, and whether a finite gradient still overflowed (e + g, or a
+    # value scaled by 'unbiased'): then every rank raises; the ranks whose step succeeded
+    # have advanced their residual (the rare case the pre-check cannot see).
+    b.hdr.copy_(torch.tensor([2 if local_error else 0, nbytes, state.fingerprint, step, 1, 0], dtype=torch.int64))
     dist.all_gather(b.hdr_rows, b.hdr, group=state.process_group)
     hdrs = b.hdrs.view(state.world_size, _HEADER).cpu().numpy()
     _raise_everywhere(state, b, hdrs, step, local_error)

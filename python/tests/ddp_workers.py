@@ -72,7 +72,8 @@ def train(rank: int, case: dict, steps: int, state_in: dict | None = None, start
         if case.get("save_at") == t + 1:
             saved = (state.state_dict(), {k: v.clone() for k, v in model.state_dict().items()})
     params = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return dict(rec=rec, errors=errors, params=params, saved=saved, state=state, bytes=bytes_per_step)
+    final_residual = {k: v.clone() for k, v in state.state_dict()["residual"].items()}
+    return dict(final_residual=final_residual, rec=rec, errors=errors, params=params, saved=saved, state=state, bytes=bytes_per_step)
 
 
 def worker(rank: int, world: int, port: int, case: dict, outdir: str) -> None:
@@ -96,9 +97,6 @@ def worker(rank: int, world: int, port: int, case: dict, outdir: str) -> None:
             r2 = train(rank, case, steps - case["save_at"], state_in=sd, start=case["save_at"], model_in=model_sd)
             result["resumed_params"] = r2["params"]
             result["resumed_rec"] = r2["rec"]
-        if case.get("after_error_step"):
-            # After an error every rank still agrees: one more clean step succeeds everywhere.
-            pass
         dist.barrier()
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001
