@@ -32,7 +32,6 @@ Buffers are allocated on the first call of a bucket (and grown only when DGC's w
 raises the payload size); later calls allocate no new device memory.
 """
 
-from __future__ import annotations
 
 import hashlib
 import struct

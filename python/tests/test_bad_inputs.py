@@ -83,3 +83,16 @@ def test_nonfinite_gradient_every_rank_raises_residual_kept(run_ranks, world):
         assert set(r["saved"]) == set(c["final_residual"])
         for k, v in r["saved"].items():
             assert torch.equal(v, c["final_residual"][k]), k
+
+
+def test_hook_signature_accepted_by_ddp():
+    """DDP checks the hook's annotations: GradBucket in, Future[Tensor] out."""
+    import inspect
+
+    import torch.distributed as dist
+
+    import gradsift.torch as gst
+
+    sig = inspect.signature(gst.gradsift_hook)
+    assert sig.parameters["bucket"].annotation is dist.GradBucket
+    assert sig.return_annotation == torch.futures.Future[torch.Tensor]
