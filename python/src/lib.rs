@@ -209,8 +209,9 @@ fn write_out(dst: &HostArray, src: &[f32]) -> PyResult<()> {
     // SAFETY: writable (checked), contiguous, aligned, `len` elements of `dtype`.
     unsafe {
         match dst.dtype {
-            DType::F32 => std::slice::from_raw_parts_mut(dst.addr() as *mut f32, dst.len)
-                .copy_from_slice(src),
+            DType::F32 => {
+                std::slice::from_raw_parts_mut(dst.addr() as *mut f32, dst.len).copy_from_slice(src)
+            }
             DType::F16 => {
                 for (d, s) in std::slice::from_raw_parts_mut(dst.addr() as *mut f16, dst.len)
                     .iter_mut()
@@ -249,7 +250,9 @@ fn count(ratio: Option<f64>, exact: Option<u64>, what: &str) -> PyResult<Count> 
     match (ratio, exact) {
         (Some(r), None) => Ok(Count::Ratio(r)),
         (None, Some(k)) => Ok(Count::Exact(k)),
-        (None, None) => Err(PyValueError::new_err(format!("{what}: give a ratio or a count"))),
+        (None, None) => Err(PyValueError::new_err(format!(
+            "{what}: give a ratio or a count"
+        ))),
         (Some(_), Some(_)) => Err(PyValueError::new_err(format!(
             "{what}: give a ratio or a count, not both"
         ))),
@@ -702,7 +705,14 @@ impl Compressor {
     /// CUDA only: one step on `len` elements of `dtype` at device address `ptr`
     /// (`tensor.data_ptr()`), enqueued on the plan's stream; nothing passes through the host.
     /// A rejection surfaces at `check()` / `payload()`.
-    fn step_ptr(&self, py: Python<'_>, ptr: usize, len: usize, dtype: &str, step: u64) -> PyResult<()> {
+    fn step_ptr(
+        &self,
+        py: Python<'_>,
+        ptr: usize,
+        len: usize,
+        dtype: &str,
+        step: u64,
+    ) -> PyResult<()> {
         #[cfg(feature = "cuda")]
         {
             cuda::step_ptr(self, py, ptr, len, parse_dtype(dtype)?, step)
@@ -842,7 +852,8 @@ impl Aggregator {
         py.detach(|| -> gradsift::Result<()> {
             for (w, len) in sizes.iter().enumerate() {
                 // SAFETY: rows lie inside the acquired buffer (checked above).
-                let row = unsafe { std::slice::from_raw_parts((addr + w * stride) as *const u8, *len) };
+                let row =
+                    unsafe { std::slice::from_raw_parts((addr + w * stride) as *const u8, *len) };
                 gradsift::wire::decode_into(row, &mut s.0[w]).map_err(|e| {
                     gradsift::Error::BadPayload {
                         worker: w,
@@ -857,7 +868,12 @@ impl Aggregator {
     }
 
     /// CUDA only: averages `payloads` into the float32 device buffer at `out_ptr` (length n).
-    fn aggregate_ptr(&self, py: Python<'_>, payloads: Vec<Payload>, out_ptr: usize) -> PyResult<()> {
+    fn aggregate_ptr(
+        &self,
+        py: Python<'_>,
+        payloads: Vec<Payload>,
+        out_ptr: usize,
+    ) -> PyResult<()> {
         #[cfg(feature = "cuda")]
         {
             cuda::aggregate_ptr(self, py, payloads, out_ptr)
@@ -883,7 +899,14 @@ impl Aggregator {
         #[cfg(feature = "cuda")]
         {
             let l = layout(sizes)?;
-            let (a, cx) = cuda::aggregator(&l, workers, device, stream, parse_mode(mode)?, parse_average(average)?)?;
+            let (a, cx) = cuda::aggregator(
+                &l,
+                workers,
+                device,
+                stream,
+                parse_mode(mode)?,
+                parse_average(average)?,
+            )?;
             Ok(Self {
                 inner: Mutex::new(a),
                 n: l.n(),
@@ -975,7 +998,9 @@ impl Stats {
             .collect::<PyResult<Vec<_>>>()?;
         let dt = arrays.first().map_or(DType::F32, |a| a.dtype);
         if arrays.iter().any(|a| a.dtype != dt) {
-            return Err(PyTypeError::new_err("all workers' arrays must share one dtype"));
+            return Err(PyTypeError::new_err(
+                "all workers' arrays must share one dtype",
+            ));
         }
         let mut out = Vec::new();
         let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
