@@ -142,9 +142,18 @@ while read -r b; do
 done <"$stage/benches.list"
 echo "== torch"
 python3 "$stage/torch_topk.py" 2>&1 | tee "$OUT/torch_topk.json"
+if [[ -x "$stage/python/run.sh" ]]; then
+    echo "== python (gradsift wheel, CUDA hook)"
+    OUT="$OUT" bash "$stage/python/run.sh" || status=1
+fi
 exit $status
 RUN
 chmod +x "$stage/run.sh"
+
+# The Python package's CUDA check (wheel + pytest), staged in gpu-stage/python/.
+if [ "${GRADSIFT_STAGE_PYTHON:-1}" != 0 ]; then
+    scripts/gpu-stage-python.sh || echo "gpu-stage-python.sh failed; the Python check is not staged" >&2
+fi
 
 du -sh "$stage" >&2
 echo >&2

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command of the README: installs what the GPU backends' tests need, then runs
-# every test: `cargo test --features wgpu,cuda "$@"` and, alongside it, the CUDA kernels
+# every test: `cargo test --features wgpu,cuda "$@"`, the Python package's tests
+# (scripts/test-python.sh: wheel + pytest on real gloo processes) and, alongside them, the CUDA kernels
 # under the CPU emulation (scripts/cuda-emu/run.sh quick, a few minutes), whose log is
 # printed after cargo's and ends with `N passed, M failed`. The run fails if either fails;
 # cargo's exit status wins when both do. On a laptop without root or network it runs what
@@ -123,6 +124,16 @@ elif [ "$cargo_rc" -eq 0 ]; then
   note "lint (fmt, clippy over 4 feature sets): SKIPPED (runs with CI=true or GRADSIFT_LINT=1)"
 fi
 
+# The Python package (python/): wheel + pytest with real gloo processes
+# (scripts/test-python.sh; GRADSIFT_PYTHON=0 skips it locally, refused in CI).
+py_rc=0
+if [ "${GRADSIFT_PYTHON:-1}" = 0 ]; then
+  if $in_ci; then note "ERROR: GRADSIFT_PYTHON=0 in CI: the Python tests may not be skipped"; exit 1; fi
+  echo "Python package tests: SKIPPED (GRADSIFT_PYTHON=0)"
+elif [ "$cargo_rc" -eq 0 ]; then
+  scripts/test-python.sh || py_rc=$?
+fi
+
 emu_rc=0
 if [ -n "$emu_mode" ]; then
   if [ "$cargo_rc" -ne 0 ]; then note "cargo test failed (exit $cargo_rc); waiting for the CUDA emulation"; fi
@@ -143,6 +154,10 @@ fi
 if [ "$emu_rc" -ne 0 ]; then
   note "FAILED: CUDA emulation (exit $emu_rc)"
   exit "$emu_rc"
+fi
+if [ "$py_rc" -ne 0 ]; then
+  note "FAILED: Python package tests (scripts/test-python.sh, exit $py_rc)"
+  exit "$py_rc"
 fi
 if [ "$lint_rc" -ne 0 ]; then
   note "FAILED: lint (cargo fmt --check / clippy -D warnings)"

@@ -1,0 +1,114 @@
+"""Code run inside the real gloo processes of the tests (spawned by torch.multiprocessing)."""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import gradsift.torch as gst
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def make_model(dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.Tanh(), torch.nn.Linear(10, 4))
+    return m.to(dtype)
+
+
+def batch(rank: int, step: int, dtype: torch.dtype, nan: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    x = torch.randn(8, 12, generator=g).to(dtype)
+    y = torch.randint(0, 4, (8,), generator=g)
+    if nan:
+        x[0, 0] = float("nan")
+    return x, y
+
+
+def train(rank: int, case: dict, steps: int, state_in: dict | None = None, start: int = 0, model_in=None):
+    dtype = DTYPES[case.get("dtype", "float32")]
+    device = torch.device(case.get("device", "cpu"))
+    model = make_model(dtype)
+    if model_in is not None:
+        model.load_state_dict(model_in)
+    model = model.to(device)
+    # find_unused_parameters=True keeps DDP from rebuilding its buckets after the first
+    # step, so the bucket layout is fixed (test_bucket_rebuild covers the rebuild).
+    ddp = DDP(model, find_unused_parameters=not case.get("rebuild", False),
+              device_ids=[device.index] if device.type == "cuda" else None)
+    settings = dict(case.get("settings", {}))
+    if case.get("rank_settings") and rank in case["rank_settings"]:
+        settings.update(case["rank_settings"][rank])
+    state = gst.GradsiftState(ddp, **settings, backend="cuda" if device.type == "cuda" else "cpu")
+    if state_in is not None:
+        state.load_state_dict(state_in)
+    rec = []
+    free_mem: list[int] = []
+
+    def hook(st, bucket):
+        names = tuple(st._names[id(p)] for p in bucket.parameters())
+        inp = bucket.buffer().cpu().clone()
+        fut = gst.gradsift_hook(st, bucket)
+        rec.append((names, inp, fut.value().cpu().clone()))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            free_mem.append(torch.cuda.mem_get_info(device)[0])
+        return fut
+
+    ddp.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    errors = []
+    saved = None
+    bytes_per_step = []
+    for t in range(start, start + steps):
+        x, y = batch(rank, t, dtype, nan=(t == case.get("nan_step") and rank == case.get("nan_rank")))
+        x, y = x.to(device), y.to(device)
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(ddp(x).float(), y)
+        try:
+            loss.backward()
+        except Exception as e:  # noqa: BLE001 - the test inspects what each rank raised
+            errors.append((t, type(e).__name__, str(e)))
+            saved = {k: v.clone() for k, v in state.state_dict()["residual"].items()}
+            break
+        opt.step()
+        bytes_per_step.append((state.bytes_sent, state.bytes_padded))
+        if case.get("save_at") == t + 1:
+            saved = (state.state_dict(), {k: v.clone() for k, v in model.state_dict().items()})
+    params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    final_residual = {k: v.clone() for k, v in state.state_dict()["residual"].items()}
+    return dict(free_mem=free_mem, final_residual=final_residual, rec=rec, errors=errors, params=params, saved=saved, state=state, bytes=bytes_per_step)
+
+
+def worker(rank: int, world: int, port: int, case: dict, outdir: str) -> None:
+    result: dict = {}
+    try:
+        if case.get("no_init"):
+            try:
+                gst.GradsiftState(torch.nn.Linear(2, 2))
+            except Exception as e:  # noqa: BLE001
+                result["errors"] = [(0, type(e).__name__, str(e))]
+            torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+            return
+        if case.get("device", "cpu").startswith("cuda"):
+            torch.cuda.set_device(torch.device(case["device"]))
+        dist.init_process_group(case.get("pg", "gloo"), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        steps = case.get("steps", 6)
+        r = train(rank, case, steps)
+        result = {k: v for k, v in r.items() if k != "state"}
+        if case.get("resume"):
+            # Second run: the first `save_at` steps, then a fresh model and state restored
+            # from the saved state_dicts for the remaining steps.
+            sd, model_sd = r["saved"]
+            r2 = train(rank, case, steps - case["save_at"], state_in=sd, start=case["save_at"], model_in=model_sd)
+            result["resumed_params"] = r2["params"]
+            result["resumed_rec"] = r2["rec"]
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        result["crash"] = traceback.format_exc()
+    torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))

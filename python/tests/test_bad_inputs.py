@@ -1,0 +1,98 @@
+"""Bad input: float64 and non-contiguous arrays, ranks configured differently, a
+non-finite gradient on one rank, no process group."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gradsift
+from gradsift import Compressor, Config, host_view
+
+
+def test_float64_and_noncontiguous_rejected_without_copy():
+    c = Compressor([6], Config("topk", 0.5))
+    with pytest.raises(TypeError, match="float64"):
+        c.step(np.zeros(6), 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        c.step(np.zeros(12, np.float32)[::2], 0)
+    with pytest.raises(TypeError, match="float64"):
+        host_view(torch.zeros(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        host_view(torch.zeros(6, 2)[:, 0])
+    with pytest.raises(ValueError, match="expected 6 elements"):
+        c.step(np.zeros(5, np.float32), 0)
+
+
+def test_zero_copy_reads_the_tensor_in_place():
+    t = torch.tensor([0.0, 5.0, -1.0, 0.5])
+    c = Compressor([4], Config("topk", 0.25))
+    x, _ = host_view(t)
+    assert x.__array_interface__["data"][0] == t.data_ptr()  # a view, not a copy
+    assert c.step(x, 0).indices == [1]
+
+
+def test_nonfinite_keeps_residual_direct():
+    c = Compressor([3], Config("topk", k=1))
+    c.step(np.array([1.0, 2.0, 3.0], np.float32), 0)
+    before = gradsift.residual(c)
+    with pytest.raises(gradsift.NonFiniteError):
+        c.step(np.array([np.inf, 0, 0], np.float32), 1)
+    assert np.array_equal(gradsift.residual(c), before)
+
+
+def test_no_process_group(run_ranks):
+    res = run_ranks(1, dict(no_init=True))
+    (_, kind, msg), = res[0]["errors"]
+    assert kind == "RuntimeError" and "init_process_group" in msg
+
+
+def test_float64_model_clear_error(run_ranks):
+    res = run_ranks(2, dict(dtype="float64", settings=dict(method="topk", ratio=0.1), steps=2))
+    for r in res:
+        (_, _, msg), = r["errors"]
+        assert "float64" in msg and "float32, float16 or bfloat16" in msg
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_configured_differently(run_ranks, world):
+    case = dict(settings=dict(method="topk", ratio=0.1), rank_settings={world - 1: dict(ratio=0.2)}, steps=2)
+    res = run_ranks(world, case)
+    for r in res:
+        assert len(r["errors"]) == 1, "every rank raises, on the first call"
+        t, _, msg = r["errors"][0]
+        assert t == 0 and "configured differently" in msg and "0.2" in msg
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_nonfinite_gradient_every_rank_raises_residual_kept(run_ranks, world):
+    case = dict(settings=dict(method="topk", ratio=0.1, momentum=0.9), steps=4, nan_step=2, nan_rank=1)
+    res = run_ranks(world, case)
+    msgs = set()
+    for r in res:
+        (t, _, msg), = r["errors"]
+        assert t == 2 and "non-finite gradient on rank(s) [1]" in msg
+        msgs.add(msg.split("; here:")[0])
+        assert len(r["rec"]) == 2  # steps 0 and 1 applied, step 2 not
+    assert len(msgs) == 1, "every rank raises the same error"
+    # every rank's residual after the rejected step is, bit for bit, the one a clean run
+    # has after steps 0 and 1
+    clean = run_ranks(world, dict(case, nan_step=None, steps=2))
+    for r, c in zip(res, clean):
+        assert set(r["saved"]) == set(c["final_residual"])
+        for k, v in r["saved"].items():
+            assert torch.equal(v, c["final_residual"][k]), k
+
+
+def test_hook_signature_accepted_by_ddp():
+    """DDP checks the hook's annotations: GradBucket in, Future[Tensor] out."""
+    import inspect
+
+    import torch.distributed as dist
+
+    import gradsift.torch as gst
+
+    sig = inspect.signature(gst.gradsift_hook)
+    assert sig.parameters["bucket"].annotation is dist.GradBucket
+    assert sig.return_annotation == torch.futures.Future[torch.Tensor]
