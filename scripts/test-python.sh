@@ -24,11 +24,11 @@ command -v "$py" >/dev/null 2>&1 || skip_or_fail "$py not found"
 
 venv=.cache/venv
 t0=$(date +%s)
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import torch, numpy, pytest, maturin' 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import torch, numpy, pytest, maturin; assert torch.__version__.startswith("2.15.0")' 2>/dev/null; then
   note "installing torch, numpy, pytest, maturin into $venv (first run only; ~3 GB)"
   { "$py" -m venv "$venv" &&
     "$venv/bin/pip" install -q --disable-pip-version-check --no-cache-dir --upgrade pip &&
-    "$venv/bin/pip" install -q --disable-pip-version-check --no-cache-dir torch numpy pytest maturin; } ||
+    "$venv/bin/pip" install -q --disable-pip-version-check --no-cache-dir torch==2.15.0 numpy==2.4.6 pytest==9.2.0 maturin==1.16.0; } ||
     skip_or_fail "could not install torch/numpy/pytest/maturin into $venv"
 fi
 t1=$(date +%s)
