@@ -53,8 +53,8 @@ __device__ __forceinline__ void ef_accumulate_impl(const AccArgs& a) {
         return pi;
     };
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    // Both loops run warp-uniformly (the fused histogram combines a warp's lanes): `wi` is
-    // the index of the warp's lane 0; stride is a multiple of 32.
+    // Both loops run warp-uniformly (the fused histogram combines a warp's lanes): `i - lane`
+    // is the index of the warp's lane 0, and the stride is a multiple of 32.
     const u64 lane = threadIdx.x & 31u;
     // Four independent loads of each input in flight per thread: at full occupancy that is
     // what it takes to cover DRAM latency at H100 bandwidth. The whole warp's four elements

@@ -40,8 +40,20 @@
 //! - Aggregation validates payloads on the device; the kernels that write the output read
 //!   a device flag first and do nothing if any payload was bad.
 //!
+//! # Launches, tuning and loading
+//! A step is written once against an enqueue interface with two sides: the live one launches
+//! on the stream and counts ([`Compressor::launches_last_step`]); a recorder only records, so
+//! [`launches_per_step`] reports the exact launch sequence of a layout and configuration
+//! without a GPU (12 launches per grid-wide group for top-k, 24 for rTop-k, plus 3 per step;
+//! every group up to the block cut-off shares one launch). [`Tuning`] sets that cut-off and
+//! whether the first histogram is fused into `ef_accumulate`. Kernel images are chosen by
+//! [`driver_version`] and the device's compute capability: cubins (`GRADSIFT_CUBIN_DIR`, or
+//! NVRTC for the exact sm), then PTX only where the driver is at least as new as the PTX; a
+//! driver too old for every image is [`crate::Error::CudaDriverTooOld`], naming both versions.
+//!
 //! `scripts/cuda-emu/` runs the kernels on the CPU (fibers for threads) against models of
-//! docs/SPEC.md, for machines without a GPU.
+//! docs/SPEC.md, for machines without a GPU, and checks them for races, barrier and warp-mask
+//! misuse, out-of-bounds and uninitialised reads under fixed and random schedules.
 
 mod abi;
 mod aggregate;
