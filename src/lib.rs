@@ -5,6 +5,7 @@ pub mod backend;
 #[cfg(feature = "cli")]
 pub mod cli;
 mod config;
+pub mod dist;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
