@@ -62,7 +62,7 @@ fn one_gpu_all_gather_and_device_aggregation_match_the_cpu() {
     let mut want = vec![0f32; layout.n()];
     for step in 0..4u64 {
         let grad: Vec<f32> = (0..layout.n())
-            .map(|i| ((i as f32 * 0.37 + step as f32).sin() * (1.0 + (i % 7) as f32)))
+            .map(|i| (i as f32 * 0.37 + step as f32).sin() * (1.0 + (i % 7) as f32))
             .collect();
         let dev_grad = cx.stream().clone_htod(&grad).unwrap();
         gpu.step_device(&dev_grad, step).unwrap();

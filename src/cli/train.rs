@@ -738,8 +738,18 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     }
     match run_on(args, transport.as_mut()) {
         Ok(()) => Ok(()),
-        // Collective errors: every rank has the same one, nobody waits.
-        Err(e @ TrainError::Gradsift(crate::Error::Transport { .. })) => Err(e),
+        Err(e @ TrainError::Gradsift(crate::Error::Transport { .. })) if args.dist != Dist::None => {
+            // A collective error (a set-up mismatch): every rank has it and says so, then all
+            // leave together, so that mpirun kills no rank before it has reported.
+            eprintln!(
+                "gradsift: rank {} of {}: {e}",
+                transport.rank(),
+                transport.workers()
+            );
+            let _ = transport.barrier();
+            drop(transport);
+            std::process::exit(1)
+        }
         Err(e) if args.dist != Dist::None => {
             eprintln!(
                 "gradsift: rank {} of {}: {e}; aborting every rank",
@@ -778,6 +788,24 @@ fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
         backend,
         ..TrainConfig::default()
     };
+    // Every rank runs the same job, checked before anything is printed (train_with checks
+    // each run again).
+    let layout = Mlp::new(&base.hidden, base.seed)?.layout();
+    let fingerprint = setup_fingerprint(&base, &layout, &train_set, transport.workers());
+    dist::check_setup(transport, &format!("methods {methods:?} | {fingerprint}"))?;
+    if transport.workers() != base.workers {
+        // The same on every rank (the set-up matched): a collective error.
+        return Err(crate::Error::Transport {
+            transport: transport.name(),
+            reason: format!(
+                "--workers {} but the {} transport connects {} workers (with mpirun, pass --workers equal to -n)",
+                base.workers,
+                transport.name(),
+                transport.workers()
+            ),
+        }
+        .into());
+    }
     // Under MPI only rank 0 speaks.
     macro_rules! say {
         ($($a:tt)*) => { if root { println!($($a)*) } };
