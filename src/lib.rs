@@ -5,10 +5,10 @@ pub mod backend;
 #[cfg(feature = "cli")]
 pub mod cli;
 mod config;
-pub mod dist;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod dist;
 mod dtype;
 mod error;
 mod layout;

@@ -767,14 +767,7 @@ pub fn measure_step<T: Element>(
     }
     let agg = state.aggregator.as_mut().expect("prepared above");
     agg.aggregate(&state.payloads, &mut state.estimate)?;
-    measure_aggregate(
-        grads,
-        layout,
-        &state.variances,
-        &state.estimate,
-        bits,
-        step,
-    )
+    measure_aggregate(grads, layout, &state.variances, &state.estimate, bits, step)
 }
 
 /// The measurement half of [`measure_step`], for callers that compressed, moved and

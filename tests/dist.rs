@@ -176,8 +176,17 @@ fn a_rank_that_dies_stops_the_others() {
     let Some(mut mpi) = mpirun() else { return };
     // Rank 1 exits abruptly (no MPI_Finalize) at step 5; ranks 0 and 2 then wait in the
     // next all-gather until mpirun notices and kills them.
-    mpi.args(["-x", "GRADSIFT_FAULT=1:5", "-n", "3", BIN, "train", "--dist", "mpi"])
-        .args(["--workers", "3", "--epochs", "1"]);
+    mpi.args([
+        "-x",
+        "GRADSIFT_FAULT=1:5",
+        "-n",
+        "3",
+        BIN,
+        "train",
+        "--dist",
+        "mpi",
+    ])
+    .args(["--workers", "3", "--epochs", "1"]);
     let (out, elapsed) = run(mpi);
     let err = text(&out.stderr);
     assert!(!out.status.success(), "the job must fail:\n{err}");

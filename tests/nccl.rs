@@ -69,11 +69,19 @@ fn one_gpu_all_gather_and_device_aggregation_match_the_cpu() {
         let sent = comm.all_gather_payload(&gpu).unwrap();
         comm.aggregate(&mut gpu_agg, &mut out).unwrap();
         let p = cpu_plan.step(&grad, step).unwrap();
-        assert_eq!(sent, p.as_sparse().unwrap().indices.len(), "step {step}: sent");
-        cpu_agg.aggregate(std::slice::from_ref(p), &mut want).unwrap();
+        assert_eq!(
+            sent,
+            p.as_sparse().unwrap().indices.len(),
+            "step {step}: sent"
+        );
+        cpu_agg
+            .aggregate(std::slice::from_ref(p), &mut want)
+            .unwrap();
         let got = cx.stream().clone_dtoh(&out).unwrap();
         assert!(
-            got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
             "step {step}: device aggregate differs from the CPU reference"
         );
     }

@@ -257,7 +257,9 @@ pub fn train(
 /// model's layout, the training data, and the number of workers the transport connects.
 fn setup_fingerprint(cfg: &TrainConfig, layout: &Layout, data: &Mnist, workers: usize) -> String {
     let mut h = Fnv::default();
-    data.images.iter().for_each(|p| h.add(&p.to_bits().to_le_bytes()));
+    data.images
+        .iter()
+        .for_each(|p| h.add(&p.to_bits().to_le_bytes()));
     h.add(&data.labels);
     format!(
         "gradsift {} | {cfg:?} | layout {:?} | data {} images fnv {:016x} | {workers} workers",
@@ -397,12 +399,8 @@ pub fn train_with(
                             .clone()
                             .map(|w| device.compressor(&layout, &c.clone().with_worker(w as u32)))
                             .collect::<crate::Result<_>>()?;
-                        aggregator = Some(device.aggregator(
-                            &layout,
-                            c.mode,
-                            Average::OverWorkers,
-                            k,
-                        )?);
+                        aggregator =
+                            Some(device.aggregator(&layout, c.mode, Average::OverWorkers, k)?);
                     } else if plan_config.as_ref() != Some(c) {
                         for (w, plan) in local.clone().zip(plans.iter_mut()) {
                             plan.reconfigure(&c.clone().with_worker(w as u32))?;
@@ -422,7 +420,8 @@ pub fn train_with(
                     }
                     let agg = aggregator.as_mut().expect("built with the plans");
                     agg.aggregate(&payloads, &mut update)?;
-                    let m = rd::measure_aggregate(&views, &layout, &variances, &update, step_bits, t)?;
+                    let m =
+                        rd::measure_aggregate(&views, &layout, &variances, &update, step_bits, t)?;
                     model.apply(&update, cfg.lr)?;
                     bits += m.bits as f64;
                     r_sum_bits += m.r_sum_bits;
@@ -738,7 +737,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     }
     match run_on(args, transport.as_mut()) {
         Ok(()) => Ok(()),
-        Err(e @ TrainError::Gradsift(crate::Error::Transport { .. })) if args.dist != Dist::None => {
+        Err(e @ TrainError::Gradsift(crate::Error::Transport { .. }))
+            if args.dist != Dist::None =>
+        {
             // A collective error (a set-up mismatch): every rank has it and says so, then all
             // leave together, so that mpirun kills no rank before it has reported.
             eprintln!(

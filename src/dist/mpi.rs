@@ -85,8 +85,12 @@ impl Transport for Mpi {
     fn all_gather(&mut self, local: &[&[u8]], out: &mut Vec<Vec<u8>>) -> Result<()> {
         check_local(self, local)?;
         let mine = local[0];
-        let len = Count::try_from(mine.len())
-            .map_err(|_| err(format!("payload of {} bytes exceeds MPI's count", mine.len())))?;
+        let len = Count::try_from(mine.len()).map_err(|_| {
+            err(format!(
+                "payload of {} bytes exceeds MPI's count",
+                mine.len()
+            ))
+        })?;
         self.counts.resize(self.size, 0);
         self.world.all_gather_into(&len, &mut self.counts[..]);
         self.displs.clear();
@@ -103,7 +107,8 @@ impl Transport for Mpi {
         }
         self.recv.resize(total as usize, 0);
         {
-            let mut part = PartitionMut::new(&mut self.recv[..], &self.counts[..], &self.displs[..]);
+            let mut part =
+                PartitionMut::new(&mut self.recv[..], &self.counts[..], &self.displs[..]);
             self.world.all_gather_varcount_into(mine, &mut part);
         }
         out.resize_with(self.size, Vec::new);
