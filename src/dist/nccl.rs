@@ -173,6 +173,35 @@ impl Nccl {
         })
     }
 
+    /// Rank `transport.rank()` of a communicator over every rank of `transport` (MPI, for
+    /// instance, one GPU per rank): rank 0 makes the unique id and broadcasts it over the
+    /// host transport. Collective over `transport`.
+    ///
+    /// # Errors
+    /// As [`Nccl::new`]; [`Error::InvalidConfig`] when a rank runs several workers. An error
+    /// on one rank (no NCCL there, say) leaves the others waiting in the broadcast or in
+    /// NCCL's set-up: follow it with [`super::Transport::abort`], as `gradsift train` does.
+    pub fn from_transport(cx: &Context, transport: &mut dyn super::Transport) -> Result<Self> {
+        if transport.local().len() != 1 {
+            return Err(Error::InvalidConfig(format!(
+                "NCCL needs one worker per rank; the {} transport runs {} here",
+                transport.name(),
+                transport.local().len()
+            )));
+        }
+        let mut id = if transport.is_root() {
+            unique_id()?.to_vec()
+        } else {
+            Vec::new()
+        };
+        transport.broadcast(&mut id)?;
+        let id: [u8; 128] = id.try_into().map_err(|v: Vec<u8>| Error::Transport {
+            transport: "nccl",
+            reason: format!("received a unique id of {} bytes, not 128", v.len()),
+        })?;
+        Self::new(cx, transport.rank(), transport.workers(), id)
+    }
+
     /// A communicator of one rank (world size 1): the one-GPU check of the staged script.
     ///
     /// # Errors
