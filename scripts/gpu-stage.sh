@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the test and bench binaries with --features cuda on this machine, stages them in
+# Builds the test and bench binaries with --features cuda,nccl on this machine, stages them in
 # the git-ignored gpu-stage/ with everything they need at runtime, and prints the one
 # command to run on the device machine (repo root there, carry: ["gpu-stage"]). The device
 # has CUDA and PyTorch but no Rust toolchain.
@@ -38,7 +38,7 @@ mkdir -p "$stage/bin" "$stage/ptx"
 
 build() {
     # $1: test | bench. Prints the executables cargo built.
-    cargo "$1" --no-run --features cuda --message-format=json 2>/dev/null |
+    cargo "$1" --no-run --features cuda,nccl --message-format=json 2>/dev/null |
         python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -123,6 +123,20 @@ fi
 if [[ -d "$stage/cubin" ]]; then
     export GRADSIFT_CUBIN_DIR="$stage/cubin"
     echo "kernels: cubins $(ls "$stage/cubin" | tr '\n' ' ')" | tee -a "$OUT/device.txt"
+fi
+# NCCL (tests/nccl.rs: a world-size-1 all-gather and device aggregation against the CPU).
+# PyTorch's and PyPI's NCCL is libnccl.so.2, a name cudarc's loader does not try: expose it
+# as libnccl.so through a private directory on LD_LIBRARY_PATH.
+nccl=$( { ls /usr/lib/x86_64-linux-gnu/libnccl.so.2 /usr/local/cuda*/lib64/libnccl.so.2 2>/dev/null;
+    python3 -c 'import site; print("\n".join(site.getsitepackages()))' 2>/dev/null |
+    sed 's|$|/nvidia/nccl/lib/libnccl.so.2|'; } | while read -r f; do [[ -e "$f" ]] && echo "$f"; done | head -n 1)
+if [[ -n "$nccl" ]]; then
+    mkdir -p "$stage/nccl-lib"
+    ln -sf "$nccl" "$stage/nccl-lib/libnccl.so"
+    export LD_LIBRARY_PATH="$PWD/$stage/nccl-lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "nccl: $nccl (linked as $stage/nccl-lib/libnccl.so)" | tee -a "$OUT/device.txt"
+else
+    echo "nccl: no libnccl.so.2 found; tests/nccl.rs will fail under GRADSIFT_REQUIRE_CUDA=1" | tee -a "$OUT/device.txt"
 fi
 status=0
 while read -r t; do

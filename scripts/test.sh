@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command of the README: installs what the GPU backends' tests need, then runs
-# every test: `cargo test --features wgpu,cuda "$@"`, the Python package's tests
-# (scripts/test-python.sh: wheel + pytest on real gloo processes) and, alongside them, the CUDA kernels
+# every test: `cargo test --features wgpu,cuda,nccl,mpi "$@"` (mpi when OpenMPI and libclang
+# are installed, which it tries), the Python package's tests (scripts/test-python.sh: wheel +
+# pytest on real gloo processes) and, alongside them, the CUDA kernels
 # under the CPU emulation (scripts/cuda-emu/run.sh quick, a few minutes), whose log is
 # printed after cargo's and ends with `N passed, M failed`. The run fails if either fails;
 # cargo's exit status wins when both do. On a laptop without root or network it runs what
@@ -25,14 +26,38 @@ fail_or_warn() {
   if $in_ci; then note "ERROR: $*"; exit 1; else note "warning: $* (tests that need it will say SKIPPED)"; fi
 }
 
+sudo_cmd=""
+[ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && sudo_cmd="sudo -n"
+
 # Mesa's lavapipe, so the WGSL shaders really run on a (software) Vulkan device.
 if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
   note "installing mesa-vulkan-drivers (lavapipe)"
-  sudo_cmd=""
-  [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && sudo_cmd="sudo -n"
   if ! { $sudo_cmd apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null; }; then
     fail_or_warn "could not install mesa-vulkan-drivers"
   fi
+fi
+
+# OpenMPI and libclang, for the `mpi` feature (bindgen over mpi.h) and the multi-process
+# tests (tests/dist.rs: `mpirun -n 3` against the simulation). The `nccl` feature needs no
+# install to build (NCCL is loaded at run time); its GPU test runs from scripts/gpu-stage.sh.
+features=wgpu,cuda,nccl
+have_mpi() {
+  command -v mpicc >/dev/null 2>&1 && command -v mpirun >/dev/null 2>&1 &&
+    ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1
+}
+if ! have_mpi; then
+  note "installing openmpi-bin libopenmpi-dev libclang-dev (MPI tests)"
+  if ! { $sudo_cmd apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq openmpi-bin libopenmpi-dev libclang-dev >/dev/null; }; then
+    fail_or_warn "could not install OpenMPI and libclang"
+  fi
+fi
+if have_mpi; then
+  features="$features,mpi"
+  # CI containers run as root; 3 ranks on a 2-core runner need oversubscription.
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+  if $in_ci; then export GRADSIFT_REQUIRE_MPI=1; fi
+else
+  note "MPI tests (tests/dist.rs, feature mpi): SKIPPED (no OpenMPI/libclang)"
 fi
 
 # NVRTC from PyPI, so every CUDA kernel is at least compiled without a GPU or a CUDA install.
@@ -103,25 +128,25 @@ if [ -n "$emu_mode" ]; then
 fi
 
 cargo_rc=0
-cargo test --features wgpu,cuda "$@" || cargo_rc=$?
+cargo test --features "$features" "$@" || cargo_rc=$?
 
 # Every feature combination builds without warnings and passes clippy: the bare library, each
-# backend alone, and the default (the CLI with every backend). In CI, or with GRADSIFT_LINT=1;
+# backend alone, the default (the CLI with every backend), and the default plus nccl and mpi. In CI, or with GRADSIFT_LINT=1;
 # it overlaps the emulation, which runs in the background.
 lint_rc=0
 if [ "$cargo_rc" -eq 0 ] && { $in_ci || [ "${GRADSIFT_LINT:-}" = 1 ]; }; then
   if ! cargo fmt --check; then note "cargo fmt --check failed"; lint_rc=1; fi
-  for features in "--no-default-features" "--no-default-features --features cuda" \
-    "--no-default-features --features wgpu" ""; do
-    note "clippy ${features:-(default features)} -D warnings"
+  for fs in "--no-default-features" "--no-default-features --features cuda" \
+    "--no-default-features --features wgpu" "" "--features ${features#wgpu,cuda,}"; do
+    note "clippy ${fs:-(default features)} -D warnings"
     # shellcheck disable=SC2086
-    if ! cargo clippy $features --all-targets -- -D warnings; then
-      note "clippy failed for ${features:-default features}"
+    if ! cargo clippy $fs --all-targets -- -D warnings; then
+      note "clippy failed for ${fs:-default features}"
       lint_rc=1
     fi
   done
 elif [ "$cargo_rc" -eq 0 ]; then
-  note "lint (fmt, clippy over 4 feature sets): SKIPPED (runs with CI=true or GRADSIFT_LINT=1)"
+  note "lint (fmt, clippy over 5 feature sets): SKIPPED (runs with CI=true or GRADSIFT_LINT=1)"
 fi
 
 # The Python package (python/): wheel + pytest with real gloo processes

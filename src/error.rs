@@ -89,6 +89,15 @@ pub enum Error {
         /// What the driver said.
         reason: String,
     },
+    /// A collective of a distributed run failed, or the ranks disagree on the set-up
+    /// ([`crate::dist`]).
+    #[error("{transport} transport: {reason}")]
+    Transport {
+        /// "in-process", "mpi" or "nccl".
+        transport: &'static str,
+        /// What went wrong, and which ranks.
+        reason: String,
+    },
 }
 
 /// "12.8" for the driver API's encoding 12080.

@@ -8,6 +8,7 @@ mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod dist;
 mod dtype;
 mod error;
 mod layout;

@@ -799,11 +799,42 @@ pub fn measure_step<T: Element>(
     }
     let agg = state.aggregator.as_mut().expect("prepared above");
     agg.aggregate(&state.payloads, &mut state.estimate)?;
+    measure_aggregate(grads, layout, &state.variances, &state.estimate, bits, step)
+}
 
+/// The measurement half of [`measure_step`], for callers that compressed, moved and
+/// aggregated the payloads themselves (a distributed run, [`crate::dist`]): from the `K`
+/// workers' exact gradients, their per-layer variance estimates (`variances`, from
+/// [`Statistics::estimate_variance`] on `grads`), the server's aggregate `estimate` and the
+/// wire `bits` of all `K` payloads. The same arithmetic, in the same order, as
+/// [`measure_step`], so equal inputs give equal bits.
+///
+/// # Errors
+/// [`Error::LengthMismatch`] when the lengths disagree with `layout`.
+pub fn measure_aggregate<T: Element>(
+    grads: &[&[T]],
+    layout: &Layout,
+    variances: &[VarianceEstimate],
+    estimate: &[f32],
+    bits: u64,
+    step: u64,
+) -> Result<StepMeasurement> {
+    let k = grads.len();
+    for g in grads {
+        layout.check_len("worker gradient", g.len())?;
+    }
+    layout.check_len("aggregate", estimate.len())?;
+    if variances.len() != layout.num_layers() {
+        return Err(Error::LengthMismatch {
+            what: "variance estimates (one per layer)",
+            expected: layout.num_layers(),
+            got: variances.len(),
+        });
+    }
     let kf = k as f64;
     let n = layout.n();
     let mut layers = Vec::with_capacity(layout.num_layers());
-    for (l, v) in state.variances.iter().enumerate() {
+    for (l, v) in variances.iter().enumerate() {
         let range = layout.layer(l);
         let nl = range.len();
         // An empty layer has nothing to estimate: it reports zero variances (whatever the
@@ -816,7 +847,7 @@ pub fn measure_step<T: Element>(
         let mut err = 0.0f64;
         for i in range {
             let ybar = grads.iter().map(|g| f64::from(g[i].to_f32())).sum::<f64>() / kf;
-            err += (f64::from(state.estimate[i]) - ybar).powi(2);
+            err += (f64::from(estimate[i]) - ybar).powi(2);
         }
         let d_c = if nl == 0 { 0.0 } else { err / nl as f64 };
         let d = v.sigma_n2 / kf + d_c;

@@ -21,10 +21,18 @@ fn report_gpu_backends_in_this_build() {
             "SKIPPED: cuda backend tests (build with --features cuda, as scripts/test.sh does)"
         );
     }
+    if cfg!(feature = "mpi") {
+        println!("mpi: built; tests/dist.rs runs `mpirun -n 3` against the simulation");
+    } else {
+        println!(
+            "SKIPPED: MPI tests (build with --features mpi, as scripts/test.sh does when OpenMPI and libclang are installed)"
+        );
+    }
     // CI sets these; a build without the backend it requires must fail, not skip.
     for (var, feature, on) in [
         ("GRADSIFT_REQUIRE_WGPU", "wgpu", cfg!(feature = "wgpu")),
         ("GRADSIFT_REQUIRE_NVRTC", "cuda", cfg!(feature = "cuda")),
+        ("GRADSIFT_REQUIRE_MPI", "mpi", cfg!(feature = "mpi")),
     ] {
         if std::env::var(var).is_ok_and(|v| v == "1") {
             assert!(

@@ -114,6 +114,20 @@ impl Mlp {
         Ok(())
     }
 
+    /// 64-bit FNV-1a of every parameter's f32 bits, in layout order: a fingerprint of the
+    /// model that two runs share only if their weights are equal bit for bit.
+    pub fn fingerprint(&self) -> Result<u64> {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for p in &self.params {
+            for x in p.flatten_all()?.to_vec1::<f32>()? {
+                for b in x.to_bits().to_le_bytes() {
+                    h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+                }
+            }
+        }
+        Ok(h)
+    }
+
     /// Fraction of `data` classified correctly.
     pub fn accuracy(&self, data: &Mnist) -> Result<f64> {
         let idx: Vec<usize> = (0..data.len()).collect();

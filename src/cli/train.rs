@@ -15,8 +15,12 @@ use super::error::Result;
 pub use super::mlp::Mlp;
 use super::mnist::shuffle;
 pub use super::mnist::{Mnist, PIXELS};
-use crate::rd::{self, StepMeasurement, StepState};
-use crate::{Average, Backend, Config, Device, Layout, Mode, Scale, Statistics};
+use crate::dist::{self, InProcess, Transport};
+use crate::rd::{self, StepMeasurement};
+use crate::{
+    Aggregate, Aggregator, Average, Backend, Compress, Compressor, Config, Device, Layout, Mode,
+    Payload, Scale, SparsePayload, Statistics, wire,
+};
 use std::fmt;
 
 /// The compressor a run uses.
@@ -277,31 +281,123 @@ pub struct TrainReport {
     /// Steps taken until the smoothed training loss reached [`TrainConfig::target_loss`];
     /// `None` when it never did (or no target was set).
     pub steps_to_target: Option<usize>,
+    /// 64-bit FNV-1a of the final weights' bits (layout order): equal on two runs only if
+    /// they ended with the same model, bit for bit.
+    pub weights_fnv: u64,
 }
 
 /// Trains one run on `train`, evaluating on `test` after each epoch; `on_step(done, total)`
-/// and `on_epoch` report progress.
+/// and `on_epoch` report progress. The simulation: all `K` workers in this process, through
+/// [`InProcess`], the same code path as a multi-process run ([`train_with`]).
 pub fn train(
     cfg: &TrainConfig,
     train: &Mnist,
     test: &Mnist,
+    on_step: impl FnMut(usize, usize),
+    on_epoch: impl FnMut(&EpochReport),
+) -> Result<TrainReport> {
+    train_with(
+        cfg,
+        train,
+        test,
+        &mut InProcess::new(cfg.workers),
+        on_step,
+        on_epoch,
+    )
+}
+
+/// What every rank of a run must agree on: the crate version, the run's configuration, the
+/// model's layout, the training data, and the number of workers the transport connects.
+fn setup_fingerprint(cfg: &TrainConfig, layout: &Layout, data: &Mnist, workers: usize) -> String {
+    let mut h = Fnv::default();
+    data.images
+        .iter()
+        .for_each(|p| h.add(&p.to_bits().to_le_bytes()));
+    h.add(&data.labels);
+    format!(
+        "gradsift {} | {cfg:?} | layout {:?} | data {} images fnv {:016x} | {workers} workers",
+        env!("CARGO_PKG_VERSION"),
+        layout.sizes().collect::<Vec<_>>(),
+        data.len(),
+        h.0
+    )
+}
+
+/// 64-bit FNV-1a.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn add(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+/// [`train`] over any [`Transport`]: this process runs the workers `transport.local()`
+/// (all of them in process, one per rank under MPI) and every process holds a replica of
+/// the model.
+///
+/// Per step, each local worker computes its gradient on its own shard (worker `w` has the
+/// same shard and batches whatever the transport), compresses it with its error-feedback
+/// plan (random keys from its worker index) and encodes it in the wire format; the encoded
+/// payloads are all-gathered, and every process decodes and aggregates all `K` of them in
+/// worker order (`Average::OverWorkers`), so every replica applies the same update. The
+/// losses are all-gathered too, and so are the dense gradients: the variance estimates and
+/// the distortion columns (`sigma_X^2`, `sigma_N^2`, `rho`, `R_sum/bits`) are measurements of
+/// all `K` exact gradients, not part of the training update; `bits` counts only the wire
+/// payloads. The uncompressed baseline all-gathers the dense gradients as its payload.
+///
+/// At start every rank checks that all ranks run the same configuration, layout and data
+/// ([`dist::check_setup`]), and that the transport connects `cfg.workers` workers.
+pub fn train_with(
+    cfg: &TrainConfig,
+    train: &Mnist,
+    test: &Mnist,
+    transport: &mut dyn Transport,
     mut on_step: impl FnMut(usize, usize),
     mut on_epoch: impl FnMut(&EpochReport),
 ) -> Result<TrainReport> {
     cfg.validate()?;
-    let k = cfg.workers;
     let model = Mlp::new(&cfg.hidden, cfg.seed)?;
     let layout = model.layout();
+    let fingerprint = setup_fingerprint(cfg, &layout, train, transport.workers());
+    dist::check_setup(transport, &fingerprint)?;
+    if transport.workers() != cfg.workers {
+        return Err(TrainError::Usage(format!(
+            "--workers {} but the {} transport connects {} workers (with mpirun, pass --workers equal to -n)",
+            cfg.workers,
+            transport.name(),
+            transport.workers()
+        )));
+    }
+    let k = cfg.workers;
+    let local = transport.local();
     let n = layout.n();
     let (mut shards, steps_per_epoch) = worker_shards(cfg, train)?;
     let total = total_steps(steps_per_epoch, cfg.epochs)?;
 
-    let mut grads = vec![vec![0f32; n]; k];
+    // This process's workers' gradients, and all K of them after the all-gather.
+    let mut grads = vec![vec![0f32; n]; local.len()];
+    let mut all = vec![vec![0f32; n]; k];
     let mut update = vec![0f32; n];
     let mut velocity = vec![0f32; n];
     let device = Device::open(cfg.backend)?;
     let mut stats = device.stats(&layout, k)?;
-    let mut state = StepState::new(device);
+    // The local workers' compressors (error-feedback state), built at the first compressed
+    // epoch and reconfigured, residuals kept, when the warm-up changes the ratio.
+    let mut plans: Vec<Compressor> = Vec::new();
+    let mut plan_config: Option<Config> = None;
+    let mut aggregator: Option<Aggregator> = None;
+    let mut payloads: Vec<Payload> = vec![Payload::Sparse(SparsePayload::default()); k];
+    let mut local_bytes: Vec<Vec<u8>> = vec![Vec::new(); local.len()];
+    let mut gathered: Vec<Vec<u8>> = Vec::new();
     let mut variances = Vec::new();
     let mut rng = SplitMix(cfg.seed ^ 0x0042_4154_4348);
     // A generator of its own, so that injecting noise leaves the batches unchanged.
@@ -323,21 +419,62 @@ pub fn train(
         let (mut bits, mut r_sum_bits) = (0.0f64, 0.0f64);
         let mut done = 0usize;
         for s in 0..steps_per_epoch {
-            let mut loss = 0.0;
-            for (w, g) in grads.iter_mut().enumerate() {
-                loss += f64::from(model.loss_and_grad(
+            dist::inject_fault(transport.rank(), t);
+            // Local gradients; then every worker's loss and gradient, in worker order.
+            for (w, g) in local.clone().zip(grads.iter_mut()) {
+                let l = model.loss_and_grad(
                     train,
                     &shards[w][s * cfg.batch..(s + 1) * cfg.batch],
                     g,
-                )?);
+                )?;
+                local_bytes[w - local.start] = l.to_le_bytes().to_vec();
             }
+            gather(transport, &local_bytes, &mut gathered)?;
+            let mut loss = 0.0;
+            for b in &gathered {
+                let mut l = Vec::new();
+                dist::f32_from_bytes(b, 1, &mut l)?;
+                loss += f64::from(l[0]);
+            }
+            for (b, g) in local_bytes.iter_mut().zip(&grads) {
+                dist::f32_bytes(g, b);
+            }
+            gather(transport, &local_bytes, &mut gathered)?;
+            for (b, g) in gathered.iter().zip(all.iter_mut()) {
+                dist::f32_from_bytes(b, n, g)?;
+            }
+            let views: Vec<&[f32]> = all.iter().map(|g| g.as_slice()).collect();
             rep.train_loss += loss / k as f64;
             match &compressor {
                 Some(c) => {
-                    let views: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
+                    if plans.is_empty() {
+                        plans = local
+                            .clone()
+                            .map(|w| device.compressor(&layout, &c.clone().with_worker(w as u32)))
+                            .collect::<crate::Result<_>>()?;
+                        aggregator =
+                            Some(device.aggregator(&layout, c.mode, Average::OverWorkers, k)?);
+                    } else if plan_config.as_ref() != Some(c) {
+                        for (w, plan) in local.clone().zip(plans.iter_mut()) {
+                            plan.reconfigure(&c.clone().with_worker(w as u32))?;
+                        }
+                    }
+                    plan_config = Some(c.clone());
+                    stats.estimate_variance(&views, &mut variances)?;
+                    for ((plan, g), b) in plans.iter_mut().zip(&grads).zip(local_bytes.iter_mut()) {
+                        let p = plan.step(g, t)?;
+                        wire::encode(p, b)?;
+                    }
+                    gather(transport, &local_bytes, &mut gathered)?;
+                    let mut step_bits = 0u64;
+                    for (b, p) in gathered.iter().zip(payloads.iter_mut()) {
+                        wire::decode_into(b, p).map_err(crate::Error::from)?;
+                        step_bits += 8 * b.len() as u64;
+                    }
+                    let agg = aggregator.as_mut().expect("built with the plans");
+                    agg.aggregate(&payloads, &mut update)?;
                     let m =
-                        rd::measure_step(&views, &layout, c, Average::OverWorkers, &mut state, t)?;
-                    update.copy_from_slice(state.estimate());
+                        rd::measure_aggregate(&views, &layout, &variances, &update, step_bits, t)?;
                     model.apply(&update, cfg.lr)?;
                     bits += m.bits as f64;
                     r_sum_bits += m.r_sum_bits;
@@ -348,12 +485,11 @@ pub fn train(
                 }
                 None => {
                     // Server-side momentum SGD on the exact mean: the uncompressed baseline.
-                    let views: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
                     stats.estimate_variance(&views, &mut variances)?;
                     let inv = 1.0 / k as f32;
                     for (i, u) in update.iter_mut().enumerate() {
                         let mut sum = 0.0f32;
-                        for g in &grads {
+                        for g in &all {
                             sum += g[i];
                         }
                         *u = sum * inv;
@@ -407,13 +543,21 @@ pub fn train(
             break;
         }
     }
+    transport.barrier()?;
     Ok(TrainReport {
         config: cfg.clone(),
         params: model.num_params(),
+        weights_fnv: model.fingerprint()?,
         epochs,
         steps,
         steps_to_target,
     })
+}
+
+/// All-gathers one buffer per local worker.
+fn gather(t: &mut dyn Transport, local: &[Vec<u8>], out: &mut Vec<Vec<u8>>) -> Result<()> {
+    let views: Vec<&[u8]> = local.iter().map(|b| b.as_slice()).collect();
+    Ok(t.all_gather(&views, out)?)
 }
 
 /// The measurement of an uncompressed step whose estimate carries injected noise of
@@ -611,10 +755,80 @@ pub struct TrainArgs {
     /// cuda, wgpu or auto (CUDA, then wgpu, then the CPU).
     #[arg(long, default_value_t = Backend::Cpu)]
     pub backend: Backend,
+    /// How the workers run: `none` simulates all K in this process; `mpi` runs one worker
+    /// per rank under `mpirun -n K` (needs the `mpi` feature), and rank 0 prints what the
+    /// simulation prints, bit for bit.
+    #[arg(long, value_enum, default_value_t = Dist::None)]
+    pub dist: Dist,
+    /// Also write every run's per-epoch figures (full precision) and a fingerprint of the
+    /// final weights as JSON (rank 0 only under `--dist mpi`).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<std::path::PathBuf>,
 }
 
-/// Runs `gradsift train` and prints per-epoch figures.
+/// Where `gradsift train`'s workers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dist {
+    /// All K workers in this process (the simulation).
+    None,
+    /// One worker per MPI rank (`mpirun -n K gradsift train --dist mpi --workers K`).
+    Mpi,
+}
+
+fn open_transport(dist: Dist, workers: usize) -> Result<Box<dyn Transport>> {
+    match dist {
+        Dist::None => Ok(Box::new(InProcess::new(workers))),
+        #[cfg(feature = "mpi")]
+        Dist::Mpi => Ok(Box::new(dist::Mpi::init()?)),
+        #[cfg(not(feature = "mpi"))]
+        Dist::Mpi => Err(TrainError::Usage(
+            "--dist mpi needs a gradsift built with the `mpi` feature (cargo build --release --features mpi; needs an MPI such as Debian's libopenmpi-dev, and libclang-dev)".into(),
+        )),
+    }
+}
+
+/// Runs `gradsift train` and prints per-epoch figures. Under `--dist mpi` only rank 0
+/// prints; an error on one rank aborts every rank (`MPI_Abort`), except a set-up mismatch,
+/// which every rank detects and reports itself.
 pub fn run(args: &TrainArgs) -> Result<()> {
+    let mut transport = open_transport(args.dist, args.workers)?;
+    if args.dist != Dist::None && transport.is_root() {
+        eprintln!(
+            "gradsift train: {} transport, {} ranks, one worker per rank",
+            transport.name(),
+            transport.workers()
+        );
+    }
+    match run_on(args, transport.as_mut()) {
+        Ok(()) => Ok(()),
+        Err(e @ TrainError::Gradsift(crate::Error::Transport { .. }))
+            if args.dist != Dist::None =>
+        {
+            // A collective error (a set-up mismatch): every rank has it and says so, then all
+            // leave together, so that mpirun kills no rank before it has reported.
+            eprintln!(
+                "gradsift: rank {} of {}: {e}",
+                transport.rank(),
+                transport.workers()
+            );
+            let _ = transport.barrier();
+            drop(transport);
+            std::process::exit(1)
+        }
+        Err(e) if args.dist != Dist::None => {
+            eprintln!(
+                "gradsift: rank {} of {}: {e}; aborting every rank",
+                transport.rank(),
+                transport.workers()
+            );
+            transport.abort(1)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
+    let root = transport.is_root();
     let methods = match args.method {
         Some(m) => vec![m],
         None => vec![TrainMethod::None, TrainMethod::Rtopk],
@@ -640,14 +854,36 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         .validate()?;
     }
     let (device, notes) = super::backend::open(args.backend)?;
-    for note in notes {
+    for note in notes.iter().filter(|_| root) {
         eprintln!("gradsift train: {note}");
     }
     let backend = device.backend();
     base.backend = backend;
     let data = Mnist::embedded()?;
     let (train_set, test_set) = data.split(2000);
-    println!(
+    // Every rank runs the same job, checked before anything is printed (train_with checks
+    // each run again).
+    let layout = Mlp::new(&base.hidden, base.seed)?.layout();
+    let fingerprint = setup_fingerprint(&base, &layout, &train_set, transport.workers());
+    dist::check_setup(transport, &format!("methods {methods:?} | {fingerprint}"))?;
+    if transport.workers() != base.workers {
+        // The same on every rank (the set-up matched): a collective error.
+        return Err(crate::Error::Transport {
+            transport: transport.name(),
+            reason: format!(
+                "--workers {} but the {} transport connects {} workers (with mpirun, pass --workers equal to -n)",
+                base.workers,
+                transport.name(),
+                transport.workers()
+            ),
+        }
+        .into());
+    }
+    // Under MPI only rank 0 speaks.
+    macro_rules! say {
+        ($($a:tt)*) => { if root { println!($($a)*) } };
+    }
+    say!(
         "gradsift train: MNIST ({} train / {} test images, embedded), MLP 784-{}-10, K = {} workers, batch {} each, backend {backend}",
         train_set.len(),
         test_set.len(),
@@ -660,6 +896,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         base.batch
     );
     let mut finals = Vec::new();
+    let mut json_runs = Vec::new();
     for method in methods {
         let cfg = TrainConfig {
             method,
@@ -676,8 +913,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             TrainMethod::Sign => "scaled sign".to_string(),
             m => format!("{m}, {:.1}% compression", 100.0 * (1.0 - cfg.ratio)),
         };
-        println!("\n== {label}");
-        println!(
+        say!("\n== {label}");
+        say!(
             "{:>5} {:>7} {:>10} {:>9} {:>14} {:>11} {:>11} {:>9} {:>10}",
             "epoch",
             "sent",
@@ -689,22 +926,27 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             "rho",
             "R_sum/bits"
         );
-        let bar = indicatif::ProgressBar::new(0);
+        let bar = if root {
+            indicatif::ProgressBar::new(0)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
         bar.set_style(
             indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps {elapsed}")
                 .expect("static template"),
         );
-        let report = train(
+        let report = train_with(
             &cfg,
             &train_set,
             &test_set,
+            &mut *transport,
             |done, total| {
                 bar.set_length(total as u64);
                 bar.set_position(done as u64);
             },
             |e| {
                 bar.suspend(|| {
-                    println!(
+                    say!(
                         "{:>5} {:>6.2}% {:>10.4} {:>8.2}% {:>14.0} {:>11.3e} {:>11.3e} {:>9} {:>10}",
                         e.epoch,
                         100.0 * e.ratio,
@@ -720,6 +962,14 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             },
         )?;
         bar.finish_and_clear();
+        json_runs.push(serde_json::json!({
+            "method": method.to_string(),
+            "workers": cfg.workers,
+            "seed": cfg.seed,
+            "params": report.params,
+            "weights_fnv": format!("{:016x}", report.weights_fnv),
+            "epochs": report.epochs,
+        }));
         let last = report.epochs.last().expect("epochs >= 1");
         finals.push((
             label,
@@ -728,18 +978,26 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             report.params,
         ));
     }
-    println!("\nfinal test accuracy:");
+    say!("\nfinal test accuracy:");
     for (label, acc, bits, params) in &finals {
-        println!(
+        say!(
             "  {label:<45} {:>6.2}%   {:>9.0} bits/worker/step ({:.3} bits/parameter)",
             100.0 * acc,
             bits,
             bits / *params as f64
         );
     }
-    println!(
+    say!(
         "\nbits: wire-format bits per worker per step; R_sum/bits: the rate-distortion sum-rate at the measured distortion over the bits sent (1 = optimal)."
     );
+    if let Some(path) = args.json.as_ref().filter(|_| root) {
+        let doc = serde_json::json!({ "runs": json_runs });
+        let text = serde_json::to_string_pretty(&doc).expect("JSON of numbers and strings");
+        std::fs::write(path, text + "\n").map_err(|e| TrainError::Output {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    }
     Ok(())
 }
 

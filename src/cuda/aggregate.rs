@@ -136,6 +136,90 @@ impl Aggregator {
         self.report(payloads, None)
     }
 
+    /// Averages `K` sparse payloads that are already on the device, as an NCCL all-gather
+    /// leaves them: worker `w`'s `sent` indices (u32) at `idx + 4 w sent` and values (f32)
+    /// at `val + 4 w sent`, worker order. The same device checks and the same kernels, in
+    /// the same order, as [`Aggregator::aggregate_device`], so the result has the CPU
+    /// reference's bits; nothing of the payloads crosses to the host (only the per-worker
+    /// verdicts of the checks). On a rejected payload `out` is untouched and the error names
+    /// the first bad worker.
+    ///
+    /// # Safety
+    /// `idx` and `val` must point to at least `K sent` elements each on this aggregator's
+    /// device, written before (in stream order) the work this call enqueues.
+    pub unsafe fn aggregate_gathered_device(
+        &mut self,
+        idx: u64,
+        val: u64,
+        sent: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if out.len() != self.n {
+            return Err(Error::LengthMismatch {
+                what: "aggregation output",
+                expected: self.n,
+                got: out.len(),
+            });
+        }
+        if sent > self.n {
+            return Err(Error::InvalidConfig(format!(
+                "{sent} values per worker exceed n = {}",
+                self.n
+            )));
+        }
+        self.cx.same_context(out.context(), "the output")?;
+        let stream = self.cx.stream.clone();
+        let (dst, _guard) = out.device_ptr_mut(&stream);
+        self.cx.bind()?;
+        let k = self.workers;
+        self.err_idx.fill(&self.cx, 0xFF, k * 4)?;
+        self.err_val.fill(&self.cx, 0xFF, k * 4)?;
+        self.any.fill(&self.cx, 0, 4)?;
+        let base = AggArgs {
+            out: dst,
+            counts: self.counts.as_ref().map_or(0, |c| c.ptr()),
+            err_idx: self.err_idx.ptr(),
+            err_val: self.err_val.ptr(),
+            any: self.any.ptr(),
+            inv: self.inv.ptr(),
+            items: self.items.ptr(),
+            n: self.n as u32,
+            workers: k as u32,
+            ..Default::default()
+        };
+        let at = |w: usize| AggArgs {
+            idx: idx + (4 * w * sent) as u64,
+            val: val + (4 * w * sent) as u64,
+            len: sent as u32,
+            worker: w as u32,
+            ..base
+        };
+        let grid = self.cx.grid_for(sent as u64, 256);
+        for w in 0..k {
+            self.cx.launch(K::AggCheckSparse, grid, 256, &at(w))?;
+        }
+        let grid_n = self.cx.grid_for(self.n as u64, 256);
+        self.cx.launch(K::AggZero, grid_n, 256, &base)?;
+        for w in 0..k {
+            self.cx.launch(K::AggScatter, grid, 256, &at(w))?;
+        }
+        self.cx.launch(K::AggFinalize, grid_n, 256, &base)?;
+        self.err_idx.download(&self.cx, &mut self.host_err_idx)?;
+        self.err_val.download(&self.cx, &mut self.host_err_val)?;
+        for w in 0..k {
+            if self.host_err_idx[w] != u32::MAX || self.host_err_val[w] != u32::MAX {
+                return Err(Error::BadPayload {
+                    worker: w,
+                    reason: format!(
+                        "rejected by the device checks (first bad index at position {}, first non-finite value at position {})",
+                        self.host_err_idx[w], self.host_err_val[w]
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn check_count(&self, payloads: &[Payload]) -> Result<()> {
         if payloads.len() != self.workers {
             return Err(Error::LengthMismatch {

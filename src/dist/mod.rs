@@ -1,0 +1,248 @@
+//! Moving payloads between workers: the small transport contract that compressed
+//! aggregation needs, and its implementations.
+//!
+//! Compressed data-parallel training needs three collective operations and nothing else:
+//!
+//! - **all-gather** of every worker's payload (the encoded wire bytes, whose size varies from
+//!   worker to worker and step to step), so that every process can aggregate all `K`
+//!   payloads itself, in worker order, with the same arithmetic;
+//! - **broadcast** of the set-up from rank 0 (seed, configuration, layout: a fingerprint), so
+//!   that every rank can check it runs the same job;
+//! - a **barrier**.
+//!
+//! [`Transport`] is that contract on host bytes. [`InProcess`] runs all `K` workers in one
+//! process (the simulation of `gradsift train --workers K`; its all-gather only concatenates
+//! the local payloads), [`Mpi`] runs one worker per MPI rank (feature `mpi`), and
+//! [`nccl`] (feature `nccl`) all-gathers fixed-size device arrays between GPUs. Because the
+//! simulation and a real run go through the same trait and the same code around it, they
+//! differ only in how the bytes move: rank `r` is worker `r`, it computes the same gradient
+//! on the same shard, compresses it with the same random keys, and every rank sums the same
+//! decoded payloads in the same worker order, so every rank applies the same update to its
+//! model replica, bit for bit.
+
+#[cfg(feature = "mpi")]
+mod mpi;
+#[cfg(feature = "mpi")]
+pub use self::mpi::Mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+
+use crate::{Error, Result};
+use std::ops::Range;
+
+/// The collectives of compressed aggregation. Every call is collective: every process calls
+/// it, in the same order, or the run is wrong (MPI hangs or aborts).
+pub trait Transport {
+    /// The transport's name: "in-process", "mpi", "nccl".
+    fn name(&self) -> &'static str;
+    /// Total number of workers `K`.
+    fn workers(&self) -> usize;
+    /// This process's rank (0 for the in-process transport).
+    fn rank(&self) -> usize;
+    /// The workers this process runs, in worker order: `0..K` in process, `rank..rank + 1`
+    /// with one worker per process.
+    fn local(&self) -> Range<usize>;
+    /// Whether this process reports (rank 0).
+    fn is_root(&self) -> bool {
+        self.rank() == 0
+    }
+    /// Every worker's bytes in worker order: `local[i]` is worker `self.local().start + i`'s
+    /// (sizes may differ between workers); `out` is resized to `K` entries and its buffers
+    /// are reused.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] when `local` does not hold one buffer per local worker;
+    /// [`Error::Transport`] when the communication fails.
+    fn all_gather(&mut self, local: &[&[u8]], out: &mut Vec<Vec<u8>>) -> Result<()>;
+    /// Replaces `buf` on every rank with rank 0's (any length).
+    ///
+    /// # Errors
+    /// [`Error::Transport`] when the communication fails.
+    fn broadcast(&mut self, buf: &mut Vec<u8>) -> Result<()>;
+    /// Returns once every process has called it.
+    ///
+    /// # Errors
+    /// [`Error::Transport`] when the communication fails.
+    fn barrier(&mut self) -> Result<()>;
+    /// Stops every process of the job after an error on this one, so that no other rank
+    /// waits forever in a collective (MPI: `MPI_Abort`; in process: exits).
+    fn abort(&self, code: i32) -> !;
+}
+
+/// All `K` workers in this process: the simulation.
+#[derive(Debug, Clone)]
+pub struct InProcess {
+    workers: usize,
+}
+
+impl InProcess {
+    /// `workers` simulated workers.
+    pub fn new(workers: usize) -> Self {
+        Self { workers }
+    }
+}
+
+fn check_local(t: &dyn Transport, local: &[&[u8]]) -> Result<()> {
+    if local.len() != t.local().len() {
+        return Err(Error::LengthMismatch {
+            what: "all-gather buffers (one per local worker)",
+            expected: t.local().len(),
+            got: local.len(),
+        });
+    }
+    Ok(())
+}
+
+impl Transport for InProcess {
+    fn name(&self) -> &'static str {
+        "in-process"
+    }
+    fn workers(&self) -> usize {
+        self.workers
+    }
+    fn rank(&self) -> usize {
+        0
+    }
+    fn local(&self) -> Range<usize> {
+        0..self.workers
+    }
+    fn all_gather(&mut self, local: &[&[u8]], out: &mut Vec<Vec<u8>>) -> Result<()> {
+        check_local(self, local)?;
+        out.resize_with(self.workers, Vec::new);
+        for (o, l) in out.iter_mut().zip(local) {
+            o.clear();
+            o.extend_from_slice(l);
+        }
+        Ok(())
+    }
+    fn broadcast(&mut self, _buf: &mut Vec<u8>) -> Result<()> {
+        Ok(())
+    }
+    fn barrier(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
+}
+
+/// Checks at start-up that every rank runs the same job: rank 0 broadcasts its
+/// `fingerprint` (the serialised configuration, layout, data and seed), every rank compares
+/// it with its own, and the verdicts are all-gathered, so that a mismatch is the same
+/// [`Error::Transport`] on every rank (naming the ranks that differ) instead of a hang or a
+/// silently different update.
+///
+/// # Errors
+/// [`Error::Transport`] on a mismatch or a failed collective.
+pub fn check_setup(t: &mut dyn Transport, fingerprint: &str) -> Result<()> {
+    let mut root = fingerprint.as_bytes().to_vec();
+    t.broadcast(&mut root)?;
+    let same = root == fingerprint.as_bytes();
+    let mine = [u8::from(same)];
+    // One verdict per rank; a rank with several local workers repeats its verdict.
+    let local: Vec<&[u8]> = t.local().map(|_| &mine[..]).collect();
+    let mut verdicts = Vec::new();
+    t.all_gather(&local, &mut verdicts)?;
+    let bad: Vec<usize> = verdicts
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.first() != Some(&1))
+        .map(|(w, _)| w)
+        .collect();
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let detail = if same {
+        String::new()
+    } else {
+        format!(
+            "; rank {} has `{fingerprint}`, rank 0 has `{}`",
+            t.rank(),
+            String::from_utf8_lossy(&root)
+        )
+    };
+    Err(Error::Transport {
+        transport: t.name(),
+        reason: format!(
+            "set-up mismatch: rank(s) {bad:?} of {} run a different configuration or layout than rank 0{detail}; every rank must be started with the same options",
+            t.workers()
+        ),
+    })
+}
+
+/// Little-endian bytes of `xs` (the wire order of f32 gradients and losses).
+pub fn f32_bytes(xs: &[f32], out: &mut Vec<u8>) {
+    out.clear();
+    out.reserve(xs.len() * 4);
+    for x in xs {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
+/// The f32s of little-endian `bytes` into `out`.
+///
+/// # Errors
+/// [`Error::Transport`] when the length is not `4 * expected`.
+pub fn f32_from_bytes(bytes: &[u8], expected: usize, out: &mut Vec<f32>) -> Result<()> {
+    if bytes.len() != 4 * expected {
+        return Err(Error::Transport {
+            transport: "all-gather",
+            reason: format!(
+                "expected {expected} f32 values ({} bytes), received {} bytes",
+                4 * expected,
+                bytes.len()
+            ),
+        });
+    }
+    out.clear();
+    out.extend(
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+    );
+    Ok(())
+}
+
+/// Fault injection for the failure tests: `GRADSIFT_FAULT=RANK:STEP` makes rank `RANK` exit
+/// at once, without finalising MPI (as a crash would), when it reaches step `STEP`.
+pub fn inject_fault(rank: usize, step: u64) {
+    let Ok(spec) = std::env::var("GRADSIFT_FAULT") else {
+        return;
+    };
+    let mut it = spec.split(':').map(|s| s.trim().parse::<u64>().ok());
+    if let (Some(Some(r)), Some(Some(s))) = (it.next(), it.next()) {
+        if r == rank as u64 && s == step {
+            eprintln!("gradsift: GRADSIFT_FAULT: rank {rank} exits abruptly at step {step}");
+            std::process::exit(86);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_process_all_gather_is_concatenation() {
+        let mut t = InProcess::new(3);
+        let mut out = vec![vec![9u8; 7]];
+        t.all_gather(&[b"a", b"", b"ccc"], &mut out).unwrap();
+        assert_eq!(out, vec![b"a".to_vec(), vec![], b"ccc".to_vec()]);
+        assert!(t.all_gather(&[b"a"], &mut out).is_err());
+        check_setup(&mut t, "same").unwrap();
+    }
+
+    #[test]
+    fn f32_round_trip() {
+        let xs = [1.5f32, -0.0, f32::MIN_POSITIVE, 3.25e-7];
+        let mut b = Vec::new();
+        f32_bytes(&xs, &mut b);
+        let mut back = Vec::new();
+        f32_from_bytes(&b, 4, &mut back).unwrap();
+        assert_eq!(
+            xs.map(f32::to_bits).to_vec(),
+            back.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        assert!(f32_from_bytes(&b, 3, &mut back).is_err());
+    }
+}

@@ -1,0 +1,207 @@
+//! `gradsift train --dist mpi` under `mpirun`: rank 0 prints what the in-process simulation
+//! prints, bit for bit (stdout and the full-precision JSON with the final weights'
+//! fingerprint); a set-up mismatch is an error on every rank; a rank that dies stops the
+//! others within a bounded time. Needs the `mpi` feature and `mpirun` on PATH (OpenMPI;
+//! scripts/test.sh installs it): without `mpirun` each test says SKIPPED, or fails when
+//! GRADSIFT_REQUIRE_MPI=1 (CI).
+
+#![cfg(all(feature = "cli", feature = "mpi"))]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_gradsift");
+/// The whole job, start-up included; a hang fails the test instead of the suite.
+const DEADLINE: Duration = Duration::from_secs(240);
+
+fn mpirun() -> Option<Command> {
+    let found = Command::new("mpirun")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var("GRADSIFT_REQUIRE_MPI").as_deref() != Ok("1"),
+            "mpirun not found and GRADSIFT_REQUIRE_MPI=1"
+        );
+        eprintln!("SKIPPED: mpirun not found (scripts/test.sh installs openmpi-bin)");
+        return None;
+    }
+    let mut c = Command::new("mpirun");
+    // Root in containers and CI; 3 ranks on a 2-core runner.
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        .args(["--oversubscribe", "--bind-to", "none"]);
+    Some(c)
+}
+
+/// Runs `c` to completion or kills it at the deadline (then panics).
+fn run(mut c: Command) -> (Output, Duration) {
+    let start = Instant::now();
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            break;
+        }
+        if start.elapsed() > DEADLINE {
+            child.kill().ok();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "still running after {DEADLINE:?} (a hang):\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let elapsed = start.elapsed();
+    (child.wait_with_output().expect("output"), elapsed)
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gradsift-dist-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// A short run: K = 3, 2 epochs (one of sparsity warm-up), the baseline and rTop-k.
+fn train_args(json: &Path) -> Vec<String> {
+    [
+        "train",
+        "--workers",
+        "3",
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--seed",
+        "3",
+        "--json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([json.display().to_string()])
+    .collect()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn three_mpi_ranks_match_the_simulation_bit_for_bit() {
+    let Some(mut mpi) = mpirun() else { return };
+    let (sim_json, mpi_json) = (tmp("sim.json"), tmp("mpi.json"));
+    let mut sim = Command::new(BIN);
+    sim.args(train_args(&sim_json));
+    let (sim_out, sim_time) = run(sim);
+    assert!(
+        sim_out.status.success(),
+        "simulation failed: {}",
+        text(&sim_out.stderr)
+    );
+
+    mpi.args(["-n", "3", BIN])
+        .args(train_args(&mpi_json))
+        .args(["--dist", "mpi"]);
+    let (mpi_out, mpi_time) = run(mpi);
+    assert!(
+        mpi_out.status.success(),
+        "mpirun failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        mpi_out.status,
+        text(&mpi_out.stdout),
+        text(&mpi_out.stderr)
+    );
+    eprintln!("simulation {sim_time:?}, mpirun -n 3 {mpi_time:?}");
+    eprintln!("{}", text(&mpi_out.stdout));
+
+    // The printed tables: identical, and printed once (rank 0 only).
+    assert_eq!(text(&sim_out.stdout), text(&mpi_out.stdout));
+    assert_eq!(text(&mpi_out.stdout).matches("== rtopk").count(), 1);
+    // Every figure at full precision and the final weights' fingerprint of both runs.
+    let (a, b) = (
+        std::fs::read_to_string(&sim_json).unwrap(),
+        std::fs::read_to_string(&mpi_json).unwrap(),
+    );
+    assert!(a.contains("weights_fnv") && a.contains("\"method\": \"rtopk\""));
+    assert_eq!(a, b, "JSON reports differ");
+}
+
+#[test]
+fn a_setup_mismatch_is_an_error_on_every_rank() {
+    let Some(mut mpi) = mpirun() else { return };
+    // Rank 0 with seed 0, ranks 1 and 2 with seed 1 (MPMD syntax).
+    mpi.args(["-n", "1", BIN, "train", "--dist", "mpi", "--workers", "3"])
+        .args(["--epochs", "1", "--seed", "0", ":"])
+        .args(["-n", "2", BIN, "train", "--dist", "mpi", "--workers", "3"])
+        .args(["--epochs", "1", "--seed", "1"]);
+    let (out, elapsed) = run(mpi);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "a mismatch must fail: {err}");
+    assert_eq!(
+        err.matches("set-up mismatch: rank(s) [1, 2] of 3").count(),
+        3,
+        "every rank reports the mismatch:\n{err}"
+    );
+    assert!(
+        !text(&out.stdout).contains("epoch"),
+        "no training step may run"
+    );
+    eprintln!("mismatch detected in {elapsed:?}");
+
+    // A world size that disagrees with --workers: the same error on every rank.
+    let Some(mut mpi) = mpirun() else { return };
+    mpi.args(["-n", "2", BIN, "train", "--dist", "mpi", "--workers", "3"]);
+    let (out, _) = run(mpi);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(
+        err.matches("--workers 3 but the mpi transport connects 2 workers")
+            .count(),
+        2,
+        "{err}"
+    );
+}
+
+#[test]
+fn a_rank_that_dies_stops_the_others() {
+    let Some(mut mpi) = mpirun() else { return };
+    // Rank 1 exits abruptly (no MPI_Finalize) at step 5; ranks 0 and 2 then wait in the
+    // next all-gather until mpirun notices and kills them.
+    mpi.args([
+        "-x",
+        "GRADSIFT_FAULT=1:5",
+        "-n",
+        "3",
+        BIN,
+        "train",
+        "--dist",
+        "mpi",
+    ])
+    .args(["--workers", "3", "--epochs", "1"]);
+    let (out, elapsed) = run(mpi);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "the job must fail:\n{err}");
+    assert!(
+        err.contains("rank 1 exits abruptly at step 5"),
+        "the fault fired:\n{err}"
+    );
+    // OpenMPI's report names the process that died: [[job,1],1] is rank 1.
+    assert!(
+        err.contains("exited with non-zero status") && err.contains(",1],1]"),
+        "mpirun says which rank died:\n{err}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(60),
+        "the others stopped after {elapsed:?}"
+    );
+    eprintln!("job stopped {elapsed:?} after start; mpirun said:\n{err}");
+}
