@@ -172,21 +172,7 @@ impl Aggregator {
         let (dst, _guard) = out.device_ptr_mut(&stream);
         self.cx.bind()?;
         let k = self.workers;
-        self.err_idx.fill(&self.cx, 0xFF, k * 4)?;
-        self.err_val.fill(&self.cx, 0xFF, k * 4)?;
-        self.any.fill(&self.cx, 0, 4)?;
-        let base = AggArgs {
-            out: dst,
-            counts: self.counts.as_ref().map_or(0, |c| c.ptr()),
-            err_idx: self.err_idx.ptr(),
-            err_val: self.err_val.ptr(),
-            any: self.any.ptr(),
-            inv: self.inv.ptr(),
-            items: self.items.ptr(),
-            n: self.n as u32,
-            workers: k as u32,
-            ..Default::default()
-        };
+        let base = self.begin(dst)?;
         let at = |w: usize| AggArgs {
             idx: idx + (4 * w * sent) as u64,
             val: val + (4 * w * sent) as u64,
@@ -325,21 +311,7 @@ impl Aggregator {
                 ),
             });
         }
-        self.err_idx.fill(&self.cx, 0xFF, k * 4)?;
-        self.err_val.fill(&self.cx, 0xFF, k * 4)?;
-        self.any.fill(&self.cx, 0, 4)?;
-        let base = AggArgs {
-            out: dst,
-            counts: self.counts.as_ref().map_or(0, |c| c.ptr()),
-            err_idx: self.err_idx.ptr(),
-            err_val: self.err_val.ptr(),
-            any: self.any.ptr(),
-            inv: self.inv.ptr(),
-            items: self.items.ptr(),
-            n: self.n as u32,
-            workers: k as u32,
-            ..Default::default()
-        };
+        let base = self.begin(dst)?;
         for (w, p) in payloads[..upto].iter().enumerate() {
             let (o1, o2) = offsets[w];
             match p {
@@ -447,6 +419,29 @@ impl Aggregator {
 /// can be viewed as `u32`/`f32`/`u64` slices.
 fn align(bytes: usize) -> usize {
     bytes.next_multiple_of(16)
+}
+
+impl Aggregator {
+    /// Clears the per-call error flags (stream-ordered) and returns the launch arguments every
+    /// aggregation kernel shares, writing to `dst`.
+    fn begin(&self, dst: u64) -> Result<AggArgs> {
+        let k = self.workers;
+        self.err_idx.fill(&self.cx, 0xFF, k * 4)?;
+        self.err_val.fill(&self.cx, 0xFF, k * 4)?;
+        self.any.fill(&self.cx, 0, 4)?;
+        Ok(AggArgs {
+            out: dst,
+            counts: self.counts.as_ref().map_or(0, |c| c.ptr()),
+            err_idx: self.err_idx.ptr(),
+            err_val: self.err_val.ptr(),
+            any: self.any.ptr(),
+            inv: self.inv.ptr(),
+            items: self.items.ptr(),
+            n: self.n as u32,
+            workers: k as u32,
+            ..Default::default()
+        })
+    }
 }
 
 impl Aggregate for Aggregator {
