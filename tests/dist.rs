@@ -140,9 +140,9 @@ fn a_setup_mismatch_is_an_error_on_every_rank() {
     let Some(mut mpi) = mpirun() else { return };
     // Rank 0 with seed 0, ranks 1 and 2 with seed 1 (MPMD syntax).
     mpi.args(["-n", "1", BIN, "train", "--dist", "mpi", "--workers", "3"])
-        .args(["--epochs", "1", "--seed", "0", ":"])
+        .args(["--epochs", "1", "--warmup-epochs", "0", "--seed", "0", ":"])
         .args(["-n", "2", BIN, "train", "--dist", "mpi", "--workers", "3"])
-        .args(["--epochs", "1", "--seed", "1"]);
+        .args(["--epochs", "1", "--warmup-epochs", "0", "--seed", "1"]);
     let (out, elapsed) = run(mpi);
     let err = text(&out.stderr);
     assert!(!out.status.success(), "a mismatch must fail: {err}");
@@ -186,7 +186,7 @@ fn a_rank_that_dies_stops_the_others() {
         "--dist",
         "mpi",
     ])
-    .args(["--workers", "3", "--epochs", "1"]);
+    .args(["--workers", "3", "--epochs", "1", "--warmup-epochs", "0"]);
     let (out, elapsed) = run(mpi);
     let err = text(&out.stderr);
     assert!(!out.status.success(), "the job must fail:\n{err}");
