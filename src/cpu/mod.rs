@@ -17,6 +17,8 @@ pub(crate) use aggregate::reciprocals;
 pub use aggregate::{Aggregator, Average};
 pub use compress::{Compressor, random_k, rtopk, top_r};
 pub use select::{Selector, magnitude_key};
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) use stats::check_workers;
 pub use stats::{
     LayerStats, Stats, VarianceEstimate, VarianceTracker, estimate_variance, layer_stats,
 };

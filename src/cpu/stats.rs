@@ -124,6 +124,16 @@ pub struct VarianceEstimate {
     pub sigma_n2: f64,
 }
 
+/// The variance estimator's `K >= 2` (SPEC §8), checked the same way by every backend.
+pub(crate) fn check_workers(k: usize) -> Result<()> {
+    if k < 2 {
+        return Err(Error::InvalidConfig(format!(
+            "the variance estimator needs K >= 2 workers, got {k}"
+        )));
+    }
+    Ok(())
+}
+
 /// Per-layer `sigma_X^2` and `sigma_N^2` from `K >= 2` workers' buffers of one step (SPEC §8),
 /// written to `out` (cleared first). Empty layers give zeros. Errors on `K < 2`, buffers of
 /// the wrong length, or a non-finite element (with its worker-0-based index).
@@ -133,11 +143,7 @@ pub fn estimate_variance<T: Element>(
     out: &mut Vec<VarianceEstimate>,
 ) -> Result<()> {
     let k = workers.len();
-    if k < 2 {
-        return Err(Error::InvalidConfig(format!(
-            "the variance estimator needs K >= 2 workers, got {k}"
-        )));
-    }
+    check_workers(k)?;
     for w in workers {
         layout.check_len("worker buffer", w.len())?;
     }

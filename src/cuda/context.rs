@@ -32,17 +32,18 @@ pub(crate) fn device_err(what: &str, e: impl std::fmt::Debug) -> Error {
 /// Runs `f`, turning a panic inside cudarc (a symbol missing from an old driver or NVRTC)
 /// into an error: probing covers the missing-library case, this covers the rest.
 fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(unavailable(format!("{what}: {msg}")))
-        }
-    }
+    catch_panic(f).unwrap_or_else(|msg| Err(unavailable(format!("{what}: {msg}"))))
+}
+
+/// Runs `f`; a panic becomes `Err` with its message (cudarc's dynamic loader panics where a
+/// library or symbol is missing: the CUDA and NCCL wrappers turn that into typed errors).
+pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        p.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into())
+    })
 }
 
 /// Whether libnvrtc can be loaded, and why not.

@@ -67,6 +67,8 @@ mod stats;
 
 pub use aggregate::Aggregator;
 pub use compress::{Compressor, Tuning, launches_per_step};
+#[cfg(feature = "nccl")]
+pub(crate) use context::catch_panic;
 pub use context::{
     Context, compile_cubin, compile_ptx, driver_version, nvrtc_version, probe_driver, probe_nvrtc,
 };

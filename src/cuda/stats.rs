@@ -138,12 +138,7 @@ impl Stats {
         workers: &[&CudaSlice<T>],
         out: &mut Vec<VarianceEstimate>,
     ) -> Result<()> {
-        if workers.len() < 2 {
-            return Err(Error::InvalidConfig(format!(
-                "the variance estimator needs K >= 2 workers, got {}",
-                workers.len()
-            )));
-        }
+        crate::cpu::check_workers(workers.len())?;
         for w in workers {
             self.layout.check_len("worker buffer", w.len())?;
             self.cx.same_context(w.context(), "a worker buffer")?;
@@ -174,11 +169,7 @@ impl Stats {
         out: &mut Vec<VarianceEstimate>,
     ) -> Result<()> {
         let k = workers.len();
-        if k < 2 {
-            return Err(Error::InvalidConfig(format!(
-                "the variance estimator needs K >= 2 workers, got {k}"
-            )));
-        }
+        crate::cpu::check_workers(k)?;
         if k > self.max_workers {
             return Err(Error::InvalidConfig(format!(
                 "this plan was built for at most {} workers, got {k}",
@@ -299,12 +290,7 @@ impl Statistics for Stats {
         workers: &[&[T]],
         out: &mut Vec<VarianceEstimate>,
     ) -> Result<()> {
-        if workers.len() < 2 {
-            return Err(Error::InvalidConfig(format!(
-                "the variance estimator needs K >= 2 workers, got {}",
-                workers.len()
-            )));
-        }
+        crate::cpu::check_workers(workers.len())?;
         for w in workers {
             self.layout.check_len("worker buffer", w.len())?;
         }
@@ -341,11 +327,6 @@ pub fn estimate_variance<T: Element>(
     layout: &Layout,
     out: &mut Vec<VarianceEstimate>,
 ) -> Result<()> {
-    if workers.len() < 2 {
-        return Err(Error::InvalidConfig(format!(
-            "the variance estimator needs K >= 2 workers, got {}",
-            workers.len()
-        )));
-    }
+    crate::cpu::check_workers(workers.len())?;
     Stats::new(cx, layout, workers.len())?.estimate_variance_on(workers, out)
 }

@@ -80,17 +80,7 @@ fn probe_uncached() -> Result<()> {
 /// Runs `f`, turning a panic of cudarc's loader into an error.
 fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     probe()?;
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(unavailable(format!("{what}: {msg}")))
-        }
-    }
+    crate::cuda::catch_panic(f).unwrap_or_else(|msg| Err(unavailable(format!("{what}: {msg}"))))
 }
 
 /// A new NCCL unique id (rank 0 makes it and sends its 128 bytes to the others, over

@@ -257,11 +257,7 @@ impl Stats {
         dtype: DType,
         out: &mut Vec<VarianceEstimate>,
     ) -> Result<()> {
-        if workers < 2 {
-            return Err(Error::InvalidConfig(format!(
-                "the variance estimator needs K >= 2 workers, got {workers}"
-            )));
-        }
+        crate::cpu::check_workers(workers)?;
         if workers > MAX_WORKERS {
             return Err(Error::InvalidConfig(format!(
                 "the wgpu variance estimator takes at most {MAX_WORKERS} workers, got {workers}"
@@ -350,12 +346,7 @@ impl Statistics for Stats {
         for w in workers {
             self.layout.check_len("worker buffer", w.len())?;
         }
-        if workers.len() < 2 {
-            return Err(Error::InvalidConfig(format!(
-                "the variance estimator needs K >= 2 workers, got {}",
-                workers.len()
-            )));
-        }
+        crate::cpu::check_workers(workers.len())?;
         let total = (workers.len() * self.layout.n()) as u64;
         if total > crate::MAX_ELEMENTS {
             return Err(Error::TooLarge { n: total });
@@ -392,12 +383,7 @@ impl Statistics for Stats {
                 T::DTYPE
             )));
         }
-        if workers.len() < 2 {
-            return Err(Error::InvalidConfig(format!(
-                "the variance estimator needs K >= 2 workers, got {}",
-                workers.len()
-            )));
-        }
+        crate::cpu::check_workers(workers.len())?;
         for w in workers {
             if w.size() < each {
                 return Err(Error::LengthMismatch {
