@@ -294,10 +294,14 @@ impl Statistics for Stats {
         for w in workers {
             self.layout.check_len("worker buffer", w.len())?;
         }
-        let mut ptrs = Vec::with_capacity(workers.len());
-        self.upload_parts(workers, &mut ptrs)?;
-        // SAFETY: each pointer addresses one worker's `n` elements in the upload buffer.
-        unsafe { self.estimate_variance_raw(&ptrs, T::DTYPE, out) }
+        // The plan's pointer scratch, as in `layer_stats`: no host allocation per call.
+        let mut ptrs = std::mem::take(&mut self.host_ptrs);
+        let r = self.upload_parts(workers, &mut ptrs).and_then(|()| {
+            // SAFETY: each pointer addresses one worker's `n` elements in the upload buffer.
+            unsafe { self.estimate_variance_raw(&ptrs, T::DTYPE, out) }
+        });
+        self.host_ptrs = ptrs;
+        r
     }
 
     fn estimate_variance_device<T: Element>(
