@@ -10,7 +10,7 @@
 //!   - `ef_topk_step_fused_hist` / `ef_topk_step_unfused_hist`: the first radix histogram
 //!     (warp-aggregated) fused into `ef_accumulate`, or a separate `sel_pass`;
 //!   - `top_r_1pct` / `top_r_30pct`: `compact_emit` (lane per bit) at small and large r;
-//!   - `ef_topk_per_layer_200_block_max_2^16|2^18|2^20`: the one-block cut-off on a 200-layer
+//!   - `ef_topk_per_layer_200_block_max_2^12..2^20`: the one-block cut-off on a 200-layer
 //!     mix (the launch count of each is printed: `launches per step`);
 //!   - `aggregate_8_workers_1pct`: pinned staging, one wait per call.
 //!
@@ -177,7 +177,7 @@ fn bench(c: &mut Criterion) {
     let mut config = Config::topk(0.01);
     config.mode = Mode::PerLayer;
     g.throughput(Throughput::Bytes((mix_n * 12) as u64));
-    for bits in [16u32, 18, 20] {
+    for bits in [12u32, 14, 16, 18, 20] {
         let tuning = cuda::Tuning {
             block_max_per_layer: 1 << bits,
             ..Default::default()

@@ -637,6 +637,10 @@ EMU_NOINLINE EMU_NS inline unsigned atomicOr(unsigned* p, unsigned v) {
     emu_atomic_point(p, 4, EMU_PC());
     return __atomic_fetch_or(p, v, __ATOMIC_RELAXED);
 }
+EMU_NOINLINE EMU_NS inline unsigned atomicAnd(unsigned* p, unsigned v) {
+    emu_atomic_point(p, 4, EMU_PC());
+    return __atomic_fetch_and(p, v, __ATOMIC_RELAXED);
+}
 EMU_NOINLINE EMU_NS inline unsigned atomicMin(unsigned* p, unsigned v) {
     emu_atomic_point(p, 4, EMU_PC());
     unsigned cur = __atomic_load_n(p, __ATOMIC_RELAXED);

@@ -26,14 +26,15 @@ struct Plan {
     float momentum;
     u32 dtype, worker;
     u64 seed;
-    u32 cand_cap;
-    u32 block_max = 0;  // set by init(): 2^15 global, 2^20 per layer (src/cuda/compress.rs)
+    u32 cand_cap;       // each big group's candidate buffer, at most its length
+    u32 block_max = 0;  // 0: init() sets 2^15 global, 2^16 per layer (src/cuda/compress.rs)
     u32 sent = 0;
     std::vector<float> e[2], u[2];
     StepStatus st{};
     std::vector<u32> out_idx, list, defbits, tiebits, tiles, cand;
     std::vector<float> out_val;
     std::vector<SmallGroup> small;
+    std::vector<BigGroup> big;  // as SparseShape::new builds it
     std::vector<u32> sel_state;
 };
 
@@ -46,6 +47,11 @@ static u32 grid_for(u64 n, u32 block) {
     return (u32)std::min<u64>(w, 8);  // one "SM" x 8 blocks
 }
 
+static bool two_stage(const BigGroup& g) { return g.k < g.r && g.r < g.len; }
+static bool in_stage(const BigGroup& g, u32 stage) {
+    return stage == STAGE_FIRST ? g.k < g.len : stage == STAGE_LIST ? two_stage(g) : g.k == g.len;
+}
+
 static void init(Plan& p) {
     p.e[0].assign(p.n + 1, 0.f);
     p.e[1].assign(p.n + 1, 0.f);
@@ -54,26 +60,31 @@ static void init(Plan& p) {
         p.u[1].assign(p.n + 1, 0.f);
     }
     p.sent = 0;
-    p.block_max = p.global ? (1u << 15) : (1u << 20);
-    const u32 SMALL = p.block_max;
-    u32 maxbig = 0, maxlist = 0;
+    if (!p.block_max) p.block_max = p.global ? (1u << 15) : (1u << 16);
+    u32 cand = 0, list = 0, tiles = 0;
+    p.small.clear();
+    p.big.clear();
     for (auto& g : p.groups) {
         g.off = p.sent;
         p.sent += g.k;
-        if (g.k && g.len <= SMALL) p.small.push_back({g.lo, g.len, g.r, g.k, g.off, g.scale});
-        if (g.k && g.len > SMALL) {
-            maxbig = std::max(maxbig, g.len);
-            if (g.k < g.r && g.r < g.len) maxlist = std::max(maxlist, g.r);
+        if (g.k && g.len <= p.block_max) p.small.push_back({g.lo, g.len, g.r, g.k, g.off, g.scale});
+        if (g.k && g.len > p.block_max) {
+            BigGroup b{g.lo, g.len, g.r, g.k, g.off, g.scale, cand, 0, list, tiles, tiles_of(g.lo, g.len), 0};
+            if (b.k < b.len) b.cand_cap = std::min(p.cand_cap, b.len);
+            cand += b.cand_cap;
+            if (two_stage(b)) list += b.r;
+            tiles += b.ntiles;
+            p.big.push_back(b);
         }
     }
     p.out_idx.assign(p.sent + 1, 0xDEADBEEF);
     p.out_val.assign(p.sent + 1, NAN);
-    p.list.assign(maxlist + 1, 0);
+    p.list.assign(list + 1, 0);
     p.defbits.assign(p.n / 32 + 2, 0);
     p.tiebits.assign(p.n / 32 + 2, 0);
-    p.tiles.assign(2 * (tiles_of(0, p.n) + 2), 0);
-    p.cand.assign(p.cand_cap + 1, 0);
-    p.sel_state.assign(sizeof(SelState) / 4, 0);
+    p.tiles.assign(2 * tiles + 2, 0);
+    p.cand.assign(cand + 1, 0);
+    p.sel_state.assign(p.big.size() * sizeof(SelState) / 4 + 1, 0);
 }
 
 static u64 A(const void* x) { return (u64)(uintptr_t)x; }
@@ -93,21 +104,28 @@ static void register_buffers(Plan& p) {
     emu_dev(&p.st, 1, "status");
     emu_dev(p.out_idx.data(), p.sent, "out_idx", false);
     emu_dev(p.out_val.data(), p.sent, "out_val", false);
-    u32 maxbig = 0, maxlist = 0, maxtiles = 0;
-    for (auto& g : p.groups)
-        if (g.k && g.len > p.block_max) {
-            maxbig = std::max(maxbig, g.len);
-            if (g.k < g.r && g.r < g.len) maxlist = std::max(maxlist, g.r);
-            maxtiles = std::max(maxtiles, tiles_of(g.lo, g.len));
-        }
+    u32 cand = 0, list = 0, tiles = 0;
+    for (auto& g : p.big) {
+        cand += g.cand_cap;
+        list += two_stage(g) ? g.r : 0;
+        tiles += g.ntiles;
+    }
     const u32 words = (n + 31) / 32 + 1;
     emu_dev(p.defbits.data(), words, "defbits");  // memset by the host
     emu_dev(p.tiebits.data(), words, "tiebits");
-    emu_dev(p.list.data(), maxlist, "list", false);
-    emu_dev(p.tiles.data(), 2 * maxtiles, "tiles", false);
-    emu_dev(p.cand.data(), maxbig ? p.cand_cap : 0, "cand", false);
-    emu_dev(p.sel_state.data(), p.sel_state.size(), "sel_state", false);
+    emu_dev(p.list.data(), list, "list", false);
+    emu_dev(p.tiles.data(), 2 * tiles, "tiles", false);
+    emu_dev(p.cand.data(), cand, "cand", false);
+    emu_dev(p.sel_state.data(), p.big.size() * sizeof(SelState) / 4, "sel_state", false);
     emu_dev(p.small.data(), p.small.size(), "small_groups");
+    emu_dev(p.big.data(), p.big.size(), "big_groups");
+}
+
+// src/cuda/launch.rs per_group on an emulated device of one SM (8 blocks).
+static u32 per_group(size_t ngroups, u64 items, u64 per_block) {
+    u64 want = std::max<u64>(1, (items + per_block - 1) / per_block);
+    u64 share = std::max<u64>(1, (8 + ngroups - 1) / ngroups);
+    return (u32)std::min(want, share);
 }
 
 static void gpu_step(Plan& p, const std::vector<float>& grad, u64 t) {
@@ -116,30 +134,29 @@ static void gpu_step(Plan& p, const std::vector<float>& grad, u64 t) {
                   A(&p.st), p.n, p.momentum};
     emu_dev(grad.data(), p.n, "grad");
     emu_launch(ef_begin, 1, 1, b);
+    const u32 ng = (u32)p.big.size();
     SelArgs base{};
     base.b = b;
+    base.groups = A(p.big.data());
     base.state = A(p.sel_state.data());
     base.cand = A(p.cand.data());
+    base.list = A(p.list.data());
     base.defbits = A(p.defbits.data());
     base.tiebits = A(p.tiebits.data());
-    base.cand_cap = p.cand_cap;
+    base.ngroups = ng;
     base.worker = p.worker;
     base.t_lo = (u32)t;
     base.t_hi = (u32)(t >> 32);
     base.s_lo = (u32)p.seed;
     base.s_hi = (u32)(p.seed >> 32);
-    std::vector<G> big;
-    for (auto& g : p.groups)
-        if (g.k && g.len > p.block_max) big.push_back(g);
-    bool fused = p.global && big.size() == 1 && big[0].r < big[0].len;
+    bool fused = p.global && ng == 1 && p.big[0].r < p.big[0].len;
     AccArgs acc{b, A(grad.data()), 0};
     if (fused) {
         SelArgs a = base;
-        a.lo = big[0].lo;
-        a.len = big[0].len;
-        a.m = big[0].r;
-        a.kind = 0;
-        emu_launch(sel_clear_bits, grid_for(words_of(a.lo, a.len), 256), 256, a);
+        a.stage = STAGE_FIRST;
+        a.bpg = per_group(1, words_of(p.big[0].lo, p.big[0].len), 256);
+        emu_launch(sel_clear_bits, a.bpg, 256, a);
+        a.bpg = 1;
         emu_launch(sel_reset, 1, 1024, a);
         acc.sel_state = base.state;
     }
@@ -151,86 +168,68 @@ static void gpu_step(Plan& p, const std::vector<float>& grad, u64 t) {
                     p.worker, base.t_lo, base.t_hi, base.s_lo, base.s_hi, p.dtype};
         emu_launch(select_small, (u32)p.small.size(), 1024, s);
     }
-    for (size_t j = 0; j < big.size(); ++j) {
-        const G& g = big[j];
-        u32 range_grid = grid_for(g.len, 256), clear_grid = grid_for(words_of(g.lo, g.len), 256);
-        u32 ntiles = tiles_of(g.lo, g.len);
-        auto stage = [&](SelArgs a, bool done, u32 grid) {
-            if (!done) {
-                emu_launch(sel_clear_bits, clear_grid, 256, a);
-                emu_launch(sel_reset, 1, 1024, a);
-                a.pass = 0;
-                emu_launch(sel_pass, grid, 256, a);
+    CompactArgs c{};
+    c.b = b;
+    c.groups = base.groups;
+    c.state = base.state;
+    c.defbits = base.defbits;
+    c.tiebits = base.tiebits;
+    c.tiles = A(p.tiles.data());
+    c.list = A(p.list.data());
+    c.out_idx = A(p.out_idx.data());
+    c.out_val = A(p.out_val.data());
+    c.ngroups = ng;
+    c.dtype = p.dtype;
+    // The largest per-group need of a stage's groups, 0 when none takes part.
+    auto most = [&](u32 stage, auto f) {
+        u64 m = 0;
+        bool any = false;
+        for (auto& g : p.big)
+            if (in_stage(g, stage)) {
+                m = std::max<u64>(m, f(g));
+                any = true;
             }
-            for (int d = 0; d < 3; ++d) {
-                a.pass = d;
-                emu_launch(sel_find, 1, 1024, a);
-                a.pass = d + 1;
-                emu_launch(sel_pass, grid, 256, a);
-            }
-        };
-        auto compact = [&](bool payload) {
-            CompactArgs c{};
-            c.b = b;
-            c.state = base.state;
-            c.defbits = base.defbits;
-            c.tiebits = base.tiebits;
-            c.tiles = A(p.tiles.data());
-            c.out_list = A(p.list.data());
-            c.out_idx = A(p.out_idx.data());
-            c.out_val = A(p.out_val.data());
-            c.lo = g.lo;
-            c.len = g.len;
-            c.ntiles = ntiles;
-            c.out_off = g.off;
-            c.scale = g.scale;
-            c.dtype = p.dtype;
-            c.payload = payload;
-            emu_launch(compact_count, ntiles, 256, c);
-            emu_launch(compact_scan, 1, 1024, c);
-            emu_launch(compact_emit, ntiles, 256, c);
-        };
-        SelArgs range = base;
-        range.lo = g.lo;
-        range.len = g.len;
-        if (g.k == g.len) {
-            CompactArgs c{};
-            c.b = b;
-            c.out_idx = A(p.out_idx.data());
-            c.out_val = A(p.out_val.data());
-            c.lo = g.lo;
-            c.len = g.len;
-            c.out_off = g.off;
-            c.scale = g.scale;
-            c.dtype = p.dtype;
-            c.payload = 1;
-            emu_launch(emit_range, range_grid, 256, c);
-            continue;
+        return any ? std::max<u64>(m, 1) : 0;
+    };
+    if (u64 len = most(STAGE_ALL, [](const BigGroup& g) { return (u64)g.len; })) {
+        CompactArgs all = c;
+        all.stage = STAGE_ALL;
+        all.bpg = per_group(ng, len, 256);
+        emu_launch(emit_range, ng * all.bpg, 256, all);
+    }
+    for (u32 stage : {STAGE_FIRST, STAGE_LIST}) {
+        u64 items = most(stage, [&](const BigGroup& g) { return (u64)(stage == STAGE_LIST ? g.r : g.len); });
+        if (!items) continue;
+        u64 words = most(stage, [](const BigGroup& g) { return (u64)words_of(g.lo, g.len); });
+        u64 tiles = most(stage, [](const BigGroup& g) { return (u64)g.ntiles; });
+        SelArgs a = base;
+        a.stage = stage;
+        const u32 bpg = per_group(ng, items, 256);
+        if (!(fused && stage == STAGE_FIRST)) {
+            a.bpg = per_group(ng, words, 256);
+            emu_launch(sel_clear_bits, ng * a.bpg, 256, a);
+            a.bpg = 1;
+            emu_launch(sel_reset, ng, 1024, a);
+            a.bpg = bpg;
+            a.pass = 0;
+            emu_launch(sel_pass, ng * bpg, 256, a);
         }
-        if (g.r < g.len) {
-            SelArgs a = range;
-            a.m = g.r;
-            a.kind = 0;
-            stage(a, fused && j == 0, range_grid);
-            if (g.k == g.r) {
-                compact(true);
-                continue;
-            }
-            compact(false);
-            SelArgs a2 = range;
-            a2.m = g.k;
-            a2.kind = 1;
-            a2.list = A(p.list.data());
-            a2.list_len = g.r;
-            stage(a2, false, grid_for(g.r, 256));
-            compact(true);
-        } else {
-            SelArgs a = range;
-            a.m = g.k;
-            a.kind = 1;
-            stage(a, false, range_grid);
-            compact(true);
+        for (int d = 0; d < 3; ++d) {
+            a.pass = d;
+            a.bpg = 1;
+            emu_launch(sel_find, ng, 1024, a);
+            a.pass = d + 1;
+            a.bpg = bpg;
+            emu_launch(sel_pass, ng * bpg, 256, a);
         }
+        CompactArgs cs = c;
+        cs.stage = stage;
+        cs.bpg = per_group(ng, tiles, 1);
+        emu_launch(compact_count, ng * cs.bpg, 256, cs);
+        CompactArgs one = cs;
+        one.bpg = 1;
+        emu_launch(compact_scan, ng, 1024, one);
+        emu_launch(compact_emit, ng * cs.bpg, 256, cs);
     }
     emu_launch(ef_commit, 1, 1, b);
 }
@@ -436,6 +435,37 @@ int main(int argc, char** argv) {
             p.seed = 42;
             p.worker = 1;
             run("per-layer variant " + std::to_string(variant), p, grads);
+        }
+    }
+    // Many grid-wide groups in each launch (a low block cut-off): neighbours share bitmap
+    // words at unaligned boundaries, and every stage has groups that sit it out: rTop-k,
+    // top-k, random-k, send-everything and block-sized groups side by side.
+    {
+        struct L { u32 len, r, k; };
+        const std::vector<L> ls = {{5000, 251, 51}, {0, 0, 0},     {3001, 31, 31}, {3, 1, 1},
+                                   {2500, 2500, 26}, {1100, 1100, 1100}, {4099, 205, 41}, {1, 1, 1},
+                                   {1030, 1030, 1}, {2048, 2047, 2046}};
+        u32 n = 0;
+        for (auto& l : ls) n += l.len;
+        std::vector<std::vector<float>> grads;
+        for (int s = 0; s < 3; ++s) grads.push_back(data(n, s == 1 ? 1 : 0, 91 + s));
+        for (int variant = 0; variant < 3; ++variant) {
+            Plan p{};
+            p.n = n;
+            p.global = false;
+            p.block_max = 1024;
+            u32 lo = 0;
+            for (auto& l : ls) {
+                const float scale = variant == 1 && l.k ? (float)l.r / (float)l.k : 1.0f;
+                p.groups.push_back({lo, l.len, l.r, l.k, 0, scale});
+                lo += l.len;
+            }
+            p.cand_cap = variant == 2 ? 16 : 65536;  // 16: the candidate buffer never takes over
+            p.momentum = variant == 1 ? 0.9f : 0.0f;
+            p.dtype = variant == 1 ? 1 : 0;
+            p.seed = 5;
+            p.worker = 2;
+            run("per-layer batched variant " + std::to_string(variant), p, grads);
         }
     }
     // Non-finite input: rejected, state untouched, then a good step.

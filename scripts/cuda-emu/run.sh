@@ -75,6 +75,7 @@ if [ "$mode" = quick ]; then
   run_harness harness2.cpp --schedule random --seeds 2
   run_harness harness.cpp quick
   run_harness harness.cpp quick --only n=300 --schedule random --seeds 1
+  run_harness harness.cpp quick --only batched --schedule random --seeds 1
 else
   run_harness harness2.cpp
   run_harness harness2.cpp --schedule random --seeds "${EMU_SEEDS:-8}"

@@ -38,27 +38,68 @@ pub struct AccArgs {
     pub sel_state: u64,
 }
 
+/// A big group as the batched selection passes read it: its range and counts, its payload
+/// slot and its slices of the shared scratch buffers (candidates, top-r list, tiles).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct BigGroup {
+    pub lo: u32,
+    pub len: u32,
+    pub r: u32,
+    pub k: u32,
+    pub out_off: u32,
+    pub scale: f32,
+    pub cand_off: u32,
+    pub cand_cap: u32,
+    pub list_off: u32,
+    pub tile_off: u32,
+    pub ntiles: u32,
+    pub pad: u32,
+}
+
+impl BigGroup {
+    /// rTop-k proper: top-r, then random-k over the top-r list.
+    pub fn two_stage(&self) -> bool {
+        self.k < self.r && self.r < self.len
+    }
+
+    /// Whether the group takes part in `stage` (`STAGE_*`, kernels/select.cu).
+    pub fn in_stage(&self, stage: u32) -> bool {
+        match stage {
+            STAGE_FIRST => self.k < self.len,
+            STAGE_LIST => self.two_stage(),
+            _ => self.k == self.len,
+        }
+    }
+}
+
+/// The first selection of each big group: top-r over its range, or random-k over it.
+pub const STAGE_FIRST: u32 = 0;
+/// rTop-k's second selection: random-k over the top-r list.
+pub const STAGE_LIST: u32 = 1;
+/// Groups that send every element (`emit_range`).
+pub const STAGE_ALL: u32 = 2;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SelArgs {
     pub b: StepBuffers,
+    pub groups: u64,
     pub state: u64,
     pub cand: u64,
     pub list: u64,
     pub defbits: u64,
     pub tiebits: u64,
-    pub lo: u32,
-    pub len: u32,
-    pub list_len: u32,
-    pub cand_cap: u32,
-    pub m: u32,
-    pub kind: u32,
+    pub ngroups: u32,
+    pub bpg: u32,
+    pub stage: u32,
     pub worker: u32,
     pub t_lo: u32,
     pub t_hi: u32,
     pub s_lo: u32,
     pub s_hi: u32,
     pub pass: i32,
+    pub pad: u32,
 }
 
 /// Size of the device `SelState` (2048 histogram bins and eight words).
@@ -68,20 +109,19 @@ pub const SEL_STATE_BYTES: usize = 2048 * 4 + 8 * 4;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CompactArgs {
     pub b: StepBuffers,
+    pub groups: u64,
     pub state: u64,
     pub defbits: u64,
     pub tiebits: u64,
     pub tiles: u64,
-    pub out_list: u64,
+    pub list: u64,
     pub out_idx: u64,
     pub out_val: u64,
-    pub lo: u32,
-    pub len: u32,
-    pub ntiles: u32,
-    pub out_off: u32,
-    pub scale: f32,
+    pub ngroups: u32,
+    pub bpg: u32,
+    pub stage: u32,
     pub dtype: u32,
-    pub payload: u32,
+    pub to_list: u32,
     pub pad: u32,
 }
 
@@ -215,6 +255,7 @@ const _: () = {
     assert!(size_of::<StepBuffers>() == 48);
     assert!(size_of::<AccArgs>() == 64);
     assert!(size_of::<SelArgs>() == 136);
+    assert!(size_of::<BigGroup>() == 48);
     assert!(size_of::<CompactArgs>() == 136);
     assert!(size_of::<SmallGroup>() == 24);
     assert!(size_of::<SmallArgs>() == 104);

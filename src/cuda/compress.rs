@@ -1,6 +1,9 @@
 //! The fused error-feedback compression step on the GPU (SPEC §4-6, §10).
 
-use super::abi::{self, AccArgs, CompactArgs, SelArgs, SignArgs, SmallArgs, SmallGroup};
+use super::abi::{
+    self, AccArgs, BigGroup, CompactArgs, STAGE_ALL, STAGE_FIRST, STAGE_LIST, SelArgs, SignArgs,
+    SmallArgs, SmallGroup,
+};
 use super::context::{Context, DevBuf, Pinned, download_at};
 use super::kernels::Kernel as K;
 use super::launch::{Enqueue, Live, Recorder, StepLaunches};
@@ -12,16 +15,17 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 
 /// Cut-offs between the two selection paths: groups up to the cut-off are selected by one
 /// thread block each (`select_small`, all of them in one launch), larger ones by the
-/// grid-wide radix passes, which run one group after another (about 12 launches per
-/// top-k group, 25 per rTop-k group, see [`launches_per_step`]). The right cut-off is a
-/// trade between launches and the tail of one block working through a big group alone
-/// (about 8 passes over it from L2); it is a parameter so that a GPU can measure it
+/// grid-wide radix passes, each pass one launch over all of them (about 12 launches per
+/// step for top-k, 24 for rTop-k, however many big groups; see [`launches_per_step`]). The
+/// right cut-off is a trade between the block path's tail (one block working through a
+/// group of up to the cut-off alone, about 8 passes over it from L2) and the grid path's
+/// passes over global memory; it is a parameter so that a GPU can measure it
 /// (`benches/cuda.rs`, `ef_topk_per_layer_block_max_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuning {
     /// Global mode (one group): a block serves it up to this many elements (default 2^15).
     pub block_max_global: usize,
-    /// Per-layer mode: a block serves a layer up to this many elements (default 2^20).
+    /// Per-layer mode: a block serves a layer up to this many elements (default 2^16).
     pub block_max_per_layer: usize,
     /// Global mode with one grid-wide top-r group: fuse its first radix histogram into
     /// `ef_accumulate` (default), or run it as a separate `sel_pass` (for measuring the
@@ -33,7 +37,7 @@ impl Default for Tuning {
     fn default() -> Self {
         Self {
             block_max_global: 1 << 15,
-            block_max_per_layer: 1 << 20,
+            block_max_per_layer: 1 << 16,
             fuse_histogram: true,
         }
     }
@@ -59,27 +63,19 @@ const BLOCK_THREADS: u32 = 1024;
 /// Words of a compaction tile (`TILE_WORDS` in kernels/select.cu).
 pub(crate) const TILE_WORDS: usize = 256;
 
-#[derive(Debug, Clone, Copy)]
-struct BigGroup {
-    lo: u32,
-    len: u32,
-    r: u32,
-    k: u32,
-    out_off: u32,
-    scale: f32,
-}
-
 /// The host half of a sparse plan: which groups take which path and the scratch sizes.
 /// Pure data, so the launch sequence can be derived without a device.
 #[derive(Debug, Clone)]
 struct SparseShape {
     small: Vec<SmallGroup>,
+    /// The grid-wide groups, each with its slices of the scratch buffers.
     big: Vec<BigGroup>,
     /// Payload entries (sum of k).
     sent: usize,
-    cand_cap: usize,
-    max_list: usize,
-    max_tiles: usize,
+    /// Elements of all candidate buffers, of all top-r lists, tiles of all groups.
+    cand_total: usize,
+    list_total: usize,
+    tiles_total: usize,
     /// Words of each bitmap.
     words: usize,
     /// Whether a block-sized group runs both stages (its top-r set goes through `defbits`).
@@ -94,69 +90,72 @@ impl SparseShape {
     fn new(layout: &Layout, config: &Config, groups: &[Group], tuning: &Tuning) -> Result<Self> {
         let block_max = tuning.block_max(config.mode)?;
         let mut small = Vec::new();
-        let mut big = Vec::new();
-        let mut off = 0usize;
+        let mut big: Vec<BigGroup> = Vec::new();
+        let (mut off, mut cand, mut list, mut tiles) = (0usize, 0usize, 0usize, 0usize);
         for g in groups {
             let len = g.range.len();
-            if g.k > 0 {
-                let entry = (g.range.start as u32, len as u32, g.r as u32, g.k as u32);
-                if len <= block_max {
-                    small.push(SmallGroup {
-                        lo: entry.0,
-                        len: entry.1,
-                        r: entry.2,
-                        k: entry.3,
-                        out_off: off as u32,
-                        scale: g.scale,
-                    });
-                } else {
-                    big.push(BigGroup {
-                        lo: entry.0,
-                        len: entry.1,
-                        r: entry.2,
-                        k: entry.3,
-                        out_off: off as u32,
-                        scale: g.scale,
-                    });
+            if g.k > 0 && len <= block_max {
+                small.push(SmallGroup {
+                    lo: g.range.start as u32,
+                    len: len as u32,
+                    r: g.r as u32,
+                    k: g.k as u32,
+                    out_off: off as u32,
+                    scale: g.scale,
+                });
+            } else if g.k > 0 {
+                let mut b = BigGroup {
+                    lo: g.range.start as u32,
+                    len: len as u32,
+                    r: g.r as u32,
+                    k: g.k as u32,
+                    out_off: off as u32,
+                    scale: g.scale,
+                    cand_off: cand as u32,
+                    list_off: list as u32,
+                    tile_off: tiles as u32,
+                    ntiles: tiles_of(g.range.start as u32, len as u32) as u32,
+                    ..Default::default()
+                };
+                if b.k < b.len {
+                    b.cand_cap = cand_cap(len) as u32;
                 }
+                cand += b.cand_cap as usize;
+                if b.two_stage() {
+                    list += b.r as usize;
+                }
+                tiles += b.ntiles as usize;
+                big.push(b);
             }
             off += g.k;
         }
-        let max_big = big.iter().map(|g| g.len as usize).max().unwrap_or(0);
-        // The candidate buffer takes over once the elements sharing the pivot prefix fit;
-        // n/16 covers the pivot bin of 1% selections on smooth data with a wide margin.
-        let cand_cap = if max_big == 0 {
-            0
-        } else {
-            (max_big / 16).max(1 << 16).min(max_big)
-        };
-        let max_list = big
-            .iter()
-            .filter(|g| g.k < g.r && g.r < g.len)
-            .map(|g| g.r as usize)
-            .max()
-            .unwrap_or(0);
-        let max_tiles = big.iter().map(|g| tiles_of(g.lo, g.len)).max().unwrap_or(0);
         // Block-sized rTop-k groups keep their top-r set in `defbits` between the stages.
         let small_member = small.iter().any(|g| g.k < g.r && g.r < g.len);
         let fused = tuning.fuse_histogram
             && config.mode == crate::Mode::Global
             && big.len() == 1
             && big[0].r < big[0].len;
+        let any_big_sel = big.iter().any(|g| g.in_stage(STAGE_FIRST));
         Ok(Self {
             small,
             sent: off,
-            cand_cap,
-            max_list,
-            max_tiles,
+            cand_total: cand,
+            list_total: list,
+            tiles_total: tiles,
             words: layout.n().div_ceil(32) + 1,
             small_member,
-            need_defbits: max_big > 0 || small_member,
-            need_tiebits: max_big > 0,
+            need_defbits: any_big_sel || small_member,
+            need_tiebits: any_big_sel,
             fused,
             big,
         })
     }
+}
+
+/// A big group's candidate buffer: it takes over once the elements sharing the pivot
+/// prefix fit; n/16 covers the pivot bin of 1% selections on smooth data with a wide margin.
+pub(crate) fn cand_cap(len: usize) -> usize {
+    (len / 16).max(1 << 16).min(len)
 }
 
 /// Device addresses of a sparse plan's buffers (all 0 in a dry run).
@@ -165,6 +164,7 @@ struct SparsePtrs {
     out_idx: u64,
     out_val: u64,
     small: u64,
+    big: u64,
     sel: u64,
     cand: u64,
     list: u64,
@@ -179,6 +179,7 @@ struct Sparse {
     out_idx: DevBuf,
     out_val: DevBuf,
     small: DevBuf,
+    big: DevBuf,
     sel: DevBuf,
     cand: DevBuf,
     list: DevBuf,
@@ -193,6 +194,7 @@ impl Sparse {
             out_idx: self.out_idx.ptr(),
             out_val: self.out_val.ptr(),
             small: self.small.ptr(),
+            big: self.big.ptr(),
             sel: self.sel.ptr(),
             cand: self.cand.ptr(),
             list: self.list.ptr(),
@@ -383,9 +385,10 @@ impl Compressor {
             out_idx: DevBuf::zeroed(cx, shape.sent * 4)?,
             out_val: DevBuf::zeroed(cx, shape.sent * 4)?,
             small: DevBuf::from_slice(cx, &shape.small)?,
-            sel: DevBuf::zeroed(cx, abi::SEL_STATE_BYTES)?,
-            cand: DevBuf::zeroed(cx, shape.cand_cap * 4)?,
-            list: DevBuf::zeroed(cx, shape.max_list * 4)?,
+            big: DevBuf::from_slice(cx, &shape.big)?,
+            sel: DevBuf::zeroed(cx, shape.big.len() * abi::SEL_STATE_BYTES)?,
+            cand: DevBuf::zeroed(cx, shape.cand_total * 4)?,
+            list: DevBuf::zeroed(cx, shape.list_total * 4)?,
             defbits: DevBuf::zeroed(
                 cx,
                 if shape.need_defbits {
@@ -402,7 +405,7 @@ impl Compressor {
                     0
                 },
             )?,
-            tiles: DevBuf::zeroed(cx, shape.max_tiles * 8)?,
+            tiles: DevBuf::zeroed(cx, shape.tiles_total * 8)?,
             shape,
         })
     }
@@ -838,12 +841,13 @@ fn enqueue_step<E: Enqueue>(
         MethodView::Sparse(sp, ptr) => {
             let base = SelArgs {
                 b,
+                groups: ptr.big,
                 state: ptr.sel,
                 cand: ptr.cand,
-                list: 0,
+                list: ptr.list,
                 defbits: ptr.defbits,
                 tiebits: ptr.tiebits,
-                cand_cap: sp.cand_cap as u32,
+                ngroups: sp.big.len() as u32,
                 worker: config.worker,
                 t_lo,
                 t_hi,
@@ -852,17 +856,16 @@ fn enqueue_step<E: Enqueue>(
                 ..Default::default()
             };
             if sp.fused {
+                // The one big group's bitmaps and state are ready before the accumulate
+                // pass histograms its digit 0 into that state.
                 let g = sp.big[0];
                 let a = SelArgs {
-                    lo: g.lo,
-                    len: g.len,
-                    m: g.r,
-                    kind: 0,
+                    stage: STAGE_FIRST,
+                    bpg: e.per_group(1, words_of(g.lo, g.len) as u64, 256),
                     ..base
                 };
-                let clear = e.grid_for(words_of(g.lo, g.len) as u64, 256);
-                e.launch(K::SelClearBits, None, clear, 256, &a)?;
-                e.launch(K::SelReset, None, 1, 1024, &a)?;
+                e.launch(K::SelClearBits, None, a.bpg, 256, &a)?;
+                e.launch(K::SelReset, None, 1, 1024, &SelArgs { bpg: 1, ..a })?;
                 acc(e, ptr.sel)?;
             } else {
                 acc(e, 0)?;
@@ -892,9 +895,21 @@ fn enqueue_step<E: Enqueue>(
                     &a,
                 )?;
             }
-            for (j, g) in sp.big.iter().enumerate() {
-                run_big(e, &ptr, g, base, sp.fused && j == 0, config.values)?;
-            }
+            let c = CompactArgs {
+                b,
+                groups: ptr.big,
+                state: ptr.sel,
+                defbits: ptr.defbits,
+                tiebits: ptr.tiebits,
+                tiles: ptr.tiles,
+                list: ptr.list,
+                out_idx: ptr.out_idx,
+                out_val: ptr.out_val,
+                ngroups: sp.big.len() as u32,
+                dtype: u32::from(config.values.code()),
+                ..Default::default()
+            };
+            run_big(e, &sp.big, base, c, sp.fused)?;
         }
         MethodView::Sign(sg, ptr) => {
             e.memset(ptr.words, 0, sg.n_words64 * 8)?;
@@ -918,116 +933,96 @@ fn enqueue_step<E: Enqueue>(
     e.launch(K::EfCommit, None, 1, 1, &b)
 }
 
-/// One grid-wide radix selection of `a.m` elements: clear the group's bitmaps, reset the
-/// state, histogram digit 0 (unless the accumulate pass already did), then three rounds of
-/// pivot search and filtering passes; the last pass marks the selected set and the ties.
+/// One grid-wide radix selection in every group of `a.groups` that takes part in
+/// `a.stage`, each pass one launch over all of them: clear the bitmaps, reset the states,
+/// histogram digit 0 (unless the accumulate pass already did), then three rounds of pivot
+/// search and filtering passes; the last pass marks the selected sets and the ties.
+/// `bpg` and `clear_bpg` are the blocks each group gets in the passes and in the clear.
 pub(crate) fn radix_stage<E: Enqueue>(
     e: &mut E,
     a: SelArgs,
     pass0_done: bool,
-    grid: u32,
-    clear_grid: u32,
+    bpg: u32,
+    clear_bpg: u32,
 ) -> Result<()> {
+    let ng = a.ngroups;
+    let one = SelArgs { bpg: 1, ..a };
+    let wide = SelArgs { bpg, ..a };
     if !pass0_done {
-        e.launch(K::SelClearBits, None, clear_grid, 256, &a)?;
-        e.launch(K::SelReset, None, 1, 1024, &a)?;
-        e.launch(K::SelPass, None, grid, 256, &SelArgs { pass: 0, ..a })?;
+        let clear = SelArgs {
+            bpg: clear_bpg,
+            ..a
+        };
+        e.launch(K::SelClearBits, None, ng * clear_bpg, 256, &clear)?;
+        e.launch(K::SelReset, None, ng, 1024, &one)?;
+        e.launch(
+            K::SelPass,
+            None,
+            ng * bpg,
+            256,
+            &SelArgs { pass: 0, ..wide },
+        )?;
     }
     for d in 0..3 {
-        e.launch(K::SelFind, None, 1, 1024, &SelArgs { pass: d, ..a })?;
-        e.launch(K::SelPass, None, grid, 256, &SelArgs { pass: d + 1, ..a })?;
+        e.launch(K::SelFind, None, ng, 1024, &SelArgs { pass: d, ..one })?;
+        let pass = SelArgs {
+            pass: d + 1,
+            ..wide
+        };
+        e.launch(K::SelPass, None, ng * bpg, 256, &pass)?;
     }
     Ok(())
 }
 
-/// The ordered compaction of a group's bitmaps: tile counts, their scan, the emit.
-pub(crate) fn compact<E: Enqueue>(e: &mut E, c: &CompactArgs) -> Result<()> {
-    e.launch(K::CompactCount, None, c.ntiles, TILE_WORDS as u32, c)?;
-    e.launch(K::CompactScan, None, 1, 1024, c)?;
-    e.launch(K::CompactEmit, None, c.ntiles, TILE_WORDS as u32, c)
+/// The ordered compaction of the bitmaps of every group in `c.stage`: tile counts, their
+/// scan (one block per group), the emit; `bpg` blocks per group share its tiles.
+pub(crate) fn compact<E: Enqueue>(e: &mut E, c: CompactArgs, bpg: u32) -> Result<()> {
+    let ng = c.ngroups;
+    let wide = CompactArgs { bpg, ..c };
+    e.launch(K::CompactCount, None, ng * bpg, TILE_WORDS as u32, &wide)?;
+    e.launch(K::CompactScan, None, ng, 1024, &CompactArgs { bpg: 1, ..c })?;
+    e.launch(K::CompactEmit, None, ng * bpg, TILE_WORDS as u32, &wide)
 }
 
-/// The grid-wide selection of one big group: top-r on magnitudes (and/or random-k on
-/// Philox keys), then the ordered compaction into the payload.
-fn run_big<E: Enqueue>(
+/// The grid-wide groups of a step: the groups that send everything, then each selection
+/// stage with its compaction, every pass one launch over all the groups it concerns.
+pub(crate) fn run_big<E: Enqueue>(
     e: &mut E,
-    sp: &SparsePtrs,
-    g: &BigGroup,
+    big: &[BigGroup],
     base: SelArgs,
+    c: CompactArgs,
     fused: bool,
-    values: DType,
 ) -> Result<()> {
-    let range_grid = e.grid_for(g.len as u64, 256);
-    let clear_grid = e.grid_for(words_of(g.lo, g.len) as u64, 256);
-    let ntiles = tiles_of(g.lo, g.len) as u32;
-    let cargs = |payload: bool| CompactArgs {
-        b: base.b,
-        state: sp.sel,
-        defbits: sp.defbits,
-        tiebits: sp.tiebits,
-        tiles: sp.tiles,
-        out_list: sp.list,
-        out_idx: sp.out_idx,
-        out_val: sp.out_val,
-        lo: g.lo,
-        len: g.len,
-        ntiles,
-        out_off: g.out_off,
-        scale: g.scale,
-        dtype: u32::from(values.code()),
-        payload: u32::from(payload),
-        pad: 0,
-    };
-    let range = SelArgs {
-        lo: g.lo,
-        len: g.len,
-        ..base
-    };
-    if g.k == g.len {
-        let c = CompactArgs {
-            b: base.b,
-            out_idx: sp.out_idx,
-            out_val: sp.out_val,
-            lo: g.lo,
-            len: g.len,
-            out_off: g.out_off,
-            scale: g.scale,
-            dtype: u32::from(values.code()),
-            payload: 1,
-            ..Default::default()
+    let ng = big.len();
+    // The largest per-group need of a stage, or None when no group takes part.
+    let most =
+        |stage: u32, f: fn(&BigGroup) -> u64| big.iter().filter(|g| g.in_stage(stage)).map(f).max();
+    if let Some(len) = most(STAGE_ALL, |g| u64::from(g.len)) {
+        let bpg = e.per_group(ng, len, 256);
+        let all = CompactArgs {
+            stage: STAGE_ALL,
+            bpg,
+            ..c
         };
-        return e.launch(K::EmitRange, None, range_grid, 256, &c);
+        e.launch(K::EmitRange, None, ng as u32 * bpg, 256, &all)?;
     }
-    if g.r < g.len {
-        let a = SelArgs {
-            m: g.r,
-            kind: 0,
-            ..range
+    for stage in [STAGE_FIRST, STAGE_LIST] {
+        let source: fn(&BigGroup) -> u64 = if stage == STAGE_LIST {
+            |g| u64::from(g.r)
+        } else {
+            |g| u64::from(g.len)
         };
-        radix_stage(e, a, fused, range_grid, clear_grid)?;
-        if g.k == g.r {
-            return compact(e, &cargs(true));
-        }
-        compact(e, &cargs(false))?;
-        let a = SelArgs {
-            m: g.k,
-            kind: 1,
-            list: sp.list,
-            list_len: g.r,
-            ..range
+        let Some(items) = most(stage, source) else {
+            continue;
         };
-        let list_grid = e.grid_for(g.r as u64, 256);
-        radix_stage(e, a, false, list_grid, clear_grid)?;
-        compact(e, &cargs(true))
-    } else {
-        let a = SelArgs {
-            m: g.k,
-            kind: 1,
-            ..range
-        };
-        radix_stage(e, a, false, range_grid, clear_grid)?;
-        compact(e, &cargs(true))
+        let words = most(stage, |g| words_of(g.lo, g.len) as u64).unwrap_or(0);
+        let tiles = most(stage, |g| u64::from(g.ntiles)).unwrap_or(0);
+        let a = SelArgs { stage, ..base };
+        let (bpg, clear_bpg) = (e.per_group(ng, items, 256), e.per_group(ng, words, 256));
+        radix_stage(e, a, fused && stage == STAGE_FIRST, bpg, clear_bpg)?;
+        compact(e, CompactArgs { stage, ..c }, e.per_group(ng, tiles, 1))?;
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1120,14 +1115,26 @@ mod tests {
         // Global rTop-k: + list compaction, a second 9-launch stage and a second compaction.
         let l = count(&[1 << 26], &Config::rtopk(0.05, 0.01), &t);
         assert_eq!(l.count(), 14 + 3 + 9);
-        // Per layer: 12 launches per big top-k layer, 25 per big rTop-k layer (plus the
-        // step's own begin / accumulate / commit).
+        // Per layer: every pass is one launch over all big layers, so 200 big layers cost
+        // what one does: begin, accumulate, clear, reset, pass 0, 3 x (find, pass), count,
+        // scan, emit, commit; rTop-k adds the list stage (9) and its compaction (3). Before
+        // the batching it was 3 + 200 x 12 and 3 + 200 x 24.
         let big = vec![1usize << 22; 200];
         let l = count(&big, &per_layer(Config::topk(0.01)), &t);
-        assert_eq!(l.count(), 3 + 200 * 12);
-        assert_eq!(l.single_block(), 2 + 200 * 5);
+        assert_eq!(l.count(), 15);
+        assert_eq!(l.single_block(), 2, "only begin and commit are one block");
+        let pass = l.launches.iter().find(|l| l.kernel == "sel_pass").unwrap();
+        // 132 SMs x 8 blocks shared by 200 groups: 6 blocks each.
+        assert_eq!(pass.grid, 200 * 6);
+        let find = l.launches.iter().find(|l| l.kernel == "sel_find").unwrap();
+        assert_eq!(find.grid, 200, "one block per group");
         let l = count(&big, &per_layer(Config::rtopk(0.05, 0.01)), &t);
-        assert_eq!(l.count(), 3 + 200 * 24);
+        assert_eq!(l.count(), 27);
+        // One big layer costs the same sequence.
+        assert_eq!(
+            count(&[1 << 22], &per_layer(Config::rtopk(0.05, 0.01)), &t).count(),
+            27
+        );
         // Block-sized layers all share one launch.
         let small = vec![1usize << 16; 200];
         let l = count(&small, &per_layer(Config::topk(0.01)), &t);
@@ -1141,7 +1148,14 @@ mod tests {
         };
         assert_eq!(
             count(&small, &per_layer(Config::topk(0.01)), &lower).count(),
-            3 + 200 * 12
+            15
+        );
+        // Layers that send everything take one emit_range launch of their own.
+        let l = count(&big, &per_layer(Config::topk(1.0)), &t);
+        let names: Vec<&str> = l.launches.iter().map(|l| l.kernel).collect();
+        assert_eq!(
+            names,
+            ["ef_begin", "ef_accumulate_f32", "emit_range", "ef_commit"]
         );
         assert!(
             launches_per_step(

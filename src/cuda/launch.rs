@@ -30,6 +30,24 @@ pub(crate) trait Enqueue {
     fn grid_for(&self, n: u64, block: u32) -> u32 {
         grid_for(self.sms(), n, block)
     }
+
+    /// Blocks per group of a batched launch over `ngroups` groups whose largest needs
+    /// `items` items at `per_block` each: [`Enqueue::per_group`].
+    fn per_group(&self, ngroups: usize, items: u64, per_block: u64) -> u32 {
+        per_group(self.sms(), ngroups, items, per_block)
+    }
+}
+
+/// Blocks per group of a batched launch: enough for the largest group (`items` items,
+/// `per_block` to a block, at least 1), but no more than the groups' share of a full device
+/// (8 blocks per SM in all), so the launch has at most `8 * sms + ngroups` blocks; a
+/// group's blocks stride over the rest.
+pub(crate) fn per_group(sms: u32, ngroups: usize, items: u64, per_block: u64) -> u32 {
+    let want = items.div_ceil(per_block.max(1)).max(1);
+    let share = (u64::from(sms.max(1)) * 8)
+        .div_ceil(ngroups.max(1) as u64)
+        .max(1);
+    want.min(share) as u32
 }
 
 /// [`Enqueue::grid_for`] for a device of `sms` multiprocessors (8 blocks per SM at most).

@@ -1,9 +1,8 @@
 //! Top-r selection alone (no error feedback): the GPU form of [`crate::cpu::top_r`].
 
-use super::abi::{CompactArgs, SelArgs, StepBuffers, StepStatus};
-use super::compress::{compact, radix_stage, tiles_of, words_of};
+use super::abi::{BigGroup, CompactArgs, SelArgs, StepBuffers, StepStatus};
+use super::compress::{cand_cap, run_big, tiles_of};
 use super::context::{Context, DevBuf};
-use super::kernels::Kernel as K;
 use super::launch::Live;
 use crate::{Error, Layout, Result};
 use cudarc::driver::{CudaSlice, DevicePtr};
@@ -19,9 +18,11 @@ pub struct TopR {
     n: usize,
     r: usize,
     status: DevBuf,
+    /// The input as one big group (device copy of `group`).
+    group: BigGroup,
+    group_buf: DevBuf,
     sel: DevBuf,
     cand: DevBuf,
-    cand_cap: u32,
     defbits: DevBuf,
     tiebits: DevBuf,
     tiles: DevBuf,
@@ -33,15 +34,25 @@ impl TopR {
     pub fn new(cx: &Context, n: usize, r: usize) -> Result<Self> {
         Layout::single(n)?;
         let r = r.min(n);
-        let cand_cap = (n / 16).max(1 << 16).min(n);
+        // Top-r alone is rTop-k with k = r: one selection stage, its list the output.
+        let group = BigGroup {
+            len: n as u32,
+            r: r as u32,
+            k: r as u32,
+            scale: 1.0,
+            cand_cap: if r < n { cand_cap(n) as u32 } else { 0 },
+            ntiles: tiles_of(0, n as u32) as u32,
+            ..Default::default()
+        };
         Ok(Self {
             cx: cx.clone(),
             n,
             r,
             status: DevBuf::zeroed(cx, size_of::<StepStatus>())?,
+            group,
+            group_buf: DevBuf::from_slice(cx, std::slice::from_ref(&group))?,
             sel: DevBuf::zeroed(cx, super::abi::SEL_STATE_BYTES)?,
-            cand: DevBuf::zeroed(cx, cand_cap * 4)?,
-            cand_cap: cand_cap as u32,
+            cand: DevBuf::zeroed(cx, group.cand_cap as usize * 4)?,
             defbits: DevBuf::zeroed(cx, (n.div_ceil(32) + 1) * 4)?,
             tiebits: DevBuf::zeroed(cx, (n.div_ceil(32) + 1) * 4)?,
             tiles: DevBuf::zeroed(cx, tiles_of(0, n as u32) * 8)?,
@@ -84,42 +95,30 @@ impl TopR {
             n: self.n as u32,
             momentum: 0.0,
         };
-        let len = self.n as u32;
         let c = CompactArgs {
             b,
+            groups: self.group_buf.ptr(),
             state: self.sel.ptr(),
             defbits: self.defbits.ptr(),
             tiebits: self.tiebits.ptr(),
             tiles: self.tiles.ptr(),
-            out_list: self.out.ptr(),
-            lo: 0,
-            len,
-            ntiles: tiles_of(0, len) as u32,
-            scale: 1.0,
-            payload: 0,
+            list: self.out.ptr(),
+            ngroups: 1,
+            to_list: 1,
             ..Default::default()
         };
-        let grid = cx.grid_for(self.n as u64, 256);
-        if self.r == self.n {
-            return cx.launch(K::EmitRange, grid, 256, &c);
-        }
         let a = SelArgs {
             b,
+            groups: self.group_buf.ptr(),
             state: self.sel.ptr(),
             cand: self.cand.ptr(),
             defbits: self.defbits.ptr(),
             tiebits: self.tiebits.ptr(),
-            lo: 0,
-            len,
-            cand_cap: self.cand_cap,
-            m: self.r as u32,
-            kind: 0,
+            ngroups: 1,
             ..Default::default()
         };
-        let clear_grid = cx.grid_for(words_of(0, len) as u64, 256);
         let mut live = Live::new(cx);
-        radix_stage(&mut live, a, false, grid, clear_grid)?;
-        compact(&mut live, &c)
+        run_big(&mut live, std::slice::from_ref(&self.group), a, c, false)
     }
 
     /// Waits and copies the selected indices (ascending) into `out`.
