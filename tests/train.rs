@@ -339,6 +339,12 @@ fn out_of_range_options_are_usage_errors_not_panics() {
         (&["--ratio", "NaN"], "--ratio"),
         (&["--r-over-k", "0.5"], "--r-over-k"),
         (&["--r-over-k", "inf"], "--r-over-k"),
+        (&["--momentum", "1"], "--momentum"),
+        (&["--momentum=-0.1"], "--momentum"),
+        (&["--local-steps", "0"], "--local-steps"),
+        (&["--local-steps", "1001"], "--local-steps"),
+        // 8000 images / 5 workers / batch 32 = 50 batches per epoch: no round of 60.
+        (&["--local-steps", "60"], "--local-steps"),
     ] {
         match gradsift::cli::train::run(&train_args(opts)) {
             Err(CliError::Usage(m)) => assert!(m.contains(option), "{opts:?}: {m}"),
@@ -373,4 +379,72 @@ fn out_of_range_options_are_usage_errors_not_panics() {
             Err(CliError::Usage(_))
         ));
     }
+}
+
+/// The rTop-k paper's set-ups as options: the averaging rule, Algorithm 1's r/k scaling and
+/// local steps each change the run they should change, and only that. Weights are compared
+/// by fingerprint (equal only when bit for bit equal).
+#[test]
+fn paper_setups_change_what_they_should() {
+    use gradsift::Average;
+    let data = Mnist::embedded().unwrap();
+    let (tr, te) = data.split(500);
+    let run = |cfg: &TrainConfig| train(cfg, &tr, &te, |_, _| {}, |_| {}).unwrap();
+    let base = TrainConfig {
+        warmup_epochs: 0,
+        epochs: 1,
+        ..tiny(TrainMethod::Rtopk)
+    };
+    let plain = run(&base);
+    let senders = run(&TrainConfig {
+        average: Average::OverSenders,
+        ..base.clone()
+    });
+    let scaled = run(&TrainConfig {
+        unbiased: true,
+        ..base.clone()
+    });
+    assert_ne!(plain.weights_fnv, senders.weights_fnv, "over-senders");
+    assert_ne!(plain.weights_fnv, scaled.weights_fnv, "r/k scaling");
+    assert_ne!(senders.weights_fnv, scaled.weights_fnv);
+    // The same k per step: the rule is the server's (the index coding still varies a
+    // little with which indices the diverging runs pick).
+    let (a, b) = (
+        plain.epochs[0].bits_per_worker_step,
+        senders.epochs[0].bits_per_worker_step,
+    );
+    assert!((a - b).abs() < 0.01 * a, "{a} vs {b}");
+    // Top-k has r = k: the r/k scale is 1, the run is unchanged.
+    let topk = TrainConfig {
+        method: TrainMethod::Topk,
+        ..base.clone()
+    };
+    assert_eq!(
+        run(&topk).weights_fnv,
+        run(&TrainConfig {
+            unbiased: true,
+            ..topk.clone()
+        })
+        .weights_fnv
+    );
+    // Local steps: 3 epochs of 4 rounds of 3 steps each send 12 payloads per worker, learn,
+    // and differ from one step per round.
+    let fed = TrainConfig {
+        local_steps: 3,
+        max_steps_per_epoch: 4,
+        epochs: 3,
+        ..base.clone()
+    };
+    let r = run(&fed);
+    assert_eq!(r.steps.len(), 12, "one measurement per round");
+    assert!(
+        r.epochs.last().unwrap().test_accuracy > 0.3,
+        "{:?}",
+        r.epochs
+    );
+    let one = run(&TrainConfig {
+        local_steps: 1,
+        ..fed.clone()
+    });
+    assert_ne!(r.weights_fnv, one.weights_fnv);
 }

@@ -7,7 +7,9 @@
 //! [`embedded_default`]) plug in through [`analyze_steps`].
 
 use super::npy::{LoadError, NamedArray, read_arrays};
-pub use super::report::{LayerInfo, MethodConfig, MethodReport, Report, StepStatistics, Summary};
+pub use super::report::{
+    AverageArg, LayerInfo, MethodConfig, MethodReport, Report, StepStatistics, Summary,
+};
 use crate::rd::{self, StepMeasurement, StepState};
 use crate::{Average, Backend, Config, Device, Layout, Method, Mode, Scale};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -59,15 +61,6 @@ pub enum ModeArg {
     Global,
     /// Each layer selects on its own (sign: one scale per layer, as in the seed paper).
     PerLayer,
-}
-
-/// Server averaging rule (SPEC §7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum AverageArg {
-    /// Divide by K.
-    OverWorkers,
-    /// Divide by the number of workers that sent each coordinate.
-    OverSenders,
 }
 
 /// Arguments of `gradsift analyze`.
@@ -791,10 +784,7 @@ pub fn analyze(args: &AnalyzeArgs) -> Result<Report, AnalyzeError> {
     let (device, device_notes) =
         super::backend::open(args.backend).map_err(|e| AnalyzeError::Usage(e.to_string()))?;
     let methods = methods(args)?;
-    let average = match args.average {
-        AverageArg::OverWorkers => Average::OverWorkers,
-        AverageArg::OverSenders => Average::OverSenders,
-    };
+    let average = Average::from(args.average);
     let mut notes = device_notes;
     let mut report = if args.inputs.is_empty() {
         let (layers, workers, steps) = embedded_default()?;

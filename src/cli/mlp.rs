@@ -114,6 +114,32 @@ impl Mlp {
         Ok(())
     }
 
+    /// Copies the weights into `out` (layout order, `num_params` elements).
+    pub fn read_params(&self, out: &mut [f32]) -> Result<()> {
+        let mut at = 0;
+        for p in &self.params {
+            let n = p.elem_count();
+            out[at..at + n].copy_from_slice(&p.flatten_all()?.to_vec1::<f32>()?);
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Sets the weights from `params` (layout order), bit for bit.
+    pub fn write_params(&self, params: &[f32]) -> Result<()> {
+        let mut at = 0;
+        for p in &self.params {
+            let n = p.elem_count();
+            p.set(&Tensor::from_slice(
+                &params[at..at + n],
+                p.shape(),
+                &candle_core::Device::Cpu,
+            )?)?;
+            at += n;
+        }
+        Ok(())
+    }
+
     /// 64-bit FNV-1a of every parameter's f32 bits, in layout order: a fingerprint of the
     /// model that two runs share only if their weights are equal bit for bit.
     pub fn fingerprint(&self) -> Result<u64> {

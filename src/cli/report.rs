@@ -2,8 +2,27 @@
 //! Its own module so that the analysis and the plot both depend on it rather than on each
 //! other.
 
+use crate::Average;
 use crate::rd::StepMeasurement;
 use serde::Serialize;
+
+/// Server averaging rule (SPEC §7), as `--average` of `analyze` and `train` spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AverageArg {
+    /// Divide by K.
+    OverWorkers,
+    /// Divide by the number of workers that sent each coordinate.
+    OverSenders,
+}
+
+impl From<AverageArg> for Average {
+    fn from(a: AverageArg) -> Self {
+        match a {
+            AverageArg::OverWorkers => Average::OverWorkers,
+            AverageArg::OverSenders => Average::OverSenders,
+        }
+    }
+}
 
 /// One layer of the analysed model.
 #[derive(Debug, Clone, PartialEq, Serialize)]

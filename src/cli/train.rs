@@ -92,6 +92,19 @@ pub struct TrainConfig {
     pub target_loss: Option<f64>,
     /// Backend of the compressors, the aggregation and the variance estimates.
     pub backend: Backend,
+    /// How the server averages the payloads (SPEC §7): over all `K` workers, or over the
+    /// workers that sent each coordinate (the rTop-k paper's rule).
+    pub average: Average,
+    /// Algorithm 1's scaling: rTop-k's sent values are multiplied by `r / k`
+    /// ([`Scale::Unbiased`]); random-k is always scaled by `n / k`.
+    pub unbiased: bool,
+    /// Local SGD steps per round, `H`: 1 is plain distributed SGD; with `H > 1` (the
+    /// federated setting) each worker starts a round from the global model, takes `H` SGD
+    /// steps of its own (no momentum) on its next `H` batches, and sends its accumulated
+    /// update `(w_global - w_local) / lr` through the compressor; the server applies the
+    /// aggregate with `lr`. A round counts as one step of the report; an epoch has
+    /// `steps / H` rounds.
+    pub local_steps: usize,
 }
 
 impl Default for TrainConfig {
@@ -113,6 +126,9 @@ impl Default for TrainConfig {
             baseline_noise_rho: None,
             target_loss: None,
             backend: Backend::Cpu,
+            average: Average::OverWorkers,
+            unbiased: false,
+            local_steps: 1,
         }
     }
 }
@@ -147,7 +163,9 @@ impl TrainConfig {
         };
         // Random-k is unbiased only after scaling by n/k (as r = n); the sparsifiers with a
         // top-r stage are sent unscaled, as in the rTop-k paper's experiments.
-        if self.method == TrainMethod::Randomk {
+        if self.method == TrainMethod::Randomk
+            || (self.unbiased && self.method == TrainMethod::Rtopk)
+        {
             c.scale = Scale::Unbiased;
         }
         Some(c)
@@ -200,8 +218,14 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.momentum) {
             return bad(format!(
-                "momentum must lie in [0, 1), got {}",
+                "--momentum must lie in [0, 1), got {}",
                 self.momentum
+            ));
+        }
+        if !(1..=MAX_LOCAL_STEPS).contains(&self.local_steps) {
+            return bad(format!(
+                "--local-steps must lie in [1, {MAX_LOCAL_STEPS}], got {}",
+                self.local_steps
             ));
         }
         if let Some(h) = self.hidden.iter().find(|h| !(1..=MAX_HIDDEN).contains(*h)) {
@@ -233,13 +257,16 @@ pub const MAX_LR: f32 = 100.0;
 pub const MAX_R_OVER_K: f64 = 1e6;
 /// Widest hidden layer of the MLP.
 pub const MAX_HIDDEN: usize = 65_536;
+/// Most local steps per round (`--local-steps`); an epoch must also hold one round.
+pub const MAX_LOCAL_STEPS: usize = 1000;
 
 /// The ranges of `gradsift train`'s numeric options, as `--help` shows them.
 pub const LIMITS: &str = "\
 RANGES: --workers 2..=1000 (the training split must also give each worker one batch);
 --ratio (0, 1]; --r-over-k [1, 1e6]; --epochs 1..=1000; --warmup-epochs 0..=--epochs;
---batch 1..=65536; --lr (0, 100]; --seed any 64-bit unsigned integer. A value outside its
-range is an error that names the option, before anything runs.";
+--batch 1..=65536; --lr (0, 100]; --momentum [0, 1); --local-steps 1..=1000 (and an epoch
+must hold one round of them); --seed any 64-bit unsigned integer. A value outside its range
+is an error that names the option, before anything runs.";
 
 /// What one epoch achieved.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -388,6 +415,12 @@ pub fn train_with(
     let mut all = vec![vec![0f32; n]; k];
     let mut update = vec![0f32; n];
     let mut velocity = vec![0f32; n];
+    // The global weights and a gradient buffer, for rounds of local steps.
+    let (mut global, mut scratch) = if cfg.local_steps > 1 {
+        (vec![0f32; n], vec![0f32; n])
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let device = Device::open(cfg.backend)?;
     let mut stats = device.stats(&layout, k)?;
     // The local workers' compressors (error-feedback state), built at the first compressed
@@ -420,13 +453,18 @@ pub fn train_with(
         let mut done = 0usize;
         for s in 0..steps_per_epoch {
             dist::inject_fault(transport.rank(), t);
-            // Local gradients; then every worker's loss and gradient, in worker order.
+            // Local gradients (or, with local steps, local updates); then every worker's loss
+            // and gradient, in worker order.
+            if cfg.local_steps > 1 {
+                model.read_params(&mut global)?;
+            }
             for (w, g) in local.clone().zip(grads.iter_mut()) {
-                let l = model.loss_and_grad(
-                    train,
-                    &shards[w][s * cfg.batch..(s + 1) * cfg.batch],
-                    g,
-                )?;
+                let round = &shards[w][s * cfg.local_steps * cfg.batch..];
+                let l = if cfg.local_steps == 1 {
+                    model.loss_and_grad(train, &round[..cfg.batch], g)?
+                } else {
+                    local_round(&model, cfg, train, round, &global, &mut scratch, g)?
+                };
                 local_bytes[w - local.start] = l.to_le_bytes().to_vec();
             }
             gather(transport, &local_bytes, &mut gathered)?;
@@ -452,8 +490,7 @@ pub fn train_with(
                             .clone()
                             .map(|w| device.compressor(&layout, &c.clone().with_worker(w as u32)))
                             .collect::<crate::Result<_>>()?;
-                        aggregator =
-                            Some(device.aggregator(&layout, c.mode, Average::OverWorkers, k)?);
+                        aggregator = Some(device.aggregator(&layout, c.mode, cfg.average, k)?);
                     } else if plan_config.as_ref() != Some(c) {
                         for (w, plan) in local.clone().zip(plans.iter_mut()) {
                             plan.reconfigure(&c.clone().with_worker(w as u32))?;
@@ -554,6 +591,33 @@ pub fn train_with(
     })
 }
 
+/// One worker's round of `cfg.local_steps` plain SGD steps from the global weights `global`
+/// on the batches at the start of `round`: leaves the accumulated update
+/// `(w_global - w_local) / lr` (the sum of the round's gradients) in `out`, restores the
+/// model to `global` and returns the round's mean loss.
+fn local_round(
+    model: &Mlp,
+    cfg: &TrainConfig,
+    train: &Mnist,
+    round: &[usize],
+    global: &[f32],
+    grad: &mut [f32],
+    out: &mut [f32],
+) -> Result<f32> {
+    let mut loss = 0.0f32;
+    for h in 0..cfg.local_steps {
+        loss += model.loss_and_grad(train, &round[h * cfg.batch..(h + 1) * cfg.batch], grad)?;
+        model.apply(grad, cfg.lr)?;
+    }
+    model.read_params(out)?;
+    let inv_lr = 1.0 / cfg.lr;
+    for (o, g) in out.iter_mut().zip(global) {
+        *o = (g - *o) * inv_lr;
+    }
+    model.write_params(global)?;
+    Ok(loss / cfg.local_steps as f32)
+}
+
 /// All-gathers one buffer per local worker.
 fn gather(t: &mut dyn Transport, local: &[Vec<u8>], out: &mut Vec<Vec<u8>>) -> Result<()> {
     let views: Vec<&[u8]> = local.iter().map(|b| b.as_slice()).collect();
@@ -646,7 +710,14 @@ fn worker_shards(cfg: &TrainConfig, train: &Mnist) -> Result<(Vec<Vec<usize>>, u
     let shards = (0..k)
         .map(|w| order[w * shard..(w + 1) * shard].to_vec())
         .collect();
-    let mut steps_per_epoch = shard / cfg.batch;
+    // A step is a round of `local_steps` batches.
+    let mut steps_per_epoch = shard / cfg.batch / cfg.local_steps;
+    if steps_per_epoch == 0 {
+        return Err(TrainError::Usage(format!(
+            "--local-steps {} needs {} batches of {} per worker and epoch, but a worker's shard holds {} images",
+            cfg.local_steps, cfg.local_steps, cfg.batch, shard
+        )));
+    }
     if cfg.max_steps_per_epoch > 0 {
         steps_per_epoch = steps_per_epoch.min(cfg.max_steps_per_epoch);
     }
@@ -667,6 +738,12 @@ pub fn worker_gradients_at(
     if steps.windows(2).any(|w| w[0] >= w[1]) {
         return Err(TrainError::Usage(format!(
             "steps must be strictly ascending, got {steps:?}"
+        )));
+    }
+    if cfg.local_steps != 1 {
+        return Err(TrainError::Usage(format!(
+            "worker gradients are those of plain SGD steps; --local-steps {} has no per-step gradient",
+            cfg.local_steps
         )));
     }
     let k = cfg.workers;
@@ -751,6 +828,23 @@ pub struct TrainArgs {
     /// Select per layer instead of over the whole gradient.
     #[arg(long)]
     pub per_layer: bool,
+    /// Momentum in [0, 1): DGC momentum correction on the workers of a compressed run,
+    /// server-side momentum SGD for the baseline (the rate-distortion paper uses 0.5).
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f32,
+    /// How the server averages: over all K workers, or over the workers that sent each
+    /// coordinate (the rTop-k paper's rule).
+    #[arg(long, value_enum, default_value = "over-workers")]
+    pub average: super::report::AverageArg,
+    /// Scale rTop-k's sent values by r/k (the rTop-k paper's Algorithm 1); random-k is
+    /// always scaled by n/k.
+    #[arg(long)]
+    pub unbiased: bool,
+    /// Local SGD steps per round, in 1..=1000: with H > 1 each worker takes H steps from the
+    /// global model on its own batches and sends the accumulated update (the federated
+    /// setting); a round is one step of the report.
+    #[arg(long, default_value_t = 1)]
+    pub local_steps: usize,
     /// Backend that runs the compressors, the aggregation and the variance estimates: cpu,
     /// cuda, wgpu or auto (CUDA, then wgpu, then the CPU).
     #[arg(long, default_value_t = Backend::Cpu)]
@@ -843,6 +937,10 @@ fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
         lr: args.lr,
         warmup_epochs: args.warmup_epochs,
         per_layer: args.per_layer,
+        momentum: args.momentum,
+        average: args.average.into(),
+        unbiased: args.unbiased,
+        local_steps: args.local_steps,
         ..TrainConfig::default()
     };
     // Every option is checked before anything is opened, printed or trained.
@@ -1010,5 +1108,65 @@ impl TrainArgs {
             args: TrainArgs,
         }
         <Wrapper as clap::Parser>::parse_from(["gradsift"]).args
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A round of local steps sends the sum of its gradients, each taken at the weights the
+    /// previous local steps reached, and leaves the model at the global weights.
+    #[test]
+    fn local_round_sends_the_accumulated_update_and_restores_the_model() {
+        let data = Mnist::embedded().unwrap();
+        let cfg = TrainConfig {
+            hidden: vec![16],
+            batch: 8,
+            local_steps: 2,
+            lr: 0.1,
+            ..TrainConfig::default()
+        };
+        let model = Mlp::new(&cfg.hidden, 3).unwrap();
+        let n = model.num_params();
+        let round: Vec<usize> = (100..116).collect();
+        let mut global = vec![0f32; n];
+        model.read_params(&mut global).unwrap();
+        let (mut scratch, mut sent) = (vec![0f32; n], vec![0f32; n]);
+        let loss = local_round(
+            &model,
+            &cfg,
+            &data,
+            &round,
+            &global,
+            &mut scratch,
+            &mut sent,
+        )
+        .unwrap();
+        let mut after = vec![0f32; n];
+        model.read_params(&mut after).unwrap();
+        assert!(
+            after
+                .iter()
+                .zip(&global)
+                .all(|(a, g)| a.to_bits() == g.to_bits())
+        );
+        // By hand: g1 at the global weights, one step, g2 there.
+        let (mut g1, mut g2) = (vec![0f32; n], vec![0f32; n]);
+        let l1 = model.loss_and_grad(&data, &round[..8], &mut g1).unwrap();
+        model.apply(&g1, cfg.lr).unwrap();
+        let l2 = model.loss_and_grad(&data, &round[8..], &mut g2).unwrap();
+        model.write_params(&global).unwrap();
+        assert!((loss - (l1 + l2) / 2.0).abs() < 1e-6);
+        let scale = g1.iter().map(|x| x.abs()).fold(0f32, f32::max);
+        for i in 0..n {
+            let want = g1[i] + g2[i];
+            // (w - w') / lr loses about |w| / lr * 2^-24 to rounding.
+            assert!(
+                (sent[i] - want).abs() <= 1e-3 * scale + 1e-4,
+                "{i}: {} vs {want}",
+                sent[i]
+            );
+        }
     }
 }
