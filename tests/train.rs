@@ -448,3 +448,22 @@ fn paper_setups_change_what_they_should() {
     });
     assert_ne!(r.weights_fnv, one.weights_fnv);
 }
+
+/// The small CNN trains through the same loop (compressed, per layer) and learns.
+#[test]
+fn cnn_trains_compressed() {
+    use gradsift::cli::train::Arch;
+    let data = Mnist::embedded().unwrap();
+    let (tr, te) = data.split(500);
+    let cfg = TrainConfig {
+        model: Arch::Cnn,
+        per_layer: true,
+        lr: 0.1,
+        epochs: 3,
+        ..tiny(TrainMethod::Rtopk)
+    };
+    let r = train(&cfg, &tr, &te, |_, _| {}, |_| {}).unwrap();
+    assert_eq!(r.params, 29_666);
+    let acc = r.epochs.last().unwrap().test_accuracy;
+    assert!(acc > 0.3, "{:?}", r.epochs);
+}

@@ -647,14 +647,14 @@ pub fn embedded_default() -> Result<(Vec<LayerInfo>, usize, Vec<StepData>), Anal
 pub fn embedded_default_at(
     steps: &[usize],
 ) -> Result<(Vec<LayerInfo>, usize, Vec<StepData>), AnalyzeError> {
-    use super::train::{Mlp, Mnist, TrainConfig, TrainMethod, worker_gradients_at};
+    use super::train::{Mnist, Model, TrainConfig, TrainMethod, worker_gradients_at};
     let cfg = TrainConfig {
         method: TrainMethod::None,
         ..TrainConfig::default()
     };
     // The same split as `gradsift train`, so these are the gradients its baseline computes.
     let (train_set, _) = Mnist::embedded()?.split(2000);
-    let layers = Mlp::new(&cfg.hidden, cfg.seed)?
+    let layers = Model::new(cfg.model, &cfg.hidden, cfg.seed)?
         .parameters()
         .into_iter()
         .map(|(name, shape)| LayerInfo {

@@ -12,9 +12,9 @@ use super::SplitMix;
 /// The error of `gradsift train`: the CLI's one error type.
 pub use super::error::CliError as TrainError;
 use super::error::Result;
-pub use super::mlp::Mlp;
 use super::mnist::shuffle;
 pub use super::mnist::{Mnist, PIXELS};
+pub use super::model::{Arch, Model};
 use crate::dist::{self, InProcess, Transport};
 use crate::rd::{self, StepMeasurement};
 use crate::{
@@ -75,7 +75,9 @@ pub struct TrainConfig {
     pub momentum: f32,
     /// Epochs of DGC's exponential sparsity warm-up (ratios 25%, 6.25%, ... until `ratio`).
     pub warmup_epochs: usize,
-    /// Hidden layer widths of the MLP.
+    /// The network: the MLP (default) or the small CNN.
+    pub model: Arch,
+    /// Hidden layer widths of the MLP (the CNN's shape is fixed).
     pub hidden: Vec<usize>,
     /// Per-layer selection instead of global.
     pub per_layer: bool,
@@ -120,6 +122,7 @@ impl Default for TrainConfig {
             lr: 0.05,
             momentum: 0.9,
             warmup_epochs: 2,
+            model: Arch::Mlp,
             hidden: vec![128, 64],
             per_layer: false,
             max_steps_per_epoch: 0,
@@ -392,7 +395,7 @@ pub fn train_with(
     mut on_epoch: impl FnMut(&EpochReport),
 ) -> Result<TrainReport> {
     cfg.validate()?;
-    let model = Mlp::new(&cfg.hidden, cfg.seed)?;
+    let model = Model::new(cfg.model, &cfg.hidden, cfg.seed)?;
     let layout = model.layout();
     let fingerprint = setup_fingerprint(cfg, &layout, train, transport.workers());
     dist::check_setup(transport, &fingerprint)?;
@@ -596,7 +599,7 @@ pub fn train_with(
 /// `(w_global - w_local) / lr` (the sum of the round's gradients) in `out`, restores the
 /// model to `global` and returns the round's mean loss.
 fn local_round(
-    model: &Mlp,
+    model: &Model,
     cfg: &TrainConfig,
     train: &Mnist,
     round: &[usize],
@@ -747,7 +750,7 @@ pub fn worker_gradients_at(
         )));
     }
     let k = cfg.workers;
-    let model = Mlp::new(&cfg.hidden, cfg.seed)?;
+    let model = Model::new(cfg.model, &cfg.hidden, cfg.seed)?;
     let n = model.num_params();
     let (mut shards, steps_per_epoch) = worker_shards(cfg, train)?;
     let total = total_steps(steps_per_epoch, cfg.epochs)?;
@@ -840,6 +843,10 @@ pub struct TrainArgs {
     /// always scaled by n/k.
     #[arg(long)]
     pub unbiased: bool,
+    /// The network: mlp (784-128-64-10) or cnn (two strided convolutions, 29,666
+    /// parameters).
+    #[arg(long, value_enum, default_value = "mlp")]
+    pub model: Arch,
     /// Local SGD steps per round, in 1..=1000: with H > 1 each worker takes H steps from the
     /// global model on its own batches and sends the accumulated update (the federated
     /// setting); a round is one step of the report.
@@ -941,6 +948,7 @@ fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
         average: args.average.into(),
         unbiased: args.unbiased,
         local_steps: args.local_steps,
+        model: args.model,
         ..TrainConfig::default()
     };
     // Every option is checked before anything is opened, printed or trained.
@@ -961,7 +969,8 @@ fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
     let (train_set, test_set) = data.split(2000);
     // Every rank runs the same job, checked before anything is printed (train_with checks
     // each run again).
-    let layout = Mlp::new(&base.hidden, base.seed)?.layout();
+    let net = Model::new(base.model, &base.hidden, base.seed)?;
+    let layout = net.layout();
     let fingerprint = setup_fingerprint(&base, &layout, &train_set, transport.workers());
     dist::check_setup(transport, &format!("methods {methods:?} | {fingerprint}"))?;
     if transport.workers() != base.workers {
@@ -982,14 +991,10 @@ fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
         ($($a:tt)*) => { if root { println!($($a)*) } };
     }
     say!(
-        "gradsift train: MNIST ({} train / {} test images, embedded), MLP 784-{}-10, K = {} workers, batch {} each, backend {backend}",
+        "gradsift train: MNIST ({} train / {} test images, embedded), {}, K = {} workers, batch {} each, backend {backend}",
         train_set.len(),
         test_set.len(),
-        base.hidden
-            .iter()
-            .map(|h| h.to_string())
-            .collect::<Vec<_>>()
-            .join("-"),
+        net.describe(),
         base.workers,
         base.batch
     );
@@ -1127,7 +1132,7 @@ mod tests {
             lr: 0.1,
             ..TrainConfig::default()
         };
-        let model = Mlp::new(&cfg.hidden, 3).unwrap();
+        let model = Model::mlp(&cfg.hidden, 3).unwrap();
         let n = model.num_params();
         let round: Vec<usize> = (100..116).collect();
         let mut global = vec![0f32; n];
