@@ -87,18 +87,15 @@ impl Compressor {
     fn step_once<T: Element>(&mut self, grad: &[T], step: u64) -> Result<&Payload> {
         self.layout.check_len("gradient", grad.len())?;
         let m = self.config.momentum;
-        let bad = if m > 0.0 {
-            accumulate_momentum(
-                &mut self.scratch_p,
-                &mut self.scratch_u,
-                &self.residual,
-                &self.momentum,
-                grad,
-                m,
-            )
-        } else {
-            accumulate(&mut self.scratch_p, &self.residual, grad)
-        };
+        // Without momentum both `u` buffers are empty (see `new`).
+        let bad = accumulate(
+            &mut self.scratch_p,
+            &mut self.scratch_u,
+            &self.residual,
+            &self.momentum,
+            grad,
+            m,
+        );
         if bad > 0 {
             let first = self
                 .scratch_p
@@ -333,32 +330,12 @@ fn touched_zeros(n: usize) -> Vec<f32> {
     v
 }
 
-/// `p = e + g`; returns how many elements of `p` are not finite. Chunked across rayon's
-/// current pool from [`super::PAR_MIN`] elements on (elementwise, so the same bits for any
-/// thread count; the count is an integer sum).
-fn accumulate<T: Element>(p: &mut [f32], e: &[f32], g: &[T]) -> u64 {
-    let cl = chunk_len(p.len());
-    if cl >= p.len() {
-        return accumulate_chunk(p, e, g);
-    }
-    p.par_chunks_mut(cl)
-        .zip(e.par_chunks(cl).zip(g.par_chunks(cl)))
-        .map(|(p, (e, g))| accumulate_chunk(p, e, g))
-        .sum()
-}
-
-fn accumulate_chunk<T: Element>(p: &mut [f32], e: &[f32], g: &[T]) -> u64 {
-    let mut bad = 0u64;
-    for ((p, &e), &g) in p.iter_mut().zip(e).zip(g) {
-        *p = e + g.to_f32();
-        bad += u64::from(!p.is_finite());
-    }
-    bad
-}
-
-/// `u' = m u + g; p = e + u'` (two roundings: GPUs may fuse, SPEC §11 allows 1 ulp), chunked
-/// like [`accumulate`].
-fn accumulate_momentum<T: Element>(
+/// `p = e + g` (plain error feedback: `u_next` and `u` empty), or `u' = m u + g; p = e + u'`
+/// into `u_next` (momentum; two roundings: GPUs may fuse, SPEC §11 allows 1 ulp); returns
+/// how many elements of `p` are not finite. Chunked across rayon's current pool from
+/// [`super::PAR_MIN`] elements on: elementwise, so the same bits for any thread count, and
+/// the count is an integer sum.
+fn accumulate<T: Element>(
     p: &mut [f32],
     u_next: &mut [f32],
     e: &[f32],
@@ -366,37 +343,38 @@ fn accumulate_momentum<T: Element>(
     g: &[T],
     m: f32,
 ) -> u64 {
+    // One chunk: the plain loop when `u` is empty, the momentum loop otherwise.
+    let chunk = |p: &mut [f32], un: &mut [f32], e: &[f32], u: &[f32], g: &[T]| {
+        let mut bad = 0u64;
+        if u.is_empty() {
+            for ((p, &e), &g) in p.iter_mut().zip(e).zip(g) {
+                *p = e + g.to_f32();
+                bad += u64::from(!p.is_finite());
+            }
+            return bad;
+        }
+        for (((p, un), (&e, &u)), &g) in p.iter_mut().zip(un).zip(e.iter().zip(u)).zip(g) {
+            *un = m * u + g.to_f32();
+            *p = e + *un;
+            bad += u64::from(!p.is_finite());
+        }
+        bad
+    };
     let cl = chunk_len(p.len());
     if cl >= p.len() {
-        return accumulate_momentum_chunk(p, u_next, e, u, g, m);
+        chunk(p, u_next, e, u, g)
+    } else if u.is_empty() {
+        p.par_chunks_mut(cl)
+            .zip(e.par_chunks(cl).zip(g.par_chunks(cl)))
+            .map(|(p, (e, g))| chunk(p, &mut [], e, &[], g))
+            .sum()
+    } else {
+        p.par_chunks_mut(cl)
+            .zip(u_next.par_chunks_mut(cl))
+            .zip(e.par_chunks(cl).zip(u.par_chunks(cl)).zip(g.par_chunks(cl)))
+            .map(|((p, un), ((e, u), g))| chunk(p, un, e, u, g))
+            .sum()
     }
-    p.par_chunks_mut(cl)
-        .zip(u_next.par_chunks_mut(cl))
-        .zip(e.par_chunks(cl).zip(u.par_chunks(cl)).zip(g.par_chunks(cl)))
-        .map(|((p, un), ((e, u), g))| accumulate_momentum_chunk(p, un, e, u, g, m))
-        .sum()
-}
-
-fn accumulate_momentum_chunk<T: Element>(
-    p: &mut [f32],
-    u_next: &mut [f32],
-    e: &[f32],
-    u: &[f32],
-    g: &[T],
-    m: f32,
-) -> u64 {
-    let mut bad = 0u64;
-    for (((p, un), (&e, &u)), &g) in p
-        .iter_mut()
-        .zip(u_next.iter_mut())
-        .zip(e.iter().zip(u))
-        .zip(g)
-    {
-        *un = m * u + g.to_f32();
-        *p = e + *un;
-        bad += u64::from(!p.is_finite());
-    }
-    bad
 }
 
 /// Appends group `g`'s sent indices (ascending) for rTop-k on `p`, taking the cheaper
