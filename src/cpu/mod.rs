@@ -18,7 +18,7 @@
 //!
 //! ```
 //! use gradsift::{Compress, Config, Layout, cpu};
-//! let g: Vec<f32> = (0..1 << 19).map(|i| ((i * 7919) % 1000) as f32).collect();
+//! let g: Vec<f32> = (0..1u32 << 19).map(|i| ((i * 7919) % 1000) as f32).collect();
 //! let layout = Layout::single(g.len())?;
 //! let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
 //! let mut a = cpu::Compressor::new(&layout, &Config::topk(0.01))?;

@@ -112,7 +112,7 @@ impl Selector {
     /// let x: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32).collect();
     /// let mut top = Vec::new();
     /// sel.select_top_magnitude(&x, 0..1000, 3, &mut top);
-    /// assert_eq!(top, [521, 642, 763]); // the elements 999, 998, 997, in index order
+    /// assert_eq!(top, [321, 642, 963]); // the elements 999, 998, 997, in index order
     /// ```
     pub fn with_capacity(max_group: usize) -> Self {
         let chunks = if max_group >= PAR_MIN { MAX_CHUNKS } else { 1 };
@@ -455,7 +455,11 @@ fn filter_magnitude(xs: &[f32], base: u32, floor: u32, span: &mut [u32], cap: us
     let tail = blocks.remainder();
     for (b, block) in blocks.enumerate() {
         // A max over the block's magnitude bits vectorises into one compare per block.
-        if block.iter().fold(0, |a, &x| a.max(x.to_bits() & 0x7FFF_FFFF)) >= floor {
+        if block
+            .iter()
+            .fold(0, |a, &x| a.max(x.to_bits() & 0x7FFF_FFFF))
+            >= floor
+        {
             emit(&mut n, span, b * B, block);
             if n > cap {
                 return n;
