@@ -1,6 +1,8 @@
 //! The parameter server's decoder (SPEC §7).
 
+use super::par::chunk_len;
 use crate::{Aggregate, Error, Layout, Mode, Payload, Result};
+use rayon::prelude::*;
 use std::ops::Range;
 
 /// How the server averages what it received.
@@ -17,6 +19,10 @@ pub enum Average {
 
 /// Server-side plan: built once for a layout, a selection mode (for sign payloads' groups),
 /// an averaging rule and `K` workers; owns the per-coordinate sender counts.
+///
+/// Threads: from [`super::PAR_MIN`] coordinates on, the output is split into contiguous
+/// coordinate ranges on rayon's current pool; each coordinate still sums its workers in the
+/// order `k = 0..K-1` (SPEC §7), so the aggregate is the same bits for any thread count.
 #[derive(Debug)]
 pub struct Aggregator {
     n: usize,
@@ -82,30 +88,59 @@ impl Aggregate for Aggregator {
             check_payload(p, self.n, self.groups.len())
                 .map_err(|reason| Error::BadPayload { worker: k, reason })?;
         }
-        out.fill(0.0);
-        let count = self.rule == Average::OverSenders;
-        if count {
-            self.counts.fill(0);
+        // Parallel over coordinate ranges; `counts` is empty under `OverWorkers`.
+        let cl = chunk_len(self.n);
+        let mut counts = std::mem::take(&mut self.counts);
+        let this = &*self;
+        let fill = |c: usize, out: &mut [f32], counts: &mut [u32]| {
+            this.fill_range(payloads, c * cl, out, counts);
+        };
+        if cl >= self.n {
+            fill(0, out, &mut counts);
+        } else if counts.is_empty() {
+            out.par_chunks_mut(cl)
+                .enumerate()
+                .for_each(|(c, out)| fill(c, out, &mut []));
+        } else {
+            out.par_chunks_mut(cl)
+                .zip(counts.par_chunks_mut(cl))
+                .enumerate()
+                .for_each(|(c, (out, counts))| fill(c, out, counts));
         }
+        self.counts = counts;
+        Ok(())
+    }
+}
+
+impl Aggregator {
+    /// The aggregate of the coordinates `a..a + out.len()` into `out` (and, for
+    /// `OverSenders`, their sender counts into `counts`; empty otherwise): each coordinate
+    /// sums its workers' values in the order `k = 0..K-1` (SPEC §7) whatever the range, so
+    /// splitting the coordinates across threads changes no bit.
+    fn fill_range(&self, payloads: &[Payload], a: usize, out: &mut [f32], counts: &mut [u32]) {
+        let b = a + out.len();
+        out.fill(0.0);
+        counts.fill(0);
         for p in payloads {
             match p {
                 Payload::Sparse(p) => {
-                    for (&i, &v) in p.indices.iter().zip(&p.values) {
-                        out[i as usize] += v;
-                        if count {
-                            self.counts[i as usize] += 1;
+                    let lo = p.indices.partition_point(|&i| (i as usize) < a);
+                    let hi = lo + p.indices[lo..].partition_point(|&i| (i as usize) < b);
+                    for (&i, &v) in p.indices[lo..hi].iter().zip(&p.values[lo..hi]) {
+                        let j = i as usize - a;
+                        out[j] += v;
+                        if let Some(c) = counts.get_mut(j) {
+                            *c += 1;
                         }
                     }
                 }
                 Payload::Sign(p) => {
                     for (g, &s) in self.groups.iter().zip(&p.scales) {
-                        for i in g.clone() {
-                            out[i] += if p.is_negative(i) { -s } else { s };
+                        for i in g.start.max(a)..g.end.min(b) {
+                            out[i - a] += if p.is_negative(i) { -s } else { s };
                         }
                     }
-                    if count {
-                        self.counts.iter_mut().for_each(|c| *c += 1);
-                    }
+                    counts.iter_mut().for_each(|c| *c += 1);
                 }
             }
         }
@@ -115,12 +150,11 @@ impl Aggregate for Aggregator {
                 out.iter_mut().for_each(|x| *x *= inv);
             }
             Average::OverSenders => {
-                for (x, &c) in out.iter_mut().zip(&self.counts) {
+                for (x, &c) in out.iter_mut().zip(counts.iter()) {
                     *x *= self.inv[c as usize];
                 }
             }
         }
-        Ok(())
     }
 }
 

@@ -1,10 +1,12 @@
 //! The fused error-feedback compression step on the CPU (SPEC §4-6, §10).
 
+use super::par::chunk_len;
 use super::select::{Selector, magnitude_key};
 use crate::philox::random_key;
 use crate::{
     Compress, Config, Element, Error, Group, Layout, Payload, Result, SignPayload, SparsePayload,
 };
+use rayon::prelude::*;
 
 /// A worker's compression plan: built once for a layout and a configuration, it owns the
 /// residual `e`, the momentum `u` and every scratch buffer, so [`Compress::step`]
@@ -14,6 +16,12 @@ use crate::{
 /// selects and computes the sent values on it, and swaps it in only once `p` and every sent
 /// value are known to be finite (SPEC §5, §10), so a rejected step leaves `e` and `u`
 /// exactly as they were at the cost of one extra buffer per state vector.
+///
+/// Threads: the accumulate pass and each group's selection run on rayon's current pool (the
+/// global one, or the caller's `ThreadPool::install`) once they cover [`super::PAR_MIN`]
+/// elements; smaller groups, and every group in a 1-thread pool, stay on the calling thread.
+/// The payload, the residual and the momentum are the same bits for any thread count, and
+/// the per-chunk scratch is allocated here, once, so a step allocates nothing either way.
 #[derive(Debug)]
 pub struct Compressor {
     layout: Layout,
@@ -79,18 +87,15 @@ impl Compressor {
     fn step_once<T: Element>(&mut self, grad: &[T], step: u64) -> Result<&Payload> {
         self.layout.check_len("gradient", grad.len())?;
         let m = self.config.momentum;
-        let bad = if m > 0.0 {
-            accumulate_momentum(
-                &mut self.scratch_p,
-                &mut self.scratch_u,
-                &self.residual,
-                &self.momentum,
-                grad,
-                m,
-            )
-        } else {
-            accumulate(&mut self.scratch_p, &self.residual, grad)
-        };
+        // Without momentum both `u` buffers are empty (see `new`).
+        let bad = accumulate(
+            &mut self.scratch_p,
+            &mut self.scratch_u,
+            &self.residual,
+            &self.momentum,
+            grad,
+            m,
+        );
         if bad > 0 {
             let first = self
                 .scratch_p
@@ -325,18 +330,12 @@ fn touched_zeros(n: usize) -> Vec<f32> {
     v
 }
 
-/// `p = e + g`; returns how many elements of `p` are not finite.
-fn accumulate<T: Element>(p: &mut [f32], e: &[f32], g: &[T]) -> u64 {
-    let mut bad = 0u64;
-    for ((p, &e), &g) in p.iter_mut().zip(e).zip(g) {
-        *p = e + g.to_f32();
-        bad += u64::from(!p.is_finite());
-    }
-    bad
-}
-
-/// `u' = m u + g; p = e + u'` (two roundings: GPUs may fuse, SPEC §11 allows 1 ulp).
-fn accumulate_momentum<T: Element>(
+/// `p = e + g` (plain error feedback: `u_next` and `u` empty), or `u' = m u + g; p = e + u'`
+/// into `u_next` (momentum; two roundings: GPUs may fuse, SPEC §11 allows 1 ulp); returns
+/// how many elements of `p` are not finite. Chunked across rayon's current pool from
+/// [`super::PAR_MIN`] elements on: elementwise, so the same bits for any thread count, and
+/// the count is an integer sum.
+fn accumulate<T: Element>(
     p: &mut [f32],
     u_next: &mut [f32],
     e: &[f32],
@@ -344,18 +343,38 @@ fn accumulate_momentum<T: Element>(
     g: &[T],
     m: f32,
 ) -> u64 {
-    let mut bad = 0u64;
-    for (((p, un), (&e, &u)), &g) in p
-        .iter_mut()
-        .zip(u_next.iter_mut())
-        .zip(e.iter().zip(u))
-        .zip(g)
-    {
-        *un = m * u + g.to_f32();
-        *p = e + *un;
-        bad += u64::from(!p.is_finite());
+    // One chunk: the plain loop when `u` is empty, the momentum loop otherwise.
+    let chunk = |p: &mut [f32], un: &mut [f32], e: &[f32], u: &[f32], g: &[T]| {
+        let mut bad = 0u64;
+        if u.is_empty() {
+            for ((p, &e), &g) in p.iter_mut().zip(e).zip(g) {
+                *p = e + g.to_f32();
+                bad += u64::from(!p.is_finite());
+            }
+            return bad;
+        }
+        for (((p, un), (&e, &u)), &g) in p.iter_mut().zip(un).zip(e.iter().zip(u)).zip(g) {
+            *un = m * u + g.to_f32();
+            *p = e + *un;
+            bad += u64::from(!p.is_finite());
+        }
+        bad
+    };
+    let cl = chunk_len(p.len());
+    if cl >= p.len() {
+        chunk(p, u_next, e, u, g)
+    } else if u.is_empty() {
+        p.par_chunks_mut(cl)
+            .zip(e.par_chunks(cl).zip(g.par_chunks(cl)))
+            .map(|(p, (e, g))| chunk(p, &mut [], e, &[], g))
+            .sum()
+    } else {
+        p.par_chunks_mut(cl)
+            .zip(u_next.par_chunks_mut(cl))
+            .zip(e.par_chunks(cl).zip(u.par_chunks(cl)).zip(g.par_chunks(cl)))
+            .map(|((p, un), ((e, u), g))| chunk(p, un, e, u, g))
+            .sum()
     }
-    bad
 }
 
 /// Appends group `g`'s sent indices (ascending) for rTop-k on `p`, taking the cheaper
@@ -376,11 +395,11 @@ fn select_group(
     } else if g.r == g.k {
         sel.select_top_magnitude(p, g.range.clone(), g.k, out);
     } else if g.r == g.range.len() {
-        sel.select(g.range.start as u32..g.range.end as u32, g.k, rnd, out);
+        sel.select(&(g.range.start as u32..g.range.end as u32), g.k, rnd, out);
     } else {
         top_r.clear();
         sel.select_top_magnitude(p, g.range.clone(), g.r, top_r);
-        sel.select(top_r.iter().copied(), g.k, rnd, out);
+        sel.select(&top_r[..], g.k, rnd, out);
     }
 }
 
@@ -390,8 +409,15 @@ fn select_group(
 pub fn top_r<T: Element>(x: &[T], r: usize) -> Result<Vec<u32>> {
     crate::Layout::single(x.len())?;
     let mut out = Vec::with_capacity(r.min(x.len()));
-    Selector::with_capacity(x.len()).select(
-        0..x.len() as u32,
+    let mut sel = Selector::with_capacity(x.len());
+    if T::DTYPE == crate::DType::F32 {
+        // The vectorised filter of the magnitude path; its bit order ranks NaN first too.
+        let p: &[f32] = bytemuck::cast_slice(x);
+        sel.select_top_magnitude(p, 0..x.len(), r, &mut out);
+        return Ok(out);
+    }
+    sel.select(
+        &(0..x.len() as u32),
         r,
         |i| magnitude_key(x[i as usize].to_f32()),
         &mut out,
@@ -418,7 +444,7 @@ pub fn random_k(
     }
     let mut out = Vec::with_capacity(k.min(sorted.len()));
     Selector::with_capacity(sorted.len()).select(
-        sorted.iter().copied(),
+        &sorted[..],
         k,
         |i| random_key(i, worker, step, seed),
         &mut out,

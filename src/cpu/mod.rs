@@ -5,9 +5,32 @@
 //! ([`crate::Compress`], [`crate::Aggregate`], [`crate::Statistics`]) that the CUDA and wgpu
 //! backends implement too, with host slices as the "device" buffers; every GPU backend is
 //! tested against this module.
+//!
+//! # Threads
+//!
+//! The accumulate pass of a step, the selection, and the aggregation run on rayon's
+//! *current* thread pool: the global pool (one thread per core; `RAYON_NUM_THREADS` sets
+//! it), or the pool a caller enters with [`rayon::ThreadPool::install`]. Inputs below
+//! [`PAR_MIN`] elements (and every input in a 1-thread pool) stay on the calling thread.
+//! Statistics split over layers. Every result (indices, values, residual, momentum, the
+//! aggregate, the statistics) is the same bits for any thread count: chunks are index ranges,
+//! merged by integer addition or in index order, and no float sum is reordered.
+//!
+//! ```
+//! use gradsift::{Compress, Config, Layout, cpu};
+//! let g: Vec<f32> = (0..1u32 << 19).map(|i| ((i * 7919) % 1000) as f32).collect();
+//! let layout = Layout::single(g.len())?;
+//! let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+//! let mut a = cpu::Compressor::new(&layout, &Config::topk(0.01))?;
+//! let mut b = cpu::Compressor::new(&layout, &Config::topk(0.01))?;
+//! let serial = one.install(|| a.step(&g, 0).cloned())?;
+//! assert_eq!(&serial, b.step(&g, 0)?); // all cores, same payload
+//! # Ok::<(), gradsift::Error>(())
+//! ```
 
 mod aggregate;
 mod compress;
+mod par;
 mod select;
 mod stats;
 
@@ -16,7 +39,8 @@ pub(crate) use aggregate::check_payload;
 pub(crate) use aggregate::reciprocals;
 pub use aggregate::{Aggregator, Average};
 pub use compress::{Compressor, random_k, rtopk, top_r};
-pub use select::{Selector, magnitude_key};
+pub use par::PAR_MIN;
+pub use select::{Items, Selector, magnitude_key};
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) use stats::check_workers;
 pub use stats::{

@@ -1,6 +1,9 @@
 //! Per-layer statistics and the K-worker variance estimator (SPEC §8), in f64.
 
+use super::par::PAR_MIN;
 use crate::{Element, Error, Layout, Result};
+use rayon::prelude::*;
+use std::ops::Range;
 
 /// Statistics of one layer (SPEC §8). Mean and variance cover the finite elements only
 /// (dividing by their number); a layer with no finite element (an empty one included) has
@@ -79,40 +82,72 @@ impl Moments {
 }
 
 /// Statistics of each layer of `x` under `layout`, written to `out` (cleared first; reuse it
-/// across steps to avoid allocating).
+/// across steps to avoid allocating). Layers are computed in parallel on rayon's current pool
+/// when `x` has at least [`super::PAR_MIN`] elements and more than one layer (each layer on
+/// one thread, in the same order as serially: the same bits for any thread count).
+///
+/// # Errors
+/// [`Error::LengthMismatch`] when `x.len()` is not the layout's `n`.
+///
+/// # Examples
+/// ```
+/// use gradsift::{Layout, cpu};
+/// let mut out = Vec::new();
+/// cpu::layer_stats(&[1.0f32, 3.0, f32::NAN], &Layout::new(&[2, 1])?, &mut out)?;
+/// assert_eq!((out[0].mean, out[0].var, out[1].non_finite), (2.0, 1.0, 1));
+/// # Ok::<(), gradsift::Error>(())
+/// ```
 pub fn layer_stats<T: Element>(x: &[T], layout: &Layout, out: &mut Vec<LayerStats>) -> Result<()> {
     layout.check_len("buffer", x.len())?;
+    per_layer(layout, x.len(), out, |l| {
+        layer_stats_one(&x[layout.layer(l)])
+    })
+}
+
+/// `out[l] = f(l)` for every layer `l`, over the layers in parallel when the buffer has at
+/// least `PAR_MIN` elements, the pool more than one thread and the layout more than one layer.
+fn per_layer<S, F>(layout: &Layout, n: usize, out: &mut Vec<S>, f: F) -> Result<()>
+where
+    S: Send,
+    F: Fn(usize) -> S + Sync + Send,
+{
+    let layers = layout.num_layers();
     out.clear();
-    for l in 0..layout.num_layers() {
-        let layer = &x[layout.layer(l)];
-        let mut st = LayerStats {
-            count: layer.len() as u64,
-            mean: f64::NAN,
-            var: f64::NAN,
-            min: f32::INFINITY,
-            max: f32::NEG_INFINITY,
-            max_abs: 0.0,
-            non_finite: 0,
-        };
-        let mut mom = Moments::EMPTY;
-        for chunk in layer.chunks(CHUNK) {
-            let finite = chunk.iter().map(|v| v.to_f32()).filter(|v| v.is_finite());
-            for v in finite.clone() {
-                st.min = st.min.min(v);
-                st.max = st.max.max(v);
-                st.max_abs = st.max_abs.max(v.abs());
-            }
-            let c = Moments::of(finite.map(f64::from));
-            st.non_finite += chunk.len() as u64 - c.n as u64;
-            mom = mom.merge(c);
-        }
-        if mom.n > 0.0 {
-            st.mean = mom.mean;
-            st.var = mom.m2 / mom.n;
-        }
-        out.push(st);
+    if n < PAR_MIN || layers < 2 || rayon::current_num_threads() < 2 {
+        out.extend((0..layers).map(f));
+    } else {
+        out.par_extend((0..layers).into_par_iter().map(f));
     }
     Ok(())
+}
+
+fn layer_stats_one<T: Element>(layer: &[T]) -> LayerStats {
+    let mut st = LayerStats {
+        count: layer.len() as u64,
+        mean: f64::NAN,
+        var: f64::NAN,
+        min: f32::INFINITY,
+        max: f32::NEG_INFINITY,
+        max_abs: 0.0,
+        non_finite: 0,
+    };
+    let mut mom = Moments::EMPTY;
+    for chunk in layer.chunks(CHUNK) {
+        let finite = chunk.iter().map(|v| v.to_f32()).filter(|v| v.is_finite());
+        for v in finite.clone() {
+            st.min = st.min.min(v);
+            st.max = st.max.max(v);
+            st.max_abs = st.max_abs.max(v.abs());
+        }
+        let c = Moments::of(finite.map(f64::from));
+        st.non_finite += chunk.len() as u64 - c.n as u64;
+        mom = mom.merge(c);
+    }
+    if mom.n > 0.0 {
+        st.mean = mom.mean;
+        st.var = mom.m2 / mom.n;
+    }
+    st
 }
 
 /// The two variances of the seed paper's Section III model `Y_k = X + N_k`, for one layer.
@@ -156,45 +191,46 @@ pub fn estimate_variance<T: Element>(
             });
         }
     }
-    out.clear();
     let kf = k as f64;
-    for l in 0..layout.num_layers() {
-        let range = layout.layer(l);
-        let nl = range.len();
-        if nl == 0 {
-            out.push(VarianceEstimate::default());
-            continue;
-        }
-        let mut noise = 0.0f64;
-        let mut mom = Moments::EMPTY;
-        let mut start = range.start;
-        while start < range.end {
-            let end = (start + CHUNK).min(range.end);
-            let ybar = |i: usize| {
-                workers
-                    .iter()
-                    .map(|w| f64::from(w[i].to_f32()))
-                    .sum::<f64>()
-                    / kf
-            };
-            for i in start..end {
-                let m = ybar(i);
-                noise += workers
-                    .iter()
-                    .map(|w| (f64::from(w[i].to_f32()) - m).powi(2))
-                    .sum::<f64>();
-            }
-            mom = mom.merge(Moments::of((start..end).map(ybar)));
-            start = end;
-        }
-        let sigma_n2 = noise / (nl as f64 * (kf - 1.0));
-        let var_ybar = mom.m2 / nl as f64;
-        out.push(VarianceEstimate {
-            sigma_x2: (var_ybar - sigma_n2 / kf).max(0.0),
-            sigma_n2,
-        });
+    per_layer(layout, layout.n(), out, |l| {
+        variance_one(workers, layout.layer(l), kf)
+    })
+}
+
+/// [`estimate_variance`] of the layer `range`.
+fn variance_one<T: Element>(workers: &[&[T]], range: Range<usize>, kf: f64) -> VarianceEstimate {
+    let nl = range.len();
+    if nl == 0 {
+        return VarianceEstimate::default();
     }
-    Ok(())
+    let mut noise = 0.0f64;
+    let mut mom = Moments::EMPTY;
+    let mut start = range.start;
+    while start < range.end {
+        let end = (start + CHUNK).min(range.end);
+        let ybar = |i: usize| {
+            workers
+                .iter()
+                .map(|w| f64::from(w[i].to_f32()))
+                .sum::<f64>()
+                / kf
+        };
+        for i in start..end {
+            let m = ybar(i);
+            noise += workers
+                .iter()
+                .map(|w| (f64::from(w[i].to_f32()) - m).powi(2))
+                .sum::<f64>();
+        }
+        mom = mom.merge(Moments::of((start..end).map(ybar)));
+        start = end;
+    }
+    let sigma_n2 = noise / (nl as f64 * (kf - 1.0));
+    let var_ybar = mom.m2 / nl as f64;
+    VarianceEstimate {
+        sigma_x2: (var_ybar - sigma_n2 / kf).max(0.0),
+        sigma_n2,
+    }
 }
 
 /// Streaming form of [`estimate_variance`]: an exponential moving average per layer,
