@@ -45,6 +45,21 @@ __device__ __forceinline__ bool big_in_stage(const BigGroup& g, u32 stage) {
     return stage == STAGE_FIRST ? g.k < g.len : stage == STAGE_LIST ? big_two_stage(g) : g.k == g.len;
 }
 
+// The group that a block of a batched launch serves (`bpg` blocks to a group), and the
+// block's place among them.
+struct BigBlock {
+    BigGroup g;
+    u32 gi, bx;
+};
+
+__device__ __forceinline__ BigBlock big_block(u64 groups, u32 bpg) {
+    BigBlock b;
+    b.gi = blockIdx.x / bpg;
+    b.g = ((const BigGroup*)groups)[b.gi];
+    b.bx = blockIdx.x - b.gi * bpg;
+    return b;
+}
+
 // Every big group of a step goes through each pass in one launch: block b serves group
 // b / bpg, as block b % bpg of bpg, so a 200-layer step costs the launches of one group.
 // The bitmaps span all n elements; neighbouring groups share their boundary words, which
@@ -80,14 +95,14 @@ struct SelView {
 };
 
 __device__ __forceinline__ SelView sel_view(const SelArgs& a) {
-    const u32 gi = blockIdx.x / a.bpg;
-    const BigGroup g = ((const BigGroup*)a.groups)[gi];
+    const BigBlock blk = big_block(a.groups, a.bpg);
+    const BigGroup& g = blk.g;
     SelView v;
     v.lo = g.lo;
     v.len = g.len;
-    v.bx = blockIdx.x - gi * a.bpg;
+    v.bx = blk.bx;
     v.nb = a.bpg;
-    v.s = (SelState*)a.state + gi;
+    v.s = (SelState*)a.state + blk.gi;
     v.cand = (u32*)a.cand + g.cand_off;
     v.cand_cap = g.cand_cap;
     v.active = big_in_stage(g, a.stage);
@@ -319,8 +334,8 @@ struct CompactView {
 };
 
 __device__ __forceinline__ CompactView compact_view(const CompactArgs& a) {
-    const u32 gi = blockIdx.x / a.bpg;
-    const BigGroup g = ((const BigGroup*)a.groups)[gi];
+    const BigBlock blk = big_block(a.groups, a.bpg);
+    const BigGroup& g = blk.g;
     CompactView v;
     v.lo = g.lo;
     v.len = g.len;
@@ -329,8 +344,8 @@ __device__ __forceinline__ CompactView compact_view(const CompactArgs& a) {
     v.scale = g.scale;
     v.tiles = (u32*)a.tiles + 2 * (u64)g.tile_off;
     v.out_list = (u32*)a.list + g.list_off;
-    v.s = (const SelState*)a.state + gi;
-    v.bx = blockIdx.x - gi * a.bpg;
+    v.s = (const SelState*)a.state + blk.gi;
+    v.bx = blk.bx;
     v.nb = a.bpg;
     v.payload = !a.to_list && (a.stage != STAGE_FIRST || !big_two_stage(g));
     v.active = big_in_stage(g, a.stage);

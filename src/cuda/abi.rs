@@ -63,6 +63,18 @@ impl BigGroup {
         self.k < self.r && self.r < self.len
     }
 
+    /// The same group for the one-block path (`select_small`).
+    pub fn block_sized(&self) -> SmallGroup {
+        SmallGroup {
+            lo: self.lo,
+            len: self.len,
+            r: self.r,
+            k: self.k,
+            out_off: self.out_off,
+            scale: self.scale,
+        }
+    }
+
     /// Whether the group takes part in `stage` (`STAGE_*`, kernels/select.cu).
     pub fn in_stage(&self, stage: u32) -> bool {
         match stage {

@@ -94,28 +94,24 @@ impl SparseShape {
         let (mut off, mut cand, mut list, mut tiles) = (0usize, 0usize, 0usize, 0usize);
         for g in groups {
             let len = g.range.len();
+            let entry = BigGroup {
+                lo: g.range.start as u32,
+                len: len as u32,
+                r: g.r as u32,
+                k: g.k as u32,
+                out_off: off as u32,
+                scale: g.scale,
+                ..Default::default()
+            };
             if g.k > 0 && len <= block_max {
-                small.push(SmallGroup {
-                    lo: g.range.start as u32,
-                    len: len as u32,
-                    r: g.r as u32,
-                    k: g.k as u32,
-                    out_off: off as u32,
-                    scale: g.scale,
-                });
+                small.push(entry.block_sized());
             } else if g.k > 0 {
                 let mut b = BigGroup {
-                    lo: g.range.start as u32,
-                    len: len as u32,
-                    r: g.r as u32,
-                    k: g.k as u32,
-                    out_off: off as u32,
-                    scale: g.scale,
                     cand_off: cand as u32,
                     list_off: list as u32,
                     tile_off: tiles as u32,
-                    ntiles: tiles_of(g.range.start as u32, len as u32) as u32,
-                    ..Default::default()
+                    ntiles: tiles_of(entry.lo, entry.len) as u32,
+                    ..entry
                 };
                 if b.k < b.len {
                     b.cand_cap = cand_cap(len) as u32;
