@@ -374,3 +374,38 @@ fn out_of_range_options_are_usage_errors_not_panics() {
         ));
     }
 }
+
+/// `--method adaptive` re-splits the uniform per-layer budget across layers (P1 on the
+/// streaming variance estimates): the same elements, hence the same wire bits, as uniform
+/// per-layer rTop-k, a different selection, and a deterministic run.
+#[test]
+fn adaptive_allocation_keeps_the_budget_and_changes_the_split() {
+    let data = Mnist::embedded().unwrap();
+    let (tr, te) = data.split(2000);
+    let adaptive = TrainConfig {
+        adapt_every: 3,
+        ..tiny(TrainMethod::Adaptive)
+    };
+    let uniform = TrainConfig {
+        per_layer: true,
+        ..tiny(TrainMethod::Rtopk)
+    };
+    let a = train(&adaptive, &tr, &te, |_, _| {}, |_| {}).unwrap();
+    let u = train(&uniform, &tr, &te, |_, _| {}, |_| {}).unwrap();
+    for (ea, eu) in a.epochs.iter().zip(&u.epochs) {
+        assert_eq!(ea.bits_per_worker_step, eu.bits_per_worker_step);
+    }
+    // Only the very first step uses the uniform split; later ones use P1's.
+    assert_ne!(a.weights_fnv, u.weights_fnv);
+    let again = train(&adaptive, &tr, &te, |_, _| {}, |_| {}).unwrap();
+    assert_eq!(a.weights_fnv, again.weights_fnv);
+    assert!(a.epochs.iter().all(|e| e.train_loss.is_finite()));
+    assert!(
+        TrainConfig {
+            adapt_every: 0,
+            ..adaptive
+        }
+        .validate()
+        .is_err()
+    );
+}

@@ -18,8 +18,8 @@ pub use super::mnist::{Mnist, PIXELS};
 use crate::dist::{self, InProcess, Transport};
 use crate::rd::{self, StepMeasurement};
 use crate::{
-    Aggregate, Aggregator, Average, Backend, Compress, Compressor, Config, Device, Layout, Mode,
-    Payload, Scale, SparsePayload, Statistics, wire,
+    Aggregate, Aggregator, Average, Backend, Compress, Compressor, Config, Count, Device, Layout,
+    Mode, Payload, Scale, SparsePayload, Statistics, VarianceEstimate, VarianceTracker, wire,
 };
 use std::fmt;
 
@@ -35,6 +35,11 @@ pub enum TrainMethod {
     Randomk,
     /// Scaled sign (1 bit per element).
     Sign,
+    /// Per-layer rTop-k (r = `r_over_k * k_l`; `--r-over-k 1` makes it top-k) whose `k_l`
+    /// are re-allocated every [`TrainConfig::adapt_every`] steps under the uniform per-layer
+    /// budget `sum_l ceil(ratio n_l)`: problem P1 ([`rd::allocate_counts`]) on the streaming
+    /// per-layer variance estimates, at the squared error the last step reached.
+    Adaptive,
     /// No compression: the uncompressed baseline (32 bits per element).
     None,
 }
@@ -46,6 +51,7 @@ impl fmt::Display for TrainMethod {
             TrainMethod::Topk => "topk",
             TrainMethod::Randomk => "randomk",
             TrainMethod::Sign => "sign",
+            TrainMethod::Adaptive => "adaptive",
             TrainMethod::None => "none",
         })
     }
@@ -92,6 +98,9 @@ pub struct TrainConfig {
     pub target_loss: Option<f64>,
     /// Backend of the compressors, the aggregation and the variance estimates.
     pub backend: Backend,
+    /// [`TrainMethod::Adaptive`] only: steps between re-allocations of the per-layer counts
+    /// (at least 1).
+    pub adapt_every: usize,
 }
 
 impl Default for TrainConfig {
@@ -113,6 +122,7 @@ impl Default for TrainConfig {
             baseline_noise_rho: None,
             target_loss: None,
             backend: Backend::Cpu,
+            adapt_every: 10,
         }
     }
 }
@@ -132,7 +142,9 @@ impl TrainConfig {
     pub fn compressor(&self, epoch: usize) -> Option<Config> {
         let k = self.ratio_at(epoch);
         let mut c = match self.method {
-            TrainMethod::Rtopk => Config::rtopk((k * self.r_over_k).min(1.0), k),
+            TrainMethod::Rtopk | TrainMethod::Adaptive => {
+                Config::rtopk((k * self.r_over_k).min(1.0), k)
+            }
             TrainMethod::Topk => Config::topk(k),
             TrainMethod::Randomk => Config::randomk(k),
             TrainMethod::Sign => Config::sign(),
@@ -140,7 +152,7 @@ impl TrainConfig {
         };
         c.momentum = self.momentum;
         c.seed = self.seed;
-        c.mode = if self.per_layer {
+        c.mode = if self.per_layer || self.method == TrainMethod::Adaptive {
             Mode::PerLayer
         } else {
             Mode::Global
@@ -176,6 +188,9 @@ impl TrainConfig {
                 "--r-over-k must lie in [1, {MAX_R_OVER_K:e}], got {}",
                 self.r_over_k
             ));
+        }
+        if self.adapt_every == 0 {
+            return bad("--adapt-every must be at least 1".into());
         }
         if !(1..=MAX_EPOCHS).contains(&self.epochs) {
             return bad(format!(
@@ -399,6 +414,9 @@ pub fn train_with(
     let mut local_bytes: Vec<Vec<u8>> = vec![Vec::new(); local.len()];
     let mut gathered: Vec<Vec<u8>> = Vec::new();
     let mut variances = Vec::new();
+    // Adaptive runs: the streaming per-layer estimates and the current (r_l, k_l).
+    let mut tracker = VarianceTracker::new(ADAPT_EMA)?;
+    let mut group_counts: Vec<(u64, u64)> = Vec::new();
     let mut rng = SplitMix(cfg.seed ^ 0x0042_4154_4348);
     // A generator of its own, so that injecting noise leaves the batches unchanged.
     let mut noise_rng = SplitMix(cfg.seed ^ 0x004E_4F49_5345);
@@ -447,6 +465,27 @@ pub fn train_with(
             rep.train_loss += loss / k as f64;
             match &compressor {
                 Some(c) => {
+                    stats.estimate_variance(&views, &mut variances)?;
+                    let adapted;
+                    let c = if cfg.method == TrainMethod::Adaptive {
+                        tracker.update(&variances)?;
+                        if s == 0 || t % cfg.adapt_every as u64 == 0 {
+                            group_counts = adaptive_counts(
+                                cfg,
+                                epoch,
+                                &layout,
+                                tracker.current(),
+                                steps.last(),
+                            )?;
+                        }
+                        adapted = Config {
+                            group_counts: group_counts.clone(),
+                            ..c.clone()
+                        };
+                        &adapted
+                    } else {
+                        c
+                    };
                     if plans.is_empty() {
                         plans = local
                             .clone()
@@ -460,7 +499,6 @@ pub fn train_with(
                         }
                     }
                     plan_config = Some(c.clone());
-                    stats.estimate_variance(&views, &mut variances)?;
                     for ((plan, g), b) in plans.iter_mut().zip(&grads).zip(local_bytes.iter_mut()) {
                         let p = plan.step(g, t)?;
                         wire::encode(p, b)?;
@@ -552,6 +590,46 @@ pub fn train_with(
         steps,
         steps_to_target,
     })
+}
+
+/// EMA factor of the per-layer variance estimates that [`TrainMethod::Adaptive`] allocates
+/// from.
+pub const ADAPT_EMA: f64 = 0.9;
+
+/// [`TrainMethod::Adaptive`]'s `(r_l, k_l)` for `epoch`: the budget is the uniform per-layer
+/// one, `sum_l ceil(ratio n_l)` elements per worker; before the first measurement it is
+/// split uniformly, afterwards by [`rd::allocate_counts`] at the squared error `last`
+/// reached (uniformly again if that is not finite). `r_l = min(n_l, ceil(r_over_k k_l))`.
+fn adaptive_counts(
+    cfg: &TrainConfig,
+    epoch: usize,
+    layout: &Layout,
+    variances: &[VarianceEstimate],
+    last: Option<&StepMeasurement>,
+) -> Result<Vec<(u64, u64)>> {
+    let ratio = Count::Ratio(cfg.ratio_at(epoch));
+    let sizes: Vec<usize> = layout.sizes().collect();
+    let uniform: Vec<usize> = sizes.iter().map(|&n| ratio.resolve(n)).collect();
+    let budget = last.map(|m| m.d * m.n as f64).filter(|e| e.is_finite());
+    let counts = match budget {
+        Some(e) => {
+            let layers: Vec<rd::LayerModel> = sizes
+                .iter()
+                .zip(variances)
+                .map(|(&n, &v)| rd::LayerModel::new(n, v))
+                .collect();
+            rd::allocate_counts(&layers, cfg.workers, e, uniform.iter().sum())?
+        }
+        None => uniform,
+    };
+    Ok(sizes
+        .iter()
+        .zip(counts)
+        .map(|(&n, k)| {
+            let r = ((k as f64 * cfg.r_over_k).ceil() as usize).clamp(k, n);
+            (r as u64, k as u64)
+        })
+        .collect())
 }
 
 /// All-gathers one buffer per local worker.
@@ -748,9 +826,12 @@ pub struct TrainArgs {
     /// Epochs of DGC sparsity warm-up, in 0..=--epochs.
     #[arg(long, default_value_t = 2)]
     pub warmup_epochs: usize,
-    /// Select per layer instead of over the whole gradient.
+    /// Select per layer instead of over the whole gradient (`adaptive` always does).
     #[arg(long)]
     pub per_layer: bool,
+    /// `--method adaptive`: steps between re-allocations of the per-layer counts, >= 1.
+    #[arg(long, default_value_t = 10)]
+    pub adapt_every: usize,
     /// Backend that runs the compressors, the aggregation and the variance estimates: cpu,
     /// cuda, wgpu or auto (CUDA, then wgpu, then the CPU).
     #[arg(long, default_value_t = Backend::Cpu)]
@@ -843,6 +924,7 @@ fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
         lr: args.lr,
         warmup_epochs: args.warmup_epochs,
         per_layer: args.per_layer,
+        adapt_every: args.adapt_every,
         ..TrainConfig::default()
     };
     // Every option is checked before anything is opened, printed or trained.
