@@ -376,8 +376,8 @@ fn out_of_range_options_are_usage_errors_not_panics() {
 }
 
 /// `--method adaptive` re-splits the uniform per-layer budget across layers (P1 on the
-/// streaming variance estimates): the same elements, hence the same wire bits, as uniform
-/// per-layer rTop-k, a different selection, and a deterministic run.
+/// streaming variance estimates): the same elements, hence the same wire bits up to the
+/// index code, as uniform per-layer rTop-k, a different selection, and a deterministic run.
 #[test]
 fn adaptive_allocation_keeps_the_budget_and_changes_the_split() {
     let data = Mnist::embedded().unwrap();
@@ -392,8 +392,10 @@ fn adaptive_allocation_keeps_the_budget_and_changes_the_split() {
     };
     let a = train(&adaptive, &tr, &te, |_, _| {}, |_| {}).unwrap();
     let u = train(&uniform, &tr, &te, |_, _| {}, |_| {}).unwrap();
+    // Equal element counts; the bits differ only by the Rice code of the index gaps.
     for (ea, eu) in a.epochs.iter().zip(&u.epochs) {
-        assert_eq!(ea.bits_per_worker_step, eu.bits_per_worker_step);
+        let rel = (ea.bits_per_worker_step / eu.bits_per_worker_step - 1.0).abs();
+        assert!(rel < 0.01, "{ea:?} {eu:?}");
     }
     // Only the very first step uses the uniform split; later ones use P1's.
     assert_ne!(a.weights_fnv, u.weights_fnv);

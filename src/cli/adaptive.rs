@@ -135,7 +135,8 @@ pub(crate) fn report_section(
          proportional to its optimal bits n_l R_sum,l(D_l), at least one per layer \
          (`rd::allocate_counts`; the counts reach the compressors as `Config::group_counts` \
          through `reconfigure`, residuals kept). rTop-k uses r_l = {} k_l; top-k r_l = k_l. \
-         Equal element counts mean equal wire bits up to the payload headers (the bits column). \
+         Equal element counts mean equal wire bits up to the Rice code of the index gaps (the bits \
+         column). \
          D_c is the compression-added distortion per coordinate, ||g_hat - ybar||^2 / n, mean \
          over steps; R_sum/bits the efficiency of Section 1's runs, over all steps. Same \
          seeds, model and warm-up as Section 1.\n",

@@ -253,8 +253,8 @@ pub const MAX_HIDDEN: usize = 65_536;
 pub const LIMITS: &str = "\
 RANGES: --workers 2..=1000 (the training split must also give each worker one batch);
 --ratio (0, 1]; --r-over-k [1, 1e6]; --epochs 1..=1000; --warmup-epochs 0..=--epochs;
---batch 1..=65536; --lr (0, 100]; --seed any 64-bit unsigned integer. A value outside its
-range is an error that names the option, before anything runs.";
+--batch 1..=65536; --lr (0, 100]; --adapt-every >= 1; --seed any 64-bit unsigned integer.
+A value outside its range is an error that names the option, before anything runs.";
 
 /// What one epoch achieved.
 #[derive(Debug, Clone, PartialEq, Default)]
