@@ -212,17 +212,16 @@ impl Config {
     pub fn plan_groups(&self, layout: &Layout) -> Result<Vec<Group>> {
         self.validate()?;
         let ranges = layout.groups(self.mode);
-        if !self.group_counts.is_empty() {
-            if !matches!(self.method, Method::RTopK { .. })
-                || self.group_counts.len() != ranges.len()
-            {
-                return Err(Error::InvalidConfig(format!(
-                    "group_counts needs rTop-k and one (r, k) per group: {} given for {} group(s) with {:?}",
-                    self.group_counts.len(),
-                    ranges.len(),
-                    self.method
-                )));
-            }
+        if !self.group_counts.is_empty()
+            && (!matches!(self.method, Method::RTopK { .. })
+                || self.group_counts.len() != ranges.len())
+        {
+            return Err(Error::InvalidConfig(format!(
+                "group_counts needs rTop-k and one (r, k) per group: {} given for {} group(s) with {:?}",
+                self.group_counts.len(),
+                ranges.len(),
+                self.method
+            )));
         }
         ranges
             .into_iter()
