@@ -411,3 +411,29 @@ fn adaptive_allocation_keeps_the_budget_and_changes_the_split() {
         .is_err()
     );
 }
+
+/// `--average over-senders` and `--rk-scale` (Algorithm 1's r/k) reach the server and the
+/// compressors: the same budget, another model; and each is deterministic.
+#[test]
+fn averaging_rule_and_rk_scaling_change_the_run() {
+    use gradsift::Average;
+    let data = Mnist::embedded().unwrap();
+    let (tr, te) = data.split(2000);
+    let base = tiny(TrainMethod::Rtopk);
+    let senders = TrainConfig {
+        average: Average::OverSenders,
+        ..base.clone()
+    };
+    let scaled = TrainConfig {
+        rk_scale: true,
+        ..base.clone()
+    };
+    let run = |c: &TrainConfig| train(c, &tr, &te, |_, _| {}, |_| {}).unwrap();
+    let (b, s, k) = (run(&base), run(&senders), run(&scaled));
+    assert_ne!(b.weights_fnv, s.weights_fnv);
+    assert_ne!(b.weights_fnv, k.weights_fnv);
+    assert_eq!(s.weights_fnv, run(&senders).weights_fnv);
+    // The same element counts (the bits differ only by the Rice code of other indices).
+    let rel = s.epochs[0].bits_per_worker_step / b.epochs[0].bits_per_worker_step - 1.0;
+    assert!(rel.abs() < 0.01, "{rel}");
+}

@@ -101,6 +101,13 @@ pub struct TrainConfig {
     /// [`TrainMethod::Adaptive`] only: steps between re-allocations of the per-layer counts
     /// (at least 1).
     pub adapt_every: usize,
+    /// The server's averaging rule (SPEC §7): over all `K` workers, or over the workers that
+    /// sent each coordinate (the rTop-k paper's experiments).
+    pub average: Average,
+    /// Algorithm 1's `r/k` scaling: rTop-k (and adaptive) values are multiplied by
+    /// `r_g / k_g` ([`Scale::Unbiased`]). Off by default, as in the paper's experiments.
+    /// Random-k is always scaled by `n/k`; top-k has `r = k`.
+    pub rk_scale: bool,
 }
 
 impl Default for TrainConfig {
@@ -123,6 +130,8 @@ impl Default for TrainConfig {
             target_loss: None,
             backend: Backend::Cpu,
             adapt_every: 10,
+            average: Average::OverWorkers,
+            rk_scale: false,
         }
     }
 }
@@ -159,7 +168,7 @@ impl TrainConfig {
         };
         // Random-k is unbiased only after scaling by n/k (as r = n); the sparsifiers with a
         // top-r stage are sent unscaled, as in the rTop-k paper's experiments.
-        if self.method == TrainMethod::Randomk {
+        if self.method == TrainMethod::Randomk || self.rk_scale {
             c.scale = Scale::Unbiased;
         }
         Some(c)
@@ -363,7 +372,7 @@ impl Fnv {
 /// same shard and batches whatever the transport), compresses it with its error-feedback
 /// plan (random keys from its worker index) and encodes it in the wire format; the encoded
 /// payloads are all-gathered, and every process decodes and aggregates all `K` of them in
-/// worker order (`Average::OverWorkers`), so every replica applies the same update. The
+/// worker order ([`TrainConfig::average`]), so every replica applies the same update. The
 /// losses are all-gathered too, and so are the dense gradients: the variance estimates and
 /// the distortion columns (`sigma_X^2`, `sigma_N^2`, `rho`, `R_sum/bits`) are measurements of
 /// all `K` exact gradients, not part of the training update; `bits` counts only the wire
@@ -491,8 +500,7 @@ pub fn train_with(
                             .clone()
                             .map(|w| device.compressor(&layout, &c.clone().with_worker(w as u32)))
                             .collect::<crate::Result<_>>()?;
-                        aggregator =
-                            Some(device.aggregator(&layout, c.mode, Average::OverWorkers, k)?);
+                        aggregator = Some(device.aggregator(&layout, c.mode, cfg.average, k)?);
                     } else if plan_config.as_ref() != Some(c) {
                         for (w, plan) in local.clone().zip(plans.iter_mut()) {
                             plan.reconfigure(&c.clone().with_worker(w as u32))?;
@@ -832,6 +840,14 @@ pub struct TrainArgs {
     /// `--method adaptive`: steps between re-allocations of the per-layer counts, >= 1.
     #[arg(long, default_value_t = 10)]
     pub adapt_every: usize,
+    /// The server's averaging rule: over all K workers, or per coordinate over the workers
+    /// that sent it (the rTop-k paper's rule).
+    #[arg(long, value_enum, default_value_t = AverageArg::OverWorkers)]
+    pub average: AverageArg,
+    /// Multiply rTop-k's sent values by r/k (Algorithm 1's final scaling; unbiased for the
+    /// top-r vector with `--average over-workers`).
+    #[arg(long)]
+    pub rk_scale: bool,
     /// Backend that runs the compressors, the aggregation and the variance estimates: cpu,
     /// cuda, wgpu or auto (CUDA, then wgpu, then the CPU).
     #[arg(long, default_value_t = Backend::Cpu)]
@@ -845,6 +861,24 @@ pub struct TrainArgs {
     /// final weights as JSON (rank 0 only under `--dist mpi`).
     #[arg(long, value_name = "FILE")]
     pub json: Option<std::path::PathBuf>,
+}
+
+/// `--average`: [`Average`] as a command-line value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AverageArg {
+    /// Divide every coordinate's sum by `K`.
+    OverWorkers,
+    /// Divide by the number of workers that sent the coordinate.
+    OverSenders,
+}
+
+impl From<AverageArg> for Average {
+    fn from(a: AverageArg) -> Self {
+        match a {
+            AverageArg::OverWorkers => Average::OverWorkers,
+            AverageArg::OverSenders => Average::OverSenders,
+        }
+    }
 }
 
 /// Where `gradsift train`'s workers run.
@@ -925,6 +959,8 @@ fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
         warmup_epochs: args.warmup_epochs,
         per_layer: args.per_layer,
         adapt_every: args.adapt_every,
+        average: args.average.into(),
+        rk_scale: args.rk_scale,
         ..TrainConfig::default()
     };
     // Every option is checked before anything is opened, printed or trained.
