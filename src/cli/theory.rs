@@ -709,7 +709,7 @@ pub(crate) fn draw(path: &std::path::Path, sw: &Sweep) -> super::error::Result<(
             "E ||theta_hat - theta||^2",
             (true, true),
             &series,
-            SeriesLabelPosition::LowerLeft,
+            SeriesLabelPosition::UpperRight,
         )?;
     }
     root.present().map_err(|e| out_err(path)(e.to_string()))
