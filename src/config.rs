@@ -86,6 +86,14 @@ pub struct Config {
     /// This worker's id `w`. Give every worker the same id to make plain random-k pick the
     /// same indices everywhere (so payloads can be all-reduced).
     pub worker: u32,
+    /// Explicit counts `(r_g, k_g)` of each group, in group order, for [`Method::RTopK`]:
+    /// they replace the method's `r` and `k` group by group (e.g. an adaptive per-layer
+    /// allocation of `k` under a bit budget). Empty (the default): the method's counts
+    /// apply. Each count is clamped to its group's size like [`Count::Exact`]; then
+    /// `k_g > r_g`, a length other than the number of groups, or another method is an
+    /// error at plan construction (top-k is `r_g = k_g`, random-k is `r_g = n_g`: write
+    /// them as such).
+    pub group_counts: Vec<(u64, u64)>,
 }
 
 impl Config {
@@ -100,6 +108,7 @@ impl Config {
             values: DType::F32,
             seed: 0,
             worker: 0,
+            group_counts: Vec::new(),
         }
     }
 
@@ -179,15 +188,62 @@ impl Config {
     /// The groups of `layout` under this config's mode, with their resolved counts and scale
     /// (SPEC §2). An explicit `k` that exceeds a group's resolved `r` is an error naming the
     /// group, whatever kind of count `r` is: `k` is never silently clamped to `r`.
+    ///
+    /// With [`Config::group_counts`] the counts are those, clamped to each group's size.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for a configuration out of its domain ([`Config::validate`]),
+    /// an explicit `k` above `r` in some group, or `group_counts` of the wrong length, with a
+    /// method other than rTop-k, or with `k_g > r_g`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use gradsift::{Config, Layout, Mode};
+    /// let layout = Layout::new(&[100, 10])?;
+    /// let mut c = Config::rtopk(0.1, 0.02);
+    /// c.mode = Mode::PerLayer;
+    /// c.group_counts = vec![(20, 4), (50, 1)];
+    /// let g = c.plan_groups(&layout)?;
+    /// assert_eq!([(g[0].r, g[0].k), (g[1].r, g[1].k)], [(20, 4), (10, 1)]);
+    /// # Ok::<(), gradsift::Error>(())
+    /// ```
     pub fn plan_groups(&self, layout: &Layout) -> Result<Vec<Group>> {
         self.validate()?;
-        layout
-            .groups(self.mode)
+        let ranges = layout.groups(self.mode);
+        if !self.group_counts.is_empty()
+            && (!matches!(self.method, Method::RTopK { .. })
+                || self.group_counts.len() != ranges.len())
+        {
+            return Err(Error::InvalidConfig(format!(
+                "group_counts needs rTop-k and one (r, k) per group: {} given for {} group(s) with {:?}",
+                self.group_counts.len(),
+                ranges.len(),
+                self.method
+            )));
+        }
+        ranges
             .into_iter()
             .enumerate()
             .map(|(gi, range)| {
                 let n = range.len();
+                let explicit = self.group_counts.get(gi).map(|&(r, k)| {
+                    (
+                        Count::Exact(r).resolve(n),
+                        Count::Exact(k).resolve(n),
+                    )
+                });
                 let (r, k) = match self.method {
+                    Method::RTopK { .. } if explicit.is_some() => {
+                        let (r, k) = explicit.expect("checked");
+                        if k > r {
+                            return Err(Error::InvalidConfig(format!(
+                                "rTop-k needs k <= r: group {gi} of {n} elements has k = {k} > r = {r} (group_counts)"
+                            )));
+                        }
+                        (r, k)
+                    }
                     Method::RTopK { r: rc, k: kc } => {
                         let r = rc.resolve(n);
                         let k = kc.resolve(n);
@@ -304,6 +360,26 @@ mod tests {
         c.mode = Mode::PerLayer;
         let g = c.plan_groups(&layout).unwrap();
         assert_eq!((g[0].r, g[0].k), (2, 2));
+    }
+
+    #[test]
+    fn group_counts_replace_the_counts_and_are_checked() {
+        let layout = Layout::new(&[100, 0, 10]).unwrap();
+        let mut c = Config::rtopk(0.1, 0.01);
+        c.mode = Mode::PerLayer;
+        c.scale = Scale::Unbiased;
+        c.group_counts = vec![(30, 3), (5, 5), (20, 10)];
+        let g = c.plan_groups(&layout).unwrap();
+        assert_eq!((g[0].r, g[0].k, g[0].scale), (30, 3, 10.0));
+        assert_eq!((g[1].r, g[1].k), (0, 0));
+        assert_eq!((g[2].r, g[2].k, g[2].scale), (10, 10, 1.0));
+        c.group_counts = vec![(30, 3), (5, 5), (2, 3)];
+        assert!(c.plan_groups(&layout).is_err());
+        c.group_counts = vec![(30, 3)];
+        assert!(c.plan_groups(&layout).is_err());
+        let mut t = Config::topk(0.1);
+        t.group_counts = vec![(3, 3)];
+        assert!(t.plan_groups(&Layout::single(10).unwrap()).is_err());
     }
 
     #[test]

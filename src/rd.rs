@@ -461,6 +461,104 @@ pub fn allocate_distortion(layers: &[LayerModel], k: usize, budget: f64) -> Resu
     Ok(finish(distortion, rates, hi))
 }
 
+/// Splits a budget of `total` sent elements per worker across layers the way problem P1
+/// splits bits: solve [`allocate_distortion`] for the squared-error budget `budget`
+/// (`sum_l n_l D_l`, e.g. what the compressor reached on the last step), then give each layer
+/// a share of `total` proportional to its optimal bits `n_l R_sum,l(D_l)` (every sent element
+/// costs the same wire bits, so element counts follow bits).
+///
+/// Every non-empty layer gets at least one element when `total` allows (a layer that sends
+/// nothing would never be updated), no layer more than `n_l`, and the counts add up to
+/// `min(total, n)`. Shares are rounded by largest remainder, ties to the lower layer; the
+/// result is a deterministic function of the arguments. When the bits are not usable (the
+/// budget at or below the floor `sum_l n_l sigma_Nl^2 / K`, where every rate is infinite, or
+/// every layer free), the shares are proportional to `n_l` (the uniform per-layer split).
+///
+/// # Errors
+///
+/// Those of [`allocate_distortion`] (`K = 0`, a NaN or negative budget, invalid variances).
+///
+/// # Examples
+///
+/// ```
+/// use gradsift::rd::{LayerModel, allocate_counts};
+/// let layers = [
+///     LayerModel { n: 1000, sigma_x2: 1e-4, sigma_n2: 1e-2 },
+///     LayerModel { n: 1000, sigma_x2: 1e-8, sigma_n2: 1e-6 },
+/// ];
+/// let k = allocate_counts(&layers, 5, 1000.0 * (2e-3 + 2e-7), 20)?;
+/// assert_eq!(k.iter().sum::<usize>(), 20);
+/// # Ok::<(), gradsift::Error>(())
+/// ```
+pub fn allocate_counts(
+    layers: &[LayerModel],
+    k: usize,
+    budget: f64,
+    total: usize,
+) -> Result<Vec<usize>> {
+    let alloc = allocate_distortion(layers, k, budget)?;
+    let mut weights: Vec<f64> = layers
+        .iter()
+        .zip(&alloc.rates)
+        .map(|(l, &r)| if l.n == 0 { 0.0 } else { l.n as f64 * r })
+        .collect();
+    if !weights.iter().all(|w| w.is_finite()) || weights.iter().all(|&w| w <= 0.0) {
+        weights = layers.iter().map(|l| l.n as f64).collect();
+    }
+    Ok(split_counts(layers, &weights, total))
+}
+
+/// `min(total, n)` elements over the layers in proportion to `weights`, at least one per
+/// non-empty layer when possible, at most `n_l`; largest remainder, ties to the lower layer.
+fn split_counts(layers: &[LayerModel], weights: &[f64], total: usize) -> Vec<usize> {
+    let cap: Vec<usize> = layers.iter().map(|l| l.n).collect();
+    let n: usize = cap.iter().sum();
+    let mut left = total.min(n);
+    let mut out = vec![0usize; layers.len()];
+    let nonempty = cap.iter().filter(|&&c| c > 0).count();
+    if left >= nonempty {
+        for (o, &c) in out.iter_mut().zip(&cap) {
+            if c > 0 {
+                *o = 1;
+                left -= 1;
+            }
+        }
+    }
+    while left > 0 {
+        let open: Vec<usize> = (0..out.len()).filter(|&i| out[i] < cap[i]).collect();
+        let wsum: f64 = open.iter().map(|&i| weights[i].max(0.0)).sum();
+        // Layers with weight 0 take elements only once the weighted ones are full.
+        let share = |i: usize| -> f64 {
+            if wsum > 0.0 {
+                left as f64 * weights[i].max(0.0) / wsum
+            } else {
+                left as f64 * cap[i] as f64 / open.iter().map(|&j| cap[j] as f64).sum::<f64>()
+            }
+        };
+        let mut given = 0;
+        let mut rema: Vec<(f64, usize)> = Vec::with_capacity(open.len());
+        for &i in &open {
+            let a = share(i);
+            let take = (a.floor() as usize).min(cap[i] - out[i]);
+            out[i] += take;
+            given += take;
+            if out[i] < cap[i] {
+                rema.push((a - a.floor(), i));
+            }
+        }
+        left -= given;
+        if given == 0 {
+            // Every share is below one: hand out single elements by largest remainder.
+            rema.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            for &(_, i) in rema.iter().take(left) {
+                out[i] += 1;
+                left -= 1;
+            }
+        }
+    }
+    out
+}
+
 /// The constants of the convergence bound (Theorem 1, Corollary 3) for a convex,
 /// `beta`-smooth loss on a convex set.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -107,6 +107,8 @@ backend_tests!(
     read_payload_reuses_the_slot,
     aggregate_device_matches_aggregate,
     buffer_of_another_device_is_rejected,
+    // Config::group_counts (SPEC §2): explicit per-layer (r, k), what adaptive training uses.
+    group_counts_match_cpu,
     // docs/SPEC.md §5: scaled values that overflow reject the step.
     unbiased_scale_overflow_is_rejected,
 );
@@ -1225,6 +1227,30 @@ fn per_layer_thousand_mixed_layers<H: Harness>(h: &H) {
         let grads: Vec<Vec<f32>> = (0..2).map(|s| data(n, s + 100)).collect();
         compare(h, &layout, &cfg, &grads, &format!("per-layer {name}"));
     }
+}
+
+fn group_counts_match_cpu<H: Harness>(h: &H) {
+    let layout = mixed_layout(60, 7);
+    let n = layout.n();
+    let mut cfg = Config::rtopk(0.05, 0.01);
+    cfg.mode = Mode::PerLayer;
+    cfg.scale = Scale::Unbiased;
+    // Every shape of group: nothing sent, k = r, r = n_l, k well below r.
+    cfg.group_counts = layout
+        .sizes()
+        .enumerate()
+        .map(|(l, nl)| {
+            let k = ((l % 5) * nl / 40 + l % 3).min(nl) as u64;
+            let r = match l % 4 {
+                0 => k,
+                1 => nl as u64,
+                _ => (k * (1 + (l % 4) as u64)).min(nl as u64),
+            };
+            (r, k)
+        })
+        .collect();
+    let grads: Vec<Vec<f32>> = (0..2).map(|s| data(n, s + 300)).collect();
+    compare(h, &layout, &cfg, &grads, "per-layer group_counts");
 }
 
 fn sign_global_and_per_layer<H: Harness>(h: &H) {

@@ -607,3 +607,69 @@ fn noise_term_is_exact_just_above_the_floor() {
     );
     assert!(worst <= 1e-14, "{worst}");
 }
+
+/// `allocate_counts`: P1's bits turned into element counts that keep the budget.
+#[test]
+fn allocate_counts_follows_p1_and_keeps_the_budget() {
+    use gradsift::rd::allocate_counts;
+    let layers = [
+        LayerModel {
+            n: 1000,
+            sigma_x2: 1e-4,
+            sigma_n2: 1e-2,
+        },
+        LayerModel {
+            n: 0,
+            sigma_x2: 0.0,
+            sigma_n2: 0.0,
+        },
+        LayerModel {
+            n: 1000,
+            sigma_x2: 1e-8,
+            sigma_n2: 1e-6,
+        },
+        LayerModel {
+            n: 10,
+            sigma_x2: 1e-3,
+            sigma_n2: 1e-1,
+        },
+    ];
+    let k = 5;
+    let floor: f64 = layers
+        .iter()
+        .map(|l| l.n as f64 * l.sigma_n2 / k as f64)
+        .sum();
+    let budget = 3.0 * floor;
+    let c = allocate_counts(&layers, k, budget, 40).unwrap();
+    assert_eq!(c.iter().sum::<usize>(), 40);
+    assert_eq!(c[1], 0);
+    assert!(c[0] >= 1 && c[2] >= 1 && c[3] >= 1 && c[3] <= 10);
+    // Shares follow n_l R_l of P1's optimum.
+    let a = allocate_distortion(&layers, k, budget).unwrap();
+    let bits0 = 1000.0 * a.rates[0];
+    let bits2 = 1000.0 * a.rates[2];
+    assert_eq!(c[0] > c[2], bits0 > bits2, "{c:?} {:?}", a.rates);
+    // At or below the floor the rates are infinite: the split is uniform (by n_l).
+    let c = allocate_counts(&layers, k, floor, 201).unwrap();
+    assert_eq!(c.iter().sum::<usize>(), 201);
+    assert!((c[0] as i64 - c[2] as i64).abs() <= 1, "{c:?}");
+    // More than there is: every element; fewer than the layers: what there is.
+    assert_eq!(
+        allocate_counts(&layers, k, budget, 10_000).unwrap(),
+        [1000, 0, 1000, 10]
+    );
+    assert_eq!(
+        allocate_counts(&layers, k, budget, 2)
+            .unwrap()
+            .iter()
+            .sum::<usize>(),
+        2
+    );
+    // The same arguments, the same counts.
+    assert_eq!(
+        allocate_counts(&layers, k, budget, 40).unwrap(),
+        allocate_counts(&layers, k, budget, 40).unwrap()
+    );
+    assert!(allocate_counts(&layers, 0, budget, 40).is_err());
+    assert!(allocate_counts(&layers, k, f64::NAN, 40).is_err());
+}

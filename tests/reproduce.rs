@@ -18,8 +18,10 @@ fn quick_reproduction_writes_report_and_plots() {
     };
     let mut lines = 0;
     let summary = reproduce(&args, |_| lines += 1).unwrap();
-    // 7 comparison runs (one seed when quick), the sign run, 3 values of rho.
-    assert_eq!(lines, 7 + 1 + 3);
+    // 7 comparison runs (one seed when quick), the sign run, 3 values of rho, the theorems'
+    // simulation, the 6 runs of the adaptive allocation's comparison.
+    assert_eq!(lines, 7 + 1 + 3 + 1 + 6);
+    assert_eq!(summary.adaptive.len(), 6);
     assert_eq!(summary.comparison.len(), 7);
     assert!(summary.comparison.iter().all(|r| r.accuracies.len() == 1));
     assert_eq!(
@@ -66,6 +68,18 @@ fn quick_reproduction_writes_report_and_plots() {
     assert_eq!(rows("| rho |"), ["0", "10", "1000"]);
     assert_eq!(rows("| bits per coordinate (all workers) |").len(), 5);
     assert_eq!(rows("| | first 10% of steps |").len(), 2);
+    assert_eq!(rows("| model | scheme |").len(), 7);
+    assert_eq!(
+        rows("| scheme | test accuracy"),
+        [
+            "global rTop-k",
+            "global top-k",
+            "per-layer rTop-k, uniform k_l",
+            "per-layer top-k, uniform k_l",
+            "adaptive rTop-k (P1 k_l)",
+            "adaptive top-k (P1 k_l)"
+        ]
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -97,4 +111,71 @@ fn out_of_range_options_are_usage_errors() {
         }
         assert!(!dir.exists(), "nothing is written before the check");
     }
+}
+
+/// Theorems 1 and 2 of the rTop-k paper on a small seeded instance of their own model
+/// (d = 256, s = 8), simulated with the crate's compressors: what the theorems decide.
+#[test]
+fn theorems_hold_on_the_sparse_bernoulli_model() {
+    use gradsift::cli::theory::{Model, Scheme, TheoryConfig, simulate};
+    let cfg = TheoryConfig::quick();
+    let sweep = simulate(&cfg).unwrap();
+    // Deterministic: the same sizes and seed give the same numbers, bit for bit (compared as
+    // text, where NaN equals NaN).
+    assert_eq!(
+        format!("{sweep:?}"),
+        format!("{:?}", simulate(&cfg).unwrap())
+    );
+    for model in [Model::Bernoulli, Model::Perturbed] {
+        let rtopk = sweep.curve(model, Scheme::RTopK).unwrap();
+        let topk = sweep.curve(model, Scheme::TopK).unwrap();
+        // Theorem 1: rTop-k's error falls as 1/(n k).
+        assert!(
+            (-1.3..=-0.8).contains(&rtopk.fit_k.slope),
+            "{model:?}: rTop-k slope in k {}",
+            rtopk.fit_k.slope
+        );
+        assert!(
+            (-1.15..=-0.85).contains(&rtopk.fit_n.slope),
+            "{model:?}: rTop-k slope in n {}",
+            rtopk.fit_n.slope
+        );
+        // Top-r alone stays biased: its error levels off at its squared bias, which more
+        // nodes do not remove, and rTop-k ends below it.
+        let last = topk.over_n.last().unwrap();
+        assert!(
+            topk.fit_n.slope > -0.3,
+            "{model:?}: top-k slope in n {}",
+            topk.fit_n.slope
+        );
+        assert!(last.bias2 > 0.8 * last.mse, "{model:?}: top-k {last:?}");
+        assert!(rtopk.over_n.last().unwrap().mse < 0.5 * last.mse);
+        // rTop-k is unbiased: its squared bias is within noise of 0.
+        let r_last = rtopk.over_n.last().unwrap();
+        assert!(
+            r_last.bias2.abs() < 0.1 * r_last.mse,
+            "{model:?}: rTop-k {r_last:?}"
+        );
+    }
+    // No unbiased scheme beats the Cramer-Rao bound of the uncompressed samples, and none
+    // falls faster than Theorem 2's 1/(n k) (slope -1, with slack for the -||theta||^2 term).
+    for cv in sweep.curves.iter().filter(|c| c.scheme.unbiased()) {
+        for p in cv.over_k.iter().chain(&cv.over_n) {
+            assert!(p.mse + 3.0 * p.mse_se >= sweep.cramer_rao(p.n), "{cv:?}");
+        }
+        assert!(cv.fit_k.slope > -1.3 && cv.fit_n.slope > -1.15, "{cv:?}");
+    }
+    // Random-k pays d/r against rTop-k (here 16).
+    let ratio = sweep
+        .curve(Model::Bernoulli, Scheme::RandomK)
+        .unwrap()
+        .c_upper
+        / sweep
+            .curve(Model::Bernoulli, Scheme::RTopK)
+            .unwrap()
+            .c_upper;
+    assert!(
+        (8.0..32.0).contains(&ratio),
+        "random-k / rTop-k constants {ratio}"
+    );
 }

@@ -407,6 +407,11 @@ fn paper_setups_change_what_they_should() {
     assert_ne!(plain.weights_fnv, senders.weights_fnv, "over-senders");
     assert_ne!(plain.weights_fnv, scaled.weights_fnv, "r/k scaling");
     assert_ne!(senders.weights_fnv, scaled.weights_fnv);
+    let again = run(&TrainConfig {
+        average: Average::OverSenders,
+        ..base.clone()
+    });
+    assert_eq!(senders.weights_fnv, again.weights_fnv, "deterministic");
     // The same k per step: the rule is the server's (the index coding still varies a
     // little with which indices the diverging runs pick).
     let (a, b) = (
@@ -466,4 +471,41 @@ fn cnn_trains_compressed() {
     assert_eq!(r.params, 29_666);
     let acc = r.epochs.last().unwrap().test_accuracy;
     assert!(acc > 0.3, "{:?}", r.epochs);
+}
+
+/// `--method adaptive` re-splits the uniform per-layer budget across layers (P1 on the
+/// streaming variance estimates): the same elements, hence the same wire bits up to the
+/// index code, as uniform per-layer rTop-k, a different selection, and a deterministic run.
+#[test]
+fn adaptive_allocation_keeps_the_budget_and_changes_the_split() {
+    let data = Mnist::embedded().unwrap();
+    let (tr, te) = data.split(2000);
+    let adaptive = TrainConfig {
+        adapt_every: 3,
+        ..tiny(TrainMethod::Adaptive)
+    };
+    let uniform = TrainConfig {
+        per_layer: true,
+        ..tiny(TrainMethod::Rtopk)
+    };
+    let a = train(&adaptive, &tr, &te, |_, _| {}, |_| {}).unwrap();
+    let u = train(&uniform, &tr, &te, |_, _| {}, |_| {}).unwrap();
+    // Equal element counts; the bits differ only by the Rice code of the index gaps.
+    for (ea, eu) in a.epochs.iter().zip(&u.epochs) {
+        let rel = (ea.bits_per_worker_step / eu.bits_per_worker_step - 1.0).abs();
+        assert!(rel < 0.01, "{ea:?} {eu:?}");
+    }
+    // Only the very first step uses the uniform split; later ones use P1's.
+    assert_ne!(a.weights_fnv, u.weights_fnv);
+    let again = train(&adaptive, &tr, &te, |_, _| {}, |_| {}).unwrap();
+    assert_eq!(a.weights_fnv, again.weights_fnv);
+    assert!(a.epochs.iter().all(|e| e.train_loss.is_finite()));
+    assert!(
+        TrainConfig {
+            adapt_every: 0,
+            ..adaptive
+        }
+        .validate()
+        .is_err()
+    );
 }

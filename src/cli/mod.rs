@@ -2,6 +2,7 @@
 //! `gradsift analyze`, `gradsift reproduce` and `gradsift demo`. Library-level so that tests (and other tools) can call the commands
 //! without spawning the binary; `src/main.rs` only dispatches.
 
+pub mod adaptive;
 pub mod analyze;
 pub mod backend;
 pub mod demo;
@@ -12,6 +13,7 @@ pub use crate::npy;
 pub mod plot;
 pub mod report;
 pub mod reproduce;
+pub mod theory;
 pub mod train;
 
 /// SplitMix64 with Box-Muller normals: deterministic on every platform and across crate

@@ -70,11 +70,12 @@ pub use super::error::CliError as ReproduceError;
 use super::error::Result;
 
 /// The PNGs the report links, in the order they appear.
-pub const PLOTS: [&str; 4] = [
+pub const PLOTS: [&str; 5] = [
     "accuracy.png",
     "fig6_variances.png",
     "fig7_sign_rates.png",
     "fig8_rho.png",
+    "theorems_bernoulli.png",
 ];
 
 /// The comparison's configurations: method, fraction sent (`None`: uncompressed), label, and
@@ -88,6 +89,9 @@ const COMPARISON: [(TrainMethod, Option<f64>, &str, &str); 7] = [
     (TrainMethod::Randomk, Some(0.01), "Random-k 99%", "66.81%"),
     (TrainMethod::Randomk, Some(0.001), "Random-k 99.9%", "-"),
 ];
+
+/// Fraction sent in the adaptive allocation's comparison (section 6): 99% compression.
+const ADAPTIVE_RATIO: f64 = 0.01;
 
 /// Fig. 8's target: the smoothed training loss (cross-entropy) at which a run counts as
 /// converged; about 90% training accuracy for this MLP, the paper's criterion.
@@ -137,11 +141,15 @@ pub struct Summary {
     pub comparison: Vec<ComparisonRow>,
     /// Fig. 8's points, by increasing `rho`.
     pub rho: Vec<RhoPoint>,
+    /// The rTop-k paper's Theorems 1 and 2 simulated on their own model (section 5).
+    pub theory: super::theory::Sweep,
+    /// The adaptive per-layer allocation against uniform and global sparsifiers (section 6).
+    pub adaptive: Vec<super::adaptive::AdaptiveRow>,
     /// Wall-clock seconds of the whole reproduction.
     pub seconds: f64,
 }
 
-fn mean_sd(v: &[f64]) -> (f64, f64) {
+pub(crate) fn mean_sd(v: &[f64]) -> (f64, f64) {
     let n = v.len().max(1) as f64;
     let m = v.iter().sum::<f64>() / n;
     let var = if v.len() > 1 {
@@ -183,7 +191,18 @@ pub fn reproduce(args: &ReproduceArgs, mut log: impl FnMut(&str)) -> Result<Summ
     } else {
         base
     };
-    let run = |cfg: &TrainConfig| train(cfg, &train_set, &test_set, |_, _| {}, |_| {});
+    // Runs are deterministic functions of their configuration: a configuration met again
+    // (section 6 repeats section 1's global rTop-k and top-k) reuses the first report.
+    let done = std::cell::RefCell::new(std::collections::HashMap::<String, TrainReport>::new());
+    let run = |cfg: &TrainConfig| -> Result<TrainReport> {
+        let key = format!("{cfg:?}");
+        if let Some(r) = done.borrow().get(&key) {
+            return Ok(r.clone());
+        }
+        let r = train(cfg, &train_set, &test_set, |_, _| {}, |_| {})?;
+        done.borrow_mut().insert(key, r.clone());
+        Ok(r)
+    };
 
     // The rTop-k paper's comparison. The baseline records its ideal-gradient statistics
     // (rho = 0 adds no noise), which are Fig. 6.
@@ -330,6 +349,25 @@ pub fn reproduce(args: &ReproduceArgs, mut log: impl FnMut(&str)) -> Result<Summ
         rho.push(point);
     }
 
+    // The rTop-k paper's Theorems 1 and 2 on the sparse Bernoulli model.
+    let theory_start = Instant::now();
+    let theory_cfg = if args.quick {
+        super::theory::TheoryConfig::quick()
+    } else {
+        super::theory::TheoryConfig::full()
+    };
+    let theory = super::theory::simulate(&theory_cfg)?;
+    super::theory::draw(&out.join(PLOTS[4]), &theory)?;
+    let theory_seconds = theory_start.elapsed().as_secs_f64();
+    log(&format!(
+        "Theorems 1-2 on the sparse Bernoulli model: {theory_seconds:.1} s"
+    ));
+
+    // Adaptive per-layer k (P1) against uniform per-layer and global rTop-k / top-k.
+    let adaptive_start = Instant::now();
+    let adaptive = super::adaptive::compare(&base, ADAPTIVE_RATIO, seeds, run, &mut log)?;
+    let adaptive_seconds = adaptive_start.elapsed().as_secs_f64();
+
     draw_accuracy(&out.join(PLOTS[0]), &curves)?;
     draw_fig6(&out.join(PLOTS[1]), &ideal)?;
     let fig7 = fig7_series(&sign);
@@ -340,9 +378,22 @@ pub fn reproduce(args: &ReproduceArgs, mut log: impl FnMut(&str)) -> Result<Summ
     let summary = Summary {
         comparison,
         rho,
+        theory,
+        adaptive,
         seconds: start.elapsed().as_secs_f64(),
     };
-    let md = report(args, &base, seeds, &summary, &ideal, &sign, &fig7);
+    let mut md = report(args, &base, seeds, &summary, &ideal, &sign, &fig7);
+    let runtime = md.find("## Runtime and settings").unwrap_or(md.len());
+    md.insert_str(
+        runtime,
+        &(super::theory::report_section(&summary.theory, PLOTS[4], theory_seconds)
+            + &super::adaptive::report_section(
+                &summary.adaptive,
+                &base,
+                ADAPTIVE_RATIO,
+                adaptive_seconds,
+            )),
+    );
     let path = out.join("report.md");
     std::fs::write(&path, md).map_err(|e| ReproduceError::Output {
         path,
@@ -413,9 +464,9 @@ fn avg(v: &[(f64, f64)], from: f64, to: f64) -> f64 {
 // Plots. Log axes are drawn as log10 of the data on a linear axis, labelled as powers of
 // ten: one coordinate type for every chart, whatever mix of log and linear axes it has.
 
-type Series = (String, Vec<(f64, f64)>, ShapeStyle);
+pub(crate) type Series = (String, Vec<(f64, f64)>, ShapeStyle);
 
-fn out_err(path: &Path) -> impl Fn(String) -> ReproduceError + '_ {
+pub(crate) fn out_err(path: &Path) -> impl Fn(String) -> ReproduceError + '_ {
     move |m| ReproduceError::Output {
         path: path.to_path_buf(),
         message: format!("cannot draw: {m}"),
@@ -440,7 +491,7 @@ fn pow10_label(v: f64) -> String {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn chart(
+pub(crate) fn chart(
     area: &DrawingArea<BitMapBackend<'_>, Shift>,
     path: &Path,
     title: &str,
@@ -524,7 +575,10 @@ fn chart(
     Ok(())
 }
 
-fn canvas(path: &Path, size: (u32, u32)) -> Result<DrawingArea<BitMapBackend<'_>, Shift>> {
+pub(crate) fn canvas(
+    path: &Path,
+    size: (u32, u32),
+) -> Result<DrawingArea<BitMapBackend<'_>, Shift>> {
     register_font();
     let root = BitMapBackend::new(path, size).into_drawing_area();
     root.fill(&WHITE)
@@ -532,7 +586,7 @@ fn canvas(path: &Path, size: (u32, u32)) -> Result<DrawingArea<BitMapBackend<'_>
     Ok(root)
 }
 
-fn style(i: usize, width: u32) -> ShapeStyle {
+pub(crate) fn style(i: usize, width: u32) -> ShapeStyle {
     PALETTE[i % PALETTE.len()].stroke_width(width)
 }
 

@@ -15,11 +15,12 @@ use super::error::Result;
 use super::mnist::shuffle;
 pub use super::mnist::{Mnist, PIXELS};
 pub use super::model::{Arch, Model};
+pub use super::report::AverageArg;
 use crate::dist::{self, InProcess, Transport};
 use crate::rd::{self, StepMeasurement};
 use crate::{
-    Aggregate, Aggregator, Average, Backend, Compress, Compressor, Config, Device, Layout, Mode,
-    Payload, Scale, SparsePayload, Statistics, wire,
+    Aggregate, Aggregator, Average, Backend, Compress, Compressor, Config, Count, Device, Layout,
+    Mode, Payload, Scale, SparsePayload, Statistics, VarianceEstimate, VarianceTracker, wire,
 };
 use std::fmt;
 
@@ -35,6 +36,11 @@ pub enum TrainMethod {
     Randomk,
     /// Scaled sign (1 bit per element).
     Sign,
+    /// Per-layer rTop-k (r = `r_over_k * k_l`; `--r-over-k 1` makes it top-k) whose `k_l`
+    /// are re-allocated every [`TrainConfig::adapt_every`] steps under the uniform per-layer
+    /// budget `sum_l ceil(ratio n_l)`: problem P1 ([`rd::allocate_counts`]) on the streaming
+    /// per-layer variance estimates, at the squared error the last step reached.
+    Adaptive,
     /// No compression: the uncompressed baseline (32 bits per element).
     None,
 }
@@ -46,6 +52,7 @@ impl fmt::Display for TrainMethod {
             TrainMethod::Topk => "topk",
             TrainMethod::Randomk => "randomk",
             TrainMethod::Sign => "sign",
+            TrainMethod::Adaptive => "adaptive",
             TrainMethod::None => "none",
         })
     }
@@ -107,6 +114,9 @@ pub struct TrainConfig {
     /// aggregate with `lr`. A round counts as one step of the report; an epoch has
     /// `steps / H` rounds.
     pub local_steps: usize,
+    /// [`TrainMethod::Adaptive`] only: steps between re-allocations of the per-layer counts
+    /// (at least 1).
+    pub adapt_every: usize,
 }
 
 impl Default for TrainConfig {
@@ -132,6 +142,7 @@ impl Default for TrainConfig {
             average: Average::OverWorkers,
             unbiased: false,
             local_steps: 1,
+            adapt_every: 10,
         }
     }
 }
@@ -151,7 +162,9 @@ impl TrainConfig {
     pub fn compressor(&self, epoch: usize) -> Option<Config> {
         let k = self.ratio_at(epoch);
         let mut c = match self.method {
-            TrainMethod::Rtopk => Config::rtopk((k * self.r_over_k).min(1.0), k),
+            TrainMethod::Rtopk | TrainMethod::Adaptive => {
+                Config::rtopk((k * self.r_over_k).min(1.0), k)
+            }
             TrainMethod::Topk => Config::topk(k),
             TrainMethod::Randomk => Config::randomk(k),
             TrainMethod::Sign => Config::sign(),
@@ -159,7 +172,7 @@ impl TrainConfig {
         };
         c.momentum = self.momentum;
         c.seed = self.seed;
-        c.mode = if self.per_layer {
+        c.mode = if self.per_layer || self.method == TrainMethod::Adaptive {
             Mode::PerLayer
         } else {
             Mode::Global
@@ -167,7 +180,7 @@ impl TrainConfig {
         // Random-k is unbiased only after scaling by n/k (as r = n); the sparsifiers with a
         // top-r stage are sent unscaled, as in the rTop-k paper's experiments.
         if self.method == TrainMethod::Randomk
-            || (self.unbiased && self.method == TrainMethod::Rtopk)
+            || (self.unbiased && matches!(self.method, TrainMethod::Rtopk | TrainMethod::Adaptive))
         {
             c.scale = Scale::Unbiased;
         }
@@ -197,6 +210,9 @@ impl TrainConfig {
                 "--r-over-k must lie in [1, {MAX_R_OVER_K:e}], got {}",
                 self.r_over_k
             ));
+        }
+        if self.adapt_every == 0 {
+            return bad("--adapt-every must be at least 1".into());
         }
         if !(1..=MAX_EPOCHS).contains(&self.epochs) {
             return bad(format!(
@@ -268,8 +284,8 @@ pub const LIMITS: &str = "\
 RANGES: --workers 2..=1000 (the training split must also give each worker one batch);
 --ratio (0, 1]; --r-over-k [1, 1e6]; --epochs 1..=1000; --warmup-epochs 0..=--epochs;
 --batch 1..=65536; --lr (0, 100]; --momentum [0, 1); --local-steps 1..=1000 (and an epoch
-must hold one round of them); --seed any 64-bit unsigned integer. A value outside its range
-is an error that names the option, before anything runs.";
+must hold one round of them); --adapt-every >= 1; --seed any 64-bit unsigned integer. A value
+outside its range is an error that names the option, before anything runs.";
 
 /// What one epoch achieved.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -378,7 +394,7 @@ impl Fnv {
 /// same shard and batches whatever the transport), compresses it with its error-feedback
 /// plan (random keys from its worker index) and encodes it in the wire format; the encoded
 /// payloads are all-gathered, and every process decodes and aggregates all `K` of them in
-/// worker order (`Average::OverWorkers`), so every replica applies the same update. The
+/// worker order ([`TrainConfig::average`]), so every replica applies the same update. The
 /// losses are all-gathered too, and so are the dense gradients: the variance estimates and
 /// the distortion columns (`sigma_X^2`, `sigma_N^2`, `rho`, `R_sum/bits`) are measurements of
 /// all `K` exact gradients, not part of the training update; `bits` counts only the wire
@@ -435,6 +451,9 @@ pub fn train_with(
     let mut local_bytes: Vec<Vec<u8>> = vec![Vec::new(); local.len()];
     let mut gathered: Vec<Vec<u8>> = Vec::new();
     let mut variances = Vec::new();
+    // Adaptive runs: the streaming per-layer estimates and the current (r_l, k_l).
+    let mut tracker = VarianceTracker::new(ADAPT_EMA)?;
+    let mut group_counts: Vec<(u64, u64)> = Vec::new();
     let mut rng = SplitMix(cfg.seed ^ 0x0042_4154_4348);
     // A generator of its own, so that injecting noise leaves the batches unchanged.
     let mut noise_rng = SplitMix(cfg.seed ^ 0x004E_4F49_5345);
@@ -488,6 +507,27 @@ pub fn train_with(
             rep.train_loss += loss / k as f64;
             match &compressor {
                 Some(c) => {
+                    stats.estimate_variance(&views, &mut variances)?;
+                    let adapted;
+                    let c = if cfg.method == TrainMethod::Adaptive {
+                        tracker.update(&variances)?;
+                        if s == 0 || t % cfg.adapt_every as u64 == 0 {
+                            group_counts = adaptive_counts(
+                                cfg,
+                                epoch,
+                                &layout,
+                                tracker.current(),
+                                steps.last(),
+                            )?;
+                        }
+                        adapted = Config {
+                            group_counts: group_counts.clone(),
+                            ..c.clone()
+                        };
+                        &adapted
+                    } else {
+                        c
+                    };
                     if plans.is_empty() {
                         plans = local
                             .clone()
@@ -500,7 +540,6 @@ pub fn train_with(
                         }
                     }
                     plan_config = Some(c.clone());
-                    stats.estimate_variance(&views, &mut variances)?;
                     for ((plan, g), b) in plans.iter_mut().zip(&grads).zip(local_bytes.iter_mut()) {
                         let p = plan.step(g, t)?;
                         wire::encode(p, b)?;
@@ -619,6 +658,46 @@ fn local_round(
     }
     model.write_params(global)?;
     Ok(loss / cfg.local_steps as f32)
+}
+
+/// EMA factor of the per-layer variance estimates that [`TrainMethod::Adaptive`] allocates
+/// from.
+pub const ADAPT_EMA: f64 = 0.9;
+
+/// [`TrainMethod::Adaptive`]'s `(r_l, k_l)` for `epoch`: the budget is the uniform per-layer
+/// one, `sum_l ceil(ratio n_l)` elements per worker; before the first measurement it is
+/// split uniformly, afterwards by [`rd::allocate_counts`] at the squared error `last`
+/// reached (uniformly again if that is not finite). `r_l = min(n_l, ceil(r_over_k k_l))`.
+fn adaptive_counts(
+    cfg: &TrainConfig,
+    epoch: usize,
+    layout: &Layout,
+    variances: &[VarianceEstimate],
+    last: Option<&StepMeasurement>,
+) -> Result<Vec<(u64, u64)>> {
+    let ratio = Count::Ratio(cfg.ratio_at(epoch));
+    let sizes: Vec<usize> = layout.sizes().collect();
+    let uniform: Vec<usize> = sizes.iter().map(|&n| ratio.resolve(n)).collect();
+    let budget = last.map(|m| m.d * m.n as f64).filter(|e| e.is_finite());
+    let counts = match budget {
+        Some(e) => {
+            let layers: Vec<rd::LayerModel> = sizes
+                .iter()
+                .zip(variances)
+                .map(|(&n, &v)| rd::LayerModel::new(n, v))
+                .collect();
+            rd::allocate_counts(&layers, cfg.workers, e, uniform.iter().sum())?
+        }
+        None => uniform,
+    };
+    Ok(sizes
+        .iter()
+        .zip(counts)
+        .map(|(&n, k)| {
+            let r = ((k as f64 * cfg.r_over_k).ceil() as usize).clamp(k, n);
+            (r as u64, k as u64)
+        })
+        .collect())
 }
 
 /// All-gathers one buffer per local worker.
@@ -828,7 +907,7 @@ pub struct TrainArgs {
     /// Epochs of DGC sparsity warm-up, in 0..=--epochs.
     #[arg(long, default_value_t = 2)]
     pub warmup_epochs: usize,
-    /// Select per layer instead of over the whole gradient.
+    /// Select per layer instead of over the whole gradient (`adaptive` always does).
     #[arg(long)]
     pub per_layer: bool,
     /// Momentum in [0, 1): DGC momentum correction on the workers of a compressed run,
@@ -838,7 +917,7 @@ pub struct TrainArgs {
     /// How the server averages: over all K workers, or over the workers that sent each
     /// coordinate (the rTop-k paper's rule).
     #[arg(long, value_enum, default_value = "over-workers")]
-    pub average: super::report::AverageArg,
+    pub average: AverageArg,
     /// Scale rTop-k's sent values by r/k (the rTop-k paper's Algorithm 1); random-k is
     /// always scaled by n/k.
     #[arg(long)]
@@ -852,6 +931,9 @@ pub struct TrainArgs {
     /// setting); a round is one step of the report.
     #[arg(long, default_value_t = 1)]
     pub local_steps: usize,
+    /// `--method adaptive`: steps between re-allocations of the per-layer counts, >= 1.
+    #[arg(long, default_value_t = 10)]
+    pub adapt_every: usize,
     /// Backend that runs the compressors, the aggregation and the variance estimates: cpu,
     /// cuda, wgpu or auto (CUDA, then wgpu, then the CPU).
     #[arg(long, default_value_t = Backend::Cpu)]
@@ -949,6 +1031,7 @@ fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
         unbiased: args.unbiased,
         local_steps: args.local_steps,
         model: args.model,
+        adapt_every: args.adapt_every,
         ..TrainConfig::default()
     };
     // Every option is checked before anything is opened, printed or trained.
