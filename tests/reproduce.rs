@@ -19,8 +19,12 @@ fn quick_reproduction_writes_report_and_plots() {
     let mut lines = 0;
     let summary = reproduce(&args, |_| lines += 1).unwrap();
     // 7 comparison runs (one seed when quick), the sign run, 3 values of rho, the theorems'
-    // simulation, the 6 runs of the adaptive allocation's comparison.
-    assert_eq!(lines, 7 + 1 + 3 + 1 + 6);
+    // simulation, the 6 runs of the adaptive allocation's comparison, and section 7: the
+    // learning-rate grid (3 rates x 2 methods), 4 set-ups x 2 methods, 2 sign runs.
+    assert_eq!(lines, 7 + 1 + 3 + 1 + 6 + 6 + 8 + 2);
+    assert_eq!(summary.setups.grid.len(), 6);
+    assert_eq!(summary.setups.pairs.len(), 4);
+    assert_eq!(summary.setups.sign.len(), 2);
     assert_eq!(summary.adaptive.len(), 6);
     assert_eq!(summary.comparison.len(), 7);
     assert!(summary.comparison.iter().all(|r| r.accuracies.len() == 1));
@@ -80,7 +84,58 @@ fn quick_reproduction_writes_report_and_plots() {
             "adaptive top-k (P1 k_l)"
         ]
     );
+    assert_eq!(rows("| set-up | rTop-k").len(), 4);
+    assert_eq!(rows("| configuration | sent |").len(), 2);
+    assert!(
+        md.contains("Made from commit "),
+        "the report names its commit"
+    );
+
+    // Deterministic: a second run gives the same figures, plots and report, but for the
+    // runtimes it prints.
+    let dir2 = dir.with_extension("again");
+    let _ = std::fs::remove_dir_all(&dir2);
+    let again = reproduce(
+        &ReproduceArgs {
+            out: dir2.clone(),
+            ..args
+        },
+        |_| {},
+    )
+    .unwrap();
+    let figures = |s: &gradsift::cli::reproduce::Summary| {
+        format!(
+            "{:?}",
+            gradsift::cli::reproduce::Summary {
+                seconds: 0.0,
+                ..s.clone()
+            }
+        )
+    };
+    assert_eq!(figures(&summary), figures(&again));
+    for plot in PLOTS {
+        assert!(
+            std::fs::read(dir.join(plot)).unwrap() == std::fs::read(dir2.join(plot)).unwrap(),
+            "{plot} differs between two runs"
+        );
+    }
+    let timeless = |d: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(d.join("report.md"))
+            .unwrap()
+            .replace(&dir2.display().to_string(), &dir.display().to_string())
+            .lines()
+            .filter(|l| {
+                !l.contains(" s ")
+                    && !l.contains(" s.")
+                    && !l.contains(" s (")
+                    && !l.contains(" s,")
+            })
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(timeless(&dir), timeless(&dir2));
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&dir2);
 }
 
 /// --seeds and --epochs have documented ranges; outside them a usage error before anything

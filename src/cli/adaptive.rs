@@ -64,54 +64,66 @@ pub(crate) fn compare(
 ) -> Result<Vec<AdaptiveRow>> {
     let mut rows = Vec::new();
     for (label, method, per_layer, r_over_k) in SCHEMES {
-        let mut row = AdaptiveRow {
-            label: label.to_string(),
-            accuracies: Vec::new(),
-            diverged: 0,
-            bits_per_worker_step: 0.0,
-            d_c: 0.0,
-            efficiency: 0.0,
+        let cfg = |seed| TrainConfig {
+            method,
+            ratio,
+            per_layer,
+            r_over_k: r_over_k.unwrap_or(base.r_over_k),
+            seed,
+            ..base.clone()
         };
-        let (mut d_c, mut steps, mut r_sum, mut bits) = (0.0, 0usize, 0.0, 0.0);
-        for seed in 0..seeds as u64 {
-            let cfg = TrainConfig {
-                method,
-                ratio,
-                per_layer,
-                r_over_k: r_over_k.unwrap_or(base.r_over_k),
-                seed,
-                ..base.clone()
-            };
-            match run(&cfg) {
-                Ok(r) => {
-                    let acc = r.epochs.last().map_or(0.0, |e| e.test_accuracy);
-                    log(&format!(
-                        "{label}, seed {seed}: test accuracy {:.2}%",
-                        100.0 * acc
-                    ));
-                    row.accuracies.push(acc);
-                    row.bits_per_worker_step +=
-                        r.epochs.last().map_or(f64::NAN, |e| e.bits_per_worker_step);
-                    for m in &r.steps {
-                        d_c += m.d_c;
-                        r_sum += m.r_sum_bits;
-                        bits += m.bits as f64;
-                    }
-                    steps += r.steps.len();
-                }
-                Err(TrainError::Gradsift(e)) => {
-                    log(&format!("{label}, seed {seed}: diverged ({e})"));
-                    row.diverged += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        row.bits_per_worker_step /= row.accuracies.len().max(1) as f64;
-        row.d_c = d_c / steps.max(1) as f64;
-        row.efficiency = r_sum / bits;
-        rows.push(row);
+        rows.push(seeds_row(label, seeds, cfg, &run, &mut log)?);
     }
     Ok(rows)
+}
+
+/// One configuration over `seeds` seeds (`cfg(seed)`) through `run`: accuracies, divergences,
+/// bits, distortion and efficiency; `log` gets one line per run, labelled `label`.
+pub(crate) fn seeds_row(
+    label: &str,
+    seeds: usize,
+    cfg: impl Fn(u64) -> TrainConfig,
+    run: &impl Fn(&TrainConfig) -> Result<TrainReport>,
+    log: &mut impl FnMut(&str),
+) -> Result<AdaptiveRow> {
+    let mut row = AdaptiveRow {
+        label: label.to_string(),
+        accuracies: Vec::new(),
+        diverged: 0,
+        bits_per_worker_step: 0.0,
+        d_c: 0.0,
+        efficiency: 0.0,
+    };
+    let (mut d_c, mut steps, mut r_sum, mut bits) = (0.0, 0usize, 0.0, 0.0);
+    for seed in 0..seeds as u64 {
+        match run(&cfg(seed)) {
+            Ok(r) => {
+                let acc = r.epochs.last().map_or(0.0, |e| e.test_accuracy);
+                log(&format!(
+                    "{label}, seed {seed}: test accuracy {:.2}%",
+                    100.0 * acc
+                ));
+                row.accuracies.push(acc);
+                row.bits_per_worker_step +=
+                    r.epochs.last().map_or(f64::NAN, |e| e.bits_per_worker_step);
+                for m in &r.steps {
+                    d_c += m.d_c;
+                    r_sum += m.r_sum_bits;
+                    bits += m.bits as f64;
+                }
+                steps += r.steps.len();
+            }
+            Err(TrainError::Gradsift(e)) => {
+                log(&format!("{label}, seed {seed}: diverged ({e})"));
+                row.diverged += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    row.bits_per_worker_step /= row.accuracies.len().max(1) as f64;
+    row.d_c = d_c / steps.max(1) as f64;
+    row.efficiency = r_sum / bits;
+    Ok(row)
 }
 
 /// The report's section on the comparison.

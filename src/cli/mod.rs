@@ -13,6 +13,7 @@ pub use crate::npy;
 pub mod plot;
 pub mod report;
 pub mod reproduce;
+pub mod setups;
 pub mod theory;
 pub mod train;
 

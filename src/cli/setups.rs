@@ -1,0 +1,357 @@
+//! `gradsift reproduce`'s section on the rTop-k paper's ordering claim (rTop-k at least as
+//! accurate as top-k at the same compression) under the paper's own training set-ups: a
+//! learning rate chosen per method from a small grid, the paper's averaging rule with
+//! Algorithm 1's r/k scaling and a 5-epoch warm-up, the federated setting (local steps), and
+//! a small CNN; and the rate-distortion paper's Fig. 7 gap in that paper's configuration.
+
+use super::adaptive::{AdaptiveRow, seeds_row};
+use super::error::Result;
+use super::model::Arch;
+use super::reproduce::mean_sd;
+use super::train::{TrainConfig, TrainMethod, TrainReport};
+use crate::Average;
+use std::fmt::Write as _;
+
+/// Learning rates of the grid (the default run uses 0.05).
+pub const LR_GRID: [f64; 3] = [0.02, 0.05, 0.1];
+/// Local steps per round of the federated set-up.
+pub const LOCAL_STEPS: usize = 4;
+
+/// One set-up: rTop-k and top-k at the same compression.
+#[derive(Debug, Clone)]
+pub struct SetupPair {
+    /// What differs from section 1.
+    pub setup: String,
+    /// rTop-k's row.
+    pub rtopk: AdaptiveRow,
+    /// Top-k's row.
+    pub topk: AdaptiveRow,
+}
+
+impl SetupPair {
+    /// rTop-k's mean accuracy minus top-k's, and the larger of their seeds' sds (points).
+    pub fn gap(&self) -> (f64, f64) {
+        let (a, sa) = mean_sd(&self.rtopk.accuracies);
+        let (b, sb) = mean_sd(&self.topk.accuracies);
+        (100.0 * (a - b), 100.0 * sa.max(sb))
+    }
+
+    /// The paper's ordering in this set-up: reproduced, not reproduced, or undecided.
+    pub fn verdict(&self) -> &'static str {
+        let (gap, sd) = self.gap();
+        if self.rtopk.accuracies.len() < 2 || self.topk.accuracies.len() < 2 {
+            "one seed: undecided"
+        } else if gap > sd {
+            "reproduced (rTop-k ahead by more than the sd)"
+        } else if gap >= -sd {
+            "undecided (within the seeds' sd)"
+        } else {
+            "not reproduced (top-k ahead by more than the sd)"
+        }
+    }
+}
+
+/// The Fig. 7 gap of scaled sign in one configuration.
+#[derive(Debug, Clone)]
+pub struct SignGap {
+    /// The configuration, in words.
+    pub setup: String,
+    /// Mean over steps of `R_in(D)` and `R_sum(D)`, bits per coordinate (all workers).
+    pub r_in: f64,
+    /// See `r_in`.
+    pub r_sum: f64,
+    /// Mean wire bits per coordinate (all workers).
+    pub sent: f64,
+    /// Final test accuracy.
+    pub accuracy: f64,
+}
+
+/// Everything the section reports.
+#[derive(Debug, Clone)]
+pub struct Setups {
+    /// The learning-rate grid: one row per method and rate.
+    pub grid: Vec<(f64, AdaptiveRow)>,
+    /// The set-ups, each a pair.
+    pub pairs: Vec<SetupPair>,
+    /// Scaled sign's gap in the default and in the rate-distortion paper's configuration.
+    pub sign: Vec<SignGap>,
+}
+
+/// The most accurate rate of `method`'s grid rows (`label` prefix).
+fn best_lr(grid: &[(f64, AdaptiveRow)], label: &str) -> f64 {
+    grid.iter()
+        .filter(|(_, r)| r.label.starts_with(label))
+        .max_by(|a, b| {
+            mean_sd(&a.1.accuracies)
+                .0
+                .total_cmp(&mean_sd(&b.1.accuracies).0)
+        })
+        .map_or(0.05, |(lr, _)| *lr)
+}
+
+fn sign_gap(setup: &str, r: &TrainReport) -> SignGap {
+    let steps = r.steps.len().max(1) as f64;
+    let mean =
+        |f: fn(&crate::rd::StepMeasurement) -> f64| r.steps.iter().map(f).sum::<f64>() / steps;
+    SignGap {
+        setup: setup.to_string(),
+        r_in: mean(|m| m.r_in_per_coordinate()),
+        r_sum: mean(|m| m.r_sum_per_coordinate()),
+        sent: mean(|m| m.sent_per_coordinate()),
+        accuracy: r.epochs.last().map_or(0.0, |e| e.test_accuracy),
+    }
+}
+
+/// Runs the set-ups at compression `1 - ratio` (the CNN at `cnn_ratio`) for `seeds` seeds
+/// through `run` (which caches configurations section 1 already ran).
+pub(crate) fn compare(
+    base: &TrainConfig,
+    ratio: f64,
+    cnn_ratio: f64,
+    seeds: usize,
+    run: impl Fn(&TrainConfig) -> Result<TrainReport>,
+    mut log: impl FnMut(&str),
+) -> Result<Setups> {
+    fn with(method: TrainMethod, cfg: &TrainConfig) -> impl Fn(u64) -> TrainConfig + '_ {
+        move |seed| TrainConfig {
+            method,
+            seed,
+            ..cfg.clone()
+        }
+    }
+    let at_ratio = TrainConfig {
+        ratio,
+        ..base.clone()
+    };
+    let mut grid = Vec::new();
+    for lr in LR_GRID {
+        let cfg = TrainConfig {
+            lr: lr as f32,
+            ..at_ratio.clone()
+        };
+        for (name, method) in [("rTop-k", TrainMethod::Rtopk), ("top-k", TrainMethod::Topk)] {
+            let label = format!("{name}, lr {lr}");
+            grid.push((
+                lr,
+                seeds_row(&label, seeds, with(method, &cfg), &run, &mut log)?,
+            ));
+        }
+    }
+    let (lr_r, lr_t) = (best_lr(&grid, "rTop-k"), best_lr(&grid, "top-k"));
+    let setups = [
+        (
+            format!("each at its best rate of the grid (rTop-k {lr_r}, top-k {lr_t})"),
+            TrainConfig {
+                lr: lr_r as f32,
+                ..at_ratio.clone()
+            },
+            TrainConfig {
+                lr: lr_t as f32,
+                ..at_ratio.clone()
+            },
+        ),
+        (
+            format!(
+                "the paper's rule: over-senders averaging, r/k scaling, {}-epoch warm-up",
+                5.min(base.epochs)
+            ),
+            TrainConfig {
+                average: Average::OverSenders,
+                unbiased: true,
+                warmup_epochs: 5.min(base.epochs),
+                ..at_ratio.clone()
+            },
+            TrainConfig {
+                average: Average::OverSenders,
+                warmup_epochs: 5.min(base.epochs),
+                ..at_ratio.clone()
+            },
+        ),
+        (
+            format!("federated: {LOCAL_STEPS} local steps per round"),
+            TrainConfig {
+                local_steps: LOCAL_STEPS,
+                ..at_ratio.clone()
+            },
+            TrainConfig {
+                local_steps: LOCAL_STEPS,
+                ..at_ratio.clone()
+            },
+        ),
+        (
+            format!(
+                "the small CNN, per layer, {:.0}% compression",
+                100.0 * (1.0 - cnn_ratio)
+            ),
+            TrainConfig {
+                model: Arch::Cnn,
+                per_layer: true,
+                ratio: cnn_ratio,
+                ..base.clone()
+            },
+            TrainConfig {
+                model: Arch::Cnn,
+                per_layer: true,
+                ratio: cnn_ratio,
+                ..base.clone()
+            },
+        ),
+    ];
+    let mut pairs = Vec::new();
+    for (setup, r_cfg, t_cfg) in setups {
+        let rtopk = seeds_row(
+            &format!("rTop-k, {setup}"),
+            seeds,
+            with(TrainMethod::Rtopk, &r_cfg),
+            &run,
+            &mut log,
+        )?;
+        let topk = seeds_row(
+            &format!("top-k, {setup}"),
+            seeds,
+            with(TrainMethod::Topk, &t_cfg),
+            &run,
+            &mut log,
+        )?;
+        pairs.push(SetupPair { setup, rtopk, topk });
+    }
+    // Fig. 7 in the rate-distortion paper's configuration: K = 10, batch 128 per worker,
+    // lr 0.01, momentum 0.5.
+    let paper = TrainConfig {
+        method: TrainMethod::Sign,
+        workers: 10,
+        batch: 128,
+        lr: 0.01,
+        momentum: 0.5,
+        ..base.clone()
+    };
+    let mine = TrainConfig {
+        method: TrainMethod::Sign,
+        ..base.clone()
+    };
+    let mut sign = Vec::new();
+    for (setup, cfg) in [
+        (
+            format!(
+                "section 1's: K = {}, batch {}, lr {}, momentum {}",
+                mine.workers, mine.batch, mine.lr, mine.momentum
+            ),
+            mine,
+        ),
+        (
+            "the paper's: K = 10, batch 128, lr 0.01, momentum 0.5".to_string(),
+            paper,
+        ),
+    ] {
+        let r = run(&cfg)?;
+        log(&format!(
+            "scaled sign, {setup}: test accuracy {:.2}%",
+            100.0 * r.epochs.last().map_or(0.0, |e| e.test_accuracy)
+        ));
+        sign.push(sign_gap(&setup, &r));
+    }
+    Ok(Setups { grid, pairs, sign })
+}
+
+/// The report's section.
+pub(crate) fn report_section(s: &Setups, ratio: f64, seconds: f64) -> String {
+    let mut md = String::new();
+    let w = &mut md;
+    let _ = writeln!(
+        w,
+        "## 7. The ordering claim under the paper's set-ups\n\n\
+         The rTop-k paper's claim is that rTop-k is at least as accurate as top-k at the same \
+         compression. Section 1 tests it in one set-up; here at {:.1}% compression (the CNN \
+         at its own ratio) in each of the paper's, same seeds and epochs as section 1. \
+         Learning rates first, since a fair comparison needs each method at its own best:\n",
+        100.0 * (1.0 - ratio)
+    );
+    let _ = writeln!(
+        w,
+        "| method, learning rate | test accuracy, % (mean ± sd) | diverged |"
+    );
+    let _ = writeln!(w, "|---|---|---|");
+    for (_, r) in &s.grid {
+        let (m, sd) = mean_sd(&r.accuracies);
+        let _ = writeln!(
+            w,
+            "| {} | {:.2} ± {:.2} | {} |",
+            r.label,
+            100.0 * m,
+            100.0 * sd,
+            r.diverged
+        );
+    }
+    let _ = writeln!(
+        w,
+        "\n| set-up | rTop-k, % | top-k, % | rTop-k - top-k, points | verdict |\n|---|---|---|---|---|"
+    );
+    for p in &s.pairs {
+        let (a, sa) = mean_sd(&p.rtopk.accuracies);
+        let (b, sb) = mean_sd(&p.topk.accuracies);
+        let (gap, _) = p.gap();
+        let _ = writeln!(
+            w,
+            "| {} | {:.2} ± {:.2}{} | {:.2} ± {:.2}{} | {:+.2} | {} |",
+            p.setup,
+            100.0 * a,
+            100.0 * sa,
+            diverged_note(&p.rtopk),
+            100.0 * b,
+            100.0 * sb,
+            diverged_note(&p.topk),
+            gap,
+            p.verdict()
+        );
+    }
+    let reproduced = s
+        .pairs
+        .iter()
+        .filter(|p| p.verdict().starts_with("reproduced"))
+        .count();
+    let _ = writeln!(
+        w,
+        "\n**Verdict.** The ordering is reproduced in {reproduced} of {} set-ups on this \
+         model and data. The likely reasons, not tested here: the paper's evidence is \
+         ResNet-18 on CIFAR-10, whose gradients are less concentrated than a small network's \
+         on 8,000 digits, and here top-k with error feedback already sits near the \
+         uncompressed baseline, which leaves rTop-k's exploration little to win. At the \
+         paper's scale the claim is not decidable on two CPU cores.\n",
+        s.pairs.len()
+    );
+    let _ = writeln!(
+        w,
+        "Fig. 7 of the rate-distortion paper in its own configuration: scaled sign's mean \
+         bits per coordinate (all workers) against `R_in(D)` and `R_sum(D)` at the \
+         distortion it caused, so that the size of the gap is compared like with like:\n\n\
+         | configuration | sent | R_in(D) | R_sum(D) | R_in - R_sum | test accuracy, % |\n\
+         |---|---|---|---|---|---|"
+    );
+    for g in &s.sign {
+        let _ = writeln!(
+            w,
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} |",
+            g.setup,
+            g.sent,
+            g.r_in,
+            g.r_sum,
+            g.r_in - g.r_sum,
+            100.0 * g.accuracy
+        );
+    }
+    let _ = writeln!(
+        w,
+        "\nThe divergence threshold in rho of Fig. 8 is measured in section 4 in section 1's \
+         configuration only. Runtime of this section: {seconds:.0} s (configurations that \
+         earlier sections ran are not run again).\n"
+    );
+    md
+}
+
+fn diverged_note(r: &AdaptiveRow) -> String {
+    if r.diverged > 0 {
+        format!(" ({} diverged)", r.diverged)
+    } else {
+        String::new()
+    }
+}
