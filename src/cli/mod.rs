@@ -5,6 +5,7 @@
 pub mod adaptive;
 pub mod analyze;
 pub mod backend;
+mod claims;
 pub mod demo;
 pub mod error;
 pub mod mnist;

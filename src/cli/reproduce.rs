@@ -408,6 +408,9 @@ pub fn reproduce(args: &ReproduceArgs, mut log: impl FnMut(&str)) -> Result<Summ
             )
             + &super::setups::report_section(&summary.setups, SETUPS_RATIO, setups_seconds)),
     );
+    // The claims at a glance go first, after the opening paragraphs.
+    let first = md.find("\n## ").map_or(md.len(), |i| i + 1);
+    md.insert_str(first, &super::claims::section(&summary, &ideal));
     let path = out.join("report.md");
     std::fs::write(&path, md).map_err(|e| ReproduceError::Output {
         path,
@@ -458,15 +461,15 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
 /// Per step of the sign run: sent bits, and `R_in`, `R_sum` at the measured `D` and at the
 /// Gaussian model's `D_sign` (per layer, size-weighted), all bits per coordinate summed over
 /// the `K` workers.
-struct Fig7 {
-    sent: Vec<(f64, f64)>,
-    r_in_meas: Vec<(f64, f64)>,
-    r_sum_meas: Vec<(f64, f64)>,
-    r_in_model: Vec<(f64, f64)>,
-    r_sum_model: Vec<(f64, f64)>,
+pub(crate) struct Fig7 {
+    pub(crate) sent: Vec<(f64, f64)>,
+    pub(crate) r_in_meas: Vec<(f64, f64)>,
+    pub(crate) r_sum_meas: Vec<(f64, f64)>,
+    pub(crate) r_in_model: Vec<(f64, f64)>,
+    pub(crate) r_sum_model: Vec<(f64, f64)>,
 }
 
-fn fig7_series(sign: &TrainReport) -> Fig7 {
+pub(crate) fn fig7_series(sign: &TrainReport) -> Fig7 {
     let mut f = Fig7 {
         sent: vec![],
         r_in_meas: vec![],
