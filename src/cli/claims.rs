@@ -8,19 +8,20 @@ use super::train::TrainReport;
 use std::fmt::Write as _;
 
 /// The ordering "rTop-k at least as accurate as top-k" on two sets of seeds' accuracies:
-/// ahead or behind by more than the larger seed sd, or within it (or one seed: undecided).
+/// ahead or behind by more than twice the larger seed sd (section 1's criterion), or
+/// within it (or one seed: undecided).
 pub(crate) fn ordering_verdict(rtopk: &[f64], topk: &[f64]) -> &'static str {
     let (a, sa) = mean_sd(rtopk);
     let (b, sb) = mean_sd(topk);
-    let sd = sa.max(sb);
+    let sd2 = 2.0 * sa.max(sb);
     if rtopk.len() < 2 || topk.len() < 2 {
         "one seed: undecided"
-    } else if a - b > sd {
-        "reproduced (rTop-k ahead by more than the sd)"
-    } else if a - b >= -sd {
-        "undecided (within the seeds' sd)"
+    } else if a - b > sd2 {
+        "reproduced (rTop-k ahead by more than twice the sd)"
+    } else if a - b >= -sd2 {
+        "undecided (within twice the seeds' sd)"
     } else {
-        "not reproduced (top-k ahead by more than the sd)"
+        "not reproduced (top-k ahead by more than twice the sd)"
     }
 }
 
