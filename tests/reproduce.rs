@@ -20,9 +20,25 @@ fn quick_reproduction_writes_report_and_plots() {
     let summary = reproduce(&args, |_| lines += 1).unwrap();
     // 7 comparison runs (one seed when quick), the sign run, 3 values of rho, the theorems'
     // simulation, the 6 runs of the adaptive allocation's comparison, and section 7: the
-    // learning-rate grid (3 rates x 2 methods), 4 set-ups x 2 methods, 2 sign runs.
-    assert_eq!(lines, 7 + 1 + 3 + 1 + 6 + 6 + 8 + 2);
+    // learning-rate grid (3 rates x 2 methods), 4 set-ups x 2 methods, 2 sign runs and
+    // Fig. 8 in the rate-distortion paper's configuration at 2 values of rho.
+    assert_eq!(lines, 7 + 1 + 3 + 1 + 6 + 6 + 8 + 2 + 2);
     assert_eq!(summary.setups.grid.len(), 6);
+    assert_eq!(
+        summary.setups.rho.iter().map(|p| p.rho).collect::<Vec<_>>(),
+        [0.0, 1000.0]
+    );
+    assert_eq!(
+        (
+            summary.setups.rho_base.workers,
+            summary.setups.rho_base.batch
+        ),
+        (10, 128)
+    );
+    // The paper configuration's rho = 0 run gives its own baseline statistics.
+    assert!(summary.setups.rho[0].mean_sum_rate_baseline.is_infinite());
+    assert!(summary.setups.rho[1].mean_sum_rate_baseline.is_finite());
+    assert!(summary.setups.rho_cap > 0);
     assert_eq!(summary.setups.pairs.len(), 4);
     assert_eq!(summary.setups.sign.len(), 2);
     assert_eq!(summary.adaptive.len(), 6);
@@ -70,6 +86,16 @@ fn quick_reproduction_writes_report_and_plots() {
         ]
     );
     assert_eq!(rows("| rho |"), ["0", "10", "1000"]);
+    let paper_fig8 = md.find("Fig. 8 in the same configuration").unwrap();
+    assert_eq!(
+        md[paper_fig8..]
+            .lines()
+            .skip_while(|l| !l.starts_with("| rho |"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .count(),
+        2
+    );
     assert_eq!(rows("| bits per coordinate (all workers) |").len(), 5);
     assert_eq!(rows("| | first 10% of steps |").len(), 2);
     assert_eq!(rows("| model | scheme |").len(), 7);
@@ -108,6 +134,7 @@ fn quick_reproduction_writes_report_and_plots() {
             "{:?}",
             gradsift::cli::reproduce::Summary {
                 seconds: 0.0,
+                part_seconds: [0.0; 4],
                 ..s.clone()
             }
         )

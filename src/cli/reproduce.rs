@@ -27,10 +27,13 @@ pub struct ReproduceArgs {
     /// Seeds per configuration of the rTop-k comparison, in 1..=100 (--quick uses one).
     #[arg(long, default_value_t = 3)]
     pub seeds: usize,
-    /// Epochs per run (also the step cap of Fig. 8's runs), in 1..=1000 (--quick uses 2).
+    /// Epochs per run (also the step cap of section 4's Fig. 8 runs), in 1..=1000 (--quick
+    /// uses 2); section 7's runs in the rate-distortion paper's configuration take 200
+    /// (--quick: the same 2), which that configuration's slow rate needs.
     #[arg(long, default_value_t = 8)]
     pub epochs: usize,
-    /// A smoke run: a small MLP, a few steps per epoch, one seed, three values of rho.
+    /// A smoke run: a small MLP, a few steps per epoch, one seed, three values of rho
+    /// (two in the paper's configuration).
     #[arg(long)]
     pub quick: bool,
     /// Backend of every run's compressors, aggregation and variance estimates: cpu, cuda,
@@ -70,12 +73,13 @@ pub use super::error::CliError as ReproduceError;
 use super::error::Result;
 
 /// The PNGs the report links, in the order they appear.
-pub const PLOTS: [&str; 5] = [
+pub const PLOTS: [&str; 6] = [
     "accuracy.png",
     "fig6_variances.png",
     "fig7_sign_rates.png",
     "fig8_rho.png",
     "theorems_bernoulli.png",
+    "fig8_rho_paper_config.png",
 ];
 
 /// The comparison's configurations: method, fraction sent (`None`: uncompressed), label, and
@@ -97,9 +101,18 @@ const ADAPTIVE_RATIO: f64 = 0.01;
 /// finds rTop-k furthest behind top-k.
 const SETUPS_RATIO: f64 = 0.001;
 
+/// Epochs of the rate-distortion paper's configuration in section 7 (K = 10, batch 128:
+/// 6 steps per epoch), enough for its slow rate (lr 0.01, momentum 0.5) to reach Fig. 8's
+/// target.
+const PAPER_EPOCHS: usize = 200;
+
+/// Fig. 8's rhos in the rate-distortion paper's configuration: around the paper's threshold
+/// (no convergence beyond 10^3).
+const PAPER_RHOS: [f64; 7] = [0.0, 10.0, 100.0, 1000.0, 3000.0, 10000.0, 100000.0];
+
 /// Fig. 8's target: the smoothed training loss (cross-entropy) at which a run counts as
 /// converged; about 90% training accuracy for this MLP, the paper's criterion.
-const TARGET_LOSS: f64 = 0.3;
+pub(crate) const TARGET_LOSS: f64 = 0.3;
 
 /// One row of the comparison table.
 #[derive(Debug, Clone)]
@@ -154,6 +167,8 @@ pub struct Summary {
     pub setups: super::setups::Setups,
     /// Wall-clock seconds of the whole reproduction.
     pub seconds: f64,
+    /// Wall-clock seconds of sections 1-4 together, then of sections 5, 6 and 7.
+    pub part_seconds: [f64; 4],
 }
 
 pub(crate) fn mean_sd(v: &[f64]) -> (f64, f64) {
@@ -290,71 +305,9 @@ pub fn reproduce(args: &ReproduceArgs, mut log: impl FnMut(&str)) -> Result<Summ
     } else {
         &[0.0, 0.1, 1.0, 10.0, 30.0, 100.0, 300.0, 1000.0]
     };
-    let mut rho = Vec::new();
-    for &r in rhos {
-        let on_baseline: Vec<f64> = ideal
-            .steps
-            .iter()
-            .map(|m| {
-                let k = m.workers;
-                m.layers
-                    .iter()
-                    .filter(|l| l.n > 0)
-                    .map(|l| {
-                        let d = l.sigma_n2 / k as f64 * (1.0 + r);
-                        l.n as f64 * rd::sum_rate(d, l.sigma_x2, l.sigma_n2, k)
-                    })
-                    .sum::<f64>()
-                    / m.n.max(1) as f64
-            })
-            .collect();
-        let mean_sum_rate_baseline =
-            on_baseline.iter().sum::<f64>() / on_baseline.len().max(1) as f64;
-        let cfg = TrainConfig {
-            method: TrainMethod::None,
-            baseline_noise_rho: Some(r),
-            target_loss: Some(TARGET_LOSS),
-            ..base.clone()
-        };
-        let point = match run(&cfg) {
-            Ok(rep) => {
-                let rates: Vec<f64> = rep.steps.iter().map(|m| m.r_sum_per_coordinate()).collect();
-                RhoPoint {
-                    rho: r,
-                    steps: rep.steps_to_target,
-                    steps_run: rep.steps.len(),
-                    diverged: false,
-                    mean_sum_rate: rates.iter().sum::<f64>() / rates.len().max(1) as f64,
-                    mean_sum_rate_baseline,
-                    accuracy: rep.epochs.last().map_or(0.0, |e| e.test_accuracy),
-                }
-            }
-            // Failing to converge under heavy noise is the point of the figure.
-            Err(TrainError::Gradsift(_)) => RhoPoint {
-                rho: r,
-                steps: None,
-                steps_run: 0,
-                diverged: true,
-                mean_sum_rate: f64::NAN,
-                mean_sum_rate_baseline,
-                accuracy: f64::NAN,
-            },
-            Err(e) => return Err(e),
-        };
-        log(&format!(
-            "rho = {r}: {}, mean R_sum {:.3} bits/coordinate",
-            if point.diverged {
-                "diverged".to_string()
-            } else {
-                point.steps.map_or(
-                    format!("target not reached in {} steps", point.steps_run),
-                    |s| format!("{s} steps"),
-                )
-            },
-            point.mean_sum_rate
-        ));
-        rho.push(point);
-    }
+    let (rho, _) = rho_sweep(&base, rhos, Some(&ideal), &run, &mut log)?;
+
+    let early_seconds = start.elapsed().as_secs_f64();
 
     // The rTop-k paper's Theorems 1 and 2 on the sparse Bernoulli model.
     let theory_start = Instant::now();
@@ -377,15 +330,35 @@ pub fn reproduce(args: &ReproduceArgs, mut log: impl FnMut(&str)) -> Result<Summ
 
     // The ordering claim under the paper's set-ups, and Fig. 7 in its paper's configuration.
     let setups_start = Instant::now();
-    let setups = super::setups::compare(&base, SETUPS_RATIO, ADAPTIVE_RATIO, seeds, run, &mut log)?;
+    let (paper_epochs, paper_rhos): (usize, &[f64]) = if args.quick {
+        (base.epochs, &[0.0, 1000.0])
+    } else {
+        (PAPER_EPOCHS, &PAPER_RHOS)
+    };
+    let setups = super::setups::compare(
+        &base,
+        SETUPS_RATIO,
+        ADAPTIVE_RATIO,
+        seeds,
+        paper_epochs,
+        paper_rhos,
+        run,
+        &mut log,
+    )?;
     let setups_seconds = setups_start.elapsed().as_secs_f64();
 
     draw_accuracy(&out.join(PLOTS[0]), &curves)?;
     draw_fig6(&out.join(PLOTS[1]), &ideal)?;
     let fig7 = fig7_series(&sign);
     draw_fig7(&out.join(PLOTS[2]), &fig7)?;
-    let cap = base.epochs * ideal.steps.len() / ideal.epochs.len().max(1);
+    let cap = base.epochs * ideal.steps_per_epoch;
     draw_fig8(&out.join(PLOTS[3]), &rho, &base, cap)?;
+    draw_fig8(
+        &out.join(PLOTS[5]),
+        &setups.rho,
+        &setups.rho_base,
+        setups.rho_cap,
+    )?;
 
     let summary = Summary {
         comparison,
@@ -394,6 +367,12 @@ pub fn reproduce(args: &ReproduceArgs, mut log: impl FnMut(&str)) -> Result<Summ
         adaptive,
         setups,
         seconds: start.elapsed().as_secs_f64(),
+        part_seconds: [
+            early_seconds,
+            theory_seconds,
+            adaptive_seconds,
+            setups_seconds,
+        ],
     };
     let mut md = report(args, &base, seeds, &summary, &ideal, &sign, &fig7);
     let runtime = md.find("## Runtime and settings").unwrap_or(md.len());
@@ -406,7 +385,14 @@ pub fn reproduce(args: &ReproduceArgs, mut log: impl FnMut(&str)) -> Result<Summ
                 ADAPTIVE_RATIO,
                 adaptive_seconds,
             )
-            + &super::setups::report_section(&summary.setups, SETUPS_RATIO, setups_seconds)),
+            + &super::setups::report_section(
+                &summary.setups,
+                SETUPS_RATIO,
+                setups_seconds,
+                PLOTS[5],
+                &summary.rho,
+                f64::from(base.lr) / (1.0 - f64::from(base.momentum)),
+            )),
     );
     // The claims at a glance go first, after the opening paragraphs.
     let first = md.find("\n## ").map_or(md.len(), |i| i + 1);
@@ -730,6 +716,135 @@ fn draw_fig7(path: &Path, f: &Fig7) -> Result<()> {
     root.present().map_err(|e| out_err(path)(e.to_string()))
 }
 
+/// Fig. 8's table, in markdown.
+pub(crate) fn rho_table(points: &[RhoPoint]) -> String {
+    let mut md = format!(
+        "| rho | iterations to loss {TARGET_LOSS} | mean R_sum, bits / coordinate (all workers) | mean R_sum on the baseline's statistics | total R_sum bits to target, per coordinate | final test accuracy, % |\n|---|---|---|---|---|---|\n"
+    );
+    for p in points {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} |",
+            p.rho,
+            if p.diverged {
+                "diverged".to_string()
+            } else {
+                p.steps
+                    .map_or(format!("not reached in {}", p.steps_run), |x| x.to_string())
+            },
+            num(p.mean_sum_rate),
+            num(p.mean_sum_rate_baseline),
+            match p.steps {
+                Some(st) if p.mean_sum_rate.is_finite() =>
+                    format!("{:.1}", p.mean_sum_rate * st as f64),
+                _ => "-".into(),
+            },
+            pct(p.accuracy)
+        );
+    }
+    md
+}
+
+/// Fig. 8's sweep: `base`'s uncompressed run with noise injected at each of `rhos`
+/// (increasing), each until [`TARGET_LOSS`] or `base`'s step cap. "The baseline's
+/// statistics" come from `ideal`, or where it is `None` from the sweep's own rho = 0 run
+/// (then `rhos` must start at 0). Returns the points and the step cap (0 when every run
+/// diverged).
+///
+/// # Errors
+/// A training error other than divergence (divergence is a point of the figure).
+pub(crate) fn rho_sweep(
+    base: &TrainConfig,
+    rhos: &[f64],
+    ideal: Option<&TrainReport>,
+    run: impl Fn(&TrainConfig) -> Result<TrainReport>,
+    mut log: impl FnMut(&str),
+) -> Result<(Vec<RhoPoint>, usize)> {
+    let mut stats = ideal.cloned();
+    let mut rho = Vec::new();
+    let mut cap = 0;
+    for &r in rhos {
+        let cfg = TrainConfig {
+            method: TrainMethod::None,
+            baseline_noise_rho: Some(r),
+            target_loss: Some(TARGET_LOSS),
+            ..base.clone()
+        };
+        let outcome = run(&cfg);
+        if let (None, Ok(rep)) = (&stats, &outcome) {
+            stats = (r == 0.0).then(|| rep.clone());
+        }
+        let mean_sum_rate_baseline = stats
+            .as_ref()
+            .map_or(f64::NAN, |ideal| mean_sum_rate_on(ideal, r));
+        let point = match outcome {
+            Ok(rep) => {
+                cap = rep.steps_per_epoch * base.epochs;
+                let rates: Vec<f64> = rep.steps.iter().map(|m| m.r_sum_per_coordinate()).collect();
+                RhoPoint {
+                    rho: r,
+                    steps: rep.steps_to_target,
+                    steps_run: rep.steps.len(),
+                    diverged: false,
+                    mean_sum_rate: rates.iter().sum::<f64>() / rates.len().max(1) as f64,
+                    mean_sum_rate_baseline,
+                    accuracy: rep.epochs.last().map_or(0.0, |e| e.test_accuracy),
+                }
+            }
+            // Failing to converge under heavy noise is the point of the figure.
+            Err(TrainError::Gradsift(_)) => RhoPoint {
+                rho: r,
+                steps: None,
+                steps_run: 0,
+                diverged: true,
+                mean_sum_rate: f64::NAN,
+                mean_sum_rate_baseline,
+                accuracy: f64::NAN,
+            },
+            Err(e) => return Err(e),
+        };
+        log(&format!(
+            "rho = {r} (K = {}, batch {}, lr {}): {}, mean R_sum {:.3} bits/coordinate",
+            base.workers,
+            base.batch,
+            base.lr,
+            if point.diverged {
+                "diverged".to_string()
+            } else {
+                point.steps.map_or(
+                    format!("target not reached in {} steps", point.steps_run),
+                    |s| format!("{s} steps"),
+                )
+            },
+            point.mean_sum_rate
+        ));
+        rho.push(point);
+    }
+    Ok((rho, cap))
+}
+
+/// Mean over `ideal`'s steps of `R_sum(sigma_N^2(t)/K (1 + rho))`, per layer and
+/// size-weighted: bits per coordinate, all workers.
+fn mean_sum_rate_on(ideal: &TrainReport, rho: f64) -> f64 {
+    let per_step: Vec<f64> = ideal
+        .steps
+        .iter()
+        .map(|m| {
+            let k = m.workers;
+            m.layers
+                .iter()
+                .filter(|l| l.n > 0)
+                .map(|l| {
+                    let d = l.sigma_n2 / k as f64 * (1.0 + rho);
+                    l.n as f64 * rd::sum_rate(d, l.sigma_x2, l.sigma_n2, k)
+                })
+                .sum::<f64>()
+                / m.n.max(1) as f64
+        })
+        .collect();
+    per_step.iter().sum::<f64>() / per_step.len().max(1) as f64
+}
+
 fn draw_fig8(path: &Path, points: &[RhoPoint], base: &TrainConfig, cap: usize) -> Result<()> {
     let root = canvas(path, (1000, 460))?;
     let (left, right) = root.split_horizontally(500);
@@ -832,7 +947,7 @@ fn report(
 ) -> String {
     let mut md = String::new();
     let w = &mut md;
-    let steps_per_epoch = ideal.steps.len() / ideal.epochs.len().max(1);
+    let steps_per_epoch = ideal.steps_per_epoch;
     let hidden: Vec<String> = base.hidden.iter().map(|h| h.to_string()).collect();
     let _ = writeln!(w, "# Reproducing the seed papers with gradsift\n");
     let _ = writeln!(
@@ -997,7 +1112,11 @@ fn report(
          random-k scaling.\n",
         ideal.params,
         base.epochs,
-        s.setups.pairs.iter().filter(|p| p.gap().0 > 0.0).count(),
+        s.setups
+            .pairs
+            .iter()
+            .filter(|p| p.gap().is_some_and(|(g, _)| g > 0.0))
+            .count(),
         s.setups.pairs.len()
     );
 
@@ -1147,31 +1266,10 @@ fn report(
          training accuracy, the paper's criterion), for at most {} steps. The sum rate per \
          iteration is R_sum(D(t)) per layer (rd::sum_rate), size-weighted, averaged over the \
          iterations run; at rho = 0 it is infinite (exact transmission).\n\n\
-         ![iterations and sum rate against rho](fig8_rho.png)\n\n\
-         | rho | iterations to loss {TARGET_LOSS} | mean R_sum, bits / coordinate (all workers) | mean R_sum on the baseline's statistics | total R_sum bits to target, per coordinate | final test accuracy, % |\n|---|---|---|---|---|---|",
-        base.epochs * steps_per_epoch
+         ![iterations and sum rate against rho](fig8_rho.png)\n\n{}",
+        base.epochs * steps_per_epoch,
+        rho_table(&s.rho)
     );
-    for p in &s.rho {
-        let _ = writeln!(
-            w,
-            "| {} | {} | {} | {} | {} | {} |",
-            p.rho,
-            if p.diverged {
-                "diverged".to_string()
-            } else {
-                p.steps
-                    .map_or(format!("not reached in {}", p.steps_run), |x| x.to_string())
-            },
-            num(p.mean_sum_rate),
-            num(p.mean_sum_rate_baseline),
-            match p.steps {
-                Some(st) if p.mean_sum_rate.is_finite() =>
-                    format!("{:.1}", p.mean_sum_rate * st as f64),
-                _ => "-".into(),
-            },
-            pct(p.accuracy)
-        );
-    }
     let first = s.rho.iter().find(|p| p.rho > 0.0);
     let last = s.rho.last();
     let base_steps = s.rho.first().and_then(|p| p.steps);
@@ -1195,8 +1293,9 @@ fn report(
          softmax output layer under the cross-entropy; ours is plain cross-entropy on logits, \
          so the target is 0.3). Above all, the noise reaches the weights amplified by lr/(1 - momentum): \
          0.5 here against 0.02 in the paper, so the same rho puts roughly 600 times more noise \
-         variance into the weights, and divergence sets in at a much smaller rho. One seed per \
-         rho: the iteration counts carry seed noise.\n",
+         variance into the weights, and divergence sets in at a much smaller rho; section 7 runs \
+         the same sweep in the paper's configuration to test that. One seed per rho: the \
+         iteration counts carry seed noise.\n",
         base_steps.map_or("-".into(), |x| x.to_string()),
         at(10.0),
         at(100.0),
@@ -1230,11 +1329,20 @@ fn report(
     );
     let _ = writeln!(
         w,
-        "## Runtime and settings\n\nSeeds: {seeds}; epochs per run: {}; Fig. 7 and Fig. 8 use \
-         seed 0. Chosen to keep the whole reproduction well within ten minutes on two CPU cores \
-         (this run: {:.0} s; the runs that diverge stop early). Rerun with \
+        "## Runtime and settings\n\nSeeds: {seeds}; epochs per run: {} (section 7's paper \
+         configuration: {}); Fig. 7 and Fig. 8 use seed 0. This run took {:.0} s ({:.1} \
+         minutes): sections 1-4 {:.0} s, section 5 {:.0} s, section 6 {:.0} s, section 7 \
+         {:.0} s, the rest writing plots; runs that diverge stop early. The budget is 30 \
+         minutes on two CPU cores. Rerun with \
          `gradsift reproduce --out DIR --seeds S --epochs E`.",
-        base.epochs, s.seconds
+        base.epochs,
+        s.setups.rho_base.epochs,
+        s.seconds,
+        s.seconds / 60.0,
+        s.part_seconds[0],
+        s.part_seconds[1],
+        s.part_seconds[2],
+        s.part_seconds[3],
     );
     md
 }

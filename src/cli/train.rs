@@ -330,6 +330,8 @@ pub struct TrainReport {
     /// 64-bit FNV-1a of the final weights' bits (layout order): equal on two runs only if
     /// they ended with the same model, bit for bit.
     pub weights_fnv: u64,
+    /// Steps in a full epoch (a run's step cap is this times [`TrainConfig::epochs`]).
+    pub steps_per_epoch: usize,
 }
 
 /// Trains one run on `train`, evaluating on `test` after each epoch; `on_step(done, total)`
@@ -630,6 +632,7 @@ pub fn train_with(
         epochs,
         steps,
         steps_to_target,
+        steps_per_epoch,
     })
 }
 
