@@ -421,8 +421,22 @@ fn source_commit() -> String {
     };
     match git(&["rev-parse", "--short=12", "HEAD"]) {
         Some(hash) => {
-            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
-                .is_some_and(|s| !s.is_empty());
+            // Only what builds the binary or feeds its runs can change the report: an edit
+            // to the README or to the report itself does not make it "uncommitted".
+            let dirty = git(&[
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                "src",
+                "kernels",
+                "shaders",
+                "data",
+                "build.rs",
+                "Cargo.toml",
+                "Cargo.lock",
+            ])
+            .is_some_and(|s| !s.is_empty());
             format!(
                 "commit {hash}{}",
                 if dirty { " + uncommitted changes" } else { "" }
