@@ -5,7 +5,11 @@
 //!   99% and 99.9% compression, several seeds;
 //! - the rate-distortion paper's Fig. 6 (`sigma_X^2(t)`, `sigma_N^2(t)` on ideal gradients),
 //!   Fig. 7 (scaled sign's bits against `R_in(D)` and `R_sum(D)` at the same `D`) and Fig. 8
-//!   (steps to a target loss and mean sum rate against `rho`, with injected Gaussian noise).
+//!   (steps to a target loss and mean sum rate against `rho`, with injected Gaussian noise);
+//! - the rTop-k paper's Theorems 1 and 2 on their own model ([`super::theory`]), the adaptive
+//!   per-layer allocation ([`super::adaptive`]), and the ordering claim under the paper's
+//!   set-ups with Fig. 7 and 8 in the rate-distortion paper's configuration
+//!   ([`super::setups`]).
 //!
 //! Every run goes through [`train`]; nothing here has a training loop of its own.
 

@@ -2,7 +2,8 @@
 //! accurate as top-k at the same compression) under the paper's own training set-ups: a
 //! learning rate chosen per method from a small grid, the paper's averaging rule with
 //! Algorithm 1's r/k scaling and a 5-epoch warm-up, the federated setting (local steps), and
-//! a small CNN; and the rate-distortion paper's Fig. 7 gap in that paper's configuration.
+//! a small CNN; and the rate-distortion paper's Fig. 7 gap and Fig. 8 rho sweep in that
+//! paper's own configuration (K = 10, batch 128, lr 0.01, momentum 0.5).
 
 use super::adaptive::{AdaptiveRow, seeds_row};
 use super::claims::{Threshold, threshold};
