@@ -28,7 +28,7 @@
 //! the Cramer-Rao bound of an unbiased estimator from the uncompressed samples,
 //! `sum_j theta_j (1 - theta_j) / n`, which no unbiased scheme can beat.
 //!
-//! Everything is seeded ([`super::SplitMix`] for the samples, SPEC §3 keys for random-k):
+//! Everything is seeded (the crate's `SplitMix` for the samples, SPEC §3 keys for random-k):
 //! a sweep is a deterministic function of its [`TheoryConfig`].
 
 use super::SplitMix;
