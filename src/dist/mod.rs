@@ -12,8 +12,8 @@
 //!
 //! [`Transport`] is that contract on host bytes. [`InProcess`] runs all `K` workers in one
 //! process (the simulation of `gradsift train --workers K`; its all-gather only concatenates
-//! the local payloads), [`Mpi`] runs one worker per MPI rank (feature `mpi`), and
-//! [`nccl`] (feature `nccl`) all-gathers fixed-size device arrays between GPUs. Because the
+//! the local payloads), `Mpi` (feature `mpi`) runs one worker per MPI rank, and
+//! `nccl` (feature `nccl`) all-gathers fixed-size device arrays between GPUs. Because the
 //! simulation and a real run go through the same trait and the same code around it, they
 //! differ only in how the bytes move: rank `r` is worker `r`, it computes the same gradient
 //! on the same shard, compresses it with the same random keys, and every rank sums the same
