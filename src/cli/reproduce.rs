@@ -1154,7 +1154,7 @@ fn report(
         s.setups
             .pairs
             .iter()
-            .filter(|p| p.gap().is_some_and(|(g, _)| g > 0.0))
+            .filter(|p| p.gap().is_some_and(|g| g > 0.0))
             .count(),
         s.setups.pairs.len()
     );

@@ -31,15 +31,11 @@ pub struct SetupPair {
 }
 
 impl SetupPair {
-    /// rTop-k's mean accuracy minus top-k's, and the larger of their seeds' sds (points);
-    /// `None` where either diverged in every seed (there is no mean to subtract).
-    pub fn gap(&self) -> Option<(f64, f64)> {
-        if self.rtopk.accuracies.is_empty() || self.topk.accuracies.is_empty() {
-            return None;
-        }
-        let (a, sa) = mean_sd(&self.rtopk.accuracies);
-        let (b, sb) = mean_sd(&self.topk.accuracies);
-        Some((100.0 * (a - b), 100.0 * sa.max(sb)))
+    /// rTop-k's mean accuracy minus top-k's, in points; `None` where either diverged in
+    /// every seed (there is no mean to subtract).
+    pub fn gap(&self) -> Option<f64> {
+        let (r, t) = (&self.rtopk.accuracies, &self.topk.accuracies);
+        (!r.is_empty() && !t.is_empty()).then(|| 100.0 * (mean_sd(r).0 - mean_sd(t).0))
     }
 
     /// [`Self::gap`] for the report: signed points, or which side diverged in every seed.
