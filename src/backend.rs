@@ -214,6 +214,39 @@ pub trait Compress {
     /// ```
     fn momentum(&mut self, out: &mut Vec<f32>) -> Result<()>;
 
+    /// Undoes the last step: residual and momentum return, bit for bit, to what they were
+    /// before it, and its payload is no longer readable. A distributed caller uses it when
+    /// another worker's step of the same round was rejected, so that every worker keeps its
+    /// state without a second collective before the payloads move (docs/SPEC.md §10). It
+    /// costs nothing on the step: the step already writes into the second half of a
+    /// ping-pong pair, and undoing it points back at the first (GPU backends wait for the
+    /// stream and rewrite one status word).
+    ///
+    /// A no-op (`Ok`) when the last step was rejected (its state is already the one from
+    /// before it), and after [`Compress::reset`], [`Compress::reconfigure`] or an earlier
+    /// `revert`: only the one step just taken can be undone.
+    ///
+    /// # Errors
+    /// [`Error::Device`] when a GPU call fails.
+    ///
+    /// # Examples
+    /// ```
+    /// use gradsift::{Compress, Config, Layout, cpu};
+    /// let mut plan = cpu::Compressor::new(&Layout::new(&[3])?, &Config::topk(0.34))?;
+    /// plan.step(&[1.0f32, -4.0, 2.0], 0)?;
+    /// plan.step(&[0.5f32, 0.5, 0.5], 1)?;
+    /// plan.revert()?; // as if step 1 had never been taken
+    /// let mut e = Vec::new();
+    /// plan.residual(&mut e)?;
+    /// assert_eq!(e, [1.0, 0.0, 2.0]);
+    /// assert!(plan.payload().is_err());
+    /// plan.revert()?; // nothing more to undo: the state stays
+    /// plan.residual(&mut e)?;
+    /// assert_eq!(e, [1.0, 0.0, 2.0]);
+    /// # Ok::<(), gradsift::Error>(())
+    /// ```
+    fn revert(&mut self) -> Result<()>;
+
     /// Zeroes residual and momentum (after the model was reloaded, say).
     ///
     /// # Errors
@@ -867,6 +900,9 @@ impl Compress for Compressor {
     }
     fn momentum(&mut self, out: &mut Vec<f32>) -> Result<()> {
         dispatch!(Compressor, self, c => Compress::momentum(c, out))
+    }
+    fn revert(&mut self) -> Result<()> {
+        dispatch!(Compressor, self, c => Compress::revert(c))
     }
     fn reset(&mut self) -> Result<()> {
         dispatch!(Compressor, self, c => Compress::reset(c))

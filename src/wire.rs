@@ -253,6 +253,56 @@ fn header(out: &mut Vec<u8>, kind: u8, dtype: DType, n: u32) {
     out.extend_from_slice(&n.to_le_bytes());
 }
 
+/// The largest encoded length, in bytes, of a sparse payload of `count` entries out of `n`
+/// with values in `values`: what a fixed-size message slot (an all-gather row) must hold.
+///
+/// Tight, not a worst case of the code: whatever the indices, the gaps add up to at most
+/// `n - count`, so with Rice parameter `b` the quotients add up to at most
+/// `(n - count) >> b` and the code is at most `count * (1 + b) + ((n - count) >> b)` bits;
+/// the encoder's canonical `b` is never longer than the best `b` of that bound. At 1% of a
+/// million indices the bound is within 2% of the typical message.
+///
+/// # Errors
+/// None; a `count` above `n` is clamped to `n`.
+///
+/// # Examples
+/// ```
+/// use gradsift::{DType, Payload, SparsePayload, wire};
+/// let p = Payload::Sparse(SparsePayload {
+///     n: 1000,
+///     values_dtype: DType::F32,
+///     indices: (0..10).map(|i| 100 * i + 7).collect(),
+///     values: vec![1.0; 10],
+/// });
+/// let mut out = Vec::new();
+/// wire::encode(&p, &mut out)?;
+/// assert!(out.len() <= wire::max_sparse_len(1000, 10, DType::F32));
+/// # Ok::<(), gradsift::Error>(())
+/// ```
+pub fn max_sparse_len(n: u32, count: usize, values: DType) -> usize {
+    let k = (count as u64).min(u64::from(n));
+    let rest = u64::from(n) - k;
+    let bits = (0..32u32)
+        .map(|b| k * (1 + u64::from(b)) + (rest >> b))
+        .min()
+        .unwrap_or(0);
+    SPARSE_HEADER + bits.div_ceil(8) as usize + k as usize * (values.bits() as usize / 8)
+}
+
+/// The encoded length, in bytes, of every sign payload over `n` elements with `groups`
+/// scales (it does not depend on the signs).
+///
+/// # Errors
+/// None: plain arithmetic.
+///
+/// # Examples
+/// ```
+/// assert_eq!(gradsift::wire::max_sign_len(64, 1), 12 + 4 + 8);
+/// ```
+pub fn max_sign_len(n: u32, groups: usize) -> usize {
+    SIGN_HEADER + 4 * groups + (n as usize).div_ceil(8)
+}
+
 /// Encodes `p` into `out` (cleared first; reuse it to avoid allocating) and returns the
 /// exact bit count. Errors, writing nothing useful, when the payload is malformed: indices
 /// unsorted, duplicated or out of range, lengths that disagree, or values that are not

@@ -111,6 +111,8 @@ backend_tests!(
     group_counts_match_cpu,
     // docs/SPEC.md §5: scaled values that overflow reject the step.
     unbiased_scale_overflow_is_rejected,
+    // docs/SPEC.md §5: undoing the last step (what the hook does when another rank's failed).
+    revert_restores_the_state_before_the_last_step,
 );
 
 fn run<H: Harness>(h: Option<H>, name: &str, case: fn(&H)) {
@@ -2818,5 +2820,61 @@ mod cuda_only {
                 }
             }
         }
+    }
+}
+
+/// `Compress::revert` (SPEC §5): after an accepted step the residual and momentum return,
+/// bit for bit, to the plan's state from before it, for every method (sparse with
+/// momentum, plain top-k, sign with momentum) and whether the step came from the host or the
+/// device buffer; a second revert, a revert after a rejected step and one after `reset`
+/// change nothing; the plan then steps on exactly as a twin plan that never took the undone
+/// steps.
+fn revert_restores_the_state_before_the_last_step<H: Harness>(h: &H) {
+    let layout = Layout::new(&[700, 0, 333]).unwrap();
+    let n = layout.n();
+    let mut rtopk = Config::rtopk(0.2, 0.05);
+    rtopk.momentum = 0.5;
+    rtopk.mode = Mode::PerLayer;
+    let mut sign = Config::sign();
+    sign.momentum = 0.25;
+    let state = |g: &mut H::Comp| {
+        let (mut e, mut u) = (Vec::new(), Vec::new());
+        g.residual(&mut e).unwrap();
+        g.momentum(&mut u).unwrap();
+        (common::bits(&e), common::bits(&u))
+    };
+    for (ci, cfg) in [rtopk, Config::topk(0.01), sign].into_iter().enumerate() {
+        let mut g = h.compressor(&layout, &cfg).unwrap();
+        let mut twin = h.compressor(&layout, &cfg).unwrap();
+        let grads: Vec<Vec<f32>> = (0..4).map(|s| dyadic(n, 900 + 10 * ci as u64 + s)).collect();
+        g.step(&grads[0], 0).unwrap();
+        twin.step(&grads[0], 0).unwrap();
+        let before = state(&mut g);
+        assert!(before.0.iter().any(|&b| b != 0), "config {ci}: a residual to keep");
+        g.step(&grads[1], 1).unwrap();
+        assert_ne!(state(&mut g), before, "config {ci}: the step changed the state");
+        g.revert().unwrap();
+        assert_eq!(state(&mut g), before, "config {ci}: state after revert");
+        assert!(g.payload().is_err(), "config {ci}: an undone step has no payload");
+        h.step_device(&mut g, &grads[1], 1).unwrap();
+        g.revert().unwrap();
+        g.revert().unwrap(); // nothing more to undo
+        assert_eq!(state(&mut g), before, "config {ci}: after a device step and two reverts");
+        let mut bad = grads[2].clone();
+        bad[5] = f32::INFINITY;
+        let _ = g.step(&bad, 1);
+        assert!(g.check().is_err(), "config {ci}: the infinite gradient is rejected");
+        g.revert().unwrap(); // must not undo step 0
+        assert_eq!(state(&mut g), before, "config {ci}: revert after a rejection");
+        for t in 1..4u64 {
+            let want = twin.step(&grads[t as usize], t).cloned().unwrap();
+            let got = g.step(&grads[t as usize], t).cloned().unwrap();
+            assert_eq!(want, got, "config {ci}: step {t} after the reverts");
+        }
+        assert_eq!(state(&mut g), state(&mut twin), "config {ci}: state at the end");
+        g.reset().unwrap();
+        g.revert().unwrap();
+        let (e, _) = state(&mut g);
+        assert!(e.iter().all(|&b| b == 0), "config {ci}: revert after reset brought a state back");
     }
 }

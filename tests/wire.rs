@@ -1080,3 +1080,54 @@ proptest! {
         decode_hostile(&bytes);
     }
 }
+
+/// `max_sparse_len` holds every message of `count` entries (uniform, clustered, evenly
+/// spaced, all at either end, k = 0 and k = n) and stays close to a typical one: the size
+/// of the fixed all-gather rows of the PyTorch hook.
+#[test]
+fn max_sparse_len_bounds_every_message_tightly() {
+    let mut rng = Rng(0xB0D);
+    for &(n, k) in &[(1u32, 0usize), (1, 1), (64, 64), (1000, 1), (1000, 10), (100_000, 1_000), (1 << 20, 10_486)] {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let bound = wire::max_sparse_len(n, k, dtype);
+            let spread = (n as usize / k.max(1)).max(1) as u32;
+            let layouts: Vec<Vec<u32>> = vec![
+                uniform_subset(n, k, &mut rng),
+                (0..k as u32).collect(),
+                (n - k as u32..n).collect(),
+                (0..k as u32).map(|i| i * spread).collect(),
+                // clustered: a few runs of consecutive indices at random places
+                {
+                    let mut v: Vec<u32> = uniform_subset(n, k.div_ceil(8), &mut rng)
+                        .into_iter()
+                        .flat_map(|s| (s..(s + 8).min(n)).collect::<Vec<_>>())
+                        .collect();
+                    v.sort_unstable();
+                    v.dedup();
+                    v.truncate(k);
+                    while v.len() < k {
+                        // top up with the smallest free indices
+                        let free = (0..n).find(|i| v.binary_search(i).is_err()).unwrap();
+                        let at = v.binary_search(&free).unwrap_err();
+                        v.insert(at, free);
+                    }
+                    v
+                },
+            ];
+            for idx in layouts {
+                assert_eq!(idx.len(), k);
+                let (bytes, _) = round_trip(&sparse_random(n, dtype, idx, &mut rng));
+                assert!(bytes.len() <= bound, "n = {n}, k = {k}, {dtype:?}: {} > {bound}", bytes.len());
+            }
+        }
+    }
+    // Tight where it matters: 1% of 2^20 with f32 values.
+    let (n, k) = (1u32 << 20, 10_486);
+    let (typical, _) = round_trip(&sparse_random(n, DType::F32, uniform_subset(n, k, &mut rng), &mut rng));
+    let bound = wire::max_sparse_len(n, k, DType::F32);
+    println!("max_sparse_len: {bound} bytes against a typical {} ({:+.2}%)", typical.len(), 100.0 * (bound as f64 / typical.len() as f64 - 1.0));
+    assert!(bound as f64 <= 1.02 * typical.len() as f64, "bound {bound} vs typical {}", typical.len());
+    // Sign payloads have one size.
+    let p = sign_random(1000, 3, &mut rng);
+    assert_eq!(round_trip(&p).0.len(), wire::max_sign_len(1000, 3));
+}

@@ -10,30 +10,47 @@ Usage (the lines a PyTorch user adds)::
     torch.save({"model": model.state_dict(), "gradsift": state.state_dict()}, path)
     state.load_state_dict(ckpt["gradsift"])          # on resume
 
-Per bucket and step, on every rank (``w`` = rank, ``t`` = the bucket's step count):
+Per bucket and step, on every rank (``w`` = rank, ``t`` = the bucket's step count), **one
+collective**, started asynchronously so that DDP overlaps it with the rest of backward:
 
 1. error-feedback compression of the bucket (float32, float16 or bfloat16) on the bucket's
-   device: ``Compressor.step`` on a zero-copy host view (CPU), or ``Compressor.step_ptr`` on
-   the tensor's device pointer and a CUDA stream of PyTorch's (CUDA); the payload is
-   encoded in gradsift's wire format (docs/SPEC.md §9);
-2. **exchange of sizes, then padding**: every rank all-gathers a fixed 6-integer header
-   ``[status, message bytes, config fingerprint, step, flags, 0]``; then each message is
-   padded with zeros to the largest message of this step and one all-gather moves all of
-   them (rows of that common stride). The header all-gather also carries what must agree:
-   a rank whose step failed (non-finite gradient) or whose configuration differs makes
-   every rank raise the same error, before any payload moves, so nothing hangs and no
-   update is applied;
-3. aggregation of the K messages in rank order (``Aggregator.aggregate_wire``, over
-   workers or over senders), written in place into the bucket, which the hook returns as
-   its future's value. This is exactly what the in-process simulation does with K
-   compressors (worker ids 0..K-1, the same step numbers) and one aggregator.
+   device, written straight into this rank's fixed-size message row: for host buckets the
+   wire format (docs/SPEC.md §9) padded to ``Compressor.max_encoded_len()`` (a tight bound:
+   the Rice code's length for the worst gaps), for CUDA buckets of a sparse method the
+   device row of ``Compressor.pack_ptr`` (u32 indices, f32 values, the step status) copied
+   device to device on a CUDA stream of PyTorch's. Each row ends in a 32-byte trailer with
+   the per-step facts: status (0 accepted, 1 non-finite gradient, 2 overflow of the
+   accumulated values), message bytes, step and configuration fingerprint.
+2. ``all_gather_into_tensor(..., async_op=True)`` of the rows; the decode and the
+   aggregation are chained on its future (``get_future().then``). In the callback every
+   rank reads the same K trailers and so takes the same decision: when any rank's step was
+   rejected or the ranks disagree, every rank undoes its own step (``Compressor.revert``:
+   residual and momentum back to their bits before it) and raises the same error, so no
+   update is applied and no error feedback is lost. Otherwise the K messages are
+   aggregated in rank order (over workers or over senders) into the bucket, in place,
+   which is the future's value. This is exactly what the in-process simulation does with
+   K compressors (worker ids 0..K-1, the same step numbers) and one aggregator.
 
-Buffers are allocated on the first call of a bucket (and grown only when DGC's warm-up
-raises the payload size); later calls allocate no new device memory.
+The configuration check (a fingerprint of the settings and the world size, with the slot
+size) is its own small blocking all-gather, run at a bucket's first call and whenever its
+configuration changes (DGC's warm-up): ranks configured differently raise
+:class:`ConfigMismatchError` there, on every rank, before any fixed-size row moves.
+
+Errors raised in the callback reach the training loop through DDP, which wraps them in a
+``RuntimeError`` whose message carries the gradsift error's type and text (for example
+``NonFiniteError: gradsift hook: step 2 rejected: non-finite gradient on rank(s) [1]``).
+
+Buffers are allocated on the first call of a bucket (and again only when DGC's warm-up
+changes the slot size); later calls allocate no new memory. CUDA buckets: with NCCL the
+gradient, the rows and the aggregation stay on the device, and only the K trailers (32
+bytes a rank) are read by the host to take the decision; with gloo, a host transport, the
+compressed rows cross to the host and back, never the gradient. Scaled sign on CUDA
+buckets has no fixed-count device row and takes the host wire path.
 """
 
 
 import hashlib
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +64,11 @@ from . import Aggregator, Compressor, Config, GradsiftError, NonFiniteError, hos
 __all__ = ["GradsiftState", "gradsift_hook", "ConfigMismatchError", "make_config", "ratio_at", "set_state"]
 
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_HEADER = 6
+#: Bytes of the per-step trailer that ends every row: int64 [status, message bytes, step,
+#: fingerprint, rejected count, first rejected index].
+_TRAILER = 48
+_OK, _NONFINITE, _OVERFLOW = 0, 1, 2
+_COUNTS = re.compile(r"(\d+) non-finite value\(s\).*?index (\d+)")
 
 
 def ratio_at(settings: dict[str, Any], step: int) -> float:
@@ -99,6 +120,8 @@ def set_state(comp: Compressor, config: Config, e: np.ndarray, u: np.ndarray | N
     comp.reconfigure(config)
 
 
+
+
 class ConfigMismatchError(GradsiftError):
     """Ranks run the hook with different configurations (raised on every rank)."""
 
@@ -112,16 +135,28 @@ class _Bucket:
     config: Config
     device: torch.device
     steps: int = 0
+    #: Message bytes a row holds (before the trailer); ``stride = cap + _TRAILER``.
     cap: int = 0
+    stride: int = 0
+    #: (fingerprint, cap) the ranks last agreed on in the set-up check.
+    agreed: tuple[int, int] | None = None
+    #: The rows on the communication device: this rank's, and all K after the all-gather.
     send: torch.Tensor | None = None
     recv: torch.Tensor | None = None
-    recv_rows: list[torch.Tensor] = field(default_factory=list)
-    send_host: torch.Tensor | None = None
-    recv_host: torch.Tensor | None = None
-    hdr: torch.Tensor | None = None
-    hdrs: torch.Tensor | None = None
-    hdr_rows: list[torch.Tensor] = field(default_factory=list)
+    #: Host views of the rows (host paths): whole rows, this rank's trailer, all K trailers.
+    send_np: np.ndarray | None = None
+    recv_np: np.ndarray | None = None
+    trailer: np.ndarray | None = None
+    trailers: np.ndarray | None = None
+    #: CUDA buckets: the device row path (sparse methods), its sent count, the pinned host
+    #: trailers, and the device rows when the transport (gloo) needs host rows.
+    rows: bool = False
+    sent: int = 0
+    tr_host: torch.Tensor | None = None
+    dev_send: torch.Tensor | None = None
+    dev_recv: torch.Tensor | None = None
     out32: torch.Tensor | None = None
+    stage: torch.Tensor | None = None
     stream: Any = None
 
 
@@ -198,7 +233,8 @@ class GradsiftState:
         self._pending: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         #: Wire bytes this rank sent in the last step (all buckets), before padding.
         self.bytes_sent = 0
-        #: Bytes this rank put on the all-gather in the last step (padding included).
+        #: Bytes this rank put on the all-gather in the last step (its rows: message,
+        #: padding to the fixed slot, and trailer).
         self.bytes_padded = 0
         self._last_step = -1
         self._resume_step = 0
@@ -245,10 +281,6 @@ class GradsiftState:
             comp = Compressor(sizes, cfg, "cpu")
             agg = Aggregator(sizes, self.world_size, self.settings["mode"], self.settings["average"], "cpu")
         b = _Bucket(names, sizes, comp, agg, cfg, buf.device, steps=start, stream=stream)
-        comm = self._comm_device(buf)
-        b.hdr = torch.zeros(_HEADER, dtype=torch.int64, device=comm)
-        b.hdrs = torch.zeros(self.world_size * _HEADER, dtype=torch.int64, device=comm)
-        b.hdr_rows = list(b.hdrs.view(self.world_size, _HEADER).unbind(0))
         if use_cuda:
             b.out32 = torch.empty(buf.numel(), dtype=torch.float32, device=buf.device)
         self._buckets[names] = b
@@ -261,15 +293,57 @@ class GradsiftState:
             return buf.device
         return torch.device("cpu")
 
-    def _grow(self, b: _Bucket, need: int, comm: torch.device) -> None:
-        cap = max(need, b.comp.max_encoded_len())
-        cap = (cap + 63) // 64 * 64
-        b.cap = cap
-        b.send = torch.zeros(cap, dtype=torch.uint8, device=comm)
-        b.recv = torch.zeros(self.world_size * cap, dtype=torch.uint8, device=comm)
-        if comm.type == "cuda":
-            b.send_host = torch.zeros(cap, dtype=torch.uint8, pin_memory=True)
-            b.recv_host = torch.zeros(self.world_size * cap, dtype=torch.uint8, pin_memory=True)
+    def _slot(self, b: _Bucket) -> int:
+        """Message bytes of one row for the bucket's current configuration."""
+        if b.device.type == "cuda":
+            row = b.comp.row_len()
+            if row is not None:
+                return (row + 7) // 8 * 8
+        return (b.comp.max_encoded_len() + 7) // 8 * 8
+
+    def _grow(self, b: _Bucket, cap: int, comm: torch.device) -> None:
+        """(Re)allocates the rows for a slot of ``cap`` bytes: at a bucket's first call and
+        when DGC's warm-up changes the slot, never in the steady state."""
+        K = self.world_size
+        b.cap, b.stride = cap, cap + _TRAILER
+        b.rows = b.device.type == "cuda" and b.comp.row_len() is not None
+        b.sent = sum(g[3] for g in b.comp.groups)
+        b.send = torch.zeros(b.stride, dtype=torch.uint8, device=comm, pin_memory=comm.type == "cpu" and b.device.type == "cuda")
+        b.recv = torch.zeros(K * b.stride, dtype=torch.uint8, device=comm, pin_memory=comm.type == "cpu" and b.device.type == "cuda")
+        b.send_np = b.recv_np = b.trailer = b.trailers = b.tr_host = b.dev_send = b.dev_recv = b.stage = None
+        if comm.type == "cpu":
+            b.send_np, b.recv_np = b.send.numpy(), b.recv.numpy()
+            b.trailer = b.send_np[cap:].view(np.int64)
+            b.trailers = b.recv_np.reshape(K, b.stride)[:, cap:].view(np.int64)
+        else:
+            # what the host reads of the K rows: the trailer, after the step status on rows
+            b.tr_host = torch.zeros(K, _TRAILER + (32 if b.rows else 0), dtype=torch.uint8, pin_memory=True)
+        if b.device.type == "cuda":
+            # the host side of this rank's row: the trailer (device rows) or the whole
+            # encoded row (the host wire path over NCCL), copied onto the device each step
+            b.stage = torch.zeros(_TRAILER if b.rows else b.stride, dtype=torch.uint8, pin_memory=True)
+            if b.rows and comm.type == "cpu":
+                b.dev_send = torch.zeros(b.stride, dtype=torch.uint8, device=b.device)
+                b.dev_recv = torch.zeros(K * b.stride, dtype=torch.uint8, device=b.device)
+        b.agreed = None
+
+    def _agree(self, b: _Bucket, step: int) -> None:
+        """The set-up check: one small blocking all-gather of (fingerprint, slot, step) at a
+        bucket's first call and when its slot changes. Any difference raises
+        :class:`ConfigMismatchError` on every rank before a fixed-size row moves."""
+        mine = torch.tensor([self.fingerprint, b.cap, step], dtype=torch.int64)
+        comm = b.send.device
+        allv = torch.zeros(self.world_size * 3, dtype=torch.int64, device=comm)
+        dist.all_gather_into_tensor(allv, mine.to(comm), group=self.process_group)
+        rows = allv.view(self.world_size, 3).cpu().numpy()
+        if (rows[:, 0] != rows[0, 0]).any() or (rows[:, 1] != rows[0, 1]).any():
+            descr: list[Any] = [None] * self.world_size
+            dist.all_gather_object(descr, repr(self.settings), group=self.process_group)
+            lines = "; ".join(f"rank {r}: {d}" for r, d in enumerate(descr))
+            raise ConfigMismatchError(f"gradsift hook: ranks are configured differently ({lines})")
+        if (rows[:, 2] != step).any():
+            raise ConfigMismatchError(f"gradsift hook: ranks are at different steps {rows[:, 2].tolist()} of bucket {b.names[0]}...")
+        b.agreed = (self.fingerprint, b.cap)
 
     # -- save / restore ----------------------------------------------------------------
 
@@ -348,34 +422,146 @@ class GradsiftState:
         self._last_step = self._resume_step - 1
 
 
-def _raise_everywhere(state: GradsiftState, b: _Bucket, hdrs: np.ndarray, step: int, local_error: str | None) -> None:
-    """Raises on every rank when any header says so: the same decision from the same data."""
-    fp = hdrs[:, 2]
-    if (fp != state.fingerprint).any():
-        descr: list[Any] = [None] * state.world_size
-        dist.all_gather_object(descr, repr(state.settings), group=state.process_group)
-        lines = "; ".join(f"rank {r}: {d}" for r, d in enumerate(descr))
-        raise ConfigMismatchError(f"gradsift hook: ranks are configured differently ({lines})")
-    if (hdrs[:, 3] != hdrs[0, 3]).any():
-        raise ConfigMismatchError(f"gradsift hook: ranks are at different steps {hdrs[:, 3].tolist()} of bucket {b.names[0]}...")
-    bad = [r for r in range(state.world_size) if hdrs[r, 0] == 1]
-    if bad:
-        raise NonFiniteError(
-            f"gradsift hook: step {step} rejected: non-finite gradient on rank(s) {bad} "
-            f"(bucket of {len(b.names)} parameters starting at {b.names[0]!r}); every rank kept its residual "
-            f"and momentum, no update was applied"
+def _decide(state: GradsiftState, b: _Bucket, t: np.ndarray, step: int) -> None:
+    """Raises when any trailer says so: every rank reads the same K trailers, so every rank
+    raises the same error (after undoing its own step, which the caller does)."""
+    if (t[:, 3] != state.fingerprint).any() or (t[:, 2] != step).any():
+        raise ConfigMismatchError(
+            f"gradsift hook: the rows of bucket {b.names[0]}... disagree: steps {t[:, 2].tolist()}, "
+            f"fingerprints {t[:, 3].tolist()} (ranks configured differently or out of step)"
         )
-    over = [r for r in range(state.world_size) if hdrs[r, 0] == 2]
-    if over:
+    bad = [r for r in range(state.world_size) if t[r, 0] == _NONFINITE]
+    over = [r for r in range(state.world_size) if t[r, 0] == _OVERFLOW]
+    if bad or over:
+        what = []
+        if bad:
+            what.append(f"non-finite gradient on rank(s) {bad}")
+        if over:
+            what.append(f"the accumulated gradient overflowed on rank(s) {over}")
+        detail = ", ".join(f"rank {r}: {t[r, 4]} non-finite value(s), the first at index {t[r, 5]}" for r in bad + over)
         raise NonFiniteError(
-            f"gradsift hook: step {step} rejected: the accumulated gradient overflowed on rank(s) {over} "
-            f"(bucket starting at {b.names[0]!r}); those ranks kept their residual, the others stepped; "
-            f"no update was applied" + (f"; here: {local_error}" if local_error else "")
+            f"gradsift hook: step {step} rejected: {' and '.join(what)} ({detail}; bucket of {len(b.names)} parameters "
+            f"starting at {b.names[0]!r}); every rank kept its residual and momentum, no update was applied"
         )
+
+
+def _finish_host(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int, fut: Any) -> torch.Tensor:
+    """The future's callback, host rows: decide, then decode and aggregate into ``buf``."""
+    try:
+        fut.value()  # a failed collective raises here
+        if b.recv_np is None:  # NCCL rows of the host wire path (scaled sign on CUDA)
+            b.tr_host.copy_(b.recv.view(state.world_size, b.stride)[:, b.cap :])
+            t = b.tr_host.numpy().view(np.int64)
+        else:
+            t = b.trailers
+        _decide(state, b, t, step)
+        sizes = t[:, 1].tolist()
+        if buf.is_cuda:
+            host = b.recv_np if b.recv_np is not None else b.recv.cpu().numpy()
+            from . import Payload
+
+            payloads = [Payload.decode(host[r * b.stride : r * b.stride + sizes[r]].tobytes()) for r in range(state.world_size)]
+            b.stream.wait_stream(torch.cuda.current_stream(buf.device))
+            b.agg.aggregate_ptr(payloads, b.out32.data_ptr())
+            with torch.cuda.stream(b.stream):
+                buf.copy_(b.out32)
+            torch.cuda.current_stream(buf.device).wait_stream(b.stream)
+        else:
+            x, hint = host_view(buf)
+            b.agg.aggregate_wire(b.recv_np, b.stride, sizes, x, dtype=hint)
+    except BaseException:
+        b.comp.revert()
+        raise
+    b.steps += 1
+    return buf
+
+
+def _finish_rows(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int, fut: Any) -> torch.Tensor:
+    """The future's callback, CUDA device rows: the K trailers (and the step statuses
+    before them) come to the host, 64 bytes a rank; rows and aggregation stay on the device."""
+    try:
+        fut.value()
+        dev = buf.device
+        cur = torch.cuda.current_stream(dev)
+        rows = b.recv
+        if b.dev_recv is not None:  # gloo: the rows arrived on the host
+            with torch.cuda.stream(b.stream):
+                b.dev_recv.copy_(b.recv, non_blocking=True)
+            rows = b.dev_recv
+        else:
+            b.stream.wait_stream(cur)
+        # the packed row ends in the step status (bad_count first), then comes the trailer
+        view = rows.view(state.world_size, b.stride)
+        with torch.cuda.stream(b.stream):
+            b.tr_host.copy_(view[:, b.cap - 32 :])
+        words = b.tr_host.numpy().view(np.int64)
+        t = words[:, 4:].copy()
+        rejected = words[:, 0] != 0
+        if rejected.any():
+            # the device status: bad_count (u64), then first_bad (u32)
+            t[rejected, 0] = _NONFINITE
+            t[rejected, 4] = words[rejected, 0]
+            t[rejected, 5] = words[rejected, 1] & 0xFFFFFFFF
+        _decide(state, b, t, step)
+        b.agg.aggregate_rows_ptr(rows.data_ptr(), b.stride, b.sent, b.out32.data_ptr())
+        with torch.cuda.stream(b.stream):
+            buf.copy_(b.out32)
+        cur.wait_stream(b.stream)
+    except BaseException:
+        b.comp.revert()
+        raise
+    b.steps += 1
+    return buf
+
+
+def _send_rows(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -> int:
+    """CUDA sparse buckets: step and pack on the plan's stream, device to device."""
+    cur = torch.cuda.current_stream(buf.device)
+    b.stream.wait_stream(cur)
+    b.comp.step_ptr(buf.data_ptr(), buf.numel(), _DTYPES[buf.dtype], step)
+    dst = b.dev_send if b.dev_send is not None else b.send
+    b.comp.pack_ptr(dst.data_ptr(), b.cap)
+    b.stage.numpy().view(np.int64)[:] = (_OK, b.comp.row_len(), step, state.fingerprint, 0, 0)
+    with torch.cuda.stream(b.stream):
+        dst[b.cap :].copy_(b.stage, non_blocking=True)
+        if b.dev_send is not None:  # gloo: the row goes to the host
+            b.send.copy_(b.dev_send)
+    cur.wait_stream(b.stream)
+    return b.comp.row_len()
+
+
+def _send_host(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -> int:
+    """Host buckets (and scaled sign on CUDA): compress into this rank's row, wire format."""
+    status, nbytes, count, first = _OK, 0, 0, 0
+    try:
+        if buf.is_cuda:
+            b.stream.wait_stream(torch.cuda.current_stream(buf.device))
+            b.comp.step_ptr(buf.data_ptr(), buf.numel(), _DTYPES[buf.dtype], step)
+            b.comp.check()
+            stage = b.send_np if b.send_np is not None else b.stage.numpy()
+            nbytes = b.comp.encode_into(stage[: b.cap])
+        else:
+            x, hint = host_view(buf)
+            nbytes = b.comp.step_encode_into(x, step, b.send_np[: b.cap], dtype=hint)
+    except NonFiniteError as e:
+        # rare: only now is it worth telling a non-finite gradient from an overflow of e + g
+        status = _NONFINITE if not bool(torch.isfinite(buf).all()) else _OVERFLOW
+        m = _COUNTS.search(str(e))
+        count, first = (int(m[1]), int(m[2])) if m else (0, 0)
+    if b.send_np is not None:
+        b.send_np[nbytes : b.cap] = 0  # deterministic padding bytes on the wire
+        b.trailer[:] = (status, nbytes, step, state.fingerprint, count, first)
+    else:  # NCCL rows of the host wire path
+        row = b.stage.numpy()
+        row[nbytes : b.cap] = 0
+        row[b.cap :].view(np.int64)[:] = (status, nbytes, step, state.fingerprint, count, first)
+        b.send.copy_(b.stage)
+    return nbytes
 
 
 def gradsift_hook(state: GradsiftState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """The DDP communication hook: compress, all-gather, aggregate (see the module doc)."""
+    """The DDP communication hook: compress into a fixed row, start one asynchronous
+    all-gather, and aggregate on its future (see the module doc)."""
     buf = bucket.buffer()
     if buf.dtype not in _DTYPES:
         raise TypeError(
@@ -390,75 +576,19 @@ def gradsift_hook(state: GradsiftState, bucket: dist.GradBucket) -> torch.future
     if cfg != b.config:
         b.comp.reconfigure(cfg)  # DGC warm-up: keeps residual and momentum
         b.config = cfg
-    comm = b.hdr.device
-    if b.send is None or b.cap < b.comp.max_encoded_len():
-        state._grow(b, 0, comm)
-    dname = _DTYPES[buf.dtype]
-    # Phase 1, before anything changes: configuration, step and finiteness of every rank's
-    # gradient. Any disagreement or non-finite gradient raises on every rank, and no rank
-    # has stepped, so every residual is kept.
-    finite = bool(torch.isfinite(buf).all())
-    b.hdr.copy_(torch.tensor([0 if finite else 1, 0, state.fingerprint, step, 0, 0], dtype=torch.int64))
-    dist.all_gather(b.hdr_rows, b.hdr, group=state.process_group)
-    hdrs = b.hdrs.view(state.world_size, _HEADER).cpu().numpy()
-    _raise_everywhere(state, b, hdrs, step, None)
-    local_error = None
-    nbytes = 0
-    cur = torch.cuda.current_stream(buf.device) if buf.is_cuda else None
-    try:
-        if buf.is_cuda:
-            b.stream.wait_stream(cur)
-            b.comp.step_ptr(buf.data_ptr(), buf.numel(), dname, step)
-            b.comp.check()
-            nbytes = b.comp.encode_into((b.send_host if b.send_host is not None else b.send).numpy())
-            if b.send_host is not None:
-                with torch.cuda.stream(b.stream):
-                    b.send[:nbytes].copy_(b.send_host[:nbytes], non_blocking=True)
-                b.stream.synchronize()
-        else:
-            x, hint = host_view(buf)
-            b.comp.step(x, step, dtype=hint)
-            nbytes = b.comp.encode_into(b.send.numpy())
-    except NonFiniteError as e:
-        local_error = str(e)
-    # Phase 2: message sizes, and whether a finite gradient still overflowed (e + g, or a
-    # value scaled by 'unbiased'): then every rank raises; the ranks whose step succeeded
-    # have advanced their residual (the rare case the pre-check cannot see).
-    b.hdr.copy_(torch.tensor([2 if local_error else 0, nbytes, state.fingerprint, step, 1, 0], dtype=torch.int64))
-    dist.all_gather(b.hdr_rows, b.hdr, group=state.process_group)
-    hdrs = b.hdrs.view(state.world_size, _HEADER).cpu().numpy()
-    _raise_everywhere(state, b, hdrs, step, local_error)
-    sizes = [int(s) for s in hdrs[:, 1]]
-    stride = max(sizes)
-    if stride > b.cap:  # cannot happen with the bound of max_encoded_len; kept as a guard
-        raise GradsiftError(f"gradsift hook: a message of {stride} bytes exceeds the buffer of {b.cap}")
-    b.send[nbytes:stride].zero_()
-    rows = list(b.recv[: state.world_size * stride].view(state.world_size, stride).unbind(0))
-    dist.all_gather(rows, b.send[:stride], group=state.process_group)
-    if buf.is_cuda:
-        if b.recv_host is not None:
-            b.recv_host[: state.world_size * stride].copy_(b.recv[: state.world_size * stride])
-            data = b.recv_host
-        else:
-            data = b.recv
-        from . import Payload
-
-        raw = data.numpy()
-        payloads = [Payload.decode(raw[r * stride : r * stride + sizes[r]].tobytes()) for r in range(state.world_size)]
-        b.agg.aggregate_ptr(payloads, b.out32.data_ptr())
-        with torch.cuda.stream(b.stream):
-            buf.copy_(b.out32)
-        cur.wait_stream(b.stream)
-    else:
-        x, hint = host_view(buf)
-        b.agg.aggregate_wire(b.recv.numpy(), stride, sizes, x, dtype=hint)
-    b.steps += 1
+    cap = state._slot(b)
+    if b.send is None or b.cap != cap:
+        state._grow(b, cap, state._comm_device(buf))
+    if b.agreed != (state.fingerprint, b.cap):
+        state._agree(b, step)
+    nbytes = _send_rows(state, b, buf, step) if b.rows else _send_host(state, b, buf, step)
     if step != state._last_step:
         state._last_step = step
         state.bytes_sent = 0
         state.bytes_padded = 0
     state.bytes_sent += nbytes
-    state.bytes_padded += stride
-    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    fut.set_result(buf)
-    return fut
+    state.bytes_padded += b.stride
+    work = dist.all_gather_into_tensor(b.recv, b.send, group=state.process_group, async_op=True)
+    if b.rows:
+        return work.get_future().then(lambda fut: _finish_rows(state, b, buf, step, fut))
+    return work.get_future().then(lambda fut: _finish_host(state, b, buf, step, fut))

@@ -94,3 +94,48 @@ pub(crate) fn aggregate_ptr(
     })
     .map_err(err)
 }
+
+pub(crate) fn pack_ptr(c: &Compressor, dst: usize, cap: usize) -> PyResult<usize> {
+    let g = c.lock();
+    let gradsift::Compressor::Cuda(cu) = &*g else {
+        return Err(PyTypeError::new_err(
+            "pack_ptr needs a CUDA compressor (Compressor.cuda)",
+        ));
+    };
+    // SAFETY: `dst` is `tensor.data_ptr()` of a uint8 CUDA tensor of at least `cap` bytes on
+    // this plan's device, which the hook keeps alive for the plan's lifetime.
+    unsafe { cu.pack_row(dst as u64, cap) }.map_err(err)
+}
+
+pub(crate) fn aggregate_rows_ptr(
+    a: &Aggregator,
+    py: Python<'_>,
+    rows: usize,
+    stride: usize,
+    sent: usize,
+    out_ptr: usize,
+) -> PyResult<()> {
+    let Some(cx) = a.cx.as_ref() else {
+        return Err(PyTypeError::new_err(
+            "aggregate_rows_ptr needs a CUDA aggregator (Aggregator.cuda)",
+        ));
+    };
+    let mut g = a.lock();
+    let gradsift::Aggregator::Cuda(cu) = &mut *g else {
+        return Err(PyTypeError::new_err(
+            "aggregate_rows_ptr needs a CUDA aggregator (Aggregator.cuda)",
+        ));
+    };
+    let stream = cx.stream().clone();
+    let n = a.n;
+    py.detach(|| {
+        // SAFETY: `out_ptr` addresses `n` f32 and `rows` K rows of `stride` bytes on this
+        // device (the hook's own buffers); the slice is leaked on every path, so the
+        // tensor's memory is never freed here.
+        let mut out = unsafe { stream.upgrade_device_ptr::<f32>(out_ptr as u64, n) };
+        let r = unsafe { cu.aggregate_rows_device(rows as u64, stride, sent, &mut out) };
+        let _ = out.leak();
+        r
+    })
+    .map_err(err)
+}

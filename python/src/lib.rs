@@ -594,19 +594,71 @@ impl Compressor {
         Ok(w.len())
     }
 
-    /// An upper bound on `encode_into`'s byte count for this plan's configuration.
+    /// The largest byte count `encode_into` can return for this plan's configuration
+    /// (`gradsift::wire::max_sparse_len` / `max_sign_len`): the size of a fixed message slot.
     fn max_encoded_len(&self) -> usize {
         let c = self.lock();
-        let n = c.layout().n();
+        let n = c.layout().n() as u32;
         let groups = c.groups();
-        if c.config().is_sparse() {
+        let cfg = c.config();
+        if cfg.is_sparse() {
             let k: usize = groups.iter().map(|g| g.k).sum();
-            // header 13 bytes; Rice code <= k * (1 + b) + n >> b bits with the best b <= the
-            // b = 0 bound n + k bits; values 4 bytes each.
-            13 + (n + k).div_ceil(8) + 4 * k + 8
+            gradsift::wire::max_sparse_len(n, k, cfg.values)
         } else {
-            12 + 4 * groups.len() + n.div_ceil(8) + 8
+            gradsift::wire::max_sign_len(n, groups.len())
         }
+    }
+
+    /// One step on a host array (as `step`), its payload encoded straight into the writable
+    /// byte buffer `out`; returns the byte count. The hook's per-step path: nothing is
+    /// allocated after the first call. Raises `NonFiniteError` (state unchanged, `out`
+    /// untouched) like `step`, and `ValueError` when `out` is too small (the step is then
+    /// undone, as by `revert`).
+    #[pyo3(signature = (grad, step, out, dtype=None))]
+    fn step_encode_into(
+        &self,
+        py: Python<'_>,
+        grad: &Bound<'_, PyAny>,
+        step: u64,
+        out: &Bound<'_, PyAny>,
+        dtype: Option<&str>,
+    ) -> PyResult<usize> {
+        let buf = PyUntypedBuffer::get(out)?;
+        if buf.readonly() || !buf.is_c_contiguous() {
+            return Err(PyValueError::new_err(
+                "out must be a writable contiguous byte buffer",
+            ));
+        }
+        let (dst, cap) = (buf.buf_ptr() as usize, buf.len_bytes());
+        let a = HostArray::get(grad, dtype, false)?;
+        let (addr, len, dt) = (a.addr(), a.len, a.dtype);
+        let mut g = self.lock();
+        let c = &mut *g;
+        let mut w = self.wire.lock().unwrap_or_else(|p| p.into_inner());
+        let w = &mut *w;
+        let r = py.detach(|| -> gradsift::Result<usize> {
+            let p = with_slice!(addr, len, dt, |s| c.step(s, step))?;
+            gradsift::wire::encode(p, w)?;
+            Ok(w.len())
+        });
+        drop(a);
+        let nbytes = r.map_err(err)?;
+        if nbytes > cap {
+            c.revert().map_err(err)?;
+            return Err(PyValueError::new_err(format!(
+                "out holds {cap} bytes, the encoded payload needs {nbytes} (the step was undone)"
+            )));
+        }
+        // SAFETY: writable, contiguous, at least nbytes bytes (checked above).
+        unsafe { std::ptr::copy_nonoverlapping(w.as_ptr(), dst as *mut u8, nbytes) };
+        Ok(nbytes)
+    }
+
+    /// Undoes the last step when it was accepted: residual and momentum return, bit for
+    /// bit, to what they were before it (docs/SPEC.md §5); a no-op after a rejected step or
+    /// a `revert`. The hook calls it on every rank when any rank's step was rejected.
+    fn revert(&self) -> PyResult<()> {
+        self.lock().revert().map_err(err)
     }
 
     /// Waits for the last step; raises `NonFiniteError` if it was rejected.
@@ -698,6 +750,34 @@ impl Compressor {
         #[cfg(not(feature = "cuda"))]
         {
             let _ = (sizes, config, device, stream);
+            Err(no_cuda())
+        }
+    }
+
+    /// CUDA only: bytes of the fixed device row `pack_ptr` writes (`sent` u32 indices,
+    /// `sent` f32 values, a 32-byte status whose first u64 is the rejected-element count), or
+    /// None for 'sign' (no fixed count) and for host plans.
+    fn row_len(&self) -> Option<usize> {
+        #[cfg(feature = "cuda")]
+        {
+            if let gradsift::Compressor::Cuda(cu) = &*self.lock() {
+                return cu.row_len();
+            }
+        }
+        None
+    }
+
+    /// CUDA only: enqueues device-to-device copies of the last step's payload and status
+    /// into the `cap` bytes at device address `dst_ptr` (a uint8 CUDA tensor's
+    /// `data_ptr()`), on the plan's stream; returns `row_len()`. Nothing crosses to the host.
+    fn pack_ptr(&self, dst_ptr: usize, cap: usize) -> PyResult<usize> {
+        #[cfg(feature = "cuda")]
+        {
+            cuda::pack_ptr(self, dst_ptr, cap)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (dst_ptr, cap);
             Err(no_cuda())
         }
     }
@@ -881,6 +961,28 @@ impl Aggregator {
         #[cfg(not(feature = "cuda"))]
         {
             let _ = (py, payloads, out_ptr);
+            Err(no_cuda())
+        }
+    }
+
+    /// CUDA only: averages K device rows written by `Compressor.pack_ptr` and concatenated
+    /// by one all-gather (row w at `rows_ptr + w * stride`) into the float32 device buffer at
+    /// `out_ptr` (length n), on the device; only the per-worker check verdicts reach the host.
+    fn aggregate_rows_ptr(
+        &self,
+        py: Python<'_>,
+        rows_ptr: usize,
+        stride: usize,
+        sent: usize,
+        out_ptr: usize,
+    ) -> PyResult<()> {
+        #[cfg(feature = "cuda")]
+        {
+            cuda::aggregate_rows_ptr(self, py, rows_ptr, stride, sent, out_ptr)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (py, rows_ptr, stride, sent, out_ptr);
             Err(no_cuda())
         }
     }

@@ -52,12 +52,17 @@ def train(rank: int, case: dict, steps: int, state_in: dict | None = None, start
     def hook(st, bucket):
         names = tuple(st._names[id(p)] for p in bucket.parameters())
         inp = bucket.buffer().cpu().clone()
-        fut = gst.gradsift_hook(st, bucket)
-        rec.append((names, inp, fut.value().cpu().clone()))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            free_mem.append(torch.cuda.mem_get_info(device)[0])
-        return fut
+
+        # The hook's future completes once its all-gather has: record on it, as DDP waits.
+        def record(fut):
+            out = fut.value()
+            rec.append((names, inp, out.cpu().clone()))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                free_mem.append(torch.cuda.mem_get_info(device)[0])
+            return out
+
+        return gst.gradsift_hook(st, bucket).then(record)
 
     ddp.register_comm_hook(state, hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
@@ -96,7 +101,8 @@ def worker(rank: int, world: int, port: int, case: dict, outdir: str) -> None:
             return
         if case.get("device", "cpu").startswith("cuda"):
             torch.cuda.set_device(torch.device(case["device"]))
-        dist.init_process_group(case.get("pg", "gloo"), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        addr = os.environ.get("MASTER_ADDR", "127.0.0.1") if case.get("cluster") else "127.0.0.1"
+        dist.init_process_group(case.get("pg", "gloo"), init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world)
         steps = case.get("steps", 6)
         r = train(rank, case, steps)
         result = {k: v for k, v in r.items() if k != "state"}
@@ -112,3 +118,14 @@ def worker(rank: int, world: int, port: int, case: dict, outdir: str) -> None:
     except Exception:  # noqa: BLE001
         result["crash"] = traceback.format_exc()
     torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    # One rank of a run on the namespace cluster (scripts/netbench/cluster.sh sets RANK,
+    # WORLD_SIZE, MASTER_ADDR, MASTER_PORT): python ddp_workers.py CASE.pt OUTDIR
+    import sys
+
+    case_in, outdir = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    case = dict(torch.load(case_in, weights_only=False), cluster=True)
+    worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["MASTER_PORT"]), case, outdir)

@@ -40,6 +40,9 @@ pub struct Compressor {
     fresh: bool,
     /// The last step's rejection, reported again by `check` and `payload`.
     last_error: Option<Error>,
+    /// Whether `scratch_p`/`scratch_u` hold the state from before the last (accepted) step,
+    /// which `revert` swaps back (SPEC §5).
+    revertible: bool,
     rejected: u64,
 }
 
@@ -79,6 +82,7 @@ impl Compressor {
             payload,
             fresh: false,
             last_error: None,
+            revertible: false,
             rejected: 0,
         })
     }
@@ -240,9 +244,12 @@ impl Compress for Compressor {
 
     fn step<T: Element>(&mut self, grad: &[T], step: u64) -> Result<&Payload> {
         self.fresh = false;
+        // `accumulate` overwrites the halves that held the previous state.
+        self.revertible = false;
         match self.step_once(grad, step).map(|_| ()) {
             Ok(()) => {
                 self.fresh = true;
+                self.revertible = true;
                 self.last_error = None;
                 Ok(&self.payload)
             }
@@ -292,7 +299,19 @@ impl Compress for Compressor {
         Ok(())
     }
 
+    fn revert(&mut self) -> Result<()> {
+        if self.revertible {
+            // The step swapped the halves and then changed only the new current one.
+            std::mem::swap(&mut self.residual, &mut self.scratch_p);
+            std::mem::swap(&mut self.momentum, &mut self.scratch_u);
+            self.revertible = false;
+            self.fresh = false;
+        }
+        Ok(())
+    }
+
     fn reset(&mut self) -> Result<()> {
+        self.revertible = false;
         self.residual.fill(0.0);
         self.momentum.fill(0.0);
         Ok(())

@@ -154,6 +154,44 @@ impl Aggregator {
         sent: usize,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        let stride = 4 * sent as u64;
+        // SAFETY: the caller's contract, with worker rows 4 sent bytes apart.
+        unsafe { self.aggregate_strided(idx, val, stride, sent, out) }
+    }
+
+    /// As [`Aggregator::aggregate_gathered_device`] for the rows that
+    /// [`crate::cuda::Compressor::pack_row`] writes and one all-gather concatenates: worker
+    /// `w`'s row starts at `rows + w stride`, its `sent` indices first, then its `sent`
+    /// values.
+    ///
+    /// # Safety
+    /// `rows` must point to `K` rows of `stride >= 8 sent` bytes on this aggregator's
+    /// device, written before (in stream order) the work this call enqueues.
+    pub unsafe fn aggregate_rows_device(
+        &mut self,
+        rows: u64,
+        stride: usize,
+        sent: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if stride < 8 * sent || stride % 4 != 0 {
+            return Err(Error::InvalidConfig(format!(
+                "row stride {stride} cannot hold {sent} indices and values 4-byte aligned"
+            )));
+        }
+        let val = rows + 4 * sent as u64;
+        // SAFETY: the caller's contract; each row holds both arrays (checked above).
+        unsafe { self.aggregate_strided(rows, val, stride as u64, sent, out) }
+    }
+
+    unsafe fn aggregate_strided(
+        &mut self,
+        idx: u64,
+        val: u64,
+        stride: u64,
+        sent: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         if out.len() != self.n {
             return Err(Error::LengthMismatch {
                 what: "aggregation output",
@@ -174,8 +212,8 @@ impl Aggregator {
         let k = self.workers;
         let base = self.begin(dst)?;
         let at = |w: usize| AggArgs {
-            idx: idx + (4 * w * sent) as u64,
-            val: val + (4 * w * sent) as u64,
+            idx: idx + w as u64 * stride,
+            val: val + w as u64 * stride,
             len: sent as u32,
             worker: w as u32,
             ..base

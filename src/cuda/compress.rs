@@ -584,6 +584,52 @@ impl Compressor {
         }
     }
 
+    /// Bytes of the fixed message row that [`Compressor::pack_row`] writes for this plan:
+    /// `sent` u32 indices, `sent` f32 values, then the 32-byte step status (`bad_count`
+    /// first), or `None` for scaled sign, whose payload has no fixed count.
+    pub fn row_len(&self) -> Option<usize> {
+        match &self.method {
+            Method::Sparse(sp) => Some(8 * sp.shape.sent + size_of::<abi::StepStatus>()),
+            Method::Sign(_) => None,
+        }
+    }
+
+    /// Enqueues device-to-device copies of the last step's payload and status into the
+    /// row at device address `dst` (layout in [`Compressor::row_len`]): the send buffer of
+    /// one all-gather, which [`crate::cuda::Aggregator::aggregate_rows_device`] reads on
+    /// the receiving side. Nothing waits and nothing crosses to the host; the status lets
+    /// every receiver see whether this worker's step was rejected.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for scaled sign, before any step, or when `cap` is below
+    /// [`Compressor::row_len`]; [`Error::Device`] when a copy fails to enqueue.
+    ///
+    /// # Safety
+    /// `dst` must address `cap` writable bytes on this plan's device, alive until the
+    /// stream has run the copies.
+    pub unsafe fn pack_row(&self, dst: u64, cap: usize) -> Result<usize> {
+        let (Method::Sparse(sp), Some(len)) = (&self.method, self.row_len()) else {
+            return Err(Error::InvalidConfig(
+                "pack_row: scaled sign has no fixed-size device row".into(),
+            ));
+        };
+        if !self.stepped {
+            return Err(Error::InvalidConfig(
+                "pack_row: no step has been enqueued".into(),
+            ));
+        }
+        if cap < len {
+            return Err(Error::InvalidConfig(format!(
+                "pack_row: the row needs {len} bytes, the buffer has {cap}"
+            )));
+        }
+        let sent = 4 * sp.shape.sent;
+        copy_dtod(&self.cx, dst, sp.out_idx.ptr(), sent)?;
+        copy_dtod(&self.cx, dst + sent as u64, sp.out_val.ptr(), sent)?;
+        copy_dtod(&self.cx, dst + 2 * sent as u64, self.status.ptr(), len - 2 * sent)?;
+        Ok(len)
+    }
+
     fn current(&self, which_u: bool) -> Result<u64> {
         let st = self.status()?;
         Ok(match (which_u, st.cur) {
@@ -610,6 +656,22 @@ impl Compressor {
         out.resize(self.layout.n(), 0.0);
         let src = self.current(true)?;
         download_at(&self.cx, src, out)
+    }
+
+    /// Undoes the last step when it was accepted (SPEC §5): waits for the stream, then points
+    /// the status word back at the previous half of the residual and momentum pairs, which
+    /// the step only read. Nothing changes after a rejected step or when no step is pending.
+    pub fn revert(&mut self) -> Result<()> {
+        if !self.stepped {
+            return Ok(());
+        }
+        let mut st = self.status()?;
+        self.stepped = false;
+        if st.bad_count > 0 {
+            return Ok(());
+        }
+        st.cur ^= 1;
+        self.status.upload(&self.cx, &[st])
     }
 
     /// Zeroes residual and momentum (enqueued on the stream).
@@ -714,6 +776,10 @@ impl Compress for Compressor {
 
     fn momentum(&mut self, out: &mut Vec<f32>) -> Result<()> {
         Compressor::momentum(self, out)
+    }
+
+    fn revert(&mut self) -> Result<()> {
+        Compressor::revert(self)
     }
 
     fn reset(&mut self) -> Result<()> {

@@ -493,6 +493,23 @@ impl Compress for Compressor {
         read_f32(&self.ctx, &self.staging, &u[cur], self.layout.n(), out)
     }
 
+    /// Waits for the queue, then rewrites state word 2 to point back at the half the
+    /// step only read (SPEC §5); the `flip` pass moved it only when the step was accepted.
+    fn revert(&mut self) -> Result<()> {
+        if !self.stepped {
+            return Ok(());
+        }
+        let inner = self.ctx.inner.clone();
+        let (bad, cur) = inner.read_back(&self.staging, &[(&self.st, 0, 16)], |b| {
+            (words(b).next().unwrap_or(0), words(b).nth(2).unwrap_or(0))
+        })?;
+        self.stepped = false;
+        if bad == 0 {
+            inner.queue.write_buffer(&self.st, 8, &(cur ^ 1).to_le_bytes());
+        }
+        Ok(())
+    }
+
     fn reset(&mut self) -> Result<()> {
         let inner = &self.ctx.inner;
         let mut enc = inner
