@@ -2846,35 +2846,65 @@ fn revert_restores_the_state_before_the_last_step<H: Harness>(h: &H) {
     for (ci, cfg) in [rtopk, Config::topk(0.01), sign].into_iter().enumerate() {
         let mut g = h.compressor(&layout, &cfg).unwrap();
         let mut twin = h.compressor(&layout, &cfg).unwrap();
-        let grads: Vec<Vec<f32>> = (0..4).map(|s| dyadic(n, 900 + 10 * ci as u64 + s)).collect();
+        let grads: Vec<Vec<f32>> = (0..4)
+            .map(|s| dyadic(n, 900 + 10 * ci as u64 + s))
+            .collect();
         g.step(&grads[0], 0).unwrap();
         twin.step(&grads[0], 0).unwrap();
         let before = state(&mut g);
-        assert!(before.0.iter().any(|&b| b != 0), "config {ci}: a residual to keep");
+        assert!(
+            before.0.iter().any(|&b| b != 0),
+            "config {ci}: a residual to keep"
+        );
         g.step(&grads[1], 1).unwrap();
-        assert_ne!(state(&mut g), before, "config {ci}: the step changed the state");
+        assert_ne!(
+            state(&mut g),
+            before,
+            "config {ci}: the step changed the state"
+        );
         g.revert().unwrap();
         assert_eq!(state(&mut g), before, "config {ci}: state after revert");
-        assert!(g.payload().is_err(), "config {ci}: an undone step has no payload");
+        assert!(
+            g.payload().is_err(),
+            "config {ci}: an undone step has no payload"
+        );
         h.step_device(&mut g, &grads[1], 1).unwrap();
         g.revert().unwrap();
         g.revert().unwrap(); // nothing more to undo
-        assert_eq!(state(&mut g), before, "config {ci}: after a device step and two reverts");
+        assert_eq!(
+            state(&mut g),
+            before,
+            "config {ci}: after a device step and two reverts"
+        );
         let mut bad = grads[2].clone();
         bad[5] = f32::INFINITY;
         let _ = g.step(&bad, 1);
-        assert!(g.check().is_err(), "config {ci}: the infinite gradient is rejected");
+        assert!(
+            g.check().is_err(),
+            "config {ci}: the infinite gradient is rejected"
+        );
         g.revert().unwrap(); // must not undo step 0
-        assert_eq!(state(&mut g), before, "config {ci}: revert after a rejection");
+        assert_eq!(
+            state(&mut g),
+            before,
+            "config {ci}: revert after a rejection"
+        );
         for t in 1..4u64 {
             let want = twin.step(&grads[t as usize], t).cloned().unwrap();
             let got = g.step(&grads[t as usize], t).cloned().unwrap();
             assert_eq!(want, got, "config {ci}: step {t} after the reverts");
         }
-        assert_eq!(state(&mut g), state(&mut twin), "config {ci}: state at the end");
+        assert_eq!(
+            state(&mut g),
+            state(&mut twin),
+            "config {ci}: state at the end"
+        );
         g.reset().unwrap();
         g.revert().unwrap();
         let (e, _) = state(&mut g);
-        assert!(e.iter().all(|&b| b == 0), "config {ci}: revert after reset brought a state back");
+        assert!(
+            e.iter().all(|&b| b == 0),
+            "config {ci}: revert after reset brought a state back"
+        );
     }
 }

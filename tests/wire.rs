@@ -1087,7 +1087,15 @@ proptest! {
 #[test]
 fn max_sparse_len_bounds_every_message_tightly() {
     let mut rng = Rng(0xB0D);
-    for &(n, k) in &[(1u32, 0usize), (1, 1), (64, 64), (1000, 1), (1000, 10), (100_000, 1_000), (1 << 20, 10_486)] {
+    for &(n, k) in &[
+        (1u32, 0usize),
+        (1, 1),
+        (64, 64),
+        (1000, 1),
+        (1000, 10),
+        (100_000, 1_000),
+        (1 << 20, 10_486),
+    ] {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             let bound = wire::max_sparse_len(n, k, dtype);
             let spread = (n as usize / k.max(1)).max(1) as u32;
@@ -1117,16 +1125,33 @@ fn max_sparse_len_bounds_every_message_tightly() {
             for idx in layouts {
                 assert_eq!(idx.len(), k);
                 let (bytes, _) = round_trip(&sparse_random(n, dtype, idx, &mut rng));
-                assert!(bytes.len() <= bound, "n = {n}, k = {k}, {dtype:?}: {} > {bound}", bytes.len());
+                assert!(
+                    bytes.len() <= bound,
+                    "n = {n}, k = {k}, {dtype:?}: {} > {bound}",
+                    bytes.len()
+                );
             }
         }
     }
     // Tight where it matters: 1% of 2^20 with f32 values.
     let (n, k) = (1u32 << 20, 10_486);
-    let (typical, _) = round_trip(&sparse_random(n, DType::F32, uniform_subset(n, k, &mut rng), &mut rng));
+    let (typical, _) = round_trip(&sparse_random(
+        n,
+        DType::F32,
+        uniform_subset(n, k, &mut rng),
+        &mut rng,
+    ));
     let bound = wire::max_sparse_len(n, k, DType::F32);
-    println!("max_sparse_len: {bound} bytes against a typical {} ({:+.2}%)", typical.len(), 100.0 * (bound as f64 / typical.len() as f64 - 1.0));
-    assert!(bound as f64 <= 1.02 * typical.len() as f64, "bound {bound} vs typical {}", typical.len());
+    println!(
+        "max_sparse_len: {bound} bytes against a typical {} ({:+.2}%)",
+        typical.len(),
+        100.0 * (bound as f64 / typical.len() as f64 - 1.0)
+    );
+    assert!(
+        bound as f64 <= 1.02 * typical.len() as f64,
+        "bound {bound} vs typical {}",
+        typical.len()
+    );
     // Sign payloads have one size.
     let p = sign_random(1000, 3, &mut rng);
     assert_eq!(round_trip(&p).0.len(), wire::max_sign_len(1000, 3));

@@ -626,7 +626,12 @@ impl Compressor {
         let sent = 4 * sp.shape.sent;
         copy_dtod(&self.cx, dst, sp.out_idx.ptr(), sent)?;
         copy_dtod(&self.cx, dst + sent as u64, sp.out_val.ptr(), sent)?;
-        copy_dtod(&self.cx, dst + 2 * sent as u64, self.status.ptr(), len - 2 * sent)?;
+        copy_dtod(
+            &self.cx,
+            dst + 2 * sent as u64,
+            self.status.ptr(),
+            len - 2 * sent,
+        )?;
         Ok(len)
     }
 

@@ -505,7 +505,9 @@ impl Compress for Compressor {
         })?;
         self.stepped = false;
         if bad == 0 {
-            inner.queue.write_buffer(&self.st, 8, &(cur ^ 1).to_le_bytes());
+            inner
+                .queue
+                .write_buffer(&self.st, 8, &(cur ^ 1).to_le_bytes());
         }
         Ok(())
     }
