@@ -233,16 +233,16 @@ pub trait Compress {
     /// ```
     /// use gradsift::{Compress, Config, Layout, cpu};
     /// let mut plan = cpu::Compressor::new(&Layout::new(&[3])?, &Config::topk(0.34))?;
-    /// plan.step(&[1.0f32, -4.0, 2.0], 0)?;
+    /// plan.step(&[1.0f32, -4.0, 2.0], 0)?; // sends -4 and 2, keeps 1
     /// plan.step(&[0.5f32, 0.5, 0.5], 1)?;
     /// plan.revert()?; // as if step 1 had never been taken
     /// let mut e = Vec::new();
     /// plan.residual(&mut e)?;
-    /// assert_eq!(e, [1.0, 0.0, 2.0]);
+    /// assert_eq!(e, [1.0, 0.0, 0.0]);
     /// assert!(plan.payload().is_err());
     /// plan.revert()?; // nothing more to undo: the state stays
     /// plan.residual(&mut e)?;
-    /// assert_eq!(e, [1.0, 0.0, 2.0]);
+    /// assert_eq!(e, [1.0, 0.0, 0.0]);
     /// # Ok::<(), gradsift::Error>(())
     /// ```
     fn revert(&mut self) -> Result<()>;

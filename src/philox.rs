@@ -14,7 +14,9 @@ fn mulhilo(a: u32, b: u32) -> (u32, u32) {
 }
 
 /// One Philox4x32 block with 10 rounds: `counter` and `key` in, four 32-bit words out.
-#[inline]
+// Always inlined: as a call, the blocks of a key loop no longer overlap (24 ns a key
+// against 6 inlined, measured on one x86-64 core).
+#[inline(always)]
 pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
     let [mut c0, mut c1, mut c2, mut c3] = counter;
     let [mut k0, mut k1] = key;
@@ -44,6 +46,18 @@ pub fn random_key(index: u32, worker: u32, step: u64, seed: u64) -> u32 {
     )[0]
 }
 
+/// [`random_key`] of every index `idx(j)`, `j < out.len()`, into `out[j]`. A plain loop
+/// with nothing else in it: the blocks of neighbouring indices are independent, so the
+/// processor overlaps them (about 6 ns a key on one x86-64 core, against about 30 ns when
+/// each key is computed inside a selection pass's data-dependent loop). Hand-laned versions
+/// (2 to 16 lanes) measured no faster without AVX-512, and slower from 4 lanes on.
+#[inline]
+pub fn random_keys(idx: impl Fn(usize) -> u32, worker: u32, step: u64, seed: u64, out: &mut [u32]) {
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = random_key(idx(j), worker, step, seed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,6 +79,20 @@ mod tests {
             ),
             [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
         );
+    }
+
+    #[test]
+    fn batched_keys_equal_one_block_at_a_time() {
+        for len in [0usize, 1, 7, 8, 9, 63, 1000] {
+            for (w, step, seed) in [(0u32, 0u64, 0u64), (3, u64::MAX - 5, 0x1234_5678_9ABC_DEF0)] {
+                let idx = |j: usize| (j as u32).wrapping_mul(2_654_435_761) ^ 0xFFFF;
+                let mut out = vec![0; len];
+                random_keys(idx, w, step, seed, &mut out);
+                for (j, &k) in out.iter().enumerate() {
+                    assert_eq!(k, random_key(idx(j), w, step, seed), "len {len}, j {j}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use super::par::chunk_len;
 use super::select::{Selector, magnitude_key};
-use crate::philox::random_key;
+use crate::philox::{random_key, random_keys};
 use crate::{
     Compress, Config, Element, Error, Group, Layout, Payload, Result, SignPayload, SparsePayload,
 };
@@ -34,6 +34,8 @@ pub struct Compressor {
     scratch_u: Vec<f32>,
     selector: Selector,
     top_r: Vec<u32>,
+    /// Random keys of the group being selected (random-k: the whole group; rTop-k: its top r).
+    keys: Vec<u32>,
     payload: Payload,
     /// Whether `payload` belongs to the last step (false before the first and after a
     /// rejected one).
@@ -54,6 +56,12 @@ impl Compressor {
         let with_momentum = config.momentum > 0.0;
         let max_group = groups.iter().map(|g| g.range.len()).max().unwrap_or(0);
         let max_r = groups.iter().map(|g| g.r).max().unwrap_or(0);
+        let max_keys = groups
+            .iter()
+            .filter(|g| g.k > 0 && g.k < g.r)
+            .map(|g| g.r)
+            .max()
+            .unwrap_or(0);
         let sent: usize = groups.iter().map(|g| g.k).sum();
         let payload = if config.is_sparse() {
             Payload::Sparse(SparsePayload {
@@ -78,6 +86,7 @@ impl Compressor {
             scratch_u: touched_zeros(if with_momentum { n } else { 0 }),
             selector: Selector::with_capacity(max_group),
             top_r: Vec::with_capacity(max_r),
+            keys: Vec::with_capacity(max_keys),
             groups,
             payload,
             fresh: false,
@@ -125,6 +134,7 @@ impl Compressor {
                     select_group(
                         &mut self.selector,
                         &mut self.top_r,
+                        &mut self.keys,
                         p,
                         g,
                         worker,
@@ -402,6 +412,7 @@ fn accumulate<T: Element>(
 fn select_group(
     sel: &mut Selector,
     top_r: &mut Vec<u32>,
+    keys: &mut Vec<u32>,
     p: &[f32],
     g: &Group,
     worker: u32,
@@ -409,16 +420,29 @@ fn select_group(
     seed: u64,
     out: &mut Vec<u32>,
 ) {
-    let rnd = |i: u32| random_key(i, worker, step, seed);
     if g.k == 0 {
     } else if g.r == g.k {
         sel.select_top_magnitude(p, g.range.clone(), g.k, out);
     } else if g.r == g.range.len() {
-        sel.select(&(g.range.start as u32..g.range.end as u32), g.k, rnd, out);
+        // Every key of the group at once (batched Philox), then a select on the table.
+        let start = g.range.start as u32;
+        keys.resize(g.range.len(), 0);
+        random_keys(|j| start + j as u32, worker, step, seed, keys);
+        let keys = &keys[..];
+        let range = start..g.range.end as u32;
+        sel.select(&range, g.k, |i| keys[(i - start) as usize], out);
     } else {
         top_r.clear();
         sel.select_top_magnitude(p, g.range.clone(), g.r, top_r);
-        sel.select(&top_r[..], g.k, rnd, out);
+        keys.resize(top_r.len(), 0);
+        random_keys(|j| top_r[j], worker, step, seed, keys);
+        // Positions in the ascending top-r list order like its indices, ties included.
+        let at = out.len();
+        let keys = &keys[..];
+        sel.select(&(0..top_r.len() as u32), g.k, |j| keys[j as usize], out);
+        for o in &mut out[at..] {
+            *o = top_r[*o as usize];
+        }
     }
 }
 
