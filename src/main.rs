@@ -1,12 +1,12 @@
 //! `gradsift`: the command-line face of the crate. Only dispatches; the commands live in
 //! `gradsift::cli`.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Subcommand};
 use gradsift::cli;
 
 /// Gradient compression for distributed training: top-r, random-k, rTop-k with error
 /// feedback, scaled sign, and their rate-distortion analysis.
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(name = "gradsift", version)]
 struct Cli {
     #[command(subcommand)]
@@ -30,12 +30,22 @@ enum Command {
 }
 
 fn main() {
-    let result = match Cli::parse().command {
+    // The matches, besides the parsed options, say which values the command line set: the
+    // defaults that follow other options need to know (`gradsift reproduce --quick`).
+    let matches = Cli::command().get_matches();
+    let parsed = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let result = match parsed.command {
         None => cli::train::run(&cli::train::TrainArgs::default_run()).map_err(|e| e.to_string()),
         Some(Command::Train(args)) => cli::train::run(&args).map_err(|e| e.to_string()),
         Some(Command::Demo(args)) => cli::demo::run(&args).map_err(|e| e.to_string()),
         Some(Command::Analyze(args)) => cli::analyze::run(&args).map_err(|e| e.to_string()),
-        Some(Command::Reproduce(args)) => cli::reproduce::run(&args).map_err(|e| e.to_string()),
+        Some(Command::Reproduce(args)) => {
+            let given = matches
+                .subcommand_matches("reproduce")
+                .map(cli::reproduce::Given::from_matches)
+                .unwrap_or_default();
+            cli::reproduce::run_given(&args, given).map_err(|e| e.to_string())
+        }
     };
     if let Err(e) = result {
         eprintln!("gradsift: {e}");

@@ -28,16 +28,19 @@ pub struct ReproduceArgs {
     /// Folder for report.md and the PNG plots (created if missing).
     #[arg(long, default_value = "docs/reproduce")]
     pub out: PathBuf,
-    /// Seeds per configuration of the rTop-k comparison, in 1..=100 (--quick uses one).
+    /// Seeds per configuration of the rTop-k comparison, in 1..=100 (default 3; with --quick
+    /// 1 unless given).
     #[arg(long, default_value_t = 3)]
     pub seeds: usize,
-    /// Epochs per run (also the step cap of section 4's Fig. 8 runs), in 1..=1000 (--quick
-    /// uses 2); section 7's runs in the rate-distortion paper's configuration take 200
-    /// (--quick: the same 2), which that configuration's slow rate needs.
+    /// Epochs per run (also the step cap of section 4's Fig. 8 runs), in 1..=1000 (default 8;
+    /// with --quick 2 unless given); section 7's runs in the rate-distortion paper's
+    /// configuration take 200 (--quick: the same as the others), which that configuration's
+    /// slow rate needs. The sparsity warm-up is 2 epochs (--quick: 1), or --epochs when that
+    /// is smaller.
     #[arg(long, default_value_t = 8)]
     pub epochs: usize,
-    /// A smoke run: a small MLP, a few steps per epoch, one seed, three values of rho
-    /// (two in the paper's configuration).
+    /// A smoke run: a small MLP, a few steps per epoch, one seed and 2 epochs (unless --seeds
+    /// or --epochs is given), three values of rho (two in the paper's configuration).
     #[arg(long)]
     pub quick: bool,
     /// Backend of every run's compressors, aggregation and variance estimates: cpu, cuda,
@@ -48,6 +51,92 @@ pub struct ReproduceArgs {
 
 /// Most seeds per configuration (`--seeds`).
 pub const MAX_SEEDS: usize = 100;
+
+/// Which of [`ReproduceArgs`]' options with a `--quick` preset the user gave: `--quick` runs
+/// one seed and 2 epochs only where `--seeds` and `--epochs` were not given. The default
+/// (nothing given) is what [`reproduce`] assumes, so a library caller's `quick: true` always
+/// gets the presets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Given {
+    /// `--seeds` was on the command line.
+    pub seeds: bool,
+    /// `--epochs` was on the command line.
+    pub epochs: bool,
+}
+
+impl Given {
+    /// What the command line of `gradsift reproduce` (its `matches`) set itself, as opposed
+    /// to clap's defaults.
+    pub fn from_matches(matches: &clap::ArgMatches) -> Self {
+        let given = |id: &str| {
+            matches!(
+                matches.value_source(id),
+                Some(
+                    clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable
+                )
+            )
+        };
+        Self {
+            seeds: given("seeds"),
+            epochs: given("epochs"),
+        }
+    }
+}
+
+/// Seeds of the rTop-k comparison under `--quick` (unless `--seeds` is given).
+pub const QUICK_SEEDS: usize = 1;
+/// Epochs per run under `--quick` (unless `--epochs` is given).
+pub const QUICK_EPOCHS: usize = 2;
+/// Epochs of DGC sparsity warm-up (`--quick`: [`QUICK_WARMUP_EPOCHS`]), or `--epochs` when
+/// that is smaller.
+pub const WARMUP_EPOCHS: usize = 2;
+/// Epochs of sparsity warm-up under `--quick`, or `--epochs` when that is smaller.
+pub const QUICK_WARMUP_EPOCHS: usize = 1;
+
+/// The seeds and the base configuration of every run (backend left at the CPU): `--seeds`
+/// and `--epochs` as given, or `--quick`'s presets for those not `given`; the warm-up
+/// shortened to fit the epochs. Also returns a line for each default that another option
+/// changed, saying why.
+pub fn base_config(args: &ReproduceArgs, given: Given) -> (usize, TrainConfig, Vec<String>) {
+    let quick = args.quick;
+    let seeds = if quick && !given.seeds {
+        QUICK_SEEDS
+    } else {
+        args.seeds
+    };
+    let epochs = if quick && !given.epochs {
+        QUICK_EPOCHS
+    } else {
+        args.epochs
+    };
+    let warmup = if quick {
+        QUICK_WARMUP_EPOCHS
+    } else {
+        WARMUP_EPOCHS
+    };
+    let mut notes = Vec::new();
+    if epochs < warmup {
+        notes.push(format!(
+            "warm-up: {epochs} epoch{}, the default {warmup} shortened to fit --epochs {epochs}",
+            if epochs == 1 { "" } else { "s" }
+        ));
+    }
+    let base = TrainConfig {
+        epochs,
+        warmup_epochs: warmup.min(epochs),
+        ..TrainConfig::default()
+    };
+    let base = if quick {
+        TrainConfig {
+            hidden: vec![32],
+            max_steps_per_epoch: 10,
+            ..base
+        }
+    } else {
+        base
+    };
+    (seeds, base, notes)
+}
 
 /// Checks `--seeds` and `--epochs` against their documented ranges (1..=[`MAX_SEEDS`],
 /// 1..=[`super::train::MAX_EPOCHS`]).
@@ -187,8 +276,18 @@ pub(crate) fn mean_sd(v: &[f64]) -> (f64, f64) {
 }
 
 /// Runs every experiment and writes `report.md` and [`PLOTS`] into `args.out`; `log`
-/// receives one line per finished run.
-pub fn reproduce(args: &ReproduceArgs, mut log: impl FnMut(&str)) -> Result<Summary> {
+/// receives one line per finished run. With `quick`, the presets of `--seeds` and `--epochs`
+/// apply whatever those fields hold ([`reproduce_given`] with [`Given::default`]).
+pub fn reproduce(args: &ReproduceArgs, log: impl FnMut(&str)) -> Result<Summary> {
+    reproduce_given(args, Given::default(), log)
+}
+
+/// [`reproduce`], where the options in `given` were set by the user: `--quick` keeps them.
+pub fn reproduce_given(
+    args: &ReproduceArgs,
+    given: Given,
+    mut log: impl FnMut(&str),
+) -> Result<Summary> {
     validate(args)?;
     let start = Instant::now();
     let out = &args.out;
@@ -198,24 +297,12 @@ pub fn reproduce(args: &ReproduceArgs, mut log: impl FnMut(&str)) -> Result<Summ
     })?;
     let data = Mnist::embedded()?;
     let (train_set, test_set) = data.split(2000);
-    let seeds = if args.quick { 1 } else { args.seeds };
+    let (seeds, base, defaults) = base_config(args, given);
     let (device, notes) = super::backend::open(args.backend)?;
-    notes.iter().for_each(|n| log(n));
+    notes.iter().chain(&defaults).for_each(|n| log(n));
     let base = TrainConfig {
-        epochs: args.epochs,
         backend: device.backend(),
-        ..TrainConfig::default()
-    };
-    let base = if args.quick {
-        TrainConfig {
-            epochs: 2,
-            hidden: vec![32],
-            warmup_epochs: 1,
-            max_steps_per_epoch: 10,
-            ..base
-        }
-    } else {
-        base
+        ..base
     };
     // Runs are deterministic functions of their configuration: a configuration met again
     // (section 6 repeats section 1's global rTop-k and top-k) reuses the first report.
@@ -378,7 +465,7 @@ pub fn reproduce(args: &ReproduceArgs, mut log: impl FnMut(&str)) -> Result<Summ
             setups_seconds,
         ],
     };
-    let mut md = report(args, &base, seeds, &summary, &ideal, &sign, &fig7);
+    let mut md = report(args, given, &base, seeds, &summary, &ideal, &sign, &fig7);
     let runtime = md.find("## Runtime and settings").unwrap_or(md.len());
     md.insert_str(
         runtime,
@@ -469,9 +556,16 @@ fn machine() -> String {
     )
 }
 
-/// Runs `gradsift reproduce`.
+/// Runs `gradsift reproduce` as if no option with a `--quick` preset had been given
+/// ([`run_given`]).
 pub fn run(args: &ReproduceArgs) -> Result<()> {
-    let s = reproduce(args, |line| println!("{line}"))?;
+    run_given(args, Given::default())
+}
+
+/// Runs `gradsift reproduce`; `given` says which options the command line set (what the
+/// binary passes, [`Given::from_matches`]).
+pub fn run_given(args: &ReproduceArgs, given: Given) -> Result<()> {
+    let s = reproduce_given(args, given, |line| println!("{line}"))?;
     println!(
         "wrote {} and {} plots in {:.0} s",
         args.out.join("report.md").display(),
@@ -973,8 +1067,10 @@ fn pct(x: f64) -> String {
     format!("{:.2}", 100.0 * x)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn report(
     args: &ReproduceArgs,
+    given: Given,
     base: &TrainConfig,
     seeds: usize,
     s: &Summary,
@@ -997,7 +1093,19 @@ fn report(
          server-side momentum for the baseline), DGC sparsity warm-up over {} epoch(s).{}\n",
         args.out.display(),
         if args.quick {
-            " --quick".to_string()
+            format!(
+                " --quick{}{}",
+                if given.seeds {
+                    format!(" --seeds {seeds}")
+                } else {
+                    String::new()
+                },
+                if given.epochs {
+                    format!(" --epochs {}", base.epochs)
+                } else {
+                    String::new()
+                }
+            )
         } else {
             format!(" --seeds {seeds} --epochs {}", base.epochs)
         },
@@ -1385,4 +1493,65 @@ fn report(
         s.part_seconds[3],
     );
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(quick: bool, seeds: usize, epochs: usize) -> ReproduceArgs {
+        ReproduceArgs {
+            out: PathBuf::from("unused"),
+            seeds,
+            epochs,
+            quick,
+            backend: crate::Backend::Cpu,
+        }
+    }
+
+    /// The warm-up follows --epochs, and --quick's presets give way to the options given.
+    #[test]
+    fn defaults_follow_the_options_given() {
+        let none = Given::default();
+        let both = Given {
+            seeds: true,
+            epochs: true,
+        };
+        // The full run at its defaults, and at --epochs 1 (refused before: warm-up 2 > 1).
+        let (seeds, base, notes) = base_config(&args(false, 3, 8), none);
+        assert_eq!((seeds, base.epochs, base.warmup_epochs), (3, 8, 2));
+        assert!(notes.is_empty());
+        let (_, base, notes) = base_config(&args(false, 3, 1), both);
+        assert_eq!((base.epochs, base.warmup_epochs), (1, 1));
+        assert!(base.validate().is_ok());
+        assert!(notes[0].contains("--epochs 1"), "{notes:?}");
+        // --quick: its presets unless given.
+        let (seeds, base, _) = base_config(&args(true, 3, 8), none);
+        assert_eq!((seeds, base.epochs, base.warmup_epochs), (1, 2, 1));
+        let (seeds, base, _) = base_config(&args(true, 2, 1), both);
+        assert_eq!((seeds, base.epochs, base.warmup_epochs), (2, 1, 1));
+        assert!(base.validate().is_ok());
+    }
+
+    /// The binary's matches tell the options given from clap's defaults.
+    #[test]
+    fn given_comes_from_the_command_line() {
+        use clap::{CommandFactory, FromArgMatches};
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: ReproduceArgs,
+        }
+        let m = Wrapper::command().get_matches_from(["gradsift", "--quick", "--epochs", "1"]);
+        let w = Wrapper::from_arg_matches(&m).unwrap();
+        assert_eq!(
+            Given::from_matches(&m),
+            Given {
+                seeds: false,
+                epochs: true
+            }
+        );
+        let (seeds, base, _) = base_config(&w.args, Given::from_matches(&m));
+        assert_eq!((seeds, base.epochs), (1, 1));
+    }
 }

@@ -125,13 +125,13 @@ impl Default for TrainConfig {
             method: TrainMethod::Rtopk,
             ratio: 0.01,
             r_over_k: 5.0,
-            workers: 5,
+            workers: DEFAULT_WORKERS,
             seed: 0,
             epochs: 10,
-            batch: 32,
+            batch: DEFAULT_BATCH,
             lr: 0.05,
             momentum: 0.9,
-            warmup_epochs: 2,
+            warmup_epochs: DEFAULT_WARMUP_EPOCHS,
             model: Arch::Mlp,
             hidden: vec![128, 64],
             per_layer: false,
@@ -285,7 +285,12 @@ RANGES: --workers 2..=1000 (the training split must also give each worker one ba
 --ratio (0, 1]; --r-over-k [1, 1e6]; --epochs 1..=1000; --warmup-epochs 0..=--epochs;
 --batch 1..=65536; --lr (0, 100]; --momentum [0, 1); --local-steps 1..=1000 (and an epoch
 must hold one round of them); --adapt-every >= 1; --seed any 64-bit unsigned integer. A value
-outside its range is an error that names the option, before anything runs.";
+outside its range is an error that names the option, before anything runs.
+
+DEFAULTS that follow other options: --warmup-epochs 2, or --epochs when that is smaller;
+--batch 32, or 8,000 / --workers when that is smaller; --r-over-k the number of workers;
+--workers 5, or under --dist mpi the number of ranks. A default changed that way is said in
+the run's header; only a value given on the command line that cannot hold is an error.";
 
 /// What one epoch achieved.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -787,7 +792,8 @@ fn worker_shards(cfg: &TrainConfig, train: &Mnist) -> Result<(Vec<Vec<usize>>, u
     let shard = train.len() / k;
     if shard < cfg.batch {
         return Err(TrainError::Usage(format!(
-            "{} training images cannot give {k} workers a batch of {} each",
+            "--batch {} with --workers {k}: {} training images cannot give {k} workers a batch of {} each (at most --batch {shard})",
+            cfg.batch,
             train.len(),
             cfg.batch
         )));
@@ -892,24 +898,27 @@ pub struct TrainArgs {
     /// rTop-k's r/k, in [1, 1e6] (default: the number of workers, as in the rTop-k paper).
     #[arg(long)]
     pub r_over_k: Option<f64>,
-    /// Number of workers K, in 2..=1000.
-    #[arg(long, default_value_t = 5)]
-    pub workers: usize,
+    /// Number of workers K, in 2..=1000 (default 5; under --dist mpi, the number of ranks
+    /// mpirun started).
+    #[arg(long)]
+    pub workers: Option<usize>,
     /// Seed of weights, batches and random keys (any u64).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Epochs, in 1..=1000.
     #[arg(long, default_value_t = 10)]
     pub epochs: usize,
-    /// Mini-batch per worker, in 1..=65536 (and K batches must fit the 8,000 training images).
-    #[arg(long, default_value_t = 32)]
-    pub batch: usize,
+    /// Mini-batch per worker, in 1..=65536, and K batches must fit the 8,000 training images
+    /// (default 32, or 8,000 / K when that is smaller).
+    #[arg(long)]
+    pub batch: Option<usize>,
     /// Learning rate, in (0, 100].
     #[arg(long, default_value_t = 0.05)]
     pub lr: f32,
-    /// Epochs of DGC sparsity warm-up, in 0..=--epochs.
-    #[arg(long, default_value_t = 2)]
-    pub warmup_epochs: usize,
+    /// Epochs of DGC sparsity warm-up, in 0..=--epochs (default 2, or --epochs when that is
+    /// smaller).
+    #[arg(long)]
+    pub warmup_epochs: Option<usize>,
     /// Select per layer instead of over the whole gradient (`adaptive` always does).
     #[arg(long)]
     pub per_layer: bool,
@@ -977,12 +986,21 @@ fn open_transport(dist: Dist, workers: usize) -> Result<Box<dyn Transport>> {
 /// prints; an error on one rank aborts every rank (`MPI_Abort`), except a set-up mismatch,
 /// which every rank detects and reports itself.
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let mut transport = open_transport(args.dist, args.workers)?;
+    let mut transport = open_transport(args.dist, args.workers.unwrap_or(DEFAULT_WORKERS))?;
     if args.dist != Dist::None && transport.is_root() {
         eprintln!(
-            "gradsift train: {} transport, {} ranks, one worker per rank",
+            "gradsift train: {} transport, {} ranks, one worker per rank{}",
             transport.name(),
-            transport.workers()
+            transport.workers(),
+            if args.workers.is_none() {
+                format!(
+                    " (--workers {}: the number of ranks, the default under --dist {})",
+                    transport.workers(),
+                    transport.name()
+                )
+            } else {
+                String::new()
+            }
         );
     }
     match run_on(args, transport.as_mut()) {
@@ -1019,31 +1037,25 @@ fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
         Some(m) => vec![m],
         None => vec![TrainMethod::None, TrainMethod::Rtopk],
     };
-    let mut base = TrainConfig {
-        ratio: args.ratio,
-        r_over_k: args.r_over_k.unwrap_or(args.workers as f64),
-        workers: args.workers,
-        seed: args.seed,
-        epochs: args.epochs,
-        batch: args.batch,
-        lr: args.lr,
-        warmup_epochs: args.warmup_epochs,
-        per_layer: args.per_layer,
-        momentum: args.momentum,
-        average: args.average.into(),
-        unbiased: args.unbiased,
-        local_steps: args.local_steps,
-        model: args.model,
-        adapt_every: args.adapt_every,
-        ..TrainConfig::default()
-    };
+    let data = Mnist::embedded()?;
+    let (train_set, test_set) = data.split(2000);
+    // Under MPI the ranks are the workers unless --workers says otherwise (and must agree).
+    let ranks = (args.dist != Dist::None).then(|| transport.workers());
+    let (mut base, defaults) = args.resolve(ranks, train_set.len());
+    if let Some(r) = ranks.filter(|r| args.workers.is_none() && !(2..=MAX_WORKERS).contains(r)) {
+        return Err(TrainError::Usage(format!(
+            "--dist {}: {r} rank(s), and without --workers the ranks are the workers, which must number 2..={MAX_WORKERS}: start it with mpirun -n K",
+            transport.name()
+        )));
+    }
     // Every option is checked before anything is opened, printed or trained.
     for &method in &methods {
-        TrainConfig {
+        let cfg = TrainConfig {
             method,
             ..base.clone()
-        }
-        .validate()?;
+        };
+        cfg.validate()?;
+        worker_shards(&cfg, &train_set)?;
     }
     let (device, notes) = super::backend::open(args.backend)?;
     for note in notes.iter().filter(|_| root) {
@@ -1051,8 +1063,6 @@ fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
     }
     let backend = device.backend();
     base.backend = backend;
-    let data = Mnist::embedded()?;
-    let (train_set, test_set) = data.split(2000);
     // Every rank runs the same job, checked before anything is printed (train_with checks
     // each run again).
     let net = Model::new(base.model, &base.hidden, base.seed)?;
@@ -1084,6 +1094,10 @@ fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
         base.workers,
         base.batch
     );
+    // The defaults that the options given changed, and why.
+    for d in &defaults {
+        say!("{d}");
+    }
     let mut finals = Vec::new();
     let mut json_runs = Vec::new();
     for method in methods {
@@ -1190,7 +1204,76 @@ fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
     Ok(())
 }
 
+/// `--workers` when not given (the simulation; under `--dist mpi` the number of ranks).
+pub const DEFAULT_WORKERS: usize = 5;
+/// `--batch` when not given, unless the training split cannot give every worker that many.
+pub const DEFAULT_BATCH: usize = 32;
+/// `--warmup-epochs` when not given, unless `--epochs` is smaller.
+pub const DEFAULT_WARMUP_EPOCHS: usize = 2;
+
 impl TrainArgs {
+    /// The configuration of the run these options ask for (method and backend left at
+    /// [`TrainConfig::default`]'s): each option given on the command line as given, and each
+    /// one not given at its default, fitted to the options that were given so that no default
+    /// makes the run impossible:
+    ///
+    /// - `--workers`: [`DEFAULT_WORKERS`], or `ranks` (the workers the transport connects,
+    ///   under `--dist mpi`) when that is `Some`;
+    /// - `--r-over-k`: the number of workers (the rTop-k paper's choice);
+    /// - `--warmup-epochs`: [`DEFAULT_WARMUP_EPOCHS`], or `--epochs` when that is smaller;
+    /// - `--batch`: [`DEFAULT_BATCH`], or `train_images / workers` (every worker's shard holds
+    ///   one batch) when that is smaller.
+    ///
+    /// Also returns one line per default that another option changed, saying which value it
+    /// took and why (the run prints them in its header). Nothing is checked here: a value
+    /// given explicitly that cannot hold is [`TrainConfig::validate`]'s error, naming it.
+    pub fn resolve(&self, ranks: Option<usize>, train_images: usize) -> (TrainConfig, Vec<String>) {
+        let mut notes = Vec::new();
+        let workers = self.workers.or(ranks).unwrap_or(DEFAULT_WORKERS);
+        let warmup_epochs = self.warmup_epochs.unwrap_or_else(|| {
+            let w = DEFAULT_WARMUP_EPOCHS.min(self.epochs);
+            // The baseline has no warm-up to speak of.
+            if w < DEFAULT_WARMUP_EPOCHS && self.method != Some(TrainMethod::None) {
+                notes.push(format!(
+                    "warm-up: {w} epoch{}, the default {DEFAULT_WARMUP_EPOCHS} shortened to fit --epochs {} (--warmup-epochs sets it)",
+                    if w == 1 { "" } else { "s" },
+                    self.epochs
+                ));
+            }
+            w
+        });
+        let batch = self.batch.unwrap_or_else(|| {
+            let fit = (train_images / workers.max(1)).max(1);
+            if fit < DEFAULT_BATCH {
+                notes.push(format!(
+                    "batch: {fit} per worker, the default {DEFAULT_BATCH} shrunk so that the {train_images} training images give each of the {workers} workers one (--batch sets it)"
+                ));
+                fit
+            } else {
+                DEFAULT_BATCH
+            }
+        });
+        let cfg = TrainConfig {
+            ratio: self.ratio,
+            r_over_k: self.r_over_k.unwrap_or(workers as f64),
+            workers,
+            seed: self.seed,
+            epochs: self.epochs,
+            batch,
+            lr: self.lr,
+            warmup_epochs,
+            per_layer: self.per_layer,
+            momentum: self.momentum,
+            average: self.average.into(),
+            unbiased: self.unbiased,
+            local_steps: self.local_steps,
+            model: self.model,
+            adapt_every: self.adapt_every,
+            ..TrainConfig::default()
+        };
+        (cfg, notes)
+    }
+
     /// The options of a bare `gradsift train` (what `gradsift` with no command runs).
     pub fn default_run() -> Self {
         #[derive(clap::Parser)]
@@ -1205,6 +1288,71 @@ impl TrainArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse(opts: &[&str]) -> TrainArgs {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: TrainArgs,
+        }
+        let argv = std::iter::once("gradsift").chain(opts.iter().copied());
+        <Wrapper as clap::Parser>::try_parse_from(argv)
+            .unwrap()
+            .args
+    }
+
+    /// With no option given the run is [`TrainConfig::default`], and says nothing about
+    /// its defaults.
+    #[test]
+    fn no_options_resolve_to_the_default_config() {
+        let (cfg, notes) = TrainArgs::default_run().resolve(None, 8000);
+        assert_eq!(cfg, TrainConfig::default());
+        assert!(notes.is_empty(), "{notes:?}");
+    }
+
+    /// A default that another option makes impossible follows that option, and the header
+    /// says so; the same value given explicitly is the user's, checked as given.
+    #[test]
+    fn defaults_follow_the_options_given() {
+        let (cfg, notes) = parse(&["--epochs", "1"]).resolve(None, 8000);
+        assert_eq!((cfg.epochs, cfg.warmup_epochs), (1, 1));
+        assert!(cfg.validate().is_ok());
+        assert_eq!(notes.len(), 1);
+        assert!(
+            notes[0].contains("warm-up: 1 epoch,") && notes[0].contains("--epochs 1"),
+            "{notes:?}"
+        );
+        // The baseline alone has no warm-up to report.
+        let (cfg, notes) = parse(&["--epochs", "1", "--method", "none"]).resolve(None, 8000);
+        assert_eq!(cfg.warmup_epochs, 1);
+        assert!(notes.is_empty(), "{notes:?}");
+        // Explicit and impossible: an error naming the option.
+        let (cfg, _) = parse(&["--epochs", "1", "--warmup-epochs", "2"]).resolve(None, 8000);
+        match cfg.validate() {
+            Err(TrainError::Usage(m)) => assert!(m.contains("--warmup-epochs"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // 8000 images / 1000 workers = 8 per worker: the batch shrinks to 8.
+        let (cfg, notes) = parse(&["--workers", "1000"]).resolve(None, 8000);
+        assert_eq!((cfg.batch, cfg.r_over_k), (8, 1000.0));
+        assert!(worker_shards(&cfg, &Mnist::embedded().unwrap().split(2000).0).is_ok());
+        assert!(notes[0].starts_with("batch: 8 per worker"), "{notes:?}");
+        let (cfg, _) = parse(&["--workers", "1000", "--batch", "32"]).resolve(None, 8000);
+        match worker_shards(&cfg, &Mnist::embedded().unwrap().split(2000).0) {
+            Err(TrainError::Usage(m)) => {
+                assert!(
+                    m.contains("--batch 32") && m.contains("--workers 1000"),
+                    "{m}"
+                )
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        // Under MPI the ranks are the workers (and r/k follows), unless --workers is given.
+        let (cfg, _) = parse(&[]).resolve(Some(3), 8000);
+        assert_eq!((cfg.workers, cfg.r_over_k), (3, 3.0));
+        let (cfg, _) = parse(&["--workers", "4"]).resolve(Some(3), 8000);
+        assert_eq!(cfg.workers, 4);
+    }
 
     /// A round of local steps sends the sum of its gradients, each taken at the weights the
     /// previous local steps reached, and leaves the model at the global weights.
