@@ -158,6 +158,18 @@ class _Bucket:
     out32: torch.Tensor | None = None
     stage: torch.Tensor | None = None
     stream: Any = None
+    #: The ratio ``config`` was built for, and the slot it needs (``None``: not yet known):
+    #: a step whose ratio is the same reuses both without building a Config.
+    ratio: float | None = None
+    slot: int = 0
+    #: Host buckets: (buffer address, its zero-copy view, dtype hint), made once per buffer.
+    view: tuple[int, Any, str | None] | None = None
+
+    def host(self, buf: torch.Tensor) -> tuple[Any, str | None]:
+        """``host_view(buf)``, cached: DDP hands the same bucket buffer every step."""
+        if self.view is None or self.view[0] != buf.data_ptr():
+            self.view = (buf.data_ptr(), *host_view(buf))
+        return self.view[1], self.view[2]
 
 
 class GradsiftState:
@@ -230,6 +242,10 @@ class GradsiftState:
         digest = hashlib.sha256(repr((sorted(self.settings.items()), self.world_size)).encode()).digest()
         self.fingerprint = struct.unpack("<q", digest[:8])[0]
         self._buckets: dict[tuple[str, ...], _Bucket] = {}
+        # The steady-state lookup, DDP bucket index -> (its buffer, its _Bucket): holding
+        # the buffer keeps its storage alive, so a buffer at the same address is the same
+        # bucket of parameters; cleared whenever DDP rebuilds its buckets.
+        self._fast: dict[int, tuple[torch.Tensor, _Bucket]] = {}
         self._pending: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         #: Wire bytes this rank sent in the last step (all buckets), before padding.
         self.bytes_sent = 0
@@ -251,6 +267,14 @@ class GradsiftState:
     # -- buckets -----------------------------------------------------------------------
 
     def _bucket(self, bucket: Any, buf: torch.Tensor) -> _Bucket:
+        hit = self._fast.get(bucket.index())
+        if hit is not None and hit[0].data_ptr() == buf.data_ptr() and hit[0].numel() == buf.numel():
+            return hit[1]
+        b = self._find_bucket(bucket, buf)
+        self._fast[bucket.index()] = (buf, b)
+        return b
+
+    def _find_bucket(self, bucket: Any, buf: torch.Tensor) -> _Bucket:
         params = bucket.parameters()
         try:
             names = tuple(self._names[id(p)] for p in params)
@@ -262,6 +286,7 @@ class GradsiftState:
         # DDP may rebuild its buckets after the first iteration: move the residuals of the
         # buckets this one overlaps, parameter by parameter, so no error feedback is lost.
         start = self._resume_step
+        self._fast.clear()
         for key in [k for k in self._buckets if set(k) & set(names)]:
             old = self._buckets.pop(key)
             start = max(start, old.steps)
@@ -417,6 +442,7 @@ class GradsiftState:
         for b in old:
             b.steps = self._resume_step
             b.config = self.config_at(b.steps)
+            b.ratio = None
             b.comp.reconfigure(b.config)
             self._restore(b)
         self._last_step = self._resume_step - 1
@@ -425,20 +451,23 @@ class GradsiftState:
 def _decide(state: GradsiftState, b: _Bucket, t: np.ndarray, step: int) -> None:
     """Raises when any trailer says so: every rank reads the same K trailers, so every rank
     raises the same error (after undoing its own step, which the caller does)."""
-    if (t[:, 3] != state.fingerprint).any() or (t[:, 2] != step).any():
+    rows = t.tolist()  # K short rows: plain ints are cheaper to test than array ops
+    if all(r[0] == _OK and r[2] == step and r[3] == state.fingerprint for r in rows):
+        return
+    if any(r[3] != state.fingerprint or r[2] != step for r in rows):
         raise ConfigMismatchError(
             f"gradsift hook: the rows of bucket {b.names[0]}... disagree: steps {t[:, 2].tolist()}, "
             f"fingerprints {t[:, 3].tolist()} (ranks configured differently or out of step)"
         )
-    bad = [r for r in range(state.world_size) if t[r, 0] == _NONFINITE]
-    over = [r for r in range(state.world_size) if t[r, 0] == _OVERFLOW]
+    bad = [r for r in range(state.world_size) if rows[r][0] == _NONFINITE]
+    over = [r for r in range(state.world_size) if rows[r][0] == _OVERFLOW]
     if bad or over:
         what = []
         if bad:
             what.append(f"non-finite gradient on rank(s) {bad}")
         if over:
             what.append(f"the accumulated gradient overflowed on rank(s) {over}")
-        detail = ", ".join(f"rank {r}: {t[r, 4]} non-finite value(s), the first at index {t[r, 5]}" for r in bad + over)
+        detail = ", ".join(f"rank {r}: {rows[r][4]} non-finite value(s), the first at index {rows[r][5]}" for r in bad + over)
         raise NonFiniteError(
             f"gradsift hook: step {step} rejected: {' and '.join(what)} ({detail}; bucket of {len(b.names)} parameters "
             f"starting at {b.names[0]!r}); every rank kept its residual and momentum, no update was applied"
@@ -467,7 +496,7 @@ def _finish_host(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int,
                 buf.copy_(b.out32)
             torch.cuda.current_stream(buf.device).wait_stream(b.stream)
         else:
-            x, hint = host_view(buf)
+            x, hint = b.host(buf)
             b.agg.aggregate_wire(b.recv_np, b.stride, sizes, x, dtype=hint)
     except BaseException:
         b.comp.revert()
@@ -541,7 +570,7 @@ def _send_host(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -
             stage = b.send_np if b.send_np is not None else b.stage.numpy()
             nbytes = b.comp.encode_into(stage[: b.cap])
         else:
-            x, hint = host_view(buf)
+            x, hint = b.host(buf)
             nbytes = b.comp.step_encode_into(x, step, b.send_np[: b.cap], dtype=hint)
     except NonFiniteError as e:
         # rare: only now is it worth telling a non-finite gradient from an overflow of e + g
@@ -572,11 +601,14 @@ def gradsift_hook(state: GradsiftState, bucket: dist.GradBucket) -> torch.future
         raise ValueError("gradsift hook: the bucket buffer is not contiguous")
     b = state._bucket(bucket, buf)
     step = b.steps
-    cfg = state.config_at(step)
-    if cfg != b.config:
-        b.comp.reconfigure(cfg)  # DGC warm-up: keeps residual and momentum
-        b.config = cfg
-    cap = state._slot(b)
+    ratio = state.ratio_at(step)
+    if ratio != b.ratio:  # the configuration is a function of the ratio alone
+        cfg = state.config_at(step)
+        if cfg != b.config:
+            b.comp.reconfigure(cfg)  # DGC warm-up: keeps residual and momentum
+            b.config = cfg
+        b.ratio, b.slot = ratio, state._slot(b)
+    cap = b.slot
     if b.send is None or b.cap != cap:
         state._grow(b, cap, state._comm_device(buf))
     if b.agreed != (state.fingerprint, b.cap):

@@ -198,6 +198,32 @@ macro_rules! with_slice {
 }
 
 /// Writes f32 values into a host array of any of the three dtypes (rounding to nearest even).
+/// Aggregates `payloads` into the host array `out`: in place when it is float32 of the
+/// right length (no staging pass over the n outputs), else into `scratch` and then
+/// converted. The aggregator checks every payload before it writes, so on error `out` is
+/// untouched either way.
+fn aggregate_host(
+    py: Python<'_>,
+    a: &mut gradsift::Aggregator,
+    payloads: &[RsPayload],
+    scratch: &mut Vec<f32>,
+    out: &HostArray,
+) -> PyResult<()> {
+    if out.dtype == DType::F32 && out.len == scratch.len() {
+        let (addr, len) = (out.addr(), out.len);
+        return py
+            .detach(|| {
+                // SAFETY: writable (checked by `HostArray::get`), contiguous, aligned, `len`
+                // f32 elements, held by `out` for the call; nothing else reads it meanwhile.
+                let o = unsafe { std::slice::from_raw_parts_mut(addr as *mut f32, len) };
+                a.aggregate(payloads, o)
+            })
+            .map_err(err);
+    }
+    py.detach(|| a.aggregate(payloads, scratch)).map_err(err)?;
+    write_out(out, scratch)
+}
+
 fn write_out(dst: &HostArray, src: &[f32]) -> PyResult<()> {
     if dst.len != src.len() {
         return Err(PyValueError::new_err(format!(
@@ -887,8 +913,7 @@ impl Aggregator {
         let s = &mut *sg;
         let mut ag = self.lock();
         let a = &mut *ag;
-        py.detach(|| a.aggregate(&ps, &mut s.1)).map_err(err)?;
-        write_out(&o, &s.1)
+        aggregate_host(py, a, &ps, &mut s.1, &o)
     }
 
     /// Decodes K wire messages and averages them into `out`: `data` is a byte buffer of K
@@ -941,10 +966,10 @@ impl Aggregator {
                     }
                 })?;
             }
-            a.aggregate(&s.0, &mut s.1)
+            Ok(())
         })
         .map_err(err)?;
-        write_out(&o, &s.1)
+        aggregate_host(py, a, &s.0, &mut s.1, &o)
     }
 
     /// CUDA only: averages `payloads` into the float32 device buffer at `out_ptr` (length n).
