@@ -35,6 +35,7 @@ LABEL = {
     "powersgd1": "torch PowerSGD rank 1",
     "powersgd4": "torch PowerSGD rank 4",
     "noop": "torch noop_hook (bound)",
+    "floor": "one async all-gather of top-k's row, no compute",
     "gs-topk": "gradsift top-k 1%",
     "gs-rtopk": "gradsift rTop-k 1% (r 5%)",
     "gs-randomk": "gradsift random-k 1%",

@@ -11,7 +11,10 @@ embedded MNIST digits through DDP on gloo, one after the other in this one proce
 - ``noop``: torch's ``noop_hook`` (no communication at all: the bound on what any
   compression can gain; its model is not averaged, so its accuracy means nothing);
 - ``gs-topk`` / ``gs-rtopk`` / ``gs-randomk``: gradsift's hook at k = 1% (rTop-k: r = 5%),
-  DGC momentum correction 0.9 in the hook (the optimizer then runs without momentum).
+  DGC momentum correction 0.9 in the hook (the optimizer then runs without momentum);
+- ``floor``: one asynchronous all-gather per bucket of a row as large as gradsift top-k's,
+  nothing computed, the bucket left as it is: what the collective alone costs any hook that
+  moves that much in one collective (not a training method; its accuracy means nothing).
 
 ``--phase timed``: ``--warm`` steps, then ``--steps`` timed steps; per step the wall time of
 zero_grad + forward + backward (the hook and its collective) + optimizer step, and the bytes
@@ -40,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import gradsift
 import gradsift.torch as gst
 
-METHODS = ["allreduce", "fp16", "powersgd1", "powersgd4", "noop", "gs-topk", "gs-rtopk", "gs-randomk"]
+METHODS = ["allreduce", "fp16", "powersgd1", "powersgd4", "noop", "floor", "gs-topk", "gs-rtopk", "gs-randomk"]
 GS = {
     "gs-topk": dict(method="topk", ratio=0.01),
     "gs-rtopk": dict(method="rtopk", ratio=0.01, r_ratio=0.05),
@@ -62,6 +65,23 @@ def iface_bytes() -> tuple[int, int]:
         return int(tx.read()), int(rx.read())
 
 
+def floor_hook(rows: dict, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """The ``floor`` method: gradsift top-k's row size (1% of the bucket as u32 index + f32
+    value, plus the 48-byte trailer), all-gathered asynchronously; the bucket is returned as
+    it is."""
+    buf = bucket.buffer()
+    if bucket.index() not in rows:
+        n = (8 * max(1, buf.numel() // 100) + 48 + 7) // 8 * 8
+        rows[bucket.index()] = (torch.zeros(n, dtype=torch.uint8), torch.zeros(dist.get_world_size() * n, dtype=torch.uint8))
+    send, recv = rows[bucket.index()]
+    work = dist.all_gather_into_tensor(recv, send, async_op=True)
+    return work.get_future().then(lambda _: buf)
+
+
+# DDP checks the hook's annotations as objects; this module's are strings (future import).
+floor_hook.__annotations__ = {"rows": dict, "bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]}
+
+
 def setup(method: str, ddp: DDP, args, steps_per_epoch: int, start_psgd: int):
     """Registers the method's hook; returns (optimizer, gradsift state or None, extra)."""
     momentum = 0.9
@@ -73,6 +93,8 @@ def setup(method: str, ddp: DDP, args, steps_per_epoch: int, start_psgd: int):
         ddp.register_comm_hook(st, psgd.powerSGD_hook)
     elif method == "noop":
         ddp.register_comm_hook(None, debugging_hooks.noop_hook)
+    elif method == "floor":
+        ddp.register_comm_hook({}, floor_hook)
     elif method in GS:
         state = gst.GradsiftState(ddp, **GS[method], momentum=0.9, seed=1)
         ddp.register_comm_hook(state, gst.gradsift_hook)
