@@ -16,6 +16,8 @@
 #![cfg(feature = "cli")]
 
 use std::io::Read;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -457,18 +459,7 @@ fn mpirun_lines() {
         println!("SKIPPED: mpirun cases (build with --features mpi, as scripts/test.sh does)");
         return;
     }
-    let found = Command::new("mpirun")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var("GRADSIFT_REQUIRE_MPI").as_deref() != Ok("1"),
-            "mpirun not found and GRADSIFT_REQUIRE_MPI=1"
-        );
-        println!("SKIPPED: mpirun not found (scripts/test.sh installs openmpi-bin)");
+    if !common::mpirun_found("mpirun cases") {
         return;
     }
     let dir = scratch("mpi");

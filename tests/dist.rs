@@ -7,6 +7,8 @@
 
 #![cfg(all(feature = "cli", feature = "mpi"))]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -16,18 +18,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_gradsift");
 const DEADLINE: Duration = Duration::from_secs(240);
 
 fn mpirun() -> Option<Command> {
-    let found = Command::new("mpirun")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var("GRADSIFT_REQUIRE_MPI").as_deref() != Ok("1"),
-            "mpirun not found and GRADSIFT_REQUIRE_MPI=1"
-        );
-        eprintln!("SKIPPED: mpirun not found (scripts/test.sh installs openmpi-bin)");
+    if !common::mpirun_found("the mpirun tests") {
         return None;
     }
     let mut c = Command::new("mpirun");

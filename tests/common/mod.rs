@@ -537,3 +537,22 @@ pub fn assert_stats_close(want: &gradsift::LayerStats, got: &gradsift::LayerStat
         got.var
     );
 }
+
+/// Whether `mpirun` runs on this machine. Without it: a panic under
+/// `GRADSIFT_REQUIRE_MPI=1` (CI must not skip), otherwise `SKIPPED: <what>` and `false`.
+pub fn mpirun_found(what: &str) -> bool {
+    let found = std::process::Command::new("mpirun")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var("GRADSIFT_REQUIRE_MPI").as_deref() != Ok("1"),
+            "mpirun not found and GRADSIFT_REQUIRE_MPI=1"
+        );
+        eprintln!("SKIPPED: {what}: mpirun not found (scripts/test.sh installs openmpi-bin)");
+    }
+    found
+}
