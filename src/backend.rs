@@ -47,7 +47,7 @@
 //! ```
 
 use crate::cpu::{self, Average, LayerStats, VarianceEstimate};
-use crate::{Config, Element, Error, Group, Layout, Mode, Payload, Result};
+use crate::{Config, Element, Error, Group, Layout, Mode, Payload, Result, SparsePayload};
 use std::fmt;
 use std::str::FromStr;
 
@@ -246,6 +246,31 @@ pub trait Compress {
     /// # Ok::<(), gradsift::Error>(())
     /// ```
     fn revert(&mut self) -> Result<()>;
+
+    /// Returns sent entries to the residual: `e[i] += v` for every `(i, v)` of `back`, the
+    /// entries of this plan's last payload that a distributed reduction did not use (the
+    /// sparse all-reduce's global selection, docs/SPEC.md §12), so that error feedback
+    /// loses nothing. The momentum stays as the step masked it. `back` must be sparse over
+    /// this plan's `n`, with strictly ascending indices; nothing changes on an error.
+    ///
+    /// # Errors
+    /// [`Error::BadPayload`] when `back` is over another `n`, has unsorted or out-of-range
+    /// indices, or its lengths disagree; [`Error::InvalidConfig`] on the CUDA and wgpu
+    /// backends, which have no refund pass yet (the sparse all-reduce runs with CPU plans).
+    ///
+    /// # Examples
+    /// ```
+    /// use gradsift::{Compress, Config, DType, Layout, SparsePayload, cpu};
+    /// let mut plan = cpu::Compressor::new(&Layout::new(&[3])?, &Config::topk(0.34))?;
+    /// plan.step(&[1.0f32, -4.0, 2.0], 0)?; // sends -4 and 2, keeps 1
+    /// let back = SparsePayload { n: 3, values_dtype: DType::F32, indices: vec![2], values: vec![2.0] };
+    /// plan.refund(&back)?; // the reduction used only -4
+    /// let mut e = Vec::new();
+    /// plan.residual(&mut e)?;
+    /// assert_eq!(e, [1.0, 0.0, 2.0]);
+    /// # Ok::<(), gradsift::Error>(())
+    /// ```
+    fn refund(&mut self, back: &SparsePayload) -> Result<()>;
 
     /// Zeroes residual and momentum (after the model was reloaded, say).
     ///
@@ -904,6 +929,9 @@ impl Compress for Compressor {
     fn revert(&mut self) -> Result<()> {
         dispatch!(Compressor, self, c => Compress::revert(c))
     }
+    fn refund(&mut self, back: &SparsePayload) -> Result<()> {
+        dispatch!(Compressor, self, c => Compress::refund(c, back))
+    }
     fn reset(&mut self) -> Result<()> {
         dispatch!(Compressor, self, c => Compress::reset(c))
     }
@@ -986,4 +1014,11 @@ impl Statistics for Stats {
     ) -> Result<()> {
         Statistics::estimate_variance(self, workers, out)
     }
+}
+
+/// The error of [`Compress::refund`] on a backend that has no refund pass.
+pub(crate) fn no_refund(backend: &str) -> Error {
+    Error::InvalidConfig(format!(
+        "refund (the sparse all-reduce's error feedback, docs/SPEC.md §12) is not implemented on the {backend} backend yet: run the sparse all-reduce with CPU plans (--backend cpu), or use --reduce allgather"
+    ))
 }

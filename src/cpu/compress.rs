@@ -249,6 +249,22 @@ impl Compressor {
     }
 }
 
+/// What [`Compress::refund`] asks of its argument on every backend.
+pub(crate) fn check_refund(back: &SparsePayload, n: usize) -> Result<()> {
+    let reason = if back.n as usize != n {
+        format!("it describes {} elements, the plan has {n}", back.n)
+    } else if back.indices.len() != back.values.len() {
+        format!("{} indices but {} values", back.indices.len(), back.values.len())
+    } else if back.indices.windows(2).any(|w| w[0] >= w[1])
+        || back.indices.last().is_some_and(|&i| i as usize >= n)
+    {
+        "its indices are not strictly ascending below n".to_string()
+    } else {
+        return Ok(());
+    };
+    Err(Error::BadPayload { worker: 0, reason })
+}
+
 impl Compress for Compressor {
     type Buffer<T: Element> = [T];
 
@@ -316,6 +332,14 @@ impl Compress for Compressor {
             std::mem::swap(&mut self.momentum, &mut self.scratch_u);
             self.revertible = false;
             self.fresh = false;
+        }
+        Ok(())
+    }
+
+    fn refund(&mut self, back: &SparsePayload) -> Result<()> {
+        check_refund(back, self.layout.n())?;
+        for (&i, &v) in back.indices.iter().zip(&back.values) {
+            self.residual[i as usize] += v;
         }
         Ok(())
     }

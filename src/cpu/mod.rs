@@ -38,6 +38,7 @@ pub(crate) use aggregate::check_payload;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) use aggregate::reciprocals;
 pub use aggregate::{Aggregator, Average};
+pub(crate) use compress::check_refund;
 pub use compress::{Compressor, random_k, rtopk, top_r};
 pub use par::PAR_MIN;
 pub use select::{Items, Selector, magnitude_key};

@@ -787,6 +787,12 @@ impl Compress for Compressor {
         Compressor::revert(self)
     }
 
+    /// Not on this backend yet: a typed error, after the same checks as the CPU's.
+    fn refund(&mut self, back: &crate::SparsePayload) -> Result<()> {
+        crate::cpu::check_refund(back, self.layout.n())?;
+        Err(crate::backend::no_refund("cuda"))
+    }
+
     fn reset(&mut self) -> Result<()> {
         Compressor::reset(self)
     }

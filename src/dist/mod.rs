@@ -1,11 +1,13 @@
 //! Moving payloads between workers: the small transport contract that compressed
 //! aggregation needs, and its implementations.
 //!
-//! Compressed data-parallel training needs three collective operations and nothing else:
+//! Compressed data-parallel training needs four collective operations and nothing else:
 //!
 //! - **all-gather** of every worker's payload (the encoded wire bytes, whose size varies from
 //!   worker to worker and step to step), so that every process can aggregate all `K`
 //!   payloads itself, in worker order, with the same arithmetic;
+//! - **all-to-all** of a piece per pair of workers, the first half of the reductions whose
+//!   traffic does not grow with `K` ([`reduce`], docs/SPEC.md §12);
 //! - **broadcast** of the set-up from rank 0 (seed, configuration, layout: a fingerprint), so
 //!   that every rank can check it runs the same job;
 //! - a **barrier**.
@@ -26,6 +28,7 @@ mod mpi;
 pub use self::mpi::Mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod reduce;
 
 use crate::{Error, Result};
 use std::ops::Range;
@@ -54,6 +57,15 @@ pub trait Transport {
     /// [`Error::LengthMismatch`] when `local` does not hold one buffer per local worker;
     /// [`Error::Transport`] when the communication fails.
     fn all_gather(&mut self, local: &[&[u8]], out: &mut Vec<Vec<u8>>) -> Result<()>;
+    /// One piece from every worker to every worker: `send[i * K + j]` goes from local worker
+    /// `self.local().start + i` to worker `j`, and `out[i * K + w]` (resized to
+    /// `local().len() * K` entries, buffers reused) is what local worker
+    /// `self.local().start + i` received from worker `w`, its own piece included.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] when `send` does not hold `K` pieces per local worker;
+    /// [`Error::Transport`] when the communication fails.
+    fn all_to_all(&mut self, send: &[&[u8]], out: &mut Vec<Vec<u8>>) -> Result<()>;
     /// Replaces `buf` on every rank with rank 0's (any length).
     ///
     /// # Errors
@@ -80,6 +92,18 @@ impl InProcess {
     pub fn new(workers: usize) -> Self {
         Self { workers }
     }
+}
+
+fn check_pieces(t: &dyn Transport, send: &[&[u8]]) -> Result<()> {
+    let expected = t.local().len() * t.workers();
+    if send.len() != expected {
+        return Err(Error::LengthMismatch {
+            what: "all-to-all pieces (K per local worker)",
+            expected,
+            got: send.len(),
+        });
+    }
+    Ok(())
 }
 
 fn check_local(t: &dyn Transport, local: &[&[u8]]) -> Result<()> {
@@ -112,6 +136,19 @@ impl Transport for InProcess {
         for (o, l) in out.iter_mut().zip(local) {
             o.clear();
             o.extend_from_slice(l);
+        }
+        Ok(())
+    }
+    fn all_to_all(&mut self, send: &[&[u8]], out: &mut Vec<Vec<u8>>) -> Result<()> {
+        check_pieces(self, send)?;
+        let k = self.workers;
+        out.resize_with(k * k, Vec::new);
+        for dest in 0..k {
+            for src in 0..k {
+                let o = &mut out[dest * k + src];
+                o.clear();
+                o.extend_from_slice(send[src * k + dest]);
+            }
         }
         Ok(())
     }
@@ -230,6 +267,16 @@ mod tests {
         assert_eq!(out, vec![b"a".to_vec(), vec![], b"ccc".to_vec()]);
         assert!(t.all_gather(&[b"a"], &mut out).is_err());
         check_setup(&mut t, "same").unwrap();
+    }
+
+    #[test]
+    fn in_process_all_to_all_transposes() {
+        let mut t = InProcess::new(2);
+        let mut out = Vec::new();
+        // Worker 0 sends "a" to itself and "bc" to 1; worker 1 sends "" to 0 and "d" to itself.
+        t.all_to_all(&[b"a", b"bc", b"", b"d"], &mut out).unwrap();
+        assert_eq!(out, vec![b"a".to_vec(), vec![], b"bc".to_vec(), b"d".to_vec()]);
+        assert!(t.all_to_all(&[b"a"], &mut out).is_err());
     }
 
     #[test]

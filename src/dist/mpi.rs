@@ -7,10 +7,10 @@
 //! (a crash, a kill, an exit without `MPI_Finalize`) makes `mpirun` kill the other ranks and
 //! exit non-zero, so no rank waits forever in a collective.
 
-use super::{Transport, check_local};
+use super::{Transport, check_local, check_pieces};
 use crate::{Error, Result};
 use mpi::Count;
-use mpi::datatype::PartitionMut;
+use mpi::datatype::{Partition, PartitionMut};
 use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator, CommunicatorCollectives, Root};
@@ -25,6 +25,10 @@ pub struct Mpi {
     counts: Vec<Count>,
     displs: Vec<Count>,
     recv: Vec<u8>,
+    /// The all-to-all's outgoing side: sizes, offsets and the pieces back to back.
+    send_counts: Vec<Count>,
+    send_displs: Vec<Count>,
+    send: Vec<u8>,
     // Dropped last: MPI_Finalize.
     _universe: Universe,
 }
@@ -36,6 +40,11 @@ impl std::fmt::Debug for Mpi {
             .field("size", &self.size)
             .finish()
     }
+}
+
+/// A byte count or offset as MPI's `int`.
+fn offset(n: usize) -> Result<Count> {
+    Count::try_from(n).map_err(|_| err(format!("{n} bytes exceed MPI's count")))
 }
 
 fn err(reason: String) -> Error {
@@ -62,6 +71,9 @@ impl Mpi {
             counts: Vec::new(),
             displs: Vec::new(),
             recv: Vec::new(),
+            send_counts: Vec::new(),
+            send_displs: Vec::new(),
+            send: Vec::new(),
             _universe: universe,
         })
     }
@@ -110,6 +122,46 @@ impl Transport for Mpi {
             let mut part =
                 PartitionMut::new(&mut self.recv[..], &self.counts[..], &self.displs[..]);
             self.world.all_gather_varcount_into(mine, &mut part);
+        }
+        out.resize_with(self.size, Vec::new);
+        for (w, o) in out.iter_mut().enumerate() {
+            let (at, n) = (self.displs[w] as usize, self.counts[w] as usize);
+            o.clear();
+            o.extend_from_slice(&self.recv[at..at + n]);
+        }
+        Ok(())
+    }
+
+    /// Two collectives: `MPI_Alltoall` of the sizes, then `MPI_Alltoallv` of the bytes.
+    fn all_to_all(&mut self, send: &[&[u8]], out: &mut Vec<Vec<u8>>) -> Result<()> {
+        check_pieces(self, send)?;
+        self.send_counts.clear();
+        self.send_displs.clear();
+        self.send.clear();
+        for piece in send {
+            self.send_displs.push(offset(self.send.len())?);
+            self.send_counts.push(offset(piece.len())?);
+            self.send.extend_from_slice(piece);
+        }
+        offset(self.send.len())?;
+        self.counts.resize(self.size, 0);
+        self.world
+            .all_to_all_into(&self.send_counts[..], &mut self.counts[..]);
+        self.displs.clear();
+        let mut total = 0usize;
+        for &c in &self.counts {
+            let c = usize::try_from(c)
+                .map_err(|_| err(format!("a rank announced a piece of {c} bytes")))?;
+            self.displs.push(offset(total)?);
+            total += c;
+        }
+        offset(total)?;
+        self.recv.resize(total, 0);
+        {
+            let sent = Partition::new(&self.send[..], &self.send_counts[..], &self.send_displs[..]);
+            let mut part =
+                PartitionMut::new(&mut self.recv[..], &self.counts[..], &self.displs[..]);
+            self.world.all_to_all_varcount_into(&sent, &mut part);
         }
         out.resize_with(self.size, Vec::new);
         for (w, o) in out.iter_mut().enumerate() {

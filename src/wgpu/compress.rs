@@ -512,6 +512,12 @@ impl Compress for Compressor {
         Ok(())
     }
 
+    /// Not on this backend yet: a typed error, after the same checks as the CPU's.
+    fn refund(&mut self, back: &crate::SparsePayload) -> Result<()> {
+        crate::cpu::check_refund(back, self.layout.n())?;
+        Err(crate::backend::no_refund("wgpu"))
+    }
+
     fn reset(&mut self) -> Result<()> {
         let inner = &self.ctx.inner;
         let mut enc = inner
