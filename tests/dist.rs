@@ -196,3 +196,95 @@ fn a_rank_that_dies_stops_the_others() {
     );
     eprintln!("job stopped {elapsed:?} after start; mpirun said:\n{err}");
 }
+
+/// The reductions of docs/SPEC.md §12 under `mpirun -n 3`: rank 0 prints what the
+/// simulation prints and both write the same JSON (every figure, the weights' fingerprint
+/// and the bytes received per worker), for the sparse all-reduce (exact and reused
+/// thresholds, global and per layer) and shared-key random-k.
+#[test]
+fn three_mpi_ranks_match_the_simulation_for_every_reduction() {
+    let cases: [&[&str]; 3] = [
+        &[
+            "--method",
+            "topk",
+            "--reduce",
+            "sparse",
+            "--epochs",
+            "2",
+            "--warmup-epochs",
+            "1",
+        ],
+        &[
+            "--method",
+            "rtopk",
+            "--per-layer",
+            "--average",
+            "over-senders",
+            "--reduce",
+            "sparse",
+            "--threshold-every",
+            "4",
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0",
+        ],
+        &[
+            "--method",
+            "randomk",
+            "--ratio",
+            "0.5",
+            "--momentum",
+            "0",
+            "--lr",
+            "0.01",
+            "--reduce",
+            "shared-randomk",
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0",
+        ],
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let Some(mut mpi) = mpirun() else { return };
+        let (sim_json, mpi_json) = (
+            tmp(&format!("sim-r{i}.json")),
+            tmp(&format!("mpi-r{i}.json")),
+        );
+        let common = |c: &mut Command, json: &Path| {
+            c.args(["train", "--workers", "3", "--seed", "5", "--json"])
+                .arg(json)
+                .args(*case);
+        };
+        let mut sim = Command::new(BIN);
+        common(&mut sim, &sim_json);
+        let (sim_out, _) = run(sim);
+        assert!(
+            sim_out.status.success(),
+            "{case:?}: {}",
+            text(&sim_out.stderr)
+        );
+        mpi.args(["-n", "3", BIN]);
+        common(&mut mpi, &mpi_json);
+        mpi.args(["--dist", "mpi"]);
+        let (mpi_out, elapsed) = run(mpi);
+        assert!(
+            mpi_out.status.success(),
+            "{case:?}: mpirun failed:\n{}\n{}",
+            text(&mpi_out.stdout),
+            text(&mpi_out.stderr)
+        );
+        eprintln!(
+            "{case:?}: mpirun -n 3 in {elapsed:?}\n{}",
+            text(&mpi_out.stdout)
+        );
+        assert_eq!(text(&sim_out.stdout), text(&mpi_out.stdout), "{case:?}");
+        let (a, b) = (
+            std::fs::read_to_string(&sim_json).unwrap(),
+            std::fs::read_to_string(&mpi_json).unwrap(),
+        );
+        assert!(a.contains("received_per_worker_step") && a.contains("weights_fnv"));
+        assert_eq!(a, b, "{case:?}: JSON reports differ");
+    }
+}

@@ -16,6 +16,7 @@ use super::mnist::shuffle;
 pub use super::mnist::{Mnist, PIXELS};
 pub use super::model::{Arch, Model};
 pub use super::report::AverageArg;
+use crate::dist::reduce::{self, Reduce, SharedScratch, SparseAllReduce, Traffic};
 use crate::dist::{self, InProcess, Transport};
 use crate::rd::{self, StepMeasurement};
 use crate::{
@@ -117,6 +118,12 @@ pub struct TrainConfig {
     /// [`TrainMethod::Adaptive`] only: steps between re-allocations of the per-layer counts
     /// (at least 1).
     pub adapt_every: usize,
+    /// How the payloads travel and are summed (docs/SPEC.md §12): all-gathered (any
+    /// method), the sparse all-reduce (top-k, rTop-k, adaptive; CPU plans), or shared-key
+    /// random-k summed by an all-reduce (random-k only). The baseline ignores it.
+    pub reduce: Reduce,
+    /// [`Reduce::Sparse`]: steps between exact threshold computations (1: every step).
+    pub threshold_every: u64,
 }
 
 impl Default for TrainConfig {
@@ -143,6 +150,8 @@ impl Default for TrainConfig {
             unbiased: false,
             local_steps: 1,
             adapt_every: 10,
+            reduce: Reduce::AllGather,
+            threshold_every: 1,
         }
     }
 }
@@ -213,6 +222,37 @@ impl TrainConfig {
         }
         if self.adapt_every == 0 {
             return bad("--adapt-every must be at least 1".into());
+        }
+        if !(1..=MAX_THRESHOLD_EVERY).contains(&self.threshold_every) {
+            return bad(format!(
+                "--threshold-every must lie in [1, {MAX_THRESHOLD_EVERY}], got {}",
+                self.threshold_every
+            ));
+        }
+        let fits = match self.reduce {
+            Reduce::AllGather => true,
+            Reduce::Sparse => matches!(
+                self.method,
+                TrainMethod::Topk | TrainMethod::Rtopk | TrainMethod::Adaptive | TrainMethod::None
+            ),
+            Reduce::SharedRandomK => {
+                matches!(self.method, TrainMethod::Randomk | TrainMethod::None)
+            }
+        };
+        if !fits {
+            return bad(format!(
+                "--reduce {} does not apply to --method {}: sparse takes topk, rtopk or adaptive, shared-randomk takes randomk",
+                self.reduce, self.method
+            ));
+        }
+        if self.reduce == Reduce::Sparse
+            && self.method != TrainMethod::None
+            && !matches!(self.backend, Backend::Cpu)
+        {
+            return bad(format!(
+                "--reduce sparse returns what the global selection drops to the residual (Compress::refund), which only the CPU backend implements yet; got --backend {}",
+                self.backend
+            ));
         }
         if !(1..=MAX_EPOCHS).contains(&self.epochs) {
             return bad(format!(
@@ -304,8 +344,14 @@ pub struct EpochReport {
     pub train_loss: f64,
     /// Accuracy on the held-out test set after the epoch.
     pub test_accuracy: f64,
-    /// Wire bits per worker per step (headers included); `32 n` for the baseline.
+    /// Wire bits per worker per step (headers included); `32 n` for the baseline. Under
+    /// [`Reduce::Sparse`] and [`Reduce::SharedRandomK`], the bits of the pieces a worker
+    /// sends in the reduction's first collective (its payload, split by region).
     pub bits_per_worker_step: f64,
+    /// Bytes of the payload exchange a worker received from the others per step (the
+    /// compressed runs' collectives; the measurement exchanges of losses and dense
+    /// gradients are not counted); 0 for the baseline.
+    pub received_per_worker_step: f64,
     /// Mean over the epoch's steps of the size-weighted `sigma_X^2` (per coordinate).
     pub sigma_x2: f64,
     /// Mean over the epoch's steps of the size-weighted `sigma_N^2`.
@@ -455,6 +501,7 @@ pub fn train_with(
     let mut plan_config: Option<Config> = None;
     let mut aggregator: Option<Aggregator> = None;
     let mut payloads: Vec<Payload> = vec![Payload::Sparse(SparsePayload::default()); k];
+    let mut exchange = Exchange::default();
     let mut local_bytes: Vec<Vec<u8>> = vec![Vec::new(); local.len()];
     let mut gathered: Vec<Vec<u8>> = Vec::new();
     let mut variances = Vec::new();
@@ -479,6 +526,7 @@ pub fn train_with(
             ..Default::default()
         };
         let (mut bits, mut r_sum_bits) = (0.0f64, 0.0f64);
+        let mut received_bytes = 0u64;
         let mut done = 0usize;
         for s in 0..steps_per_epoch {
             dist::inject_fault(transport.rank(), t);
@@ -538,27 +586,49 @@ pub fn train_with(
                     if plans.is_empty() {
                         plans = local
                             .clone()
-                            .map(|w| device.compressor(&layout, &c.clone().with_worker(w as u32)))
+                            .map(|w| {
+                                device.compressor(&layout, &c.clone().with_worker(key_of(cfg, w)))
+                            })
                             .collect::<crate::Result<_>>()?;
                         aggregator = Some(device.aggregator(&layout, c.mode, cfg.average, k)?);
                     } else if plan_config.as_ref() != Some(c) {
                         for (w, plan) in local.clone().zip(plans.iter_mut()) {
-                            plan.reconfigure(&c.clone().with_worker(w as u32))?;
+                            plan.reconfigure(&c.clone().with_worker(key_of(cfg, w)))?;
                         }
                     }
                     plan_config = Some(c.clone());
-                    for ((plan, g), b) in plans.iter_mut().zip(&grads).zip(local_bytes.iter_mut()) {
-                        let p = plan.step(g, t)?;
-                        wire::encode(p, b)?;
+                    match cfg.reduce {
+                        Reduce::AllGather => {
+                            exchange.sent.clear();
+                            for ((plan, g), b) in
+                                plans.iter_mut().zip(&grads).zip(local_bytes.iter_mut())
+                            {
+                                let p = plan.step(g, t)?;
+                                wire::encode(p, b)?;
+                                exchange.sent.push(b.len() as u64);
+                            }
+                            gather(transport, &local_bytes, &mut gathered)?;
+                            exchange.traffic.all_gather(local.clone(), &gathered);
+                            for (b, p) in gathered.iter().zip(payloads.iter_mut()) {
+                                wire::decode_into(b, p).map_err(crate::Error::from)?;
+                            }
+                            let agg = aggregator.as_mut().expect("built with the plans");
+                            agg.aggregate(&payloads, &mut update)?;
+                        }
+                        _ => exchange.reduce(
+                            cfg,
+                            &layout,
+                            c,
+                            transport,
+                            &mut plans,
+                            &grads,
+                            t,
+                            &mut update,
+                        )?,
                     }
-                    gather(transport, &local_bytes, &mut gathered)?;
-                    let mut step_bits = 0u64;
-                    for (b, p) in gathered.iter().zip(payloads.iter_mut()) {
-                        wire::decode_into(b, p).map_err(crate::Error::from)?;
-                        step_bits += 8 * b.len() as u64;
-                    }
-                    let agg = aggregator.as_mut().expect("built with the plans");
-                    agg.aggregate(&payloads, &mut update)?;
+                    let (sent, received) = exchange.settle(transport)?;
+                    let step_bits = 8 * sent;
+                    received_bytes += received;
                     let m =
                         rd::measure_aggregate(&views, &layout, &variances, &update, step_bits, t)?;
                     model.apply(&update, cfg.lr)?;
@@ -616,6 +686,7 @@ pub fn train_with(
         let steps_f = done as f64;
         rep.train_loss /= steps_f;
         rep.bits_per_worker_step = bits / (steps_f * k as f64);
+        rep.received_per_worker_step = received_bytes as f64 / (steps_f * k as f64);
         rep.sigma_x2 /= steps_f;
         rep.sigma_n2 /= steps_f;
         if compressor.is_some() {
@@ -706,6 +777,150 @@ fn adaptive_counts(
             (r as u64, k as u64)
         })
         .collect())
+}
+
+/// The random-key worker id of worker `w` (SPEC §3): its own, or 0 for every worker
+/// under [`Reduce::SharedRandomK`], so that all draw the same indices.
+fn key_of(cfg: &TrainConfig, w: usize) -> u32 {
+    if cfg.reduce == Reduce::SharedRandomK {
+        0
+    } else {
+        w as u32
+    }
+}
+
+/// The state of the payload exchange, kept across steps: the reductions other than the
+/// all-gather, and the traffic counters.
+#[derive(Default)]
+struct Exchange {
+    sparse: Option<(Config, SparseAllReduce)>,
+    shared: SharedScratch,
+    refunds: Vec<SparsePayload>,
+    traffic: Traffic,
+    /// Per local worker: the bytes of its payload (or of the first collective's pieces).
+    sent: Vec<u64>,
+    counters: Vec<Vec<u8>>,
+    all_counters: Vec<Vec<u8>>,
+}
+
+impl Exchange {
+    /// One step's compression and reduction under `cfg.reduce` (not the all-gather):
+    /// leaves the update in `update`, the bytes sent in `self.sent`, and returns each plan
+    /// what the sparse all-reduce did not use.
+    #[allow(clippy::too_many_arguments)]
+    fn reduce(
+        &mut self,
+        cfg: &TrainConfig,
+        layout: &Layout,
+        c: &Config,
+        transport: &mut dyn Transport,
+        plans: &mut [Compressor],
+        grads: &[Vec<f32>],
+        t: u64,
+        update: &mut [f32],
+    ) -> Result<()> {
+        for (plan, g) in plans.iter_mut().zip(grads) {
+            plan.step(g, t)?;
+        }
+        let mut views = Vec::with_capacity(plans.len());
+        for plan in plans.iter_mut() {
+            match plan.payload()? {
+                Payload::Sparse(p) => views.push(p),
+                Payload::Sign(_) => {
+                    return Err(TrainError::Usage(format!(
+                        "--reduce {} needs a sparse method",
+                        cfg.reduce
+                    )));
+                }
+            }
+        }
+        self.sent.clear();
+        match cfg.reduce {
+            Reduce::SharedRandomK => {
+                reduce::shared_randomk(
+                    transport,
+                    &views,
+                    update,
+                    &mut self.traffic,
+                    &mut self.shared,
+                )?;
+                // The k values (f32) in K pieces, each with its 8-byte index hash.
+                for p in &views {
+                    self.sent
+                        .push(4 * p.values.len() as u64 + 8 * cfg.workers as u64);
+                }
+            }
+            Reduce::Sparse => {
+                if self.sparse.as_ref().map(|(have, _)| have) != Some(c) {
+                    let plan = SparseAllReduce::new(
+                        layout,
+                        c,
+                        cfg.average,
+                        cfg.workers,
+                        cfg.threshold_every,
+                    )?;
+                    self.sparse = Some((c.clone(), plan));
+                }
+                let (_, plan) = self.sparse.as_mut().expect("built above");
+                plan.reduce(
+                    transport,
+                    &views,
+                    t,
+                    update,
+                    &mut self.refunds,
+                    &mut self.traffic,
+                )?;
+                self.sent.extend_from_slice(plan.scattered());
+                drop(views);
+                for (plan, back) in plans.iter_mut().zip(&self.refunds) {
+                    plan.refund(back)?;
+                }
+            }
+            Reduce::AllGather => unreachable!("the caller all-gathers"),
+        }
+        Ok(())
+    }
+
+    /// The step's bytes sent and received, summed over all `K` workers: one all-gather of
+    /// two counters per worker (a measurement, like the losses', outside the payload
+    /// exchange), so that every rank reports the same figures. Clears the counters.
+    fn settle(&mut self, transport: &mut dyn Transport) -> Result<(u64, u64)> {
+        let n = transport.local().len();
+        self.counters.resize_with(n, Vec::new);
+        for (i, b) in self.counters.iter_mut().enumerate() {
+            b.clear();
+            b.extend_from_slice(&self.sent.get(i).copied().unwrap_or(0).to_le_bytes());
+            b.extend_from_slice(
+                &self
+                    .traffic
+                    .received
+                    .get(i)
+                    .copied()
+                    .unwrap_or(0)
+                    .to_le_bytes(),
+            );
+        }
+        gather(transport, &self.counters, &mut self.all_counters)?;
+        self.traffic.clear();
+        self.sent.clear();
+        let (mut sent, mut received) = (0u64, 0u64);
+        for b in &self.all_counters {
+            let word = |at: usize| {
+                b.get(at..at + 8)
+                    .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+            };
+            let (Some(s), Some(r)) = (word(0), word(8)) else {
+                return Err(crate::Error::Transport {
+                    transport: transport.name(),
+                    reason: format!("traffic counters of {} bytes, expected 16", b.len()),
+                }
+                .into());
+            };
+            sent += s;
+            received += r;
+        }
+        Ok((sent, received))
+    }
 }
 
 /// All-gathers one buffer per local worker.
@@ -955,10 +1170,26 @@ pub struct TrainArgs {
     /// simulation prints, bit for bit.
     #[arg(long, value_enum, default_value_t = Dist::None)]
     pub dist: Dist,
+    /// How the payloads travel (docs/SPEC.md §12): `allgather` (every worker receives every
+    /// payload: traffic grows with K), `sparse` (the sparse all-reduce of top-k, rTop-k or
+    /// adaptive: regions reduced at their owners, the global top-k selected, what it drops
+    /// returned to the residual; CPU backend) or `shared-randomk` (random-k with one key for
+    /// all workers, its values summed by an all-reduce). The baseline ignores it.
+    #[arg(long, default_value_t = Reduce::AllGather, value_parser = parse_reduce)]
+    pub reduce: Reduce,
+    /// `--reduce sparse`: steps between exact computations of the global top-k threshold,
+    /// in 1..=100000; the steps in between select by the last exact threshold (Ok-Topk's
+    /// reuse), so the number sent varies.
+    #[arg(long, default_value_t = 1)]
+    pub threshold_every: u64,
     /// Also write every run's per-epoch figures (full precision) and a fingerprint of the
     /// final weights as JSON (rank 0 only under `--dist mpi`).
     #[arg(long, value_name = "FILE")]
     pub json: Option<std::path::PathBuf>,
+}
+
+fn parse_reduce(s: &str) -> std::result::Result<Reduce, String> {
+    s.parse().map_err(|e: crate::Error| e.to_string())
 }
 
 /// Where `gradsift train`'s workers run.
@@ -981,6 +1212,9 @@ fn open_transport(dist: Dist, workers: usize) -> Result<Box<dyn Transport>> {
         )),
     }
 }
+
+/// Largest `--threshold-every`.
+pub const MAX_THRESHOLD_EVERY: u64 = 100_000;
 
 /// Runs `gradsift train` and prints per-epoch figures. Under `--dist mpi` only rank 0
 /// prints; an error on one rank aborts every rank (`MPI_Abort`), except a set-up mismatch,
@@ -1116,14 +1350,25 @@ fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
             TrainMethod::Sign => "scaled sign".to_string(),
             m => format!("{m}, {:.1}% compression", 100.0 * (1.0 - cfg.ratio)),
         };
+        let label = if cfg.reduce != Reduce::AllGather && method != TrainMethod::None {
+            let every = if cfg.reduce == Reduce::Sparse && cfg.threshold_every > 1 {
+                format!(", threshold every {} steps", cfg.threshold_every)
+            } else {
+                String::new()
+            };
+            format!("{label}, --reduce {}{every}", cfg.reduce)
+        } else {
+            label
+        };
         say!("\n== {label}");
         say!(
-            "{:>5} {:>7} {:>10} {:>9} {:>14} {:>11} {:>11} {:>9} {:>10}",
+            "{:>5} {:>7} {:>10} {:>9} {:>14} {:>12} {:>11} {:>11} {:>9} {:>10}",
             "epoch",
             "sent",
             "train loss",
             "test acc",
             "bits/wkr/step",
+            "recv B/step",
             "sigma_X^2",
             "sigma_N^2",
             "rho",
@@ -1150,12 +1395,13 @@ fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
             |e| {
                 bar.suspend(|| {
                     say!(
-                        "{:>5} {:>6.2}% {:>10.4} {:>8.2}% {:>14.0} {:>11.3e} {:>11.3e} {:>9} {:>10}",
+                        "{:>5} {:>6.2}% {:>10.4} {:>8.2}% {:>14.0} {:>12.0} {:>11.3e} {:>11.3e} {:>9} {:>10}",
                         e.epoch,
                         100.0 * e.ratio,
                         e.train_loss,
                         100.0 * e.test_accuracy,
                         e.bits_per_worker_step,
+                        e.received_per_worker_step,
                         e.sigma_x2,
                         e.sigma_n2,
                         e.efficiency.map_or("-".into(), |_| format!("{:.1}", e.rho)),
@@ -1191,7 +1437,7 @@ fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
         );
     }
     say!(
-        "\nbits: wire-format bits per worker per step; R_sum/bits: the rate-distortion sum-rate at the measured distortion over the bits sent (1 = optimal)."
+        "\nbits: wire-format bits per worker per step; recv: bytes of the payload exchange a worker received per step; R_sum/bits: the rate-distortion sum-rate at the measured distortion over the bits sent (1 = optimal)."
     );
     if let Some(path) = args.json.as_ref().filter(|_| root) {
         let doc = serde_json::json!({ "runs": json_runs });
@@ -1269,6 +1515,8 @@ impl TrainArgs {
             local_steps: self.local_steps,
             model: self.model,
             adapt_every: self.adapt_every,
+            reduce: self.reduce,
+            threshold_every: self.threshold_every,
             ..TrainConfig::default()
         };
         (cfg, notes)

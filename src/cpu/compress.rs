@@ -254,7 +254,11 @@ pub(crate) fn check_refund(back: &SparsePayload, n: usize) -> Result<()> {
     let reason = if back.n as usize != n {
         format!("it describes {} elements, the plan has {n}", back.n)
     } else if back.indices.len() != back.values.len() {
-        format!("{} indices but {} values", back.indices.len(), back.values.len())
+        format!(
+            "{} indices but {} values",
+            back.indices.len(),
+            back.values.len()
+        )
     } else if back.indices.windows(2).any(|w| w[0] >= w[1])
         || back.indices.last().is_some_and(|&i| i as usize >= n)
     {

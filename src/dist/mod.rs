@@ -275,7 +275,10 @@ mod tests {
         let mut out = Vec::new();
         // Worker 0 sends "a" to itself and "bc" to 1; worker 1 sends "" to 0 and "d" to itself.
         t.all_to_all(&[b"a", b"bc", b"", b"d"], &mut out).unwrap();
-        assert_eq!(out, vec![b"a".to_vec(), vec![], b"bc".to_vec(), b"d".to_vec()]);
+        assert_eq!(
+            out,
+            vec![b"a".to_vec(), vec![], b"bc".to_vec(), b"d".to_vec()]
+        );
         assert!(t.all_to_all(&[b"a"], &mut out).is_err());
     }
 

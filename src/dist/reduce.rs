@@ -20,9 +20,7 @@
 
 use super::Transport;
 use crate::cpu::{magnitude_key, reciprocals};
-use crate::{
-    Average, Config, DType, Error, Group, Layout, Payload, Result, SparsePayload, wire,
-};
+use crate::{Average, Config, DType, Error, Group, Layout, Payload, Result, SparsePayload, wire};
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
@@ -85,22 +83,39 @@ impl FromStr for Reduce {
     }
 }
 
-/// Bytes the local workers received from other workers (their own pieces excluded),
-/// summed over the calls that were given it: what a network would have carried to them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Bytes each local worker received from other workers (its own pieces excluded), summed
+/// over the calls that were given it: what a network would have carried to it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Traffic {
-    /// Bytes received, summed over this process's workers.
-    pub received: u64,
+    /// Bytes received, per local worker (in `Transport::local` order).
+    pub received: Vec<u64>,
 }
 
 impl Traffic {
+    /// The bytes summed over the local workers.
+    pub fn total(&self) -> u64 {
+        self.received.iter().sum()
+    }
+
+    /// Zeroes the counters (keeps the allocation).
+    pub fn clear(&mut self) {
+        self.received.iter_mut().for_each(|r| *r = 0);
+    }
+
+    fn slot(&mut self, i: usize) -> &mut u64 {
+        if self.received.len() <= i {
+            self.received.resize(i + 1, 0);
+        }
+        &mut self.received[i]
+    }
+
     /// Counts what the local workers received in `out` of an all-to-all (`out[i * K + w]`
     /// from worker `w`).
     pub fn all_to_all(&mut self, local: Range<usize>, workers: usize, out: &[Vec<u8>]) {
         for (i, me) in local.enumerate() {
             for (w, piece) in out[i * workers..(i + 1) * workers].iter().enumerate() {
                 if w != me {
-                    self.received += piece.len() as u64;
+                    *self.slot(i) += piece.len() as u64;
                 }
             }
         }
@@ -109,10 +124,10 @@ impl Traffic {
     /// Counts what the local workers received in `out` of an all-gather (`out[w]` from
     /// worker `w`, received by every local worker).
     pub fn all_gather(&mut self, local: Range<usize>, out: &[Vec<u8>]) {
-        for me in local {
+        for (i, me) in local.enumerate() {
             for (w, piece) in out.iter().enumerate() {
                 if w != me {
-                    self.received += piece.len() as u64;
+                    *self.slot(i) += piece.len() as u64;
                 }
             }
         }
@@ -222,7 +237,11 @@ fn all_reduce<T: Word>(
         return Err(Error::LengthMismatch {
             what: "all-reduce inputs (one of the output's length per local worker)",
             expected: m,
-            got: local.iter().map(|l| l.len()).find(|&l| l != m).unwrap_or(local.len()),
+            got: local
+                .iter()
+                .map(|l| l.len())
+                .find(|&l| l != m)
+                .unwrap_or(local.len()),
         });
     }
     wires.reset_send(range.len() * k);
@@ -419,6 +438,7 @@ pub struct SparseAllReduce {
     hist: Vec<u32>,
     summed: Vec<u32>,
     selected: Vec<u32>,
+    sent: Vec<u64>,
 }
 
 /// What the radix select knows of one group.
@@ -503,6 +523,7 @@ impl SparseAllReduce {
             hist: Vec::new(),
             summed: Vec::new(),
             selected: Vec::new(),
+            sent: Vec::new(),
         })
     }
 
@@ -546,6 +567,12 @@ impl SparseAllReduce {
         Ok(())
     }
 
+    /// Bytes each local worker sent in the last step's first collective (its payload split
+    /// by region, every piece with its wire header, its own region's included).
+    pub fn scattered(&self) -> &[u64] {
+        &self.sent
+    }
+
     /// The groups' threshold keys of the last exact step, which the steps until the next
     /// exact one select up to: `magnitude_key` of the smallest magnitude selected, or of a
     /// bound above the union's smallest where a group selected its whole union; `None` for a
@@ -576,9 +603,16 @@ impl SparseAllReduce {
         }
         for (i, p) in local.iter().enumerate() {
             let reason = if p.n as usize != self.n {
-                Some(format!("it describes {} elements, the plan expects {}", p.n, self.n))
+                Some(format!(
+                    "it describes {} elements, the plan expects {}",
+                    p.n, self.n
+                ))
             } else if p.indices.len() != p.values.len() {
-                Some(format!("{} indices but {} values", p.indices.len(), p.values.len()))
+                Some(format!(
+                    "{} indices but {} values",
+                    p.indices.len(),
+                    p.values.len()
+                ))
             } else if p.indices.windows(2).any(|w| w[0] >= w[1])
                 || p.indices.last().is_some_and(|&x| x as usize >= self.n)
             {
@@ -625,6 +659,13 @@ impl SparseAllReduce {
                 r?;
             }
         }
+        self.sent.clear();
+        self.sent.extend(
+            self.wires
+                .send
+                .chunks(k)
+                .map(|row| row.iter().map(|b| b.len() as u64).sum::<u64>()),
+        );
         self.wires.all_to_all(t, traffic)
     }
 
@@ -634,7 +675,10 @@ impl SparseAllReduce {
         let range = t.local();
         self.cands.resize_with(range.len(), Vec::new);
         for (i, owner) in range.enumerate() {
-            let (lo, hi) = (region_start(self.n, k, owner), region_start(self.n, k, owner + 1));
+            let (lo, hi) = (
+                region_start(self.n, k, owner),
+                region_start(self.n, k, owner + 1),
+            );
             self.entries.clear();
             for w in 0..k {
                 wire::decode_into(&self.wires.recv[i * k + w], &mut self.piece).map_err(|e| {
@@ -648,15 +692,21 @@ impl SparseAllReduce {
                     )));
                 };
                 if p.n as usize != self.n
-                    || p.indices.iter().any(|&x| (x as usize) < lo || (x as usize) >= hi)
+                    || p.indices
+                        .iter()
+                        .any(|&x| (x as usize) < lo || (x as usize) >= hi)
                 {
                     return Err(transport_err(format!(
                         "sparse all-reduce, step {step}: worker {w}'s piece for region {owner} ({lo}..{hi} of {}) holds indices outside it",
                         self.n
                     )));
                 }
-                self.entries
-                    .extend(p.indices.iter().zip(&p.values).map(|(&x, &v)| (x, w as u32, v)));
+                self.entries.extend(
+                    p.indices
+                        .iter()
+                        .zip(&p.values)
+                        .map(|(&x, &v)| (x, w as u32, v)),
+                );
             }
             self.entries.sort_unstable_by_key(|&(x, w, _)| (x, w));
             let c = &mut self.cands[i];
@@ -699,7 +749,9 @@ impl SparseAllReduce {
                     }
                     let base = (i * gs + g) * BINS;
                     for &(_, _, key) in in_group(&self.cands[i], &self.groups[g].0) {
-                        if round == 0 || key >> (shift + DIGIT_BITS) == s.prefix >> (shift + DIGIT_BITS) {
+                        if round == 0
+                            || key >> (shift + DIGIT_BITS) == s.prefix >> (shift + DIGIT_BITS)
+                        {
                             self.hist[base + ((key >> shift) as usize & (BINS - 1))] += 1;
                         }
                     }
@@ -707,7 +759,15 @@ impl SparseAllReduce {
             }
             let views: Vec<&[u32]> = self.hist.chunks(gs * BINS).collect();
             self.summed.resize(gs * BINS, 0);
-            all_reduce(t, &mut self.wires, &views, &mut self.summed, &[], &|_, _| Ok(()), traffic)?;
+            all_reduce(
+                t,
+                &mut self.wires,
+                &views,
+                &mut self.summed,
+                &[],
+                &|_, _| Ok(()),
+                traffic,
+            )?;
             for (g, s) in search.iter_mut().enumerate() {
                 let h = &self.summed[g * BINS..(g + 1) * BINS];
                 if round == 0 {
@@ -780,7 +840,10 @@ impl SparseAllReduce {
         self.wires.reset_send(locals);
         for i in 0..locals {
             for (g, s) in search.iter().enumerate() {
-                let ties = in_group(&self.cands[i], &self.groups[g].0).iter().filter(|e| e.2 == s.prefix).count();
+                let ties = in_group(&self.cands[i], &self.groups[g].0)
+                    .iter()
+                    .filter(|e| e.2 == s.prefix)
+                    .count();
                 (ties as u32).put(&mut self.wires.send[i]);
             }
         }
@@ -851,9 +914,13 @@ impl SparseAllReduce {
         self.wires.all_gather(t, traffic)?;
         // Check every piece before anything is written.
         self.selected.clear();
-        self.picked.resize_with(k, || Payload::Sparse(SparsePayload::default()));
+        self.picked
+            .resize_with(k, || Payload::Sparse(SparsePayload::default()));
         for owner in 0..k {
-            let (lo, hi) = (region_start(self.n, k, owner), region_start(self.n, k, owner + 1));
+            let (lo, hi) = (
+                region_start(self.n, k, owner),
+                region_start(self.n, k, owner + 1),
+            );
             wire::decode_into(&self.wires.gathered[owner], &mut self.picked[owner]).map_err(|e| {
                 transport_err(format!(
                     "sparse all-reduce, step {step}: worker {owner}'s selection does not decode: {e}"
@@ -865,7 +932,9 @@ impl SparseAllReduce {
                 )));
             };
             if p.n as usize != self.n
-                || p.indices.iter().any(|&x| (x as usize) < lo || (x as usize) >= hi)
+                || p.indices
+                    .iter()
+                    .any(|&x| (x as usize) < lo || (x as usize) >= hi)
             {
                 return Err(transport_err(format!(
                     "sparse all-reduce, step {step}: worker {owner}'s selection holds indices outside its region {lo}..{hi}"
@@ -970,7 +1039,9 @@ mod tests {
         let mut dense = vec![0.0; n];
         agg.aggregate(&wrapped, &mut dense).unwrap();
         let mut sent = vec![false; n];
-        ps.iter().flat_map(|p| &p.indices).for_each(|&i| sent[i as usize] = true);
+        ps.iter()
+            .flat_map(|p| &p.indices)
+            .for_each(|&i| sent[i as usize] = true);
         let mut update = vec![0.0; n];
         let mut chosen = vec![false; n];
         for g in config.plan_groups(layout).unwrap() {
@@ -983,7 +1054,13 @@ mod tests {
         }
         let refunds = ps
             .iter()
-            .map(|p| p.indices.iter().copied().filter(|&i| !chosen[i as usize]).collect())
+            .map(|p| {
+                p.indices
+                    .iter()
+                    .copied()
+                    .filter(|&i| !chosen[i as usize])
+                    .collect()
+            })
             .collect();
         (update, refunds)
     }
@@ -1002,8 +1079,15 @@ mod tests {
                     let views: Vec<&SparsePayload> = ps.iter().collect();
                     let (mut update, mut refunds) = (vec![9.0; layout.n()], Vec::new());
                     let mut traffic = Traffic::default();
-                    plan.reduce(&mut InProcess::new(k), &views, 0, &mut update, &mut refunds, &mut traffic)
-                        .unwrap();
+                    plan.reduce(
+                        &mut InProcess::new(k),
+                        &views,
+                        0,
+                        &mut update,
+                        &mut refunds,
+                        &mut traffic,
+                    )
+                    .unwrap();
                     let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&update), bits(&want), "K={k} {mode:?} {rule:?}");
                     let got: Vec<Vec<u32>> = refunds.iter().map(|r| r.indices.clone()).collect();
@@ -1021,7 +1105,7 @@ mod tests {
                     if k > 1 {
                         assert!(selected <= k_total && selected + 3 >= k_total.min(selected + 3));
                     }
-                    assert!(k == 1 || traffic.received > 0);
+                    assert!(k == 1 || traffic.total() > 0);
                 }
             }
         }
@@ -1039,7 +1123,15 @@ mod tests {
             let ps = payloads(&layout, &config, 3, 100 + step);
             let views: Vec<&SparsePayload> = ps.iter().collect();
             let before = plan.thresholds().map(|t| t.to_vec());
-            plan.reduce(&mut t, &views, step, &mut update, &mut refunds, &mut traffic).unwrap();
+            plan.reduce(
+                &mut t,
+                &views,
+                step,
+                &mut update,
+                &mut refunds,
+                &mut traffic,
+            )
+            .unwrap();
             if step % 3 == 0 {
                 let (want, _) = reference(&layout, &config, Average::OverWorkers, &ps);
                 assert_eq!(update, want, "step {step} is exact");
@@ -1047,19 +1139,31 @@ mod tests {
                 let theta = before.unwrap()[0].unwrap();
                 // Every aggregate of the union at or under the key is in, nothing else.
                 let (dense, _) = {
-                    let mut agg = cpu::Aggregator::new(&layout, Mode::Global, Average::OverWorkers, 3).unwrap();
+                    let mut agg =
+                        cpu::Aggregator::new(&layout, Mode::Global, Average::OverWorkers, 3)
+                            .unwrap();
                     let w: Vec<Payload> = ps.iter().cloned().map(Payload::Sparse).collect();
                     let mut d = vec![0.0; 64];
                     agg.aggregate(&w, &mut d).unwrap();
                     (d, ())
                 };
                 let mut sent = [false; 64];
-                ps.iter().flat_map(|p| &p.indices).for_each(|&i| sent[i as usize] = true);
+                ps.iter()
+                    .flat_map(|p| &p.indices)
+                    .for_each(|&i| sent[i as usize] = true);
                 for i in 0..64 {
-                    let want = if sent[i] && magnitude_key(dense[i]) <= theta { dense[i] } else { 0.0 };
+                    let want = if sent[i] && magnitude_key(dense[i]) <= theta {
+                        dense[i]
+                    } else {
+                        0.0
+                    };
                     assert_eq!(update[i].to_bits(), want.to_bits(), "step {step} index {i}");
                 }
-                assert_eq!(plan.thresholds().unwrap()[0], Some(theta), "reused, not recomputed");
+                assert_eq!(
+                    plan.thresholds().unwrap()[0],
+                    Some(theta),
+                    "reused, not recomputed"
+                );
             }
         }
     }
@@ -1069,45 +1173,70 @@ mod tests {
         let layout = Layout::new(&[100, 31]).unwrap();
         let config = Config::randomk(0.1).with_worker(0);
         for k in [1usize, 2, 3, 7] {
-            let mut plans: Vec<cpu::Compressor> =
-                (0..k).map(|_| cpu::Compressor::new(&layout, &config).unwrap()).collect();
+            let mut plans: Vec<cpu::Compressor> = (0..k)
+                .map(|_| cpu::Compressor::new(&layout, &config).unwrap())
+                .collect();
             let mut rng = Rng(k as u64);
             let ps: Vec<SparsePayload> = plans
                 .iter_mut()
                 .map(|plan| {
-                    let g: Vec<f32> = (0..131).map(|_| (rng.next() % 1000) as f32 / 7.0 - 70.0).collect();
+                    let g: Vec<f32> = (0..131)
+                        .map(|_| (rng.next() % 1000) as f32 / 7.0 - 70.0)
+                        .collect();
                     match crate::Compress::step(plan, &g, 5).unwrap() {
                         Payload::Sparse(p) => p.clone(),
                         Payload::Sign(_) => unreachable!(),
                     }
                 })
                 .collect();
-            let mut agg = cpu::Aggregator::new(&layout, Mode::Global, Average::OverWorkers, k).unwrap();
+            let mut agg =
+                cpu::Aggregator::new(&layout, Mode::Global, Average::OverWorkers, k).unwrap();
             let wrapped: Vec<Payload> = ps.iter().cloned().map(Payload::Sparse).collect();
             let mut want = vec![0.0; 131];
             agg.aggregate(&wrapped, &mut want).unwrap();
             let views: Vec<&SparsePayload> = ps.iter().collect();
             let mut got = vec![1.0; 131];
             let mut traffic = Traffic::default();
-            shared_randomk(&mut InProcess::new(k), &views, &mut got, &mut traffic, &mut SharedScratch::default())
-                .unwrap();
+            shared_randomk(
+                &mut InProcess::new(k),
+                &views,
+                &mut got,
+                &mut traffic,
+                &mut SharedScratch::default(),
+            )
+            .unwrap();
             assert_eq!(
                 got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
             );
             // Per worker about 2 (K-1)/K of the k values and their hash headers.
-            let per_worker = traffic.received / k as u64;
+            let per_worker = traffic.total() / k as u64;
             let values = 4 * ps[0].values.len() as u64;
-            assert!(per_worker <= 2 * values + 8 * k as u64, "{per_worker} bytes for {values}");
+            assert!(
+                per_worker <= 2 * values + 8 * k as u64,
+                "{per_worker} bytes for {values}"
+            );
         }
         // Workers with their own keys draw other indices: a typed error.
         let mut a = cpu::Compressor::new(&layout, &config).unwrap();
         let mut b = cpu::Compressor::new(&layout, &Config::randomk(0.1).with_worker(1)).unwrap();
         let g = vec![1.0f32; 131];
-        let pa = match crate::Compress::step(&mut a, &g, 0).unwrap() { Payload::Sparse(p) => p.clone(), _ => unreachable!() };
-        let pb = match crate::Compress::step(&mut b, &g, 0).unwrap() { Payload::Sparse(p) => p.clone(), _ => unreachable!() };
+        let pa = match crate::Compress::step(&mut a, &g, 0).unwrap() {
+            Payload::Sparse(p) => p.clone(),
+            _ => unreachable!(),
+        };
+        let pb = match crate::Compress::step(&mut b, &g, 0).unwrap() {
+            Payload::Sparse(p) => p.clone(),
+            _ => unreachable!(),
+        };
         let mut out = vec![0.0; 131];
-        let e = shared_randomk(&mut InProcess::new(2), &[&pa, &pb], &mut out, &mut Traffic::default(), &mut SharedScratch::default());
+        let e = shared_randomk(
+            &mut InProcess::new(2),
+            &[&pa, &pb],
+            &mut out,
+            &mut Traffic::default(),
+            &mut SharedScratch::default(),
+        );
         assert!(matches!(e, Err(Error::Transport { .. })), "{e:?}");
     }
 
@@ -1157,14 +1286,33 @@ mod tests {
         let views: Vec<&SparsePayload> = ps.iter().collect();
         let mut plan = SparseAllReduce::new(&layout, &config, Average::OverWorkers, 2, 1).unwrap();
         let (mut update, mut refunds) = (vec![7.0; 32], Vec::new());
-        let e = plan.reduce(&mut Corrupting(InProcess::new(2)), &views, 3, &mut update, &mut refunds, &mut Traffic::default());
+        let e = plan.reduce(
+            &mut Corrupting(InProcess::new(2)),
+            &views,
+            3,
+            &mut update,
+            &mut refunds,
+            &mut Traffic::default(),
+        );
         assert!(matches!(e, Err(Error::Transport { .. })), "{e:?}");
         assert!(update.iter().all(|&v| v == 7.0) && refunds.is_empty());
         let mut unsorted = ps[0].clone();
         unsorted.indices.reverse();
-        let e = plan.reduce(&mut InProcess::new(2), &[&unsorted, &ps[1]], 0, &mut update, &mut refunds, &mut Traffic::default());
-        assert!(matches!(e, Err(Error::BadPayload { worker: 0, .. })), "{e:?}");
-        assert!(SparseAllReduce::new(&layout, &Config::sign(), Average::OverWorkers, 2, 1).is_err());
+        let e = plan.reduce(
+            &mut InProcess::new(2),
+            &[&unsorted, &ps[1]],
+            0,
+            &mut update,
+            &mut refunds,
+            &mut Traffic::default(),
+        );
+        assert!(
+            matches!(e, Err(Error::BadPayload { worker: 0, .. })),
+            "{e:?}"
+        );
+        assert!(
+            SparseAllReduce::new(&layout, &Config::sign(), Average::OverWorkers, 2, 1).is_err()
+        );
         assert!(SparseAllReduce::new(&layout, &config, Average::OverWorkers, 2, 0).is_err());
     }
 }
