@@ -233,7 +233,14 @@ fn every_subcommand_at_its_smallest_legal_values() {
         ("train --epochs 1 --workers 300 --method topk --model cnn", Ok),
         ("train --epochs 1 --backend auto --method topk --batch 400", Ok),
         // Explicit values that cannot hold.
+        ("train --epochs 1 --method topk --reduce sparse --threshold-every 100000 --per-layer --batch 400", Ok),
+        ("train --epochs 1 --method randomk --reduce shared-randomk --ratio 1 --batch 400", Ok),
         ("train --epochs 1 --warmup-epochs 2", Usage("--warmup-epochs")),
+        ("train --threshold-every 0", Usage("--threshold-every")),
+        ("train --threshold-every 100001", Usage("--threshold-every")),
+        ("train --method randomk --reduce sparse", Usage("--reduce")),
+        ("train --method topk --reduce shared-randomk", Usage("--reduce")),
+        ("train --reduce ring", Usage("--reduce")),
         ("train --epochs 0", Usage("--epochs")),
         ("train --epochs 1001", Usage("--epochs")),
         ("train --workers 1", Usage("--workers")),
@@ -380,6 +387,10 @@ fn readme_expectations() -> Vec<(&'static str, Expect)> {
         ),
         ("train --backend wgpu", Starts(FIRST_EPOCH)),
         ("mpirun -n 5 train --dist mpi", Starts(FIRST_EPOCH)),
+        (
+            "mpirun -n 3 train --dist mpi --method topk --reduce sparse",
+            Starts(FIRST_EPOCH),
+        ),
     ]
 }
 
@@ -472,6 +483,11 @@ fn mpirun_lines() {
             Expect::Usage("--workers"),
         ),
         ("5", "train --dist mpi", Expect::Starts(FIRST_EPOCH)),
+        (
+            "3",
+            "train --dist mpi --method topk --reduce sparse",
+            Expect::Starts(FIRST_EPOCH),
+        ),
     ] {
         let mut c = Command::new("mpirun");
         // Root in containers and CI; more ranks than cores on a 2-core runner.
