@@ -1017,6 +1017,7 @@ impl Statistics for Stats {
 }
 
 /// The error of [`Compress::refund`] on a backend that has no refund pass.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) fn no_refund(backend: &str) -> Error {
     Error::InvalidConfig(format!(
         "refund (the sparse all-reduce's error feedback, docs/SPEC.md §12) is not implemented on the {backend} backend yet: run the sparse all-reduce with CPU plans (--backend cpu), or use --reduce allgather"

@@ -288,3 +288,39 @@ fn three_mpi_ranks_match_the_simulation_for_every_reduction() {
         assert_eq!(a, b, "{case:?}: JSON reports differ");
     }
 }
+
+/// A rank that stops without dying (`GRADSIFT_HANG=1:5`, a test hook): the others' next
+/// collective times out (`--collective-timeout 3`), rank 0 names rank 1 as the one that did
+/// not arrive, and every rank exits non-zero instead of waiting for ever.
+#[test]
+fn a_rank_that_hangs_is_named_and_the_job_stops() {
+    let Some(mut mpi) = mpirun() else { return };
+    mpi.args([
+        "-x",
+        "GRADSIFT_HANG=1:5",
+        "-n",
+        "3",
+        BIN,
+        "train",
+        "--dist",
+        "mpi",
+    ])
+    .args(["--workers", "3", "--epochs", "1", "--warmup-epochs", "0"])
+    .args(["--collective-timeout", "3"]);
+    let (out, elapsed) = run(mpi);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "the job must fail:\n{err}");
+    assert!(
+        err.contains("rank 1 stops at step 5"),
+        "the hang fired:\n{err}"
+    );
+    assert!(
+        err.contains("rank(s) [1] of 3 did not arrive"),
+        "rank 0 names the rank that hangs:\n{err}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(90),
+        "the job stopped after {elapsed:?}"
+    );
+    eprintln!("job stopped {elapsed:?} after start; stderr:\n{err}");
+}

@@ -1182,6 +1182,11 @@ pub struct TrainArgs {
     /// reuse), so the number sent varies.
     #[arg(long, default_value_t = 1)]
     pub threshold_every: u64,
+    /// `--dist mpi`: seconds one collective may wait for the other ranks before the job
+    /// stops, naming the ranks that did not arrive (a rank that hangs without dying); 0 waits
+    /// for ever.
+    #[arg(long, default_value_t = 600.0)]
+    pub collective_timeout: f64,
     /// Also write every run's per-epoch figures (full precision) and a fingerprint of the
     /// final weights as JSON (rank 0 only under `--dist mpi`).
     #[arg(long, value_name = "FILE")]
@@ -1201,11 +1206,20 @@ pub enum Dist {
     Mpi,
 }
 
-fn open_transport(dist: Dist, workers: usize) -> Result<Box<dyn Transport>> {
+fn open_transport(dist: Dist, workers: usize, timeout: f64) -> Result<Box<dyn Transport>> {
+    if !(0.0..=1e9).contains(&timeout) {
+        return Err(TrainError::Usage(format!(
+            "--collective-timeout must lie in [0, 1e9] seconds, got {timeout}"
+        )));
+    }
     match dist {
         Dist::None => Ok(Box::new(InProcess::new(workers))),
         #[cfg(feature = "mpi")]
-        Dist::Mpi => Ok(Box::new(dist::Mpi::init()?)),
+        Dist::Mpi => {
+            let mut mpi = dist::Mpi::init()?;
+            mpi.set_timeout((timeout > 0.0).then(|| std::time::Duration::from_secs_f64(timeout)));
+            Ok(Box::new(mpi))
+        }
         #[cfg(not(feature = "mpi"))]
         Dist::Mpi => Err(TrainError::Usage(
             "--dist mpi needs a gradsift built with the `mpi` feature (cargo build --release --features mpi; needs an MPI such as Debian's libopenmpi-dev, and libclang-dev)".into(),
@@ -1220,7 +1234,11 @@ pub const MAX_THRESHOLD_EVERY: u64 = 100_000;
 /// prints; an error on one rank aborts every rank (`MPI_Abort`), except a set-up mismatch,
 /// which every rank detects and reports itself.
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let mut transport = open_transport(args.dist, args.workers.unwrap_or(DEFAULT_WORKERS))?;
+    let mut transport = open_transport(
+        args.dist,
+        args.workers.unwrap_or(DEFAULT_WORKERS),
+        args.collective_timeout,
+    )?;
     if args.dist != Dist::None && transport.is_root() {
         eprintln!(
             "gradsift train: {} transport, {} ranks, one worker per rank{}",

@@ -35,9 +35,9 @@ mod select;
 mod stats;
 
 pub(crate) use aggregate::check_payload;
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) use aggregate::reciprocals;
 pub use aggregate::{Aggregator, Average};
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) use compress::check_refund;
 pub use compress::{Compressor, random_k, rtopk, top_r};
 pub use par::PAR_MIN;

@@ -241,16 +241,26 @@ pub fn f32_from_bytes(bytes: &[u8], expected: usize, out: &mut Vec<f32>) -> Resu
 }
 
 /// Fault injection for the failure tests: `GRADSIFT_FAULT=RANK:STEP` makes rank `RANK` exit
-/// at once, without finalising MPI (as a crash would), when it reaches step `STEP`.
+/// at once, without finalising MPI (as a crash would), when it reaches step `STEP`;
+/// `GRADSIFT_HANG=RANK:STEP` makes it stop there for ever without dying (a deadlock, a
+/// stopped process), which only the collective timeout catches.
 pub fn inject_fault(rank: usize, step: u64) {
-    let Ok(spec) = std::env::var("GRADSIFT_FAULT") else {
-        return;
+    let at = |var: &str| {
+        let spec = std::env::var(var).ok()?;
+        let mut it = spec.split(':').map(|s| s.trim().parse::<u64>().ok());
+        match (it.next(), it.next()) {
+            (Some(Some(r)), Some(Some(s))) => Some(r == rank as u64 && s == step),
+            _ => None,
+        }
     };
-    let mut it = spec.split(':').map(|s| s.trim().parse::<u64>().ok());
-    if let (Some(Some(r)), Some(Some(s))) = (it.next(), it.next()) {
-        if r == rank as u64 && s == step {
-            eprintln!("gradsift: GRADSIFT_FAULT: rank {rank} exits abruptly at step {step}");
-            std::process::exit(86);
+    if at("GRADSIFT_FAULT") == Some(true) {
+        eprintln!("gradsift: GRADSIFT_FAULT: rank {rank} exits abruptly at step {step}");
+        std::process::exit(86);
+    }
+    if at("GRADSIFT_HANG") == Some(true) {
+        eprintln!("gradsift: GRADSIFT_HANG: rank {rank} stops at step {step} without exiting");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
         }
     }
 }

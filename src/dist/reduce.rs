@@ -6,7 +6,7 @@
 //!
 //! - [`Reduce::SharedRandomK`]: every worker draws random-k with the same key (SPEC §3,
 //!   `w = 0`), so every worker sends the same indices and only the `k` values need summing:
-//!   an ordinary all-reduce of `k` f32s ([`all_reduce_f32`]).
+//!   an ordinary all-reduce of `k` f32s (SPEC §12's worker-order all-reduce).
 //! - [`Reduce::Sparse`]: a sparse all-reduce of top-k / rTop-k payloads in the Ok-Topk
 //!   family ([`SparseAllReduce`]): the index space is split into `K` regions, each region's
 //!   contributions are aggregated at its owner (an all-to-all), the global top-k of the
@@ -311,7 +311,7 @@ fn index_hash(indices: &[u32]) -> u64 {
 
 /// [`Reduce::SharedRandomK`] (SPEC §12): the payloads of this process's workers, which
 /// must hold the same indices (random-k with one key for all workers, `Config::worker` the
-/// same on every worker), are summed by [`all_reduce_f32`]-style reduction in worker order,
+/// same on every worker), are summed by SPEC §12's all-reduce in worker order,
 /// and `update` becomes `sum_i * inv` at those indices and 0 elsewhere, with
 /// `inv = f32(1/K)` (every worker sent every index, so both averaging rules agree). The
 /// bits are those of [`crate::Aggregate::aggregate`] over the same payloads.
