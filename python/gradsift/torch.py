@@ -50,8 +50,10 @@ buckets has no fixed-count device row and takes the host wire path.
 
 
 import hashlib
+import queue
 import re
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +61,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import Aggregator, Compressor, Config, GradsiftError, NonFiniteError, host_view
+from . import Aggregator, Compressor, Config, GradsiftError, NonFiniteError, Reducer, host_view
 
 __all__ = ["GradsiftState", "gradsift_hook", "ConfigMismatchError", "make_config", "ratio_at", "set_state"]
 
@@ -69,6 +71,11 @@ _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "
 _TRAILER = 48
 _OK, _NONFINITE, _OVERFLOW = 0, 1, 2
 _COUNTS = re.compile(r"(\d+) non-finite value\(s\).*?index (\d+)")
+#: The reductions (docs/SPEC.md §12): the all-gather of every payload, the sparse
+#: all-reduce, and shared-key random-k summed by an all-reduce.
+REDUCTIONS = ("allgather", "sparse", "shared-randomk")
+#: Settings that older saved states lack, with the value they were made with.
+_SETTING_DEFAULTS = dict(reduce="allgather", threshold_every=1)
 
 
 def ratio_at(settings: dict[str, Any], step: int) -> float:
@@ -82,8 +89,12 @@ def ratio_at(settings: dict[str, Any], step: int) -> float:
 
 def make_config(settings: dict[str, Any], step: int, worker: int) -> Config:
     """The :class:`gradsift.Config` that :class:`GradsiftState` ``settings`` give worker
-    ``worker`` at ``step`` (what an in-process simulation of the K ranks uses)."""
+    ``worker`` at ``step`` (what an in-process simulation of the K ranks uses). Under
+    ``reduce='shared-randomk'`` every worker draws with worker id 0's key, so that all
+    send the same indices (docs/SPEC.md §12)."""
     s = settings
+    if s.get("reduce") == "shared-randomk":
+        worker = 0
     k = ratio_at(s, step)
     r = None
     if s["method"] == "rtopk":
@@ -164,6 +175,11 @@ class _Bucket:
     slot: int = 0
     #: Host buckets: (buffer address, its zero-copy view, dtype hint), made once per buffer.
     view: tuple[int, Any, str | None] | None = None
+    #: 'sparse' / 'shared-randomk': the reduction planned for ``config`` (``None``: to be
+    #: planned), this rank's status row and all K (the trailer's six int64 words).
+    reducer: Reducer | None = None
+    status: torch.Tensor | None = None
+    statuses: torch.Tensor | None = None
 
     def host(self, buf: torch.Tensor) -> tuple[Any, str | None]:
         """``host_view(buf)``, cached: DDP hands the same bucket buffer every step."""
@@ -193,6 +209,20 @@ class GradsiftState:
         warmup_epochs, steps_per_epoch: DGC's exponential sparsity warm-up: during epoch
             ``e < warmup_epochs`` the ratio is ``max(ratio, 0.25 ** (e + 1))``.
         backend: 'cpu', 'cuda' or 'auto' (CUDA buckets on a CUDA-enabled build).
+        reduce: how the payloads travel (docs/SPEC.md §12). 'allgather' (default): every
+            rank's payload to every rank, one asynchronous all-gather per bucket; a rank
+            receives ``K - 1`` payloads. 'sparse' (top-k, rTop-k, random-k): the sparse
+            all-reduce, the global top-k of the aggregate, what a rank's payload loses to it
+            back into its residual; a rank receives about ``2k`` entries whatever ``K``.
+            'shared-randomk' (random-k): every rank draws the same indices, and the ``k``
+            values are summed by an all-reduce in rank order; about ``2k`` values. The two
+            reductions run host buckets (gloo) on a communication thread of their own, in
+            bucket order, so that they overlap backward: per bucket a 48-byte status
+            all-gather (the same accept/reject decision on every rank), then the
+            reduction's all-to-all and all-gather collectives. CUDA buckets take
+            'allgather' only, for now.
+        threshold_every: under 'sparse', recompute the selection threshold exactly every
+            this many steps (1: every step) and reuse it in between.
     """
 
     def __init__(
@@ -212,6 +242,8 @@ class GradsiftState:
         warmup_epochs: int = 0,
         steps_per_epoch: int = 0,
         backend: str = "auto",
+        reduce: str = "allgather",
+        threshold_every: int = 1,
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
@@ -224,6 +256,14 @@ class GradsiftState:
         self._names = {id(p): n for n, p in module.named_parameters()}
         if warmup_epochs > 0 and steps_per_epoch <= 0:
             raise ValueError("warmup_epochs needs steps_per_epoch > 0")
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce={reduce!r}: one of {', '.join(REDUCTIONS)}")
+        if reduce == "sparse" and method == "sign":
+            raise ValueError("reduce='sparse' needs a sparse method (topk, rtopk, randomk), not 'sign'")
+        if reduce == "shared-randomk" and method != "randomk":
+            raise ValueError(f"reduce='shared-randomk' needs method='randomk', not {method!r}")
+        if not (isinstance(threshold_every, int) and 1 <= threshold_every <= 100_000):
+            raise ValueError(f"threshold_every={threshold_every!r}: an integer in [1, 100000]")
         self.settings = dict(
             method=method,
             ratio=float(ratio),
@@ -236,8 +276,24 @@ class GradsiftState:
             seed=int(seed),
             warmup_epochs=int(warmup_epochs),
             steps_per_epoch=int(steps_per_epoch),
+            reduce=reduce,
+            threshold_every=int(threshold_every),
         )
         self.backend = backend
+        #: The reductions' transport and communication thread (started at first use), on a
+        #: process group of their own: DDP issues collectives of its own on the model's group
+        #: from the autograd thread (with find_unused_parameters, the used-parameter map),
+        #: and collectives from two threads on one group could meet in different orders on
+        #: different ranks. ``new_group`` is collective over the group's members, here.
+        self._transport: _TorchTransport | None = None
+        self._comm: _CommThread | None = None
+        self._reduce_group = None
+        if reduce != "allgather":
+            self._reduce_group = dist.new_group(
+                ranks=dist.get_process_group_ranks(self.process_group),
+                backend=dist.get_backend(self.process_group),
+                use_local_synchronization=True,
+            )
         self.config_at(0)  # validates the settings now, on every rank
         digest = hashlib.sha256(repr((sorted(self.settings.items()), self.world_size)).encode()).digest()
         self.fingerprint = struct.unpack("<q", digest[:8])[0]
@@ -250,8 +306,12 @@ class GradsiftState:
         #: Wire bytes this rank sent in the last step (all buckets), before padding.
         self.bytes_sent = 0
         #: Bytes this rank put on the all-gather in the last step (its rows: message,
-        #: padding to the fixed slot, and trailer).
+        #: padding to the fixed slot, and trailer); under 'sparse' and 'shared-randomk',
+        #: the bytes of its pieces (headers included).
         self.bytes_padded = 0
+        #: Bytes this rank received from the others in the last step's reductions
+        #: ('sparse' and 'shared-randomk'; the status all-gathers not counted).
+        self.bytes_received = 0
         self._last_step = -1
         self._resume_step = 0
 
@@ -312,6 +372,12 @@ class GradsiftState:
         if any(n in self._pending for n in names):
             self._restore(b)
         return b
+
+    def _comm_thread(self) -> "_CommThread":
+        if self._comm is None:
+            self._transport = _TorchTransport(self._reduce_group)
+            self._comm = _CommThread()
+        return self._comm
 
     def _comm_device(self, buf: torch.Tensor) -> torch.device:
         if dist.get_backend(self.process_group) == "nccl":
@@ -427,7 +493,8 @@ class GradsiftState:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         if sd.get("version") != 1:
             raise GradsiftError(f"unknown gradsift state version {sd.get('version')!r}")
-        if sd["settings"] != self.settings or sd["world_size"] != self.world_size:
+        saved = {**_SETTING_DEFAULTS, **sd["settings"]}
+        if saved != self.settings or sd["world_size"] != self.world_size:
             raise ConfigMismatchError(
                 f"the saved state was made with {sd['settings']} on {sd['world_size']} ranks; this state has {self.settings} on {self.world_size}"
             )
@@ -588,6 +655,120 @@ def _send_host(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -
     return nbytes
 
 
+class _CommThread:
+    """One daemon thread that runs the reductions' jobs in submission order: DDP hands the
+    buckets to the hook in the same order on every rank, so every rank issues the same
+    collectives in the same order while backward goes on in the caller's thread."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="gradsift-comm", daemon=True).start()
+
+    def submit(self, job: Any) -> torch.futures.Future[torch.Tensor]:
+        fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        self._jobs.put((job, fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            job, fut = self._jobs.get()
+            try:
+                out = job()
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting training loop
+                fut.set_exception(e)
+            else:
+                fut.set_result(out)
+
+
+class _TorchTransport:
+    """The collectives of ``gradsift.Reducer`` over a ``torch.distributed`` process group
+    (CPU tensors: gloo): variable-length byte strings, sent as a size exchange then one
+    padded all-gather or one all-to-all with split sizes. Buffers grow and are reused."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self._one = torch.zeros(1, dtype=torch.int64)
+        self._sizes = torch.zeros(self.world_size, dtype=torch.int64)
+        self._splits = torch.zeros(self.world_size, dtype=torch.int64)
+        self._send = torch.zeros(0, dtype=torch.uint8)
+        self._recv = torch.zeros(0, dtype=torch.uint8)
+
+    def _room(self, send: int, recv: int) -> None:
+        if self._send.numel() < send:
+            self._send = torch.zeros(max(send, 2 * self._send.numel()), dtype=torch.uint8)
+        if self._recv.numel() < recv:
+            self._recv = torch.zeros(max(recv, 2 * self._recv.numel()), dtype=torch.uint8)
+
+    def all_gather(self, mine: bytes) -> list[bytes]:
+        K = self.world_size
+        self._one[0] = len(mine)
+        dist.all_gather_into_tensor(self._sizes, self._one, group=self.group)
+        sizes = self._sizes.tolist()
+        m = max(sizes)
+        self._room(m, K * m)
+        self._send.numpy()[: len(mine)] = np.frombuffer(mine, np.uint8)
+        dist.all_gather_into_tensor(self._recv[: K * m], self._send[:m], group=self.group)
+        got = self._recv.numpy()
+        return [got[r * m : r * m + sizes[r]].tobytes() for r in range(K)]
+
+    def all_to_all(self, pieces: list[bytes]) -> list[bytes]:
+        ins = [len(p) for p in pieces]
+        self._splits[:] = torch.tensor(ins, dtype=torch.int64)
+        dist.all_to_all_single(self._sizes, self._splits, group=self.group)
+        outs = self._sizes.tolist()
+        self._room(sum(ins), sum(outs))
+        self._send.numpy()[: sum(ins)] = np.frombuffer(b"".join(pieces), np.uint8)
+        dist.all_to_all_single(self._recv[: sum(outs)], self._send[: sum(ins)], outs, ins, group=self.group)
+        got, at, out = self._recv.numpy(), 0, []
+        for n in outs:
+            out.append(got[at : at + n].tobytes())
+            at += n
+        return out
+
+
+def _reduce(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -> torch.Tensor:
+    """A host bucket under 'sparse' or 'shared-randomk', on the communication thread: the
+    step, a status all-gather (every rank takes the same decision, as on the all-gather
+    path), the reduction into ``buf`` and the refund; any failure undoes this rank's step."""
+    cfg = state.config_at(step)
+    if cfg != b.config:
+        b.comp.reconfigure(cfg)  # DGC warm-up: keeps residual and momentum
+        b.config, b.reducer = cfg, None
+    if b.reducer is None:
+        s = state.settings
+        b.reducer = Reducer(b.sizes, b.config, state.world_size, s["reduce"], s["average"], s["threshold_every"])
+        b.status = torch.zeros(6, dtype=torch.int64)
+        b.statuses = torch.zeros(6 * state.world_size, dtype=torch.int64)
+    x, hint = b.host(buf)
+    status, count, first, payload = _OK, 0, 0, None
+    try:
+        payload = b.comp.step(x, step, dtype=hint)
+    except NonFiniteError as e:
+        status = _NONFINITE if not bool(torch.isfinite(buf).all()) else _OVERFLOW
+        m = _COUNTS.search(str(e))
+        count, first = (int(m[1]), int(m[2])) if m else (0, 0)
+    try:
+        b.status.numpy()[:] = (status, 0 if payload is None else len(payload), step, state.fingerprint, count, first)
+        dist.all_gather_into_tensor(b.statuses, b.status, group=state._reduce_group)
+        _decide(state, b, b.statuses.numpy().reshape(state.world_size, 6), step)
+        refunds, sent, received = b.reducer.reduce([payload], step, x, dtype=hint, transport=state._transport)
+        for back in refunds:
+            b.comp.refund(back)
+    except BaseException:
+        b.comp.revert()
+        raise
+    if step != state._last_step:
+        state._last_step = step
+        state.bytes_sent = state.bytes_padded = state.bytes_received = 0
+    state.bytes_sent += sent
+    state.bytes_padded += sent
+    state.bytes_received += received
+    b.steps += 1
+    return buf
+
+
 def gradsift_hook(state: GradsiftState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """The DDP communication hook: compress into a fixed row, start one asynchronous
     all-gather, and aggregate on its future (see the module doc)."""
@@ -601,6 +782,14 @@ def gradsift_hook(state: GradsiftState, bucket: dist.GradBucket) -> torch.future
         raise ValueError("gradsift hook: the bucket buffer is not contiguous")
     b = state._bucket(bucket, buf)
     step = b.steps
+    if state.settings["reduce"] != "allgather":
+        if buf.is_cuda:
+            raise GradsiftError(
+                f"gradsift hook: reduce={state.settings['reduce']!r} runs host buckets (gloo) only for now: "
+                "the refund pass of the sparse all-reduce and the device all-reduce of shared-key random-k "
+                "are not on CUDA yet; use reduce='allgather' for CUDA buckets"
+            )
+        return state._comm_thread().submit(lambda: _reduce(state, b, buf, step))
     ratio = state.ratio_at(step)
     if ratio != b.ratio:  # the configuration is a function of the ratio alone
         cfg = state.config_at(step)

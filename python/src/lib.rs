@@ -18,6 +18,7 @@ use std::sync::Mutex;
 
 #[cfg(feature = "cuda")]
 mod cuda;
+mod reduce;
 
 create_exception!(
     _gradsift,
@@ -687,6 +688,19 @@ impl Compressor {
         self.lock().revert().map_err(err)
     }
 
+    /// Gives back to the residual what the last step sent but the sparse all-reduce did not
+    /// select (`Reducer.reduce`'s refund for this worker: docs/SPEC.md §12): `e[i] +=
+    /// value` at each of its indices (entries the last step sent). Raises `GradsiftError`
+    /// for a payload over another length or with indices not strictly ascending below n,
+    /// `TypeError` for one that is not sparse (the residual is then unchanged); CPU plans
+    /// only (`ValueError` on CUDA).
+    fn refund(&self, back: &Payload) -> PyResult<()> {
+        match &back.inner {
+            RsPayload::Sparse(p) => self.lock().refund(p).map_err(err),
+            RsPayload::Sign(_) => Err(PyTypeError::new_err("refund takes a sparse payload")),
+        }
+    }
+
     /// Waits for the last step; raises `NonFiniteError` if it was rejected.
     fn check(&self) -> PyResult<()> {
         self.lock().check().map_err(err)
@@ -1231,6 +1245,7 @@ fn _gradsift(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Compressor>()?;
     m.add_class::<Aggregator>()?;
     m.add_class::<Stats>()?;
+    m.add_class::<reduce::Reducer>()?;
     m.add("GradsiftError", m.py().get_type::<GradsiftError>())?;
     m.add("NonFiniteError", m.py().get_type::<NonFiniteError>())?;
     m.add(

@@ -81,7 +81,7 @@ def train(rank: int, case: dict, steps: int, state_in: dict | None = None, start
             saved = {k: v.clone() for k, v in state.state_dict()["residual"].items()}
             break
         opt.step()
-        bytes_per_step.append((state.bytes_sent, state.bytes_padded))
+        bytes_per_step.append((state.bytes_sent, state.bytes_padded, state.bytes_received))
         if case.get("save_at") == t + 1:
             saved = (state.state_dict(), {k: v.clone() for k, v in model.state_dict().items()})
     params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -67,9 +67,10 @@ def test_ranks_configured_differently(run_ranks, world):
         assert t == 0 and "configured differently" in msg and "0.2" in msg
 
 
+@pytest.mark.parametrize("reduce", ["allgather", "sparse"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_nonfinite_gradient_every_rank_raises_residual_kept(run_ranks, world):
-    case = dict(settings=dict(method="topk", ratio=0.1, momentum=0.9), steps=4, nan_step=2, nan_rank=1)
+def test_nonfinite_gradient_every_rank_raises_residual_kept(run_ranks, world, reduce):
+    case = dict(settings=dict(method="topk", ratio=0.1, momentum=0.9, reduce=reduce), steps=4, nan_step=2, nan_rank=1)
     res = run_ranks(world, case)
     msgs = set()
     for r in res:
@@ -90,6 +91,42 @@ def test_nonfinite_gradient_every_rank_raises_residual_kept(run_ranks, world):
         assert set(r["saved"]) == set(c["final_residual"])
         for k, v in r["saved"].items():
             assert torch.equal(v, c["final_residual"][k]), k
+
+
+def test_reducer_bad_inputs_are_typed_errors():
+    from gradsift import Payload, Reducer
+
+    cfg = Config("topk", k=1)
+    with pytest.raises(ValueError, match="unknown reduction"):
+        Reducer([4], cfg, 2, "ring")
+    with pytest.raises(ValueError, match="shared-randomk needs method 'randomk'"):
+        Reducer([4], cfg, 2, "shared-randomk")
+    with pytest.raises(ValueError, match="sparse method"):
+        Reducer([4], Config("sign"), 2, "sparse")
+    r = Reducer([4], cfg, 2, "sparse")
+    out = np.full(4, 7.0, np.float32)
+    good = Payload.sparse(4, [1], [2.0])
+    with pytest.raises(ValueError, match="expected 4 elements"):
+        r.reduce([good, good], 0, np.zeros(3, np.float32))
+    with pytest.raises(TypeError, match="sparse payloads"):
+        r.reduce([good, Payload.sign(4, [1.0], [0])], 0, out)
+    with pytest.raises(ValueError):
+        r.reduce([good], 0, out)  # one payload for K = 2 in process
+    with pytest.raises(gradsift.GradsiftError):
+        r.reduce([good, Payload.sparse(4, [9], [1.0])], 0, out)  # index out of range
+    assert np.all(out == 7.0), "a failed reduction writes nothing"
+    refunds, sent, received = r.reduce([good, Payload.sparse(4, [3], [-1.0])], 0, out)
+    assert out.tolist() == [0.0, 1.0, 0.0, 0.0]  # the global top-1 of the mean
+    assert [p.indices for p in refunds] == [[], [3]] and sent > 0 and received > 0
+    c = Compressor([4], cfg)
+    c.step(np.array([0, 0, 0, -1], np.float32), 0)
+    with pytest.raises(gradsift.GradsiftError, match="strictly ascending"):
+        c.refund(Payload.sparse(4, [3, 2], [1.0, 1.0]))
+    with pytest.raises(gradsift.GradsiftError, match="elements"):
+        c.refund(Payload.sparse(5, [3], [1.0]))
+    before = gradsift.residual(c)
+    c.refund(refunds[1])
+    assert gradsift.residual(c).tolist() == [0, 0, 0, -1] and before.tolist() == [0, 0, 0, 0]
 
 
 def test_hook_signature_accepted_by_ddp():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import gradsift
-from gradsift import Aggregator, Compressor, host_view
+from gradsift import Aggregator, Compressor, Reducer, host_view
 from gradsift.torch import make_config, set_state
 
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -18,8 +18,12 @@ def simulate(settings: dict, inputs: list[list[tuple]], world: int, dtype: torch
     same step numbers, configs from the same settings) and one aggregator, on the bucket
     inputs each rank recorded. Returns the aggregated update of every step. When the bucket
     layout changes (DDP's rebuild after step 0) each worker's residual moves parameter by
-    parameter into a plan for the new layout, as the hook does."""
+    parameter into a plan for the new layout, as the hook does. Under ``reduce`` 'sparse'
+    or 'shared-randomk' the K payloads go through a ``Reducer`` in process (re-planned when
+    the layout or the configuration changes) and its refunds back to the K compressors."""
     outs = []
+    reduce = settings.get("reduce", "allgather")
+    reducer, planned = None, None
     comps: list[Compressor] = []
     names = None
     for t in range(len(inputs[0])):
@@ -48,14 +52,23 @@ def simulate(settings: dict, inputs: list[list[tuple]], world: int, dtype: torch
             payloads.append(comps[w].step(a, t, dtype=hint))
         out = torch.empty_like(inputs[0][t][1])
         o, hint = host_view(out)
-        agg.aggregate(payloads, o, dtype=hint)
+        if reduce == "allgather":
+            agg.aggregate(payloads, o, dtype=hint)
+        else:
+            if planned != (key, cfgs[0]):
+                reducer = Reducer(sizes, cfgs[0], world, reduce, settings["average"], settings["threshold_every"])
+                planned = (key, cfgs[0])
+            refunds, _, _ = reducer.reduce(payloads, t, o, dtype=hint)
+            for w, back in enumerate(refunds):
+                comps[w].refund(back)
         outs.append(out)
     return outs
 
 
 def full_settings(case: dict) -> dict:
     s = dict(method="topk", ratio=0.01, r_ratio=None, mode="global", average="workers", momentum=0.0,
-             values="float32", scale="none", seed=0, warmup_epochs=0, steps_per_epoch=0)
+             values="float32", scale="none", seed=0, warmup_epochs=0, steps_per_epoch=0,
+             reduce="allgather", threshold_every=1)
     s.update(case["settings"])
     return s
 
@@ -74,6 +87,13 @@ CASES = {
     "sign-per-layer": dict(settings=dict(method="sign", mode="per_layer", momentum=0.5), steps=4),
     # DDP's default: buckets rebuilt after the first step; residuals move parameter by parameter
     "topk-bucket-rebuild": dict(settings=dict(method="topk", ratio=0.1, seed=1), steps=4, rebuild=True),
+    # the reductions of docs/SPEC.md §12 through gloo's all-to-all and all-gather
+    "sparse-topk-dgc-warmup-reuse": dict(settings=dict(method="topk", ratio=0.05, momentum=0.9, warmup_epochs=2, steps_per_epoch=2,
+                                                       reduce="sparse", threshold_every=3), steps=8),
+    "sparse-rtopk-per-layer-senders-bf16": dict(dtype="bfloat16", settings=dict(method="rtopk", ratio=0.1, r_ratio=0.3, mode="per_layer",
+                                                                                average="senders", seed=7, reduce="sparse"), steps=5),
+    "sparse-topk-bucket-rebuild-f16": dict(dtype="float16", settings=dict(method="topk", ratio=0.1, seed=1, reduce="sparse"), steps=4, rebuild=True),
+    "shared-randomk-f32": dict(settings=dict(method="randomk", ratio=0.1, seed=3, reduce="shared-randomk"), steps=5),
 }
 
 
@@ -99,10 +119,12 @@ def test_hook_equals_simulation(run_ranks, world, name):
             assert torch.equal(v.view(BITS[dtype]), res[0]["params"][k].view(BITS[dtype])), k
     # traffic: a sparse message is far below the dense bucket
     n = sum(bucket_sizes(dtype, res[0]["rec"][0][0]))
-    sent, padded = res[0]["bytes"][-1]
+    sent, padded, received = res[0]["bytes"][-1]
     assert 0 < sent <= padded
     if case["settings"]["method"] != "sign":
         assert sent < n * dtype.itemsize
+    # the reductions count what a rank received from the others; the all-gather does not
+    assert (received > 0) == (case["settings"].get("reduce", "allgather") != "allgather")
 
 
 def test_resume_loses_no_error_feedback(run_ranks):
