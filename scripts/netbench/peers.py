@@ -12,6 +12,8 @@ embedded MNIST digits through DDP on gloo, one after the other in this one proce
   compression can gain; its model is not averaged, so its accuracy means nothing);
 - ``gs-topk`` / ``gs-rtopk`` / ``gs-randomk``: gradsift's hook at k = 1% (rTop-k: r = 5%),
   DGC momentum correction 0.9 in the hook (the optimizer then runs without momentum);
+- ``gs-topk-sparse`` (``-reuse``: threshold recomputed every 32 steps) / ``gs-randomk-shared``:
+  the same with ``reduce='sparse'`` / ``'shared-randomk'`` (docs/SPEC.md §12);
 - ``floor``: one asynchronous all-gather per bucket of a row as large as gradsift top-k's,
   nothing computed, the bucket left as it is: what the collective alone costs any hook that
   moves that much in one collective (not a training method; its accuracy means nothing).
@@ -48,6 +50,10 @@ GS = {
     "gs-topk": dict(method="topk", ratio=0.01),
     "gs-rtopk": dict(method="rtopk", ratio=0.01, r_ratio=0.05),
     "gs-randomk": dict(method="randomk", ratio=0.01),
+    # the reductions of docs/SPEC.md §12 (not in the default list: scripts/netbench/costmodel.py runs them)
+    "gs-topk-sparse": dict(method="topk", ratio=0.01, reduce="sparse"),
+    "gs-topk-sparse-reuse": dict(method="topk", ratio=0.01, reduce="sparse", threshold_every=32),
+    "gs-randomk-shared": dict(method="randomk", ratio=0.01, reduce="shared-randomk"),
 }
 
 
@@ -172,7 +178,9 @@ def run_method(method: str, args, rank: int, world: int, data) -> dict:
         out.update(ms_median=float(np.median(timed)), ms_p90=float(np.percentile(timed, 90)), ms_all=timed.tolist(),
                    tx_per_step=(b1[0] - b0[0]) / args.steps, rx_per_step=(b1[1] - b0[1]) / args.steps)
         if state is not None:
-            out.update(payload_bytes=state.bytes_sent, row_bytes=state.bytes_padded, compute_ms=compression_alone(state, world))
+            out.update(payload_bytes=state.bytes_sent, row_bytes=state.bytes_padded, received_bytes=state.bytes_received)
+            if state.settings["reduce"] == "allgather":  # the reductions' compute is collective
+                out.update(compute_ms=compression_alone(state, world))
     else:
         out.update(curve=curve, final_acc=curve[-1][1])
     dist.barrier()
