@@ -13,6 +13,14 @@ struct AccArgs {
     u64 sel_state;  // SelState* whose pass-0 histogram is fused in, or 0
 };
 
+struct RefundArgs {
+    StepBuffers b;
+    u64 idx;    // const u32*, strictly ascending
+    u64 val;    // const float*
+    u32 count;
+    u32 pad;
+};
+
 template <typename T>
 __device__ __forceinline__ void ef_accumulate_impl(const AccArgs& a) {
     __shared__ u32 hist[2048];
@@ -116,7 +124,22 @@ extern "C" __global__ void __launch_bounds__(32) ef_commit(StepBuffers b) {
     }
 }
 
+// SPEC §12: entries a distributed reduction did not use return to the current residual,
+// one f32 addition each. The host checked the indices (distinct, below n), so no two
+// threads touch one element. `cur` is read on the device: the refund follows the step on
+// the stream, and the host only waited to learn that the step was accepted.
+extern "C" __global__ void __launch_bounds__(256) ef_refund(RefundArgs a) {
+    const StepStatus* st = (const StepStatus*)a.b.status;
+    float* e = (float*)(st->cur ? a.b.e1 : a.b.e0);
+    const u32* idx = (const u32*)a.idx;
+    const float* val = (const float*)a.val;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 t = (u64)blockIdx.x * blockDim.x + threadIdx.x; t < a.count; t += stride)
+        e[idx[t]] += val[t];
+}
+
 // The host mirrors these layouts (src/cuda/abi.rs); a mismatch fails compilation here.
 static_assert(sizeof(StepStatus) == 32, "StepStatus layout");
 static_assert(sizeof(StepBuffers) == 48, "StepBuffers layout");
 static_assert(sizeof(AccArgs) == 64, "AccArgs layout");
+static_assert(sizeof(RefundArgs) == 72, "RefundArgs layout");

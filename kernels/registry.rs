@@ -70,6 +70,7 @@ kernel_registry! {
         EfAccumulate = "ef_accumulate" [f32, f16, bf16],
         EfBegin = "ef_begin",
         EfCommit = "ef_commit",
+        EfRefund = "ef_refund",
     ],
     "select.cu": [
         SelReset = "sel_reset",

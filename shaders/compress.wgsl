@@ -818,3 +818,26 @@ fn flip() {
         atomicAdd(&st[3u], 1u);
     }
 }
+
+// SPEC §12: entries a distributed reduction did not use return to the current residual, one
+// f32 addition each. list_in holds the count, then the indices (checked on the host: distinct,
+// below n, so no two invocations touch one element); list_out the values' bits. The current
+// half is read here: the refund follows the step on the queue.
+@compute @workgroup_size(256)
+fn refund(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let t = flat_id(wid, nwg) * 256u + lid;
+    if t >= list_in[0] {
+        return;
+    }
+    let i = list_in[1u + t];
+    let v = bitcast<f32>(list_out[t]);
+    if (atomicLoad(&st[ST_CUR]) & 1u) == 0u {
+        ea[i] = ea[i] + v;
+    } else {
+        eb[i] = eb[i] + v;
+    }
+}

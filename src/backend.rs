@@ -250,13 +250,19 @@ pub trait Compress {
     /// Returns sent entries to the residual: `e[i] += v` for every `(i, v)` of `back`, the
     /// entries of this plan's last payload that a distributed reduction did not use (the
     /// sparse all-reduce's global selection, docs/SPEC.md §12), so that error feedback
-    /// loses nothing. The momentum stays as the step masked it. `back` must be sparse over
-    /// this plan's `n`, with strictly ascending indices; nothing changes on an error.
+    /// loses nothing. The momentum stays as the step masked it. One f32 addition per entry,
+    /// so every backend leaves the same bits. `back` must be sparse over this plan's `n`,
+    /// with strictly ascending indices and at most as many entries as one payload sends;
+    /// nothing changes on an error. A later [`Compress::revert`] undoes the step and the
+    /// refunds together. The GPU backends upload `back` (no allocation) and add on the
+    /// device, after waiting for the step to know it was accepted.
     ///
     /// # Errors
     /// [`Error::BadPayload`] when `back` is over another `n`, has unsorted or out-of-range
-    /// indices, or its lengths disagree; [`Error::InvalidConfig`] on the CUDA and wgpu
-    /// backends, which have no refund pass yet (the sparse all-reduce runs with CPU plans).
+    /// indices, more entries than a payload of the plan, or lengths that disagree;
+    /// [`Error::InvalidConfig`] on a scaled-sign plan, before the first step or after a
+    /// revert (there is no payload to refund); the step's [`Error::NonFinite`] when it was
+    /// rejected; [`Error::Device`] when a GPU call fails.
     ///
     /// # Examples
     /// ```
@@ -1016,10 +1022,9 @@ impl Statistics for Stats {
     }
 }
 
-/// The error of [`Compress::refund`] on a backend that has no refund pass.
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
-pub(crate) fn no_refund(backend: &str) -> Error {
-    Error::InvalidConfig(format!(
-        "refund (the sparse all-reduce's error feedback, docs/SPEC.md §12) is not implemented on the {backend} backend yet: run the sparse all-reduce with CPU plans (--backend cpu), or use --reduce allgather"
-    ))
+/// The error of [`Compress::refund`] on a plan with no accepted step to refund into.
+pub(crate) fn nothing_to_refund() -> Error {
+    Error::InvalidConfig(
+        "refund returns entries of the last accepted step's payload: there is none (no step yet, or it was reverted)".into(),
+    )
 }

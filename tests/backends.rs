@@ -113,6 +113,8 @@ backend_tests!(
     unbiased_scale_overflow_is_rejected,
     // docs/SPEC.md §5: undoing the last step (what the hook does when another rank's failed).
     revert_restores_the_state_before_the_last_step,
+    // docs/SPEC.md §12: what the sparse all-reduce's global selection dropped returns.
+    refund_returns_entries_to_the_residual_bit_for_bit,
 );
 
 fn run<H: Harness>(h: Option<H>, name: &str, case: fn(&H)) {
@@ -2907,4 +2909,144 @@ fn revert_restores_the_state_before_the_last_step<H: Harness>(h: &H) {
             "config {ci}: revert after reset brought a state back"
         );
     }
+}
+
+/// `Compress::refund` (SPEC §12): after a step (host or device buffer) the entries given back
+/// are added to the residual with the CPU reference's bits, for top-k, rTop-k per layer with
+/// momentum and f16 values, and random-k; refunds accumulate until the next step, which then
+/// matches a CPU twin that got the same refunds. Bad refunds (another n, unsorted, more
+/// entries than a payload, lengths that disagree) are `BadPayload`; before a step, after a
+/// revert and on a sign plan `InvalidConfig`; after a rejected step its `NonFinite`; none of
+/// them changes the state. A revert undoes the step and its refunds together.
+fn refund_returns_entries_to_the_residual_bit_for_bit<H: Harness>(h: &H) {
+    let layout = Layout::new(&[700, 0, 333, 5]).unwrap();
+    let n = layout.n();
+    let mut rtopk = Config::rtopk(0.2, 0.05);
+    rtopk.momentum = 0.5;
+    rtopk.mode = Mode::PerLayer;
+    rtopk.values = DType::F16;
+    let configs = [Config::topk(0.02), rtopk, Config::randomk(0.05)];
+    for (ci, cfg) in configs.into_iter().enumerate() {
+        let mut g = h.compressor(&layout, &cfg).unwrap();
+        let mut cpu = gradsift::cpu::Compressor::new(&layout, &cfg).unwrap();
+        let some = SparsePayload {
+            n: n as u32,
+            values_dtype: DType::F32,
+            indices: vec![3],
+            values: vec![1.0],
+        };
+        assert!(
+            matches!(g.refund(&some), Err(Error::InvalidConfig(_))),
+            "config {ci}: refund before the first step"
+        );
+        for t in 0..4u64 {
+            let grad = dyadic(n, 1300 + 10 * ci as u64 + t);
+            let want = cpu.step(&grad, t).cloned().unwrap();
+            if t % 2 == 0 {
+                g.step(&grad, t).unwrap();
+            } else {
+                h.step_device(&mut g, &grad, t).unwrap();
+            }
+            let sent = want.as_sparse().expect("a sparse payload").clone();
+            assert!(sent.indices.len() > 4, "config {ci}: a payload to refund");
+            // Every other entry, then the rest in a second call (refunds add up).
+            let pick = |par: usize| SparsePayload {
+                indices: sent.indices.iter().copied().skip(par).step_by(2).collect(),
+                values: sent.values.iter().copied().skip(par).step_by(2).collect(),
+                ..sent.clone()
+            };
+            let before = ef_bits(&mut g);
+            let mut unsorted = pick(0);
+            unsorted.indices.swap(0, 1);
+            let mut too_many = sent.clone();
+            too_many.indices.push(u32::MAX);
+            too_many.values.push(0.0);
+            let mut uneven = pick(0);
+            uneven.values.pop();
+            let other_n = SparsePayload {
+                n: n as u32 + 1,
+                ..pick(0)
+            };
+            for (what, bad) in [
+                ("unsorted", &unsorted),
+                ("too many", &too_many),
+                ("uneven", &uneven),
+                ("another n", &other_n),
+            ] {
+                assert!(
+                    matches!(g.refund(bad), Err(Error::BadPayload { .. })),
+                    "config {ci} step {t}: {what}"
+                );
+                assert!(
+                    matches!(cpu.refund(bad), Err(Error::BadPayload { .. })),
+                    "config {ci} step {t}: {what} on the CPU"
+                );
+            }
+            assert_eq!(ef_bits(&mut g), before, "config {ci} step {t}: bad refunds");
+            for par in [0, 1] {
+                let back = pick(par);
+                g.refund(&back).unwrap();
+                cpu.refund(&back).unwrap();
+                assert_eq!(
+                    ef_bits(&mut g),
+                    ef_bits(&mut cpu),
+                    "config {ci} step {t}: after refund {par}"
+                );
+            }
+            let empty = SparsePayload {
+                indices: vec![],
+                values: vec![],
+                ..sent.clone()
+            };
+            g.refund(&empty).unwrap();
+            assert_eq!(
+                ef_bits(&mut g),
+                ef_bits(&mut cpu),
+                "config {ci}: empty refund"
+            );
+        }
+        // A revert undoes the step together with its refunds.
+        let before = ef_bits(&mut g);
+        let grad = dyadic(n, 1399 + ci as u64);
+        let sent = g.step(&grad, 4).unwrap().as_sparse().unwrap().clone();
+        g.refund(&sent).unwrap();
+        g.revert().unwrap();
+        assert_eq!(
+            ef_bits(&mut g),
+            before,
+            "config {ci}: revert after a refund"
+        );
+        assert!(
+            matches!(g.refund(&sent), Err(Error::InvalidConfig(_))),
+            "config {ci}: refund after a revert"
+        );
+        let mut bad = grad.clone();
+        bad[7] = f32::NAN;
+        let _ = g.step(&bad, 4);
+        assert!(
+            matches!(g.refund(&sent), Err(Error::NonFinite { .. })),
+            "config {ci}: refund after a rejected step"
+        );
+        assert_eq!(ef_bits(&mut g), before, "config {ci}: after the rejection");
+    }
+    let mut sign = h.compressor(&layout, &Config::sign()).unwrap();
+    sign.step(&dyadic(n, 1390), 0).unwrap();
+    let back = SparsePayload {
+        n: n as u32,
+        values_dtype: DType::F32,
+        indices: vec![1],
+        values: vec![1.0],
+    };
+    assert!(
+        matches!(sign.refund(&back), Err(Error::InvalidConfig(_))),
+        "a sign plan has nothing to refund"
+    );
+}
+
+/// Residual and momentum bits of a plan.
+fn ef_bits<C: Compress>(c: &mut C) -> (Vec<u32>, Vec<u32>) {
+    let (mut e, mut u) = (Vec::new(), Vec::new());
+    c.residual(&mut e).unwrap();
+    c.momentum(&mut u).unwrap();
+    (common::bits(&e), common::bits(&u))
 }

@@ -5,6 +5,7 @@
 
 use gradsift::Backend;
 use gradsift::cli::train::{Mnist, PIXELS, TrainConfig, TrainMethod, train};
+use gradsift::dist::reduce::Reduce;
 use std::io::Write;
 
 fn tiny(method: TrainMethod) -> TrainConfig {
@@ -227,20 +228,26 @@ fn rel(a: f64, b: f64) -> f64 {
 /// Without momentum every operation of the compression path is a copy or a single f32
 /// operation, so docs/SPEC.md §11 demands identical payloads: the whole run (losses,
 /// accuracy, bits) must come out bit for bit as on the CPU, for every sparse method and for
-/// per-layer selection. Only the variance estimates are reductions (§8 tolerance).
+/// per-layer selection, all-gathered or through the sparse all-reduce. Only the variance
+/// estimates are reductions (§8 tolerance).
 #[test]
 fn gpu_backends_train_bit_identically_without_momentum() {
     let data = Mnist::embedded().unwrap();
     let (tr, te) = data.split(500);
-    for (method, per_layer) in [
-        (TrainMethod::Rtopk, false),
-        (TrainMethod::Topk, true),
-        (TrainMethod::Randomk, false),
+    // The sparse all-reduce (SPEC §12) adds the refund pass, exact and with a reused threshold.
+    for (method, per_layer, reduce, threshold_every) in [
+        (TrainMethod::Rtopk, false, Reduce::AllGather, 1),
+        (TrainMethod::Topk, true, Reduce::AllGather, 1),
+        (TrainMethod::Randomk, false, Reduce::AllGather, 1),
+        (TrainMethod::Topk, false, Reduce::Sparse, 1),
+        (TrainMethod::Rtopk, true, Reduce::Sparse, 3),
     ] {
         let cfg = TrainConfig {
             momentum: 0.0,
             per_layer,
             max_steps_per_epoch: 6,
+            reduce,
+            threshold_every,
             ..tiny(method)
         };
         let cpu = train(&cfg, &tr, &te, |_, _| {}, |_| {}).unwrap();
@@ -249,7 +256,10 @@ fn gpu_backends_train_bit_identically_without_momentum() {
                 continue;
             };
             for (g, c) in gpu.epochs.iter().zip(&cpu.epochs) {
-                let what = format!("{backend} {method} per_layer={per_layer} epoch {}", c.epoch);
+                let what = format!(
+                    "{backend} {method} per_layer={per_layer} {reduce:?} {threshold_every} epoch {}",
+                    c.epoch
+                );
                 assert_eq!(
                     g.train_loss.to_bits(),
                     c.train_loss.to_bits(),

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import Aggregator, Compressor, Config, GradsiftError, NonFiniteError, Reducer, host_view
+from . import Aggregator, Compressor, Config, GradsiftError, NonFiniteError, Payload, Reducer, host_view
 
 __all__ = ["GradsiftState", "gradsift_hook", "ConfigMismatchError", "make_config", "ratio_at", "set_state"]
 
@@ -180,6 +180,12 @@ class _Bucket:
     reducer: Reducer | None = None
     status: torch.Tensor | None = None
     statuses: torch.Tensor | None = None
+    #: CUDA buckets under a reduction: the event the bucket's gradient is ready at, the
+    #: update's entries in pinned host memory (int32 indices, float32 values, as
+    #: ``Reducer.reduce_entries`` writes them) and their device copies (int64 indices for
+    #: ``index_copy_``, values in the bucket's dtype), ``Reducer.max_entries`` long.
+    ready: Any = None
+    upd: tuple[torch.Tensor, ...] | None = None
 
     def host(self, buf: torch.Tensor) -> tuple[Any, str | None]:
         """``host_view(buf)``, cached: DDP hands the same bucket buffer every step."""
@@ -216,11 +222,15 @@ class GradsiftState:
             back into its residual; a rank receives about ``2k`` entries whatever ``K``.
             'shared-randomk' (random-k): every rank draws the same indices, and the ``k``
             values are summed by an all-reduce in rank order; about ``2k`` values. The two
-            reductions run host buckets (gloo) on a communication thread of their own, in
-            bucket order, so that they overlap backward: per bucket a 48-byte status
-            all-gather (the same accept/reject decision on every rank), then the
-            reduction's all-to-all and all-gather collectives. CUDA buckets take
-            'allgather' only, for now.
+            reductions run on a communication thread of their own, in bucket order, so
+            that they overlap backward, over a gloo group of their own (whatever the
+            model's group runs): per bucket a 48-byte status all-gather (the same
+            accept/reject decision on every rank), then the reduction's all-to-all and
+            all-gather collectives of the payloads' bytes. A CUDA bucket is compressed on
+            the device; only its payload (about k entries) comes to the host, and only
+            the update's entries go back, scattered into the bucket on the device, with
+            the refund added there (``ef_refund``). That CUDA path has not yet run on a
+            GPU.
         threshold_every: under 'sparse', recompute the selection threshold exactly every
             this many steps (1: every step) and reuse it in between.
     """
@@ -289,9 +299,11 @@ class GradsiftState:
         self._comm: _CommThread | None = None
         self._reduce_group = None
         if reduce != "allgather":
+            # gloo whatever the model's group runs: the reductions move host bytes (the
+            # payloads and selections, about k entries), never a bucket.
             self._reduce_group = dist.new_group(
                 ranks=dist.get_process_group_ranks(self.process_group),
-                backend=dist.get_backend(self.process_group),
+                backend="gloo",
                 use_local_synchronization=True,
             )
         self.config_at(0)  # validates the settings now, on every rank
@@ -554,8 +566,6 @@ def _finish_host(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int,
         sizes = t[:, 1].tolist()
         if buf.is_cuda:
             host = b.recv_np if b.recv_np is not None else b.recv.cpu().numpy()
-            from . import Payload
-
             payloads = [Payload.decode(host[r * b.stride : r * b.stride + sizes[r]].tobytes()) for r in range(state.world_size)]
             b.stream.wait_stream(torch.cuda.current_stream(buf.device))
             b.agg.aggregate_ptr(payloads, b.out32.data_ptr())
@@ -729,9 +739,9 @@ class _TorchTransport:
 
 
 def _reduce(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -> torch.Tensor:
-    """A host bucket under 'sparse' or 'shared-randomk', on the communication thread: the
-    step, a status all-gather (every rank takes the same decision, as on the all-gather
-    path), the reduction into ``buf`` and the refund; any failure undoes this rank's step."""
+    """A bucket under 'sparse' or 'shared-randomk', on the communication thread: the step,
+    a status all-gather (every rank takes the same decision, as on the all-gather path),
+    the reduction into ``buf`` and the refund; any failure undoes this rank's step."""
     cfg = state.config_at(step)
     if cfg != b.config:
         b.comp.reconfigure(cfg)  # DGC warm-up: keeps residual and momentum
@@ -741,10 +751,32 @@ def _reduce(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -> t
         b.reducer = Reducer(b.sizes, b.config, state.world_size, s["reduce"], s["average"], s["threshold_every"])
         b.status = torch.zeros(6, dtype=torch.int64)
         b.statuses = torch.zeros(6 * state.world_size, dtype=torch.int64)
-    x, hint = b.host(buf)
+        if buf.is_cuda and (b.upd is None or b.upd[0].numel() < b.reducer.max_entries):
+            m = b.reducer.max_entries
+            b.upd = (
+                torch.zeros(m, dtype=torch.int32, pin_memory=True),
+                torch.zeros(m, dtype=torch.float32, pin_memory=True),
+                torch.zeros(m, dtype=torch.int32, device=buf.device),
+                torch.zeros(m, dtype=torch.int64, device=buf.device),
+                torch.zeros(m, dtype=torch.float32, device=buf.device),
+                torch.zeros(m, dtype=buf.dtype, device=buf.device),
+            )
+    if buf.is_cuda:
+        with torch.cuda.device(buf.device), torch.cuda.stream(b.stream):
+            return _reduce_steps(state, b, buf, step)
+    return _reduce_steps(state, b, buf, step)
+
+
+def _reduce_steps(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -> torch.Tensor:
     status, count, first, payload = _OK, 0, 0, None
+    x, hint = (None, None) if buf.is_cuda else b.host(buf)
     try:
-        payload = b.comp.step(x, step, dtype=hint)
+        if buf.is_cuda:  # on the plan's stream, once backward has written the bucket
+            b.stream.wait_event(b.ready)
+            b.comp.step_ptr(buf.data_ptr(), buf.numel(), _DTYPES[buf.dtype], step)
+            payload = b.comp.payload()  # k entries to the host, never the bucket
+        else:
+            payload = b.comp.step(x, step, dtype=hint)
     except NonFiniteError as e:
         status = _NONFINITE if not bool(torch.isfinite(buf).all()) else _OVERFLOW
         m = _COUNTS.search(str(e))
@@ -753,9 +785,12 @@ def _reduce(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -> t
         b.status.numpy()[:] = (status, 0 if payload is None else len(payload), step, state.fingerprint, count, first)
         dist.all_gather_into_tensor(b.statuses, b.status, group=state._reduce_group)
         _decide(state, b, b.statuses.numpy().reshape(state.world_size, 6), step)
-        refunds, sent, received = b.reducer.reduce([payload], step, x, dtype=hint, transport=state._transport)
-        for back in refunds:
-            b.comp.refund(back)
+        if buf.is_cuda:
+            sent, received = _reduce_cuda(state, b, buf, payload, step)
+        else:
+            refunds, sent, received = b.reducer.reduce([payload], step, x, dtype=hint, transport=state._transport)
+            for back in refunds:
+                b.comp.refund(back)
     except BaseException:
         b.comp.revert()
         raise
@@ -767,6 +802,27 @@ def _reduce(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -> t
     state.bytes_received += received
     b.steps += 1
     return buf
+
+
+def _reduce_cuda(state: GradsiftState, b: _Bucket, buf: torch.Tensor, payload: Payload, step: int) -> tuple[int, int]:
+    """A CUDA bucket's reduction on the current stream (the plan's): the update's entries
+    (about k) go up and are scattered into the zeroed bucket, the refunds are added on the
+    device (``ef_refund``); the job returns once the stream is done, so the future's
+    bucket is complete when DDP reads it."""
+    idx_h, val_h, idx32, idx64, val32, val_b = b.upd
+    c, refunds, sent, received = b.reducer.reduce_entries(
+        [payload], step, idx_h.numpy(), val_h.numpy(), transport=state._transport
+    )
+    for back in refunds:
+        b.comp.refund(back)
+    idx32[:c].copy_(idx_h[:c], non_blocking=True)
+    val32[:c].copy_(val_h[:c], non_blocking=True)
+    idx64[:c].copy_(idx32[:c])
+    val_b[:c].copy_(val32[:c])  # round to nearest even, as the host path's write_out
+    buf.zero_()
+    buf.index_copy_(0, idx64[:c], val_b[:c])
+    b.stream.synchronize()  # the pinned entries are reused by the next step
+    return sent, received
 
 
 def gradsift_hook(state: GradsiftState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -784,11 +840,9 @@ def gradsift_hook(state: GradsiftState, bucket: dist.GradBucket) -> torch.future
     step = b.steps
     if state.settings["reduce"] != "allgather":
         if buf.is_cuda:
-            raise GradsiftError(
-                f"gradsift hook: reduce={state.settings['reduce']!r} runs host buckets (gloo) only for now: "
-                "the refund pass of the sparse all-reduce and the device all-reduce of shared-key random-k "
-                "are not on CUDA yet; use reduce='allgather' for CUDA buckets"
-            )
+            if b.ready is None:
+                b.ready = torch.cuda.Event()
+            b.ready.record(torch.cuda.current_stream(buf.device))
         return state._comm_thread().submit(lambda: _reduce(state, b, buf, step))
     ratio = state.ratio_at(step)
     if ratio != b.ratio:  # the configuration is a function of the ratio alone

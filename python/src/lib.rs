@@ -692,8 +692,9 @@ impl Compressor {
     /// select (`Reducer.reduce`'s refund for this worker: docs/SPEC.md §12): `e[i] +=
     /// value` at each of its indices (entries the last step sent). Raises `GradsiftError`
     /// for a payload over another length or with indices not strictly ascending below n,
-    /// `TypeError` for one that is not sparse (the residual is then unchanged); CPU plans
-    /// only (`ValueError` on CUDA).
+    /// `TypeError` for one that is not sparse, `GradsiftError` before a step or after a
+    /// revert, `NonFiniteError` after a rejected step (the residual is then unchanged). On
+    /// CUDA plans the entries are added on the device.
     fn refund(&self, back: &Payload) -> PyResult<()> {
         match &back.inner {
             RsPayload::Sparse(p) => self.lock().refund(p).map_err(err),

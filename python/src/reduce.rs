@@ -140,6 +140,45 @@ fn unused(what: &str) -> gradsift::Error {
     }
 }
 
+/// A writable C-contiguous host array of 4-byte integers (int32 or uint32), read in place.
+struct IndexArray {
+    buf: pyo3::buffer::PyUntypedBuffer,
+    len: usize,
+}
+
+impl IndexArray {
+    fn get(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let buf = pyo3::buffer::PyUntypedBuffer::get(obj).map_err(|e| {
+            PyTypeError::new_err(format!(
+                "indices: expected an array with the buffer protocol: {e}"
+            ))
+        })?;
+        let fmt = buf.format().to_bytes();
+        let code = match fmt {
+            [b'@' | b'=' | b'<', c] | [c] => *c,
+            _ => 0,
+        };
+        if !matches!(code, b'i' | b'I' | b'l' | b'L') || buf.item_size() != 4 {
+            return Err(PyTypeError::new_err(format!(
+                "indices: expected an int32 array, got format {:?} ({} bytes)",
+                String::from_utf8_lossy(fmt),
+                buf.item_size()
+            )));
+        }
+        if !buf.is_c_contiguous() || buf.readonly() || (buf.buf_ptr() as usize) % 4 != 0 {
+            return Err(PyValueError::new_err(
+                "indices: the array must be writable, C-contiguous and aligned",
+            ));
+        }
+        let len = buf.item_count();
+        Ok(Self { buf, len })
+    }
+
+    fn addr(&self) -> usize {
+        self.buf.buf_ptr() as usize
+    }
+}
+
 /// What `Reducer` keeps between steps.
 struct State {
     kind: Reduce,
@@ -162,84 +201,27 @@ pub struct Reducer {
     state: Mutex<State>,
     n: usize,
     workers: usize,
+    max_entries: usize,
 }
 
-#[pymethods]
-impl Reducer {
-    #[new]
-    #[pyo3(signature = (sizes, config, workers, kind, average="workers", threshold_every=1))]
-    fn new(
-        sizes: Vec<usize>,
-        config: &super::Config,
-        workers: usize,
-        kind: &str,
-        average: &str,
-        threshold_every: u64,
-    ) -> PyResult<Self> {
-        let l = layout(sizes)?;
-        let kind: Reduce = kind.parse().map_err(err)?;
-        let cfg = &config.inner;
-        if workers == 0 {
-            return Err(PyValueError::new_err("a reduction needs workers >= 1"));
-        }
-        let sparse = match kind {
-            Reduce::Sparse => Some(
-                SparseAllReduce::new(&l, cfg, parse_average(average)?, workers, threshold_every)
-                    .map_err(err)?,
-            ),
-            Reduce::SharedRandomK if !matches!(cfg.method, gradsift::Method::RandomK { .. }) => {
-                return Err(PyValueError::new_err(format!(
-                    "shared-randomk needs method 'randomk', got '{}'",
-                    config.method()
-                )));
-            }
-            Reduce::SharedRandomK => None,
-            Reduce::AllGather => {
-                return Err(PyValueError::new_err(
-                    "kind 'allgather' is the Aggregator's: a Reducer is 'sparse' or 'shared-randomk'",
-                ));
-            }
-        };
-        Ok(Self {
-            state: Mutex::new(State {
-                kind,
-                sparse,
-                shared: SharedScratch::default(),
-                traffic: Traffic::default(),
-                update: vec![0.0; l.n()],
-                refunds: Vec::new(),
-            }),
-            n: l.n(),
-            workers,
-        })
-    }
+/// What one reduction hands its caller: the state (holding the dense update), the local
+/// payloads, the refunds and the bytes sent and received.
+type Reduced<'a, 'p> = (
+    std::sync::MutexGuard<'a, State>,
+    Vec<&'p SparsePayload>,
+    Vec<Payload>,
+    u64,
+    u64,
+);
 
-    /// One step's reduction of `payloads` into the writable host array `out` (length n;
-    /// float32, float16, or bfloat16 as an int16 view with `dtype='bfloat16'`; 16-bit
-    /// outputs are the f32 update rounded to nearest even). With `transport` (an object
-    /// with `rank`, `world_size`, `all_gather(bytes)` and `all_to_all(list[bytes])`),
-    /// `payloads` is this process's one worker's; without it, all `workers` payloads in
-    /// worker order (the in-process simulation). Returns `(refunds, sent, received)`: one
-    /// sparse payload per local worker to give back to its compressor (`Compressor.refund`;
-    /// empty for shared-randomk), the bytes the local workers sent (their pieces with
-    /// headers, their own region's included) and the bytes they received from others.
-    /// `step` only names the step in error messages. On error `out` is untouched.
-    #[pyo3(signature = (payloads, step, out, dtype=None, transport=None))]
-    fn reduce(
-        &self,
-        payloads: Vec<Payload>,
+impl Reducer {
+    /// The reduction both outputs share; on error nothing the caller sees has changed.
+    fn run<'a, 'p>(
+        &'a self,
+        payloads: &'p [Payload],
         step: u64,
-        out: &Bound<'_, PyAny>,
-        dtype: Option<&str>,
         transport: Option<Bound<'_, PyAny>>,
-    ) -> PyResult<(Vec<Payload>, u64, u64)> {
-        let o = HostArray::get(out, dtype, true)?;
-        if o.len != self.n {
-            return Err(PyValueError::new_err(format!(
-                "output: expected {} elements, got {}",
-                self.n, o.len
-            )));
-        }
+    ) -> PyResult<Reduced<'a, 'p>> {
         let views = payloads
             .iter()
             .map(|p| match &p.inner {
@@ -285,7 +267,6 @@ impl Reducer {
             let raised = py_t.as_mut().and_then(|p| p.raised.take());
             return Err(raised.unwrap_or_else(|| err(e)));
         }
-        write_out(&o, &s.update)?;
         let sent: u64 = match (&s.kind, &s.sparse) {
             (Reduce::Sparse, Some(plan)) => plan.scattered().iter().sum(),
             // the k values (f32) in K pieces, each with its 8-byte index hash (SPEC §12)
@@ -301,7 +282,152 @@ impl Reducer {
                 inner: RsPayload::Sparse(p.clone()),
             })
             .collect();
-        Ok((refunds, sent, s.traffic.total()))
+        let received = s.traffic.total();
+        Ok((g, views, refunds, sent, received))
+    }
+}
+
+#[pymethods]
+impl Reducer {
+    #[new]
+    #[pyo3(signature = (sizes, config, workers, kind, average="workers", threshold_every=1))]
+    fn new(
+        sizes: Vec<usize>,
+        config: &super::Config,
+        workers: usize,
+        kind: &str,
+        average: &str,
+        threshold_every: u64,
+    ) -> PyResult<Self> {
+        let l = layout(sizes)?;
+        let kind: Reduce = kind.parse().map_err(err)?;
+        let cfg = &config.inner;
+        if workers == 0 {
+            return Err(PyValueError::new_err("a reduction needs workers >= 1"));
+        }
+        let sparse = match kind {
+            Reduce::Sparse => Some(
+                SparseAllReduce::new(&l, cfg, parse_average(average)?, workers, threshold_every)
+                    .map_err(err)?,
+            ),
+            Reduce::SharedRandomK if !matches!(cfg.method, gradsift::Method::RandomK { .. }) => {
+                return Err(PyValueError::new_err(format!(
+                    "shared-randomk needs method 'randomk', got '{}'",
+                    config.method()
+                )));
+            }
+            Reduce::SharedRandomK => None,
+            Reduce::AllGather => {
+                return Err(PyValueError::new_err(
+                    "kind 'allgather' is the Aggregator's: a Reducer is 'sparse' or 'shared-randomk'",
+                ));
+            }
+        };
+        let per_worker: usize = cfg.plan_groups(&l).map_err(err)?.iter().map(|g| g.k).sum();
+        Ok(Self {
+            state: Mutex::new(State {
+                kind,
+                sparse,
+                shared: SharedScratch::default(),
+                traffic: Traffic::default(),
+                update: vec![0.0; l.n()],
+                refunds: Vec::new(),
+            }),
+            n: l.n(),
+            workers,
+            max_entries: per_worker.saturating_mul(workers).min(l.n()),
+        })
+    }
+
+    /// One step's reduction of `payloads` into the writable host array `out` (length n;
+    /// float32, float16, or bfloat16 as an int16 view with `dtype='bfloat16'`; 16-bit
+    /// outputs are the f32 update rounded to nearest even). With `transport` (an object
+    /// with `rank`, `world_size`, `all_gather(bytes)` and `all_to_all(list[bytes])`),
+    /// `payloads` is this process's one worker's; without it, all `workers` payloads in
+    /// worker order (the in-process simulation). Returns `(refunds, sent, received)`: one
+    /// sparse payload per local worker to give back to its compressor (`Compressor.refund`;
+    /// empty for shared-randomk), the bytes the local workers sent (their pieces with
+    /// headers, their own region's included) and the bytes they received from others.
+    /// `step` only names the step in error messages. On error `out` is untouched.
+    #[pyo3(signature = (payloads, step, out, dtype=None, transport=None))]
+    fn reduce(
+        &self,
+        payloads: Vec<Payload>,
+        step: u64,
+        out: &Bound<'_, PyAny>,
+        dtype: Option<&str>,
+        transport: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<(Vec<Payload>, u64, u64)> {
+        let o = HostArray::get(out, dtype, true)?;
+        if o.len != self.n {
+            return Err(PyValueError::new_err(format!(
+                "output: expected {} elements, got {}",
+                self.n, o.len
+            )));
+        }
+        let (s, _, refunds, sent, received) = self.run(&payloads, step, transport)?;
+        write_out(&o, &s.update)?;
+        Ok((refunds, sent, received))
+    }
+
+    /// As `reduce`, with the update written as entries instead of n values: its indices,
+    /// ascending, into the writable int32 array `indices` and its f32 values into the
+    /// float32 array `values` (the update is these and 0 elsewhere: the global selection
+    /// for 'sparse', the shared indices for 'shared-randomk'). What the hook's CUDA buckets
+    /// upload and scatter, so that only about k entries cross to the device. Both arrays
+    /// need `max_entries` elements. Returns `(count, refunds, sent, received)`. On error
+    /// nothing is written.
+    #[pyo3(signature = (payloads, step, indices, values, transport=None))]
+    fn reduce_entries(
+        &self,
+        payloads: Vec<Payload>,
+        step: u64,
+        indices: &Bound<'_, PyAny>,
+        values: &Bound<'_, PyAny>,
+        transport: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<(usize, Vec<Payload>, u64, u64)> {
+        let idx = IndexArray::get(indices)?;
+        let val = HostArray::get(values, None, true)?;
+        if val.dtype != gradsift::DType::F32 {
+            return Err(PyTypeError::new_err("values: expected a float32 array"));
+        }
+        if idx.len < self.max_entries || val.len < self.max_entries {
+            return Err(PyValueError::new_err(format!(
+                "indices and values need max_entries = {} elements, got {} and {}",
+                self.max_entries, idx.len, val.len
+            )));
+        }
+        let (s, views, refunds, sent, received) = self.run(&payloads, step, transport)?;
+        // SAFETY: writable, C-contiguous, aligned arrays of at least `max_entries` 4-byte
+        // elements (checked above), acquired for the call.
+        let (oi, ov) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(idx.addr() as *mut u32, idx.len),
+                std::slice::from_raw_parts_mut(val.addr() as *mut f32, val.len),
+            )
+        };
+        let mut count = 0;
+        let mut put = |(i, v): (u32, f32)| {
+            oi[count] = i;
+            ov[count] = v;
+            count += 1;
+        };
+        match (&s.kind, &s.sparse) {
+            (Reduce::Sparse, Some(plan)) => plan.selection().for_each(&mut put),
+            // every worker sent the same indices (checked by the reduction's hashes)
+            _ => views[0]
+                .indices
+                .iter()
+                .for_each(|&i| put((i, s.update[i as usize]))),
+        }
+        Ok((count, refunds, sent, received))
+    }
+
+    /// The most entries `reduce_entries` writes: `min(n, workers * k)` (the union of the
+    /// workers' payloads bounds the sparse selection, also under a reused threshold).
+    #[getter]
+    fn max_entries(&self) -> usize {
+        self.max_entries
     }
 
     /// Elements of the layout.

@@ -118,7 +118,21 @@ def test_reducer_bad_inputs_are_typed_errors():
     refunds, sent, received = r.reduce([good, Payload.sparse(4, [3], [-1.0])], 0, out)
     assert out.tolist() == [0.0, 1.0, 0.0, 0.0]  # the global top-1 of the mean
     assert [p.indices for p in refunds] == [[], [3]] and sent > 0 and received > 0
+    # the update as entries (the CUDA buckets' form): arrays of max_entries, typed errors
+    assert r.max_entries == 2  # K * k, at most n
+    idx, val = np.full(2, -1, np.int32), np.full(2, 7.0, np.float32)
+    with pytest.raises(ValueError, match="max_entries"):
+        r.reduce_entries([good, good], 0, idx[:1], val)
+    with pytest.raises(TypeError, match="int32"):
+        r.reduce_entries([good, good], 0, idx.astype(np.int64), val)
+    with pytest.raises(TypeError, match="float32"):
+        r.reduce_entries([good, good], 0, idx, val.astype(np.float16))
+    with pytest.raises(gradsift.GradsiftError):
+        r.reduce_entries([good, Payload.sparse(4, [9], [1.0])], 0, idx, val)
+    assert idx.tolist() == [-1, -1] and val.tolist() == [7.0, 7.0], "a failed reduction writes nothing"
     c = Compressor([4], cfg)
+    with pytest.raises(ValueError, match="no step"):
+        c.refund(Payload.sparse(4, [3], [1.0]))  # nothing sent yet
     c.step(np.array([0, 0, 0, -1], np.float32), 0)
     with pytest.raises(gradsift.GradsiftError, match="strictly ascending"):
         c.refund(Payload.sparse(4, [3, 2], [1.0, 1.0]))

@@ -1,6 +1,6 @@
 """The CUDA path: CUDA tensors by device pointer on PyTorch's stream, and the hook with CUDA
-buckets on NCCL (1 process: one GPU) and on gloo (2 processes sharing the GPU), against the
-CPU simulation bit for bit. Skipped without a GPU or without a `cuda` build of the wheel;
+buckets on NCCL (1 process: one GPU) and on gloo (2 processes sharing the GPU), all-gathered
+and through the reductions of docs/SPEC.md §12, against the CPU simulation bit for bit. Skipped without a GPU or without a `cuda` build of the wheel;
 staged for the GPU machine by scripts/gpu-stage-python.sh."""
 
 import numpy as np
@@ -49,7 +49,17 @@ def test_aggregate_ptr_equals_cpu():
 
 
 @pytest.mark.parametrize("pg,world", [("nccl", 1), ("gloo", 2)])
-@pytest.mark.parametrize("name", ["topk-dgc-warmup", "rtopk-per-layer-senders-bf16"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "topk-dgc-warmup",
+        "rtopk-per-layer-senders-bf16",
+        # docs/SPEC.md §12 with CUDA buckets: payload and update entries cross, refund on the device
+        "sparse-topk-dgc-warmup-reuse",
+        "sparse-rtopk-per-layer-senders-bf16",
+        "shared-randomk-f32",
+    ],
+)
 def test_hook_cuda_equals_simulation(run_ranks, pg, world, name):
     case = dict(CASES[name], device="cuda:0", pg=pg)
     res = run_ranks(world, case)

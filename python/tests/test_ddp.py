@@ -97,6 +97,42 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize(
+    "kind,cfg,every",
+    [
+        ("sparse", dict(method="topk", ratio=0.05), 1),
+        ("sparse", dict(method="rtopk", ratio=0.05, r_ratio=0.2, mode="per_layer"), 3),
+        ("shared-randomk", dict(method="randomk", ratio=0.1), 1),
+    ],
+)
+def test_reduce_entries_equals_reduce(kind, cfg, every):
+    """The update as entries (what CUDA buckets scatter on the device) is the dense update's
+    nonzero pattern, ascending, with the same bits; the refunds are the same."""
+    sizes, world = [300, 7, 200], 3
+    n = sum(sizes)
+    shared = kind == "shared-randomk"
+    comps = [Compressor(sizes, gradsift.Config(**cfg, seed=5, worker=0 if shared else w)) for w in range(world)]
+    dense = Reducer(sizes, comps[0].config, world, kind, "workers", every)
+    entries = Reducer(sizes, comps[0].config, world, kind, "workers", every)
+    idx = np.zeros(entries.max_entries, np.int32)
+    val = np.zeros(entries.max_entries, np.float32)
+    rng = np.random.default_rng(1)
+    for t in range(6):
+        ps = [c.step(rng.standard_normal(n).astype(np.float32), t) for c in comps]
+        out = np.full(n, 9.0, np.float32)
+        refunds, sent, received = dense.reduce(ps, t, out)
+        c, refunds2, sent2, received2 = entries.reduce_entries(ps, t, idx, val)
+        assert (sent, received) == (sent2, received2)
+        assert [(p.indices, p.values) for p in refunds] == [(p.indices, p.values) for p in refunds2]
+        assert np.all(np.diff(idx[:c]) > 0), "entries ascending"
+        rebuilt = np.zeros(n, np.float32)
+        rebuilt[idx[:c]] = val[:c]
+        assert np.array_equal(rebuilt.view(np.int32), out.view(np.int32)), f"step {t}"
+        assert c >= np.count_nonzero(out) and c > 0
+        for comp, back in zip(comps, refunds):
+            comp.refund(back)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("name", list(CASES))
 def test_hook_equals_simulation(run_ranks, world, name):

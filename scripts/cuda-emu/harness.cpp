@@ -1,6 +1,7 @@
 // Runs gradsift's selection and error-feedback kernels (kernels/accumulate.cu, select.cu)
 // on the CPU through emu.h, driving them in the same order as src/cuda/compress.rs, and
-// compares every payload, residual and momentum with a sort-based model of SPEC §1-5.
+// compares every payload, residual and momentum with a sort-based model of SPEC §1-5; after
+// each accepted step ef_refund returns every third sent entry (SPEC §12) on both.
 // Build and run: scripts/cuda-emu/run.sh
 #include "emu.h"
 #include "emu_warp.h"
@@ -33,6 +34,8 @@ struct Plan {
     StepStatus st{};
     std::vector<u32> out_idx, list, defbits, tiebits, tiles, cand;
     std::vector<float> out_val;
+    std::vector<u32> refund_idx;  // Compress::refund's upload buffers
+    std::vector<float> refund_val;
     std::vector<SmallGroup> small;
     std::vector<BigGroup> big;  // as SparseShape::new builds it
     std::vector<u32> sel_state;
@@ -128,10 +131,14 @@ static u32 per_group(size_t ngroups, u64 items, u64 per_block) {
     return (u32)std::min(want, share);
 }
 
+static StepBuffers step_buffers(Plan& p) {
+    return StepBuffers{A(p.e[0].data()), A(p.e[1].data()),
+                       p.momentum > 0 ? A(p.u[0].data()) : 0, p.momentum > 0 ? A(p.u[1].data()) : 0,
+                       A(&p.st), p.n, p.momentum};
+}
+
 static void gpu_step(Plan& p, const std::vector<float>& grad, u64 t) {
-    StepBuffers b{A(p.e[0].data()), A(p.e[1].data()),
-                  p.momentum > 0 ? A(p.u[0].data()) : 0, p.momentum > 0 ? A(p.u[1].data()) : 0,
-                  A(&p.st), p.n, p.momentum};
+    const StepBuffers b = step_buffers(p);
     emu_dev(grad.data(), p.n, "grad");
     emu_launch(ef_begin, 1, 1, b);
     const u32 ng = (u32)p.big.size();
@@ -232,6 +239,25 @@ static void gpu_step(Plan& p, const std::vector<float>& grad, u64 t) {
         emu_launch(compact_emit, ng * cs.bpg, 256, cs);
     }
     emu_launch(ef_commit, 1, 1, b);
+}
+
+// SPEC §12: every third entry of the step's payload returns to the residual, as
+// Compress::refund uploads it and enqueues ef_refund after the step (tight registrations,
+// so a thread past `count` is a memcheck report), and on the model.
+static void gpu_refund(Plan& p, std::vector<float>& ref_e) {
+    p.refund_idx.clear();
+    p.refund_val.clear();
+    for (u32 j = 0; j < p.sent; j += 3) {
+        p.refund_idx.push_back(p.out_idx[j]);
+        p.refund_val.push_back(p.out_val[j]);
+        ref_e[p.out_idx[j]] += p.out_val[j];
+    }
+    const u32 count = (u32)p.refund_idx.size();
+    if (!count) return;
+    emu_dev(p.refund_idx.data(), count, "refund_idx");
+    emu_dev(p.refund_val.data(), count, "refund_val");
+    RefundArgs a{step_buffers(p), A(p.refund_idx.data()), A(p.refund_val.data()), count, 0};
+    emu_launch(ef_refund, grid_for(count, 256), 256, a);
 }
 
 // ---- reference ---------------------------------------------------------------------------
@@ -338,6 +364,7 @@ static void run_once(const std::string& name, Plan p, const std::vector<std::vec
                     return;
                 }
             }
+            gpu_refund(p, r.e);
         }
         const auto& e = p.e[p.st.cur];
         for (u32 i = 0; i < p.n; ++i) {

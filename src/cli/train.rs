@@ -119,7 +119,7 @@ pub struct TrainConfig {
     /// (at least 1).
     pub adapt_every: usize,
     /// How the payloads travel and are summed (docs/SPEC.md §12): all-gathered (any
-    /// method), the sparse all-reduce (top-k, rTop-k, adaptive; CPU plans), or shared-key
+    /// method), the sparse all-reduce (top-k, rTop-k, adaptive; any backend), or shared-key
     /// random-k summed by an all-reduce (random-k only). The baseline ignores it.
     pub reduce: Reduce,
     /// [`Reduce::Sparse`]: steps between exact threshold computations (1: every step).
@@ -243,15 +243,6 @@ impl TrainConfig {
             return bad(format!(
                 "--reduce {} does not apply to --method {}: sparse takes topk, rtopk or adaptive, shared-randomk takes randomk",
                 self.reduce, self.method
-            ));
-        }
-        if self.reduce == Reduce::Sparse
-            && self.method != TrainMethod::None
-            && !matches!(self.backend, Backend::Cpu)
-        {
-            return bad(format!(
-                "--reduce sparse returns what the global selection drops to the residual (Compress::refund), which only the CPU backend implements yet; got --backend {}",
-                self.backend
             ));
         }
         if !(1..=MAX_EPOCHS).contains(&self.epochs) {

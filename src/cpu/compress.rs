@@ -249,8 +249,23 @@ impl Compressor {
     }
 }
 
-/// What [`Compress::refund`] asks of its argument on every backend.
-pub(crate) fn check_refund(back: &SparsePayload, n: usize) -> Result<()> {
+/// What [`Compress::refund`] asks of its argument on every backend, before any state is
+/// read: a sparse plan (a sign payload has no entries to return), `back` over this plan's
+/// `n` with strictly ascending indices, and at most as many entries as one payload of the
+/// plan sends (the sum of the groups' `k`), so that the GPU backends' refund buffers, sized
+/// once when the plan is built, always hold it.
+pub(crate) fn check_refund(
+    back: &SparsePayload,
+    config: &Config,
+    groups: &[Group],
+    n: usize,
+) -> Result<()> {
+    if !config.is_sparse() {
+        return Err(Error::InvalidConfig(
+            "refund returns entries of a sparse payload; this plan sends the scaled sign".into(),
+        ));
+    }
+    let sent: usize = groups.iter().map(|g| g.k).sum();
     let reason = if back.n as usize != n {
         format!("it describes {} elements, the plan has {n}", back.n)
     } else if back.indices.len() != back.values.len() {
@@ -258,6 +273,11 @@ pub(crate) fn check_refund(back: &SparsePayload, n: usize) -> Result<()> {
             "{} indices but {} values",
             back.indices.len(),
             back.values.len()
+        )
+    } else if back.indices.len() > sent {
+        format!(
+            "{} entries, more than the {sent} one payload of this plan sends",
+            back.indices.len()
         )
     } else if back.indices.windows(2).any(|w| w[0] >= w[1])
         || back.indices.last().is_some_and(|&i| i as usize >= n)
@@ -341,7 +361,15 @@ impl Compress for Compressor {
     }
 
     fn refund(&mut self, back: &SparsePayload) -> Result<()> {
-        check_refund(back, self.layout.n())?;
+        check_refund(back, &self.config, &self.groups, self.layout.n())?;
+        // The entries belong to the last accepted step: none after a revert, a rejection
+        // (its error) or before the first step.
+        if let Some(e) = &self.last_error {
+            return Err(e.clone());
+        }
+        if !self.fresh {
+            return Err(crate::backend::nothing_to_refund());
+        }
         for (&i, &v) in back.indices.iter().zip(&back.values) {
             self.residual[i as usize] += v;
         }

@@ -38,6 +38,17 @@ pub struct AccArgs {
     pub sel_state: u64,
 }
 
+/// `ef_refund`: `count` entries (`idx`: u32, `val`: f32) added to the current residual.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RefundArgs {
+    pub b: StepBuffers,
+    pub idx: u64,
+    pub val: u64,
+    pub count: u32,
+    pub pad: u32,
+}
+
 /// A big group as the batched selection passes read it: its range and counts, its payload
 /// slot and its slices of the shared scratch buffers (candidates, top-r list, tiles).
 #[repr(C)]
@@ -266,6 +277,7 @@ const _: () = {
     assert!(size_of::<StepStatus>() == 32);
     assert!(size_of::<StepBuffers>() == 48);
     assert!(size_of::<AccArgs>() == 64);
+    assert!(size_of::<RefundArgs>() == 72);
     assert!(size_of::<SelArgs>() == 136);
     assert!(size_of::<BigGroup>() == 48);
     assert!(size_of::<CompactArgs>() == 136);

@@ -313,6 +313,8 @@ pub struct Compressor {
     pinned: Pinned,
     /// Kernel launches and memsets the last `step_raw` enqueued.
     launches: (u32, u32),
+    /// [`Compress::refund`]'s indices and values, one payload's worth (sparse plans only).
+    refund: Option<[DevBuf; 2]>,
 }
 
 impl Compressor {
@@ -347,6 +349,13 @@ impl Compressor {
             n: n as u32,
             momentum: config.momentum,
         };
+        let sent: usize = groups.iter().map(|g| g.k).sum();
+        let refund = if config.is_sparse() {
+            let bytes = sent.max(1) * 4;
+            Some([DevBuf::zeroed(cx, bytes)?, DevBuf::zeroed(cx, bytes)?])
+        } else {
+            None
+        };
         let method = if config.is_sparse() {
             Method::Sparse(Self::plan_sparse(
                 cx,
@@ -373,6 +382,7 @@ impl Compressor {
             tuning: *tuning,
             pinned: Pinned::new(cx),
             launches: (0, 0),
+            refund,
         })
     }
 
@@ -787,10 +797,33 @@ impl Compress for Compressor {
         Compressor::revert(self)
     }
 
-    /// Not on this backend yet: a typed error, after the same checks as the CPU's.
-    fn refund(&mut self, back: &crate::SparsePayload) -> Result<()> {
-        crate::cpu::check_refund(back, self.layout.n())?;
-        Err(crate::backend::no_refund("cuda"))
+    /// Waits for the step (to know it was accepted), uploads `back` into the plan's refund
+    /// buffers and enqueues `ef_refund`, which reads the current half on the device.
+    fn refund(&mut self, back: &SparsePayload) -> Result<()> {
+        crate::cpu::check_refund(back, &self.config, &self.groups, self.layout.n())?;
+        if !self.stepped {
+            return Err(crate::backend::nothing_to_refund());
+        }
+        Compressor::check(self)?;
+        let Some([idx, val]) = &self.refund else {
+            return Err(crate::backend::nothing_to_refund());
+        };
+        let count = back.indices.len();
+        if count == 0 {
+            return Ok(());
+        }
+        self.cx.bind()?;
+        idx.upload(&self.cx, &back.indices)?;
+        val.upload(&self.cx, &back.values)?;
+        let args = abi::RefundArgs {
+            b: self.bufs,
+            idx: idx.ptr(),
+            val: val.ptr(),
+            count: count as u32,
+            pad: 0,
+        };
+        let grid = self.cx.grid_for(count as u64, 256);
+        self.cx.launch(K::EfRefund, grid, 256, &args)
     }
 
     fn reset(&mut self) -> Result<()> {

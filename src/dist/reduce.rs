@@ -567,6 +567,17 @@ impl SparseAllReduce {
         Ok(())
     }
 
+    /// The last successful [`SparseAllReduce::reduce`]'s update as entries `(index, value)`
+    /// in ascending index order: the global selection `T` with its aggregates, the same on
+    /// every rank (`update` is these and 0 elsewhere). Empty before the first reduction; a
+    /// failed reduction leaves what is there undefined.
+    pub fn selection(&self) -> impl Iterator<Item = (u32, f32)> + '_ {
+        self.picked
+            .iter()
+            .filter_map(Payload::as_sparse)
+            .flat_map(|p| p.indices.iter().copied().zip(p.values.iter().copied()))
+    }
+
     /// Bytes each local worker sent in the last step's first collective (its payload split
     /// by region, every piece with its wire header, its own region's included).
     pub fn scattered(&self) -> &[u64] {
@@ -1090,6 +1101,15 @@ mod tests {
                     .unwrap();
                     let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&update), bits(&want), "K={k} {mode:?} {rule:?}");
+                    // The same update as entries (what the hook's CUDA buckets scatter).
+                    let mut dense = vec![0.0f32; layout.n()];
+                    let mut last = None;
+                    for (i, v) in plan.selection() {
+                        assert!(last < Some(i), "K={k}: selection not ascending");
+                        last = Some(i);
+                        dense[i as usize] = v;
+                    }
+                    assert_eq!(bits(&dense), bits(&want), "K={k} {mode:?} {rule:?} entries");
                     let got: Vec<Vec<u32>> = refunds.iter().map(|r| r.indices.clone()).collect();
                     assert_eq!(got, want_refunds, "K={k} {mode:?} {rule:?}");
                     for (r, p) in refunds.iter().zip(&ps) {

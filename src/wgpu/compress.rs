@@ -115,6 +115,8 @@ pub struct Compressor {
     out_idx: ::wgpu::Buffer,
     out_val: ::wgpu::Buffer,
     passes: Vec<Pass>,
+    /// [`Compress::refund`]'s pass (sparse plans): its count and indices, then its values.
+    refund: Option<(Pass, ::wgpu::Buffer, ::wgpu::Buffer)>,
     staging: ::wgpu::Buffer,
     /// Host-slice steps copy into this (allocated on the first such step).
     upload: Option<::wgpu::Buffer>,
@@ -191,7 +193,17 @@ impl Compressor {
             rec.sign(grid(num_tiles as u64), grid(shape.ng as u64));
         }
         rec.flip();
-        let passes = rec.bind(inner, &cfg_buf, &bufs)?;
+        if shape.sparse {
+            rec.refund(shape.sent as u64);
+        }
+        let mut passes = rec.bind(inner, &cfg_buf, &bufs)?;
+        // Recorded last so that it shares the step's parameter buffer; it runs on its own.
+        let refund = if shape.sparse {
+            let pass = passes.pop().expect("recorded above");
+            Some((pass, bufs.refund_idx.clone(), bufs.refund_val.clone()))
+        } else {
+            None
+        };
         // Stage-1 indirect args must be readable as INDIRECT even before the first pivot runs.
         inner
             .queue
@@ -213,6 +225,7 @@ impl Compressor {
             out_idx: bufs.out_idx,
             out_val: bufs.out_val,
             passes,
+            refund,
             staging: bufs.staging,
             upload: None,
             grad_bind: None,
@@ -512,10 +525,48 @@ impl Compress for Compressor {
         Ok(())
     }
 
-    /// Not on this backend yet: a typed error, after the same checks as the CPU's.
-    fn refund(&mut self, back: &crate::SparsePayload) -> Result<()> {
-        crate::cpu::check_refund(back, self.layout.n())?;
-        Err(crate::backend::no_refund("wgpu"))
+    /// Waits for the step (to know it was accepted), writes `back` into the plan's refund
+    /// buffers and submits the `refund` pass, which reads the current half on the device.
+    fn refund(&mut self, back: &SparsePayload) -> Result<()> {
+        crate::cpu::check_refund(back, &self.config, &self.groups, self.layout.n())?;
+        if !self.stepped {
+            return Err(crate::backend::nothing_to_refund());
+        }
+        self.check()?;
+        let (Some((pass, idx, val)), Some((_, _, grad_bg))) = (&self.refund, &self.grad_bind)
+        else {
+            return Err(crate::backend::nothing_to_refund());
+        };
+        if back.indices.is_empty() {
+            return Ok(());
+        }
+        let inner = &self.ctx.inner;
+        let count = back.indices.len() as u32;
+        inner.queue.write_buffer(idx, 0, &count.to_le_bytes());
+        inner
+            .queue
+            .write_buffer(idx, 4, bytemuck::cast_slice(&back.indices));
+        inner
+            .queue
+            .write_buffer(val, 0, bytemuck::cast_slice(&back.values));
+        let mut enc = inner
+            .device
+            .create_command_encoder(&::wgpu::CommandEncoderDescriptor {
+                label: Some("gradsift refund"),
+            });
+        {
+            let mut cp = enc.begin_compute_pass(&::wgpu::ComputePassDescriptor {
+                label: Some("gradsift refund"),
+                timestamp_writes: None,
+            });
+            cp.set_pipeline(inner.compress.pipeline(pass.entry));
+            cp.set_bind_group(0, &pass.bind, &[]);
+            cp.set_bind_group(1, grad_bg, &[]);
+            if let Dispatch::Direct(x, y) = pass.dispatch {
+                cp.dispatch_workgroups(x, y, 1);
+            }
+        }
+        inner.submit(enc)
     }
 
     fn reset(&mut self) -> Result<()> {
@@ -707,6 +758,9 @@ struct Buffers {
     partial: ::wgpu::Buffer,
     /// Stand-ins for bindings a pass does not use: sel, args, and the two momentum buffers.
     dummies: [::wgpu::Buffer; 4],
+    /// The refund pass's inputs: count then indices (u32), values (f32 bits).
+    refund_idx: ::wgpu::Buffer,
+    refund_val: ::wgpu::Buffer,
     staging: ::wgpu::Buffer,
 }
 
@@ -762,6 +816,8 @@ impl Buffers {
                 f("unused binding", 4)?,
                 f("unused binding", 4)?,
             ],
+            refund_idx: f("refund indices", (shape.sent as u64 + 1) * 4)?,
+            refund_val: f("refund values", shape.sent as u64 * 4)?,
             staging: inner.staging(16 + readback.max(n * 4))?,
         })
     }
@@ -780,6 +836,8 @@ enum Buf {
     NoSel,
     /// The stand-in for an unused args binding.
     NoArgs,
+    RefundIdx,
+    RefundVal,
 }
 
 impl Buf {
@@ -791,6 +849,8 @@ impl Buf {
             Buf::Args => &b.args,
             Buf::NoSel => &b.dummies[0],
             Buf::NoArgs => &b.dummies[1],
+            Buf::RefundIdx => &b.refund_idx,
+            Buf::RefundVal => &b.refund_val,
         }
     }
 }
@@ -969,6 +1029,14 @@ impl Recorder {
     /// The one-thread commit: flips to the new residual only when the step was accepted.
     fn flip(&mut self) {
         self.push("flip", PLAIN, PLAIN_BUFS, Dispatch::Direct(1, 1));
+    }
+
+    /// Error feedback of the sparse all-reduce (SPEC §12): `e[i] += v` on the current half,
+    /// one invocation per entry of a refund of up to `sent` entries.
+    fn refund(&mut self, sent: u64) {
+        let g = grid(sent.div_ceil(WG));
+        let bufs = [Buf::RefundIdx, Buf::RefundVal, Buf::NoSel, Buf::NoArgs];
+        self.push("refund", PLAIN, bufs, Dispatch::Direct(g.0, g.1));
     }
 
     /// Writes every pass's parameters into one uniform buffer and builds its bind group.

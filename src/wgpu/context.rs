@@ -190,6 +190,7 @@ impl Context {
                 "sign_scale",
                 "sign_apply",
                 "flip",
+                "refund",
             ],
         );
         let aggregate = make_module(
