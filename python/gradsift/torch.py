@@ -69,7 +69,9 @@ _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "
 #: Bytes of the per-step trailer that ends every row: int64 [status, message bytes, step,
 #: fingerprint, rejected count, first rejected index].
 _TRAILER = 48
-_OK, _NONFINITE, _OVERFLOW = 0, 1, 2
+#: Status words: accepted, non-finite gradient, overflow of e + g, any other failure of the
+#: step (the reductions' status all-gather carries it, so that no rank waits for ever).
+_OK, _NONFINITE, _OVERFLOW, _FAILED = 0, 1, 2, 3
 _COUNTS = re.compile(r"(\d+) non-finite value\(s\).*?index (\d+)")
 #: The reductions (docs/SPEC.md §12): the all-gather of every payload, the sparse
 #: all-reduce, and shared-key random-k summed by an all-reduce.
@@ -538,6 +540,12 @@ def _decide(state: GradsiftState, b: _Bucket, t: np.ndarray, step: int) -> None:
             f"gradsift hook: the rows of bucket {b.names[0]}... disagree: steps {t[:, 2].tolist()}, "
             f"fingerprints {t[:, 3].tolist()} (ranks configured differently or out of step)"
         )
+    failed = [r for r in range(state.world_size) if rows[r][0] == _FAILED]
+    if failed:
+        raise GradsiftError(
+            f"gradsift hook: step {step} failed on rank(s) {failed} (see their errors); every rank undid its step "
+            f"of the bucket starting at {b.names[0]!r}, no update was applied"
+        )
     bad = [r for r in range(state.world_size) if rows[r][0] == _NONFINITE]
     over = [r for r in range(state.world_size) if rows[r][0] == _OVERFLOW]
     if bad or over:
@@ -752,14 +760,17 @@ def _reduce(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -> t
         b.status = torch.zeros(6, dtype=torch.int64)
         b.statuses = torch.zeros(6 * state.world_size, dtype=torch.int64)
         if buf.is_cuda and (b.upd is None or b.upd[0].numel() < b.reducer.max_entries):
+            # empty, not zeros: a fill would run on this thread's stream, unordered with the
+            # plan's; every entry is written before it is read
             m = b.reducer.max_entries
+            f32 = torch.empty(m, dtype=torch.float32, device=buf.device)
             b.upd = (
-                torch.zeros(m, dtype=torch.int32, pin_memory=True),
-                torch.zeros(m, dtype=torch.float32, pin_memory=True),
-                torch.zeros(m, dtype=torch.int32, device=buf.device),
-                torch.zeros(m, dtype=torch.int64, device=buf.device),
-                torch.zeros(m, dtype=torch.float32, device=buf.device),
-                torch.zeros(m, dtype=buf.dtype, device=buf.device),
+                torch.empty(m, dtype=torch.int32, pin_memory=True),
+                torch.empty(m, dtype=torch.float32, pin_memory=True),
+                torch.empty(m, dtype=torch.int32, device=buf.device),
+                torch.empty(m, dtype=torch.int64, device=buf.device),
+                f32,
+                f32 if buf.dtype == torch.float32 else torch.empty(m, dtype=buf.dtype, device=buf.device),
             )
     if buf.is_cuda:
         with torch.cuda.device(buf.device), torch.cuda.stream(b.stream):
@@ -768,7 +779,7 @@ def _reduce(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -> t
 
 
 def _reduce_steps(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -> torch.Tensor:
-    status, count, first, payload = _OK, 0, 0, None
+    status, count, first, payload, failure = _OK, 0, 0, None, None
     x, hint = (None, None) if buf.is_cuda else b.host(buf)
     try:
         if buf.is_cuda:  # on the plan's stream, once backward has written the bucket
@@ -781,9 +792,13 @@ def _reduce_steps(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int
         status = _NONFINITE if not bool(torch.isfinite(buf).all()) else _OVERFLOW
         m = _COUNTS.search(str(e))
         count, first = (int(m[1]), int(m[2])) if m else (0, 0)
+    except Exception as e:  # noqa: BLE001 - still takes part in the status exchange below
+        status, failure = _FAILED, e
     try:
         b.status.numpy()[:] = (status, 0 if payload is None else len(payload), step, state.fingerprint, count, first)
         dist.all_gather_into_tensor(b.statuses, b.status, group=state._reduce_group)
+        if failure is not None:
+            raise failure
         _decide(state, b, b.statuses.numpy().reshape(state.world_size, 6), step)
         if buf.is_cuda:
             sent, received = _reduce_cuda(state, b, buf, payload, step)
@@ -792,7 +807,8 @@ def _reduce_steps(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int
             for back in refunds:
                 b.comp.refund(back)
     except BaseException:
-        b.comp.revert()
+        if payload is not None:  # a step that failed changed nothing: a revert would undo the one before
+            b.comp.revert()
         raise
     if step != state._last_step:
         state._last_step = step
@@ -818,7 +834,8 @@ def _reduce_cuda(state: GradsiftState, b: _Bucket, buf: torch.Tensor, payload: P
     idx32[:c].copy_(idx_h[:c], non_blocking=True)
     val32[:c].copy_(val_h[:c], non_blocking=True)
     idx64[:c].copy_(idx32[:c])
-    val_b[:c].copy_(val32[:c])  # round to nearest even, as the host path's write_out
+    if val_b is not val32:
+        val_b[:c].copy_(val32[:c])  # round to nearest even, as the host path's write_out
     buf.zero_()
     buf.index_copy_(0, idx64[:c], val_b[:c])
     b.stream.synchronize()  # the pinned entries are reused by the next step

@@ -587,11 +587,13 @@ impl Compressor {
         r.map(|inner| Payload { inner }).map_err(err)
     }
 
-    /// The last step's payload (raises `NonFiniteError` if it was rejected).
-    fn payload(&self) -> PyResult<Payload> {
-        let mut c = self.lock();
+    /// The last step's payload (raises `NonFiniteError` if it was rejected). Waits for a
+    /// CUDA plan's stream without the GIL.
+    fn payload(&self, py: Python<'_>) -> PyResult<Payload> {
+        let mut g = self.lock();
+        let c = &mut *g;
         let mut out = RsPayload::default();
-        c.read_payload(&mut out).map_err(err)?;
+        py.detach(|| c.read_payload(&mut out)).map_err(err)?;
         Ok(Payload { inner: out })
     }
 
@@ -694,17 +696,25 @@ impl Compressor {
     /// for a payload over another length or with indices not strictly ascending below n,
     /// `TypeError` for one that is not sparse, `GradsiftError` before a step or after a
     /// revert, `NonFiniteError` after a rejected step (the residual is then unchanged). On
-    /// CUDA plans the entries are added on the device.
-    fn refund(&self, back: &Payload) -> PyResult<()> {
+    /// CUDA plans the entries are added on the device (after waiting, without the GIL, for
+    /// the step).
+    fn refund(&self, py: Python<'_>, back: &Payload) -> PyResult<()> {
         match &back.inner {
-            RsPayload::Sparse(p) => self.lock().refund(p).map_err(err),
+            RsPayload::Sparse(p) => {
+                let mut g = self.lock();
+                let c = &mut *g;
+                py.detach(|| c.refund(p)).map_err(err)
+            }
             RsPayload::Sign(_) => Err(PyTypeError::new_err("refund takes a sparse payload")),
         }
     }
 
-    /// Waits for the last step; raises `NonFiniteError` if it was rejected.
-    fn check(&self) -> PyResult<()> {
-        self.lock().check().map_err(err)
+    /// Waits for the last step (without the GIL); raises `NonFiniteError` if it was
+    /// rejected.
+    fn check(&self, py: Python<'_>) -> PyResult<()> {
+        let mut g = self.lock();
+        let c = &mut *g;
+        py.detach(|| c.check()).map_err(err)
     }
 
     /// Steps rejected since the plan was built.

@@ -9,9 +9,27 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import gradsift
 import gradsift.torch as gst
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class FailAt:
+    """A bucket's compressor whose host step raises at step ``at``: a failure that is not a
+    NonFiniteError (a device error, say), injected into gradsift's own object, never into
+    torch.distributed."""
+
+    def __init__(self, comp, at: int) -> None:
+        self._comp, self._at = comp, at
+
+    def step(self, x, step, dtype=None):
+        if step == self._at:
+            raise gradsift.GradsiftError(f"injected failure at step {step}")
+        return self._comp.step(x, step, dtype=dtype)
+
+    def __getattr__(self, name: str):
+        return getattr(self._comp, name)
 
 
 def make_model(dtype: torch.dtype) -> torch.nn.Module:
@@ -52,6 +70,10 @@ def train(rank: int, case: dict, steps: int, state_in: dict | None = None, start
     def hook(st, bucket):
         names = tuple(st._names[id(p)] for p in bucket.parameters())
         inp = bucket.buffer().cpu().clone()
+        if case.get("fail_step") is not None and rank == case.get("fail_rank"):
+            b = st._bucket(bucket, bucket.buffer())
+            if not isinstance(b.comp, FailAt):
+                b.comp = FailAt(b.comp, case["fail_step"])
 
         # The hook's future completes once its all-gather has: record on it, as DDP waits.
         def record(fut):

@@ -93,6 +93,27 @@ def test_nonfinite_gradient_every_rank_raises_residual_kept(run_ranks, world, re
             assert torch.equal(v, c["final_residual"][k]), k
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_failed_step_stops_every_rank_under_the_reductions(run_ranks, world):
+    """A rank whose step fails with an error other than non-finite (injected into its
+    compressor) still takes part in the status all-gather: it raises its own error, every
+    other rank a GradsiftError naming it (instead of waiting in the reduction for ever), and
+    every rank keeps the residual of the steps before."""
+    case = dict(settings=dict(method="topk", ratio=0.1, momentum=0.9, reduce="sparse"), steps=4, fail_step=2, fail_rank=1)
+    res = run_ranks(world, case)
+    for rank, r in enumerate(res):
+        assert "crash" not in r, r.get("crash")
+        (t, _, msg), = r["errors"]
+        assert t == 2, msg
+        want = "injected failure at step 2" if rank == 1 else "step 2 failed on rank(s) [1]"
+        assert want in msg, msg
+        assert len(r["rec"]) == 2  # steps 0 and 1 applied, step 2 not
+    clean = run_ranks(world, dict(case, fail_step=None, steps=2))
+    for r, c in zip(res, clean):
+        for k, v in r["saved"].items():
+            assert torch.equal(v, c["final_residual"][k]), k
+
+
 def test_reducer_bad_inputs_are_typed_errors():
     from gradsift import Payload, Reducer
 
@@ -130,10 +151,12 @@ def test_reducer_bad_inputs_are_typed_errors():
     with pytest.raises(gradsift.GradsiftError):
         r.reduce_entries([good, Payload.sparse(4, [9], [1.0])], 0, idx, val)
     assert idx.tolist() == [-1, -1] and val.tolist() == [7.0, 7.0], "a failed reduction writes nothing"
-    c = Compressor([4], cfg)
+    c = Compressor([4], Config("topk", k=2))
     with pytest.raises(ValueError, match="no step"):
         c.refund(Payload.sparse(4, [3], [1.0]))  # nothing sent yet
-    c.step(np.array([0, 0, 0, -1], np.float32), 0)
+    c.step(np.array([0, 0, 0, -1], np.float32), 0)  # sends -1 and the first 0
+    with pytest.raises(gradsift.GradsiftError, match="more than the 2"):
+        c.refund(Payload.sparse(4, [0, 1, 3], [1.0, 1.0, 1.0]))
     with pytest.raises(gradsift.GradsiftError, match="strictly ascending"):
         c.refund(Payload.sparse(4, [3, 2], [1.0, 1.0]))
     with pytest.raises(gradsift.GradsiftError, match="elements"):

@@ -276,7 +276,7 @@ pub(crate) fn check_refund(
         )
     } else if back.indices.len() > sent {
         format!(
-            "{} entries, more than the {sent} one payload of this plan sends",
+            "{} entries, more than the {sent} that one payload of this plan sends",
             back.indices.len()
         )
     } else if back.indices.windows(2).any(|w| w[0] >= w[1])
