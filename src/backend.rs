@@ -46,7 +46,8 @@
 //! # Ok::<(), gradsift::Error>(())
 //! ```
 
-use crate::cpu::{self, Average, LayerStats, VarianceEstimate};
+use crate::contract::{Average, LayerStats, VarianceEstimate};
+use crate::cpu;
 use crate::{Config, Element, Error, Group, Layout, Mode, Payload, Result, SparsePayload};
 use std::fmt;
 use std::str::FromStr;

@@ -56,6 +56,87 @@ pub enum Method {
     Sign,
 }
 
+/// The compressors by name: the one spelling that [`Method`], the CLI, the Python package
+/// and the reports share (a new codec adds its row here).
+///
+/// # Examples
+/// ```
+/// use gradsift::{Config, MethodKind};
+/// let kind: MethodKind = "rtopk".parse()?;
+/// assert_eq!(kind, Config::rtopk(0.1, 0.01).method.kind());
+/// assert_eq!(kind.to_string(), "rtopk");
+/// assert!("qsgd".parse::<MethodKind>().is_err());
+/// # Ok::<(), gradsift::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MethodKind {
+    /// [`Method::TopK`]: `"topk"`.
+    TopK,
+    /// [`Method::RandomK`]: `"randomk"`.
+    RandomK,
+    /// [`Method::RTopK`]: `"rtopk"`.
+    RTopK,
+    /// [`Method::Sign`]: `"sign"`.
+    Sign,
+}
+
+impl MethodKind {
+    /// Every method, in the order the documentation lists them.
+    pub const ALL: [MethodKind; 4] = [
+        MethodKind::TopK,
+        MethodKind::RandomK,
+        MethodKind::RTopK,
+        MethodKind::Sign,
+    ];
+
+    /// Its name, as the CLI and the Python package spell it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            MethodKind::TopK => "topk",
+            MethodKind::RandomK => "randomk",
+            MethodKind::RTopK => "rtopk",
+            MethodKind::Sign => "sign",
+        }
+    }
+}
+
+impl std::fmt::Display for MethodKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for MethodKind {
+    type Err = Error;
+
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming every method, for a name that is none of them.
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<String> = Self::ALL.iter().map(|m| format!("'{m}'")).collect();
+                Error::InvalidConfig(format!(
+                    "method must be one of {}, got {s:?}",
+                    names.join(", ")
+                ))
+            })
+    }
+}
+
+impl Method {
+    /// Which compressor this is, without its counts.
+    pub const fn kind(&self) -> MethodKind {
+        match self {
+            Method::RTopK { .. } => MethodKind::RTopK,
+            Method::TopK { .. } => MethodKind::TopK,
+            Method::RandomK { .. } => MethodKind::RandomK,
+            Method::Sign => MethodKind::Sign,
+        }
+    }
+}
+
 /// Whether sent values are rescaled (SPEC §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Scale {

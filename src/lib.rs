@@ -5,6 +5,7 @@ pub mod backend;
 #[cfg(feature = "cli")]
 pub mod cli;
 mod config;
+pub mod contract;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -27,8 +28,9 @@ pub mod wire;
 pub use backend::{
     Aggregate, Aggregator, Backend, Compress, Compressor, Device, Skipped, Statistics, Stats,
 };
-pub use config::{Config, Count, Group, Method, Scale};
-pub use cpu::{Average, LayerStats, VarianceEstimate, VarianceTracker};
+pub use config::{Config, Count, Group, Method, MethodKind, Scale};
+pub use contract::{Average, LayerStats, VarianceEstimate};
+pub use cpu::VarianceTracker;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};

@@ -312,7 +312,7 @@ pub fn encode(p: &Payload, out: &mut Vec<u8>) -> Result<Bits> {
     out.clear();
     match p {
         Payload::Sparse(s) => {
-            crate::cpu::check_payload(p, n, 0).map_err(Error::Encode)?;
+            crate::contract::check_payload(p, n, 0).map_err(Error::Encode)?;
             if let Some(j) = s
                 .values
                 .iter()
@@ -354,7 +354,7 @@ pub fn encode(p: &Payload, out: &mut Vec<u8>) -> Result<Bits> {
             })
         }
         Payload::Sign(s) => {
-            crate::cpu::check_payload(p, n, s.scales.len()).map_err(Error::Encode)?;
+            crate::contract::check_payload(p, n, s.scales.len()).map_err(Error::Encode)?;
             header(out, KIND_SIGN, DType::F32, s.n);
             out.extend_from_slice(&(s.scales.len() as u32).to_le_bytes());
             for &v in &s.scales {

@@ -7,7 +7,7 @@
 
 use gradsift::{
     Aggregate, Average, Backend, Compress, Config as RsConfig, Count, DType, Device, Layout,
-    Method, Mode, Payload as RsPayload, Scale, SignPayload, SparsePayload, Statistics, bf16, f16,
+    Method, MethodKind, Mode, Payload as RsPayload, Scale, SignPayload, SparsePayload, Statistics, bf16, f16,
 };
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::create_exception;
@@ -304,23 +304,22 @@ impl Config {
         seed: u64,
         worker: u32,
     ) -> PyResult<Self> {
-        let method = match method {
-            "topk" => Method::TopK {
+        let kind: MethodKind = method.parse().map_err(|e| match e {
+            gradsift::Error::InvalidConfig(m) => PyValueError::new_err(m),
+            other => err(other),
+        })?;
+        let method = match kind {
+            MethodKind::TopK => Method::TopK {
                 k: count(ratio, k, "k")?,
             },
-            "randomk" => Method::RandomK {
+            MethodKind::RandomK => Method::RandomK {
                 k: count(ratio, k, "k")?,
             },
-            "rtopk" => Method::RTopK {
+            MethodKind::RTopK => Method::RTopK {
                 r: count(r_ratio, r, "r")?,
                 k: count(ratio, k, "k")?,
             },
-            "sign" => Method::Sign,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "method must be 'topk', 'randomk', 'rtopk' or 'sign', got {other:?}"
-                )));
-            }
+            MethodKind::Sign => Method::Sign,
         };
         let mut c = RsConfig::new(method);
         c.mode = parse_mode(mode)?;
@@ -350,12 +349,7 @@ impl Config {
 
     #[getter]
     fn method(&self) -> &'static str {
-        match self.inner.method {
-            Method::TopK { .. } => "topk",
-            Method::RandomK { .. } => "randomk",
-            Method::RTopK { .. } => "rtopk",
-            Method::Sign => "sign",
-        }
+        self.inner.method.kind().name()
     }
     #[getter]
     fn mode(&self) -> &'static str {

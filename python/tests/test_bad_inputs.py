@@ -114,6 +114,16 @@ def test_a_failed_step_stops_every_rank_under_the_reductions(run_ranks, world):
             assert torch.equal(v, c["final_residual"][k]), k
 
 
+def test_method_names_come_from_the_one_table():
+    """gradsift.MethodKind's names (the Rust table the CLI reads too) are what Config takes
+    and reports; another name is a ValueError listing them."""
+    for name in ["topk", "randomk", "rtopk", "sign"]:
+        cfg = Config(name, 0.1, r_ratio=0.2) if name == "rtopk" else Config(name, None if name == "sign" else 0.1)
+        assert cfg.method == name
+    with pytest.raises(ValueError, match="method must be one of 'topk', 'randomk', 'rtopk', 'sign', got \"qsgd\""):
+        Config("qsgd", 0.1)
+
+
 def test_reducer_bad_inputs_are_typed_errors():
     from gradsift import Payload, Reducer
 

@@ -244,12 +244,12 @@ fn method_config(c: &Config) -> MethodConfig {
         crate::Count::Ratio(r) => Some(r),
         crate::Count::Exact(_) => None,
     };
-    let (kind, r_ratio, k_ratio) = match c.method {
-        Method::RTopK { r, k } => ("rtopk", ratio(r), ratio(k)),
-        Method::TopK { k } => ("topk", None, ratio(k)),
-        Method::RandomK { k } => ("randomk", None, ratio(k)),
-        Method::Sign => ("sign", None, None),
+    let (r_ratio, k_ratio) = match c.method {
+        Method::RTopK { r, k } => (ratio(r), ratio(k)),
+        Method::TopK { k } | Method::RandomK { k } => (None, ratio(k)),
+        Method::Sign => (None, None),
     };
+    let kind = c.method.kind().name();
     MethodConfig {
         kind,
         r_ratio,

@@ -1,21 +1,10 @@
 //! The parameter server's decoder (SPEC §7).
 
 use super::par::chunk_len;
+use crate::contract::{Average, check_payload, reciprocals};
 use crate::{Aggregate, Error, Layout, Mode, Payload, Result};
 use rayon::prelude::*;
 use std::ops::Range;
-
-/// How the server averages what it received.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Average {
-    /// `out_i = (sum_k v_k,i) * f32(1/K)`: unbiased with [`crate::Scale::Unbiased`].
-    #[default]
-    OverWorkers,
-    /// `out_i = (sum_k v_k,i) * f32(1/c_i)` where `c_i` workers sent coordinate `i`; 0 where
-    /// nobody did (the rTop-k paper's rule). The reciprocal is a host-computed f32 so that
-    /// every backend gets the same bits (a GPU division need not be correctly rounded).
-    OverSenders,
-}
 
 /// Server-side plan: built once for a layout, a selection mode (for sign payloads' groups),
 /// an averaging rule and `K` workers; owns the per-coordinate sender counts.
@@ -224,68 +213,6 @@ impl Aggregator {
             out[i as usize - a] = sum * inv;
         }
     }
-}
-
-/// `[0, f32(1/1), .., f32(1/K)]`: the multipliers of both averaging rules, rounded once on
-/// the host so that every backend multiplies by the same bits.
-pub(crate) fn reciprocals(workers: usize) -> Vec<f32> {
-    std::iter::once(0.0)
-        .chain((1..=workers).map(|c| (1.0 / c as f64) as f32))
-        .collect()
-}
-
-/// Everything SPEC §7/§10 asks of a payload before it may touch the output.
-pub(crate) fn check_payload(
-    p: &Payload,
-    n: usize,
-    groups: usize,
-) -> std::result::Result<(), String> {
-    if p.n() as usize != n {
-        return Err(format!(
-            "it describes {} elements, the server expects {n}",
-            p.n()
-        ));
-    }
-    match p {
-        Payload::Sparse(p) => {
-            if p.indices.len() != p.values.len() {
-                return Err(format!(
-                    "{} indices but {} values",
-                    p.indices.len(),
-                    p.values.len()
-                ));
-            }
-            let mut prev: Option<u32> = None;
-            for (j, &i) in p.indices.iter().enumerate() {
-                if i as usize >= n {
-                    return Err(format!(
-                        "index {i} at position {j} is out of range (n = {n})"
-                    ));
-                }
-                if prev.is_some_and(|q| q >= i) {
-                    return Err(format!(
-                        "index {i} at position {j} is not above its predecessor (unsorted or duplicate)"
-                    ));
-                }
-                prev = Some(i);
-            }
-            if let Some(j) = p.values.iter().position(|v| !v.is_finite()) {
-                return Err(format!("value at position {j} is not finite"));
-            }
-        }
-        Payload::Sign(p) => {
-            if p.scales.len() != groups {
-                return Err(format!("{} scales for {groups} groups", p.scales.len()));
-            }
-            if p.negative.len() != n.div_ceil(64) {
-                return Err(format!("{} sign words for {n} elements", p.negative.len()));
-            }
-            if let Some(j) = p.scales.iter().position(|v| !v.is_finite()) {
-                return Err(format!("scale {j} is not finite"));
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

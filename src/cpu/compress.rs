@@ -1,7 +1,8 @@
 //! The fused error-feedback compression step on the CPU (SPEC §4-6, §10).
 
 use super::par::chunk_len;
-use super::select::{Selector, magnitude_key};
+use super::select::Selector;
+use crate::contract::{check_refund, magnitude_key};
 use crate::philox::{random_key, random_keys};
 use crate::{
     Compress, Config, Element, Error, Group, Layout, Payload, Result, SignPayload, SparsePayload,
@@ -247,46 +248,6 @@ impl Compressor {
     pub fn momentum_slice(&self) -> &[f32] {
         &self.momentum
     }
-}
-
-/// What [`Compress::refund`] asks of its argument on every backend, before any state is
-/// read: a sparse plan (a sign payload has no entries to return), `back` over this plan's
-/// `n` with strictly ascending indices, and at most as many entries as one payload of the
-/// plan sends (the sum of the groups' `k`), so that the GPU backends' refund buffers, sized
-/// once when the plan is built, always hold it.
-pub(crate) fn check_refund(
-    back: &SparsePayload,
-    config: &Config,
-    groups: &[Group],
-    n: usize,
-) -> Result<()> {
-    if !config.is_sparse() {
-        return Err(Error::InvalidConfig(
-            "refund returns entries of a sparse payload; this plan sends the scaled sign".into(),
-        ));
-    }
-    let sent: usize = groups.iter().map(|g| g.k).sum();
-    let reason = if back.n as usize != n {
-        format!("it describes {} elements, the plan has {n}", back.n)
-    } else if back.indices.len() != back.values.len() {
-        format!(
-            "{} indices but {} values",
-            back.indices.len(),
-            back.values.len()
-        )
-    } else if back.indices.len() > sent {
-        format!(
-            "{} entries, more than the {sent} that one payload of this plan sends",
-            back.indices.len()
-        )
-    } else if back.indices.windows(2).any(|w| w[0] >= w[1])
-        || back.indices.last().is_some_and(|&i| i as usize >= n)
-    {
-        "its indices are not strictly ascending below n".to_string()
-    } else {
-        return Ok(());
-    };
-    Err(Error::BadPayload { worker: 0, reason })
 }
 
 impl Compress for Compressor {

@@ -34,16 +34,10 @@ mod par;
 mod select;
 mod stats;
 
-pub(crate) use aggregate::check_payload;
-pub(crate) use aggregate::reciprocals;
-pub use aggregate::{Aggregator, Average};
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
-pub(crate) use compress::check_refund;
+pub use aggregate::Aggregator;
 pub use compress::{Compressor, random_k, rtopk, top_r};
 pub use par::PAR_MIN;
-pub use select::{Items, Selector, magnitude_key};
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
-pub(crate) use stats::check_workers;
-pub use stats::{
-    LayerStats, Stats, VarianceEstimate, VarianceTracker, estimate_variance, layer_stats,
-};
+pub use select::{Items, Selector};
+pub use stats::{Stats, VarianceTracker, estimate_variance, layer_stats};
+// The contract's own types, where they lived before `crate::contract` (paths users wrote).
+pub use crate::contract::{Average, LayerStats, VarianceEstimate, magnitude_key};

@@ -17,6 +17,7 @@
 //! index order, so the result is the same for any thread count.
 
 use super::par::{MAX_CHUNKS, PAR_MIN, chunk_len, for_spans};
+use crate::contract::magnitude_key;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -29,21 +30,6 @@ const PACKED_MAX: usize = 1 << 18;
 const SAMPLE: usize = 1 << 15;
 const DIGITS: [(u32, u32); 3] = [(21, 11), (10, 11), (0, 10)];
 const BINS: usize = 1 << 11;
-
-/// The magnitude order of SPEC §1 as a key where smaller sorts first: larger `|x|` (IEEE bits,
-/// sign cleared) gives a smaller key. NaN (bits above infinity's) gets the smallest keys;
-/// the compressor rejects it before selecting.
-///
-/// # Examples
-/// ```
-/// use gradsift::cpu::magnitude_key;
-/// assert!(magnitude_key(-3.0) < magnitude_key(2.0));
-/// assert_eq!(magnitude_key(-1.5), magnitude_key(1.5));
-/// ```
-#[inline(always)]
-pub fn magnitude_key(x: f32) -> u32 {
-    0x7FFF_FFFF ^ (x.to_bits() & 0x7FFF_FFFF)
-}
 
 /// The items a [`Selector`] chooses from, in ascending index order: a range of indices
 /// (`&(a..b)`) or a sorted list (`&list[..]`). Random access is what lets a pass split them

@@ -1,31 +1,10 @@
 //! Per-layer statistics and the K-worker variance estimator (SPEC §8), in f64.
 
 use super::par::PAR_MIN;
+use crate::contract::{LayerStats, VarianceEstimate, check_workers};
 use crate::{Element, Error, Layout, Result};
 use rayon::prelude::*;
 use std::ops::Range;
-
-/// Statistics of one layer (SPEC §8). Mean and variance cover the finite elements only
-/// (dividing by their number); a layer with no finite element (an empty one included) has
-/// mean and variance NaN, `min = +inf`, `max = -inf`, `max_abs = 0`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LayerStats {
-    /// Number of elements `n_l`, finite or not.
-    pub count: u64,
-    /// Mean of the finite elements; NaN when there is none.
-    pub mean: f64,
-    /// Population variance (divide by the number of finite elements) of the finite elements;
-    /// NaN when there is none.
-    pub var: f64,
-    /// Smallest finite element.
-    pub min: f32,
-    /// Largest finite element.
-    pub max: f32,
-    /// Largest finite `|x|`.
-    pub max_abs: f32,
-    /// Number of NaN or infinite elements.
-    pub non_finite: u64,
-}
 
 /// Chunk length of the one-pass mean/M2 merge (Chan et al.): within a chunk a plain f64 sum
 /// around the chunk's own mean keeps cancellation harmless, and merging is exact in form.
@@ -148,25 +127,6 @@ fn layer_stats_one<T: Element>(layer: &[T]) -> LayerStats {
         st.var = mom.m2 / mom.n;
     }
     st
-}
-
-/// The two variances of the seed paper's Section III model `Y_k = X + N_k`, for one layer.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct VarianceEstimate {
-    /// `sigma_X^2`: variance of the global gradient, `max(0, var_i(ybar_i) - sigma_N^2 / K)`.
-    pub sigma_x2: f64,
-    /// `sigma_N^2`: gradient-noise variance, `sum_i sum_k (y_k,i - ybar_i)^2 / (n_l (K - 1))`.
-    pub sigma_n2: f64,
-}
-
-/// The variance estimator's `K >= 2` (SPEC §8), checked the same way by every backend.
-pub(crate) fn check_workers(k: usize) -> Result<()> {
-    if k < 2 {
-        return Err(Error::InvalidConfig(format!(
-            "the variance estimator needs K >= 2 workers, got {k}"
-        )));
-    }
-    Ok(())
 }
 
 /// Per-layer `sigma_X^2` and `sigma_N^2` from `K >= 2` workers' buffers of one step (SPEC §8),

@@ -3,7 +3,7 @@
 use super::abi::{self, AggArgs};
 use super::context::{Context, DevBuf, Pinned};
 use super::kernels::Kernel as K;
-use crate::cpu::{Average, check_payload};
+use crate::contract::{Average, check_payload};
 use crate::{Aggregate, Error, Layout, Mode, Payload, Result};
 use cudarc::driver::{CudaSlice, DevicePtrMut};
 use std::ops::Range;
@@ -67,7 +67,7 @@ impl Aggregator {
         }
         let n = layout.n();
         let groups = layout.groups(mode);
-        let inv = crate::cpu::reciprocals(workers);
+        let inv = crate::contract::reciprocals(workers);
         let (items, _) = abi::items(&groups);
         Ok(Self {
             cx: cx.clone(),

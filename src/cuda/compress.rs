@@ -800,7 +800,7 @@ impl Compress for Compressor {
     /// Waits for the step (to know it was accepted), uploads `back` into the plan's refund
     /// buffers and enqueues `ef_refund`, which reads the current half on the device.
     fn refund(&mut self, back: &SparsePayload) -> Result<()> {
-        crate::cpu::check_refund(back, &self.config, &self.groups, self.layout.n())?;
+        crate::contract::check_refund(back, &self.config, &self.groups, self.layout.n())?;
         if !self.stepped {
             return Err(crate::backend::nothing_to_refund());
         }

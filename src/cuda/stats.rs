@@ -138,7 +138,7 @@ impl Stats {
         workers: &[&CudaSlice<T>],
         out: &mut Vec<VarianceEstimate>,
     ) -> Result<()> {
-        crate::cpu::check_workers(workers.len())?;
+        crate::contract::check_workers(workers.len())?;
         for w in workers {
             self.layout.check_len("worker buffer", w.len())?;
             self.cx.same_context(w.context(), "a worker buffer")?;
@@ -169,7 +169,7 @@ impl Stats {
         out: &mut Vec<VarianceEstimate>,
     ) -> Result<()> {
         let k = workers.len();
-        crate::cpu::check_workers(k)?;
+        crate::contract::check_workers(k)?;
         if k > self.max_workers {
             return Err(Error::InvalidConfig(format!(
                 "this plan was built for at most {} workers, got {k}",
@@ -290,7 +290,7 @@ impl Statistics for Stats {
         workers: &[&[T]],
         out: &mut Vec<VarianceEstimate>,
     ) -> Result<()> {
-        crate::cpu::check_workers(workers.len())?;
+        crate::contract::check_workers(workers.len())?;
         for w in workers {
             self.layout.check_len("worker buffer", w.len())?;
         }
@@ -331,6 +331,6 @@ pub fn estimate_variance<T: Element>(
     layout: &Layout,
     out: &mut Vec<VarianceEstimate>,
 ) -> Result<()> {
-    crate::cpu::check_workers(workers.len())?;
+    crate::contract::check_workers(workers.len())?;
     Stats::new(cx, layout, workers.len())?.estimate_variance_on(workers, out)
 }

@@ -19,7 +19,7 @@
 //! owner adds the `K` pieces `w = 0..K-1`), never in the order a network delivers them.
 
 use super::Transport;
-use crate::cpu::{magnitude_key, reciprocals};
+use crate::contract::{magnitude_key, reciprocals};
 use crate::{Average, Config, DType, Error, Group, Layout, Payload, Result, SparsePayload, wire};
 use std::fmt;
 use std::ops::Range;

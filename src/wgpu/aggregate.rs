@@ -1,7 +1,7 @@
 //! The parameter server's decoder on the GPU (SPEC §7); shaders in `shaders/aggregate.wgsl`.
 
 use super::context::{Context, dev_err, floats, grid, prefix};
-use crate::cpu::check_payload;
+use crate::contract::check_payload;
 use crate::{Aggregate, Average, Error, Layout, Mode, Payload, Result};
 
 #[repr(C)]
@@ -78,7 +78,7 @@ impl Aggregator {
         let inner = &ctx.inner;
         let n = layout.n();
         let groups = layout.groups(mode);
-        let inv: Vec<u32> = crate::cpu::reciprocals(workers)
+        let inv: Vec<u32> = crate::contract::reciprocals(workers)
             .into_iter()
             .map(f32::to_bits)
             .collect();

@@ -257,7 +257,7 @@ impl Stats {
         dtype: DType,
         out: &mut Vec<VarianceEstimate>,
     ) -> Result<()> {
-        crate::cpu::check_workers(workers)?;
+        crate::contract::check_workers(workers)?;
         if workers > MAX_WORKERS {
             return Err(Error::InvalidConfig(format!(
                 "the wgpu variance estimator takes at most {MAX_WORKERS} workers, got {workers}"
@@ -346,7 +346,7 @@ impl Statistics for Stats {
         for w in workers {
             self.layout.check_len("worker buffer", w.len())?;
         }
-        crate::cpu::check_workers(workers.len())?;
+        crate::contract::check_workers(workers.len())?;
         let total = (workers.len() * self.layout.n()) as u64;
         if total > crate::MAX_ELEMENTS {
             return Err(Error::TooLarge { n: total });
@@ -383,7 +383,7 @@ impl Statistics for Stats {
                 T::DTYPE
             )));
         }
-        crate::cpu::check_workers(workers.len())?;
+        crate::contract::check_workers(workers.len())?;
         for w in workers {
             if w.size() < each {
                 return Err(Error::LengthMismatch {
