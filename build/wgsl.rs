@@ -3,6 +3,10 @@
 //!
 //! `shaders/common.wgsl` is prepended to every other module (the runtime does the same), so
 //! an error's line in the combined source is mapped back to the file it came from.
+//!
+//! It also writes the layout naga computed for every named struct (size, members with
+//! their byte offsets) to `OUT_DIR/wgsl_structs.rs`, against which `src/wgpu/layout.rs`
+//! checks the Rust mirrors that the host writes into uniform buffers.
 
 #[cfg(feature = "wgpu")]
 pub fn run() {
@@ -20,6 +24,8 @@ pub fn run() {
         .collect();
     files.sort();
     let mut failures = Vec::new();
+    let mut layouts =
+        String::from("// Written by build/wgsl.rs: naga's layout of every WGSL struct.\n[\n");
     for path in &files {
         println!("cargo::rerun-if-changed={}", path.display());
         let body = std::fs::read_to_string(path)
@@ -46,6 +52,21 @@ pub fn run() {
                 continue;
             }
         };
+        let file = path
+            .file_name()
+            .map_or(String::new(), |f| f.to_string_lossy().into_owned());
+        for (_, ty) in module.types.iter() {
+            if let (Some(name), naga::TypeInner::Struct { members, span }) = (&ty.name, &ty.inner) {
+                let m: Vec<String> = members
+                    .iter()
+                    .map(|m| format!("({:?}, {})", m.name.as_deref().unwrap_or(""), m.offset))
+                    .collect();
+                layouts.push_str(&format!(
+                    "    WgslStruct {{ file: {file:?}, name: {name:?}, size: {span}, members: &[{}] }},\n",
+                    m.join(", ")
+                ));
+            }
+        }
         let mut validator = naga::valid::Validator::new(
             naga::valid::ValidationFlags::all(),
             naga::valid::Capabilities::empty(),
@@ -58,6 +79,10 @@ pub fn run() {
             failures.push(format!("{at}: {}", e.emit_to_string(&src)));
         }
     }
+    layouts.push_str("]\n");
+    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    std::fs::write(out.join("wgsl_structs.rs"), layouts)
+        .unwrap_or_else(|e| panic!("cannot write wgsl_structs.rs: {e}"));
     if !failures.is_empty() {
         for f in &failures {
             for line in f.lines() {

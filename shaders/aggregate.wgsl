@@ -2,7 +2,7 @@
 // coordinate receives its f32 adds in the order k = 0..K-1, exactly as on the CPU. Indices
 // were validated on the host before anything was uploaded.
 
-struct Worker {
+struct WorkerParams {
     offset: u32,
     len: u32,
     scale_off: u32,
@@ -16,7 +16,7 @@ struct AggCfg {
     workers: u32,
 }
 
-@group(0) @binding(0) var<uniform> wk: Worker;
+@group(0) @binding(0) var<uniform> wk: WorkerParams;
 @group(0) @binding(1) var<uniform> cfg: AggCfg;
 @group(0) @binding(2) var<storage, read> idx: array<u32>;
 // Sparse values, then sign scales, all workers concatenated.

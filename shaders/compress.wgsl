@@ -31,12 +31,12 @@ struct Cfg {
     num_blocks: u32,
     tiles_off: u32,
     active_off: u32,
+    pad0: u32,
     pad1: u32,
-    pad2: u32,
 }
 
 // One selection round: which composite digit it looks at and where its inputs and outputs live.
-struct Pass {
+struct PassParams {
     digit: u32,
     next_digit: u32,
     key_kind: u32,
@@ -65,7 +65,7 @@ const CTR_SEL: u32 = 6u;
 // Counts of the two active-group lists (the lists live at cfg.active_off, num_groups each).
 const ACT_CNT: u32 = 7u;
 
-@group(0) @binding(0) var<uniform> ps: Pass;
+@group(0) @binding(0) var<uniform> ps: PassParams;
 @group(0) @binding(1) var<uniform> cfg: Cfg;
 // Per group 8 words (start, end, r, k, scale bits, first tile, end tile, 0), then per tile 4
 // words (group, start, end, 0) at cfg.tiles_off.

@@ -352,3 +352,33 @@ impl Aggregator {
         Ok(&self.out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::layout::{check, mirror};
+    use super::{AggCfg, WorkerParams};
+
+    #[test]
+    fn uniforms_have_the_wgsl_layout() {
+        check(
+            "aggregate.wgsl",
+            "WorkerParams",
+            mirror!(WorkerParams {
+                offset,
+                len,
+                scale_off,
+                bits_off
+            }),
+        );
+        check(
+            "aggregate.wgsl",
+            "AggCfg",
+            mirror!(AggCfg {
+                n,
+                num_groups,
+                over_senders,
+                workers
+            }),
+        );
+    }
+}

@@ -50,7 +50,8 @@ struct Cfg {
     num_blocks: u32,
     tiles_off: u32,
     active_off: u32,
-    pad: [u32; 2],
+    pad0: u32,
+    pad1: u32,
 }
 
 #[repr(C)]
@@ -76,7 +77,9 @@ enum Dispatch {
     Indirect(u64),
 }
 
-struct Pass {
+/// A pass of the step as recorded: its entry point, its bind group (parameters included)
+/// and its dispatch.
+struct BoundPass {
     entry: &'static str,
     bind: ::wgpu::BindGroup,
     dispatch: Dispatch,
@@ -114,9 +117,9 @@ pub struct Compressor {
     bits: ::wgpu::Buffer,
     out_idx: ::wgpu::Buffer,
     out_val: ::wgpu::Buffer,
-    passes: Vec<Pass>,
+    passes: Vec<BoundPass>,
     /// [`Compress::refund`]'s pass (sparse plans): its count and indices, then its values.
-    refund: Option<(Pass, ::wgpu::Buffer, ::wgpu::Buffer)>,
+    refund: Option<(BoundPass, ::wgpu::Buffer, ::wgpu::Buffer)>,
     staging: ::wgpu::Buffer,
     /// Host-slice steps copy into this (allocated on the first such step).
     upload: Option<::wgpu::Buffer>,
@@ -174,7 +177,8 @@ impl Compressor {
             num_blocks: shape.num_blocks as u32,
             tiles_off,
             active_off: shape.active_off,
-            pad: [0; 2],
+            pad0: 0,
+            pad1: 0,
         };
         let cfg_buf = inner.buffer(
             "config",
@@ -1040,7 +1044,7 @@ impl Recorder {
     }
 
     /// Writes every pass's parameters into one uniform buffer and builds its bind group.
-    fn bind(self, inner: &Inner, cfg: &::wgpu::Buffer, b: &Buffers) -> Result<Vec<Pass>> {
+    fn bind(self, inner: &Inner, cfg: &::wgpu::Buffer, b: &Buffers) -> Result<Vec<BoundPass>> {
         // Parameter slots start at the uniform offset alignment and hold a whole PassParams.
         let size = std::mem::size_of::<PassParams>() as u64;
         let align = size.div_ceil(inner.uniform_align()) * inner.uniform_align();
@@ -1085,7 +1089,7 @@ impl Recorder {
                     whole(&b.out_val),
                     whole(&b.partial),
                 ];
-                Pass {
+                BoundPass {
                     entry,
                     bind: inner.bind_group(entry, &inner.compress.layouts[0], res),
                     dispatch,
@@ -1127,4 +1131,58 @@ fn read_f32(
             out.clear();
             out.extend(floats(&b[..n * 4]));
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::layout::{check, mirror};
+    use super::{Cfg, PassParams};
+
+    #[test]
+    fn uniforms_have_the_wgsl_layout() {
+        check(
+            "compress.wgsl",
+            "Cfg",
+            mirror!(Cfg {
+                n,
+                num_groups,
+                num_tiles,
+                dtype,
+                worker,
+                seed_lo,
+                seed_hi,
+                step_lo,
+                step_hi,
+                momentum,
+                has_momentum,
+                values,
+                first_key,
+                gstate1_off,
+                num_words,
+                num_blocks,
+                tiles_off,
+                active_off,
+                pad0,
+                pad1,
+            }),
+        );
+        check(
+            "compress.wgsl",
+            "PassParams",
+            mirror!(PassParams {
+                digit,
+                next_digit,
+                key_kind,
+                emit_list,
+                gstate_off,
+                in_slot,
+                out_slot,
+                args_off,
+                act_in,
+                act_out,
+                args_off2,
+                pad,
+            }),
+        );
+    }
 }

@@ -56,6 +56,8 @@
 mod aggregate;
 mod compress;
 mod context;
+#[cfg(test)]
+mod layout;
 mod stats;
 
 pub use aggregate::Aggregator;

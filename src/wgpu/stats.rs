@@ -18,7 +18,8 @@ struct StatsCfg {
     dtype: u32,
     workers: u32,
     tiles_off: u32,
-    pad: [u32; 2],
+    pad0: u32,
+    pad1: u32,
 }
 
 /// A statistics plan for one layout: tile table, partial-sum and result buffers, built once
@@ -83,7 +84,8 @@ impl Stats {
             dtype: 0,
             workers: 1,
             tiles_off,
-            pad: [0; 2],
+            pad0: 0,
+            pad1: 0,
         };
         let none = ::wgpu::BufferUsages::empty();
         let uniform = ::wgpu::BufferUsages::UNIFORM | ::wgpu::BufferUsages::COPY_DST;
@@ -429,4 +431,28 @@ pub fn estimate_variance<T: Element>(
     out: &mut Vec<VarianceEstimate>,
 ) -> Result<()> {
     Statistics::estimate_variance(&mut Stats::new(ctx, layout)?, workers, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::layout::{check, mirror};
+    use super::StatsCfg;
+
+    #[test]
+    fn uniforms_have_the_wgsl_layout() {
+        check(
+            "stats.wgsl",
+            "StatsCfg",
+            mirror!(StatsCfg {
+                n,
+                num_layers,
+                num_tiles,
+                dtype,
+                workers,
+                tiles_off,
+                pad0,
+                pad1
+            }),
+        );
+    }
 }
