@@ -7,13 +7,15 @@
 //
 // Syntax: `headers: [...]` lists the headers in the order the single NVRTC program pastes
 // them (before every unit); then each unit in concatenation order with its kernels as
-// `Handle = "entry_point"` or, for a kernel instantiated once per element type,
-// `Handle = "base" [f32, f16, bf16]`, whose entry points are `base_f32`, `base_f16`, ...
+// `Handle = "entry_point" (Args)` or, for a kernel instantiated once per element type,
+// `Handle = "base" [f32, f16, bf16] (Args)`, whose entry points are `base_f32`,
+// `base_f16`, ...; `Args` is the struct it takes by value (a test checks it against the
+// kernel's signature), and launches through the typed handle take exactly that type.
 
 macro_rules! kernel_registry {
     (
         headers: [$($header:literal),* $(,)?],
-        $($unit:literal: [$($kernel:ident = $base:literal $([$($dt:ident),+ $(,)?])?),* $(,)?]),* $(,)?
+        $($unit:literal: [$($kernel:ident = $base:literal $([$($dt:ident),+ $(,)?])? ($arg:ident)),* $(,)?]),* $(,)?
     ) => {
         /// Headers of `kernels/`, in the order the NVRTC program pastes them.
         pub const HEADERS: &[&str] = &[$($header),*];
@@ -49,6 +51,14 @@ macro_rules! kernel_registry {
                 }
             }
 
+            /// The name of its one by-value argument struct (`src/cuda/abi.rs`, and the
+            /// parameter type of its `.cu` signature).
+            pub const fn args(self) -> &'static str {
+                match self {
+                    $($(Kernel::$kernel => stringify!($arg),)*)*
+                }
+            }
+
             /// The element types it is instantiated for (`"f32"`, ...), empty when it is
             /// not templated; `entries()[i]` is the instantiation for `dtypes()[i]`.
             pub const fn dtypes(self) -> &'static [&'static str] {
@@ -57,6 +67,10 @@ macro_rules! kernel_registry {
                 }
             }
         }
+
+        // The includer decides what the rows' argument types become: typed launch handles in
+        // src/cuda/kernels.rs, nothing in build/cuda.rs (which has no `abi`).
+        kernel_args! { $($($kernel: $arg,)*)* }
     };
     (@entries $base:literal) => { &[$base] };
     (@entries $base:literal [$($dt:ident),+]) => { &[$(concat!($base, "_", stringify!($dt))),+] };
@@ -67,39 +81,39 @@ macro_rules! kernel_registry {
 kernel_registry! {
     headers: ["common.cuh", "select.cuh"],
     "accumulate.cu": [
-        EfAccumulate = "ef_accumulate" [f32, f16, bf16],
-        EfBegin = "ef_begin",
-        EfCommit = "ef_commit",
-        EfRefund = "ef_refund",
+        EfAccumulate = "ef_accumulate" [f32, f16, bf16] (AccArgs),
+        EfBegin = "ef_begin" (StepBuffers),
+        EfCommit = "ef_commit" (StepBuffers),
+        EfRefund = "ef_refund" (RefundArgs),
     ],
     "select.cu": [
-        SelReset = "sel_reset",
-        SelClearBits = "sel_clear_bits",
-        SelPass = "sel_pass",
-        SelFind = "sel_find",
-        CompactCount = "compact_count",
-        CompactScan = "compact_scan",
-        CompactEmit = "compact_emit",
-        EmitRange = "emit_range",
-        SelectSmall = "select_small",
+        SelReset = "sel_reset" (SelArgs),
+        SelClearBits = "sel_clear_bits" (SelArgs),
+        SelPass = "sel_pass" (SelArgs),
+        SelFind = "sel_find" (SelArgs),
+        CompactCount = "compact_count" (CompactArgs),
+        CompactScan = "compact_scan" (CompactArgs),
+        CompactEmit = "compact_emit" (CompactArgs),
+        EmitRange = "emit_range" (CompactArgs),
+        SelectSmall = "select_small" (SmallArgs),
     ],
     "sign.cu": [
-        SignPartial = "sign_partial",
-        SignMerge = "sign_merge",
-        SignApply = "sign_apply",
+        SignPartial = "sign_partial" (SignArgs),
+        SignMerge = "sign_merge" (SignArgs),
+        SignApply = "sign_apply" (SignArgs),
     ],
     "stats.cu": [
-        StatsItems = "stats_items" [f32, f16, bf16],
-        StatsMerge = "stats_merge",
-        VarItems = "var_items" [f32, f16, bf16],
-        VarMerge = "var_merge",
+        StatsItems = "stats_items" [f32, f16, bf16] (StatsArgs),
+        StatsMerge = "stats_merge" (StatsArgs),
+        VarItems = "var_items" [f32, f16, bf16] (VarArgs),
+        VarMerge = "var_merge" (VarArgs),
     ],
     "aggregate.cu": [
-        AggCheckSparse = "agg_check_sparse",
-        AggZero = "agg_zero",
-        AggScatter = "agg_scatter",
-        AggSign = "agg_sign",
-        AggFinalize = "agg_finalize",
+        AggCheckSparse = "agg_check_sparse" (AggArgs),
+        AggZero = "agg_zero" (AggArgs),
+        AggScatter = "agg_scatter" (AggArgs),
+        AggSign = "agg_sign" (AggArgs),
+        AggFinalize = "agg_finalize" (AggArgs),
     ],
 }
 

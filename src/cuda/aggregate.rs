@@ -2,7 +2,7 @@
 
 use super::abi::{self, AggArgs};
 use super::context::{Context, DevBuf, Pinned};
-use super::kernels::Kernel as K;
+use super::kernels::typed as K;
 use crate::contract::{Average, check_payload};
 use crate::{Aggregate, Error, Layout, Mode, Payload, Result};
 use cudarc::driver::{CudaSlice, DevicePtrMut};

@@ -5,7 +5,7 @@ use super::abi::{
     SmallArgs, SmallGroup,
 };
 use super::context::{Context, DevBuf, Pinned, download_at};
-use super::kernels::Kernel as K;
+use super::kernels::typed as K;
 use super::launch::{Enqueue, Live, Recorder, StepLaunches};
 use crate::Compress;
 use crate::{

@@ -3,7 +3,7 @@
 //! helpers every plan uses.
 
 use super::image::{self, Attempt, CudaVersion};
-use super::kernels::{KERNEL_NAMES, Kernel, kernel_source};
+use super::kernels::{KERNEL_NAMES, Typed, kernel_source};
 use crate::{DType, Error, Result};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, result as drv};
@@ -547,20 +547,26 @@ impl Context {
     }
 
     /// Launches kernel `k` (one that is not per dtype) with one by-value struct argument.
-    pub(crate) fn launch<A: Copy>(&self, k: Kernel, grid: u32, block: u32, args: &A) -> Result<()> {
-        self.launch_entry(k.entry(None)?, grid, block, args)
+    pub(crate) fn launch<A: Copy>(
+        &self,
+        k: Typed<A>,
+        grid: u32,
+        block: u32,
+        args: &A,
+    ) -> Result<()> {
+        self.launch_entry(k.kernel().entry(None)?, grid, block, args)
     }
 
     /// As [`Context::launch`], for a per-dtype kernel: its instantiation for `dtype`.
     pub(crate) fn launch_for<A: Copy>(
         &self,
-        k: Kernel,
+        k: Typed<A>,
         dtype: DType,
         grid: u32,
         block: u32,
         args: &A,
     ) -> Result<()> {
-        self.launch_entry(k.entry(Some(dtype))?, grid, block, args)
+        self.launch_entry(k.kernel().entry(Some(dtype))?, grid, block, args)
     }
 
     pub(crate) fn launch_entry<A: Copy>(

@@ -7,11 +7,62 @@ use crate::{DType, Error, Result};
 /// The table itself; parts of it serve only build.rs or the tests.
 #[allow(dead_code)]
 mod registry {
+    /// Each row's handle with the argument struct the row names.
+    macro_rules! kernel_args {
+        ($($kernel:ident: $arg:ident,)*) => {
+            /// The table's kernels as typed handles ([`Typed`]), named as the [`Kernel`]
+            /// variants: a launch takes exactly the argument struct the row names.
+            #[allow(non_upper_case_globals)]
+            pub mod typed {
+                use crate::cuda::kernels::{Kernel, Typed};
+                $(
+                    #[doc = concat!("[`Kernel::", stringify!($kernel), "`], taking `", stringify!($arg), "`.")]
+                    pub const $kernel: Typed<crate::cuda::abi::$arg> = Typed::new(Kernel::$kernel);
+                )*
+            }
+        };
+    }
     include!("../../kernels/registry.rs");
 }
 #[cfg(test)]
 use registry::{ENTRY_COUNT, HEADERS, UNITS};
-pub use registry::{KERNEL_NAMES, Kernel};
+pub use registry::{KERNEL_NAMES, Kernel, typed};
+
+/// A kernel of the table together with the by-value argument struct `A` its row names, so
+/// that the launch code cannot pass it another one (the table is checked against the
+/// kernels' signatures in the tests).
+pub struct Typed<A> {
+    kernel: Kernel,
+    args: std::marker::PhantomData<fn(&A)>,
+}
+
+impl<A> Clone for Typed<A> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<A> Copy for Typed<A> {}
+
+impl<A> std::fmt::Debug for Typed<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}({})", self.kernel, self.kernel.args())
+    }
+}
+
+impl<A> Typed<A> {
+    pub(crate) const fn new(kernel: Kernel) -> Self {
+        Self {
+            kernel,
+            args: std::marker::PhantomData,
+        }
+    }
+
+    /// The untyped kernel.
+    pub const fn kernel(self) -> Kernel {
+        self.kernel
+    }
+}
 
 /// The whole program NVRTC compiles: every header, then every unit of the table, as one
 /// source (build.rs concatenates them from `kernels/`).
@@ -126,29 +177,26 @@ mod tests {
                     }
                     None => rest.to_string(),
                 };
-                let name = rest
-                    .split('(')
-                    .next()
-                    .unwrap()
-                    .split_whitespace()
-                    .last()
-                    .unwrap();
-                defined.push((unit.to_string(), name.to_string()));
+                let mut halves = rest.splitn(2, '(');
+                let name = halves.next().unwrap().split_whitespace().last().unwrap();
+                // `Args a) {`: the parameter's type
+                let arg = halves.next().unwrap().split_whitespace().next().unwrap();
+                defined.push((unit.to_string(), name.to_string(), arg.to_string()));
             }
         }
-        let mut table: Vec<(String, String)> = Kernel::ALL
+        let mut table: Vec<(String, String, String)> = Kernel::ALL
             .iter()
             .flat_map(|k| {
                 k.entries()
                     .iter()
-                    .map(|e| (k.unit().to_string(), e.to_string()))
+                    .map(|e| (k.unit().to_string(), e.to_string(), k.args().to_string()))
             })
             .collect();
         defined.sort();
         table.sort();
         assert_eq!(
             defined, table,
-            "kernels/registry.rs against the extern \"C\" kernels"
+            "kernels/registry.rs (unit, entry point, argument struct) against the extern \"C\" kernels"
         );
 
         // The embedded program is every listed file, headers first.

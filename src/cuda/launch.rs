@@ -4,7 +4,7 @@
 //! against [`Enqueue`]; the record is therefore the real sequence, not an estimate.
 
 use super::context::Context;
-use super::kernels::{KERNEL_NAMES, Kernel};
+use super::kernels::{KERNEL_NAMES, Typed};
 use crate::{DType, Result};
 
 /// A sink for a plan's stream work.
@@ -13,7 +13,7 @@ pub(crate) trait Enqueue {
     /// struct argument; `grid == 0` launches nothing.
     fn launch<A: Copy>(
         &mut self,
-        k: Kernel,
+        k: Typed<A>,
         dtype: Option<DType>,
         grid: u32,
         block: u32,
@@ -76,7 +76,7 @@ impl<'a> Live<'a> {
 impl Enqueue for Live<'_> {
     fn launch<A: Copy>(
         &mut self,
-        k: Kernel,
+        k: Typed<A>,
         dtype: Option<DType>,
         grid: u32,
         block: u32,
@@ -85,7 +85,8 @@ impl Enqueue for Live<'_> {
         if grid == 0 {
             return Ok(());
         }
-        self.cx.launch_entry(k.entry(dtype)?, grid, block, args)?;
+        self.cx
+            .launch_entry(k.kernel().entry(dtype)?, grid, block, args)?;
         self.launches += 1;
         Ok(())
     }
@@ -158,13 +159,13 @@ pub(crate) struct Recorder {
 impl Enqueue for Recorder {
     fn launch<A: Copy>(
         &mut self,
-        k: Kernel,
+        k: Typed<A>,
         dtype: Option<DType>,
         grid: u32,
         block: u32,
         _args: &A,
     ) -> Result<()> {
-        let idx = k.entry(dtype)?;
+        let idx = k.kernel().entry(dtype)?;
         if grid > 0 {
             self.log.launches.push(Launch {
                 kernel: KERNEL_NAMES[idx],

@@ -2,7 +2,7 @@
 
 use super::abi::{self, StatsArgs, StatsOut, VarArgs, VarOut};
 use super::context::{Context, DevBuf, Pinned};
-use super::kernels::Kernel as K;
+use super::kernels::typed as K;
 use crate::Statistics;
 use crate::{DType, Element, Error, LayerStats, Layout, Result, VarianceEstimate};
 use cudarc::driver::{CudaSlice, DevicePtr};
