@@ -409,153 +409,183 @@ pub fn decode_into(bytes: &[u8], p: &mut Payload) -> Result<(), DecodeError> {
     let n = u32::from_le_bytes(head[4..8].try_into().unwrap());
     match (kind, dtype) {
         (KIND_SPARSE, Some(dtype)) => {
-            let count = u32::from_le_bytes(take(bytes, HEADER)?) as usize;
-            let b = take::<1>(bytes, HEADER + 4)?[0];
-            if b > 31 {
-                return Err(DecodeError::RiceParameter(b));
-            }
-            if count as u64 > u64::from(n) {
-                return Err(DecodeError::Count {
-                    count: count as u64,
-                    n,
-                });
-            }
-            // Each index costs at least 1 + b bits: bound the claim by the bytes present
-            // before reserving anything.
-            // (In u64: `count * 4` must not wrap where usize is 32 bits.)
-            let vbytes = dtype.bits() as usize / 8;
-            let min_len = SPARSE_HEADER as u64
-                + (count as u64 * (1 + u64::from(b))).div_ceil(8)
-                + count as u64 * vbytes as u64;
-            if (bytes.len() as u64) < min_len {
-                return Err(DecodeError::Truncated {
-                    needed: usize::try_from(min_len).unwrap_or(usize::MAX),
-                    got: bytes.len(),
-                });
-            }
             if !matches!(p, Payload::Sparse(_)) {
                 *p = Payload::Sparse(SparsePayload::default());
             }
             let Payload::Sparse(s) = p else {
                 unreachable!()
             };
-            s.n = n;
-            s.values_dtype = dtype;
-            s.indices.clear();
-            s.values.clear();
-            s.indices.reserve(count);
-            s.values.reserve(count);
-            let value_start = bytes.len() - count * vbytes;
-            let code = &bytes[SPARSE_HEADER..value_start];
-            let mut r = BitReader {
-                bytes: code,
-                pos: 0,
-            };
-            let trunc = || DecodeError::Truncated {
-                needed: bytes.len() + 1,
-                got: bytes.len(),
-            };
-            let mut next: u64 = 0;
-            // Sums of `gap >> (b - 1)`, `gap >> b`, `gap >> (b + 1)` for the canonical check.
-            let (mut sum_below, mut sum_at, mut sum_above) = (0u64, 0u64, 0u64);
-            for position in 0..count {
-                let q = r.unary(u64::from(n) >> b).ok_or_else(trunc)?.map_err(|_| {
-                    DecodeError::IndexOutOfRange {
-                        position,
-                        index: u64::MAX,
-                        n,
-                    }
-                })?;
-                let low = r.bits(u32::from(b)).ok_or_else(trunc)?;
-                let gap = (q << b) | low;
-                sum_at += q;
-                sum_above += q >> 1;
-                if b > 0 {
-                    sum_below += gap >> (b - 1);
-                }
-                let index = next + gap;
-                if index >= u64::from(n) {
-                    return Err(DecodeError::IndexOutOfRange { position, index, n });
-                }
-                s.indices.push(index as u32);
-                next = index + 1;
-            }
-            // Canonical: `b` must be what `best_rice` picks, the first minimiser of the
-            // length `k (1 + b) + sum(gap >> b)`. That length is convex in `b` (its step
-            // `k - sum(ceil((gap >> b) / 2))` never decreases), so its neighbours decide.
-            let length = |b: u64, sum: u64| count as u64 * (1 + b) + sum;
-            let here = length(u64::from(b), sum_at);
-            if (b > 0 && length(u64::from(b) - 1, sum_below) <= here)
-                || (b < 31 && length(u64::from(b) + 1, sum_above) < here)
-            {
-                return Err(DecodeError::RiceParameter(b));
-            }
-            let used = r.pos.div_ceil(8);
-            if used < code.len() {
-                return Err(DecodeError::Trailing {
-                    extra: code.len() - used,
-                });
-            }
-            if r.pos % 8 != 0 && code[used - 1] >> (r.pos % 8) != 0 {
-                return Err(DecodeError::Padding);
-            }
-            for (j, c) in bytes[value_start..].chunks_exact(vbytes).enumerate() {
-                let v = match dtype {
-                    DType::F32 => f32::from_le_bytes(c.try_into().unwrap()),
-                    DType::F16 => f16::from_le_bytes(c.try_into().unwrap()).to_f32(),
-                    DType::BF16 => bf16::from_le_bytes(c.try_into().unwrap()).to_f32(),
-                };
-                if !v.is_finite() {
-                    return Err(DecodeError::NonFinite(j));
-                }
-                s.values.push(v);
-            }
-            Ok(())
+            decode_sparse(bytes, n, dtype, s)
         }
         (KIND_SIGN, Some(DType::F32)) => {
-            let groups = u32::from_le_bytes(take(bytes, HEADER)?) as usize;
-            let sign_bytes = (n as usize).div_ceil(8);
-            let len = SIGN_HEADER as u64 + groups as u64 * 4 + sign_bytes as u64;
-            if (bytes.len() as u64) < len {
-                return Err(DecodeError::Truncated {
-                    needed: usize::try_from(len).unwrap_or(usize::MAX),
-                    got: bytes.len(),
-                });
-            }
-            let len = len as usize;
-            if bytes.len() > len {
-                return Err(DecodeError::Trailing {
-                    extra: bytes.len() - len,
-                });
-            }
             if !matches!(p, Payload::Sign(_)) {
                 *p = Payload::Sign(SignPayload::default());
             }
             let Payload::Sign(s) = p else { unreachable!() };
-            s.n = n;
-            s.scales.clear();
-            s.negative.clear();
-            for (j, c) in bytes[SIGN_HEADER..SIGN_HEADER + groups * 4]
-                .chunks_exact(4)
-                .enumerate()
-            {
-                let v = f32::from_le_bytes(c.try_into().unwrap());
-                if !v.is_finite() {
-                    return Err(DecodeError::NonFinite(j));
-                }
-                s.scales.push(v);
-            }
-            let bits = &bytes[SIGN_HEADER + groups * 4..];
-            if n % 8 != 0 && bits[sign_bytes - 1] >> (n % 8) != 0 {
-                return Err(DecodeError::Padding);
-            }
-            s.negative.extend(bits.chunks(8).map(|c| {
-                let mut w = [0u8; 8];
-                w[..c.len()].copy_from_slice(c);
-                u64::from_le_bytes(w)
-            }));
-            Ok(())
+            decode_sign(bytes, n, s)
         }
         _ => Err(DecodeError::Kind(head[3])),
     }
+}
+
+/// The sparse kind after the common header: count and Rice parameter, the bounds that come
+/// before any allocation, the index code, the values.
+fn decode_sparse(
+    bytes: &[u8],
+    n: u32,
+    dtype: DType,
+    s: &mut SparsePayload,
+) -> Result<(), DecodeError> {
+    let count = u32::from_le_bytes(take(bytes, HEADER)?) as usize;
+    let b = take::<1>(bytes, HEADER + 4)?[0];
+    if b > 31 {
+        return Err(DecodeError::RiceParameter(b));
+    }
+    if count as u64 > u64::from(n) {
+        return Err(DecodeError::Count {
+            count: count as u64,
+            n,
+        });
+    }
+    // Each index costs at least 1 + b bits: bound the claim by the bytes present
+    // before reserving anything.
+    // (In u64: `count * 4` must not wrap where usize is 32 bits.)
+    let vbytes = dtype.bits() as usize / 8;
+    let min_len = SPARSE_HEADER as u64
+        + (count as u64 * (1 + u64::from(b))).div_ceil(8)
+        + count as u64 * vbytes as u64;
+    if (bytes.len() as u64) < min_len {
+        return Err(DecodeError::Truncated {
+            needed: usize::try_from(min_len).unwrap_or(usize::MAX),
+            got: bytes.len(),
+        });
+    }
+    s.n = n;
+    s.values_dtype = dtype;
+    s.indices.clear();
+    s.values.clear();
+    s.indices.reserve(count);
+    s.values.reserve(count);
+    let value_start = bytes.len() - count * vbytes;
+    decode_indices(bytes, value_start, n, b, count, &mut s.indices)?;
+    for (j, c) in bytes[value_start..].chunks_exact(vbytes).enumerate() {
+        let v = match dtype {
+            DType::F32 => f32::from_le_bytes(c.try_into().unwrap()),
+            DType::F16 => f16::from_le_bytes(c.try_into().unwrap()).to_f32(),
+            DType::BF16 => bf16::from_le_bytes(c.try_into().unwrap()).to_f32(),
+        };
+        if !v.is_finite() {
+            return Err(DecodeError::NonFinite(j));
+        }
+        s.values.push(v);
+    }
+    Ok(())
+}
+
+/// The Rice-coded gaps of `bytes[SPARSE_HEADER..value_start]` into `out`: every index below
+/// `n`, the code canonical (the encoder's `b`, no trailing bytes, zero padding).
+fn decode_indices(
+    bytes: &[u8],
+    value_start: usize,
+    n: u32,
+    b: u8,
+    count: usize,
+    out: &mut Vec<u32>,
+) -> Result<(), DecodeError> {
+    let code = &bytes[SPARSE_HEADER..value_start];
+    let mut r = BitReader {
+        bytes: code,
+        pos: 0,
+    };
+    let trunc = || DecodeError::Truncated {
+        needed: bytes.len() + 1,
+        got: bytes.len(),
+    };
+    let mut next: u64 = 0;
+    // Sums of `gap >> (b - 1)`, `gap >> b`, `gap >> (b + 1)` for the canonical check.
+    let (mut sum_below, mut sum_at, mut sum_above) = (0u64, 0u64, 0u64);
+    for position in 0..count {
+        let q = r.unary(u64::from(n) >> b).ok_or_else(trunc)?.map_err(|_| {
+            DecodeError::IndexOutOfRange {
+                position,
+                index: u64::MAX,
+                n,
+            }
+        })?;
+        let low = r.bits(u32::from(b)).ok_or_else(trunc)?;
+        let gap = (q << b) | low;
+        sum_at += q;
+        sum_above += q >> 1;
+        if b > 0 {
+            sum_below += gap >> (b - 1);
+        }
+        let index = next + gap;
+        if index >= u64::from(n) {
+            return Err(DecodeError::IndexOutOfRange { position, index, n });
+        }
+        out.push(index as u32);
+        next = index + 1;
+    }
+    // Canonical: `b` must be what `best_rice` picks, the first minimiser of the
+    // length `k (1 + b) + sum(gap >> b)`. That length is convex in `b` (its step
+    // `k - sum(ceil((gap >> b) / 2))` never decreases), so its neighbours decide.
+    let length = |b: u64, sum: u64| count as u64 * (1 + b) + sum;
+    let here = length(u64::from(b), sum_at);
+    if (b > 0 && length(u64::from(b) - 1, sum_below) <= here)
+        || (b < 31 && length(u64::from(b) + 1, sum_above) < here)
+    {
+        return Err(DecodeError::RiceParameter(b));
+    }
+    let used = r.pos.div_ceil(8);
+    if used < code.len() {
+        return Err(DecodeError::Trailing {
+            extra: code.len() - used,
+        });
+    }
+    if r.pos % 8 != 0 && code[used - 1] >> (r.pos % 8) != 0 {
+        return Err(DecodeError::Padding);
+    }
+    Ok(())
+}
+
+/// The sign kind after the common header: group count, the f32 scales, the sign bits.
+fn decode_sign(bytes: &[u8], n: u32, s: &mut SignPayload) -> Result<(), DecodeError> {
+    let groups = u32::from_le_bytes(take(bytes, HEADER)?) as usize;
+    let sign_bytes = (n as usize).div_ceil(8);
+    let len = SIGN_HEADER as u64 + groups as u64 * 4 + sign_bytes as u64;
+    if (bytes.len() as u64) < len {
+        return Err(DecodeError::Truncated {
+            needed: usize::try_from(len).unwrap_or(usize::MAX),
+            got: bytes.len(),
+        });
+    }
+    let len = len as usize;
+    if bytes.len() > len {
+        return Err(DecodeError::Trailing {
+            extra: bytes.len() - len,
+        });
+    }
+    s.n = n;
+    s.scales.clear();
+    s.negative.clear();
+    for (j, c) in bytes[SIGN_HEADER..SIGN_HEADER + groups * 4]
+        .chunks_exact(4)
+        .enumerate()
+    {
+        let v = f32::from_le_bytes(c.try_into().unwrap());
+        if !v.is_finite() {
+            return Err(DecodeError::NonFinite(j));
+        }
+        s.scales.push(v);
+    }
+    let bits = &bytes[SIGN_HEADER + groups * 4..];
+    if n % 8 != 0 && bits[sign_bytes - 1] >> (n % 8) != 0 {
+        return Err(DecodeError::Padding);
+    }
+    s.negative.extend(bits.chunks(8).map(|c| {
+        let mut w = [0u8; 8];
+        w[..c.len()].copy_from_slice(c);
+        u64::from_le_bytes(w)
+    }));
+    Ok(())
 }

@@ -1,6 +1,6 @@
 //! The parameter server's decoder on the GPU (SPEC §7); shaders in `shaders/aggregate.wgsl`.
 
-use super::context::{Context, dev_err, floats, grid, prefix};
+use super::context::{Context, Inner, dev_err, floats, grid, prefix};
 use crate::contract::check_payload;
 use crate::{Aggregate, Average, Error, Layout, Mode, Payload, Result};
 
@@ -193,6 +193,26 @@ impl Aggregate for Aggregator {
 
 impl Aggregator {
     fn aggregate_on_device(&mut self, payloads: &[Payload]) -> Result<&::wgpu::Buffer> {
+        self.check_inputs(payloads)?;
+        let inner = self.ctx.inner.clone();
+        let params = self.stage(payloads);
+        self.ensure_buffers(&inner)?;
+        self.upload(&inner, params);
+        let mut enc = inner
+            .device
+            .create_command_encoder(&::wgpu::CommandEncoderDescriptor {
+                label: Some("aggregate"),
+            });
+        self.record(&inner, &mut enc, payloads);
+        inner.submit(enc).map_err(|e| match e {
+            Error::Device { reason, .. } => dev_err(format!("aggregation: {reason}")),
+            e => e,
+        })?;
+        Ok(&self.out)
+    }
+
+    /// One payload per worker, each checked (SPEC §7, §10) before anything is staged.
+    fn check_inputs(&self, payloads: &[Payload]) -> Result<()> {
         if payloads.len() != self.workers {
             return Err(Error::LengthMismatch {
                 what: "payloads (one per worker)",
@@ -204,12 +224,15 @@ impl Aggregator {
             check_payload(p, self.n, self.num_groups)
                 .map_err(|reason| Error::BadPayload { worker: k, reason })?;
         }
-        let inner = self.ctx.inner.clone();
-        // Concatenate all workers' data (host scratch keeps its capacity across calls).
+        Ok(())
+    }
+
+    /// Concatenates all workers' data into the host scratch (which keeps its capacity
+    /// across calls) and returns each worker's offsets into it.
+    fn stage(&mut self, payloads: &[Payload]) -> Vec<WorkerParams> {
         self.host_idx.clear();
         self.host_val.clear();
         self.host_signs.clear();
-        let align = inner.uniform_align();
         let mut params = std::mem::take(&mut self.host_params);
         params.clear();
         for p in payloads {
@@ -236,6 +259,12 @@ impl Aggregator {
             }
             params.push(w);
         }
+        params
+    }
+
+    /// Grows the payload buffers to the staged data (powers of two, so growth is rare) and
+    /// rebuilds the per-worker bind groups when a buffer changed.
+    fn ensure_buffers(&mut self, inner: &Inner) -> Result<()> {
         let grow = |cur: &Option<::wgpu::Buffer>,
                     need: usize,
                     what: &str|
@@ -266,31 +295,43 @@ impl Aggregator {
         if let Some(b) = new_signs {
             self.signs = Some(b);
         }
+        if !rebuild {
+            return Ok(());
+        }
         let (idx, val, signs) = (
             self.idx.as_ref().expect("grown above"),
             self.val.as_ref().expect("grown above"),
             self.signs.as_ref().expect("grown above"),
         );
-        if rebuild {
-            let layout = &inner.aggregate.layouts[0];
-            self.binds = (0..self.workers)
-                .map(|k| {
-                    let res = [
-                        prefix(&self.params, align * k as u64, 16),
-                        self.cfg.as_entire_binding(),
-                        idx.as_entire_binding(),
-                        val.as_entire_binding(),
-                        signs.as_entire_binding(),
-                        self.out.as_entire_binding(),
-                        self.counts.as_entire_binding(),
-                        self.inv.as_entire_binding(),
-                        self.starts.as_entire_binding(),
-                    ];
-                    inner.bind_group("aggregate", layout, res)
-                })
-                .collect();
-        }
+        let align = inner.uniform_align();
+        let layout = &inner.aggregate.layouts[0];
+        self.binds = (0..self.workers)
+            .map(|k| {
+                let res = [
+                    prefix(&self.params, align * k as u64, 16),
+                    self.cfg.as_entire_binding(),
+                    idx.as_entire_binding(),
+                    val.as_entire_binding(),
+                    signs.as_entire_binding(),
+                    self.out.as_entire_binding(),
+                    self.counts.as_entire_binding(),
+                    self.inv.as_entire_binding(),
+                    self.starts.as_entire_binding(),
+                ];
+                inner.bind_group("aggregate", layout, res)
+            })
+            .collect();
+        Ok(())
+    }
+
+    /// Writes the staged data and each worker's parameter slot.
+    fn upload(&mut self, inner: &Inner, params: Vec<WorkerParams>) {
         let q = &inner.queue;
+        let (idx, val, signs) = (
+            self.idx.as_ref().expect("grown by ensure_buffers"),
+            self.val.as_ref().expect("grown by ensure_buffers"),
+            self.signs.as_ref().expect("grown by ensure_buffers"),
+        );
         for (b, data) in [
             (idx, bytemuck::cast_slice::<u32, u8>(&self.host_idx)),
             (val, bytemuck::cast_slice(&self.host_val)),
@@ -300,56 +341,49 @@ impl Aggregator {
                 q.write_buffer(b, 0, data);
             }
         }
+        let align = inner.uniform_align();
         for (k, w) in params.iter().enumerate() {
             q.write_buffer(&self.params, align * k as u64, bytemuck::bytes_of(w));
         }
         self.host_params = params;
-        let mut enc = inner
-            .device
-            .create_command_encoder(&::wgpu::CommandEncoderDescriptor {
-                label: Some("aggregate"),
-            });
-        {
-            let m = &inner.aggregate;
-            let mut cp = enc.begin_compute_pass(&::wgpu::ComputePassDescriptor {
-                label: Some("aggregate"),
-                timestamp_writes: None,
-            });
-            let all = grid((self.n as u64).div_ceil(256));
-            cp.set_bind_group(0, &self.binds[0], &[]);
-            cp.set_pipeline(m.pipeline("clear"));
-            if all.0 > 0 {
-                cp.dispatch_workgroups(all.0, all.1, 1);
-            }
-            for (k, p) in payloads.iter().enumerate() {
-                cp.set_bind_group(0, &self.binds[k], &[]);
-                match p {
-                    Payload::Sparse(p) => {
-                        let g = grid((p.indices.len() as u64).div_ceil(256));
-                        if g.0 > 0 {
-                            cp.set_pipeline(m.pipeline("scatter"));
-                            cp.dispatch_workgroups(g.0, g.1, 1);
-                        }
+    }
+
+    /// Clear, one dispatch per worker in worker order (SPEC §7's summation order), finish.
+    fn record(&self, inner: &Inner, enc: &mut ::wgpu::CommandEncoder, payloads: &[Payload]) {
+        let m = &inner.aggregate;
+        let mut cp = enc.begin_compute_pass(&::wgpu::ComputePassDescriptor {
+            label: Some("aggregate"),
+            timestamp_writes: None,
+        });
+        let all = grid((self.n as u64).div_ceil(256));
+        cp.set_bind_group(0, &self.binds[0], &[]);
+        cp.set_pipeline(m.pipeline("clear"));
+        if all.0 > 0 {
+            cp.dispatch_workgroups(all.0, all.1, 1);
+        }
+        for (k, p) in payloads.iter().enumerate() {
+            cp.set_bind_group(0, &self.binds[k], &[]);
+            match p {
+                Payload::Sparse(p) => {
+                    let g = grid((p.indices.len() as u64).div_ceil(256));
+                    if g.0 > 0 {
+                        cp.set_pipeline(m.pipeline("scatter"));
+                        cp.dispatch_workgroups(g.0, g.1, 1);
                     }
-                    Payload::Sign(_) => {
-                        if all.0 > 0 {
-                            cp.set_pipeline(m.pipeline("add_sign"));
-                            cp.dispatch_workgroups(all.0, all.1, 1);
-                        }
+                }
+                Payload::Sign(_) => {
+                    if all.0 > 0 {
+                        cp.set_pipeline(m.pipeline("add_sign"));
+                        cp.dispatch_workgroups(all.0, all.1, 1);
                     }
                 }
             }
-            cp.set_bind_group(0, &self.binds[0], &[]);
-            cp.set_pipeline(m.pipeline("finish"));
-            if all.0 > 0 {
-                cp.dispatch_workgroups(all.0, all.1, 1);
-            }
         }
-        inner.submit(enc).map_err(|e| match e {
-            Error::Device { reason, .. } => dev_err(format!("aggregation: {reason}")),
-            e => e,
-        })?;
-        Ok(&self.out)
+        cp.set_bind_group(0, &self.binds[0], &[]);
+        cp.set_pipeline(m.pipeline("finish"));
+        if all.0 > 0 {
+            cp.dispatch_workgroups(all.0, all.1, 1);
+        }
     }
 }
 
