@@ -38,7 +38,7 @@ if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
 fi
 
 # OpenMPI and libclang, for the `mpi` feature (bindgen over mpi.h) and the multi-process
-# tests (tests/dist.rs: `mpirun -n 3` against the simulation). The `nccl` feature needs no
+# tests (cli/tests/dist.rs: `mpirun -n 3` against the simulation). The `nccl` feature needs no
 # install to build (NCCL is loaded at run time); its GPU test runs from scripts/gpu-stage.sh.
 features=wgpu,cuda,nccl
 have_mpi() {
@@ -57,7 +57,7 @@ if have_mpi; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
   if $in_ci; then export GRADSIFT_REQUIRE_MPI=1; fi
 else
-  note "MPI tests (tests/dist.rs, feature mpi): SKIPPED (no OpenMPI/libclang)"
+  note "MPI tests (cli/tests/dist.rs, feature mpi): SKIPPED (no OpenMPI/libclang)"
 fi
 
 # NVRTC from PyPI, so every CUDA kernel is at least compiled without a GPU or a CUDA install.
@@ -130,15 +130,16 @@ fi
 cargo_rc=0
 cargo test --features "$features" "$@" || cargo_rc=$?
 
-# Every feature combination builds without warnings and passes clippy: the bare library, each
-# backend alone, the default (the CLI with every backend), and the default plus nccl and mpi;
-# the docs build without warnings with no features and with all. In CI, or with GRADSIFT_LINT=1;
-# it overlaps the emulation, which runs in the background.
+# Every feature combination builds without warnings and passes clippy: the bare library and
+# each backend alone (`-p gradsift`, so that the CLI's features do not unify into it), the
+# workspace's default (the library and gradsift-cli, which has every backend), and that plus
+# nccl and mpi; the docs build without warnings for the bare library and for everything. In
+# CI, or with GRADSIFT_LINT=1; it overlaps the emulation, which runs in the background.
 lint_rc=0
 if [ "$cargo_rc" -eq 0 ] && { $in_ci || [ "${GRADSIFT_LINT:-}" = 1 ]; }; then
   if ! cargo fmt --check; then note "cargo fmt --check failed"; lint_rc=1; fi
-  for fs in "--no-default-features" "--no-default-features --features cuda" \
-    "--no-default-features --features wgpu" "" "--features ${features#wgpu,cuda,}"; do
+  for fs in "-p gradsift --no-default-features" "-p gradsift --no-default-features --features cuda" \
+    "-p gradsift --no-default-features --features wgpu" "" "--features ${features#wgpu,cuda,}"; do
     note "clippy ${fs:-(default features)} -D warnings"
     # shellcheck disable=SC2086
     if ! cargo clippy $fs --all-targets -- -D warnings; then
@@ -147,7 +148,7 @@ if [ "$cargo_rc" -eq 0 ] && { $in_ci || [ "${GRADSIFT_LINT:-}" = 1 ]; }; then
     fi
   done
   # Intra-doc links to feature-gated or private items break only some feature sets' docs.
-  for fs in "--no-default-features" "--features $features"; do
+  for fs in "-p gradsift --no-default-features" "--features $features"; do
     note "cargo doc $fs -D warnings"
     # shellcheck disable=SC2086
     if ! RUSTDOCFLAGS="-D warnings" cargo doc --no-deps $fs; then

@@ -2,8 +2,6 @@
 #![warn(missing_docs)]
 
 pub mod backend;
-#[cfg(feature = "cli")]
-pub mod cli;
 mod config;
 pub mod contract;
 pub mod cpu;
@@ -14,7 +12,6 @@ mod dtype;
 mod error;
 mod layout;
 #[cfg(feature = "npy")]
-#[path = "cli/npy.rs"]
 pub mod npy;
 #[doc = include_str!("../docs/SPEC.md")]
 pub mod spec {}

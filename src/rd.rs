@@ -261,7 +261,7 @@ pub fn heterogeneous_sum_rate(
 
 /// One layer of the multi-layer model (Corollary 1): its size and its two variances.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
-#[cfg_attr(feature = "cli", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct LayerModel {
     /// Number of coordinates `n_l`.
     pub n: usize,
@@ -332,7 +332,7 @@ fn distortion_at_slope(l: &LayerModel, k: f64, mu: f64) -> f64 {
 
 /// A distortion allocation across layers (Corollary 1, problem P1).
 #[derive(Debug, Clone, PartialEq)]
-#[cfg_attr(feature = "cli", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Allocation {
     /// `D_l`, per-coordinate distortion of each layer. 0 for layers that cost nothing
     /// (empty, or both variances 0).
@@ -633,7 +633,7 @@ pub fn total_cost(c: &Convergence, p: u64, k: usize, d: f64, v: VarianceEstimate
 
 /// Measured figures of one layer for one step of a real compressor.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
-#[cfg_attr(feature = "cli", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct LayerMeasurement {
     /// Coordinates `n_l`.
     pub n: usize,
@@ -670,7 +670,7 @@ pub struct LayerMeasurement {
 /// [`StepMeasurement::sent_per_coordinate`] included (only `bits`, the payload headers, is
 /// non-zero).
 #[derive(Debug, Clone, PartialEq, Default)]
-#[cfg_attr(feature = "cli", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct StepMeasurement {
     /// The training step `t`.
     pub step: u64,

@@ -22,7 +22,7 @@ fn report_gpu_backends_in_this_build() {
         );
     }
     if cfg!(feature = "mpi") {
-        println!("mpi: built; tests/dist.rs runs `mpirun -n 3` against the simulation");
+        println!("mpi: built; cli/tests/dist.rs runs `mpirun -n 3` against the simulation");
     } else {
         println!(
             "SKIPPED: MPI tests (build with --features mpi, as scripts/test.sh does when OpenMPI and libclang are installed)"

@@ -1,6 +1,6 @@
 //! The one place the CLI opens a backend: `--backend cpu|cuda|wgpu|auto` for every command.
 
-use crate::{Backend, Device};
+use gradsift::{Backend, Device};
 
 /// Opens `backend` and returns it with what the user should be told: each backend that
 /// `auto` passed over and why, and where the gradients come from (the embedded models run
@@ -8,8 +8,8 @@ use crate::{Backend, Device};
 /// per step).
 ///
 /// # Errors
-/// [`crate::Error::BackendUnavailable`] when an explicitly named backend cannot run here.
-pub fn open(backend: Backend) -> crate::Result<(Device, Vec<String>)> {
+/// [`gradsift::Error::BackendUnavailable`] when an explicitly named backend cannot run here.
+pub fn open(backend: Backend) -> gradsift::Result<(Device, Vec<String>)> {
     let device = Device::open(backend)?;
     let mut notes: Vec<String> = device
         .skipped()

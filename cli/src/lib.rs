@@ -1,21 +1,21 @@
-//! The command-line face of the crate (feature `cli`, on by default): `gradsift train`,
-//! `gradsift analyze`, `gradsift reproduce` and `gradsift demo`. Library-level so that tests (and other tools) can call the commands
-//! without spawning the binary; `src/main.rs` only dispatches.
+//! `gradsift-cli`: the research application around the `gradsift` library (`gradsift train`,
+//! `gradsift analyze`, `gradsift reproduce`, `gradsift demo`), a crate of its own so that
+//! the library's dependents get none of its dependencies (clap, candle, plotters, serde).
+//! A library as well as a binary so that tests (and other tools) can call the commands
+//! without spawning the process; `src/main.rs` only dispatches.
 
-pub mod adaptive;
 pub mod analyze;
 pub mod backend;
-mod claims;
 pub mod demo;
 pub mod error;
 pub mod mnist;
 pub mod model;
-pub use crate::npy;
+pub use gradsift::npy;
 pub mod plot;
 pub mod report;
 pub mod reproduce;
-pub mod setups;
-pub mod theory;
+// The experiments `reproduce` runs, each a section of its report (cli/src/reproduce/).
+pub use reproduce::{adaptive, setups, theory};
 pub mod train;
 
 /// SplitMix64 with Box-Muller normals: deterministic on every platform and across crate

@@ -63,14 +63,17 @@ pub enum LoadError {
 }
 
 impl LoadError {
-    pub(crate) fn file(file: &Path, message: impl Into<String>) -> Self {
+    /// A [`LoadError::File`]: what is wrong with `file` as a whole (the callers that check
+    /// the arrays across files, such as `gradsift analyze`, report with it too).
+    pub fn file(file: &Path, message: impl Into<String>) -> Self {
         LoadError::File {
             file: file.to_path_buf(),
             message: message.into(),
         }
     }
 
-    pub(crate) fn array(file: &Path, array: &str, message: impl Into<String>) -> Self {
+    /// A [`LoadError::Array`]: what is wrong with the array `array` of `file`.
+    pub fn array(file: &Path, array: &str, message: impl Into<String>) -> Self {
         LoadError::Array {
             file: file.to_path_buf(),
             array: array.to_string(),

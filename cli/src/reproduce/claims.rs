@@ -2,9 +2,9 @@
 //! report tests, with its verdict (reproduced, not reproduced, or not decidable here) and
 //! the section that holds the evidence, computed from the same [`Summary`] as the sections.
 
-use super::reproduce::{RhoPoint, Summary, mean_sd};
 use super::theory::{Model, Scheme};
-use super::train::TrainReport;
+use super::{RhoPoint, Summary, mean_sd};
+use crate::train::TrainReport;
 use std::fmt::Write as _;
 
 /// The ordering "rTop-k at least as accurate as top-k" on two sets of seeds' accuracies
@@ -120,11 +120,11 @@ fn fig8_verdict(points: &[RhoPoint]) -> String {
 }
 
 /// Mean of `f` over the first and the last tenth of `steps` (at least one step each).
-fn early_late(r: &TrainReport, f: fn(&crate::rd::StepMeasurement) -> f64) -> (f64, f64) {
+fn early_late(r: &TrainReport, f: fn(&gradsift::rd::StepMeasurement) -> f64) -> (f64, f64) {
     let n = r.steps.len();
     let tenth = (n / 10).max(1).min(n);
     let mean =
-        |s: &[crate::rd::StepMeasurement]| s.iter().map(f).sum::<f64>() / s.len().max(1) as f64;
+        |s: &[gradsift::rd::StepMeasurement]| s.iter().map(f).sum::<f64>() / s.len().max(1) as f64;
     (mean(&r.steps[..tenth]), mean(&r.steps[n - tenth..]))
 }
 

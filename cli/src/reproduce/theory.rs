@@ -31,13 +31,12 @@
 //! Everything is seeded (the crate's `SplitMix` for the samples, SPEC §3 keys for random-k):
 //! a sweep is a deterministic function of its [`TheoryConfig`].
 
-use super::SplitMix;
-use crate::cpu::{self, Average};
-use crate::{Aggregate, Compress, Config, Count, Layout, Method, Mode, Payload, Result, Scale};
+use crate::SplitMix;
+use gradsift::cpu::{self, Average};
+use gradsift::{Aggregate, Compress, Config, Count, Layout, Method, Mode, Payload, Result, Scale};
 
 /// The sample model of one sweep.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "cli", derive(serde::Serialize))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Model {
     /// `X_i ~ prod_j Bern(theta_j)` (eq. 2).
     Bernoulli,
@@ -46,8 +45,7 @@ pub enum Model {
 }
 
 /// One scheme of the comparison (see the module documentation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "cli", derive(serde::Serialize))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Scheme {
     /// rTop-k with `r = 2s`, values scaled by `r/k`.
     RTopK,
@@ -78,8 +76,7 @@ impl Scheme {
 }
 
 /// The sizes of a sweep.
-#[derive(Debug, Clone, PartialEq)]
-#[cfg_attr(feature = "cli", derive(serde::Serialize))]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TheoryConfig {
     /// Dimension `d`.
     pub d: usize,
@@ -163,7 +160,7 @@ impl TheoryConfig {
         if ok {
             Ok(())
         } else {
-            Err(crate::Error::InvalidConfig(format!(
+            Err(gradsift::Error::InvalidConfig(format!(
                 "theory sweep needs 1 <= s, 2s <= d, trials >= 2, n >= 1 and 1 <= k <= 2s: {self:?}"
             )))
         }
@@ -171,8 +168,7 @@ impl TheoryConfig {
 }
 
 /// The measured error of one scheme at one `(n, k)`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-#[cfg_attr(feature = "cli", derive(serde::Serialize))]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Point {
     /// Nodes `n`.
     pub n: usize,
@@ -188,8 +184,7 @@ pub struct Point {
 }
 
 /// Least-squares line `ln y = a + b ln x`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-#[cfg_attr(feature = "cli", derive(serde::Serialize))]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Fit {
     /// Slope `b` on log-log axes.
     pub slope: f64,
@@ -224,8 +219,7 @@ pub fn fit_loglog(points: &[(f64, f64)]) -> Fit {
 }
 
 /// One scheme's two sweeps under one model.
-#[derive(Debug, Clone, PartialEq)]
-#[cfg_attr(feature = "cli", derive(serde::Serialize))]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Curve {
     /// The model.
     pub model: Model,
@@ -249,8 +243,7 @@ pub struct Curve {
 }
 
 /// The whole simulation.
-#[derive(Debug, Clone, PartialEq)]
-#[cfg_attr(feature = "cli", derive(serde::Serialize))]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Sweep {
     /// The sizes.
     pub config: TheoryConfig,
@@ -414,13 +407,13 @@ fn model_tag(model: Model) -> u64 {
 ///
 /// # Errors
 ///
-/// [`crate::Error::InvalidConfig`] when the sizes are out of range (`s = 0`, `2s > d`,
+/// [`gradsift::Error::InvalidConfig`] when the sizes are out of range (`s = 0`, `2s > d`,
 /// fewer than two trials, `n = 0`, a `k` outside `1..=2s`); any compressor error.
 ///
 /// # Examples
 ///
 /// ```
-/// use gradsift::cli::theory::{Model, Scheme, TheoryConfig, simulate};
+/// use gradsift_cli::theory::{Model, Scheme, TheoryConfig, simulate};
 /// let cfg = TheoryConfig { trials: 4, ..TheoryConfig::quick() };
 /// let sweep = simulate(&cfg)?;
 /// let rtopk = sweep.curve(Model::Bernoulli, Scheme::RTopK).unwrap();
@@ -615,8 +608,8 @@ pub(crate) fn report_section(sw: &Sweep, plot: &str, seconds: f64) -> String {
 /// Draws the MSE of the Bernoulli model's schemes against `k` (left) and `n` (right), on
 /// log-log axes, with Theorem 1's form at the fitted rTop-k constant, Theorem 2's form at the
 /// largest constant the data allow, and the Cramer-Rao bound.
-pub(crate) fn draw(path: &std::path::Path, sw: &Sweep) -> super::error::Result<()> {
-    use super::reproduce::{Series, canvas, chart, out_err, style};
+pub(crate) fn draw(path: &std::path::Path, sw: &Sweep) -> crate::error::Result<()> {
+    use super::{Series, canvas, chart, out_err, style};
     use plotters::prelude::*;
     let c = &sw.config;
     let root = canvas(path, (1100, 480))?;

@@ -6,16 +6,23 @@
 //! - the rate-distortion paper's Fig. 6 (`sigma_X^2(t)`, `sigma_N^2(t)` on ideal gradients),
 //!   Fig. 7 (scaled sign's bits against `R_in(D)` and `R_sum(D)` at the same `D`) and Fig. 8
 //!   (steps to a target loss and mean sum rate against `rho`, with injected Gaussian noise);
-//! - the rTop-k paper's Theorems 1 and 2 on their own model ([`super::theory`]), the adaptive
-//!   per-layer allocation ([`super::adaptive`]), and the ordering claim under the paper's
+//! - the rTop-k paper's Theorems 1 and 2 on their own model ([`theory`]), the adaptive
+//!   per-layer allocation ([`adaptive`]), and the ordering claim under the paper's
 //!   set-ups with Fig. 7 and 8 in the rate-distortion paper's configuration
-//!   ([`super::setups`]).
+//!   ([`setups`]).
 //!
 //! Every run goes through [`train`]; nothing here has a training loop of its own.
 
-use super::plot::{PALETTE, register_font};
-use super::train::{Mnist, TrainConfig, TrainError, TrainMethod, TrainReport, train};
-use crate::rd;
+// The experiments beyond the seed papers' figures: each computes one section of the report
+// from the helpers and the `Summary` of this module.
+pub mod adaptive;
+mod claims;
+pub mod setups;
+pub mod theory;
+
+use crate::plot::{PALETTE, register_font};
+use crate::train::{Mnist, TrainConfig, TrainError, TrainMethod, TrainReport, train};
+use gradsift::rd;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::fmt::Write as _;
@@ -45,8 +52,8 @@ pub struct ReproduceArgs {
     pub quick: bool,
     /// Backend of every run's compressors, aggregation and variance estimates: cpu, cuda,
     /// wgpu or auto (CUDA, then wgpu, then the CPU).
-    #[arg(long, default_value_t = crate::Backend::Cpu)]
-    pub backend: crate::Backend,
+    #[arg(long, default_value_t = gradsift::Backend::Cpu)]
+    pub backend: gradsift::Backend,
 }
 
 /// Most seeds per configuration (`--seeds`).
@@ -139,13 +146,13 @@ pub fn base_config(args: &ReproduceArgs, given: Given) -> (usize, TrainConfig, V
 }
 
 /// Checks `--seeds` and `--epochs` against their documented ranges (1..=[`MAX_SEEDS`],
-/// 1..=[`super::train::MAX_EPOCHS`]).
+/// 1..=[`crate::train::MAX_EPOCHS`]).
 ///
 /// # Errors
 ///
 /// [`ReproduceError::Usage`] naming the option out of range.
 pub fn validate(args: &ReproduceArgs) -> Result<()> {
-    use super::train::MAX_EPOCHS;
+    use crate::train::MAX_EPOCHS;
     if !(1..=MAX_SEEDS).contains(&args.seeds) {
         return Err(ReproduceError::Usage(format!(
             "--seeds must lie in [1, {MAX_SEEDS}], got {}",
@@ -162,8 +169,8 @@ pub fn validate(args: &ReproduceArgs) -> Result<()> {
 }
 
 /// The error of `gradsift reproduce`: the CLI's one error type.
-pub use super::error::CliError as ReproduceError;
-use super::error::Result;
+pub use crate::error::CliError as ReproduceError;
+use crate::error::Result;
 
 /// The PNGs the report links, in the order they appear.
 pub const PLOTS: [&str; 6] = [
@@ -252,12 +259,12 @@ pub struct Summary {
     /// Fig. 8's points, by increasing `rho`.
     pub rho: Vec<RhoPoint>,
     /// The rTop-k paper's Theorems 1 and 2 simulated on their own model (section 5).
-    pub theory: super::theory::Sweep,
+    pub theory: theory::Sweep,
     /// The adaptive per-layer allocation against uniform and global sparsifiers (section 6).
-    pub adaptive: Vec<super::adaptive::AdaptiveRow>,
+    pub adaptive: Vec<adaptive::AdaptiveRow>,
     /// The ordering claim under the paper's set-ups, and Fig. 7's gap in its paper's
     /// configuration (section 7).
-    pub setups: super::setups::Setups,
+    pub setups: setups::Setups,
     /// Wall-clock seconds of the whole reproduction.
     pub seconds: f64,
     /// Wall-clock seconds of sections 1-4 together, then of sections 5, 6 and 7.
@@ -403,12 +410,12 @@ pub fn reproduce_given(
     // The rTop-k paper's Theorems 1 and 2 on the sparse Bernoulli model.
     let theory_start = Instant::now();
     let theory_cfg = if args.quick {
-        super::theory::TheoryConfig::quick()
+        theory::TheoryConfig::quick()
     } else {
-        super::theory::TheoryConfig::full()
+        theory::TheoryConfig::full()
     };
-    let theory = super::theory::simulate(&theory_cfg)?;
-    super::theory::draw(&out.join(PLOTS[4]), &theory)?;
+    let theory = theory::simulate(&theory_cfg)?;
+    theory::draw(&out.join(PLOTS[4]), &theory)?;
     let theory_seconds = theory_start.elapsed().as_secs_f64();
     log(&format!(
         "Theorems 1-2 on the sparse Bernoulli model: {theory_seconds:.1} s"
@@ -416,7 +423,7 @@ pub fn reproduce_given(
 
     // Adaptive per-layer k (P1) against uniform per-layer and global rTop-k / top-k.
     let adaptive_start = Instant::now();
-    let adaptive = super::adaptive::compare(&base, ADAPTIVE_RATIO, seeds, run, &mut log)?;
+    let adaptive = adaptive::compare(&base, ADAPTIVE_RATIO, seeds, run, &mut log)?;
     let adaptive_seconds = adaptive_start.elapsed().as_secs_f64();
 
     // The ordering claim under the paper's set-ups, and Fig. 7 in its paper's configuration.
@@ -426,7 +433,7 @@ pub fn reproduce_given(
     } else {
         (PAPER_EPOCHS, &PAPER_RHOS)
     };
-    let setups = super::setups::compare(
+    let setups = setups::compare(
         &base,
         SETUPS_RATIO,
         ADAPTIVE_RATIO,
@@ -469,14 +476,14 @@ pub fn reproduce_given(
     let runtime = md.find("## Runtime and settings").unwrap_or(md.len());
     md.insert_str(
         runtime,
-        &(super::theory::report_section(&summary.theory, PLOTS[4], theory_seconds)
-            + &super::adaptive::report_section(
+        &(theory::report_section(&summary.theory, PLOTS[4], theory_seconds)
+            + &adaptive::report_section(
                 &summary.adaptive,
                 &base,
                 ADAPTIVE_RATIO,
                 adaptive_seconds,
             )
-            + &super::setups::report_section(
+            + &setups::report_section(
                 &summary.setups,
                 SETUPS_RATIO,
                 setups_seconds,
@@ -487,7 +494,7 @@ pub fn reproduce_given(
     );
     // The claims at a glance go first, after the opening paragraphs.
     let first = md.find("\n## ").map_or(md.len(), |i| i + 1);
-    md.insert_str(first, &super::claims::section(&summary, &ideal));
+    md.insert_str(first, &claims::section(&summary, &ideal));
     let path = out.join("report.md");
     std::fs::write(&path, md).map_err(|e| ReproduceError::Output {
         path,
@@ -1130,7 +1137,7 @@ fn report(
         w,
         "Made from {}. What is the same bits on every machine: for the same gradients, the \
          selected indices, the payloads and the server's aggregate (SPEC §11), and so this \
-         report on this machine, run after run (`tests/reproduce.rs` checks it). What is not: \
+         report on this machine, run after run (`cli/tests/reproduce.rs` checks it). What is not: \
          the training itself runs through candle's CPU matrix kernels, whose rounding can \
          differ between CPUs, so another machine's accuracies can differ: from the same \
          training code, section 1's baseline averaged 94.68% on an AMD EPYC machine and \
@@ -1505,7 +1512,7 @@ mod tests {
             seeds,
             epochs,
             quick,
-            backend: crate::Backend::Cpu,
+            backend: gradsift::Backend::Cpu,
         }
     }
 

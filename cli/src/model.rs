@@ -4,12 +4,11 @@
 use super::SplitMix;
 use super::error::Result;
 use super::mnist::{Mnist, PIXELS};
-use crate::Layout;
 use candle_core::{D, Tensor, Var};
+use gradsift::Layout;
 
 /// The network of a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Arch {
     /// Fully connected `784 -> hidden... -> 10` with ReLU.
     #[default]

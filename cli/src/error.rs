@@ -18,7 +18,7 @@ pub enum CliError {
     Load(#[from] LoadError),
     /// A gradsift operation failed.
     #[error("{0}")]
-    Gradsift(#[from] crate::Error),
+    Gradsift(#[from] gradsift::Error),
     /// A compressor or bound failed on one method's step of an analysis.
     #[error("method {method}, step {step}: {source}")]
     Compute {
@@ -27,7 +27,7 @@ pub enum CliError {
         /// The step.
         step: u64,
         /// What the library said.
-        source: crate::Error,
+        source: gradsift::Error,
     },
     /// candle (the model and autograd) failed.
     #[error("model: {0}")]

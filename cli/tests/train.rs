@@ -1,11 +1,9 @@
 //! `gradsift train`: the embedded data, the simulated cluster on a tiny configuration, and
 //! determinism.
 
-#![cfg(feature = "cli")]
-
 use gradsift::Backend;
-use gradsift::cli::train::{Mnist, PIXELS, TrainConfig, TrainMethod, train};
 use gradsift::dist::reduce::Reduce;
+use gradsift_cli::train::{Mnist, PIXELS, TrainConfig, TrainMethod, train};
 use std::io::Write;
 
 fn tiny(method: TrainMethod) -> TrainConfig {
@@ -203,7 +201,7 @@ fn train_on(
     cfg: &TrainConfig,
     tr: &Mnist,
     te: &Mnist,
-) -> Option<gradsift::cli::train::TrainReport> {
+) -> Option<gradsift_cli::train::TrainReport> {
     let cfg = TrainConfig {
         backend,
         ..cfg.clone()
@@ -310,11 +308,11 @@ fn gpu_backends_train_closely_with_momentum() {
 }
 
 /// Parses `gradsift train` options the way the binary does.
-fn train_args(opts: &[&str]) -> gradsift::cli::train::TrainArgs {
+fn train_args(opts: &[&str]) -> gradsift_cli::train::TrainArgs {
     #[derive(clap::Parser)]
     struct Wrapper {
         #[command(flatten)]
-        args: gradsift::cli::train::TrainArgs,
+        args: gradsift_cli::train::TrainArgs,
     }
     let argv = std::iter::once("gradsift").chain(opts.iter().copied());
     <Wrapper as clap::Parser>::try_parse_from(argv)
@@ -328,7 +326,7 @@ fn train_args(opts: &[&str]) -> gradsift::cli::train::TrainArgs {
 /// --warmup-epochs 1000000.
 #[test]
 fn out_of_range_options_are_usage_errors_not_panics() {
-    use gradsift::cli::error::CliError;
+    use gradsift_cli::error::CliError;
     for (opts, option) in [
         (&["--epochs", "18446744073709551615"][..], "--epochs"),
         (&["--epochs", "1000000000"], "--epochs"),
@@ -356,7 +354,7 @@ fn out_of_range_options_are_usage_errors_not_panics() {
         // 8000 images / 5 workers / batch 32 = 50 batches per epoch: no round of 60.
         (&["--local-steps", "60"], "--local-steps"),
     ] {
-        match gradsift::cli::train::run(&train_args(opts)) {
+        match gradsift_cli::train::run(&train_args(opts)) {
             Err(CliError::Usage(m)) => assert!(m.contains(option), "{opts:?}: {m}"),
             Err(e) => panic!("{opts:?}: {e}"),
             Ok(()) => panic!("{opts:?} accepted"),
@@ -385,7 +383,7 @@ fn out_of_range_options_are_usage_errors_not_panics() {
             Err(CliError::Usage(_))
         ));
         assert!(matches!(
-            gradsift::cli::train::worker_gradients_at(&cfg, &tr, &[0]),
+            gradsift_cli::train::worker_gradients_at(&cfg, &tr, &[0]),
             Err(CliError::Usage(_))
         ));
     }
@@ -467,7 +465,7 @@ fn paper_setups_change_what_they_should() {
 /// The small CNN trains through the same loop (compressed, per layer) and learns.
 #[test]
 fn cnn_trains_compressed() {
-    use gradsift::cli::train::Arch;
+    use gradsift_cli::train::Arch;
     let data = Mnist::embedded().unwrap();
     let (tr, te) = data.split(500);
     let cfg = TrainConfig {

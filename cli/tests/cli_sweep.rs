@@ -13,9 +13,8 @@
 //! `mpirun` cases need the `mpi` feature and `mpirun` on PATH and say SKIPPED otherwise,
 //! unless GRADSIFT_REQUIRE_MPI=1 (CI).
 
-#![cfg(feature = "cli")]
-
 use std::io::Read;
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -58,7 +57,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/good")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/good")
 }
 
 /// The K = 3 files of step 0 of the fixture: one step of `analyze`.
@@ -306,7 +305,8 @@ fn every_subcommand_at_its_smallest_legal_values() {
 /// argument lists (`mpirun` lines prefixed with "mpirun -n N").
 fn readme_command_lines() -> Vec<String> {
     let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
     let mut lines = Vec::new();
     let mut prose = String::new();
     let mut fence: Option<String> = None;

@@ -7,11 +7,11 @@
 
 use super::adaptive::{AdaptiveRow, seeds_row};
 use super::claims::{Threshold, threshold};
-use super::error::Result;
-use super::model::Arch;
-use super::reproduce::{RhoPoint, TARGET_LOSS, mean_sd, rho_sweep, rho_table};
-use super::train::{TrainConfig, TrainMethod, TrainReport};
-use crate::Average;
+use super::{RhoPoint, TARGET_LOSS, mean_sd, rho_sweep, rho_table};
+use crate::error::Result;
+use crate::model::Arch;
+use crate::train::{TrainConfig, TrainMethod, TrainReport};
+use gradsift::Average;
 use std::fmt::Write as _;
 
 /// Learning rates of the grid (the default run uses 0.05).
@@ -105,7 +105,7 @@ fn best_lr(grid: &[(f64, AdaptiveRow)], label: &str) -> f64 {
 }
 
 fn sign_gap(setup: &str, r: &TrainReport) -> SignGap {
-    let f = super::reproduce::fig7_series(r);
+    let f = super::fig7_series(r);
     let mean = |v: &[(f64, f64)]| v.iter().map(|p| p.1).sum::<f64>() / v.len().max(1) as f64;
     let tenth = |v: &[(f64, f64)]| mean(&v[..(v.len() / 10).max(1).min(v.len())]);
     let early_in = tenth(&f.r_in_model);

@@ -1,19 +1,18 @@
 //! `gradsift analyze` end to end on the NumPy fixtures of tests/data (made by
 //! scripts/make_npz_fixture.py), its messages for bad files, and the built-in MNIST default.
-#![cfg(feature = "cli")]
 
-use gradsift::cli::analyze::{
+use gradsift::{Average, Backend};
+use gradsift_cli::analyze::{
     AnalyzeArgs, EMBEDDED_PLOT, EMBEDDED_STEPS, analyze, analyze_steps, discover,
     embedded_default_at, methods, parse_file_name, plot_path, render_table, write_json,
 };
-use gradsift::cli::plot;
-use gradsift::{Average, Backend};
+use gradsift_cli::plot;
 use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
 
 fn data(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
+        .join("../tests/data")
         .join(p)
 }
 
@@ -250,7 +249,7 @@ fn file_discovery_rules() {
 
 /// Opens `backend` the way the CLI does; `None` (with a SKIPPED line) when it cannot run on
 /// this machine, unless CI requires it (GRADSIFT_REQUIRE_WGPU / GRADSIFT_REQUIRE_CUDA).
-fn run_on(backend: Backend, base: &AnalyzeArgs) -> Option<gradsift::cli::analyze::Report> {
+fn run_on(backend: Backend, base: &AnalyzeArgs) -> Option<gradsift_cli::analyze::Report> {
     let mut a = base.clone();
     a.backend = backend;
     match analyze(&a) {
@@ -549,7 +548,7 @@ fn empty_gradients_report_zeros_consistently() {
 /// Every numeric option of analyze has a documented range; outside it, a usage error.
 #[test]
 fn analyze_options_out_of_range_are_usage_errors() {
-    use gradsift::cli::error::CliError;
+    use gradsift_cli::error::CliError;
     let base = args(&["good"]);
     let cases = [
         AnalyzeArgs {
@@ -593,8 +592,8 @@ fn analyze_options_out_of_range_are_usage_errors() {
 /// up-front usage error when even one method cannot fit.
 #[test]
 fn memory_plan_groups_methods_and_refuses_what_cannot_fit() {
-    use gradsift::cli::analyze::{memory_estimate, memory_plan};
-    use gradsift::cli::error::CliError;
+    use gradsift_cli::analyze::{memory_estimate, memory_plan};
+    use gradsift_cli::error::CliError;
     // Small: everything together.
     let p = memory_plan(1000, 3, 10, None, None).unwrap();
     assert_eq!(p.group, 10);

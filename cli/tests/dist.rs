@@ -5,8 +5,9 @@
 //! scripts/test.sh installs it): without `mpirun` each test says SKIPPED, or fails when
 //! GRADSIFT_REQUIRE_MPI=1 (CI).
 
-#![cfg(all(feature = "cli", feature = "mpi"))]
+#![cfg(feature = "mpi")]
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -2,8 +2,8 @@
 //! Its own module so that the analysis and the plot both depend on it rather than on each
 //! other.
 
-use crate::Average;
-use crate::rd::StepMeasurement;
+use gradsift::Average;
+use gradsift::rd::StepMeasurement;
 use serde::Serialize;
 
 /// Server averaging rule (SPEC §7), as `--average` of `analyze` and `train` spells it.

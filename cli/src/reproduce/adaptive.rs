@@ -2,8 +2,8 @@
 //! ([`TrainMethod::Adaptive`]) with uniform per-layer and global rTop-k and top-k at the same
 //! wire budget.
 
-use super::error::Result;
-use super::train::{TrainConfig, TrainError, TrainMethod, TrainReport};
+use crate::error::Result;
+use crate::train::{TrainConfig, TrainError, TrainMethod, TrainReport};
 use std::fmt::Write as _;
 
 /// One scheme of the comparison, over its seeds.
@@ -154,7 +154,7 @@ pub(crate) fn report_section(
          seeds, model and warm-up as Section 1.\n",
         100.0 * ratio,
         base.adapt_every,
-        super::train::ADAPT_EMA,
+        crate::train::ADAPT_EMA,
         base.r_over_k
     );
     let _ = writeln!(
@@ -163,7 +163,7 @@ pub(crate) fn report_section(
     );
     let _ = writeln!(w, "|---|---|---|---|---|---|");
     for r in rows {
-        let (m, sd) = super::reproduce::mean_sd(&r.accuracies);
+        let (m, sd) = super::mean_sd(&r.accuracies);
         let _ = writeln!(
             w,
             "| {} | {:.2} ± {:.2} | {} | {:.0} | {:.3e} | {:.4} |",
@@ -184,8 +184,8 @@ pub(crate) fn report_section(
         };
         for other in [format!("per-layer {base}"), format!("global {base}")] {
             let Some(o) = find(&other) else { continue };
-            let (ma, sa) = super::reproduce::mean_sd(&a.accuracies);
-            let (mo, so) = super::reproduce::mean_sd(&o.accuracies);
+            let (ma, sa) = super::mean_sd(&a.accuracies);
+            let (mo, so) = super::mean_sd(&o.accuracies);
             lines.push(format!(
                 "adaptive {base} against {}: {:+.2} accuracy points ({}), D_c x{:.2}, R_sum/bits x{:.2}",
                 o.label,

@@ -1,7 +1,7 @@
 //! `gradsift demo`: compresses a realistic multi-layer gradient of K workers with every
 //! method and prints bits, distortion and time (the default command of the binary).
 
-use crate::{
+use gradsift::{
     Aggregate, Backend, Compress, Config, DType, Layout, Mode, Payload, Scale, Statistics,
     VarianceEstimate, wire,
 };
@@ -69,7 +69,7 @@ pub struct DemoArgs {
 }
 
 /// Runs the demo and prints its table.
-pub fn run(args: &DemoArgs) -> crate::Result<()> {
+pub fn run(args: &DemoArgs) -> gradsift::Result<()> {
     let (device, notes) = super::backend::open(args.backend)?;
     for note in notes {
         eprintln!("gradsift demo: {note}");
@@ -167,8 +167,12 @@ pub fn run(args: &DemoArgs) -> crate::Result<()> {
             payloads.push(wire::decode(&bytes)?);
         }
         let dt = step_time * 1e3 / workers as f64;
-        let mut agg =
-            device.aggregator(&layout, config.mode, crate::Average::OverWorkers, workers)?;
+        let mut agg = device.aggregator(
+            &layout,
+            config.mode,
+            gradsift::Average::OverWorkers,
+            workers,
+        )?;
         agg.aggregate(&payloads, &mut agg_out)?;
         let err: f64 = agg_out
             .iter()

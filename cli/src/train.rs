@@ -6,7 +6,7 @@
 //! parameter tensor) with error feedback, DGC momentum correction and DGC's exponential
 //! sparsity warm-up; the payloads travel through the wire format; the server averages them
 //! (SPEC §7) and applies the update. Every step also estimates `sigma_X^2` and `sigma_N^2`
-//! and the rate-distortion efficiency of what was sent ([`crate::rd::measure_step`]).
+//! and the rate-distortion efficiency of what was sent ([`gradsift::rd::measure_step`]).
 
 use super::SplitMix;
 /// The error of `gradsift train`: the CLI's one error type.
@@ -16,18 +16,17 @@ use super::mnist::shuffle;
 pub use super::mnist::{Mnist, PIXELS};
 pub use super::model::{Arch, Model};
 pub use super::report::AverageArg;
-use crate::dist::reduce::{self, Reduce, SharedScratch, SparseAllReduce, Traffic};
-use crate::dist::{self, InProcess, Transport};
-use crate::rd::{self, StepMeasurement};
-use crate::{
+use gradsift::dist::reduce::{self, Reduce, SharedScratch, SparseAllReduce, Traffic};
+use gradsift::dist::{self, InProcess, Transport};
+use gradsift::rd::{self, StepMeasurement};
+use gradsift::{
     Aggregate, Aggregator, Average, Backend, Compress, Compressor, Config, Count, Device, Layout,
     Mode, Payload, Scale, SparsePayload, Statistics, VarianceEstimate, VarianceTracker, wire,
 };
 use std::fmt;
 
 /// The compressor a run uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TrainMethod {
     /// rTop-k (r = `r_over_k * k`).
     Rtopk,
@@ -324,8 +323,7 @@ DEFAULTS that follow other options: --warmup-epochs 2, or --epochs when that is 
 the run's header; only a value given on the command line that cannot hold is an error.";
 
 /// What one epoch achieved.
-#[derive(Debug, Clone, PartialEq, Default)]
-#[cfg_attr(feature = "cli", derive(serde::Serialize))]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
 pub struct EpochReport {
     /// Epoch, from 1.
     pub epoch: usize,
@@ -580,7 +578,7 @@ pub fn train_with(
                             .map(|w| {
                                 device.compressor(&layout, &c.clone().with_worker(key_of(cfg, w)))
                             })
-                            .collect::<crate::Result<_>>()?;
+                            .collect::<gradsift::Result<_>>()?;
                         aggregator = Some(device.aggregator(&layout, c.mode, cfg.average, k)?);
                     } else if plan_config.as_ref() != Some(c) {
                         for (w, plan) in local.clone().zip(plans.iter_mut()) {
@@ -601,7 +599,7 @@ pub fn train_with(
                             gather(transport, &local_bytes, &mut gathered)?;
                             exchange.traffic.all_gather(local.clone(), &gathered);
                             for (b, p) in gathered.iter().zip(payloads.iter_mut()) {
-                                wire::decode_into(b, p).map_err(crate::Error::from)?;
+                                wire::decode_into(b, p).map_err(gradsift::Error::from)?;
                             }
                             let agg = aggregator.as_mut().expect("built with the plans");
                             agg.aggregate(&payloads, &mut update)?;
@@ -901,7 +899,7 @@ impl Exchange {
                     .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
             };
             let (Some(s), Some(r)) = (word(0), word(8)) else {
-                return Err(crate::Error::Transport {
+                return Err(gradsift::Error::Transport {
                     transport: transport.name(),
                     reason: format!("traffic counters of {} bytes, expected 16", b.len()),
                 }
@@ -927,7 +925,7 @@ fn noisy_baseline_step(
     t: u64,
     k: usize,
     layout: &Layout,
-    variances: &[crate::VarianceEstimate],
+    variances: &[gradsift::VarianceEstimate],
     rho: f64,
 ) -> StepMeasurement {
     let kf = k as f64;
@@ -1185,7 +1183,7 @@ pub struct TrainArgs {
 }
 
 fn parse_reduce(s: &str) -> std::result::Result<Reduce, String> {
-    s.parse().map_err(|e: crate::Error| e.to_string())
+    s.parse().map_err(|e: gradsift::Error| e.to_string())
 }
 
 /// Where `gradsift train`'s workers run.
@@ -1248,7 +1246,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     }
     match run_on(args, transport.as_mut()) {
         Ok(()) => Ok(()),
-        Err(e @ TrainError::Gradsift(crate::Error::Transport { .. }))
+        Err(e @ TrainError::Gradsift(gradsift::Error::Transport { .. }))
             if args.dist != Dist::None =>
         {
             // A collective error (a set-up mismatch): every rank has it and says so, then all
@@ -1314,7 +1312,7 @@ fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
     dist::check_setup(transport, &format!("methods {methods:?} | {fingerprint}"))?;
     if transport.workers() != base.workers {
         // The same on every rank (the set-up matched): a collective error.
-        return Err(crate::Error::Transport {
+        return Err(gradsift::Error::Transport {
             transport: transport.name(),
             reason: format!(
                 "--workers {} but the {} transport connects {} workers (with mpirun, pass --workers equal to -n)",

@@ -10,8 +10,8 @@ use super::npy::{LoadError, NamedArray, read_arrays};
 pub use super::report::{
     AverageArg, LayerInfo, MethodConfig, MethodReport, Report, StepStatistics, Summary,
 };
-use crate::rd::{self, StepMeasurement, StepState};
-use crate::{Average, Backend, Config, Device, Layout, Method, Mode, Scale};
+use gradsift::rd::{self, StepMeasurement, StepState};
+use gradsift::{Average, Backend, Config, Device, Layout, Method, Mode, Scale};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -240,9 +240,9 @@ pub fn methods(args: &AnalyzeArgs) -> Result<Vec<MethodSpec>, AnalyzeError> {
 }
 
 fn method_config(c: &Config) -> MethodConfig {
-    let ratio = |x: crate::Count| match x {
-        crate::Count::Ratio(r) => Some(r),
-        crate::Count::Exact(_) => None,
+    let ratio = |x: gradsift::Count| match x {
+        gradsift::Count::Ratio(r) => Some(r),
+        gradsift::Count::Exact(_) => None,
     };
     let (r_ratio, k_ratio) = match c.method {
         Method::RTopK { r, k } => (ratio(r), ratio(k)),

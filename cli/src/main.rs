@@ -1,8 +1,8 @@
 //! `gradsift`: the command-line face of the crate. Only dispatches; the commands live in
-//! `gradsift::cli`.
+//! the `gradsift_cli` library beside it (cli/src/lib.rs).
 
 use clap::{CommandFactory, FromArgMatches, Subcommand};
-use gradsift::cli;
+use gradsift_cli as cli;
 
 /// Gradient compression for distributed training: top-r, random-k, rTop-k with error
 /// feedback, scaled sign, and their rate-distortion analysis.

@@ -1,9 +1,7 @@
 //! `gradsift reproduce --quick`: the report and every plot it links are written, and the
 //! tables have one row per configuration.
 
-#![cfg(feature = "cli")]
-
-use gradsift::cli::reproduce::{PLOTS, ReproduceArgs, reproduce};
+use gradsift_cli::reproduce::{PLOTS, ReproduceArgs, reproduce};
 
 #[test]
 fn quick_reproduction_writes_report_and_plots() {
@@ -129,10 +127,10 @@ fn quick_reproduction_writes_report_and_plots() {
         |_| {},
     )
     .unwrap();
-    let figures = |s: &gradsift::cli::reproduce::Summary| {
+    let figures = |s: &gradsift_cli::reproduce::Summary| {
         format!(
             "{:?}",
-            gradsift::cli::reproduce::Summary {
+            gradsift_cli::reproduce::Summary {
                 seconds: 0.0,
                 part_seconds: [0.0; 4],
                 ..s.clone()
@@ -170,7 +168,7 @@ fn quick_reproduction_writes_report_and_plots() {
 /// runs (0 seeds used to become 1 silently, a huge count to run for ever).
 #[test]
 fn out_of_range_options_are_usage_errors() {
-    use gradsift::cli::error::CliError;
+    use gradsift_cli::error::CliError;
     let dir = std::env::temp_dir().join(format!("gradsift-reproduce-bad-{}", std::process::id()));
     for (seeds, epochs) in [
         (0, 8),
@@ -200,7 +198,7 @@ fn out_of_range_options_are_usage_errors() {
 /// (d = 256, s = 8), simulated with the crate's compressors: what the theorems decide.
 #[test]
 fn theorems_hold_on_the_sparse_bernoulli_model() {
-    use gradsift::cli::theory::{Model, Scheme, TheoryConfig, simulate};
+    use gradsift_cli::theory::{Model, Scheme, TheoryConfig, simulate};
     let cfg = TheoryConfig::quick();
     let sweep = simulate(&cfg).unwrap();
     // Deterministic: the same sizes and seed give the same numbers, bit for bit (compared as
