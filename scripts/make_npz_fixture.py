@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes the small .npz fixtures of tests/analyze.rs into tests/data/ (a few KB in all).
+"""Writes the small .npz fixtures of cli/tests/analyze.rs into tests/data/ (a few KB in all).
 
     python3 scripts/make_npz_fixture.py
 

@@ -2,7 +2,7 @@
 """Bytes received per worker per step for each `--reduce` (docs/SPEC.md §12), measured with
 real processes (`mpirun -n K gradsift train --dist mpi`, oversubscribed where K exceeds the
 cores), and the test accuracy of the sparse all-reduce against the all-gather at equal k
-(in process: the simulation is bit-equal to mpirun, tests/dist.rs).
+(in process: the simulation is bit-equal to mpirun, cli/tests/dist.rs).
 
 Usage: scripts/reduce-table.py [--bin target/release/gradsift] [--out docs/reduce/table.md]
 Needs a gradsift built with `--features mpi` and OpenMPI's mpirun.

@@ -54,7 +54,18 @@ pub enum Method {
     },
     /// Scaled sign: one bit per element plus one f32 scale `mean |p|` per group (SPEC §6).
     Sign,
+    /// QSGD-style stochastic quantisation (SPEC §13): every element rounded to one of
+    /// `levels` magnitude levels of its group's `max |p|`, up or down at random with the
+    /// probability that makes it unbiased, keyed by Philox so that every backend rounds
+    /// alike; `1 + ceil(log2(levels + 1))` bits per element plus one f32 per group.
+    Qsgd {
+        /// Quantisation levels `s`, `1..=127` (`s = 1` is ternary, 2 bits per element).
+        levels: u8,
+    },
 }
+
+/// Most levels [`Method::Qsgd`] takes: a signed level fits an `i8`, 8 bits on the wire.
+pub const QSGD_MAX_LEVELS: u8 = 127;
 
 /// The compressors by name: the one spelling that [`Method`], the CLI, the Python package
 /// and the reports share (a new codec adds its row here).
@@ -65,7 +76,7 @@ pub enum Method {
 /// let kind: MethodKind = "rtopk".parse()?;
 /// assert_eq!(kind, Config::rtopk(0.1, 0.01).method.kind());
 /// assert_eq!(kind.to_string(), "rtopk");
-/// assert!("qsgd".parse::<MethodKind>().is_err());
+/// assert!("powersgd".parse::<MethodKind>().is_err());
 /// # Ok::<(), gradsift::Error>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -78,15 +89,18 @@ pub enum MethodKind {
     RTopK,
     /// [`Method::Sign`]: `"sign"`.
     Sign,
+    /// [`Method::Qsgd`]: `"qsgd"`.
+    Qsgd,
 }
 
 impl MethodKind {
     /// Every method, in the order the documentation lists them.
-    pub const ALL: [MethodKind; 4] = [
+    pub const ALL: [MethodKind; 5] = [
         MethodKind::TopK,
         MethodKind::RandomK,
         MethodKind::RTopK,
         MethodKind::Sign,
+        MethodKind::Qsgd,
     ];
 
     /// Its name, as the CLI and the Python package spell it.
@@ -96,6 +110,7 @@ impl MethodKind {
             MethodKind::RandomK => "randomk",
             MethodKind::RTopK => "rtopk",
             MethodKind::Sign => "sign",
+            MethodKind::Qsgd => "qsgd",
         }
     }
 }
@@ -133,6 +148,7 @@ impl Method {
             Method::TopK { .. } => MethodKind::TopK,
             Method::RandomK { .. } => MethodKind::RandomK,
             Method::Sign => MethodKind::Sign,
+            Method::Qsgd { .. } => MethodKind::Qsgd,
         }
     }
 }
@@ -220,6 +236,18 @@ impl Config {
         Self::new(Method::Sign)
     }
 
+    /// QSGD with `levels` quantisation levels (SPEC §13; checked by [`Config::validate`]).
+    ///
+    /// # Examples
+    /// ```
+    /// let c = gradsift::Config::qsgd(7);
+    /// assert_eq!(c.method, gradsift::Method::Qsgd { levels: 7 });
+    /// assert!(gradsift::Config::qsgd(0).validate().is_err());
+    /// ```
+    pub fn qsgd(levels: u8) -> Self {
+        Self::new(Method::Qsgd { levels })
+    }
+
     /// The same configuration for worker `worker` (which keys its random-k draws, SPEC §3).
     ///
     /// # Examples
@@ -257,13 +285,20 @@ impl Config {
             }
             Method::TopK { k } | Method::RandomK { k } => k.validate("k")?,
             Method::Sign => {}
+            Method::Qsgd { levels } => {
+                if !(1..=QSGD_MAX_LEVELS).contains(&levels) {
+                    return Err(Error::InvalidConfig(format!(
+                        "qsgd needs 1 <= levels <= {QSGD_MAX_LEVELS}, got {levels}"
+                    )));
+                }
+            }
         }
         Ok(())
     }
 
     /// Whether the method sends a sparse set of (index, value) pairs.
     pub fn is_sparse(&self) -> bool {
-        !matches!(self.method, Method::Sign)
+        !matches!(self.method, Method::Sign | Method::Qsgd { .. })
     }
 
     /// The groups of `layout` under this config's mode, with their resolved counts and scale
@@ -345,7 +380,7 @@ impl Config {
                         (k, k)
                     }
                     Method::RandomK { k } => (n, k.resolve(n)),
-                    Method::Sign => (n, n),
+                    Method::Sign | Method::Qsgd { .. } => (n, n),
                 };
                 // Computed once on the host so every backend multiplies by the same f32.
                 let scale = match self.scale {

@@ -141,8 +141,26 @@ pub(crate) fn check_payload(
                 return Err(format!("scale {j} is not finite"));
             }
         }
+        Payload::Qsgd(p) => crate::codec::qsgd::check(p, n, groups)?,
     }
     Ok(())
+}
+
+/// The error of a GPU backend asked to run a codec whose kernels it does not have yet
+/// (QSGD runs on the CPU backend only so far): typed and before any state is touched, never
+/// a silent fallback to the host.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) fn no_kernels(backend: &'static str, what: &str) -> Error {
+    Error::BackendUnavailable {
+        backend,
+        reason: format!("{what} has no {backend} kernels yet; use the cpu backend for it"),
+    }
+}
+
+/// Whether any payload is QSGD, which the GPU aggregators refuse (`no_kernels`).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) fn any_qsgd(payloads: &[Payload]) -> bool {
+    payloads.iter().any(|p| matches!(p, Payload::Qsgd(_)))
 }
 
 /// What [`Compress::refund`] asks of its argument on every backend, before any state is
@@ -157,9 +175,10 @@ pub(crate) fn check_refund(
     n: usize,
 ) -> Result<()> {
     if !config.is_sparse() {
-        return Err(Error::InvalidConfig(
-            "refund returns entries of a sparse payload; this plan sends the scaled sign".into(),
-        ));
+        return Err(Error::InvalidConfig(format!(
+            "refund returns entries of a sparse payload; this plan sends {}",
+            config.method.kind()
+        )));
     }
     let sent: usize = groups.iter().map(|g| g.k).sum();
     let reason = if back.n as usize != n {

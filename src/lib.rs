@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod codec;
 mod config;
 pub mod contract;
 pub mod cpu;
@@ -25,11 +26,11 @@ pub mod wire;
 pub use backend::{
     Aggregate, Aggregator, Backend, Compress, Compressor, Device, Skipped, Statistics, Stats,
 };
-pub use config::{Config, Count, Group, Method, MethodKind, Scale};
+pub use config::{Config, Count, Group, Method, MethodKind, QSGD_MAX_LEVELS, Scale};
 pub use contract::{Average, LayerStats, VarianceEstimate};
 pub use cpu::VarianceTracker;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
 pub use layout::{Layout, MAX_ELEMENTS, Mode};
-pub use payload::{Payload, SignPayload, SparsePayload};
+pub use payload::{Payload, QsgdPayload, SignPayload, SparsePayload};

@@ -37,6 +37,21 @@ impl SignPayload {
     }
 }
 
+/// A QSGD payload (SPEC §13): one f32 scale per group (`max |p|`) and one signed level per
+/// element; element `i` of group `g` decodes to `level_i * scales[g] / levels` (SPEC §13's
+/// exact f32 operations: [`crate::codec::qsgd::decode`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct QsgdPayload {
+    /// Number of elements.
+    pub n: u32,
+    /// Quantisation levels `s` (`1..=127`).
+    pub levels: u8,
+    /// Per group (the whole buffer in global mode, each layer in per-layer mode): `max |p|`.
+    pub scales: Vec<f32>,
+    /// One signed level per element, each in `-levels..=levels`.
+    pub codes: Vec<i8>,
+}
+
 /// One worker's compressed gradient.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
@@ -44,6 +59,8 @@ pub enum Payload {
     Sparse(SparsePayload),
     /// Scaled sign.
     Sign(SignPayload),
+    /// QSGD stochastic quantisation.
+    Qsgd(QsgdPayload),
 }
 
 impl Default for Payload {
@@ -66,7 +83,7 @@ impl Payload {
     pub fn as_sparse(&self) -> Option<&SparsePayload> {
         match self {
             Payload::Sparse(p) => Some(p),
-            Payload::Sign(_) => None,
+            Payload::Sign(_) | Payload::Qsgd(_) => None,
         }
     }
 
@@ -81,7 +98,22 @@ impl Payload {
     pub fn as_sign(&self) -> Option<&SignPayload> {
         match self {
             Payload::Sign(p) => Some(p),
-            Payload::Sparse(_) => None,
+            Payload::Sparse(_) | Payload::Qsgd(_) => None,
+        }
+    }
+
+    /// The QSGD payload, or `None` for the other kinds.
+    ///
+    /// # Examples
+    /// ```
+    /// use gradsift::{Payload, QsgdPayload};
+    /// assert!(Payload::default().as_qsgd().is_none());
+    /// assert!(Payload::Qsgd(QsgdPayload::default()).as_qsgd().is_some());
+    /// ```
+    pub fn as_qsgd(&self) -> Option<&QsgdPayload> {
+        match self {
+            Payload::Qsgd(p) => Some(p),
+            Payload::Sparse(_) | Payload::Sign(_) => None,
         }
     }
 
@@ -90,6 +122,7 @@ impl Payload {
         match self {
             Payload::Sparse(p) => p.n,
             Payload::Sign(p) => p.n,
+            Payload::Qsgd(p) => p.n,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The wire format: compact, exactly counted, and safe to decode from hostile bytes.
 //!
 //! Every message starts with an 8-byte header: magic `b"GS"`, version `1`, a byte holding
-//! the kind (high nibble: 1 sparse, 2 sign) and the value format (low nibble: 0 f32,
+//! the kind (high nibble: 1 sparse, 2 sign, 3 QSGD) and the value format (low nibble: 0 f32,
 //! 1 f16, 2 bf16), then `n` as u32 little-endian.
 //!
 //! **Sparse** (`kind = 1`): `count` (u32 LE), the Rice parameter `b` (one byte), the
@@ -15,18 +15,26 @@
 //! **Sign** (`kind = 2`, value format 0): the group count `G` (u32 LE), `G` f32 scales, then
 //! `n` sign bits (set = negative), least significant first, zero-padded to a byte.
 //!
+//! **QSGD** (`kind = 3`, value format 0): the group count `G` (u32 LE), the levels `s` (one
+//! byte, `1..=127`), `G` f32 scales, then `n` codes of `b = 1 + ceil(log2(s + 1))` bits
+//! each, least significant first: the level `|q|` in the low `b - 1` bits, then a sign bit
+//! (set = negative, never set with level 0), zero-padded to a byte (SPEC §13).
+//!
 //! The decoder checks every length against the bytes it has before it reserves or writes
 //! anything, so truncated, oversized or corrupt input is a [`DecodeError`], never a panic.
 
-use crate::{DType, Error, Payload, Result, SignPayload, SparsePayload, bf16, f16};
+use crate::codec::qsgd;
+use crate::{DType, Error, Payload, QsgdPayload, Result, SignPayload, SparsePayload, bf16, f16};
 
 const MAGIC: [u8; 2] = *b"GS";
 const VERSION: u8 = 1;
 const KIND_SPARSE: u8 = 1;
 const KIND_SIGN: u8 = 2;
+const KIND_QSGD: u8 = 3;
 const HEADER: usize = 8;
 const SPARSE_HEADER: usize = HEADER + 5;
 const SIGN_HEADER: usize = HEADER + 4;
+const QSGD_HEADER: usize = HEADER + 5;
 
 /// Why a byte string is not a valid payload.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -83,6 +91,19 @@ pub enum DecodeError {
     /// Padding bits that must be zero are not (the encoding is canonical).
     #[error("non-zero padding bits")]
     Padding,
+    /// A QSGD message with levels outside `1..=127`.
+    #[error("{0} quantisation levels, expected 1..=127")]
+    Levels(u8),
+    /// A QSGD scale below zero (a `max |p|` never is).
+    #[error("negative scale at position {0}")]
+    NegativeScale(usize),
+    /// A QSGD code whose level exceeds the levels, or a level 0 with the sign bit set (the
+    /// encoding is canonical).
+    #[error("QSGD code of element {index} is out of range or not canonical")]
+    Code {
+        /// The element.
+        index: u32,
+    },
 }
 
 /// Exact size of an encoded message, in bits. `total()` is `8 * bytes`.
@@ -90,9 +111,9 @@ pub enum DecodeError {
 pub struct Bits {
     /// Fixed header (and, for sign payloads, the group scales).
     pub header: u64,
-    /// Index code (sparse) or sign bits (sign).
+    /// Index code (sparse) or sign bits (sign); 0 for QSGD.
     pub indices: u64,
-    /// Values.
+    /// Values (sparse) or the per-element codes (QSGD).
     pub values: u64,
     /// Zero bits that align sections to bytes.
     pub padding: u64,
@@ -303,6 +324,19 @@ pub fn max_sign_len(n: u32, groups: usize) -> usize {
     SIGN_HEADER + 4 * groups + (n as usize).div_ceil(8)
 }
 
+/// The exact length of the QSGD message of `n` elements in `groups` groups at `levels`
+/// levels (SPEC §13): the same for every such payload.
+///
+/// # Examples
+/// ```
+/// // 13 header bytes, one scale, 64 codes of 4 bits.
+/// assert_eq!(gradsift::wire::qsgd_len(64, 1, 7), 13 + 4 + 32);
+/// ```
+pub fn qsgd_len(n: u32, groups: usize, levels: u8) -> usize {
+    let code_bytes = (u64::from(n) * u64::from(qsgd::code_bits(levels))).div_ceil(8);
+    QSGD_HEADER + 4 * groups + code_bytes as usize
+}
+
 /// Encodes `p` into `out` (cleared first; reuse it to avoid allocating) and returns the
 /// exact bit count. Errors, writing nothing useful, when the payload is malformed: indices
 /// unsorted, duplicated or out of range, lengths that disagree, or values that are not
@@ -375,7 +409,33 @@ pub fn encode(p: &Payload, out: &mut Vec<u8>) -> Result<Bits> {
                 padding,
             })
         }
+        Payload::Qsgd(q) => encode_qsgd(q, out),
     }
+}
+
+/// The QSGD kind: the header, the scales, the codes packed `b` bits each.
+fn encode_qsgd(q: &QsgdPayload, out: &mut Vec<u8>) -> Result<Bits> {
+    qsgd::check(q, q.n as usize, q.scales.len()).map_err(Error::Encode)?;
+    header(out, KIND_QSGD, DType::F32, q.n);
+    out.extend_from_slice(&(q.scales.len() as u32).to_le_bytes());
+    out.push(q.levels);
+    for &v in &q.scales {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    let head = out.len() as u64 * 8;
+    let b = qsgd::code_bits(q.levels);
+    let mut w = BitWriter::new(out);
+    for &c in &q.codes {
+        let sign = u64::from(c < 0);
+        w.put(u64::from(c.unsigned_abs()) | sign << (b - 1), b);
+    }
+    let padding = w.finish();
+    Ok(Bits {
+        header: head,
+        indices: 0,
+        values: q.codes.len() as u64 * u64::from(b),
+        padding,
+    })
 }
 
 /// Decodes one message. Allocates the payload's vectors; [`decode_into`] reuses them.
@@ -423,6 +483,13 @@ pub fn decode_into(bytes: &[u8], p: &mut Payload) -> Result<(), DecodeError> {
             }
             let Payload::Sign(s) = p else { unreachable!() };
             decode_sign(bytes, n, s)
+        }
+        (KIND_QSGD, Some(DType::F32)) => {
+            if !matches!(p, Payload::Qsgd(_)) {
+                *p = Payload::Qsgd(QsgdPayload::default());
+            }
+            let Payload::Qsgd(q) = p else { unreachable!() };
+            decode_qsgd(bytes, n, q)
         }
         _ => Err(DecodeError::Kind(head[3])),
     }
@@ -587,5 +654,69 @@ fn decode_sign(bytes: &[u8], n: u32, s: &mut SignPayload) -> Result<(), DecodeEr
         w[..c.len()].copy_from_slice(c);
         u64::from_le_bytes(w)
     }));
+    Ok(())
+}
+
+/// The QSGD kind after the common header: groups and levels, the exact length before any
+/// allocation, the scales, the codes (each level within `levels`, no negative zero, zero
+/// padding).
+fn decode_qsgd(bytes: &[u8], n: u32, q: &mut QsgdPayload) -> Result<(), DecodeError> {
+    let groups = u32::from_le_bytes(take(bytes, HEADER)?) as usize;
+    let [levels] = take::<1>(bytes, HEADER + 4)?;
+    if !(1..=crate::QSGD_MAX_LEVELS).contains(&levels) {
+        return Err(DecodeError::Levels(levels));
+    }
+    let b = qsgd::code_bits(levels);
+    let code_bytes = (u64::from(n) * u64::from(b)).div_ceil(8);
+    let len = QSGD_HEADER as u64 + groups as u64 * 4 + code_bytes;
+    if (bytes.len() as u64) < len {
+        return Err(DecodeError::Truncated {
+            needed: usize::try_from(len).unwrap_or(usize::MAX),
+            got: bytes.len(),
+        });
+    }
+    let len = len as usize;
+    if bytes.len() > len {
+        return Err(DecodeError::Trailing {
+            extra: bytes.len() - len,
+        });
+    }
+    q.n = n;
+    q.levels = levels;
+    q.scales.clear();
+    q.codes.clear();
+    let scales_end = QSGD_HEADER + groups * 4;
+    for (j, c) in bytes[QSGD_HEADER..scales_end].chunks_exact(4).enumerate() {
+        let v = f32::from_le_bytes(c.try_into().unwrap());
+        if !v.is_finite() {
+            return Err(DecodeError::NonFinite(j));
+        }
+        if v < 0.0 {
+            return Err(DecodeError::NegativeScale(j));
+        }
+        q.scales.push(v);
+    }
+    let mut r = BitReader {
+        bytes: &bytes[scales_end..],
+        pos: 0,
+    };
+    let sign_bit = 1u64 << (b - 1);
+    q.codes.reserve(n as usize);
+    for i in 0..n {
+        let c = r.bits(b).ok_or(DecodeError::Truncated {
+            needed: len,
+            got: bytes.len(),
+        })?;
+        let l = c & (sign_bit - 1);
+        if l > u64::from(levels) || (l == 0 && c & sign_bit != 0) {
+            return Err(DecodeError::Code { index: i });
+        }
+        let l = l as i8;
+        q.codes.push(if c & sign_bit != 0 { -l } else { l });
+    }
+    let used = u64::from(n) * u64::from(b);
+    if used % 8 != 0 && bytes[len - 1] >> (used % 8) != 0 {
+        return Err(DecodeError::Padding);
+    }
     Ok(())
 }

@@ -846,6 +846,8 @@ fn wire_decode_never_panics() {
         (Config::topk(0.05), Mode::PerLayer),
         (Config::sign(), Mode::PerLayer),
         (Config::sign(), Mode::Global),
+        (Config::qsgd(3), Mode::PerLayer),
+        (Config::qsgd(127), Mode::Global),
     ] {
         for values in [DType::F32, DType::F16, DType::BF16] {
             cfg.mode = mode;
@@ -870,6 +872,11 @@ fn wire_decode_never_panics() {
                 }
                 Payload::Sign(s) => {
                     assert_eq!(s.negative.len(), (s.n as usize).div_ceil(64));
+                }
+                Payload::Qsgd(q) => {
+                    assert_eq!(q.codes.len(), q.n as usize);
+                    let l = q.levels as i8;
+                    assert!(q.codes.iter().all(|c| (-l..=l).contains(c)));
                 }
             }
         }

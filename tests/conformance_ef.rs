@@ -595,6 +595,12 @@ fn naive_aggregate(
                     acc += if neg { -s.scales[g] } else { s.scales[g] };
                     count[i] += 1;
                 }
+                Payload::Qsgd(q) => {
+                    // SPEC §13: level * scale / levels, in f32.
+                    let g = groups.iter().position(|r| r.contains(&i)).unwrap();
+                    acc += f32::from(q.codes[i]) * q.scales[g] / f32::from(q.levels);
+                    count[i] += 1;
+                }
             }
         }
         out[i] = match rule {

@@ -217,6 +217,7 @@ fn aggregation_is_bit_identical_in_every_pool() {
                                 }
                             }
                         }
+                        Payload::Qsgd(_) => unreachable!("no QSGD plan in this test"),
                     }
                 }
                 let want: Vec<u32> = sum

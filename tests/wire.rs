@@ -5,7 +5,7 @@
 //! Run `cargo test --test wire -- --nocapture` to see the compression table.
 
 use gradsift::wire::{self, Bits, DecodeError};
-use gradsift::{DType, Error, Payload, SignPayload, SparsePayload};
+use gradsift::{DType, Error, Payload, QsgdPayload, SignPayload, SparsePayload};
 use proptest::prelude::*;
 use std::alloc::{GlobalAlloc, System};
 use std::cell::Cell;
@@ -136,6 +136,18 @@ fn sign_random(n: u32, groups: usize, rng: &mut Rng) -> Payload {
     })
 }
 
+fn qsgd_random(n: u32, groups: usize, levels: u8, rng: &mut Rng) -> Payload {
+    let m = u64::from(levels) * 2 + 1;
+    Payload::Qsgd(QsgdPayload {
+        n,
+        levels,
+        scales: (0..groups).map(|_| rng.value(DType::F32).abs()).collect(),
+        codes: (0..n)
+            .map(|_| ((rng.next() % m) as i16 - i16::from(levels)) as i8)
+            .collect(),
+    })
+}
+
 fn encode(p: &Payload) -> (Vec<u8>, Bits) {
     let mut out = Vec::new();
     let bits = wire::encode(p, &mut out).expect("valid payload must encode");
@@ -155,6 +167,12 @@ fn assert_identical(a: &Payload, b: &Payload) {
         (Payload::Sign(a), Payload::Sign(b)) => {
             assert_eq!(a.n, b.n);
             assert_eq!(a.negative, b.negative);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a.scales), bits(&b.scales));
+        }
+        (Payload::Qsgd(a), Payload::Qsgd(b)) => {
+            assert_eq!((a.n, a.levels), (b.n, b.levels));
+            assert_eq!(a.codes, b.codes);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&a.scales), bits(&b.scales));
         }
@@ -182,6 +200,14 @@ fn check_bits(p: &Payload, bytes: &[u8], bits: Bits) {
             assert_eq!(bits.indices, u64::from(s.n));
             assert_eq!(bits.values, 0);
         }
+        Payload::Qsgd(q) => {
+            assert_eq!(bits.header, (13 + 4 * q.scales.len() as u64) * 8);
+            assert_eq!(bits.indices, 0);
+            let b = u64::from(gradsift::codec::qsgd::code_bits(q.levels));
+            assert_eq!(bits.values, u64::from(q.n) * b);
+            let len = wire::qsgd_len(q.n, q.scales.len(), q.levels);
+            assert_eq!(bytes.len(), len);
+        }
     }
 }
 
@@ -194,7 +220,7 @@ fn round_trip(p: &Payload) -> (Vec<u8>, Bits) {
     assert_identical(p, &q);
     let mut reused = match p {
         Payload::Sparse(_) => sign_random(100, 2, &mut Rng(1)),
-        Payload::Sign(_) => sparse(9, DType::F16, vec![1, 4], vec![1.0, 2.0]),
+        Payload::Sign(_) | Payload::Qsgd(_) => sparse(9, DType::F16, vec![1, 4], vec![1.0, 2.0]),
     };
     wire::decode_into(&bytes, &mut reused).unwrap();
     assert_identical(p, &reused);
@@ -224,6 +250,13 @@ fn validate(p: &Payload, bytes: &[u8]) {
                 assert_eq!(s.negative.last().unwrap() >> (s.n % 64), 0);
             }
             assert!(s.scales.iter().all(|v| v.is_finite()));
+        }
+        Payload::Qsgd(q) => {
+            assert!((1..=127).contains(&q.levels));
+            assert_eq!(q.codes.len(), q.n as usize);
+            let l = q.levels as i8;
+            assert!(q.codes.iter().all(|c| (-l..=l).contains(c)));
+            assert!(q.scales.iter().all(|v| v.is_finite() && *v >= 0.0));
         }
     }
     let mut out = Vec::new();
@@ -783,7 +816,7 @@ fn header_errors() {
     let mut bad = bytes.clone();
     bad[2] = 2;
     assert_eq!(wire::decode(&bad), Err(DecodeError::Version(2)));
-    for kind in [0x00u8, 0x13, 0x1F, 0x21, 0x22, 0x30, 0xF0] {
+    for kind in [0x00u8, 0x13, 0x1F, 0x21, 0x22, 0x31, 0x40, 0xF0] {
         let mut bad = bytes.clone();
         bad[3] = kind;
         assert_eq!(wire::decode(&bad), Err(DecodeError::Kind(kind)));
@@ -819,6 +852,11 @@ fn small_payloads() -> Vec<Payload> {
         sign_random(0, 0, &mut rng),
         sign_random(13, 2, &mut rng),
         sign_random(70, 1, &mut rng),
+        qsgd_random(0, 0, 1, &mut rng),
+        qsgd_random(13, 2, 1, &mut rng),
+        qsgd_random(70, 1, 7, &mut rng),
+        qsgd_random(9, 3, 127, &mut rng),
+        qsgd_random(33, 1, 8, &mut rng),
     ];
     for dtype in DTYPES {
         for &(n, k) in &[(50u32, 5usize), (1000, 20), (1 << 20, 8), (64, 64)] {
@@ -1156,3 +1194,68 @@ fn max_sparse_len_bounds_every_message_tightly() {
     let p = sign_random(1000, 3, &mut rng);
     assert_eq!(round_trip(&p).0.len(), wire::max_sign_len(1000, 3));
 }
+
+#[test]
+fn qsgd_round_trips_and_rejects_what_is_not_canonical() {
+    let mut rng = Rng(5);
+    for &(n, g, l) in &[(1u32, 1usize, 1u8), (64, 2, 7), (1000, 3, 127), (17, 1, 2)] {
+        round_trip(&qsgd_random(n, g, l, &mut rng));
+    }
+    // levels 3: 3 bits per code (2 level bits, then the sign). Codes [1, -3, 0].
+    let p = Payload::Qsgd(QsgdPayload {
+        n: 3,
+        levels: 3,
+        scales: vec![2.0],
+        codes: vec![1, -3, 0],
+    });
+    let (bytes, _) = round_trip(&p);
+    let codes_at = 13 + 4;
+    // 0b001 | 0b111 << 3 | 0b000 << 6, in 9 bits: one full byte, one padding byte.
+    assert_eq!(&bytes[codes_at..], &[0b0011_1001, 0]);
+    let decode = |b: &[u8]| wire::decode(b).unwrap_err();
+    // Third code = bits 6..9: level bits 6, 7, sign bit 8 (the second byte's bit 0).
+    let mut sign_of_zero = bytes.clone();
+    sign_of_zero[codes_at + 1] |= 1;
+    assert!(matches!(
+        decode(&sign_of_zero),
+        DecodeError::Code { index: 2 }
+    ));
+    // Level bits 0b11 with levels 2 are out of range.
+    let mut over = bytes.clone();
+    over[HEADER_LEVELS_AT] = 2;
+    assert!(matches!(decode(&over), DecodeError::Code { index: 1 }));
+    let mut zero_levels = bytes.clone();
+    zero_levels[HEADER_LEVELS_AT] = 0;
+    assert!(matches!(decode(&zero_levels), DecodeError::Levels(0)));
+    let mut padding = bytes.clone();
+    padding[codes_at + 1] |= 0b10;
+    assert!(matches!(decode(&padding), DecodeError::Padding));
+    let mut negative = bytes.clone();
+    negative[13..17].copy_from_slice(&(-2.0f32).to_le_bytes());
+    assert!(matches!(decode(&negative), DecodeError::NegativeScale(0)));
+    assert!(matches!(
+        decode(&bytes[..bytes.len() - 1]),
+        DecodeError::Truncated { .. }
+    ));
+    let mut trailing = bytes.clone();
+    trailing.push(0);
+    assert!(matches!(
+        decode(&trailing),
+        DecodeError::Trailing { extra: 1 }
+    ));
+    // The encoder refuses a code beyond the levels.
+    let mut out = Vec::new();
+    let beyond = Payload::Qsgd(QsgdPayload {
+        n: 1,
+        levels: 3,
+        scales: vec![1.0],
+        codes: vec![4],
+    });
+    assert!(matches!(
+        wire::encode(&beyond, &mut out),
+        Err(Error::Encode(_))
+    ));
+}
+
+/// Offset of the QSGD levels byte: the 8-byte header, then the u32 group count.
+const HEADER_LEVELS_AT: usize = 12;

@@ -247,7 +247,7 @@ fn method_config(c: &Config) -> MethodConfig {
     let (r_ratio, k_ratio) = match c.method {
         Method::RTopK { r, k } => (ratio(r), ratio(k)),
         Method::TopK { k } | Method::RandomK { k } => (None, ratio(k)),
-        Method::Sign => (None, None),
+        Method::Sign | Method::Qsgd { .. } => (None, None),
     };
     let kind = c.method.kind().name();
     MethodConfig {

@@ -815,7 +815,7 @@ impl Exchange {
         for plan in plans.iter_mut() {
             match plan.payload()? {
                 Payload::Sparse(p) => views.push(p),
-                Payload::Sign(_) => {
+                Payload::Sign(_) | Payload::Qsgd(_) => {
                     return Err(TrainError::Usage(format!(
                         "--reduce {} needs a sparse method",
                         cfg.reduce

@@ -289,7 +289,7 @@ fn count(ratio: Option<f64>, exact: Option<u64>, what: &str) -> PyResult<Count> 
 #[pymethods]
 impl Config {
     #[new]
-    #[pyo3(signature = (method="topk", ratio=None, *, k=None, r_ratio=None, r=None, mode="global", scale="none", momentum=0.0, values="float32", seed=0, worker=0))]
+    #[pyo3(signature = (method="topk", ratio=None, *, k=None, r_ratio=None, r=None, mode="global", scale="none", momentum=0.0, values="float32", seed=0, worker=0, levels=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         method: &str,
@@ -303,6 +303,7 @@ impl Config {
         values: &str,
         seed: u64,
         worker: u32,
+        levels: Option<u8>,
     ) -> PyResult<Self> {
         let kind: MethodKind = method.parse().map_err(|e| match e {
             gradsift::Error::InvalidConfig(m) => PyValueError::new_err(m),
@@ -320,6 +321,11 @@ impl Config {
                 k: count(ratio, k, "k")?,
             },
             MethodKind::Sign => Method::Sign,
+            MethodKind::Qsgd => Method::Qsgd {
+                levels: levels.ok_or_else(|| {
+                    PyValueError::new_err("qsgd needs levels (1..=127 quantisation levels)")
+                })?,
+            },
         };
         let mut c = RsConfig::new(method);
         c.mode = parse_mode(mode)?;
@@ -450,12 +456,13 @@ impl Payload {
         Ok(d)
     }
 
-    /// 'sparse' or 'sign'.
+    /// 'sparse', 'sign' or 'qsgd'.
     #[getter]
     fn kind(&self) -> &'static str {
         match self.inner {
             RsPayload::Sparse(_) => "sparse",
             RsPayload::Sign(_) => "sign",
+            RsPayload::Qsgd(_) => "qsgd",
         }
     }
     #[getter]
@@ -485,12 +492,21 @@ impl Payload {
             .as_sparse()
             .map_or("float32", |s| dtype_name(s.values_dtype))
     }
-    /// Group scales (sign), else empty.
+    /// Group scales (sign: `mean |p|`; qsgd: `max |p|`), else empty.
     #[getter]
     fn scales(&self) -> Vec<f32> {
+        match &self.inner {
+            RsPayload::Sign(s) => s.scales.clone(),
+            RsPayload::Qsgd(q) => q.scales.clone(),
+            RsPayload::Sparse(_) => Vec::new(),
+        }
+    }
+    /// Signed levels, one per element (qsgd), else empty.
+    #[getter]
+    fn codes(&self) -> Vec<i8> {
         self.inner
-            .as_sign()
-            .map(|s| s.scales.clone())
+            .as_qsgd()
+            .map(|q| q.codes.clone())
             .unwrap_or_default()
     }
     /// Sign bits as 64-bit words (sign), else empty.
@@ -508,6 +524,7 @@ impl Payload {
         match &self.inner {
             RsPayload::Sparse(s) => s.indices.len(),
             RsPayload::Sign(s) => s.n as usize,
+            RsPayload::Qsgd(q) => q.n as usize,
         }
     }
     fn __repr__(&self) -> String {
@@ -519,6 +536,12 @@ impl Payload {
                 dtype_name(s.values_dtype)
             ),
             RsPayload::Sign(s) => format!("Payload.sign(n={}, groups={})", s.n, s.scales.len()),
+            RsPayload::Qsgd(q) => format!(
+                "Payload.qsgd(n={}, levels={}, groups={})",
+                q.n,
+                q.levels,
+                q.scales.len()
+            ),
         }
     }
 }
@@ -699,7 +722,9 @@ impl Compressor {
                 let c = &mut *g;
                 py.detach(|| c.refund(p)).map_err(err)
             }
-            RsPayload::Sign(_) => Err(PyTypeError::new_err("refund takes a sparse payload")),
+            RsPayload::Sign(_) | RsPayload::Qsgd(_) => {
+                Err(PyTypeError::new_err("refund takes a sparse payload"))
+            }
         }
     }
 

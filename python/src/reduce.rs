@@ -226,7 +226,7 @@ impl Reducer {
             .iter()
             .map(|p| match &p.inner {
                 RsPayload::Sparse(s) => Ok(s),
-                RsPayload::Sign(_) => Err(PyTypeError::new_err(
+                RsPayload::Sign(_) | RsPayload::Qsgd(_) => Err(PyTypeError::new_err(
                     "a Reducer takes sparse payloads (top-k, random-k, rTop-k)",
                 )),
             })

@@ -117,11 +117,33 @@ def test_a_failed_step_stops_every_rank_under_the_reductions(run_ranks, world):
 def test_method_names_come_from_the_one_table():
     """gradsift.MethodKind's names (the Rust table the CLI reads too) are what Config takes
     and reports; another name is a ValueError listing them."""
-    for name in ["topk", "randomk", "rtopk", "sign"]:
-        cfg = Config(name, 0.1, r_ratio=0.2) if name == "rtopk" else Config(name, None if name == "sign" else 0.1)
+    for name in ["topk", "randomk", "rtopk", "sign", "qsgd"]:
+        if name == "rtopk":
+            cfg = Config(name, 0.1, r_ratio=0.2)
+        elif name == "qsgd":
+            cfg = Config(name, levels=3)
+        else:
+            cfg = Config(name, None if name == "sign" else 0.1)
         assert cfg.method == name
-    with pytest.raises(ValueError, match="method must be one of 'topk', 'randomk', 'rtopk', 'sign', got \"qsgd\""):
-        Config("qsgd", 0.1)
+    with pytest.raises(ValueError, match="method must be one of 'topk', 'randomk', 'rtopk', 'sign', 'qsgd', got \"powersgd\""):
+        Config("powersgd", 0.1)
+
+
+def test_qsgd_from_python():
+    """QSGD (SPEC §13) through the bindings: levels are required and checked, a step sends
+    one signed level per element within them, and a QSGD plan has nothing to refund."""
+    with pytest.raises(ValueError, match="qsgd needs levels"):
+        Config("qsgd")
+    with pytest.raises(ValueError, match="levels"):
+        Compressor([4], Config("qsgd", levels=0))
+    c = Compressor([5, 3], Config("qsgd", levels=2, mode="per-layer"))
+    p = c.step(np.array([1.0, -2.0, 0.5, 0.0, 4.0, -1.0, 0.25, 0.0], np.float32), 0)
+    assert p.kind == "qsgd" and len(p.codes) == 8 and len(p.scales) == 2
+    assert p.scales == [4.0, 1.0]
+    assert all(-2 <= q <= 2 for q in p.codes)
+    assert p.codes[4] == 2 and p.codes[5] == -2 and p.codes[3] == 0
+    with pytest.raises(TypeError, match="sparse payload"):
+        c.refund(p)
 
 
 def test_reducer_bad_inputs_are_typed_errors():

@@ -1,6 +1,7 @@
 //! The parameter server's decoder (SPEC §7).
 
 use super::par::chunk_len;
+use crate::codec::qsgd;
 use crate::contract::{Average, check_payload, reciprocals};
 use crate::{Aggregate, Error, Layout, Mode, Payload, Result};
 use rayon::prelude::*;
@@ -139,6 +140,14 @@ impl Aggregator {
                     }
                     counts.iter_mut().for_each(|c| *c += 1);
                 }
+                Payload::Qsgd(p) => {
+                    for (g, &s) in self.groups.iter().zip(&p.scales) {
+                        for i in g.start.max(a)..g.end.min(b) {
+                            out[i - a] += qsgd::decode(p.codes[i], s, p.levels);
+                        }
+                    }
+                    counts.iter_mut().for_each(|c| *c += 1);
+                }
             }
         }
         match self.rule {
@@ -188,7 +197,7 @@ impl Aggregator {
         }
         let sparse = |w: usize| match &payloads[w] {
             Payload::Sparse(p) => p,
-            Payload::Sign(_) => unreachable!("checked above"),
+            Payload::Sign(_) | Payload::Qsgd(_) => unreachable!("checked above"),
         };
         let cur = &mut cur[..k];
         loop {

@@ -1,11 +1,13 @@
-//! The fused error-feedback compression step on the CPU (SPEC §4-6, §10).
+//! The fused error-feedback compression step on the CPU (SPEC §4-6, §10, §13).
 
 use super::par::chunk_len;
 use super::select::Selector;
+use crate::codec::qsgd;
 use crate::contract::{check_refund, magnitude_key};
 use crate::philox::{random_key, random_keys};
 use crate::{
-    Compress, Config, Element, Error, Group, Layout, Payload, Result, SignPayload, SparsePayload,
+    Compress, Config, Element, Error, Group, Layout, Method, Payload, QsgdPayload, Result,
+    SignPayload, SparsePayload,
 };
 use rayon::prelude::*;
 
@@ -64,19 +66,26 @@ impl Compressor {
             .max()
             .unwrap_or(0);
         let sent: usize = groups.iter().map(|g| g.k).sum();
-        let payload = if config.is_sparse() {
-            Payload::Sparse(SparsePayload {
-                n: n as u32,
-                values_dtype: config.values,
-                indices: Vec::with_capacity(sent),
-                values: Vec::with_capacity(sent),
-            })
-        } else {
-            Payload::Sign(SignPayload {
+        let payload = match config.method {
+            Method::Sign => Payload::Sign(SignPayload {
                 n: n as u32,
                 scales: Vec::with_capacity(groups.len()),
                 negative: Vec::with_capacity(n.div_ceil(64)),
-            })
+            }),
+            Method::Qsgd { levels } => Payload::Qsgd(QsgdPayload {
+                n: n as u32,
+                levels,
+                scales: Vec::with_capacity(groups.len()),
+                codes: vec![0; n],
+            }),
+            Method::RTopK { .. } | Method::TopK { .. } | Method::RandomK { .. } => {
+                Payload::Sparse(SparsePayload {
+                    n: n as u32,
+                    values_dtype: config.values,
+                    indices: Vec::with_capacity(sent),
+                    values: Vec::with_capacity(sent),
+                })
+            }
         };
         Ok(Self {
             layout: layout.clone(),
@@ -214,6 +223,29 @@ impl Compressor {
                 }
                 if m > 0.0 {
                     // Every element was sent, so factor masking clears all of u (SPEC §5).
+                    self.momentum.fill(0.0);
+                }
+            }
+            Payload::Qsgd(out) => {
+                // Nothing below can fail (a level decodes to at most its group's max |p|):
+                // commit first, then quantise the committed p in place.
+                std::mem::swap(&mut self.residual, &mut self.scratch_p);
+                if m > 0.0 {
+                    std::mem::swap(&mut self.momentum, &mut self.scratch_u);
+                }
+                let key = (self.config.worker, step, self.config.seed);
+                out.scales.clear();
+                for g in &self.groups {
+                    let p = &mut self.residual[g.range.clone()];
+                    let codes = &mut out.codes[g.range.clone()];
+                    let scale = qsgd::encode_group(p, g.range.start, out.levels, key, codes);
+                    out.scales.push(scale);
+                    for (x, &c) in p.iter_mut().zip(codes.iter()) {
+                        *x -= qsgd::decode(c, scale, out.levels);
+                    }
+                }
+                if m > 0.0 {
+                    // Every element sent a code (0 included): as for the sign (SPEC §13).
                     self.momentum.fill(0.0);
                 }
             }

@@ -261,6 +261,7 @@ impl Aggregator {
             return false;
         }
         match p {
+            Payload::Qsgd(_) => false,
             Payload::Sparse(s) => s.indices.len() == s.values.len() && s.indices.len() <= self.n,
             Payload::Sign(s) => {
                 s.scales.len() == self.groups.len()
@@ -303,6 +304,9 @@ impl Aggregator {
     /// the pinned buffer for the host output. Waits for nothing.
     fn enqueue(&mut self, payloads: &[Payload], dst: u64, out_bytes: usize) -> Result<()> {
         self.check_count(payloads)?;
+        if crate::contract::any_qsgd(payloads) {
+            return Err(crate::contract::no_kernels("cuda", "QSGD aggregation"));
+        }
         self.cx.bind()?;
         // Workers up to the first that fails the host checks (`report` names it; the device
         // checks of the ones before it still run, so the first failure in worker order wins).
@@ -314,6 +318,7 @@ impl Aggregator {
         let mut up_bytes = 0usize;
         for (w, p) in payloads[..upto].iter().enumerate() {
             match p {
+                Payload::Qsgd(_) => unreachable!("refused before the uploads (contract::any_qsgd)"),
                 Payload::Sparse(s) => {
                     self.ensure_staging(w, s.indices.len())?;
                     up_bytes += align(s.indices.len() * 4) + align(s.values.len() * 4);
@@ -339,6 +344,7 @@ impl Aggregator {
         let mut offsets = Vec::with_capacity(upto);
         for p in &payloads[..upto] {
             offsets.push(match p {
+                Payload::Qsgd(_) => unreachable!("refused before the uploads (contract::any_qsgd)"),
                 Payload::Sparse(s) => (
                     put(&mut self.pinned, bytemuck::cast_slice(&s.indices)),
                     put(&mut self.pinned, bytemuck::cast_slice(&s.values)),
@@ -353,6 +359,7 @@ impl Aggregator {
         for (w, p) in payloads[..upto].iter().enumerate() {
             let (o1, o2) = offsets[w];
             match p {
+                Payload::Qsgd(_) => unreachable!("refused before the uploads (contract::any_qsgd)"),
                 Payload::Sparse(s) => {
                     let st = &self.staging[w];
                     let len = s.indices.len();
@@ -388,6 +395,7 @@ impl Aggregator {
         self.cx.launch(K::AggZero, grid_n, 256, &base)?;
         for (w, p) in payloads.iter().enumerate() {
             match p {
+                Payload::Qsgd(_) => unreachable!("refused before the uploads (contract::any_qsgd)"),
                 Payload::Sparse(s) => {
                     let st = &self.staging[w];
                     let a = AggArgs {

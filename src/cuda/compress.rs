@@ -332,6 +332,9 @@ impl Compressor {
         tuning: &Tuning,
     ) -> Result<Self> {
         let groups = config.plan_groups(layout)?;
+        if matches!(config.method, crate::Method::Qsgd { .. }) {
+            return Err(crate::contract::no_kernels("cuda", "QSGD compression"));
+        }
         let n = layout.n();
         let e = [DevBuf::zeroed(cx, n * 4)?, DevBuf::zeroed(cx, n * 4)?];
         let u = if config.momentum > 0.0 {

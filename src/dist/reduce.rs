@@ -1205,7 +1205,7 @@ mod tests {
                         .collect();
                     match crate::Compress::step(plan, &g, 5).unwrap() {
                         Payload::Sparse(p) => p.clone(),
-                        Payload::Sign(_) => unreachable!(),
+                        Payload::Sign(_) | Payload::Qsgd(_) => unreachable!(),
                     }
                 })
                 .collect();

@@ -224,6 +224,9 @@ impl Aggregator {
             check_payload(p, self.n, self.num_groups)
                 .map_err(|reason| Error::BadPayload { worker: k, reason })?;
         }
+        if crate::contract::any_qsgd(payloads) {
+            return Err(crate::contract::no_kernels("wgpu", "QSGD aggregation"));
+        }
         Ok(())
     }
 
@@ -238,6 +241,7 @@ impl Aggregator {
         for p in payloads {
             let mut w = WorkerParams::default();
             match p {
+                Payload::Qsgd(_) => unreachable!("refused before the uploads (contract::any_qsgd)"),
                 Payload::Sparse(p) => {
                     w.offset = self.host_val.len() as u32;
                     w.len = p.indices.len() as u32;
@@ -364,6 +368,7 @@ impl Aggregator {
         for (k, p) in payloads.iter().enumerate() {
             cp.set_bind_group(0, &self.binds[k], &[]);
             match p {
+                Payload::Qsgd(_) => unreachable!("refused before the uploads (contract::any_qsgd)"),
                 Payload::Sparse(p) => {
                     let g = grid((p.indices.len() as u64).div_ceil(256));
                     if g.0 > 0 {

@@ -152,6 +152,9 @@ impl Compressor {
     /// message states the limit), when the device is out of memory or lost.
     pub fn new(ctx: &Context, layout: &Layout, config: &Config) -> Result<Self> {
         let groups = config.plan_groups(layout)?;
+        if matches!(config.method, Method::Qsgd { .. }) {
+            return Err(crate::contract::no_kernels("wgpu", "QSGD compression"));
+        }
         let inner: &Inner = &ctx.inner;
         inner.check_alive()?;
         let shape = Shape::of(layout, config, &groups);
@@ -648,7 +651,7 @@ impl Shape {
             Method::RTopK { .. } => (0, true),
             Method::TopK { .. } => (0, false),
             Method::RandomK { .. } => (1, false),
-            Method::Sign => (NONE, false),
+            Method::Sign | Method::Qsgd { .. } => (NONE, false),
         };
         let gstate2 = GSTATE + 4 * ng as u32;
         let num_words = if sparse {

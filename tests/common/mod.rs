@@ -299,7 +299,7 @@ pub fn ref_groups(cfg: &Config, sizes: &[usize]) -> Vec<RefGroup> {
                 }
                 Method::TopK { k } => (ref_count(k, n), ref_count(k, n)),
                 Method::RandomK { k } => (n, ref_count(k, n)),
-                Method::Sign => (n, n),
+                Method::Sign | Method::Qsgd { .. } => (n, n),
             };
             let scale = if cfg.scale == Scale::Unbiased && k > 0 {
                 r as f32 / k as f32
