@@ -144,6 +144,11 @@ mod tests {
             }
         }
         assert_eq!(level(-0.0, 1.0, 3, 0.0), 0);
+        // A subnormal scale overflows inv to +inf (SPEC §13): level s, or 0 for a zero.
+        let inv = inverse(127, 1e-40);
+        assert_eq!(inv, f32::INFINITY);
+        assert_eq!(level(-1e-40, inv, 127, 0.5), -127);
+        assert_eq!(level(0.0, inv, 127, 0.5), 0);
         assert_eq!(level(-1e-9, 1.0, 3, 0.5), 0);
     }
 
