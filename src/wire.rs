@@ -445,6 +445,24 @@ pub fn decode(bytes: &[u8]) -> Result<Payload, DecodeError> {
     Ok(p)
 }
 
+/// `len` when the message is exactly `len` bytes long (a fixed-size kind: sign, QSGD), else
+/// the truncation or the trailing bytes.
+fn exact_len(bytes: &[u8], len: u64) -> Result<usize, DecodeError> {
+    if (bytes.len() as u64) < len {
+        return Err(DecodeError::Truncated {
+            needed: usize::try_from(len).unwrap_or(usize::MAX),
+            got: bytes.len(),
+        });
+    }
+    let len = len as usize;
+    if bytes.len() > len {
+        return Err(DecodeError::Trailing {
+            extra: bytes.len() - len,
+        });
+    }
+    Ok(len)
+}
+
 fn take<const N: usize>(bytes: &[u8], at: usize) -> Result<[u8; N], DecodeError> {
     bytes
         .get(at..at + N)
@@ -620,18 +638,7 @@ fn decode_sign(bytes: &[u8], n: u32, s: &mut SignPayload) -> Result<(), DecodeEr
     let groups = u32::from_le_bytes(take(bytes, HEADER)?) as usize;
     let sign_bytes = (n as usize).div_ceil(8);
     let len = SIGN_HEADER as u64 + groups as u64 * 4 + sign_bytes as u64;
-    if (bytes.len() as u64) < len {
-        return Err(DecodeError::Truncated {
-            needed: usize::try_from(len).unwrap_or(usize::MAX),
-            got: bytes.len(),
-        });
-    }
-    let len = len as usize;
-    if bytes.len() > len {
-        return Err(DecodeError::Trailing {
-            extra: bytes.len() - len,
-        });
-    }
+    let len = exact_len(bytes, len)?;
     s.n = n;
     s.scales.clear();
     s.negative.clear();
@@ -669,18 +676,7 @@ fn decode_qsgd(bytes: &[u8], n: u32, q: &mut QsgdPayload) -> Result<(), DecodeEr
     let b = qsgd::code_bits(levels);
     let code_bytes = (u64::from(n) * u64::from(b)).div_ceil(8);
     let len = QSGD_HEADER as u64 + groups as u64 * 4 + code_bytes;
-    if (bytes.len() as u64) < len {
-        return Err(DecodeError::Truncated {
-            needed: usize::try_from(len).unwrap_or(usize::MAX),
-            got: bytes.len(),
-        });
-    }
-    let len = len as usize;
-    if bytes.len() > len {
-        return Err(DecodeError::Trailing {
-            extra: bytes.len() - len,
-        });
-    }
+    let len = exact_len(bytes, len)?;
     q.n = n;
     q.levels = levels;
     q.scales.clear();

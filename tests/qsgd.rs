@@ -225,18 +225,21 @@ fn wgpu_refuses_qsgd_with_a_typed_error() {
             return;
         }
     };
+    let refused = |e: &Error| {
+        assert!(
+            matches!(
+                e,
+                Error::BackendUnavailable {
+                    backend: "wgpu",
+                    ..
+                }
+            ),
+            "{e}"
+        )
+    };
     let layout = Layout::new(&[8]).unwrap();
     let err = gradsift::wgpu::Compressor::new(&ctx, &layout, &Config::qsgd(3)).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::BackendUnavailable {
-                backend: "wgpu",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    refused(&err);
     let mut agg =
         gradsift::wgpu::Aggregator::new(&ctx, &layout, Mode::Global, Average::OverWorkers, 1)
             .unwrap();
@@ -247,14 +250,5 @@ fn wgpu_refuses_qsgd_with_a_typed_error() {
         .clone();
     let mut out = vec![0.0; 8];
     let err = agg.aggregate(&[p], &mut out).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::BackendUnavailable {
-                backend: "wgpu",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    refused(&err);
 }
