@@ -638,7 +638,7 @@ fn decode_sign(bytes: &[u8], n: u32, s: &mut SignPayload) -> Result<(), DecodeEr
     let groups = u32::from_le_bytes(take(bytes, HEADER)?) as usize;
     let sign_bytes = (n as usize).div_ceil(8);
     let len = SIGN_HEADER as u64 + groups as u64 * 4 + sign_bytes as u64;
-    let len = exact_len(bytes, len)?;
+    exact_len(bytes, len)?;
     s.n = n;
     s.scales.clear();
     s.negative.clear();
