@@ -111,10 +111,11 @@ pub(crate) fn check(p: &QsgdPayload, n: usize, groups: usize) -> Result<(), Stri
 }
 
 /// Encodes one group of `p` (the elements `start..start + p.len()` of the buffer) into
-/// `codes` and returns its scale, `max |p|`: the CPU backend's encoder and the reference the
-/// GPU kernels are tested against. `p` must be finite (the step checks it first).
+/// `codes`, leaves `p - decode(code)` in `p` (SPEC §5, fused into the same pass) and returns
+/// the scale, `max |p|`: the CPU backend's encoder and the reference the GPU kernels are
+/// tested against. `p` must be finite (the step checks it first).
 pub(crate) fn encode_group(
-    p: &[f32],
+    p: &mut [f32],
     start: usize,
     levels: u8,
     (worker, step, seed): (u32, u64, u64),
@@ -122,9 +123,10 @@ pub(crate) fn encode_group(
 ) -> f32 {
     let scale = p.iter().fold(0.0f32, |m, x| m.max(x.abs()));
     let inv = inverse(levels, scale);
-    for (j, (&x, c)) in p.iter().zip(codes.iter_mut()).enumerate() {
+    for (j, (x, c)) in p.iter_mut().zip(codes.iter_mut()).enumerate() {
         let u = uniform((start + j) as u32, worker, step, seed);
-        *c = level(x, inv, levels, u);
+        *c = level(*x, inv, levels, u);
+        *x -= decode(*c, scale, levels);
     }
     scale
 }
@@ -169,7 +171,7 @@ mod tests {
     #[test]
     fn a_zero_group_sends_zero_levels() {
         let mut codes = [5i8; 4];
-        let scale = encode_group(&[0.0; 4], 0, 7, (0, 0, 0), &mut codes);
+        let scale = encode_group(&mut [0.0; 4], 0, 7, (0, 0, 0), &mut codes);
         assert_eq!((scale, codes), (0.0, [0; 4]));
     }
 }

@@ -240,9 +240,6 @@ impl Compressor {
                     let codes = &mut out.codes[g.range.clone()];
                     let scale = qsgd::encode_group(p, g.range.start, out.levels, key, codes);
                     out.scales.push(scale);
-                    for (x, &c) in p.iter_mut().zip(codes.iter()) {
-                        *x -= qsgd::decode(c, scale, out.levels);
-                    }
                 }
                 if m > 0.0 {
                     // Every element sent a code (0 included): as for the sign (SPEC §13).
