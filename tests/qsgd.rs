@@ -48,8 +48,9 @@ fn model(
 fn decoded(q: &QsgdPayload, groups: &[std::ops::Range<usize>]) -> Vec<f32> {
     let mut out = vec![0.0; q.n as usize];
     for (g, &m) in groups.iter().zip(&q.scales) {
+        let step = m / q.levels as f32;
         for i in g.clone() {
-            out[i] = q.codes[i] as f32 * m / q.levels as f32;
+            out[i] = q.codes[i] as f32 * step;
         }
     }
     out

@@ -33,8 +33,9 @@ pub fn inverse(levels: u8, scale: f32) -> f32 {
     }
 }
 
-/// The signed level of one element (SPEC §13): `a = |p| * inv`, `level = floor(a)`, plus 1
-/// when `u < a - floor(a)`, at most `levels`; negative for a negative `p`, 0 carries no sign.
+/// The signed level of one element (SPEC §13): 0 for a zero `p`; `levels` when
+/// `a = |p| * inv` reaches it (`a = +inf` included); otherwise `floor(a)`, plus 1 when
+/// `u < a - floor(a)`. Negative for a negative `p`; 0 carries no sign.
 ///
 /// # Examples
 /// ```
@@ -46,26 +47,47 @@ pub fn inverse(levels: u8, scale: f32) -> f32 {
 /// ```
 #[inline]
 pub fn level(p: f32, inv: f32, levels: u8, u: f32) -> i8 {
+    if p == 0.0 {
+        return 0;
+    }
     let a = p.abs() * inv;
-    let f = a.floor();
-    // a - floor(a) is exact in f32, so every backend compares the same two numbers.
-    let up = u < a - f;
-    let l = (f as u32 + u32::from(up)).min(u32::from(levels)) as i8;
+    let l = if a >= f32::from(levels) {
+        levels
+    } else {
+        let f = a.floor();
+        // a - floor(a) is exact in f32, so every backend compares the same two numbers.
+        f as u8 + u8::from(u < a - f)
+    } as i8;
     if p < 0.0 { -l } else { l }
 }
 
-/// What a level decodes to (SPEC §13): `f32(level) * scale / f32(levels)`, the multiply
-/// first, in f32, so that the server and the worker's residual agree bit for bit.
+/// The value of one level step, `scale / f32(levels)` (SPEC §13): one correctly rounded f32
+/// division per group, which every backend computes the same (CUDA `__fdiv_rn`, WGSL an
+/// integer division, since WGSL's `/` may be 2.5 ulp off).
 ///
 /// # Examples
 /// ```
-/// use gradsift::codec::qsgd::decode;
-/// assert_eq!(decode(-3, 2.0, 4), -1.5);
-/// assert_eq!(decode(0, 2.0, 4), 0.0);
+/// use gradsift::codec::qsgd::step;
+/// assert_eq!(step(2.0, 4), 0.5);
+/// assert_eq!(step(0.0, 7), 0.0);
 /// ```
 #[inline]
-pub fn decode(code: i8, scale: f32, levels: u8) -> f32 {
-    f32::from(code) * scale / f32::from(levels)
+pub fn step(scale: f32, levels: u8) -> f32 {
+    scale / f32::from(levels)
+}
+
+/// What a level decodes to (SPEC §13): `f32(level) * step`, one f32 multiply by the group's
+/// [`step`], so that the server and the worker's residual agree bit for bit.
+///
+/// # Examples
+/// ```
+/// use gradsift::codec::qsgd::{decode, step};
+/// assert_eq!(decode(-3, step(2.0, 4)), -1.5);
+/// assert_eq!(decode(0, step(2.0, 4)), 0.0);
+/// ```
+#[inline]
+pub fn decode(code: i8, step: f32) -> f32 {
+    f32::from(code) * step
 }
 
 /// Bits one element's code takes on the wire: a sign bit and `ceil(log2(levels + 1))` level
@@ -122,11 +144,11 @@ pub(crate) fn encode_group(
     codes: &mut [i8],
 ) -> f32 {
     let scale = p.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-    let inv = inverse(levels, scale);
+    let (inv, d) = (inverse(levels, scale), self::step(scale, levels));
     for (j, (x, c)) in p.iter_mut().zip(codes.iter_mut()).enumerate() {
         let u = uniform((start + j) as u32, worker, step, seed);
         *c = level(*x, inv, levels, u);
-        *x -= decode(*c, scale, levels);
+        *x -= decode(*c, d);
     }
     scale
 }
@@ -161,7 +183,7 @@ mod tests {
         let inv = inverse(s, scale);
         let trials = 200_000u32;
         let mean: f64 = (0..trials)
-            .map(|i| f64::from(decode(level(x, inv, s, uniform(i, 0, 0, 1)), scale, s)))
+            .map(|i| f64::from(decode(level(x, inv, s, uniform(i, 0, 0, 1)), step(scale, s))))
             .sum::<f64>()
             / f64::from(trials);
         // sd of one draw <= 1/(2s); of the mean <= 0.17 / sqrt(2e5) = 4e-4.

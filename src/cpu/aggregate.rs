@@ -142,8 +142,9 @@ impl Aggregator {
                 }
                 Payload::Qsgd(p) => {
                     for (g, &s) in self.groups.iter().zip(&p.scales) {
+                        let d = qsgd::step(s, p.levels);
                         for i in g.start.max(a)..g.end.min(b) {
-                            out[i - a] += qsgd::decode(p.codes[i], s, p.levels);
+                            out[i - a] += qsgd::decode(p.codes[i], d);
                         }
                     }
                     counts.iter_mut().for_each(|c| *c += 1);
