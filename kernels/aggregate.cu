@@ -20,10 +20,10 @@ struct AggArgs {
     u64 err_val;    // u32[K]: first position with a non-finite value, per worker
     u64 any;        // u32*: nonzero once any payload is bad
     u64 inv;        // float[K + 1]: f32(1 / c)
-    u64 scales;     // float* a sign payload's scales
-    u64 words;      // u32* a sign payload's bits
+    u64 scales;     // float* a sign or QSGD payload's scales
+    u64 words;      // u32* a sign payload's bits, or signed char* a QSGD payload's codes
     u64 items;      // AggItem*
-    u32 len;        // entries of this payload
+    u32 len;        // entries of this payload (sparse), its levels (QSGD)
     u32 n;
     u32 worker;
     u32 workers;
@@ -83,6 +83,35 @@ extern "C" __global__ void __launch_bounds__(256) agg_sign(AggArgs a) {
         const u32 i = it.lo + j;
         const bool neg = (words[i >> 5] >> (i & 31u)) & 1u;
         out[i] = __fadd_rn(out[i], neg ? -s : s);
+        if (counts) counts[i] += 1u;
+    }
+}
+
+// Codes within -levels..=levels (the scales and the lengths were checked on the host).
+extern "C" __global__ void __launch_bounds__(256) agg_check_qsgd(AggArgs a) {
+    const signed char* codes = (const signed char*)a.words;
+    const int s = (int)a.len;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < a.n; i += stride) {
+        const int c = codes[i];
+        if (c < -s || c > s) {
+            atomicMin(&((u32*)a.err_val)[a.worker], (u32)i);
+            atomicOr((u32*)a.any, 1u);
+        }
+    }
+}
+
+// SPEC §13: decode = f32(code) * (scale / f32(s)), one correctly rounded division per group.
+extern "C" __global__ void __launch_bounds__(256) agg_qsgd(AggArgs a) {
+    if (*(const volatile u32*)a.any) return;
+    const AggItem it = ((const AggItem*)a.items)[blockIdx.x];
+    const float step = __fdiv_rn(((const float*)a.scales)[it.group], (float)a.len);
+    const signed char* codes = (const signed char*)a.words;
+    float* out = (float*)a.out;
+    u32* counts = (u32*)a.counts;
+    for (u32 j = threadIdx.x; j < it.len; j += blockDim.x) {
+        const u32 i = it.lo + j;
+        out[i] = __fadd_rn(out[i], __fmul_rn((float)codes[i], step));
         if (counts) counts[i] += 1u;
     }
 }

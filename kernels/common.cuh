@@ -89,8 +89,16 @@ __device__ __forceinline__ u32 magnitude_key(float x) {
     return 0x7FFFFFFFu ^ (__float_as_uint(x) & 0x7FFFFFFFu);
 }
 
-// Philox4x32-10, word 0, bit for bit as src/philox.rs.
-__device__ __forceinline__ u32 philox_key(u32 i, u32 w, u32 t_lo, u32 t_hi, u32 s_lo, u32 s_hi) {
+// A work item of the segmented kernels (sign.cu, qsgd.cu): a slice of one group; groups
+// longer than an item span several, an empty group none.
+struct Item {
+    u32 group, lo, len, pad;
+};
+static_assert(sizeof(Item) == 16, "Item layout");
+
+// Philox4x32-10, words 0 and 1 of the block, bit for bit as src/philox.rs.
+__device__ __forceinline__ void philox_words(u32 i, u32 w, u32 t_lo, u32 t_hi, u32 s_lo, u32 s_hi, u32* w0,
+                                             u32* w1) {
     u32 c0 = i, c1 = w, c2 = t_lo, c3 = t_hi, k0 = s_lo, k1 = s_hi;
 #pragma unroll
     for (int round = 0; round < 10; ++round) {
@@ -105,7 +113,15 @@ __device__ __forceinline__ u32 philox_key(u32 i, u32 w, u32 t_lo, u32 t_hi, u32 
         c2 = hi0 ^ c3 ^ k1;
         c3 = lo0;
     }
-    return c0;
+    *w0 = c0;
+    *w1 = c1;
+}
+
+// Word 0: random-k's key (SPEC §3).
+__device__ __forceinline__ u32 philox_key(u32 i, u32 w, u32 t_lo, u32 t_hi, u32 s_lo, u32 s_hi) {
+    u32 w0, w1;
+    philox_words(i, w, t_lo, t_hi, s_lo, s_hi, &w0, &w1);
+    return w0;
 }
 
 // Radix digits of a 32-bit key, most significant first (11 + 11 + 10 bits, as on the CPU).

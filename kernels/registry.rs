@@ -102,6 +102,11 @@ kernel_registry! {
         SignMerge = "sign_merge" (SignArgs),
         SignApply = "sign_apply" (SignArgs),
     ],
+    "qsgd.cu": [
+        QsgdPartial = "qsgd_partial" (QsgdArgs),
+        QsgdMerge = "qsgd_merge" (QsgdArgs),
+        QsgdApply = "qsgd_apply" (QsgdArgs),
+    ],
     "stats.cu": [
         StatsItems = "stats_items" [f32, f16, bf16] (StatsArgs),
         StatsMerge = "stats_merge" (StatsArgs),
@@ -113,6 +118,8 @@ kernel_registry! {
         AggZero = "agg_zero" (AggArgs),
         AggScatter = "agg_scatter" (AggArgs),
         AggSign = "agg_sign" (AggArgs),
+        AggCheckQsgd = "agg_check_qsgd" (AggArgs),
+        AggQsgd = "agg_qsgd" (AggArgs),
         AggFinalize = "agg_finalize" (AggArgs),
     ],
 }

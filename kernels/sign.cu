@@ -5,11 +5,6 @@
 #include "common.cuh"
 #endif
 
-// A slice of one group; groups longer than an item span several, an empty group none.
-struct Item {
-    u32 group, lo, len, pad;
-};
-
 struct SignArgs {
     StepBuffers b;
     u64 items;        // Item*
@@ -73,5 +68,4 @@ extern "C" __global__ void __launch_bounds__(256) sign_apply(SignArgs a) {
     }
 }
 
-static_assert(sizeof(Item) == 16, "Item layout");
 static_assert(sizeof(SignArgs) == 104, "SignArgs layout");

@@ -149,7 +149,7 @@ pub(crate) fn check_payload(
 /// The error of a GPU backend asked to run a codec whose kernels it does not have yet
 /// (QSGD runs on the CPU backend only so far): typed and before any state is touched, never
 /// a silent fallback to the host.
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
+#[cfg(feature = "wgpu")]
 pub(crate) fn no_kernels(backend: &'static str, what: &str) -> Error {
     Error::BackendUnavailable {
         backend,
@@ -158,7 +158,7 @@ pub(crate) fn no_kernels(backend: &'static str, what: &str) -> Error {
 }
 
 /// Whether any payload is QSGD, which the GPU aggregators refuse (`no_kernels`).
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
+#[cfg(feature = "wgpu")]
 pub(crate) fn any_qsgd(payloads: &[Payload]) -> bool {
     payloads.iter().any(|p| matches!(p, Payload::Qsgd(_)))
 }

@@ -72,6 +72,8 @@ backend_tests!(
     gradient_dtypes_f16_bf16,
     per_layer_thousand_mixed_layers,
     sign_global_and_per_layer,
+    // docs/SPEC.md §13: QSGD's scales and codes bit for bit, its residual too.
+    qsgd_global_and_per_layer,
     momentum_exact_on_dyadic_inputs,
     adversarial_ties_resolve_to_lower_index,
     nan_injection_leaves_state_untouched,
@@ -724,11 +726,12 @@ enum Tol {
 }
 
 impl Tol {
-    /// Sparse methods are bit-identical unless a momentum that is not a power of two lets a
-    /// GPU fuse `m u + g` (1 ulp); scaled sign has a reduction in its scale.
+    /// Sparse methods and QSGD (a maximum, SPEC §13) are bit-identical unless a momentum
+    /// that is not a power of two lets a GPU fuse `m u + g` (1 ulp); scaled sign has a
+    /// reduction in its scale.
     fn of(config: &Config) -> Tol {
         let m = config.momentum;
-        if !config.is_sparse() {
+        if config.method == Method::Sign {
             Tol::Within(1e-5)
         } else if m == 0.0 || (m.to_bits() & 0x007F_FFFF) == 0 {
             Tol::Bits
@@ -813,6 +816,30 @@ fn compare_payload(want: &Payload, got: &Payload, tol: Tol, what: &str, first: b
                 Tol::Within(1e-5),
                 &format!("{what}: scales"),
             );
+        }
+        (Payload::Qsgd(w), Payload::Qsgd(g)) => {
+            assert_eq!((w.n, w.levels), (g.n, g.levels), "{what}: n, levels");
+            if tol == Tol::Bits {
+                assert_eq!(
+                    common::bits(&w.scales),
+                    common::bits(&g.scales),
+                    "{what}: scales"
+                );
+                if let Some(i) = (0..w.codes.len()).find(|&i| w.codes[i] != g.codes[i]) {
+                    panic!(
+                        "{what}: code {i}: cpu {} backend {}",
+                        w.codes[i], g.codes[i]
+                    );
+                }
+            } else {
+                // 1-ulp inputs move a level only where a - floor(a) meets u.
+                compare_f32(&w.scales, &g.scales, tol, &format!("{what}: scales"));
+                let moved = w.codes.iter().zip(&g.codes).filter(|(a, b)| a != b).count();
+                assert!(
+                    moved <= 1 + w.n as usize / 1000,
+                    "{what}: {moved} codes differ"
+                );
+            }
         }
         _ => panic!("{what}: payload kinds differ"),
     }
@@ -1269,6 +1296,59 @@ fn sign_global_and_per_layer<H: Harness>(h: &H) {
     }
 }
 
+fn qsgd_global_and_per_layer<H: Harness>(h: &H) {
+    for n in [0usize, 1, 255, 257, 4097, 70_001] {
+        let layout = Layout::new(&[n / 3, 0, n - n / 3]).unwrap();
+        for (mode, levels, momentum) in [
+            (Mode::Global, 7u8, 0.0f32),
+            (Mode::PerLayer, 1, 0.5),
+            (Mode::PerLayer, 127, 0.0),
+        ] {
+            let mut cfg = Config::qsgd(levels);
+            cfg.mode = mode;
+            cfg.momentum = momentum;
+            cfg.seed = 0x5EED_0000_0001;
+            let grads: Vec<Vec<f32>> = (0..3).map(|s| data(n, s + 40)).collect();
+            compare(
+                h,
+                &layout,
+                &cfg,
+                &grads,
+                &format!("qsgd s={levels} n={n} {mode:?}"),
+            );
+        }
+    }
+    // Magnitudes across the exponent range, exact zeros and a group whose max is subnormal
+    // (inv = +inf: level s for every non-zero element, SPEC §13).
+    let layout = Layout::new(&[3000, 64, 10]).unwrap();
+    let mut wide: Vec<f32> = (0..3000)
+        .map(|i| {
+            let e = (i % 60) - 30;
+            let m = 1.0 + (i as f32 * 0.618).fract();
+            if i % 11 == 0 {
+                0.0
+            } else if i % 2 == 0 {
+                -m * 2f32.powi(e)
+            } else {
+                m * 2f32.powi(e)
+            }
+        })
+        .collect();
+    wide.extend((0..64).map(|i| (i as f32 - 32.0) * 1e-41));
+    wide.extend([0.0f32; 10]);
+    for levels in [1u8, 3, 100, 127] {
+        let mut cfg = Config::qsgd(levels);
+        cfg.mode = Mode::PerLayer;
+        compare(
+            h,
+            &layout,
+            &cfg,
+            &[wide.clone(), wide.clone()],
+            &format!("qsgd wide s={levels}"),
+        );
+    }
+}
+
 fn momentum_exact_on_dyadic_inputs<H: Harness>(h: &H) {
     let layout = mixed_layout(60, 7);
     let n = layout.n();
@@ -1499,7 +1579,7 @@ fn aggregation_bit_identical<H: Harness>(h: &H) {
         for rule in [Average::OverWorkers, Average::OverSenders] {
             for (name, mut cfg) in sparse_methods()
                 .into_iter()
-                .chain([("sign", Config::sign())])
+                .chain([("sign", Config::sign()), ("qsgd", Config::qsgd(7))])
             {
                 cfg.mode = mode;
                 let mut c = gradsift::cpu::Compressor::new(&layout, &cfg).unwrap();
@@ -1511,6 +1591,10 @@ fn aggregation_bit_identical<H: Harness>(h: &H) {
                     s.mode = mode;
                     let mut cs = gradsift::cpu::Compressor::new(&layout, &s).unwrap();
                     payloads[2] = cs.step(&data(n, 1), 0).unwrap().clone();
+                    let mut q = Config::qsgd(3);
+                    q.mode = mode;
+                    let mut cq = gradsift::cpu::Compressor::new(&layout, &q).unwrap();
+                    payloads[4] = cq.step(&data(n, 2), 0).unwrap().clone();
                 }
                 compare_aggregation(
                     h,
@@ -1533,6 +1617,16 @@ fn aggregation_bit_identical<H: Harness>(h: &H) {
                         ));
                         assert!(out.iter().all(|&v| v == 7.0));
                     }
+                }
+                if let Payload::Qsgd(p) = &mut bad[3] {
+                    p.codes[n / 2] = 8; // beyond 7 levels
+                    let mut out = vec![7.0; n];
+                    let err = agg.aggregate(&bad, &mut out).unwrap_err();
+                    assert!(
+                        matches!(&err, Error::BadPayload { worker: 3, reason } if reason.contains("beyond")),
+                        "{err}"
+                    );
+                    assert!(out.iter().all(|&v| v == 7.0));
                 }
             }
         }

@@ -669,6 +669,12 @@ inline double __longlong_as_double(long long i) {
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __uint_as_float(unsigned u) {
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
 using std::fabs;
 using std::fmax;
 inline float fabsf(float x) { return std::fabs(x); }
@@ -676,6 +682,7 @@ inline float fmaxf(float a, float b) { return std::fmax(a, b); }
 inline float fminf(float a, float b) { return std::fmin(a, b); }
 inline float copysignf(float a, float b) { return std::copysign(a, b); }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
 
 // ---- launches ------------------------------------------------------------------------------
 

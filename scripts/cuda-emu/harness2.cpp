@@ -10,6 +10,7 @@
 
 #include "accumulate.cu"
 #include "sign.cu"
+#include "qsgd.cu"
 #include "stats.cu"
 #include "aggregate.cu"
 
@@ -396,6 +397,163 @@ static void agg_sign_case(u32 n, u32 k, bool senders) {
     printf("ok   aggregate sign n=%u K=%u senders=%d%s\n", n, k, senders, sched_tag.c_str());
 }
 
+// SPEC §13 written out on its own (plain f32 operations, -ffp-contract=off): level, decode.
+static int qsgd_model_level(float x, float m, u32 s, float u) {
+    if (x == 0.0f) return 0;
+    const float inv = m > 0.0f ? (float)s / m : 0.0f;
+    const float a = std::fabs(x) * inv;
+    int l = a >= (float)s ? (int)s : (int)std::floor(a) + (u < a - std::floor(a) ? 1 : 0);
+    return x < 0.0f ? -l : l;
+}
+
+// One group of subnormal magnitudes (its scale makes inv = +inf) and one of zeros.
+static void qsgd_case(const std::vector<u32>& sizes, u32 levels, float momentum) {
+    const unsigned long san0 = san_begin();
+    u32 n = 0;
+    for (u32 s : sizes) n += s;
+    std::vector<Item> items;
+    std::vector<u32> first;
+    items_of(sizes, items, first);
+    std::vector<float> e[2] = {std::vector<float>(n + 1), std::vector<float>(n + 1)};
+    std::vector<float> u[2] = {std::vector<float>(n + 1), std::vector<float>(n + 1)};
+    StepStatus st{};
+    std::vector<u32> partial(items.size() + 1);
+    std::vector<float> scales(sizes.size() + 1);
+    std::vector<signed char> codes((n + 3) / 4 * 4 + 1);
+    std::vector<float> re(n, 0.f), ru(n, 0.f);
+    const u32 worker = 3, seed_lo = 0x1234567u, seed_hi = 9;
+    for (int step = 0; step < 3; ++step) {
+        auto g = gauss(n, 11 + step, 1.0f);
+        u32 lo0 = 0;
+        for (u32 gi = 0; gi < sizes.size(); ++gi) {
+            for (u32 i = lo0; i < lo0 + sizes[gi]; ++i) {
+                if (gi == 1) g[i] = step == 0 ? (float)(i % 7) * 1e-41f - 3e-41f : 0.0f;  // subnormal
+                if (gi == 2) g[i] = 0.0f;
+            }
+            lo0 += sizes[gi];
+        }
+        StepBuffers b{D(e[0], n, "e0"), D(e[1], n, "e1"), momentum > 0 ? D(u[0], n, "u0") : 0,
+                      momentum > 0 ? D(u[1], n, "u1") : 0, D1(&st, "status"), n, momentum};
+        D(g, n, "grad");
+        if (step == 0) {
+            D(items, items.size(), "items");
+            D(first, first.size(), "group_items");
+            D(partial, items.size(), "partial", false);
+            D(scales, sizes.size(), "scales", false);
+            D(codes, (n + 3) / 4 * 4, "codes");  // zeroed when the plan is built (DevBuf::zeroed)
+        }
+        emu_launch(ef_begin, 1, 1, b);
+        emu_launch(ef_accumulate_f32, grid_for(n, 256), 256, AccArgs{b, A(g.data()), 0});
+        QsgdArgs a{b, A(items.data()), A(partial.data()), A(first.data()), A(scales.data()), A(codes.data()),
+                   (u32)sizes.size(), levels, worker, (u32)step, 0, seed_lo, seed_hi, 0};
+        emu_launch(qsgd_partial, items.size(), 256, a);
+        emu_launch(qsgd_merge, sizes.size(), 256, a);
+        emu_launch(qsgd_apply, items.size(), 256, a);
+        emu_launch(ef_commit, 1, 1, b);
+        u32 lo = 0;
+        for (u32 gi = 0; gi < sizes.size(); ++gi) {
+            std::vector<float> p(sizes[gi]);
+            float m = 0.0f;
+            for (u32 j = 0; j < sizes[gi]; ++j) {
+                u32 i = lo + j;
+                float un = momentum > 0 ? momentum * ru[i] + g[i] : g[i];
+                if (momentum > 0) ru[i] = un;
+                p[j] = re[i] + un;
+                m = std::max(m, std::fabs(p[j]));
+            }
+            CHECK(__float_as_uint(m) == __float_as_uint(scales[gi]), "qsgd scale %u: %g vs %g", gi, scales[gi], m);
+            const float dstep = m / (float)levels;
+            for (u32 j = 0; j < sizes[gi]; ++j) {
+                u32 i = lo + j;
+                u32 w0, w1;
+                philox_words(i, worker, (u32)step, 0, seed_lo, seed_hi, &w0, &w1);
+                const float uu = (float)(w1 >> 8) / 16777216.0f;
+                const int q = qsgd_model_level(p[j], m, levels, uu);
+                CHECK(codes[i] == q, "qsgd code %u: %d vs %d", i, codes[i], q);
+                re[i] = p[j] - (float)q * dstep;
+                ru[i] = 0;
+                CHECK(__float_as_uint(e[st.cur][i]) == __float_as_uint(re[i]), "qsgd residual %u: %g vs %g", i,
+                      e[st.cur][i], re[i]);
+                if (momentum > 0) CHECK(u[st.cur][i] == 0.f, "qsgd momentum %u", i);
+            }
+            lo += sizes[gi];
+        }
+    }
+    SAN_OK(san0);
+    ++passes;
+    printf("ok   qsgd sizes=%zu n=%u levels=%u momentum=%g%s\n", sizes.size(), n, levels, momentum,
+           sched_tag.c_str());
+}
+
+// `bad`: worker 1's code at that position is beyond the levels (nothing may be written).
+static void agg_qsgd_case(u32 n, u32 k, u32 levels, bool senders, int bad) {
+    const unsigned long san0 = san_begin();
+    std::vector<u32> sizes = {n / 3, 0, n - n / 3};
+    std::vector<Item> items;
+    std::vector<u32> first;
+    items_of(sizes, items, first);
+    std::mt19937_64 r(n + k + levels);
+    std::vector<std::vector<float>> scales(k);
+    std::vector<std::vector<signed char>> codes(k);
+    for (u32 w = 0; w < k; ++w) {
+        for (u32 g = 0; g < sizes.size(); ++g) scales[w].push_back((float)(r() % 1000) / 7.0f);
+        for (u32 i = 0; i < n; ++i) codes[w].push_back((signed char)((int)(r() % (2 * levels + 1)) - (int)levels));
+    }
+    if (bad >= 0 && k > 1) codes[1][bad] = (signed char)(levels + 1);
+    std::vector<float> inv(k + 1);
+    for (u32 c = 1; c <= k; ++c) inv[c] = (float)(1.0 / c);
+    std::vector<float> out(n + 1, 7.0f);
+    std::vector<u32> counts(n + 1), ei(k, 0xFFFFFFFF), ev(k, 0xFFFFFFFF);
+    u32 any = 0;
+    AggArgs base{};
+    base.out = D(out, n, "out");
+    base.counts = senders ? D(counts, n, "counts") : 0;
+    base.err_idx = D(ei, k, "err_idx");
+    base.err_val = D(ev, k, "err_val");
+    base.any = D1(&any, "any");
+    base.inv = D(inv, k + 1, "inv");
+    base.items = D(items, items.size(), "items");
+    base.n = n;
+    base.workers = k;
+    for (u32 w = 0; w < k; ++w) {
+        AggArgs a = base;
+        a.words = D(codes[w], n, "codes");
+        a.len = levels;
+        a.worker = w;
+        D(scales[w], sizes.size(), "scales");
+        emu_launch(agg_check_qsgd, grid_for(n, 256), 256, a);
+    }
+    emu_launch(agg_zero, grid_for(n, 256), 256, base);
+    for (u32 w = 0; w < k; ++w) {
+        AggArgs a = base;
+        a.scales = A(scales[w].data());
+        a.words = A(codes[w].data());
+        a.len = levels;
+        emu_launch(agg_qsgd, items.size(), 256, a);
+    }
+    emu_launch(agg_finalize, grid_for(n, 256), 256, base);
+    if (bad >= 0) {
+        CHECK(any == 1 && ev[1] == (u32)bad && ev[0] == 0xFFFFFFFF, "agg qsgd: bad code not reported");
+        for (u32 i = 0; i < n; ++i) CHECK(out[i] == 7.0f, "agg qsgd: out written at %u despite a bad code", i);
+    } else {
+        u32 lo = 0;
+        for (u32 g = 0; g < sizes.size(); ++g) {
+            for (u32 i = lo; i < lo + sizes[g]; ++i) {
+                float want = 0.f;
+                for (u32 w = 0; w < k; ++w) want += (float)codes[w][i] * (scales[w][g] / (float)levels);
+                want *= inv[k];
+                CHECK(__float_as_uint(want) == __float_as_uint(out[i]), "agg qsgd %u: %g vs %g", i, out[i], want);
+                if (senders) CHECK(counts[i] == k, "agg qsgd counts %u", i);
+            }
+            lo += sizes[g];
+        }
+    }
+    SAN_OK(san0);
+    ++passes;
+    printf("ok   aggregate qsgd n=%u K=%u levels=%u senders=%d bad=%d%s\n", n, k, levels, senders, bad,
+           sched_tag.c_str());
+}
+
 // f16 and bf16 gradients through the accumulate kernel (exact widening).
 static void accumulate_half_case(u32 n) {
     const unsigned long san0 = san_begin();
@@ -452,6 +610,12 @@ int main(int argc, char** argv) {
     each("aggregate sign", [] { agg_sign_case(9001, 3, false); });
     each("aggregate sign", [] { agg_sign_case(9001, 2, true); });
     each("accumulate", [] { accumulate_half_case(20000); });
+    each("qsgd", [] { qsgd_case({10000}, 7, 0.0f); });
+    each("qsgd", [] { qsgd_case({5000, 300, 64, 0, 9000, 1}, 1, 0.5f); });
+    each("qsgd", [] { qsgd_case({4097, 777, 5}, 127, 0.0f); });
+    each("aggregate qsgd", [] { agg_qsgd_case(9001, 3, 7, false, -1); });
+    each("aggregate qsgd", [] { agg_qsgd_case(9001, 2, 127, true, -1); });
+    each("aggregate qsgd", [] { agg_qsgd_case(5000, 3, 3, false, 4321); });
     // The summary CI log readers look for: alone on the last line.
     printf("%d passed, %d failed\n", passes, failures);
     return failures ? 1 : 0;

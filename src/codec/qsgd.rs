@@ -183,7 +183,12 @@ mod tests {
         let inv = inverse(s, scale);
         let trials = 200_000u32;
         let mean: f64 = (0..trials)
-            .map(|i| f64::from(decode(level(x, inv, s, uniform(i, 0, 0, 1)), step(scale, s))))
+            .map(|i| {
+                f64::from(decode(
+                    level(x, inv, s, uniform(i, 0, 0, 1)),
+                    step(scale, s),
+                ))
+            })
             .sum::<f64>()
             / f64::from(trials);
         // sd of one draw <= 1/(2s); of the mean <= 0.17 / sqrt(2e5) = 4e-4.

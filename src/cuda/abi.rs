@@ -202,6 +202,27 @@ pub struct SignArgs {
     pub pad: u32,
 }
 
+/// `kernels/qsgd.cu`'s arguments: the work items of [`SignArgs`], the per-item maxima, the
+/// per-group scales and the `n` signed levels, with SPEC §3's Philox key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct QsgdArgs {
+    pub b: StepBuffers,
+    pub items: u64,
+    pub partial: u64,
+    pub group_items: u64,
+    pub scales: u64,
+    pub codes: u64,
+    pub ngroups: u32,
+    pub levels: u32,
+    pub worker: u32,
+    pub t_lo: u32,
+    pub t_hi: u32,
+    pub s_lo: u32,
+    pub s_hi: u32,
+    pub pad: u32,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StatsArgs {
@@ -285,6 +306,7 @@ const _: () = {
     assert!(size_of::<SmallArgs>() == 104);
     assert!(size_of::<Item>() == 16);
     assert!(size_of::<SignArgs>() == 104);
+    assert!(size_of::<QsgdArgs>() == 120);
     assert!(size_of::<StatsArgs>() == 48);
     assert!(size_of::<StatsOut>() == 48);
     assert!(size_of::<VarOut>() == 16);

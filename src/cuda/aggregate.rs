@@ -42,8 +42,11 @@ pub struct Aggregator {
     host_err_idx: Vec<u32>,
     host_err_val: Vec<u32>,
     staging: Vec<Staging>,
-    sign_scales: Vec<DevBuf>,
+    /// Per worker: the scales of a sign or QSGD payload, a sign payload's bits, a QSGD
+    /// payload's codes (each allocated at the first payload of its kind, then reused).
+    scales: Vec<DevBuf>,
     sign_words: Vec<DevBuf>,
+    qsgd_codes: Vec<DevBuf>,
     /// Page-locked staging of every host transfer of a call (uploads, the check results,
     /// the host output), so the call enqueues everything and waits once.
     pinned: Pinned,
@@ -89,8 +92,9 @@ impl Aggregator {
             host_err_idx: vec![0; workers],
             host_err_val: vec![0; workers],
             staging: Vec::new(),
-            sign_scales: Vec::new(),
+            scales: Vec::new(),
             sign_words: Vec::new(),
+            qsgd_codes: Vec::new(),
             pinned: Pinned::new(cx),
             err_at: 0,
             groups,
@@ -261,7 +265,12 @@ impl Aggregator {
             return false;
         }
         match p {
-            Payload::Qsgd(_) => false,
+            Payload::Qsgd(q) => {
+                (1..=crate::config::QSGD_MAX_LEVELS).contains(&q.levels)
+                    && q.scales.len() == self.groups.len()
+                    && q.codes.len() == self.n
+                    && q.scales.iter().all(|v| v.is_finite() && *v >= 0.0)
+            }
             Payload::Sparse(s) => s.indices.len() == s.values.len() && s.indices.len() <= self.n,
             Payload::Sign(s) => {
                 s.scales.len() == self.groups.len()
@@ -289,14 +298,15 @@ impl Aggregator {
         Ok(())
     }
 
-    fn ensure_sign(&mut self, w: usize) -> Result<()> {
-        while self.sign_scales.len() <= w {
-            self.sign_scales
-                .push(DevBuf::zeroed(&self.cx, self.groups.len() * 4)?);
-            self.sign_words
-                .push(DevBuf::zeroed(&self.cx, self.n.div_ceil(64) * 8)?);
+    /// Worker `w`'s scales and, for a sign payload, its bits, or for QSGD its codes.
+    fn ensure_dense(&mut self, w: usize, qsgd: bool) -> Result<()> {
+        let cx = &self.cx;
+        per_worker(cx, &mut self.scales, w, self.groups.len() * 4)?;
+        if qsgd {
+            per_worker(cx, &mut self.qsgd_codes, w, self.n)
+        } else {
+            per_worker(cx, &mut self.sign_words, w, self.n.div_ceil(64) * 8)
         }
-        Ok(())
     }
 
     /// Enqueues the uploads (through the pinned buffer), the checks and, when every payload
@@ -304,9 +314,6 @@ impl Aggregator {
     /// the pinned buffer for the host output. Waits for nothing.
     fn enqueue(&mut self, payloads: &[Payload], dst: u64, out_bytes: usize) -> Result<()> {
         self.check_count(payloads)?;
-        if crate::contract::any_qsgd(payloads) {
-            return Err(crate::contract::no_kernels("cuda", "QSGD aggregation"));
-        }
         self.cx.bind()?;
         // Workers up to the first that fails the host checks (`report` names it; the device
         // checks of the ones before it still run, so the first failure in worker order wins).
@@ -318,13 +325,16 @@ impl Aggregator {
         let mut up_bytes = 0usize;
         for (w, p) in payloads[..upto].iter().enumerate() {
             match p {
-                Payload::Qsgd(_) => unreachable!("refused before the uploads (contract::any_qsgd)"),
+                Payload::Qsgd(q) => {
+                    self.ensure_dense(w, true)?;
+                    up_bytes += align(q.scales.len() * 4) + align(q.codes.len());
+                }
                 Payload::Sparse(s) => {
                     self.ensure_staging(w, s.indices.len())?;
                     up_bytes += align(s.indices.len() * 4) + align(s.values.len() * 4);
                 }
                 Payload::Sign(s) => {
-                    self.ensure_sign(w)?;
+                    self.ensure_dense(w, false)?;
                     up_bytes += align(s.scales.len() * 4) + align(s.negative.len() * 8);
                 }
             }
@@ -344,7 +354,10 @@ impl Aggregator {
         let mut offsets = Vec::with_capacity(upto);
         for p in &payloads[..upto] {
             offsets.push(match p {
-                Payload::Qsgd(_) => unreachable!("refused before the uploads (contract::any_qsgd)"),
+                Payload::Qsgd(q) => (
+                    put(&mut self.pinned, bytemuck::cast_slice(&q.scales)),
+                    put(&mut self.pinned, bytemuck::cast_slice(&q.codes)),
+                ),
                 Payload::Sparse(s) => (
                     put(&mut self.pinned, bytemuck::cast_slice(&s.indices)),
                     put(&mut self.pinned, bytemuck::cast_slice(&s.values)),
@@ -359,7 +372,19 @@ impl Aggregator {
         for (w, p) in payloads[..upto].iter().enumerate() {
             let (o1, o2) = offsets[w];
             match p {
-                Payload::Qsgd(_) => unreachable!("refused before the uploads (contract::any_qsgd)"),
+                Payload::Qsgd(q) => {
+                    let (sc, codes) = (self.scales[w].ptr(), self.qsgd_codes[w].ptr());
+                    self.pinned.upload(&self.cx, o1, q.scales.len() * 4, sc)?;
+                    self.pinned.upload(&self.cx, o2, q.codes.len(), codes)?;
+                    let a = AggArgs {
+                        words: codes,
+                        len: u32::from(q.levels),
+                        worker: w as u32,
+                        ..base
+                    };
+                    let grid = self.cx.grid_for(self.n as u64, 256);
+                    self.cx.launch(K::AggCheckQsgd, grid, 256, &a)?;
+                }
                 Payload::Sparse(s) => {
                     let st = &self.staging[w];
                     let len = s.indices.len();
@@ -380,7 +405,7 @@ impl Aggregator {
                     )?;
                 }
                 Payload::Sign(s) => {
-                    let sc = self.sign_scales[w].ptr();
+                    let sc = self.scales[w].ptr();
                     let wd = self.sign_words[w].ptr();
                     self.pinned.upload(&self.cx, o1, s.scales.len() * 4, sc)?;
                     self.pinned.upload(&self.cx, o2, s.negative.len() * 8, wd)?;
@@ -395,7 +420,16 @@ impl Aggregator {
         self.cx.launch(K::AggZero, grid_n, 256, &base)?;
         for (w, p) in payloads.iter().enumerate() {
             match p {
-                Payload::Qsgd(_) => unreachable!("refused before the uploads (contract::any_qsgd)"),
+                Payload::Qsgd(q) => {
+                    let a = AggArgs {
+                        scales: self.scales[w].ptr(),
+                        words: self.qsgd_codes[w].ptr(),
+                        len: u32::from(q.levels),
+                        worker: w as u32,
+                        ..base
+                    };
+                    self.cx.launch(K::AggQsgd, self.n_items, 256, &a)?;
+                }
                 Payload::Sparse(s) => {
                     let st = &self.staging[w];
                     let a = AggArgs {
@@ -410,7 +444,7 @@ impl Aggregator {
                 }
                 Payload::Sign(_) => {
                     let a = AggArgs {
-                        scales: self.sign_scales[w].ptr(),
+                        scales: self.scales[w].ptr(),
                         words: self.sign_words[w].ptr(),
                         worker: w as u32,
                         ..base
@@ -459,6 +493,14 @@ impl Aggregator {
         }
         Ok(())
     }
+}
+
+/// Grows `list` to hold worker `w`'s buffer of `bytes` bytes (every entry has the same size).
+fn per_worker(cx: &Context, list: &mut Vec<DevBuf>, w: usize, bytes: usize) -> Result<()> {
+    while list.len() <= w {
+        list.push(DevBuf::zeroed(cx, bytes)?);
+    }
+    Ok(())
 }
 
 /// Offsets in the pinned buffer stay 16-byte aligned (it is page-aligned), so its regions

@@ -1,15 +1,16 @@
 //! The fused error-feedback compression step on the GPU (SPEC §4-6, §10).
 
 use super::abi::{
-    self, AccArgs, BigGroup, CompactArgs, STAGE_ALL, STAGE_FIRST, STAGE_LIST, SelArgs, SignArgs,
-    SmallArgs, SmallGroup,
+    self, AccArgs, BigGroup, CompactArgs, QsgdArgs, STAGE_ALL, STAGE_FIRST, STAGE_LIST, SelArgs,
+    SignArgs, SmallArgs, SmallGroup,
 };
 use super::context::{Context, DevBuf, Pinned, download_at};
 use super::kernels::typed as K;
 use super::launch::{Enqueue, Live, Recorder, StepLaunches};
 use crate::Compress;
 use crate::{
-    Config, DType, Element, Error, Group, Layout, Payload, Result, SignPayload, SparsePayload,
+    Config, DType, Element, Error, Group, Layout, Payload, QsgdPayload, Result, SignPayload,
+    SparsePayload,
 };
 use cudarc::driver::{CudaSlice, DevicePtr};
 
@@ -201,16 +202,16 @@ impl Sparse {
     }
 }
 
-/// The host half of a scaled-sign plan.
+/// The host half of a scaled-sign or QSGD plan: the groups cut into work items.
 #[derive(Debug, Clone)]
-struct SignShape {
+struct ItemShape {
     items: Vec<abi::Item>,
     first: Vec<u32>,
     lens: Vec<u32>,
     n_words64: usize,
 }
 
-impl SignShape {
+impl ItemShape {
     fn new(layout: &Layout, groups: &[Group]) -> Self {
         let ranges: Vec<_> = groups.iter().map(|g| g.range.clone()).collect();
         let (items, first) = abi::items(&ranges);
@@ -243,7 +244,7 @@ struct SignPtrs {
 
 #[derive(Debug)]
 struct Sign {
-    shape: SignShape,
+    shape: ItemShape,
     items: DevBuf,
     partial: DevBuf,
     group_items: DevBuf,
@@ -265,17 +266,65 @@ impl Sign {
     }
 }
 
+#[derive(Debug, Clone, Copy, Default)]
+struct QsgdPtrs {
+    items: u64,
+    partial: u64,
+    group_items: u64,
+    scales: u64,
+    codes: u64,
+    levels: u8,
+}
+
+/// A QSGD plan (SPEC §13): the sign's work items, one maximum per item, the scales and the
+/// `n` signed levels.
+#[derive(Debug)]
+struct Qsgd {
+    shape: ItemShape,
+    levels: u8,
+    items: DevBuf,
+    partial: DevBuf,
+    group_items: DevBuf,
+    scales: DevBuf,
+    codes: DevBuf,
+}
+
+impl Qsgd {
+    fn ptrs(&self) -> QsgdPtrs {
+        QsgdPtrs {
+            items: self.items.ptr(),
+            partial: self.partial.ptr(),
+            group_items: self.group_items.ptr(),
+            scales: self.scales.ptr(),
+            codes: self.codes.ptr(),
+            levels: self.levels,
+        }
+    }
+}
+
 /// A method's plan as the step code sees it: the shape and where its buffers are.
 #[derive(Clone, Copy)]
 enum MethodView<'a> {
     Sparse(&'a SparseShape, SparsePtrs),
-    Sign(&'a SignShape, SignPtrs),
+    Sign(&'a ItemShape, SignPtrs),
+    Qsgd(&'a ItemShape, QsgdPtrs),
 }
 
 #[derive(Debug)]
 enum Method {
     Sparse(Sparse),
     Sign(Sign),
+    Qsgd(Qsgd),
+}
+
+impl Method {
+    fn view(&self) -> MethodView<'_> {
+        match self {
+            Method::Sparse(sp) => MethodView::Sparse(&sp.shape, sp.ptrs()),
+            Method::Sign(sg) => MethodView::Sign(&sg.shape, sg.ptrs()),
+            Method::Qsgd(q) => MethodView::Qsgd(&q.shape, q.ptrs()),
+        }
+    }
 }
 
 /// A worker's compression plan on the GPU: the same contract as [`crate::cpu::Compressor`]
@@ -332,9 +381,6 @@ impl Compressor {
         tuning: &Tuning,
     ) -> Result<Self> {
         let groups = config.plan_groups(layout)?;
-        if matches!(config.method, crate::Method::Qsgd { .. }) {
-            return Err(crate::contract::no_kernels("cuda", "QSGD compression"));
-        }
         let n = layout.n();
         let e = [DevBuf::zeroed(cx, n * 4)?, DevBuf::zeroed(cx, n * 4)?];
         let u = if config.momentum > 0.0 {
@@ -359,13 +405,20 @@ impl Compressor {
         } else {
             None
         };
-        let method = if config.is_sparse() {
-            Method::Sparse(Self::plan_sparse(
+        let method = match config.method {
+            crate::Method::Sign => {
+                Method::Sign(Self::plan_sign(cx, ItemShape::new(layout, &groups))?)
+            }
+            crate::Method::Qsgd { levels } => Method::Qsgd(Self::plan_qsgd(
+                cx,
+                ItemShape::new(layout, &groups),
+                levels,
+                n,
+            )?),
+            _ => Method::Sparse(Self::plan_sparse(
                 cx,
                 SparseShape::new(layout, config, &groups, tuning)?,
-            )?)
-        } else {
-            Method::Sign(Self::plan_sign(cx, SignShape::new(layout, &groups))?)
+            )?),
         };
         Ok(Self {
             cx: cx.clone(),
@@ -419,7 +472,7 @@ impl Compressor {
         })
     }
 
-    fn plan_sign(cx: &Context, shape: SignShape) -> Result<Sign> {
+    fn plan_sign(cx: &Context, shape: ItemShape) -> Result<Sign> {
         Ok(Sign {
             items: DevBuf::from_slice(cx, &shape.items)?,
             partial: DevBuf::zeroed(cx, shape.items.len() * 8)?,
@@ -427,6 +480,19 @@ impl Compressor {
             group_len: DevBuf::from_slice(cx, &shape.lens)?,
             scales: DevBuf::zeroed(cx, shape.lens.len() * 4)?,
             words: DevBuf::zeroed(cx, shape.n_words64 * 8)?,
+            shape,
+        })
+    }
+
+    fn plan_qsgd(cx: &Context, shape: ItemShape, levels: u8, n: usize) -> Result<Qsgd> {
+        Ok(Qsgd {
+            items: DevBuf::from_slice(cx, &shape.items)?,
+            partial: DevBuf::zeroed(cx, shape.items.len() * 4)?,
+            group_items: DevBuf::from_slice(cx, &shape.first)?,
+            scales: DevBuf::zeroed(cx, shape.lens.len() * 4)?,
+            // Whole words: qsgd_apply stores 4 codes at a time.
+            codes: DevBuf::zeroed(cx, n.div_ceil(4) * 4)?,
+            levels,
             shape,
         })
     }
@@ -466,10 +532,7 @@ impl Compressor {
         // halfway must not let read_payload hand out the previous step's payload again.
         self.stepped = false;
         self.cx.bind()?;
-        let view = match &self.method {
-            Method::Sparse(sp) => MethodView::Sparse(&sp.shape, sp.ptrs()),
-            Method::Sign(sg) => MethodView::Sign(&sg.shape, sg.ptrs()),
-        };
+        let view = self.method.view();
         let mut live = Live::new(&self.cx);
         let r = enqueue_step(&mut live, self.bufs, &self.config, view, grad, dtype, step);
         self.launches = (live.launches, live.memsets);
@@ -534,6 +597,12 @@ impl Compressor {
                 sg.scales.ptr(),
                 sg.words.ptr(),
             ),
+            Method::Qsgd(q) => (
+                q.shape.ngroups() as usize * 4,
+                self.layout.n(),
+                q.scales.ptr(),
+                q.codes.ptr(),
+            ),
         };
         let (o1, o2) = (a16(ST), a16(ST) + a16(len1));
         self.pinned.reserve(cx, o2 + len2)?;
@@ -581,29 +650,45 @@ impl Compressor {
                 p.negative.clear();
                 p.negative.extend_from_slice(bytemuck::cast_slice(b2));
             }
+            Method::Qsgd(q) => {
+                if !matches!(out, Payload::Qsgd(_)) {
+                    *out = Payload::Qsgd(QsgdPayload::default());
+                }
+                let Payload::Qsgd(p) = out else {
+                    unreachable!()
+                };
+                p.n = n;
+                p.levels = q.levels;
+                p.scales.clear();
+                p.scales.extend_from_slice(bytemuck::cast_slice(b1));
+                p.codes.clear();
+                p.codes.extend_from_slice(bytemuck::cast_slice(b2));
+            }
         }
         Ok(())
     }
 
     /// Device addresses of the last payload, for frameworks that gather it on the GPU:
     /// `(indices: u32[sent], values: f32[sent], sent)` for sparse methods, or
-    /// `(sign words: u64[ceil(n/64)], scales: f32[groups], groups)` for scaled sign.
+    /// `(sign words: u64[ceil(n/64)], scales: f32[groups], groups)` for scaled sign, or
+    /// `(codes: i8[n], scales: f32[groups], groups)` for QSGD.
     /// Valid until the next step; the contents are ready once the stream reaches them.
     /// Check [`Compressor::check`] before trusting them.
     pub fn device_payload(&self) -> (u64, u64, usize) {
         match &self.method {
             Method::Sparse(sp) => (sp.out_idx.ptr(), sp.out_val.ptr(), sp.shape.sent),
             Method::Sign(sg) => (sg.words.ptr(), sg.scales.ptr(), sg.shape.ngroups() as usize),
+            Method::Qsgd(q) => (q.codes.ptr(), q.scales.ptr(), q.shape.ngroups() as usize),
         }
     }
 
     /// Bytes of the fixed message row that [`Compressor::pack_row`] writes for this plan:
     /// `sent` u32 indices, `sent` f32 values, then the 32-byte step status (`bad_count`
-    /// first), or `None` for scaled sign, whose payload has no fixed count.
+    /// first), or `None` for scaled sign and QSGD, whose payloads are not index/value rows.
     pub fn row_len(&self) -> Option<usize> {
         match &self.method {
             Method::Sparse(sp) => Some(8 * sp.shape.sent + size_of::<abi::StepStatus>()),
-            Method::Sign(_) => None,
+            Method::Sign(_) | Method::Qsgd(_) => None,
         }
     }
 
@@ -614,7 +699,7 @@ impl Compressor {
     /// every receiver see whether this worker's step was rejected.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for scaled sign, before any step, or when `cap` is below
+    /// [`Error::InvalidConfig`] for scaled sign and QSGD, before any step, or when `cap` is below
     /// [`Compressor::row_len`]; [`Error::Device`] when a copy fails to enqueue.
     ///
     /// # Safety
@@ -623,7 +708,7 @@ impl Compressor {
     pub unsafe fn pack_row(&self, dst: u64, cap: usize) -> Result<usize> {
         let (Method::Sparse(sp), Some(len)) = (&self.method, self.row_len()) else {
             return Err(Error::InvalidConfig(
-                "pack_row: scaled sign has no fixed-size device row".into(),
+                "pack_row: only sparse plans have index/value rows (this one is scaled sign or QSGD)".into(),
             ));
         };
         if !self.stepped {
@@ -910,15 +995,17 @@ pub fn launches_per_step(
         momentum: config.momentum,
         ..Default::default()
     };
-    if config.is_sparse() {
-        let shape = SparseShape::new(layout, config, &groups, tuning)?;
-        let view = MethodView::Sparse(&shape, SparsePtrs::default());
-        enqueue_step(&mut rec, b, config, view, 0, DType::F32, 1)?;
-    } else {
-        let shape = SignShape::new(layout, &groups);
-        let view = MethodView::Sign(&shape, SignPtrs::default());
-        enqueue_step(&mut rec, b, config, view, 0, DType::F32, 1)?;
-    }
+    let items = ItemShape::new(layout, &groups);
+    let sparse;
+    let view = match config.method {
+        crate::Method::Sign => MethodView::Sign(&items, SignPtrs::default()),
+        crate::Method::Qsgd { .. } => MethodView::Qsgd(&items, QsgdPtrs::default()),
+        _ => {
+            sparse = SparseShape::new(layout, config, &groups, tuning)?;
+            MethodView::Sparse(&sparse, SparsePtrs::default())
+        }
+    };
+    enqueue_step(&mut rec, b, config, view, 0, DType::F32, 1)?;
     Ok(rec.log)
 }
 
@@ -1037,6 +1124,28 @@ fn enqueue_step<E: Enqueue>(
             e.launch(K::SignPartial, None, sg.n_items(), 256, &a)?;
             e.launch(K::SignMerge, None, sg.ngroups(), 256, &a)?;
             e.launch(K::SignApply, None, sg.n_items(), 256, &a)?;
+        }
+        MethodView::Qsgd(q, ptr) => {
+            acc(e, 0)?;
+            let a = QsgdArgs {
+                b,
+                items: ptr.items,
+                partial: ptr.partial,
+                group_items: ptr.group_items,
+                scales: ptr.scales,
+                codes: ptr.codes,
+                ngroups: q.ngroups(),
+                levels: u32::from(ptr.levels),
+                worker: config.worker,
+                t_lo,
+                t_hi,
+                s_lo,
+                s_hi,
+                pad: 0,
+            };
+            e.launch(K::QsgdPartial, None, q.n_items(), 256, &a)?;
+            e.launch(K::QsgdMerge, None, q.ngroups(), 256, &a)?;
+            e.launch(K::QsgdApply, None, q.n_items(), 256, &a)?;
         }
     }
     e.launch(K::EfCommit, None, 1, 1, &b)
@@ -1282,6 +1391,11 @@ mod tests {
         let l = count(&big, &per_layer(Config::sign()), &t);
         assert_eq!(l.count(), 6);
         assert_eq!(l.memsets, 1);
+        // QSGD: begin, accumulate, partial (which zeroes the shared code words), merge,
+        // apply, commit; no memset.
+        let l = count(&big, &per_layer(Config::qsgd(7)), &t);
+        assert_eq!(l.count(), 6);
+        assert_eq!(l.memsets, 0);
     }
 
     /// On a GPU: the counter of the real path equals the dry run, launch for launch.
@@ -1308,6 +1422,7 @@ mod tests {
             per_layer(Config::topk(0.01)),
             per_layer(Config::rtopk(0.05, 0.01)),
             Config::sign(),
+            per_layer(Config::qsgd(7)),
         ] {
             let mut c = Compressor::with_tuning(&cx, &layout, &config, &lower).unwrap();
             c.step(&grad, 1).unwrap();
