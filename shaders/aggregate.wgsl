@@ -19,7 +19,8 @@ struct AggCfg {
 @group(0) @binding(0) var<uniform> wk: WorkerParams;
 @group(0) @binding(1) var<uniform> cfg: AggCfg;
 @group(0) @binding(2) var<storage, read> idx: array<u32>;
-// Sparse values, then sign scales, all workers concatenated.
+// Sparse values, then sign scales or QSGD steps (scale / s, divided on the host), all workers
+// concatenated.
 @group(0) @binding(3) var<storage, read> val: array<f32>;
 @group(0) @binding(4) var<storage, read> signs: array<u32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
@@ -28,6 +29,9 @@ struct AggCfg {
 @group(0) @binding(7) var<storage, read> inv: array<f32>;
 // Group start offsets (sign payloads carry one scale per group).
 @group(0) @binding(8) var<storage, read> starts: array<u32>;
+// A QSGD payload's decoded values (SPEC §13), written by one dispatch and added by the next,
+// so that no driver can fuse the multiply into the add (the sum must be the CPU's bits).
+@group(0) @binding(9) var<storage, read_write> decoded: array<f32>;
 
 fn element(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return flat_id(wid, nwg) * WG + lid;
@@ -77,6 +81,26 @@ fn add_sign(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         } else {
             out[i] = out[i] + s;
         }
+        counts[i] = counts[i] + 1u;
+    }
+}
+
+// QSGD codes are packed four to a word of `signs` (element 4 w + j in byte j).
+@compute @workgroup_size(256)
+fn decode_qsgd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = element(wid, nwg, lid);
+    if i < cfg.n {
+        let step = val[wk.scale_off + group_of(i)];
+        let byte = (signs[wk.bits_off + (i >> 2u)] >> (8u * (i & 3u))) & 0xFFu;
+        decoded[i] = f32(bitcast<i32>(byte << 24u) >> 24u) * step;
+    }
+}
+
+@compute @workgroup_size(256)
+fn add_decoded(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = element(wid, nwg, lid);
+    if i < cfg.n {
+        out[i] = out[i] + decoded[i];
         counts[i] = counts[i] + 1u;
     }
 }

@@ -134,3 +134,73 @@ fn composite_digit(key: u32, index: u32, d: u32) -> u32 {
     }
     return (index >> (24u - 8u * (d - 4u))) & 0xFFu;
 }
+
+// Mantissa (leading bit included, in [2^23, 2^24)) and exponent of a positive finite f32
+// given by its bits, subnormals normalised: x = m * 2^(e - 23).
+fn f32_parts(b: u32) -> vec2<i32> {
+    var e = i32(b >> 23u);
+    var m = b & 0x7FFFFFu;
+    if e == 0 {
+        let sh = countLeadingZeros(m) - 8u;
+        m = m << sh;
+        e = -126 - i32(sh);
+    } else {
+        m = m | 0x800000u;
+        e = e - 127;
+    }
+    return vec2<i32>(i32(m), e);
+}
+
+// a / b rounded to nearest even, for finite a >= 0 and b > 0 (either may be subnormal; +inf
+// on overflow): WGSL's `/` may be 2.5 ulp off, and SPEC §13 needs the correctly rounded
+// quotient. Restoring division of the mantissas into 26 quotient bits and a sticky bit,
+// then one rounding at the result's precision (normal or subnormal). Integer operations
+// only, so no flush-to-zero applies.
+fn div_rn(a: f32, b: f32) -> f32 {
+    let ab = bitcast<u32>(a) & 0x7FFFFFFFu;
+    if ab == 0u {
+        return 0.0;
+    }
+    let pa = f32_parts(ab);
+    let pb = f32_parts(bitcast<u32>(b) & 0x7FFFFFFFu);
+    var ma = u32(pa.x);
+    let mb = u32(pb.x);
+    var x = pa.y - pb.y;
+    if ma < mb {
+        ma = ma << 1u;
+        x = x - 1;
+    }
+    var rem = ma;
+    var q = 0u;
+    for (var i = 0u; i < 26u; i++) {
+        q = q << 1u;
+        if rem >= mb {
+            rem = rem - mb;
+            q = q | 1u;
+        }
+        rem = rem << 1u;
+    }
+    // a / b = q * 2^(x - 25), q in [2^25, 2^26); rem != 0 when more bits would follow.
+    let eb = x + 127;
+    if eb >= 255 {
+        return bitcast<f32>(0x7F800000u);
+    }
+    var sh = 2u;
+    if eb < 1 {
+        if 3 - eb >= 27 {
+            return 0.0;
+        }
+        sh = u32(3 - eb);
+    }
+    var m = q >> sh;
+    let half = 1u << (sh - 1u);
+    let low = q & ((1u << sh) - 1u);
+    if low > half || (low == half && (rem != 0u || (m & 1u) == 1u)) {
+        m = m + 1u;
+    }
+    if eb >= 1 {
+        // A carry to 2^24 moves into the exponent field (and to +inf from the largest).
+        return bitcast<f32>((u32(eb) << 23u) + m - 0x800000u);
+    }
+    return bitcast<f32>(m);
+}

@@ -31,7 +31,8 @@ struct Cfg {
     num_blocks: u32,
     tiles_off: u32,
     active_off: u32,
-    pad0: u32,
+    // QSGD's s (SPEC §13), 0 for the other methods.
+    levels: u32,
     pad1: u32,
 }
 
@@ -797,6 +798,149 @@ fn sign_apply(
         }
         if cfg.has_momentum != 0u {
             u_next_store(i, cur, 0.0);
+        }
+    }
+}
+
+// QSGD (SPEC §13): tile maxima of |p| (as bits: non-negative floats order as u32, and a
+// maximum is exact in any order), then per group the scale and its two correctly rounded
+// quotients (partial[num_tiles + 2 g], + 1: inv and step), then the codes, four to a word of
+// `bits` (element 4 w + j in byte j), and p - decode into the residual.
+@compute @workgroup_size(256)
+fn qsgd_partial(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let t = flat_id(wid, nwg);
+    if t >= cfg.num_tiles {
+        return;
+    }
+    let tb = cfg.tiles_off + t * 4u;
+    let start = plan[tb + 1u];
+    let end = plan[tb + 2u];
+    let cur = atomicLoad(&st[ST_CUR]);
+    var m = 0u;
+    for (var j = 0u; j < PER_THREAD; j++) {
+        let i = start + lid + j * WG;
+        if i >= end {
+            break;
+        }
+        m = max(m, bitcast<u32>(p_load(i, cur)) & 0x7FFFFFFFu);
+    }
+    let top = workgroup_max(lid, m);
+    if lid == 0u {
+        partial[t] = top;
+    }
+}
+
+fn workgroup_max(lid: u32, v: u32) -> u32 {
+    wscan[lid] = v;
+    workgroupBarrier();
+    for (var off = 128u; off > 0u; off = off / 2u) {
+        if lid < off {
+            wscan[lid] = max(wscan[lid], wscan[lid + off]);
+        }
+        workgroupBarrier();
+    }
+    return wscan[0];
+}
+
+@compute @workgroup_size(256)
+fn qsgd_scale(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let g = flat_id(wid, nwg);
+    if g >= cfg.num_groups {
+        return;
+    }
+    let t0 = plan[g * 8u + 5u];
+    let t1 = plan[g * 8u + 6u];
+    var m = 0u;
+    for (var t = t0 + lid; t < t1; t += WG) {
+        m = max(m, partial[t]);
+    }
+    let top = workgroup_max(lid, m);
+    if lid == 0u {
+        let scale = bitcast<f32>(top);
+        let s = f32(cfg.levels);
+        var inv = 0.0;
+        if top != 0u {
+            inv = div_rn(s, scale);
+        }
+        out_val[g] = scale;
+        partial[cfg.num_tiles + 2u * g] = bitcast<u32>(inv);
+        partial[cfg.num_tiles + 2u * g + 1u] = bitcast<u32>(div_rn(scale, s));
+    }
+}
+
+// SPEC §13's level, with the zero test and the infinite inv on the bits (so that neither
+// depends on how a driver treats subnormals).
+fn qsgd_level(x: f32, inv: f32, s: u32, u: f32) -> i32 {
+    let xb = bitcast<u32>(x);
+    if (xb & 0x7FFFFFFFu) == 0u {
+        return 0;
+    }
+    var l = s;
+    let a = abs(x) * inv;
+    if bitcast<u32>(inv) != 0x7F800000u && a < f32(s) {
+        let f = floor(a);
+        l = u32(f);
+        if u < a - f {
+            l += 1u;
+        }
+    }
+    if (xb >> 31u) == 1u {
+        return -i32(l);
+    }
+    return i32(l);
+}
+
+@compute @workgroup_size(256)
+fn qsgd_apply(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let t = flat_id(wid, nwg);
+    if t >= cfg.num_tiles {
+        return;
+    }
+    let tb = cfg.tiles_off + t * 4u;
+    let g = plan[tb];
+    let start = plan[tb + 1u];
+    let end = plan[tb + 2u];
+    let inv = bitcast<f32>(partial[cfg.num_tiles + 2u * g]);
+    let step = bitcast<f32>(partial[cfg.num_tiles + 2u * g + 1u]);
+    let cur = atomicLoad(&st[ST_CUR]);
+    for (var w = (start >> 2u) + lid; w <= ((end - 1u) >> 2u); w += WG) {
+        var packed = 0u;
+        for (var j = 0u; j < 4u; j++) {
+            let i = 4u * w + j;
+            if i < start || i >= end {
+                continue;
+            }
+            let r = philox4x32_10(
+                vec4<u32>(i, cfg.worker, cfg.step_lo, cfg.step_hi),
+                vec2<u32>(cfg.seed_lo, cfg.seed_hi)
+            ).y;
+            let u = f32(r >> 8u) * bitcast<f32>(0x33800000u);
+            let x = p_load(i, cur);
+            let q = qsgd_level(x, inv, cfg.levels, u);
+            packed = packed | ((bitcast<u32>(q) & 0xFFu) << (8u * j));
+            p_store(i, cur, x - f32(q) * step);
+            if cfg.has_momentum != 0u {
+                u_next_store(i, cur, 0.0);
+            }
+        }
+        // `bits` is cleared before every step; a word shared with the neighbouring tile is
+        // ORed, a word of this tile alone stored.
+        if 4u * w >= start && 4u * w + 4u <= end {
+            atomicStore(&bits[w], packed);
+        } else {
+            atomicOr(&bits[w], packed);
         }
     }
 }

@@ -146,23 +146,6 @@ pub(crate) fn check_payload(
     Ok(())
 }
 
-/// The error of a GPU backend asked to run a codec whose kernels it does not have yet
-/// (QSGD runs on the CPU backend only so far): typed and before any state is touched, never
-/// a silent fallback to the host.
-#[cfg(feature = "wgpu")]
-pub(crate) fn no_kernels(backend: &'static str, what: &str) -> Error {
-    Error::BackendUnavailable {
-        backend,
-        reason: format!("{what} has no {backend} kernels yet; use the cpu backend for it"),
-    }
-}
-
-/// Whether any payload is QSGD, which the GPU aggregators refuse (`no_kernels`).
-#[cfg(feature = "wgpu")]
-pub(crate) fn any_qsgd(payloads: &[Payload]) -> bool {
-    payloads.iter().any(|p| matches!(p, Payload::Qsgd(_)))
-}
-
 /// What [`Compress::refund`] asks of its argument on every backend, before any state is
 /// read: a sparse plan (a sign payload has no entries to return), `back` over this plan's
 /// `n` with strictly ascending indices, and at most as many entries as one payload of the

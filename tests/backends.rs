@@ -1347,6 +1347,25 @@ fn qsgd_global_and_per_layer<H: Harness>(h: &H) {
             &format!("qsgd wide s={levels}"),
         );
     }
+    // 1,500 small layers, each with its own scale anywhere in f32's range: 3,000 quotients
+    // per step (wgpu divides with integers, SPEC §13), each seen through codes and residual.
+    let sizes: Vec<usize> = (0..1500).map(|l| 1 + l % 5).collect();
+    let layout = Layout::new(&sizes).unwrap();
+    let mut rng = common::Rng::new(77);
+    let x: Vec<f32> = (0..layout.n())
+        .map(|_| f32::from_bits(rng.next_u32() & 0xFF7F_FFFF)) // finite, either sign
+        .collect();
+    for levels in [3u8, 100] {
+        let mut cfg = Config::qsgd(levels);
+        cfg.mode = Mode::PerLayer;
+        compare(
+            h,
+            &layout,
+            &cfg,
+            std::slice::from_ref(&x),
+            &format!("qsgd scales everywhere s={levels}"),
+        );
+    }
 }
 
 fn momentum_exact_on_dyadic_inputs<H: Harness>(h: &H) {

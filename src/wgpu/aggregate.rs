@@ -1,6 +1,7 @@
 //! The parameter server's decoder on the GPU (SPEC §7); shaders in `shaders/aggregate.wgsl`.
 
 use super::context::{Context, Inner, dev_err, floats, grid, prefix};
+use crate::codec::qsgd;
 use crate::contract::check_payload;
 use crate::{Aggregate, Average, Error, Layout, Mode, Payload, Result};
 
@@ -44,6 +45,8 @@ pub struct Aggregator {
     idx: Option<::wgpu::Buffer>,
     val: Option<::wgpu::Buffer>,
     signs: Option<::wgpu::Buffer>,
+    /// QSGD's decoded values (`n` f32 once a QSGD payload arrived, 4 bytes before).
+    decoded: Option<::wgpu::Buffer>,
     binds: Vec<::wgpu::BindGroup>,
     host_idx: Vec<u32>,
     host_val: Vec<f32>,
@@ -120,6 +123,7 @@ impl Aggregator {
             idx: None,
             val: None,
             signs: None,
+            decoded: None,
             binds: Vec::new(),
             host_idx: Vec::new(),
             host_val: Vec::new(),
@@ -196,7 +200,8 @@ impl Aggregator {
         self.check_inputs(payloads)?;
         let inner = self.ctx.inner.clone();
         let params = self.stage(payloads);
-        self.ensure_buffers(&inner)?;
+        let qsgd = payloads.iter().any(|p| matches!(p, Payload::Qsgd(_)));
+        self.ensure_buffers(&inner, qsgd)?;
         self.upload(&inner, params);
         let mut enc = inner
             .device
@@ -224,9 +229,6 @@ impl Aggregator {
             check_payload(p, self.n, self.num_groups)
                 .map_err(|reason| Error::BadPayload { worker: k, reason })?;
         }
-        if crate::contract::any_qsgd(payloads) {
-            return Err(crate::contract::no_kernels("wgpu", "QSGD aggregation"));
-        }
         Ok(())
     }
 
@@ -241,7 +243,21 @@ impl Aggregator {
         for p in payloads {
             let mut w = WorkerParams::default();
             match p {
-                Payload::Qsgd(_) => unreachable!("refused before the uploads (contract::any_qsgd)"),
+                Payload::Qsgd(p) => {
+                    w.scale_off = self.host_val.len() as u32;
+                    w.bits_off = self.host_signs.len() as u32;
+                    // One correctly rounded division per group (SPEC §13), on the host.
+                    self.host_val
+                        .extend(p.scales.iter().map(|&s| qsgd::step(s, p.levels)));
+                    self.host_signs.extend(p.codes.chunks(4).map(|c| {
+                        let mut b = [0u8; 4];
+                        for (d, &x) in b.iter_mut().zip(c) {
+                            *d = x as u8;
+                        }
+                        u32::from_le_bytes(b)
+                    }));
+                    self.host_idx.resize(self.host_val.len(), 0);
+                }
                 Payload::Sparse(p) => {
                     w.offset = self.host_val.len() as u32;
                     w.len = p.indices.len() as u32;
@@ -268,7 +284,7 @@ impl Aggregator {
 
     /// Grows the payload buffers to the staged data (powers of two, so growth is rare) and
     /// rebuilds the per-worker bind groups when a buffer changed.
-    fn ensure_buffers(&mut self, inner: &Inner) -> Result<()> {
+    fn ensure_buffers(&mut self, inner: &Inner, qsgd: bool) -> Result<()> {
         let grow = |cur: &Option<::wgpu::Buffer>,
                     need: usize,
                     what: &str|
@@ -288,8 +304,13 @@ impl Aggregator {
         let new_idx = grow(&self.idx, self.host_idx.len(), "payload indices")?;
         let new_val = grow(&self.val, self.host_val.len(), "payload values")?;
         let new_signs = grow(&self.signs, self.host_signs.len(), "payload signs")?;
-        let rebuild =
-            new_idx.is_some() || new_val.is_some() || new_signs.is_some() || self.binds.is_empty();
+        let dec_len = if qsgd { self.n } else { 1 };
+        let new_dec = grow(&self.decoded, dec_len, "decoded QSGD values")?;
+        let rebuild = new_idx.is_some()
+            || new_val.is_some()
+            || new_signs.is_some()
+            || new_dec.is_some()
+            || self.binds.is_empty();
         if let Some(b) = new_idx {
             self.idx = Some(b);
         }
@@ -299,13 +320,17 @@ impl Aggregator {
         if let Some(b) = new_signs {
             self.signs = Some(b);
         }
+        if let Some(b) = new_dec {
+            self.decoded = Some(b);
+        }
         if !rebuild {
             return Ok(());
         }
-        let (idx, val, signs) = (
+        let (idx, val, signs, decoded) = (
             self.idx.as_ref().expect("grown above"),
             self.val.as_ref().expect("grown above"),
             self.signs.as_ref().expect("grown above"),
+            self.decoded.as_ref().expect("grown above"),
         );
         let align = inner.uniform_align();
         let layout = &inner.aggregate.layouts[0];
@@ -321,6 +346,7 @@ impl Aggregator {
                     self.counts.as_entire_binding(),
                     self.inv.as_entire_binding(),
                     self.starts.as_entire_binding(),
+                    decoded.as_entire_binding(),
                 ];
                 inner.bind_group("aggregate", layout, res)
             })
@@ -368,7 +394,14 @@ impl Aggregator {
         for (k, p) in payloads.iter().enumerate() {
             cp.set_bind_group(0, &self.binds[k], &[]);
             match p {
-                Payload::Qsgd(_) => unreachable!("refused before the uploads (contract::any_qsgd)"),
+                Payload::Qsgd(_) => {
+                    if all.0 > 0 {
+                        cp.set_pipeline(m.pipeline("decode_qsgd"));
+                        cp.dispatch_workgroups(all.0, all.1, 1);
+                        cp.set_pipeline(m.pipeline("add_decoded"));
+                        cp.dispatch_workgroups(all.0, all.1, 1);
+                    }
+                }
                 Payload::Sparse(p) => {
                     let g = grid((p.indices.len() as u64).div_ceil(256));
                     if g.0 > 0 {

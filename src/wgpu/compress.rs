@@ -11,8 +11,8 @@
 
 use super::context::{Context, Inner, dev_err, floats, grid, prefix, words};
 use crate::{
-    Compress, Config, DType, Element, Error, Group, Layout, Method, Payload, Result, SignPayload,
-    SparsePayload,
+    Compress, Config, DType, Element, Error, Group, Layout, Method, Payload, QsgdPayload, Result,
+    SignPayload, SparsePayload,
 };
 
 const WG: u64 = 256;
@@ -50,7 +50,8 @@ struct Cfg {
     num_blocks: u32,
     tiles_off: u32,
     active_off: u32,
-    pad0: u32,
+    /// QSGD's `s` (SPEC §13), 0 for the other methods.
+    levels: u32,
     pad1: u32,
 }
 
@@ -152,9 +153,6 @@ impl Compressor {
     /// message states the limit), when the device is out of memory or lost.
     pub fn new(ctx: &Context, layout: &Layout, config: &Config) -> Result<Self> {
         let groups = config.plan_groups(layout)?;
-        if matches!(config.method, Method::Qsgd { .. }) {
-            return Err(crate::contract::no_kernels("wgpu", "QSGD compression"));
-        }
         let inner: &Inner = &ctx.inner;
         inner.check_alive()?;
         let shape = Shape::of(layout, config, &groups);
@@ -180,7 +178,7 @@ impl Compressor {
             num_blocks: shape.num_blocks as u32,
             tiles_off,
             active_off: shape.active_off,
-            pad0: 0,
+            levels: shape.levels.map_or(0, u32::from),
             pad1: 0,
         };
         let cfg_buf = inner.buffer(
@@ -196,6 +194,8 @@ impl Compressor {
         if shape.sparse {
             rec.select(&shape, num_tiles);
             rec.emit(shape.num_blocks);
+        } else if shape.levels.is_some() {
+            rec.qsgd(grid(num_tiles as u64), grid(shape.ng as u64));
         } else {
             rec.sign(grid(num_tiles as u64), grid(shape.ng as u64));
         }
@@ -384,6 +384,34 @@ impl Compressor {
                     p.indices.extend(words(&b[16..16 + 4 * k]));
                     p.values.clear();
                     p.values.extend(floats(&b[16 + 4 * k..16 + 8 * k]));
+                    Ok(())
+                },
+            )?
+        } else if let Method::Qsgd { levels } = self.config.method {
+            let nw = (n as usize).div_ceil(4);
+            inner.read_back(
+                &self.staging,
+                &[
+                    (&self.st, 0, 16),
+                    (&self.out_val, 0, ng as u64 * 4),
+                    (&self.bits, 0, nw as u64 * 4),
+                ],
+                |b| {
+                    *rejected = words(b).nth(3);
+                    status(b)?;
+                    if !matches!(out, Payload::Qsgd(_)) {
+                        *out = Payload::Qsgd(QsgdPayload::default());
+                    }
+                    let Payload::Qsgd(p) = out else {
+                        unreachable!()
+                    };
+                    p.n = n;
+                    p.levels = levels;
+                    p.scales.clear();
+                    p.scales.extend(floats(&b[16..16 + 4 * ng]));
+                    let c = &b[16 + 4 * ng..16 + 4 * ng + n as usize];
+                    p.codes.clear();
+                    p.codes.extend(c.iter().map(|&x| x as i8));
                     Ok(())
                 },
             )?
@@ -630,6 +658,8 @@ struct Shape {
     n: usize,
     ng: usize,
     sparse: bool,
+    /// QSGD's `s`; `None` for the other methods.
+    levels: Option<u8>,
     /// Stage 1 selects by magnitude (key 0) or by random key (1, random-k); `NONE` for sign.
     stage1_key: u32,
     /// rTop-k adds stage 2: random keys over the top-r list.
@@ -654,15 +684,22 @@ impl Shape {
             Method::Sign | Method::Qsgd { .. } => (NONE, false),
         };
         let gstate2 = GSTATE + 4 * ng as u32;
-        let num_words = if sparse {
-            n.div_ceil(32)
-        } else {
-            n.div_ceil(64) * 2
+        let levels = match config.method {
+            Method::Qsgd { levels } => Some(levels),
+            _ => None,
+        };
+        // The bitmap holds the selection (a bit per element), the signs, or four QSGD codes
+        // to a word.
+        let num_words = match (sparse, levels) {
+            (true, _) => n.div_ceil(32),
+            (false, Some(_)) => n.div_ceil(4),
+            (false, None) => n.div_ceil(64) * 2,
         };
         Self {
             n,
             ng,
             sparse,
+            levels,
             stage1_key,
             stage2,
             gstate2,
@@ -813,9 +850,16 @@ impl Buffers {
             bits: f("selection bitmap", shape.num_words as u64 * 4)?,
             out_idx: f("payload indices", shape.sent as u64 * 4)?,
             out_val: f("payload values", shape.sent.max(shape.ng) as u64 * 4)?,
+            // QSGD keeps each group's inv and step after the tiles' maxima.
             partial: f(
                 "partials",
-                num_tiles.max(shape.num_blocks as usize) as u64 * 4,
+                (num_tiles.max(shape.num_blocks as usize)
+                    + if shape.levels.is_some() {
+                        2 * shape.ng
+                    } else {
+                        0
+                    }) as u64
+                    * 4,
             )?,
             dummies: [
                 f("unused binding", 4)?,
@@ -1033,6 +1077,17 @@ impl Recorder {
         }
     }
 
+    /// QSGD: per-tile maxima of |p|, the per-group scale and quotients, the codes.
+    fn qsgd(&mut self, tiles: (u32, u32), groups: (u32, u32)) {
+        for (entry, g) in [
+            ("qsgd_partial", tiles),
+            ("qsgd_scale", groups),
+            ("qsgd_apply", tiles),
+        ] {
+            self.push(entry, PLAIN, PLAIN_BUFS, Dispatch::Direct(g.0, g.1));
+        }
+    }
+
     /// The one-thread commit: flips to the new residual only when the step was accepted.
     fn flip(&mut self) {
         self.push("flip", PLAIN, PLAIN_BUFS, Dispatch::Direct(1, 1));
@@ -1165,7 +1220,7 @@ mod tests {
                 num_blocks,
                 tiles_off,
                 active_off,
-                pad0,
+                levels,
                 pad1,
             }),
         );

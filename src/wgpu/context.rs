@@ -189,6 +189,9 @@ impl Context {
                 "sign_partial",
                 "sign_scale",
                 "sign_apply",
+                "qsgd_partial",
+                "qsgd_scale",
+                "qsgd_apply",
                 "flip",
                 "refund",
             ],
@@ -198,9 +201,16 @@ impl Context {
             "aggregate",
             AGGREGATE,
             &[&[
-                Uniform, Uniform, Read, Read, Read, ReadWrite, ReadWrite, Read, Read,
+                Uniform, Uniform, Read, Read, Read, ReadWrite, ReadWrite, Read, Read, ReadWrite,
             ]],
-            &["clear", "scatter", "add_sign", "finish"],
+            &[
+                "clear",
+                "scatter",
+                "add_sign",
+                "decode_qsgd",
+                "add_decoded",
+                "finish",
+            ],
         );
         let stats = make_module(
             &device,
