@@ -78,6 +78,11 @@ pub struct AnalyzeArgs {
     /// each.
     #[arg(long, value_delimiter = ',', default_value = "0.001,0.01,0.1")]
     pub ratios: Vec<f64>,
+    /// QSGD quantisation levels s (each 1..=127) to analyse after sign, one method each
+    /// (`qsgd s=7`): stochastic rounding to s levels of each group's max |p| (SPEC §13),
+    /// 1 + ceil(log2(s + 1)) bits per element. None by default.
+    #[arg(long, value_delimiter = ',', value_name = "S")]
+    pub qsgd: Vec<u8>,
     /// rTop-k candidate ratio r/n as a multiple of k/n, in [1, 1e6] (r/n capped at 1).
     #[arg(long, default_value_t = 4.0)]
     pub r_over_k: f64,
@@ -120,6 +125,7 @@ impl Default for AnalyzeArgs {
             inputs: Vec::new(),
             backend: Backend::Cpu,
             ratios: vec![0.001, 0.01, 0.1],
+            qsgd: Vec::new(),
             r_over_k: 4.0,
             mode: ModeArg::PerLayer,
             unbiased: false,
@@ -166,7 +172,8 @@ pub const MAX_RATIOS: usize = 32;
 /// Largest `--r-over-k`; `r` is capped at `n` anyway.
 pub const MAX_R_OVER_K: f64 = 1e6;
 
-/// The methods of an analysis: rTop-k, top-k and random-k at each ratio, then scaled sign.
+/// The methods of an analysis: rTop-k, top-k and random-k at each ratio, then scaled sign,
+/// then QSGD at each of `--qsgd`'s levels.
 pub fn methods(args: &AnalyzeArgs) -> Result<Vec<MethodSpec>, AnalyzeError> {
     if args.ratios.is_empty() {
         return Err(AnalyzeError::Usage(
@@ -176,6 +183,12 @@ pub fn methods(args: &AnalyzeArgs) -> Result<Vec<MethodSpec>, AnalyzeError> {
     if let Some(r) = args.ratios.iter().find(|r| !(**r > 0.0 && **r <= 1.0)) {
         return Err(AnalyzeError::Usage(format!(
             "--ratios must lie in (0, 1], got {r}"
+        )));
+    }
+    if args.qsgd.len() > MAX_RATIOS {
+        return Err(AnalyzeError::Usage(format!(
+            "--qsgd takes at most {MAX_RATIOS} levels, got {}",
+            args.qsgd.len()
         )));
     }
     if args.ratios.len() > MAX_RATIOS {
@@ -231,6 +244,12 @@ pub fn methods(args: &AnalyzeArgs) -> Result<Vec<MethodSpec>, AnalyzeError> {
         name: "sign".into(),
         config: finish(Config::sign()),
     });
+    for &s in &args.qsgd {
+        out.push(MethodSpec {
+            name: format!("qsgd s={s}"),
+            config: finish(Config::qsgd(s)),
+        });
+    }
     for m in &out {
         m.config
             .validate()
@@ -252,6 +271,10 @@ fn method_config(c: &Config) -> MethodConfig {
     let kind = c.method.kind().name();
     MethodConfig {
         kind,
+        levels: match c.method {
+            Method::Qsgd { levels } => Some(levels),
+            _ => None,
+        },
         r_ratio,
         k_ratio,
         mode: match c.mode {

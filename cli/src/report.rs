@@ -60,8 +60,11 @@ pub struct StepStatistics {
 /// The configuration of a method, as written to JSON.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MethodConfig {
-    /// `rtopk`, `topk`, `randomk` or `sign`.
+    /// `rtopk`, `topk`, `randomk`, `sign` or `qsgd`.
     pub kind: &'static str,
+    /// Quantisation levels s (QSGD), else absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub levels: Option<u8>,
     /// Candidate ratio r/n (rTop-k).
     pub r_ratio: Option<f64>,
     /// Send ratio k/n (sparse methods).

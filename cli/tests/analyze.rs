@@ -618,3 +618,45 @@ fn memory_plan_groups_methods_and_refuses_what_cannot_fit() {
     .unwrap_err();
     assert!(matches!(e, CliError::Usage(_)), "{e}");
 }
+
+#[test]
+fn qsgd_is_analysed_beside_the_sparsifiers_on_every_backend() {
+    let mut base = args(&["good"]);
+    base.qsgd = vec![1, 7];
+    let cpu = analyze(&base).unwrap();
+    let names: Vec<&str> = cpu.methods.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names[names.len() - 3..], ["sign", "qsgd s=1", "qsgd s=7"]);
+    let q = |r: &gradsift_cli::analyze::Report, s: u8| {
+        r.methods
+            .iter()
+            .find(|m| m.name == format!("qsgd s={s}"))
+            .unwrap()
+            .clone()
+    };
+    for s in [1u8, 7] {
+        let m = q(&cpu, s);
+        assert_eq!((m.config.kind, m.config.levels), ("qsgd", Some(s)));
+        for st in &m.steps {
+            // Per worker the wire's exact length (3 per-layer scales, one code per element).
+            let bytes = gradsift::wire::qsgd_len(cpu.n as u32, 3, s);
+            assert_eq!(st.bits, 3 * 8 * bytes as u64, "s={s}");
+            assert!(st.efficiency > 0.0 && st.efficiency.is_finite(), "s={s}");
+        }
+    }
+    // More levels: more bits, less distortion.
+    let (q1, q7) = (&q(&cpu, 1).steps[0], &q(&cpu, 7).steps[0]);
+    assert!(q7.bits > q1.bits && q7.d_c < q1.d_c, "{q1:?} {q7:?}");
+    // QSGD's payloads are bit-identical on every backend (SPEC §13), so the bits are too; the
+    // distortion is a reduction (§8 tolerance).
+    for backend in [Backend::Wgpu, Backend::Cuda] {
+        let Some(r) = run_on(backend, &base) else {
+            continue;
+        };
+        for s in [1u8, 7] {
+            for (g, c) in q(&r, s).steps.iter().zip(&q(&cpu, s).steps) {
+                assert_eq!(g.bits, c.bits, "{backend} s={s}");
+                assert!(close(g.d_c, c.d_c, 1e-4), "{backend} s={s}: D_c");
+            }
+        }
+    }
+}
