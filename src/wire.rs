@@ -337,6 +337,35 @@ pub fn qsgd_len(n: u32, groups: usize, levels: u8) -> usize {
     QSGD_HEADER + 4 * groups + code_bytes as usize
 }
 
+/// The most bytes [`encode`] writes for a payload of `config`'s plan over `n` elements in
+/// `groups` (what [`crate::Config::plan_groups`] returns): the fixed message slot of a
+/// transport that reserves room once. Sparse methods: [`max_sparse_len`] of the sum of the
+/// groups' `k`; sign: [`max_sign_len`]; QSGD: [`qsgd_len`].
+///
+/// # Errors
+/// None: plain arithmetic.
+///
+/// # Examples
+/// ```
+/// use gradsift::{Config, Layout, wire};
+/// let layout = Layout::new(&[100, 28])?;
+/// let cfg = Config::qsgd(7);
+/// let groups = cfg.plan_groups(&layout)?;
+/// assert_eq!(wire::max_len(128, &groups, &cfg), wire::qsgd_len(128, 1, 7));
+/// # Ok::<(), gradsift::Error>(())
+/// ```
+pub fn max_len(n: u32, groups: &[crate::Group], config: &crate::Config) -> usize {
+    match config.method {
+        crate::Method::Sign => max_sign_len(n, groups.len()),
+        crate::Method::Qsgd { levels } => qsgd_len(n, groups.len(), levels),
+        crate::Method::TopK { .. }
+        | crate::Method::RandomK { .. }
+        | crate::Method::RTopK { .. } => {
+            max_sparse_len(n, groups.iter().map(|g| g.k).sum(), config.values)
+        }
+    }
+}
+
 /// Encodes `p` into `out` (cleared first; reuse it to avoid allocating) and returns the
 /// exact bit count. Errors, writing nothing useful, when the payload is malformed: indices
 /// unsorted, duplicated or out of range, lengths that disagree, or values that are not

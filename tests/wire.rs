@@ -1195,6 +1195,37 @@ fn max_sparse_len_bounds_every_message_tightly() {
     assert_eq!(round_trip(&p).0.len(), wire::max_sign_len(1000, 3));
 }
 
+/// `wire::max_len` holds what every method's plan sends (the slot the DDP hook reserves),
+/// exactly for the fixed-size kinds.
+#[test]
+fn max_len_holds_every_methods_payload() {
+    use gradsift::{Compress, Config, Layout, Mode, cpu};
+    let layout = Layout::new(&[500, 0, 37, 1200]).unwrap();
+    let n = layout.n();
+    let grad: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 - 500.0).collect();
+    for mode in [Mode::Global, Mode::PerLayer] {
+        for mut cfg in [
+            Config::topk(0.05),
+            Config::rtopk(0.2, 0.05),
+            Config::randomk(0.1),
+            Config::sign(),
+            Config::qsgd(1),
+            Config::qsgd(100),
+        ] {
+            cfg.mode = mode;
+            let groups = cfg.plan_groups(&layout).unwrap();
+            let bound = wire::max_len(n as u32, &groups, &cfg);
+            let mut plan = cpu::Compressor::new(&layout, &cfg).unwrap();
+            let (bytes, _) = round_trip(plan.step(&grad, 0).unwrap());
+            if cfg.is_sparse() {
+                assert!(bytes.len() <= bound, "{cfg:?}: {} > {bound}", bytes.len());
+            } else {
+                assert_eq!(bytes.len(), bound, "{cfg:?}");
+            }
+        }
+    }
+}
+
 #[test]
 fn qsgd_round_trips_and_rejects_what_is_not_canonical() {
     let mut rng = Rng(5);

@@ -44,8 +44,9 @@ Buffers are allocated on the first call of a bucket (and again only when DGC's w
 changes the slot size); later calls allocate no new memory. CUDA buckets: with NCCL the
 gradient, the rows and the aggregation stay on the device, and only the K trailers (32
 bytes a rank) are read by the host to take the decision; with gloo, a host transport, the
-compressed rows cross to the host and back, never the gradient. Scaled sign on CUDA
-buckets has no fixed-count device row and takes the host wire path.
+compressed rows cross to the host and back, never the gradient. Scaled sign and QSGD on
+CUDA buckets have no index/value device row and take the host wire path: compressed on the
+device, their payloads (a bit or a few bits per element) cross to the host.
 """
 
 
@@ -77,7 +78,9 @@ _COUNTS = re.compile(r"(\d+) non-finite value\(s\).*?index (\d+)")
 #: all-reduce, and shared-key random-k summed by an all-reduce.
 REDUCTIONS = ("allgather", "sparse", "shared-randomk")
 #: Settings that older saved states lack, with the value they were made with.
-_SETTING_DEFAULTS = dict(reduce="allgather", threshold_every=1)
+_SETTING_DEFAULTS = dict(reduce="allgather", threshold_every=1, levels=None)
+#: Methods whose payload is dense (every element sends something): no k, no sparse reduction.
+_DENSE = ("sign", "qsgd")
 
 
 def ratio_at(settings: dict[str, Any], step: int) -> float:
@@ -103,7 +106,8 @@ def make_config(settings: dict[str, Any], step: int, worker: int) -> Config:
         r = min(1.0, 5 * k) if s["r_ratio"] is None else max(s["r_ratio"], k)
     return Config(
         s["method"],
-        None if s["method"] == "sign" else k,
+        None if s["method"] in _DENSE else k,
+        levels=s.get("levels"),
         r_ratio=r,
         mode=s["mode"],
         scale=s["scale"],
@@ -203,8 +207,11 @@ class GradsiftState:
     Args:
         model: the DDP model (or its module): names the parameters for ``state_dict``.
         process_group: the group to all-gather through (default: the world).
-        method: 'topk', 'randomk', 'rtopk' or 'sign'.
-        ratio: fraction k/n sent (after warm-up).
+        method: 'topk', 'randomk', 'rtopk', 'sign' or 'qsgd'.
+        ratio: fraction k/n sent (after warm-up; not used by 'sign' and 'qsgd').
+        levels: QSGD's quantisation levels s, 1..=127 (docs/SPEC.md §13): each element
+            sends ``1 + ceil(log2(s + 1))`` bits; required by, and only taken with,
+            method='qsgd'.
         r_ratio: rTop-k's candidate fraction r/n (default ``min(1, 5 * ratio)``).
         mode: 'global' (one selection over the bucket) or 'per_layer' (one per parameter).
         average: 'workers' (divide by K) or 'senders' (divide by the ranks that sent a
@@ -256,6 +263,7 @@ class GradsiftState:
         backend: str = "auto",
         reduce: str = "allgather",
         threshold_every: int = 1,
+        levels: int | None = None,
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
@@ -270,8 +278,10 @@ class GradsiftState:
             raise ValueError("warmup_epochs needs steps_per_epoch > 0")
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce={reduce!r}: one of {', '.join(REDUCTIONS)}")
-        if reduce == "sparse" and method == "sign":
-            raise ValueError("reduce='sparse' needs a sparse method (topk, rtopk, randomk), not 'sign'")
+        if reduce == "sparse" and method in _DENSE:
+            raise ValueError(f"reduce='sparse' needs a sparse method (topk, rtopk, randomk), not {method!r}")
+        if (levels is not None) != (method == "qsgd"):
+            raise ValueError(f"levels={levels!r} with method={method!r}: levels is QSGD's, and QSGD needs it")
         if reduce == "shared-randomk" and method != "randomk":
             raise ValueError(f"reduce='shared-randomk' needs method='randomk', not {method!r}")
         if not (isinstance(threshold_every, int) and 1 <= threshold_every <= 100_000):
@@ -290,6 +300,7 @@ class GradsiftState:
             steps_per_epoch=int(steps_per_epoch),
             reduce=reduce,
             threshold_every=int(threshold_every),
+            levels=None if levels is None else int(levels),
         )
         self.backend = backend
         #: The reductions' transport and communication thread (started at first use), on a
@@ -565,7 +576,7 @@ def _finish_host(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int,
     """The future's callback, host rows: decide, then decode and aggregate into ``buf``."""
     try:
         fut.value()  # a failed collective raises here
-        if b.recv_np is None:  # NCCL rows of the host wire path (scaled sign on CUDA)
+        if b.recv_np is None:  # NCCL rows of the host wire path (sign and QSGD on CUDA)
             b.tr_host.copy_(b.recv.view(state.world_size, b.stride)[:, b.cap :])
             t = b.tr_host.numpy().view(np.int64)
         else:
@@ -645,7 +656,8 @@ def _send_rows(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -
 
 
 def _send_host(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -> int:
-    """Host buckets (and scaled sign on CUDA): compress into this rank's row, wire format."""
+    """Host buckets (and scaled sign and QSGD on CUDA): compress into this rank's row, wire
+    format."""
     status, nbytes, count, first = _OK, 0, 0, 0
     try:
         if buf.is_cuda:

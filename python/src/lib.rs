@@ -641,18 +641,12 @@ impl Compressor {
     }
 
     /// The largest byte count `encode_into` can return for this plan's configuration
-    /// (`gradsift::wire::max_sparse_len` / `max_sign_len`): the size of a fixed message slot.
+    /// (`gradsift::wire::max_len`): the size of a fixed message slot.
     fn max_encoded_len(&self) -> usize {
         let c = self.lock();
         let n = c.layout().n() as u32;
         let groups = c.groups();
-        let cfg = c.config();
-        if cfg.is_sparse() {
-            let k: usize = groups.iter().map(|g| g.k).sum();
-            gradsift::wire::max_sparse_len(n, k, cfg.values)
-        } else {
-            gradsift::wire::max_sign_len(n, groups.len())
-        }
+        gradsift::wire::max_len(n, groups, c.config())
     }
 
     /// One step on a host array (as `step`), its payload encoded straight into the writable

@@ -68,7 +68,7 @@ def simulate(settings: dict, inputs: list[list[tuple]], world: int, dtype: torch
 def full_settings(case: dict) -> dict:
     s = dict(method="topk", ratio=0.01, r_ratio=None, mode="global", average="workers", momentum=0.0,
              values="float32", scale="none", seed=0, warmup_epochs=0, steps_per_epoch=0,
-             reduce="allgather", threshold_every=1)
+             reduce="allgather", threshold_every=1, levels=None)
     s.update(case["settings"])
     return s
 
@@ -85,6 +85,9 @@ CASES = {
     "rtopk-per-layer-senders-bf16": dict(dtype="bfloat16", settings=dict(method="rtopk", ratio=0.1, r_ratio=0.3, mode="per_layer", average="senders", seed=7), steps=5),
     "randomk-unbiased-f16": dict(dtype="float16", settings=dict(method="randomk", ratio=0.1, scale="unbiased", seed=3, values="float16"), steps=5),
     "sign-per-layer": dict(settings=dict(method="sign", mode="per_layer", momentum=0.5), steps=4),
+    # docs/SPEC.md §13: Philox-keyed rounding, so every rank rounds as the simulation does
+    "qsgd-per-layer-momentum": dict(settings=dict(method="qsgd", levels=3, mode="per_layer", momentum=0.5, seed=11), steps=4),
+    "qsgd-global-senders-f16": dict(dtype="float16", settings=dict(method="qsgd", levels=127, average="senders"), steps=3),
     # DDP's default: buckets rebuilt after the first step; residuals move parameter by parameter
     "topk-bucket-rebuild": dict(settings=dict(method="topk", ratio=0.1, seed=1), steps=4, rebuild=True),
     # the reductions of docs/SPEC.md §12 through gloo's all-to-all and all-gather
@@ -159,6 +162,10 @@ def test_hook_equals_simulation(run_ranks, world, name):
     assert 0 < sent <= padded
     if case["settings"]["method"] != "sign":
         assert sent < n * dtype.itemsize
+    if case["settings"]["method"] == "qsgd":
+        # the wire's exact length: a code of 1 + ceil(log2(s + 1)) bits per element
+        bits = 1 + int(case["settings"]["levels"]).bit_length()
+        assert sent >= n * bits // 8
     # the reductions count what a rank received from the others; the all-gather does not
     assert (received > 0) == (case["settings"].get("reduce", "allgather") != "allgather")
 
