@@ -17,7 +17,7 @@ struct QsgdArgs {
     u32 levels;       // s, 1..=127
     u32 worker;
     u32 t_lo, t_hi, s_lo, s_hi;
-    u32 pad;
+    u32 feedback;     // 1: e = p - decode; 0: QSGD without error feedback, e = 0
 };
 
 // Block-wide maximum, valid in thread 0. `scratch` holds 32 words.
@@ -101,7 +101,7 @@ extern "C" __global__ void __launch_bounds__(256) qsgd_apply(QsgdArgs a) {
             const float x = p[i];
             const int q = qsgd_level(x, inv, a.levels, u);
             packed |= ((u32)q & 0xFFu) << (8 * j);
-            p[i] = __fsub_rn(x, __fmul_rn((float)q, step));
+            p[i] = a.feedback ? __fsub_rn(x, __fmul_rn((float)q, step)) : 0.0f;
             if (un) un[i] = 0.0f;  // every element sent a code: momentum masking clears all
         }
         if (4 * w >= it.lo && 4 * w + 4 <= end) {

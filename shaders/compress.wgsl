@@ -33,7 +33,8 @@ struct Cfg {
     active_off: u32,
     // QSGD's s (SPEC §13), 0 for the other methods.
     levels: u32,
-    pad1: u32,
+    // QSGD: 1 keeps p - decode in the residual, 0 leaves 0 (no error feedback).
+    feedback: u32,
 }
 
 // One selection round: which composite digit it looks at and where its inputs and outputs live.
@@ -930,7 +931,11 @@ fn qsgd_apply(
             let x = p_load(i, cur);
             let q = qsgd_level(x, inv, cfg.levels, u);
             packed = packed | ((bitcast<u32>(q) & 0xFFu) << (8u * j));
-            p_store(i, cur, x - f32(q) * step);
+            if cfg.feedback != 0u {
+                p_store(i, cur, x - f32(q) * step);
+            } else {
+                p_store(i, cur, 0.0);
+            }
             if cfg.has_momentum != 0u {
                 u_next_store(i, cur, 0.0);
             }

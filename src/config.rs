@@ -61,6 +61,10 @@ pub enum Method {
     Qsgd {
         /// Quantisation levels `s`, `1..=127` (`s = 1` is ternary, 2 bits per element).
         levels: u8,
+        /// Keep what the rounding lost in the residual (SPEC §5, the default of
+        /// [`Config::qsgd`]); `false` is QSGD as published: the residual stays 0, so each
+        /// step quantises the fresh gradient alone (no momentum correction then).
+        error_feedback: bool,
     },
 }
 
@@ -236,16 +240,24 @@ impl Config {
         Self::new(Method::Sign)
     }
 
-    /// QSGD with `levels` quantisation levels (SPEC §13; checked by [`Config::validate`]).
+    /// QSGD with `levels` quantisation levels and error feedback (SPEC §13; checked by
+    /// [`Config::validate`]). Set the method's `error_feedback` to `false` for QSGD as
+    /// published.
     ///
     /// # Examples
     /// ```
-    /// let c = gradsift::Config::qsgd(7);
-    /// assert_eq!(c.method, gradsift::Method::Qsgd { levels: 7 });
-    /// assert!(gradsift::Config::qsgd(0).validate().is_err());
+    /// use gradsift::{Config, Method};
+    /// let c = Config::qsgd(7);
+    /// assert_eq!(c.method, Method::Qsgd { levels: 7, error_feedback: true });
+    /// assert!(Config::qsgd(0).validate().is_err());
+    /// let plain = Config::new(Method::Qsgd { levels: 7, error_feedback: false });
+    /// assert!(plain.validate().is_ok());
     /// ```
     pub fn qsgd(levels: u8) -> Self {
-        Self::new(Method::Qsgd { levels })
+        Self::new(Method::Qsgd {
+            levels,
+            error_feedback: true,
+        })
     }
 
     /// The same configuration for worker `worker` (which keys its random-k draws, SPEC §3).
@@ -285,10 +297,19 @@ impl Config {
             }
             Method::TopK { k } | Method::RandomK { k } => k.validate("k")?,
             Method::Sign => {}
-            Method::Qsgd { levels } => {
+            Method::Qsgd {
+                levels,
+                error_feedback,
+            } => {
                 if !(1..=QSGD_MAX_LEVELS).contains(&levels) {
                     return Err(Error::InvalidConfig(format!(
                         "qsgd needs 1 <= levels <= {QSGD_MAX_LEVELS}, got {levels}"
+                    )));
+                }
+                if !error_feedback && self.momentum != 0.0 {
+                    return Err(Error::InvalidConfig(format!(
+                        "qsgd without error feedback has no residual for momentum correction to act on (momentum {})",
+                        self.momentum
                     )));
                 }
             }

@@ -357,7 +357,7 @@ pub fn qsgd_len(n: u32, groups: usize, levels: u8) -> usize {
 pub fn max_len(n: u32, groups: &[crate::Group], config: &crate::Config) -> usize {
     match config.method {
         crate::Method::Sign => max_sign_len(n, groups.len()),
-        crate::Method::Qsgd { levels } => qsgd_len(n, groups.len(), levels),
+        crate::Method::Qsgd { levels, .. } => qsgd_len(n, groups.len(), levels),
         crate::Method::TopK { .. }
         | crate::Method::RandomK { .. }
         | crate::Method::RTopK { .. } => {

@@ -1355,15 +1355,18 @@ fn qsgd_global_and_per_layer<H: Harness>(h: &H) {
     let x: Vec<f32> = (0..layout.n())
         .map(|_| f32::from_bits(rng.next_u32() & 0xFF7F_FFFF)) // finite, either sign
         .collect();
-    for levels in [3u8, 100] {
-        let mut cfg = Config::qsgd(levels);
+    for (levels, error_feedback) in [(3u8, true), (100, true), (100, false)] {
+        let mut cfg = Config::new(Method::Qsgd {
+            levels,
+            error_feedback,
+        });
         cfg.mode = Mode::PerLayer;
         compare(
             h,
             &layout,
             &cfg,
             std::slice::from_ref(&x),
-            &format!("qsgd scales everywhere s={levels}"),
+            &format!("qsgd scales everywhere s={levels} feedback={error_feedback}"),
         );
     }
 }

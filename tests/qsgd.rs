@@ -70,12 +70,16 @@ fn gradient(n: usize, step: u64) -> Vec<f32> {
 fn the_cpu_step_is_the_spec_bit_for_bit() {
     let sizes = [300usize, 0, 77, 1];
     let layout = Layout::new(&sizes).unwrap();
-    for (mode, levels, momentum) in [
-        (Mode::Global, 1u8, 0.0f32),
-        (Mode::PerLayer, 7, 0.0),
-        (Mode::PerLayer, 127, 0.9),
+    for (mode, levels, momentum, feedback) in [
+        (Mode::Global, 1u8, 0.0f32, true),
+        (Mode::PerLayer, 7, 0.0, true),
+        (Mode::PerLayer, 127, 0.9, true),
+        (Mode::PerLayer, 5, 0.0, false),
     ] {
-        let mut cfg = Config::qsgd(levels);
+        let mut cfg = Config::new(gradsift::Method::Qsgd {
+            levels,
+            error_feedback: feedback,
+        });
         cfg.mode = mode;
         cfg.momentum = momentum;
         cfg.seed = 0xDEAD_BEEF_0123;
@@ -103,7 +107,8 @@ fn the_cpu_step_is_the_spec_bit_for_bit() {
             );
             let d = decoded(&want, &groups);
             for i in 0..n {
-                e[i] = p[i] - d[i];
+                // Without error feedback nothing is kept: each step sends g alone.
+                e[i] = if feedback { p[i] - d[i] } else { 0.0 };
             }
             u.fill(0.0); // every element sent a code (SPEC §13)
             let mut res = Vec::new();
@@ -195,6 +200,16 @@ fn the_server_averages_the_decoded_levels_in_worker_order() {
 #[test]
 fn levels_out_of_range_are_invalid_configs() {
     let layout = Layout::new(&[8]).unwrap();
+    // Without error feedback there is no residual for momentum correction.
+    let mut cfg = Config::new(gradsift::Method::Qsgd {
+        levels: 3,
+        error_feedback: false,
+    });
+    cfg.momentum = 0.5;
+    assert!(matches!(
+        cpu::Compressor::new(&layout, &cfg),
+        Err(Error::InvalidConfig(m)) if m.contains("momentum")
+    ));
     for levels in [0u8, 128, 255] {
         assert!(matches!(
             cpu::Compressor::new(&layout, &Config::qsgd(levels)),

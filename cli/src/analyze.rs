@@ -272,7 +272,7 @@ fn method_config(c: &Config) -> MethodConfig {
     MethodConfig {
         kind,
         levels: match c.method {
-            Method::Qsgd { levels } => Some(levels),
+            Method::Qsgd { levels, .. } => Some(levels),
             _ => None,
         },
         r_ratio,

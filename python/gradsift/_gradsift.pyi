@@ -11,7 +11,8 @@ class NonFiniteError(GradsiftError): ...
 class BackendUnavailableError(GradsiftError): ...
 
 class Config:
-    """A compressor configuration (docs/SPEC.md §2-§6)."""
+    """A compressor configuration (docs/SPEC.md §2-§6, §13). ``levels`` and
+    ``error_feedback=False`` (QSGD as published: the residual stays 0) are QSGD's."""
 
     def __init__(
         self,
@@ -28,6 +29,7 @@ class Config:
         seed: int = 0,
         worker: int = 0,
         levels: int | None = None,
+        error_feedback: bool = True,
     ) -> None: ...
     def with_worker(self, worker: int) -> Config: ...
     @property

@@ -78,7 +78,7 @@ _COUNTS = re.compile(r"(\d+) non-finite value\(s\).*?index (\d+)")
 #: all-reduce, and shared-key random-k summed by an all-reduce.
 REDUCTIONS = ("allgather", "sparse", "shared-randomk")
 #: Settings that older saved states lack, with the value they were made with.
-_SETTING_DEFAULTS = dict(reduce="allgather", threshold_every=1, levels=None)
+_SETTING_DEFAULTS = dict(reduce="allgather", threshold_every=1, levels=None, error_feedback=True)
 #: Methods whose payload is dense (every element sends something): no k, no sparse reduction.
 _DENSE = ("sign", "qsgd")
 
@@ -108,6 +108,7 @@ def make_config(settings: dict[str, Any], step: int, worker: int) -> Config:
         s["method"],
         None if s["method"] in _DENSE else k,
         levels=s.get("levels"),
+        error_feedback=s.get("error_feedback", True),
         r_ratio=r,
         mode=s["mode"],
         scale=s["scale"],
@@ -212,6 +213,8 @@ class GradsiftState:
         levels: QSGD's quantisation levels s, 1..=127 (docs/SPEC.md §13): each element
             sends ``1 + ceil(log2(s + 1))`` bits; required by, and only taken with,
             method='qsgd'.
+        error_feedback: False for QSGD as published (method='qsgd' only): what the
+            rounding loses is dropped instead of kept in the residual.
         r_ratio: rTop-k's candidate fraction r/n (default ``min(1, 5 * ratio)``).
         mode: 'global' (one selection over the bucket) or 'per_layer' (one per parameter).
         average: 'workers' (divide by K) or 'senders' (divide by the ranks that sent a
@@ -264,6 +267,7 @@ class GradsiftState:
         reduce: str = "allgather",
         threshold_every: int = 1,
         levels: int | None = None,
+        error_feedback: bool = True,
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
@@ -301,6 +305,7 @@ class GradsiftState:
             reduce=reduce,
             threshold_every=int(threshold_every),
             levels=None if levels is None else int(levels),
+            error_feedback=bool(error_feedback),
         )
         self.backend = backend
         #: The reductions' transport and communication thread (started at first use), on a

@@ -289,7 +289,7 @@ fn count(ratio: Option<f64>, exact: Option<u64>, what: &str) -> PyResult<Count> 
 #[pymethods]
 impl Config {
     #[new]
-    #[pyo3(signature = (method="topk", ratio=None, *, k=None, r_ratio=None, r=None, mode="global", scale="none", momentum=0.0, values="float32", seed=0, worker=0, levels=None))]
+    #[pyo3(signature = (method="topk", ratio=None, *, k=None, r_ratio=None, r=None, mode="global", scale="none", momentum=0.0, values="float32", seed=0, worker=0, levels=None, error_feedback=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         method: &str,
@@ -304,7 +304,13 @@ impl Config {
         seed: u64,
         worker: u32,
         levels: Option<u8>,
+        error_feedback: bool,
     ) -> PyResult<Self> {
+        if !error_feedback && method != "qsgd" {
+            return Err(PyValueError::new_err(format!(
+                "error_feedback=False is QSGD's option (method='qsgd'), not {method:?}'s"
+            )));
+        }
         let kind: MethodKind = method.parse().map_err(|e| match e {
             gradsift::Error::InvalidConfig(m) => PyValueError::new_err(m),
             other => err(other),
@@ -325,6 +331,7 @@ impl Config {
                 levels: levels.ok_or_else(|| {
                     PyValueError::new_err("qsgd needs levels (1..=127 quantisation levels)")
                 })?,
+                error_feedback,
             },
         };
         let mut c = RsConfig::new(method);

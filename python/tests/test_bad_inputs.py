@@ -144,6 +144,14 @@ def test_qsgd_from_python():
     assert p.codes[4] == 2 and p.codes[5] == -2 and p.codes[3] == 0
     with pytest.raises(TypeError, match="sparse payload"):
         c.refund(p)
+    # Without error feedback the residual stays 0; the option is QSGD's alone.
+    plain = Compressor([5, 3], Config("qsgd", levels=2, mode="per-layer", error_feedback=False))
+    assert plain.step(np.array([1.0, -2.0, 0.5, 0.0, 4.0, -1.0, 0.25, 0.0], np.float32), 0).codes == p.codes
+    assert not gradsift.residual(plain).any() and gradsift.residual(c).any()
+    with pytest.raises(ValueError, match="error_feedback=False is QSGD's option"):
+        Config("topk", 0.1, error_feedback=False)
+    with pytest.raises(ValueError, match="momentum"):
+        Compressor([4], Config("qsgd", levels=2, momentum=0.5, error_feedback=False))
 
 
 def test_reducer_bad_inputs_are_typed_errors():

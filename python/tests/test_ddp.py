@@ -68,7 +68,7 @@ def simulate(settings: dict, inputs: list[list[tuple]], world: int, dtype: torch
 def full_settings(case: dict) -> dict:
     s = dict(method="topk", ratio=0.01, r_ratio=None, mode="global", average="workers", momentum=0.0,
              values="float32", scale="none", seed=0, warmup_epochs=0, steps_per_epoch=0,
-             reduce="allgather", threshold_every=1, levels=None)
+             reduce="allgather", threshold_every=1, levels=None, error_feedback=True)
     s.update(case["settings"])
     return s
 
@@ -88,6 +88,7 @@ CASES = {
     # docs/SPEC.md §13: Philox-keyed rounding, so every rank rounds as the simulation does
     "qsgd-per-layer-momentum": dict(settings=dict(method="qsgd", levels=3, mode="per_layer", momentum=0.5, seed=11), steps=4),
     "qsgd-global-senders-f16": dict(dtype="float16", settings=dict(method="qsgd", levels=127, average="senders"), steps=3),
+    "qsgd-without-error-feedback": dict(settings=dict(method="qsgd", levels=7, error_feedback=False, mode="per_layer"), steps=3),
     # DDP's default: buckets rebuilt after the first step; residuals move parameter by parameter
     "topk-bucket-rebuild": dict(settings=dict(method="topk", ratio=0.1, seed=1), steps=4, rebuild=True),
     # the reductions of docs/SPEC.md §12 through gloo's all-to-all and all-gather

@@ -407,7 +407,8 @@ static int qsgd_model_level(float x, float m, u32 s, float u) {
 }
 
 // One group of subnormal magnitudes (its scale makes inv = +inf) and one of zeros.
-static void qsgd_case(const std::vector<u32>& sizes, u32 levels, float momentum) {
+// `feedback` false: QSGD without error feedback, the residual stays 0.
+static void qsgd_case(const std::vector<u32>& sizes, u32 levels, float momentum, bool feedback = true) {
     const unsigned long san0 = san_begin();
     u32 n = 0;
     for (u32 s : sizes) n += s;
@@ -445,7 +446,7 @@ static void qsgd_case(const std::vector<u32>& sizes, u32 levels, float momentum)
         emu_launch(ef_begin, 1, 1, b);
         emu_launch(ef_accumulate_f32, grid_for(n, 256), 256, AccArgs{b, A(g.data()), 0});
         QsgdArgs a{b, A(items.data()), A(partial.data()), A(first.data()), A(scales.data()), A(codes.data()),
-                   (u32)sizes.size(), levels, worker, (u32)step, 0, seed_lo, seed_hi, 0};
+                   (u32)sizes.size(), levels, worker, (u32)step, 0, seed_lo, seed_hi, feedback ? 1u : 0u};
         emu_launch(qsgd_partial, items.size(), 256, a);
         emu_launch(qsgd_merge, sizes.size(), 256, a);
         emu_launch(qsgd_apply, items.size(), 256, a);
@@ -470,7 +471,7 @@ static void qsgd_case(const std::vector<u32>& sizes, u32 levels, float momentum)
                 const float uu = (float)(w1 >> 8) / 16777216.0f;
                 const int q = qsgd_model_level(p[j], m, levels, uu);
                 CHECK(codes[i] == q, "qsgd code %u: %d vs %d", i, codes[i], q);
-                re[i] = p[j] - (float)q * dstep;
+                re[i] = feedback ? p[j] - (float)q * dstep : 0.0f;
                 ru[i] = 0;
                 CHECK(__float_as_uint(e[st.cur][i]) == __float_as_uint(re[i]), "qsgd residual %u: %g vs %g", i,
                       e[st.cur][i], re[i]);
@@ -481,8 +482,8 @@ static void qsgd_case(const std::vector<u32>& sizes, u32 levels, float momentum)
     }
     SAN_OK(san0);
     ++passes;
-    printf("ok   qsgd sizes=%zu n=%u levels=%u momentum=%g%s\n", sizes.size(), n, levels, momentum,
-           sched_tag.c_str());
+    printf("ok   qsgd sizes=%zu n=%u levels=%u momentum=%g feedback=%d%s\n", sizes.size(), n, levels, momentum,
+           feedback, sched_tag.c_str());
 }
 
 // `bad`: worker 1's code at that position is beyond the levels (nothing may be written).
@@ -613,6 +614,7 @@ int main(int argc, char** argv) {
     each("qsgd", [] { qsgd_case({10000}, 7, 0.0f); });
     each("qsgd", [] { qsgd_case({5000, 300, 64, 0, 9000, 1}, 1, 0.5f); });
     each("qsgd", [] { qsgd_case({4097, 777, 5}, 127, 0.0f); });
+    each("qsgd", [] { qsgd_case({3000, 64, 10, 901}, 5, 0.0f, false); });
     each("aggregate qsgd", [] { agg_qsgd_case(9001, 3, 7, false, -1); });
     each("aggregate qsgd", [] { agg_qsgd_case(9001, 2, 127, true, -1); });
     each("aggregate qsgd", [] { agg_qsgd_case(5000, 3, 3, false, 4321); });

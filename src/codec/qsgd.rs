@@ -133,13 +133,14 @@ pub(crate) fn check(p: &QsgdPayload, n: usize, groups: usize) -> Result<(), Stri
 }
 
 /// Encodes one group of `p` (the elements `start..start + p.len()` of the buffer) into
-/// `codes`, leaves `p - decode(code)` in `p` (SPEC §5, fused into the same pass) and returns
-/// the scale, `max |p|`: the CPU backend's encoder and the reference the GPU kernels are
-/// tested against. `p` must be finite (the step checks it first).
+/// `codes`, leaves the residual in `p` (SPEC §5, fused into the same pass: `p - decode(code)`
+/// with `feedback`, else 0) and returns the scale, `max |p|`: the CPU backend's encoder and
+/// the reference the GPU kernels are tested against. `p` must be finite (the step checks it
+/// first).
 pub(crate) fn encode_group(
     p: &mut [f32],
     start: usize,
-    levels: u8,
+    (levels, feedback): (u8, bool),
     (worker, step, seed): (u32, u64, u64),
     codes: &mut [i8],
 ) -> f32 {
@@ -148,7 +149,7 @@ pub(crate) fn encode_group(
     for (j, (x, c)) in p.iter_mut().zip(codes.iter_mut()).enumerate() {
         let u = uniform((start + j) as u32, worker, step, seed);
         *c = level(*x, inv, levels, u);
-        *x -= decode(*c, d);
+        *x = if feedback { *x - decode(*c, d) } else { 0.0 };
     }
     scale
 }
@@ -198,7 +199,7 @@ mod tests {
     #[test]
     fn a_zero_group_sends_zero_levels() {
         let mut codes = [5i8; 4];
-        let scale = encode_group(&mut [0.0; 4], 0, 7, (0, 0, 0), &mut codes);
+        let scale = encode_group(&mut [0.0; 4], 0, (7, true), (0, 0, 0), &mut codes);
         assert_eq!((scale, codes), (0.0, [0; 4]));
     }
 }

@@ -72,7 +72,7 @@ impl Compressor {
                 scales: Vec::with_capacity(groups.len()),
                 negative: Vec::with_capacity(n.div_ceil(64)),
             }),
-            Method::Qsgd { levels } => Payload::Qsgd(QsgdPayload {
+            Method::Qsgd { levels, .. } => Payload::Qsgd(QsgdPayload {
                 n: n as u32,
                 levels,
                 scales: Vec::with_capacity(groups.len()),
@@ -234,11 +234,19 @@ impl Compressor {
                     std::mem::swap(&mut self.momentum, &mut self.scratch_u);
                 }
                 let key = (self.config.worker, step, self.config.seed);
+                let feedback = matches!(
+                    self.config.method,
+                    Method::Qsgd {
+                        error_feedback: true,
+                        ..
+                    }
+                );
                 out.scales.clear();
                 for g in &self.groups {
                     let p = &mut self.residual[g.range.clone()];
                     let codes = &mut out.codes[g.range.clone()];
-                    let scale = qsgd::encode_group(p, g.range.start, out.levels, key, codes);
+                    let scale =
+                        qsgd::encode_group(p, g.range.start, (out.levels, feedback), key, codes);
                     out.scales.push(scale);
                 }
                 if m > 0.0 {

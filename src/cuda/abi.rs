@@ -220,7 +220,8 @@ pub struct QsgdArgs {
     pub t_hi: u32,
     pub s_lo: u32,
     pub s_hi: u32,
-    pub pad: u32,
+    /// 1: the residual keeps `p - decode`; 0: QSGD without error feedback (residual 0).
+    pub feedback: u32,
 }
 
 #[repr(C)]

@@ -274,6 +274,7 @@ struct QsgdPtrs {
     scales: u64,
     codes: u64,
     levels: u8,
+    feedback: bool,
 }
 
 /// A QSGD plan (SPEC §13): the sign's work items, one maximum per item, the scales and the
@@ -282,6 +283,7 @@ struct QsgdPtrs {
 struct Qsgd {
     shape: ItemShape,
     levels: u8,
+    feedback: bool,
     items: DevBuf,
     partial: DevBuf,
     group_items: DevBuf,
@@ -298,6 +300,7 @@ impl Qsgd {
             scales: self.scales.ptr(),
             codes: self.codes.ptr(),
             levels: self.levels,
+            feedback: self.feedback,
         }
     }
 }
@@ -409,10 +412,13 @@ impl Compressor {
             crate::Method::Sign => {
                 Method::Sign(Self::plan_sign(cx, ItemShape::new(layout, &groups))?)
             }
-            crate::Method::Qsgd { levels } => Method::Qsgd(Self::plan_qsgd(
+            crate::Method::Qsgd {
+                levels,
+                error_feedback,
+            } => Method::Qsgd(Self::plan_qsgd(
                 cx,
                 ItemShape::new(layout, &groups),
-                levels,
+                (levels, error_feedback),
                 n,
             )?),
             _ => Method::Sparse(Self::plan_sparse(
@@ -484,7 +490,12 @@ impl Compressor {
         })
     }
 
-    fn plan_qsgd(cx: &Context, shape: ItemShape, levels: u8, n: usize) -> Result<Qsgd> {
+    fn plan_qsgd(
+        cx: &Context,
+        shape: ItemShape,
+        (levels, feedback): (u8, bool),
+        n: usize,
+    ) -> Result<Qsgd> {
         Ok(Qsgd {
             items: DevBuf::from_slice(cx, &shape.items)?,
             partial: DevBuf::zeroed(cx, shape.items.len() * 4)?,
@@ -493,6 +504,7 @@ impl Compressor {
             // Whole words: qsgd_apply stores 4 codes at a time.
             codes: DevBuf::zeroed(cx, n.div_ceil(4) * 4)?,
             levels,
+            feedback,
             shape,
         })
     }
@@ -1141,7 +1153,7 @@ fn enqueue_step<E: Enqueue>(
                 t_hi,
                 s_lo,
                 s_hi,
-                pad: 0,
+                feedback: u32::from(ptr.feedback),
             };
             e.launch(K::QsgdPartial, None, q.n_items(), 256, &a)?;
             e.launch(K::QsgdMerge, None, q.ngroups(), 256, &a)?;

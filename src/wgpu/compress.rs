@@ -52,7 +52,8 @@ struct Cfg {
     active_off: u32,
     /// QSGD's `s` (SPEC §13), 0 for the other methods.
     levels: u32,
-    pad1: u32,
+    /// QSGD: 1 keeps `p - decode` in the residual, 0 leaves 0.
+    feedback: u32,
 }
 
 #[repr(C)]
@@ -179,7 +180,13 @@ impl Compressor {
             tiles_off,
             active_off: shape.active_off,
             levels: shape.levels.map_or(0, u32::from),
-            pad1: 0,
+            feedback: u32::from(matches!(
+                config.method,
+                Method::Qsgd {
+                    error_feedback: true,
+                    ..
+                }
+            )),
         };
         let cfg_buf = inner.buffer(
             "config",
@@ -387,7 +394,7 @@ impl Compressor {
                     Ok(())
                 },
             )?
-        } else if let Method::Qsgd { levels } = self.config.method {
+        } else if let Method::Qsgd { levels, .. } = self.config.method {
             let nw = (n as usize).div_ceil(4);
             inner.read_back(
                 &self.staging,
@@ -685,7 +692,7 @@ impl Shape {
         };
         let gstate2 = GSTATE + 4 * ng as u32;
         let levels = match config.method {
-            Method::Qsgd { levels } => Some(levels),
+            Method::Qsgd { levels, .. } => Some(levels),
             _ => None,
         };
         // The bitmap holds the selection (a bit per element), the signs, or four QSGD codes
@@ -1221,7 +1228,7 @@ mod tests {
                 tiles_off,
                 active_off,
                 levels,
-                pad1,
+                feedback,
             }),
         );
         check(
