@@ -104,46 +104,10 @@ pub(crate) fn check_payload(
         ));
     }
     match p {
-        Payload::Sparse(p) => {
-            if p.indices.len() != p.values.len() {
-                return Err(format!(
-                    "{} indices but {} values",
-                    p.indices.len(),
-                    p.values.len()
-                ));
-            }
-            let mut prev: Option<u32> = None;
-            for (j, &i) in p.indices.iter().enumerate() {
-                if i as usize >= n {
-                    return Err(format!(
-                        "index {i} at position {j} is out of range (n = {n})"
-                    ));
-                }
-                if prev.is_some_and(|q| q >= i) {
-                    return Err(format!(
-                        "index {i} at position {j} is not above its predecessor (unsorted or duplicate)"
-                    ));
-                }
-                prev = Some(i);
-            }
-            if let Some(j) = p.values.iter().position(|v| !v.is_finite()) {
-                return Err(format!("value at position {j} is not finite"));
-            }
-        }
-        Payload::Sign(p) => {
-            if p.scales.len() != groups {
-                return Err(format!("{} scales for {groups} groups", p.scales.len()));
-            }
-            if p.negative.len() != n.div_ceil(64) {
-                return Err(format!("{} sign words for {n} elements", p.negative.len()));
-            }
-            if let Some(j) = p.scales.iter().position(|v| !v.is_finite()) {
-                return Err(format!("scale {j} is not finite"));
-            }
-        }
-        Payload::Qsgd(p) => crate::codec::qsgd::check(p, n, groups)?,
+        Payload::Sparse(p) => crate::codec::sparse::check(p, n),
+        Payload::Sign(p) => crate::codec::sign::check(p, n, groups),
+        Payload::Qsgd(p) => crate::codec::qsgd::check(p, n, groups),
     }
-    Ok(())
 }
 
 /// What [`Compress::refund`] asks of its argument on every backend, before any state is

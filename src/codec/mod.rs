@@ -4,7 +4,11 @@
 //! plans need. A backend's error-feedback step calls its codec's encoder on `p` and commits
 //! `e = p - decode(c)` (SPEC §5) the same way for every codec.
 //!
-//! Today [`qsgd`] is the one codec written this way; sparse selection and scaled sign still
-//! live in each backend's step (issue #25 moves them here).
+//! One module per codec: [`qsgd`] (SPEC §13), `sign` (§6) and `sparse` (§1-§5, whose
+//! selection engines are the backends' own). The CPU backend's step (`cpu/compress.rs`) is
+//! the error-feedback frame around them; the GPU backends' kernels (`kernels/qsgd.cu`,
+//! `sign.cu`, `select.cu`, `shaders/compress.wgsl`) implement the same rules.
 
 pub mod qsgd;
+pub(crate) mod sign;
+pub(crate) mod sparse;

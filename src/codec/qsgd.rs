@@ -154,6 +154,24 @@ pub(crate) fn encode_group(
     scale
 }
 
+/// [`encode_group`] over every group of `p` (the whole buffer, finite) into `out`, whose
+/// buffers are reused.
+pub(crate) fn encode(
+    p: &mut [f32],
+    groups: &[crate::Group],
+    feedback: bool,
+    key: (u32, u64, u64),
+    out: &mut QsgdPayload,
+) {
+    out.scales.clear();
+    for g in groups {
+        let codes = &mut out.codes[g.range.clone()];
+        let x = &mut p[g.range.clone()];
+        let scale = encode_group(x, g.range.start, (out.levels, feedback), key, codes);
+        out.scales.push(scale);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@
 
 use super::par::chunk_len;
 use super::select::Selector;
-use crate::codec::qsgd;
+use crate::codec::{qsgd, sign, sparse};
 use crate::contract::{check_refund, magnitude_key};
 use crate::philox::{random_key, random_keys};
 use crate::{
@@ -106,10 +106,13 @@ impl Compressor {
         })
     }
 
-    /// [`Compress::step`] without the bookkeeping of the last step's outcome.
+    /// [`Compress::step`] without the bookkeeping of the last step's outcome: SPEC §5's
+    /// error-feedback frame, written once around the codecs (`crate::codec`). `p` and `u'`
+    /// go into the scratch halves; a non-finite `p` fails before anything changes; each codec
+    /// encodes, and the new state is committed only once nothing can fail any more.
     fn step_once<T: Element>(&mut self, grad: &[T], step: u64) -> Result<&Payload> {
         self.layout.check_len("gradient", grad.len())?;
-        let m = self.config.momentum;
+        let momentum = self.config.momentum > 0.0;
         // Without momentum both `u` buffers are empty (see `new`).
         let bad = accumulate(
             &mut self.scratch_p,
@@ -117,7 +120,7 @@ impl Compressor {
             &self.residual,
             &self.momentum,
             grad,
-            m,
+            self.config.momentum,
         );
         if bad > 0 {
             let first = self
@@ -130,16 +133,12 @@ impl Compressor {
                 first_index: first as u32,
             });
         }
+        let (worker, seed) = (self.config.worker, self.config.seed);
+        let (e, p) = (&mut self.residual, &mut self.scratch_p);
+        let (u, u_next) = (&mut self.momentum, &mut self.scratch_u);
         match &mut self.payload {
             Payload::Sparse(out) => {
                 out.indices.clear();
-                out.values.clear();
-                let seed = self.config.seed;
-                let worker = self.config.worker;
-                // Select and compute the values on the uncommitted `p`: a value that only
-                // `Scale::Unbiased` makes non-finite fails the step like a non-finite `p`
-                // (SPEC §5), so nothing may be committed before the values are known.
-                let p = &self.scratch_p;
                 for g in &self.groups {
                     select_group(
                         &mut self.selector,
@@ -147,29 +146,15 @@ impl Compressor {
                         &mut self.keys,
                         p,
                         g,
-                        worker,
-                        step,
-                        seed,
+                        (worker, step, seed),
                         &mut out.indices,
                     );
                 }
-                // Groups are contiguous and ascending, so each group's span of `indices` is
-                // its own, and the first bad value met has the lowest index.
-                let (mut bad, mut first) = (0u64, 0u32);
-                let mut at = 0;
-                for g in &self.groups {
-                    for &i in &out.indices[at..at + g.k] {
-                        let v = self.config.values.quantize(p[i as usize] * g.scale);
-                        if !v.is_finite() {
-                            if bad == 0 {
-                                first = i;
-                            }
-                            bad += 1;
-                        }
-                        out.values.push(v);
-                    }
-                    at += g.k;
-                }
+                // The values of the uncommitted `p`: one that only `Scale::Unbiased` makes
+                // non-finite fails the step like a non-finite `p` (SPEC §5).
+                let values = self.config.values;
+                let (bad, first) =
+                    sparse::values(p, &self.groups, &out.indices, values, &mut out.values);
                 if bad > 0 {
                     // Never hand out a payload the server would have to reject.
                     out.indices.clear();
@@ -179,61 +164,26 @@ impl Compressor {
                         first_index: first,
                     });
                 }
-                // From here on nothing can fail: commit p as the residual and u' as the
-                // momentum, then remove what was sent (and mask its momentum).
-                std::mem::swap(&mut self.residual, &mut self.scratch_p);
-                if m > 0.0 {
-                    std::mem::swap(&mut self.momentum, &mut self.scratch_u);
-                }
+                commit(e, p, u, u_next, momentum);
+                // Remove what was sent, and mask its momentum.
                 for (&i, &v) in out.indices.iter().zip(&out.values) {
-                    let i = i as usize;
-                    self.residual[i] -= v;
-                    if m > 0.0 {
-                        self.momentum[i] = 0.0;
+                    e[i as usize] -= v;
+                    if momentum {
+                        u[i as usize] = 0.0;
                     }
                 }
             }
+            // Neither can fail once `p` is finite (a scale is a mean or a maximum of finite
+            // |p|, a level decodes to at most its group's): commit, then encode the committed
+            // `p` in place. Every element sends something, so momentum masking clears all of
+            // `u` (SPEC §5, §6, §13); without momentum `u` is empty.
             Payload::Sign(out) => {
-                // Nothing below can fail (the scales are means of finite |p|): commit first.
-                std::mem::swap(&mut self.residual, &mut self.scratch_p);
-                if m > 0.0 {
-                    std::mem::swap(&mut self.momentum, &mut self.scratch_u);
-                }
-                out.scales.clear();
-                out.negative.clear();
-                out.negative.resize(self.layout.n().div_ceil(64), 0);
-                for g in &self.groups {
-                    let p = &mut self.residual[g.range.clone()];
-                    let sum: f64 = p.iter().map(|x| f64::from(x.abs())).sum();
-                    let scale = if p.is_empty() {
-                        0.0
-                    } else {
-                        (sum / p.len() as f64) as f32
-                    };
-                    out.scales.push(scale);
-                    for (j, x) in p.iter_mut().enumerate() {
-                        let i = g.range.start + j;
-                        if *x < 0.0 {
-                            out.negative[i / 64] |= 1 << (i % 64);
-                            *x += scale;
-                        } else {
-                            *x -= scale;
-                        }
-                    }
-                }
-                if m > 0.0 {
-                    // Every element was sent, so factor masking clears all of u (SPEC §5).
-                    self.momentum.fill(0.0);
-                }
+                commit(e, p, u, u_next, momentum);
+                sign::encode(e, &self.groups, out);
+                u.fill(0.0);
             }
             Payload::Qsgd(out) => {
-                // Nothing below can fail (a level decodes to at most its group's max |p|):
-                // commit first, then quantise the committed p in place.
-                std::mem::swap(&mut self.residual, &mut self.scratch_p);
-                if m > 0.0 {
-                    std::mem::swap(&mut self.momentum, &mut self.scratch_u);
-                }
-                let key = (self.config.worker, step, self.config.seed);
+                commit(e, p, u, u_next, momentum);
                 let feedback = matches!(
                     self.config.method,
                     Method::Qsgd {
@@ -241,18 +191,8 @@ impl Compressor {
                         ..
                     }
                 );
-                out.scales.clear();
-                for g in &self.groups {
-                    let p = &mut self.residual[g.range.clone()];
-                    let codes = &mut out.codes[g.range.clone()];
-                    let scale =
-                        qsgd::encode_group(p, g.range.start, (out.levels, feedback), key, codes);
-                    out.scales.push(scale);
-                }
-                if m > 0.0 {
-                    // Every element sent a code (0 included): as for the sign (SPEC §13).
-                    self.momentum.fill(0.0);
-                }
+                qsgd::encode(e, &self.groups, feedback, (worker, step, seed), out);
+                u.fill(0.0);
             }
         }
         Ok(&self.payload)
@@ -418,6 +358,21 @@ fn touched_zeros(n: usize) -> Vec<f32> {
 /// how many elements of `p` are not finite. Chunked across rayon's current pool from
 /// [`super::PAR_MIN`] elements on: elementwise, so the same bits for any thread count, and
 /// the count is an integer sum.
+/// Makes the step's `p` the residual and `u'` the momentum; the state before the step stays
+/// in the scratch halves, for `revert`.
+fn commit(
+    e: &mut Vec<f32>,
+    p: &mut Vec<f32>,
+    u: &mut Vec<f32>,
+    u_next: &mut Vec<f32>,
+    momentum: bool,
+) {
+    std::mem::swap(e, p);
+    if momentum {
+        std::mem::swap(u, u_next);
+    }
+}
+
 fn accumulate<T: Element>(
     p: &mut [f32],
     u_next: &mut [f32],
@@ -469,9 +424,7 @@ fn select_group(
     keys: &mut Vec<u32>,
     p: &[f32],
     g: &Group,
-    worker: u32,
-    step: u64,
-    seed: u64,
+    (worker, step, seed): (u32, u64, u64),
     out: &mut Vec<u32>,
 ) {
     if g.k == 0 {
