@@ -1,17 +1,16 @@
 //! The fused error-feedback compression step on the GPU (SPEC §4-6, §10).
 
 use super::abi::{
-    self, AccArgs, BigGroup, CompactArgs, QsgdArgs, STAGE_ALL, STAGE_FIRST, STAGE_LIST, SelArgs,
-    SignArgs, SmallArgs, SmallGroup,
+    self, AccArgs, BigGroup, CompactArgs, STAGE_ALL, STAGE_FIRST, STAGE_LIST, SelArgs, SmallArgs,
+    SmallGroup,
 };
 use super::context::{Context, DevBuf, Pinned, download_at};
 use super::kernels::typed as K;
 use super::launch::{Enqueue, Live, Recorder, StepLaunches};
+use super::qsgd::{self, Qsgd, QsgdPtrs};
+use super::sign::{self, Sign, SignPtrs};
 use crate::Compress;
-use crate::{
-    Config, DType, Element, Error, Group, Layout, Payload, QsgdPayload, Result, SignPayload,
-    SparsePayload,
-};
+use crate::{Config, DType, Element, Error, Group, Layout, Payload, Result, SparsePayload};
 use cudarc::driver::{CudaSlice, DevicePtr};
 
 /// Cut-offs between the two selection paths: groups up to the cut-off are selected by one
@@ -204,11 +203,11 @@ impl Sparse {
 
 /// The host half of a scaled-sign or QSGD plan: the groups cut into work items.
 #[derive(Debug, Clone)]
-struct ItemShape {
-    items: Vec<abi::Item>,
-    first: Vec<u32>,
-    lens: Vec<u32>,
-    n_words64: usize,
+pub(super) struct ItemShape {
+    pub(super) items: Vec<abi::Item>,
+    pub(super) first: Vec<u32>,
+    pub(super) lens: Vec<u32>,
+    pub(super) n_words64: usize,
 }
 
 impl ItemShape {
@@ -223,85 +222,12 @@ impl ItemShape {
         }
     }
 
-    fn n_items(&self) -> u32 {
+    pub(super) fn n_items(&self) -> u32 {
         self.items.len() as u32
     }
 
-    fn ngroups(&self) -> u32 {
+    pub(super) fn ngroups(&self) -> u32 {
         self.lens.len() as u32
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct SignPtrs {
-    items: u64,
-    partial: u64,
-    group_items: u64,
-    group_len: u64,
-    scales: u64,
-    words: u64,
-}
-
-#[derive(Debug)]
-struct Sign {
-    shape: ItemShape,
-    items: DevBuf,
-    partial: DevBuf,
-    group_items: DevBuf,
-    group_len: DevBuf,
-    scales: DevBuf,
-    words: DevBuf,
-}
-
-impl Sign {
-    fn ptrs(&self) -> SignPtrs {
-        SignPtrs {
-            items: self.items.ptr(),
-            partial: self.partial.ptr(),
-            group_items: self.group_items.ptr(),
-            group_len: self.group_len.ptr(),
-            scales: self.scales.ptr(),
-            words: self.words.ptr(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct QsgdPtrs {
-    items: u64,
-    partial: u64,
-    group_items: u64,
-    scales: u64,
-    codes: u64,
-    levels: u8,
-    feedback: bool,
-}
-
-/// A QSGD plan (SPEC §13): the sign's work items, one maximum per item, the scales and the
-/// `n` signed levels.
-#[derive(Debug)]
-struct Qsgd {
-    shape: ItemShape,
-    levels: u8,
-    feedback: bool,
-    items: DevBuf,
-    partial: DevBuf,
-    group_items: DevBuf,
-    scales: DevBuf,
-    codes: DevBuf,
-}
-
-impl Qsgd {
-    fn ptrs(&self) -> QsgdPtrs {
-        QsgdPtrs {
-            items: self.items.ptr(),
-            partial: self.partial.ptr(),
-            group_items: self.group_items.ptr(),
-            scales: self.scales.ptr(),
-            codes: self.codes.ptr(),
-            levels: self.levels,
-            feedback: self.feedback,
-        }
     }
 }
 
@@ -409,13 +335,11 @@ impl Compressor {
             None
         };
         let method = match config.method {
-            crate::Method::Sign => {
-                Method::Sign(Self::plan_sign(cx, ItemShape::new(layout, &groups))?)
-            }
+            crate::Method::Sign => Method::Sign(Sign::new(cx, ItemShape::new(layout, &groups))?),
             crate::Method::Qsgd {
                 levels,
                 error_feedback,
-            } => Method::Qsgd(Self::plan_qsgd(
+            } => Method::Qsgd(Qsgd::new(
                 cx,
                 ItemShape::new(layout, &groups),
                 (levels, error_feedback),
@@ -474,37 +398,6 @@ impl Compressor {
                 },
             )?,
             tiles: DevBuf::zeroed(cx, shape.tiles_total * 8)?,
-            shape,
-        })
-    }
-
-    fn plan_sign(cx: &Context, shape: ItemShape) -> Result<Sign> {
-        Ok(Sign {
-            items: DevBuf::from_slice(cx, &shape.items)?,
-            partial: DevBuf::zeroed(cx, shape.items.len() * 8)?,
-            group_items: DevBuf::from_slice(cx, &shape.first)?,
-            group_len: DevBuf::from_slice(cx, &shape.lens)?,
-            scales: DevBuf::zeroed(cx, shape.lens.len() * 4)?,
-            words: DevBuf::zeroed(cx, shape.n_words64 * 8)?,
-            shape,
-        })
-    }
-
-    fn plan_qsgd(
-        cx: &Context,
-        shape: ItemShape,
-        (levels, feedback): (u8, bool),
-        n: usize,
-    ) -> Result<Qsgd> {
-        Ok(Qsgd {
-            items: DevBuf::from_slice(cx, &shape.items)?,
-            partial: DevBuf::zeroed(cx, shape.items.len() * 4)?,
-            group_items: DevBuf::from_slice(cx, &shape.first)?,
-            scales: DevBuf::zeroed(cx, shape.lens.len() * 4)?,
-            // Whole words: qsgd_apply stores 4 codes at a time.
-            codes: DevBuf::zeroed(cx, n.div_ceil(4) * 4)?,
-            levels,
-            feedback,
             shape,
         })
     }
@@ -596,25 +489,13 @@ impl Compressor {
         let a16 = |b: usize| b.next_multiple_of(16);
         let cx = &self.cx;
         cx.bind()?;
-        let (len1, len2, src1, src2) = match &self.method {
-            Method::Sparse(sp) => (
-                sp.shape.sent * 4,
-                sp.shape.sent * 4,
-                sp.out_idx.ptr(),
-                sp.out_val.ptr(),
-            ),
-            Method::Sign(sg) => (
-                sg.shape.ngroups() as usize * 4,
-                sg.shape.n_words64 * 8,
-                sg.scales.ptr(),
-                sg.words.ptr(),
-            ),
-            Method::Qsgd(q) => (
-                q.shape.ngroups() as usize * 4,
-                self.layout.n(),
-                q.scales.ptr(),
-                q.codes.ptr(),
-            ),
+        let [(len1, src1), (len2, src2)] = match &self.method {
+            Method::Sparse(sp) => [
+                (sp.shape.sent * 4, sp.out_idx.ptr()),
+                (sp.shape.sent * 4, sp.out_val.ptr()),
+            ],
+            Method::Sign(sg) => sg.arrays(),
+            Method::Qsgd(q) => q.arrays(),
         };
         let (o1, o2) = (a16(ST), a16(ST) + a16(len1));
         self.pinned.reserve(cx, o2 + len2)?;
@@ -648,34 +529,8 @@ impl Compressor {
                 p.values.extend_from_slice(bytemuck::cast_slice(b2));
                 debug_assert_eq!(p.indices.len(), sp.shape.sent);
             }
-            Method::Sign(_) => {
-                if !matches!(out, Payload::Sign(_)) {
-                    *out = Payload::Sign(SignPayload::default());
-                }
-                let Payload::Sign(p) = out else {
-                    unreachable!()
-                };
-                p.n = n;
-                p.scales.clear();
-                p.scales.extend_from_slice(bytemuck::cast_slice(b1));
-                // Two little-endian u32 halves per u64 word: the same bytes.
-                p.negative.clear();
-                p.negative.extend_from_slice(bytemuck::cast_slice(b2));
-            }
-            Method::Qsgd(q) => {
-                if !matches!(out, Payload::Qsgd(_)) {
-                    *out = Payload::Qsgd(QsgdPayload::default());
-                }
-                let Payload::Qsgd(p) = out else {
-                    unreachable!()
-                };
-                p.n = n;
-                p.levels = q.levels;
-                p.scales.clear();
-                p.scales.extend_from_slice(bytemuck::cast_slice(b1));
-                p.codes.clear();
-                p.codes.extend_from_slice(bytemuck::cast_slice(b2));
-            }
+            Method::Sign(_) => Sign::fill(out, n, b1, b2),
+            Method::Qsgd(q) => q.fill(out, b1, b2),
         }
         Ok(())
     }
@@ -689,8 +544,8 @@ impl Compressor {
     pub fn device_payload(&self) -> (u64, u64, usize) {
         match &self.method {
             Method::Sparse(sp) => (sp.out_idx.ptr(), sp.out_val.ptr(), sp.shape.sent),
-            Method::Sign(sg) => (sg.words.ptr(), sg.scales.ptr(), sg.shape.ngroups() as usize),
-            Method::Qsgd(q) => (q.codes.ptr(), q.scales.ptr(), q.shape.ngroups() as usize),
+            Method::Sign(sg) => sg.device_payload(),
+            Method::Qsgd(q) => q.device_payload(),
         }
     }
 
@@ -1034,7 +889,6 @@ fn enqueue_step<E: Enqueue>(
     let n = u64::from(b.n);
     e.launch(K::EfBegin, None, 1, 1, &b)?;
     let (t_lo, t_hi) = (step as u32, (step >> 32) as u32);
-    let (s_lo, s_hi) = (config.seed as u32, (config.seed >> 32) as u32);
     let acc = |e: &mut E, sel_state: u64| -> Result<()> {
         let grid = e.grid_for(n, 256);
         e.launch(
@@ -1046,121 +900,98 @@ fn enqueue_step<E: Enqueue>(
         )
     };
     match method {
-        MethodView::Sparse(sp, ptr) => {
-            let base = SelArgs {
-                b,
-                groups: ptr.big,
-                state: ptr.sel,
-                cand: ptr.cand,
-                list: ptr.list,
-                defbits: ptr.defbits,
-                tiebits: ptr.tiebits,
-                ngroups: sp.big.len() as u32,
-                worker: config.worker,
-                t_lo,
-                t_hi,
-                s_lo,
-                s_hi,
-                ..Default::default()
-            };
-            if sp.fused {
-                // The one big group's bitmaps and state are ready before the accumulate
-                // pass histograms its digit 0 into that state.
-                let g = sp.big[0];
-                let a = SelArgs {
-                    stage: STAGE_FIRST,
-                    bpg: e.per_group(1, words_of(g.lo, g.len) as u64, 256),
-                    ..base
-                };
-                e.launch(K::SelClearBits, None, a.bpg, 256, &a)?;
-                e.launch(K::SelReset, None, 1, 1024, &SelArgs { bpg: 1, ..a })?;
-                acc(e, ptr.sel)?;
-            } else {
-                acc(e, 0)?;
-            }
-            if !sp.small.is_empty() {
-                if sp.small_member {
-                    e.memset(ptr.defbits, 0, sp.words * 4)?;
-                }
-                let a = SmallArgs {
-                    b,
-                    groups: ptr.small,
-                    out_idx: ptr.out_idx,
-                    out_val: ptr.out_val,
-                    member: ptr.defbits,
-                    worker: config.worker,
-                    t_lo,
-                    t_hi,
-                    s_lo,
-                    s_hi,
-                    dtype: u32::from(config.values.code()),
-                };
-                e.launch(
-                    K::SelectSmall,
-                    None,
-                    sp.small.len() as u32,
-                    BLOCK_THREADS,
-                    &a,
-                )?;
-            }
-            let c = CompactArgs {
-                b,
-                groups: ptr.big,
-                state: ptr.sel,
-                defbits: ptr.defbits,
-                tiebits: ptr.tiebits,
-                tiles: ptr.tiles,
-                list: ptr.list,
-                out_idx: ptr.out_idx,
-                out_val: ptr.out_val,
-                ngroups: sp.big.len() as u32,
-                dtype: u32::from(config.values.code()),
-                ..Default::default()
-            };
-            run_big(e, &sp.big, base, c, sp.fused)?;
-        }
-        MethodView::Sign(sg, ptr) => {
-            e.memset(ptr.words, 0, sg.n_words64 * 8)?;
-            acc(e, 0)?;
-            let a = SignArgs {
-                b,
-                items: ptr.items,
-                partial: ptr.partial,
-                group_items: ptr.group_items,
-                group_len: ptr.group_len,
-                scales: ptr.scales,
-                words: ptr.words,
-                ngroups: sg.ngroups(),
-                pad: 0,
-            };
-            e.launch(K::SignPartial, None, sg.n_items(), 256, &a)?;
-            e.launch(K::SignMerge, None, sg.ngroups(), 256, &a)?;
-            e.launch(K::SignApply, None, sg.n_items(), 256, &a)?;
-        }
+        MethodView::Sparse(sp, ptr) => enqueue_sparse(e, b, config, (sp, ptr), (t_lo, t_hi), acc)?,
+        MethodView::Sign(sg, ptr) => sign::enqueue(e, b, sg, ptr, |e| acc(e, 0))?,
         MethodView::Qsgd(q, ptr) => {
-            acc(e, 0)?;
-            let a = QsgdArgs {
-                b,
-                items: ptr.items,
-                partial: ptr.partial,
-                group_items: ptr.group_items,
-                scales: ptr.scales,
-                codes: ptr.codes,
-                ngroups: q.ngroups(),
-                levels: u32::from(ptr.levels),
-                worker: config.worker,
-                t_lo,
-                t_hi,
-                s_lo,
-                s_hi,
-                feedback: u32::from(ptr.feedback),
-            };
-            e.launch(K::QsgdPartial, None, q.n_items(), 256, &a)?;
-            e.launch(K::QsgdMerge, None, q.ngroups(), 256, &a)?;
-            e.launch(K::QsgdApply, None, q.n_items(), 256, &a)?;
+            qsgd::enqueue(e, b, config, (q, ptr), (t_lo, t_hi), |e| acc(e, 0))?
         }
     }
     e.launch(K::EfCommit, None, 1, 1, &b)
+}
+
+/// The sparse methods' part of the step: `accumulate(e, sel_state)` computes `p` (and, with
+/// one fused big group, histograms its first digit into `sel_state`), then the block-sized
+/// groups in one launch and the grid-wide groups' radix passes and compactions.
+fn enqueue_sparse<E: Enqueue>(
+    e: &mut E,
+    b: abi::StepBuffers,
+    config: &Config,
+    (sp, ptr): (&SparseShape, SparsePtrs),
+    (t_lo, t_hi): (u32, u32),
+    accumulate: impl FnOnce(&mut E, u64) -> Result<()>,
+) -> Result<()> {
+    let (s_lo, s_hi) = (config.seed as u32, (config.seed >> 32) as u32);
+    let base = SelArgs {
+        b,
+        groups: ptr.big,
+        state: ptr.sel,
+        cand: ptr.cand,
+        list: ptr.list,
+        defbits: ptr.defbits,
+        tiebits: ptr.tiebits,
+        ngroups: sp.big.len() as u32,
+        worker: config.worker,
+        t_lo,
+        t_hi,
+        s_lo,
+        s_hi,
+        ..Default::default()
+    };
+    if sp.fused {
+        // The one big group's bitmaps and state are ready before the accumulate
+        // pass histograms its digit 0 into that state.
+        let g = sp.big[0];
+        let a = SelArgs {
+            stage: STAGE_FIRST,
+            bpg: e.per_group(1, words_of(g.lo, g.len) as u64, 256),
+            ..base
+        };
+        e.launch(K::SelClearBits, None, a.bpg, 256, &a)?;
+        e.launch(K::SelReset, None, 1, 1024, &SelArgs { bpg: 1, ..a })?;
+        accumulate(e, ptr.sel)?;
+    } else {
+        accumulate(e, 0)?;
+    }
+    if !sp.small.is_empty() {
+        if sp.small_member {
+            e.memset(ptr.defbits, 0, sp.words * 4)?;
+        }
+        let a = SmallArgs {
+            b,
+            groups: ptr.small,
+            out_idx: ptr.out_idx,
+            out_val: ptr.out_val,
+            member: ptr.defbits,
+            worker: config.worker,
+            t_lo,
+            t_hi,
+            s_lo,
+            s_hi,
+            dtype: u32::from(config.values.code()),
+        };
+        e.launch(
+            K::SelectSmall,
+            None,
+            sp.small.len() as u32,
+            BLOCK_THREADS,
+            &a,
+        )?;
+    }
+    let c = CompactArgs {
+        b,
+        groups: ptr.big,
+        state: ptr.sel,
+        defbits: ptr.defbits,
+        tiebits: ptr.tiebits,
+        tiles: ptr.tiles,
+        list: ptr.list,
+        out_idx: ptr.out_idx,
+        out_val: ptr.out_val,
+        ngroups: sp.big.len() as u32,
+        dtype: u32::from(config.values.code()),
+        ..Default::default()
+    };
+    run_big(e, &sp.big, base, c, sp.fused)
 }
 
 /// One grid-wide radix selection in every group of `a.groups` that takes part in

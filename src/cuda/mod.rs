@@ -62,7 +62,9 @@ mod context;
 mod image;
 mod kernels;
 mod launch;
+mod qsgd;
 mod select;
+mod sign;
 mod stats;
 
 pub use aggregate::Aggregator;
