@@ -321,139 +321,116 @@ impl Aggregator {
             .iter()
             .position(|p| !self.host_check(p))
             .unwrap_or(payloads.len());
-        let host_ok = upto == payloads.len();
         let mut up_bytes = 0usize;
         for (w, p) in payloads[..upto].iter().enumerate() {
-            match p {
-                Payload::Qsgd(q) => {
-                    self.ensure_dense(w, true)?;
-                    up_bytes += align(q.scales.len() * 4) + align(q.codes.len());
-                }
-                Payload::Sparse(s) => {
-                    self.ensure_staging(w, s.indices.len())?;
-                    up_bytes += align(s.indices.len() * 4) + align(s.values.len() * 4);
-                }
-                Payload::Sign(s) => {
-                    self.ensure_dense(w, false)?;
-                    up_bytes += align(s.scales.len() * 4) + align(s.negative.len() * 8);
-                }
-            }
+            self.ensure_worker(w, p)?;
+            up_bytes += self
+                .arrays(w, p)
+                .iter()
+                .map(|(b, _)| align(b.len()))
+                .sum::<usize>();
         }
-        let k = self.workers;
         self.err_at = up_bytes;
+        let k = self.workers;
         self.pinned
             .reserve(&self.cx, up_bytes + align(k * 8) + out_bytes)?;
-        // Host copies into pinned memory (the previous call waited for its transfers).
-        let mut at = 0usize;
-        let mut put = |pinned: &mut Pinned, bytes: &[u8]| -> usize {
-            let o = at;
-            pinned.bytes_mut()[o..o + bytes.len()].copy_from_slice(bytes);
-            at += align(bytes.len());
-            o
-        };
-        let mut offsets = Vec::with_capacity(upto);
-        for p in &payloads[..upto] {
-            offsets.push(match p {
-                Payload::Qsgd(q) => (
-                    put(&mut self.pinned, bytemuck::cast_slice(&q.scales)),
-                    put(&mut self.pinned, bytemuck::cast_slice(&q.codes)),
-                ),
-                Payload::Sparse(s) => (
-                    put(&mut self.pinned, bytemuck::cast_slice(&s.indices)),
-                    put(&mut self.pinned, bytemuck::cast_slice(&s.values)),
-                ),
-                Payload::Sign(s) => (
-                    put(&mut self.pinned, bytemuck::cast_slice(&s.scales)),
-                    put(&mut self.pinned, bytemuck::cast_slice(&s.negative)),
-                ),
-            });
-        }
         let base = self.begin(dst)?;
+        let mut at = 0usize;
         for (w, p) in payloads[..upto].iter().enumerate() {
-            let (o1, o2) = offsets[w];
+            // Host copies into pinned memory (the previous call waited for its transfers),
+            // each uploaded from there.
+            for (bytes, dev) in self.arrays(w, p) {
+                self.pinned.bytes_mut()[at..at + bytes.len()].copy_from_slice(bytes);
+                self.pinned.upload(&self.cx, at, bytes.len(), dev)?;
+                at += align(bytes.len());
+            }
+            let a = self.worker_args(w, p, base);
             match p {
-                Payload::Qsgd(q) => {
-                    let (sc, codes) = (self.scales[w].ptr(), self.qsgd_codes[w].ptr());
-                    self.pinned.upload(&self.cx, o1, q.scales.len() * 4, sc)?;
-                    self.pinned.upload(&self.cx, o2, q.codes.len(), codes)?;
-                    let a = AggArgs {
-                        words: codes,
-                        len: u32::from(q.levels),
-                        worker: w as u32,
-                        ..base
-                    };
+                Payload::Sparse(_) => {
+                    let grid = self.cx.grid_for(u64::from(a.len), 256);
+                    self.cx.launch(K::AggCheckSparse, grid, 256, &a)?;
+                }
+                Payload::Qsgd(_) => {
                     let grid = self.cx.grid_for(self.n as u64, 256);
                     self.cx.launch(K::AggCheckQsgd, grid, 256, &a)?;
                 }
-                Payload::Sparse(s) => {
-                    let st = &self.staging[w];
-                    let len = s.indices.len();
-                    self.pinned.upload(&self.cx, o1, len * 4, st.idx.ptr())?;
-                    self.pinned.upload(&self.cx, o2, len * 4, st.val.ptr())?;
-                    let a = AggArgs {
-                        idx: st.idx.ptr(),
-                        val: st.val.ptr(),
-                        len: len as u32,
-                        worker: w as u32,
-                        ..base
-                    };
-                    self.cx.launch(
-                        K::AggCheckSparse,
-                        self.cx.grid_for(a.len as u64, 256),
-                        256,
-                        &a,
-                    )?;
-                }
-                Payload::Sign(s) => {
-                    let sc = self.scales[w].ptr();
-                    let wd = self.sign_words[w].ptr();
-                    self.pinned.upload(&self.cx, o1, s.scales.len() * 4, sc)?;
-                    self.pinned.upload(&self.cx, o2, s.negative.len() * 8, wd)?;
-                }
+                // Its scales were checked on the host, and every bit is a valid sign.
+                Payload::Sign(_) => {}
             }
         }
-        if !host_ok {
+        if upto < payloads.len() {
             // Nothing may be written; `report` names the first bad worker.
             return Ok(());
         }
         let grid_n = self.cx.grid_for(self.n as u64, 256);
         self.cx.launch(K::AggZero, grid_n, 256, &base)?;
         for (w, p) in payloads.iter().enumerate() {
+            let a = self.worker_args(w, p, base);
             match p {
-                Payload::Qsgd(q) => {
-                    let a = AggArgs {
-                        scales: self.scales[w].ptr(),
-                        words: self.qsgd_codes[w].ptr(),
-                        len: u32::from(q.levels),
-                        worker: w as u32,
-                        ..base
-                    };
-                    self.cx.launch(K::AggQsgd, self.n_items, 256, &a)?;
+                Payload::Sparse(_) => {
+                    let grid = self.cx.grid_for(u64::from(a.len), 256);
+                    self.cx.launch(K::AggScatter, grid, 256, &a)?;
                 }
-                Payload::Sparse(s) => {
-                    let st = &self.staging[w];
-                    let a = AggArgs {
-                        idx: st.idx.ptr(),
-                        val: st.val.ptr(),
-                        len: s.indices.len() as u32,
-                        worker: w as u32,
-                        ..base
-                    };
-                    self.cx
-                        .launch(K::AggScatter, self.cx.grid_for(a.len as u64, 256), 256, &a)?;
-                }
-                Payload::Sign(_) => {
-                    let a = AggArgs {
-                        scales: self.scales[w].ptr(),
-                        words: self.sign_words[w].ptr(),
-                        worker: w as u32,
-                        ..base
-                    };
-                    self.cx.launch(K::AggSign, self.n_items, 256, &a)?;
-                }
+                Payload::Sign(_) => self.cx.launch(K::AggSign, self.n_items, 256, &a)?,
+                Payload::Qsgd(_) => self.cx.launch(K::AggQsgd, self.n_items, 256, &a)?,
             }
         }
         self.cx.launch(K::AggFinalize, grid_n, 256, &base)
+    }
+
+    /// Worker `w`'s device buffers for a payload like `p` (grown when too small).
+    fn ensure_worker(&mut self, w: usize, p: &Payload) -> Result<()> {
+        match p {
+            Payload::Sparse(s) => self.ensure_staging(w, s.indices.len()),
+            Payload::Sign(_) => self.ensure_dense(w, false),
+            Payload::Qsgd(_) => self.ensure_dense(w, true),
+        }
+    }
+
+    /// The two host arrays of `p` and the device buffers of worker `w` they go to: sparse
+    /// (indices, values), sign (scales, bits), QSGD (scales, codes).
+    fn arrays<'a>(&self, w: usize, p: &'a Payload) -> [(&'a [u8], u64); 2] {
+        match p {
+            Payload::Sparse(s) => [
+                (bytemuck::cast_slice(&s.indices), self.staging[w].idx.ptr()),
+                (bytemuck::cast_slice(&s.values), self.staging[w].val.ptr()),
+            ],
+            Payload::Sign(s) => [
+                (bytemuck::cast_slice(&s.scales), self.scales[w].ptr()),
+                (bytemuck::cast_slice(&s.negative), self.sign_words[w].ptr()),
+            ],
+            Payload::Qsgd(q) => [
+                (bytemuck::cast_slice(&q.scales), self.scales[w].ptr()),
+                (bytemuck::cast_slice(&q.codes), self.qsgd_codes[w].ptr()),
+            ],
+        }
+    }
+
+    /// The kernels' arguments for worker `w`'s payload `p` (kernels/aggregate.cu).
+    fn worker_args(&self, w: usize, p: &Payload, base: AggArgs) -> AggArgs {
+        let a = AggArgs {
+            worker: w as u32,
+            ..base
+        };
+        match p {
+            Payload::Sparse(s) => AggArgs {
+                idx: self.staging[w].idx.ptr(),
+                val: self.staging[w].val.ptr(),
+                len: s.indices.len() as u32,
+                ..a
+            },
+            Payload::Sign(_) => AggArgs {
+                scales: self.scales[w].ptr(),
+                words: self.sign_words[w].ptr(),
+                ..a
+            },
+            Payload::Qsgd(q) => AggArgs {
+                scales: self.scales[w].ptr(),
+                words: self.qsgd_codes[w].ptr(),
+                len: u32::from(q.levels),
+                ..a
+            },
+        }
     }
 
     /// Enqueues the check results (and, with `out`, the result) into the pinned buffer,
