@@ -5,7 +5,7 @@
 fn report_gpu_backends_in_this_build() {
     if cfg!(feature = "wgpu") {
         println!(
-            "wgpu backend: built; tests/backends.rs runs its wgpu:: instantiation (SKIPPED lines there if no adapter)"
+            "wgpu backend: built; tests/backends/ runs its wgpu:: instantiation (SKIPPED lines there if no adapter)"
         );
     } else {
         println!(
@@ -14,7 +14,7 @@ fn report_gpu_backends_in_this_build() {
     }
     if cfg!(feature = "cuda") {
         println!(
-            "cuda backend: built; tests/backends.rs compiles every kernel with NVRTC (nvrtc::) and runs its cuda:: instantiation if there is a device"
+            "cuda backend: built; tests/backends/ compiles every kernel with NVRTC (nvrtc::) and runs its cuda:: instantiation if there is a device"
         );
     } else {
         println!(

@@ -1,7 +1,7 @@
 //! QSGD (SPEC §13) on the CPU reference against a model written from the SPEC alone (the
 //! Philox block from `philox4x32_10`, plain loops), with error feedback (§5), momentum,
 //! revert, the server's aggregation (§7) and the wire format. The GPU backends are held to
-//! the CPU bit for bit by the conformance suite (`tests/backends.rs`, `qsgd_*` and the
+//! the CPU bit for bit by the conformance suite (`tests/backends/`, `qsgd_*` and the
 //! aggregation cases).
 
 use gradsift::philox::philox4x32_10;
