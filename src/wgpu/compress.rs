@@ -394,36 +394,16 @@ impl Compressor {
                     Ok(())
                 },
             )?
-        } else if let Method::Qsgd { levels, .. } = self.config.method {
-            let nw = (n as usize).div_ceil(4);
-            inner.read_back(
-                &self.staging,
-                &[
-                    (&self.st, 0, 16),
-                    (&self.out_val, 0, ng as u64 * 4),
-                    (&self.bits, 0, nw as u64 * 4),
-                ],
-                |b| {
-                    *rejected = words(b).nth(3);
-                    status(b)?;
-                    if !matches!(out, Payload::Qsgd(_)) {
-                        *out = Payload::Qsgd(QsgdPayload::default());
-                    }
-                    let Payload::Qsgd(p) = out else {
-                        unreachable!()
-                    };
-                    p.n = n;
-                    p.levels = levels;
-                    p.scales.clear();
-                    p.scales.extend(floats(&b[16..16 + 4 * ng]));
-                    let c = &b[16 + 4 * ng..16 + 4 * ng + n as usize];
-                    p.codes.clear();
-                    p.codes.extend(c.iter().map(|&x| x as i8));
-                    Ok(())
-                },
-            )?
         } else {
-            let nw = (n as usize).div_ceil(64) * 2;
+            // Sign and QSGD: the scales in `out_val`, the sign bits or the codes in `bits`.
+            let levels = match self.config.method {
+                Method::Qsgd { levels, .. } => Some(levels),
+                _ => None,
+            };
+            let nw = match levels {
+                Some(_) => (n as usize).div_ceil(4),
+                None => (n as usize).div_ceil(64) * 2,
+            };
             inner.read_back(
                 &self.staging,
                 &[
@@ -434,21 +414,11 @@ impl Compressor {
                 |b| {
                     *rejected = words(b).nth(3);
                     status(b)?;
-                    if !matches!(out, Payload::Sign(_)) {
-                        *out = Payload::Sign(SignPayload::default());
+                    let (scales, w) = b[16..16 + 4 * (ng + nw)].split_at(4 * ng);
+                    match levels {
+                        Some(levels) => fill_qsgd(out, n, levels, scales, &w[..n as usize]),
+                        None => fill_sign(out, n, scales, w),
                     }
-                    let Payload::Sign(p) = out else {
-                        unreachable!()
-                    };
-                    p.n = n;
-                    p.scales.clear();
-                    p.scales.extend(floats(&b[16..16 + 4 * ng]));
-                    let w = &b[16 + 4 * ng..16 + 4 * ng + 4 * nw];
-                    p.negative.clear();
-                    p.negative.extend(
-                        w.chunks_exact(8)
-                            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
-                    );
                     Ok(())
                 },
             )?
@@ -1166,6 +1136,40 @@ impl Recorder {
         }
         Ok(passes)
     }
+}
+
+/// A sign payload from its read-back scales and bit words, reusing `out`'s buffers.
+fn fill_sign(out: &mut Payload, n: u32, scales: &[u8], bits: &[u8]) {
+    if !matches!(out, Payload::Sign(_)) {
+        *out = Payload::Sign(SignPayload::default());
+    }
+    let Payload::Sign(p) = out else {
+        unreachable!()
+    };
+    p.n = n;
+    p.scales.clear();
+    p.scales.extend(floats(scales));
+    p.negative.clear();
+    p.negative.extend(
+        bits.chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
+    );
+}
+
+/// A QSGD payload from its read-back scales and `n` code bytes, reusing `out`'s buffers.
+fn fill_qsgd(out: &mut Payload, n: u32, levels: u8, scales: &[u8], codes: &[u8]) {
+    if !matches!(out, Payload::Qsgd(_)) {
+        *out = Payload::Qsgd(QsgdPayload::default());
+    }
+    let Payload::Qsgd(p) = out else {
+        unreachable!()
+    };
+    p.n = n;
+    p.levels = levels;
+    p.scales.clear();
+    p.scales.extend(floats(scales));
+    p.codes.clear();
+    p.codes.extend(codes.iter().map(|&x| x as i8));
 }
 
 fn whole(b: &::wgpu::Buffer) -> ::wgpu::BindingResource<'_> {
