@@ -1,6 +1,7 @@
 //! The parameter server's decoder on the GPU (SPEC §7); shaders in `shaders/aggregate.wgsl`.
 
 use super::context::{Context, Inner, dev_err, floats, grid, prefix};
+use super::passes::AggregatePass as A;
 use crate::codec::qsgd;
 use crate::contract::check_payload;
 use crate::{Aggregate, Average, Error, Layout, Mode, Payload, Result};
@@ -387,7 +388,7 @@ impl Aggregator {
         });
         let all = grid((self.n as u64).div_ceil(256));
         cp.set_bind_group(0, &self.binds[0], &[]);
-        cp.set_pipeline(m.pipeline("clear"));
+        cp.set_pipeline(m.pipeline(A::Clear));
         if all.0 > 0 {
             cp.dispatch_workgroups(all.0, all.1, 1);
         }
@@ -396,29 +397,29 @@ impl Aggregator {
             match p {
                 Payload::Qsgd(_) => {
                     if all.0 > 0 {
-                        cp.set_pipeline(m.pipeline("decode_qsgd"));
+                        cp.set_pipeline(m.pipeline(A::DecodeQsgd));
                         cp.dispatch_workgroups(all.0, all.1, 1);
-                        cp.set_pipeline(m.pipeline("add_decoded"));
+                        cp.set_pipeline(m.pipeline(A::AddDecoded));
                         cp.dispatch_workgroups(all.0, all.1, 1);
                     }
                 }
                 Payload::Sparse(p) => {
                     let g = grid((p.indices.len() as u64).div_ceil(256));
                     if g.0 > 0 {
-                        cp.set_pipeline(m.pipeline("scatter"));
+                        cp.set_pipeline(m.pipeline(A::Scatter));
                         cp.dispatch_workgroups(g.0, g.1, 1);
                     }
                 }
                 Payload::Sign(_) => {
                     if all.0 > 0 {
-                        cp.set_pipeline(m.pipeline("add_sign"));
+                        cp.set_pipeline(m.pipeline(A::AddSign));
                         cp.dispatch_workgroups(all.0, all.1, 1);
                     }
                 }
             }
         }
         cp.set_bind_group(0, &self.binds[0], &[]);
-        cp.set_pipeline(m.pipeline("finish"));
+        cp.set_pipeline(m.pipeline(A::Finish));
         if all.0 > 0 {
             cp.dispatch_workgroups(all.0, all.1, 1);
         }

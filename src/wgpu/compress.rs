@@ -10,6 +10,7 @@
 //! [`Error::NonFinite`], with residual and momentum exactly as before the step.
 
 use super::context::{Context, Inner, dev_err, floats, grid, prefix, words};
+use super::passes::{CompressPass as P, Pass};
 use crate::{
     Compress, Config, DType, Element, Error, Group, Layout, Method, Payload, QsgdPayload, Result,
     SignPayload, SparsePayload,
@@ -82,7 +83,7 @@ enum Dispatch {
 /// A pass of the step as recorded: its entry point, its bind group (parameters included)
 /// and its dispatch.
 struct BoundPass {
-    entry: &'static str,
+    entry: P,
     bind: ::wgpu::BindGroup,
     dispatch: Dispatch,
 }
@@ -887,7 +888,7 @@ impl Buf {
 #[derive(Default)]
 struct Recorder {
     params: Vec<PassParams>,
-    specs: Vec<(&'static str, [Buf; 4], Dispatch)>,
+    specs: Vec<(P, [Buf; 4], Dispatch)>,
     /// Indirect-args slots of 4 words, handed out in pass order.
     args_slots: u32,
 }
@@ -910,7 +911,7 @@ const PLAIN: PassParams = PassParams {
 const PLAIN_BUFS: [Buf; 4] = [Buf::ListB, Buf::ListA, Buf::Sel, Buf::NoArgs];
 
 impl Recorder {
-    fn push(&mut self, entry: &'static str, p: PassParams, bufs: [Buf; 4], d: Dispatch) {
+    fn push(&mut self, entry: P, p: PassParams, bufs: [Buf; 4], d: Dispatch) {
         self.params.push(p);
         self.specs.push((entry, bufs, d));
     }
@@ -925,7 +926,7 @@ impl Recorder {
     /// the round-0 histograms.
     fn accumulate(&mut self, tiles: (u32, u32)) {
         self.push(
-            "accumulate",
+            P::Accumulate,
             PLAIN,
             PLAIN_BUFS,
             Dispatch::Direct(tiles.0, tiles.1),
@@ -959,7 +960,7 @@ impl Recorder {
                     ..base
                 };
                 let bufs = [Buf::Sel, Buf::ListA, Buf::NoSel, Buf::NoArgs];
-                self.push("hist_list", p, bufs, Dispatch::Direct(g.0, g.1));
+                self.push(P::HistList, p, bufs, Dispatch::Direct(g.0, g.1));
             }
             let emit = if emit_list { Buf::Sel } else { Buf::NoSel };
             for d in 0..8u32 {
@@ -1006,7 +1007,7 @@ impl Recorder {
         };
         let emit_safe = if in_buf == Buf::Sel { Buf::NoSel } else { emit };
         self.push(
-            "prep",
+            P::Prep,
             p,
             [in_buf, out_buf, emit_safe, Buf::Args],
             Dispatch::Direct(1, 1),
@@ -1017,15 +1018,20 @@ impl Recorder {
         } else {
             Dispatch::Indirect(u64::from(pivot_args) * 4)
         };
-        self.push("pivot", p, [in_buf, out_buf, emit_safe, Buf::NoArgs], pivot);
+        self.push(
+            P::Pivot,
+            p,
+            [in_buf, out_buf, emit_safe, Buf::NoArgs],
+            pivot,
+        );
         if tile_round {
             let g = grid(num_tiles as u64);
             let bufs = [in_buf, out_buf, emit, Buf::NoArgs];
-            self.push("compact_tiles", p, bufs, Dispatch::Direct(g.0, g.1));
+            self.push(P::CompactTiles, p, bufs, Dispatch::Direct(g.0, g.1));
         } else {
             let bufs = [in_buf, out_buf, emit_safe, Buf::NoArgs];
             let at = Dispatch::Indirect(u64::from(compact_args) * 4);
-            self.push("compact_list", p, bufs, at);
+            self.push(P::CompactList, p, bufs, at);
         }
     }
 
@@ -1033,10 +1039,10 @@ impl Recorder {
     /// what was sent.
     fn emit(&mut self, num_blocks: u64) {
         let g = grid(num_blocks);
-        self.push("scan_blocks", PLAIN, PLAIN_BUFS, Dispatch::Direct(g.0, g.1));
-        self.push("scan_top", PLAIN, PLAIN_BUFS, Dispatch::Direct(1, 1));
+        self.push(P::ScanBlocks, PLAIN, PLAIN_BUFS, Dispatch::Direct(g.0, g.1));
+        self.push(P::ScanTop, PLAIN, PLAIN_BUFS, Dispatch::Direct(1, 1));
         self.push(
-            "emit_payload",
+            P::EmitPayload,
             PLAIN,
             PLAIN_BUFS,
             Dispatch::Direct(g.0, g.1),
@@ -1046,9 +1052,9 @@ impl Recorder {
     /// Scaled sign: per-tile partial sums of |p|, the per-group scale, the signs.
     fn sign(&mut self, tiles: (u32, u32), groups: (u32, u32)) {
         for (entry, g) in [
-            ("sign_partial", tiles),
-            ("sign_scale", groups),
-            ("sign_apply", tiles),
+            (P::SignPartial, tiles),
+            (P::SignScale, groups),
+            (P::SignApply, tiles),
         ] {
             self.push(entry, PLAIN, PLAIN_BUFS, Dispatch::Direct(g.0, g.1));
         }
@@ -1057,9 +1063,9 @@ impl Recorder {
     /// QSGD: per-tile maxima of |p|, the per-group scale and quotients, the codes.
     fn qsgd(&mut self, tiles: (u32, u32), groups: (u32, u32)) {
         for (entry, g) in [
-            ("qsgd_partial", tiles),
-            ("qsgd_scale", groups),
-            ("qsgd_apply", tiles),
+            (P::QsgdPartial, tiles),
+            (P::QsgdScale, groups),
+            (P::QsgdApply, tiles),
         ] {
             self.push(entry, PLAIN, PLAIN_BUFS, Dispatch::Direct(g.0, g.1));
         }
@@ -1067,7 +1073,7 @@ impl Recorder {
 
     /// The one-thread commit: flips to the new residual only when the step was accepted.
     fn flip(&mut self) {
-        self.push("flip", PLAIN, PLAIN_BUFS, Dispatch::Direct(1, 1));
+        self.push(P::Flip, PLAIN, PLAIN_BUFS, Dispatch::Direct(1, 1));
     }
 
     /// Error feedback of the sparse all-reduce (SPEC §12): `e[i] += v` on the current half,
@@ -1075,7 +1081,7 @@ impl Recorder {
     fn refund(&mut self, sent: u64) {
         let g = grid(sent.div_ceil(WG));
         let bufs = [Buf::RefundIdx, Buf::RefundVal, Buf::NoSel, Buf::NoArgs];
-        self.push("refund", PLAIN, bufs, Dispatch::Direct(g.0, g.1));
+        self.push(P::Refund, PLAIN, bufs, Dispatch::Direct(g.0, g.1));
     }
 
     /// Writes every pass's parameters into one uniform buffer and builds its bind group.
@@ -1126,7 +1132,7 @@ impl Recorder {
                 ];
                 BoundPass {
                     entry,
-                    bind: inner.bind_group(entry, &inner.compress.layouts[0], res),
+                    bind: inner.bind_group(entry.entry(), &inner.compress.layouts[0], res),
                     dispatch,
                 }
             })

@@ -1,5 +1,6 @@
 //! Adapter, device, queue, and every pipeline and bind-group layout, built once per device.
 
+use super::passes::{AggregatePass, CompressPass, Pass, StatsPass};
 use crate::{Error, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,20 +27,16 @@ pub(crate) enum Bind {
     ReadWrite,
 }
 
-pub(crate) struct Module {
+/// One shader module's bind group layouts and its pipelines, in the order of its pass table.
+pub(crate) struct Module<P: Pass> {
     pub(crate) layouts: Vec<::wgpu::BindGroupLayout>,
-    pipelines: Vec<(&'static str, ::wgpu::ComputePipeline)>,
+    pipelines: Vec<::wgpu::ComputePipeline>,
+    passes: std::marker::PhantomData<P>,
 }
 
-impl Module {
-    pub(crate) fn pipeline(&self, entry: &str) -> &::wgpu::ComputePipeline {
-        // Entry names are compile-time constants of this crate, checked by the tests.
-        &self
-            .pipelines
-            .iter()
-            .find(|(e, _)| *e == entry)
-            .unwrap_or_else(|| panic!("no pipeline {entry}"))
-            .1
+impl<P: Pass> Module<P> {
+    pub(crate) fn pipeline(&self, pass: P) -> &::wgpu::ComputePipeline {
+        &self.pipelines[pass.index()]
     }
 }
 
@@ -47,9 +44,9 @@ pub(crate) struct Inner {
     pub(crate) device: ::wgpu::Device,
     pub(crate) queue: ::wgpu::Queue,
     pub(crate) limits: ::wgpu::Limits,
-    pub(crate) compress: Module,
-    pub(crate) aggregate: Module,
-    pub(crate) stats: Module,
+    pub(crate) compress: Module<CompressPass>,
+    pub(crate) aggregate: Module<AggregatePass>,
+    pub(crate) stats: Module<StatsPass>,
     lost: Arc<AtomicBool>,
     lost_reason: Arc<Mutex<String>>,
     uncaptured: Arc<Mutex<Option<String>>>,
@@ -166,7 +163,6 @@ impl Context {
         use Bind::*;
         let compress = make_module(
             &device,
-            "compress",
             COMPRESS,
             &[
                 &[
@@ -176,58 +172,20 @@ impl Context {
                 ],
                 &[Read],
             ],
-            &[
-                "accumulate",
-                "prep",
-                "pivot",
-                "compact_tiles",
-                "compact_list",
-                "hist_list",
-                "scan_blocks",
-                "scan_top",
-                "emit_payload",
-                "sign_partial",
-                "sign_scale",
-                "sign_apply",
-                "qsgd_partial",
-                "qsgd_scale",
-                "qsgd_apply",
-                "flip",
-                "refund",
-            ],
         );
         let aggregate = make_module(
             &device,
-            "aggregate",
             AGGREGATE,
             &[&[
                 Uniform, Uniform, Read, Read, Read, ReadWrite, ReadWrite, Read, Read, ReadWrite,
             ]],
-            &[
-                "clear",
-                "scatter",
-                "add_sign",
-                "decode_qsgd",
-                "add_decoded",
-                "finish",
-            ],
         );
         let stats = make_module(
             &device,
-            "stats",
             STATS,
             &[&[
                 Uniform, Uniform, Read, Read, ReadWrite, ReadWrite, ReadWrite,
             ]],
-            &[
-                "stats_partial",
-                "stats_reduce",
-                "m2_partial",
-                "m2_reduce",
-                "var_partial",
-                "var_reduce",
-                "var_m2_partial",
-            ],
         );
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::BackendUnavailable {
@@ -504,13 +462,8 @@ pub(crate) fn prefix(
     })
 }
 
-fn make_module(
-    device: &::wgpu::Device,
-    name: &str,
-    body: &str,
-    groups: &[&[Bind]],
-    entries: &[&'static str],
-) -> Module {
+fn make_module<P: Pass>(device: &::wgpu::Device, body: &str, groups: &[&[Bind]]) -> Module<P> {
+    let name = P::FILE;
     let source = format!("{COMMON}\n{body}");
     let module = device.create_shader_module(::wgpu::ShaderModuleDescriptor {
         label: Some(name),
@@ -551,23 +504,24 @@ fn make_module(
         bind_group_layouts: &refs,
         immediate_size: 0,
     });
-    let pipelines = entries
+    let pipelines = P::ALL
         .iter()
-        .map(|&e| {
-            (
-                e,
-                device.create_compute_pipeline(&::wgpu::ComputePipelineDescriptor {
-                    label: Some(e),
-                    layout: Some(&pl),
-                    module: &module,
-                    entry_point: Some(e),
-                    compilation_options: Default::default(),
-                    cache: None,
-                }),
-            )
+        .map(|p| {
+            device.create_compute_pipeline(&::wgpu::ComputePipelineDescriptor {
+                label: Some(p.entry()),
+                layout: Some(&pl),
+                module: &module,
+                entry_point: Some(p.entry()),
+                compilation_options: Default::default(),
+                cache: None,
+            })
         })
         .collect();
-    Module { layouts, pipelines }
+    Module {
+        layouts,
+        pipelines,
+        passes: std::marker::PhantomData,
+    }
 }
 
 /// `(x, y)` workgroup counts covering `count` workgroups within 65535 per dimension; shaders

@@ -58,6 +58,7 @@ mod compress;
 mod context;
 #[cfg(test)]
 mod layout;
+mod passes;
 mod stats;
 
 pub use aggregate::Aggregator;

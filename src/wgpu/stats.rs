@@ -5,6 +5,7 @@
 
 use super::compress::{dtype_code, grad_bytes};
 use super::context::{Context, dev_err, grid, prefix, words};
+use super::passes::StatsPass as S;
 use crate::{DType, Element, Error, LayerStats, Layout, Result, Statistics, VarianceEstimate};
 
 const TILE: usize = 4096;
@@ -105,12 +106,7 @@ impl Stats {
         })
     }
 
-    fn run(
-        &mut self,
-        x: &::wgpu::Buffer,
-        bytes: u64,
-        entries: &[(&'static str, bool)],
-    ) -> Result<()> {
+    fn run(&mut self, x: &::wgpu::Buffer, bytes: u64, entries: &[(S, bool)]) -> Result<()> {
         let inner = self.ctx.inner.clone();
         if x.size() < bytes {
             return Err(Error::LengthMismatch {
@@ -192,10 +188,10 @@ impl Stats {
             x,
             grad_bytes(self.layout.n(), dtype),
             &[
-                ("stats_partial", true),
-                ("stats_reduce", false),
-                ("m2_partial", true),
-                ("m2_reduce", false),
+                (S::StatsPartial, true),
+                (S::StatsReduce, false),
+                (S::M2Partial, true),
+                (S::M2Reduce, false),
             ],
         )?;
         let nl = self.layout.num_layers();
@@ -275,10 +271,10 @@ impl Stats {
             x,
             grad_bytes(total as usize, dtype),
             &[
-                ("var_partial", true),
-                ("var_reduce", false),
-                ("var_m2_partial", true),
-                ("m2_reduce", false),
+                (S::VarPartial, true),
+                (S::VarReduce, false),
+                (S::VarM2Partial, true),
+                (S::M2Reduce, false),
             ],
         )?;
         let nl = self.layout.num_layers();
