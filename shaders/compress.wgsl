@@ -145,11 +145,16 @@ fn u_next_store(i: u32, cur: u32, v: f32) {
     }
 }
 
-fn random_key(i: u32) -> u32 {
+// SPEC §3's Philox block of element `i`: word 0 is random-k's key, word 1 QSGD's rounding.
+fn philox_block(i: u32) -> vec4<u32> {
     return philox4x32_10(
         vec4<u32>(i, cfg.worker, cfg.step_lo, cfg.step_hi),
         vec2<u32>(cfg.seed_lo, cfg.seed_hi)
-    ).x;
+    );
+}
+
+fn random_key(i: u32) -> u32 {
+    return philox_block(i).x;
 }
 
 // Kind 0: magnitude of p (SPEC §1); kind 1: the Philox key (SPEC §3).
@@ -923,11 +928,7 @@ fn qsgd_apply(
             if i < start || i >= end {
                 continue;
             }
-            let r = philox4x32_10(
-                vec4<u32>(i, cfg.worker, cfg.step_lo, cfg.step_hi),
-                vec2<u32>(cfg.seed_lo, cfg.seed_hi)
-            ).y;
-            let u = f32(r >> 8u) * bitcast<f32>(0x33800000u);
+            let u = f32(philox_block(i).y >> 8u) * bitcast<f32>(0x33800000u);
             let x = p_load(i, cur);
             let q = qsgd_level(x, inv, cfg.levels, u);
             packed = packed | ((bitcast<u32>(q) & 0xFFu) << (8u * j));
