@@ -1074,6 +1074,19 @@ fn pct(x: f64) -> String {
     format!("{:.2}", 100.0 * x)
 }
 
+/// What the report is written from.
+#[derive(Clone, Copy)]
+struct Inputs<'a> {
+    args: &'a ReproduceArgs,
+    given: Given,
+    base: &'a TrainConfig,
+    seeds: usize,
+    s: &'a Summary,
+    ideal: &'a TrainReport,
+    sign: &'a TrainReport,
+    f7: &'a Fig7,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn report(
     args: &ReproduceArgs,
@@ -1085,8 +1098,41 @@ fn report(
     sign: &TrainReport,
     f7: &Fig7,
 ) -> String {
+    let x = Inputs {
+        args,
+        given,
+        base,
+        seeds,
+        s,
+        ideal,
+        sign,
+        f7,
+    };
     let mut md = String::new();
-    let w = &mut md;
+    for section in [
+        report_header,
+        report_comparison,
+        report_fig6,
+        report_fig7,
+        report_fig8,
+        report_runtime,
+    ] {
+        section(&mut md, &x);
+    }
+    md
+}
+
+/// The title and the settings of the runs.
+fn report_header(w: &mut String, x: &Inputs<'_>) {
+    let Inputs {
+        args,
+        given,
+        base,
+        seeds,
+        s,
+        ideal,
+        ..
+    } = *x;
     let steps_per_epoch = ideal.steps_per_epoch;
     let hidden: Vec<String> = base.hidden.iter().map(|h| h.to_string()).collect();
     let _ = writeln!(w, "# Reproducing the seed papers with gradsift\n");
@@ -1146,6 +1192,17 @@ fn report(
     );
 
     // --- rTop-k comparison
+}
+
+/// Section 1: rTop-k against top-k and random-k (rTop-k paper, Tables I-III).
+fn report_comparison(w: &mut String, x: &Inputs<'_>) {
+    let Inputs {
+        base,
+        seeds,
+        s,
+        ideal,
+        ..
+    } = *x;
     let _ = writeln!(
         w,
         "## 1. rTop-k against top-k and random-k (rTop-k paper, Tables I-III)\n"
@@ -1275,6 +1332,11 @@ fn report(
     );
 
     // --- Fig. 6
+}
+
+/// Section 2: Fig. 6, sigma_X^2(t) and sigma_N^2(t).
+fn report_fig6(w: &mut String, x: &Inputs<'_>) {
+    let Inputs { ideal, .. } = *x;
     let n_steps = ideal.steps.len() as f64;
     let sx = |a: f64, b: f64| {
         avg(
@@ -1333,6 +1395,11 @@ fn report(
     );
 
     // --- Fig. 7
+}
+
+/// Section 3: Fig. 7, scaled sign against R_in(D) and R_sum(D).
+fn report_fig7(w: &mut String, x: &Inputs<'_>) {
+    let Inputs { base, sign, f7, .. } = *x;
     let steps7 = sign.steps.len() as f64;
     let third = (steps7 / 3.0).max(1.0);
     let row = |name: &str, v: &[(f64, f64)]| {
@@ -1411,6 +1478,12 @@ fn report(
     );
 
     // --- Fig. 8
+}
+
+/// Section 4 onwards: Fig. 8 and the sections after it, up to the runtime.
+fn report_fig8(w: &mut String, x: &Inputs<'_>) {
+    let Inputs { base, s, ideal, .. } = *x;
+    let steps_per_epoch = ideal.steps_per_epoch;
     let _ = writeln!(
         w,
         "## 4. Fig. 8: iterations to a target loss and mean sum rate against rho\n\n\
@@ -1482,6 +1555,11 @@ fn report(
             })
         },
     );
+}
+
+/// The runtime and settings section.
+fn report_runtime(w: &mut String, x: &Inputs<'_>) {
+    let Inputs { base, seeds, s, .. } = *x;
     let _ = writeln!(
         w,
         "## Runtime and settings\n\nSeeds: {seeds}; epochs per run: {} (section 7's paper \
@@ -1499,7 +1577,6 @@ fn report(
         s.part_seconds[2],
         s.part_seconds[3],
     );
-    md
 }
 
 #[cfg(test)]
