@@ -107,6 +107,20 @@ pub const fn code_bits(levels: u8) -> u32 {
 /// `1..=127`, one finite non-negative scale per group, one code per element, each within
 /// `-levels..=levels`.
 pub(crate) fn check(p: &QsgdPayload, n: usize, groups: usize) -> Result<(), String> {
+    check_shape(p, n, groups)?;
+    let max = p.levels as i8;
+    if let Some(j) = p.codes.iter().position(|c| !(-max..=max).contains(c)) {
+        return Err(format!(
+            "code {} at element {j} is beyond {} levels",
+            p.codes[j], p.levels
+        ));
+    }
+    Ok(())
+}
+
+/// The O(groups) part of [`check`]: levels, lengths and scales, not the codes (which a GPU
+/// aggregator checks on the device).
+pub(crate) fn check_shape(p: &QsgdPayload, n: usize, groups: usize) -> Result<(), String> {
     if !(1..=QSGD_MAX_LEVELS).contains(&p.levels) {
         return Err(format!(
             "{} levels, expected 1..={QSGD_MAX_LEVELS}",
@@ -121,13 +135,6 @@ pub(crate) fn check(p: &QsgdPayload, n: usize, groups: usize) -> Result<(), Stri
     }
     if let Some(j) = p.scales.iter().position(|v| !v.is_finite() || *v < 0.0) {
         return Err(format!("scale {j} is not finite and non-negative"));
-    }
-    let max = p.levels as i8;
-    if let Some(j) = p.codes.iter().position(|c| !(-max..=max).contains(c)) {
-        return Err(format!(
-            "code {} at element {j} is beyond {} levels",
-            p.codes[j], p.levels
-        ));
     }
     Ok(())
 }

@@ -265,18 +265,12 @@ impl Aggregator {
             return false;
         }
         match p {
+            // The codes are checked on the device (agg_check_qsgd).
             Payload::Qsgd(q) => {
-                (1..=crate::config::QSGD_MAX_LEVELS).contains(&q.levels)
-                    && q.scales.len() == self.groups.len()
-                    && q.codes.len() == self.n
-                    && q.scales.iter().all(|v| v.is_finite() && *v >= 0.0)
+                crate::codec::qsgd::check_shape(q, self.n, self.groups.len()).is_ok()
             }
             Payload::Sparse(s) => s.indices.len() == s.values.len() && s.indices.len() <= self.n,
-            Payload::Sign(s) => {
-                s.scales.len() == self.groups.len()
-                    && s.negative.len() == self.n.div_ceil(64)
-                    && s.scales.iter().all(|v| v.is_finite())
-            }
+            Payload::Sign(s) => crate::codec::sign::check(s, self.n, self.groups.len()).is_ok(),
         }
     }
 
