@@ -39,6 +39,7 @@ LABEL = {
     "gs-topk": "gradsift top-k 1%",
     "gs-rtopk": "gradsift rTop-k 1% (r 5%)",
     "gs-randomk": "gradsift random-k 1%",
+    "gs-qsgd3": "gradsift QSGD s=3",
 }
 
 
@@ -128,7 +129,7 @@ def table(rows: list[dict], meta: dict) -> str:
             if gs and noop:
                 out.append("")
                 out.append("Hook overhead at unshaped bandwidth (its time minus noop_hook's) against the compression compute alone: "
-                           + "; ".join(f"{LABEL[r['method']]} {r['ms'] - noop['ms']:.2f} ms vs {r['compute']:.2f} ms" for r in gs) + ".")
+                           + "; ".join(f"{LABEL.get(r['method'], r['method'])} {r['ms'] - noop['ms']:.2f} ms vs {r['compute']:.2f} ms" for r in gs) + ".")
             out.append("")
     return "\n".join(out)
 

@@ -54,6 +54,8 @@ GS = {
     "gs-topk-sparse": dict(method="topk", ratio=0.01, reduce="sparse"),
     "gs-topk-sparse-reuse": dict(method="topk", ratio=0.01, reduce="sparse", threshold_every=32),
     "gs-randomk-shared": dict(method="randomk", ratio=0.01, reduce="shared-randomk"),
+    # QSGD at 3 levels (docs/SPEC.md §13, 3 bits per coordinate; not in the default list)
+    "gs-qsgd3": dict(method="qsgd", levels=3),
 }
 
 
