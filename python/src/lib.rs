@@ -306,15 +306,15 @@ impl Config {
         levels: Option<u8>,
         error_feedback: bool,
     ) -> PyResult<Self> {
-        if !error_feedback && method != "qsgd" {
-            return Err(PyValueError::new_err(format!(
-                "error_feedback=False is QSGD's option (method='qsgd'), not {method:?}'s"
-            )));
-        }
         let kind: MethodKind = method.parse().map_err(|e| match e {
             gradsift::Error::InvalidConfig(m) => PyValueError::new_err(m),
             other => err(other),
         })?;
+        if !error_feedback && kind != MethodKind::Qsgd {
+            return Err(PyValueError::new_err(format!(
+                "error_feedback=False is QSGD's option (method='qsgd'), not {method:?}'s"
+            )));
+        }
         let method = match kind {
             MethodKind::TopK => Method::TopK {
                 k: count(ratio, k, "k")?,
