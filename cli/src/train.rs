@@ -21,7 +21,8 @@ use gradsift::dist::{self, InProcess, Transport};
 use gradsift::rd::{self, StepMeasurement};
 use gradsift::{
     Aggregate, Aggregator, Average, Backend, Compress, Compressor, Config, Count, Device, Layout,
-    Mode, Payload, Scale, SparsePayload, Statistics, VarianceEstimate, VarianceTracker, wire,
+    Mode, Payload, QSGD_MAX_LEVELS, Scale, SparsePayload, Statistics, VarianceEstimate,
+    VarianceTracker, wire,
 };
 use std::fmt;
 
@@ -36,6 +37,9 @@ pub enum TrainMethod {
     Randomk,
     /// Scaled sign (1 bit per element).
     Sign,
+    /// QSGD stochastic quantisation at [`TrainConfig::levels`] levels (SPEC §13), with error
+    /// feedback: `1 + ceil(log2(levels + 1))` bits per element plus a scale per group.
+    Qsgd,
     /// Per-layer rTop-k (r = `r_over_k * k_l`; `--r-over-k 1` makes it top-k) whose `k_l`
     /// are re-allocated every [`TrainConfig::adapt_every`] steps under the uniform per-layer
     /// budget `sum_l ceil(ratio n_l)`: problem P1 ([`rd::allocate_counts`]) on the streaming
@@ -45,6 +49,14 @@ pub enum TrainMethod {
     None,
 }
 
+impl TrainMethod {
+    /// Whether the codec sends every element (sign, QSGD): `--ratio` and the sparsity
+    /// warm-up do not apply to it.
+    pub fn is_dense(self) -> bool {
+        matches!(self, TrainMethod::Sign | TrainMethod::Qsgd)
+    }
+}
+
 impl fmt::Display for TrainMethod {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -52,6 +64,7 @@ impl fmt::Display for TrainMethod {
             TrainMethod::Topk => "topk",
             TrainMethod::Randomk => "randomk",
             TrainMethod::Sign => "sign",
+            TrainMethod::Qsgd => "qsgd",
             TrainMethod::Adaptive => "adaptive",
             TrainMethod::None => "none",
         })
@@ -123,6 +136,8 @@ pub struct TrainConfig {
     pub reduce: Reduce,
     /// [`Reduce::Sparse`]: steps between exact threshold computations (1: every step).
     pub threshold_every: u64,
+    /// [`TrainMethod::Qsgd`] only: quantisation levels `s`, in `1..=127`.
+    pub levels: u8,
 }
 
 impl Default for TrainConfig {
@@ -151,15 +166,18 @@ impl Default for TrainConfig {
             adapt_every: 10,
             reduce: Reduce::AllGather,
             threshold_every: 1,
+            levels: DEFAULT_LEVELS,
         }
     }
 }
 
 impl TrainConfig {
     /// The fraction sent in `epoch` under DGC's warm-up: `0.25^(epoch + 1)` until it falls
-    /// below the target ratio.
+    /// below the target ratio. The dense codecs (sign, QSGD) send every element: 1.
     pub fn ratio_at(&self, epoch: usize) -> f64 {
-        if epoch < self.warmup_epochs {
+        if self.method.is_dense() {
+            1.0
+        } else if epoch < self.warmup_epochs {
             0.25f64.powi(epoch as i32 + 1).max(self.ratio)
         } else {
             self.ratio
@@ -176,6 +194,7 @@ impl TrainConfig {
             TrainMethod::Topk => Config::topk(k),
             TrainMethod::Randomk => Config::randomk(k),
             TrainMethod::Sign => Config::sign(),
+            TrainMethod::Qsgd => Config::qsgd(self.levels),
             TrainMethod::None => return None,
         };
         c.momentum = self.momentum;
@@ -217,6 +236,12 @@ impl TrainConfig {
             return bad(format!(
                 "--r-over-k must lie in [1, {MAX_R_OVER_K:e}], got {}",
                 self.r_over_k
+            ));
+        }
+        if !(1..=QSGD_MAX_LEVELS).contains(&self.levels) {
+            return bad(format!(
+                "--levels must lie in [1, {QSGD_MAX_LEVELS}], got {}",
+                self.levels
             ));
         }
         if self.adapt_every == 0 {
@@ -294,6 +319,10 @@ impl TrainConfig {
     }
 }
 
+/// `--levels` when not given: 3 levels, 3 bits per element, the setting of the README's
+/// shaped-link table.
+pub const DEFAULT_LEVELS: u8 = 3;
+
 /// Most workers `K` of a run (`--workers`).
 pub const MAX_WORKERS: usize = 1000;
 /// Most epochs of a run (`--epochs`): about an hour of the default model on one core.
@@ -314,7 +343,7 @@ pub const LIMITS: &str = "\
 RANGES: --workers 2..=1000 (the training split must also give each worker one batch);
 --ratio (0, 1]; --r-over-k [1, 1e6]; --epochs 1..=1000; --warmup-epochs 0..=--epochs;
 --batch 1..=65536; --lr (0, 100]; --momentum [0, 1); --local-steps 1..=1000 (and an epoch
-must hold one round of them); --adapt-every >= 1; --seed any 64-bit unsigned integer. A value
+must hold one round of them); --adapt-every >= 1; --levels 1..=127; --seed any 64-bit unsigned integer. A value
 outside its range is an error that names the option, before anything runs.
 
 DEFAULTS that follow other options: --warmup-epochs 2, or --epochs when that is smaller;
@@ -1150,6 +1179,10 @@ pub struct TrainArgs {
     /// `--method adaptive`: steps between re-allocations of the per-layer counts, >= 1.
     #[arg(long, default_value_t = 10)]
     pub adapt_every: usize,
+    /// `--method qsgd`: quantisation levels s, in 1..=127 (1 + ceil(log2(s + 1)) bits per
+    /// element; `--ratio` does not apply).
+    #[arg(long, default_value_t = DEFAULT_LEVELS)]
+    pub levels: u8,
     /// Backend that runs the compressors, the aggregation and the variance estimates: cpu,
     /// cuda, wgpu or auto (CUDA, then wgpu, then the CPU).
     #[arg(long, default_value_t = Backend::Cpu)]
@@ -1355,6 +1388,11 @@ fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
                 100.0 * cfg.ratio * cfg.r_over_k
             ),
             TrainMethod::Sign => "scaled sign".to_string(),
+            TrainMethod::Qsgd => format!(
+                "QSGD, s = {} ({} bits per element)",
+                cfg.levels,
+                gradsift::codec::qsgd::code_bits(cfg.levels)
+            ),
             m => format!("{m}, {:.1}% compression", 100.0 * (1.0 - cfg.ratio)),
         };
         let label = if cfg.reduce != Reduce::AllGather && method != TrainMethod::None {
@@ -1486,7 +1524,8 @@ impl TrainArgs {
         let warmup_epochs = self.warmup_epochs.unwrap_or_else(|| {
             let w = DEFAULT_WARMUP_EPOCHS.min(self.epochs);
             // The baseline has no warm-up to speak of.
-            if w < DEFAULT_WARMUP_EPOCHS && self.method != Some(TrainMethod::None) {
+            let sparse = self.method.is_none_or(|m| m != TrainMethod::None && !m.is_dense());
+            if w < DEFAULT_WARMUP_EPOCHS && sparse {
                 notes.push(format!(
                     "warm-up: {w} epoch{}, the default {DEFAULT_WARMUP_EPOCHS} shortened to fit --epochs {} (--warmup-epochs sets it)",
                     if w == 1 { "" } else { "s" },
@@ -1524,6 +1563,7 @@ impl TrainArgs {
             adapt_every: self.adapt_every,
             reduce: self.reduce,
             threshold_every: self.threshold_every,
+            levels: self.levels,
             ..TrainConfig::default()
         };
         (cfg, notes)

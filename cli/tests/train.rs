@@ -118,6 +118,7 @@ fn baseline_and_every_method_run() {
         TrainMethod::Topk,
         TrainMethod::Randomk,
         TrainMethod::Sign,
+        TrainMethod::Qsgd,
     ] {
         let cfg = TrainConfig {
             epochs: 1,
@@ -137,6 +138,10 @@ fn baseline_and_every_method_run() {
             ),
             TrainMethod::Sign => {
                 assert!((e.bits_per_worker_step / r.params as f64 - 1.0).abs() < 0.05)
+            }
+            // The default s = 3: a sign bit and 2 level bits per element, a scale per group.
+            TrainMethod::Qsgd => {
+                assert!((e.bits_per_worker_step / r.params as f64 - 3.0).abs() < 0.05)
             }
             _ => assert!(e.bits_per_worker_step < 0.3 * 32.0 * r.params as f64),
         }
@@ -239,6 +244,9 @@ fn gpu_backends_train_bit_identically_without_momentum() {
         (TrainMethod::Randomk, false, Reduce::AllGather, 1),
         (TrainMethod::Topk, false, Reduce::Sparse, 1),
         (TrainMethod::Rtopk, true, Reduce::Sparse, 3),
+        // QSGD's Philox-keyed rounding and correctly rounded steps (SPEC §13) are exact too.
+        (TrainMethod::Qsgd, false, Reduce::AllGather, 1),
+        (TrainMethod::Qsgd, true, Reduce::AllGather, 1),
     ] {
         let cfg = TrainConfig {
             momentum: 0.0,
@@ -353,6 +361,9 @@ fn out_of_range_options_are_usage_errors_not_panics() {
         (&["--local-steps", "1001"], "--local-steps"),
         // 8000 images / 5 workers / batch 32 = 50 batches per epoch: no round of 60.
         (&["--local-steps", "60"], "--local-steps"),
+        (&["--method", "qsgd", "--levels", "0"], "--levels"),
+        (&["--method", "qsgd", "--levels", "128"], "--levels"),
+        (&["--method", "qsgd", "--reduce", "sparse"], "--reduce"),
     ] {
         match gradsift_cli::train::run(&train_args(opts)) {
             Err(CliError::Usage(m)) => assert!(m.contains(option), "{opts:?}: {m}"),
