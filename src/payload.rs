@@ -117,6 +117,31 @@ impl Payload {
         }
     }
 
+    /// This slot as a sparse payload: its own buffers when it already is one, an empty one
+    /// otherwise (the decoders and read-backs fill a slot in place, reusing allocations).
+    pub(crate) fn sparse_slot(&mut self) -> &mut SparsePayload {
+        slot(self, Payload::Sparse, |p| match p {
+            Payload::Sparse(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    /// This slot as a sign payload, as [`Payload::sparse_slot`].
+    pub(crate) fn sign_slot(&mut self) -> &mut SignPayload {
+        slot(self, Payload::Sign, |p| match p {
+            Payload::Sign(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    /// This slot as a QSGD payload, as [`Payload::sparse_slot`].
+    pub(crate) fn qsgd_slot(&mut self) -> &mut QsgdPayload {
+        slot(self, Payload::Qsgd, |p| match p {
+            Payload::Qsgd(q) => Some(q),
+            _ => None,
+        })
+    }
+
     /// Length of the dense buffer this payload describes.
     pub fn n(&self) -> u32 {
         match self {
@@ -125,4 +150,15 @@ impl Payload {
             Payload::Qsgd(p) => p.n,
         }
     }
+}
+
+fn slot<T: Default>(
+    p: &mut Payload,
+    wrap: fn(T) -> Payload,
+    get: fn(&mut Payload) -> Option<&mut T>,
+) -> &mut T {
+    if get(p).is_none() {
+        *p = wrap(T::default());
+    }
+    get(p).expect("the slot was just set to this kind")
 }

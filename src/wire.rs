@@ -516,26 +516,15 @@ pub fn decode_into(bytes: &[u8], p: &mut Payload) -> Result<(), DecodeError> {
     let n = u32::from_le_bytes(head[4..8].try_into().unwrap());
     match (kind, dtype) {
         (KIND_SPARSE, Some(dtype)) => {
-            if !matches!(p, Payload::Sparse(_)) {
-                *p = Payload::Sparse(SparsePayload::default());
-            }
-            let Payload::Sparse(s) = p else {
-                unreachable!()
-            };
+            let s = p.sparse_slot();
             decode_sparse(bytes, n, dtype, s)
         }
         (KIND_SIGN, Some(DType::F32)) => {
-            if !matches!(p, Payload::Sign(_)) {
-                *p = Payload::Sign(SignPayload::default());
-            }
-            let Payload::Sign(s) = p else { unreachable!() };
+            let s = p.sign_slot();
             decode_sign(bytes, n, s)
         }
         (KIND_QSGD, Some(DType::F32)) => {
-            if !matches!(p, Payload::Qsgd(_)) {
-                *p = Payload::Qsgd(QsgdPayload::default());
-            }
-            let Payload::Qsgd(q) = p else { unreachable!() };
+            let q = p.qsgd_slot();
             decode_qsgd(bytes, n, q)
         }
         _ => Err(DecodeError::Kind(head[3])),

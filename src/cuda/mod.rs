@@ -65,10 +65,11 @@ mod launch;
 mod qsgd;
 mod select;
 mod sign;
+mod sparse;
 mod stats;
 
 pub use aggregate::Aggregator;
-pub use compress::{Compressor, Tuning, launches_per_step};
+pub use compress::{Compressor, launches_per_step};
 #[cfg(feature = "nccl")]
 pub(crate) use context::catch_panic;
 pub use context::{
@@ -78,4 +79,5 @@ pub use image::CudaVersion;
 pub use kernels::{KERNEL_NAMES, kernel_source};
 pub use launch::{Launch, StepLaunches};
 pub use select::TopR;
+pub use sparse::Tuning;
 pub use stats::{Stats, estimate_variance, layer_stats};

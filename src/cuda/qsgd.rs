@@ -76,12 +76,7 @@ impl Qsgd {
 
     /// `out` from the bytes of [`Qsgd::arrays`], reusing its buffers.
     pub(super) fn fill(&self, out: &mut Payload, scales: &[u8], codes: &[u8]) {
-        if !matches!(out, Payload::Qsgd(_)) {
-            *out = Payload::Qsgd(QsgdPayload::default());
-        }
-        let Payload::Qsgd(p) = out else {
-            unreachable!()
-        };
+        let p = out.qsgd_slot();
         p.n = self.n as u32;
         p.levels = self.levels;
         p.scales.clear();

@@ -1,9 +1,9 @@
 //! Top-r selection alone (no error feedback): the GPU form of [`crate::cpu::top_r`].
 
 use super::abi::{BigGroup, CompactArgs, SelArgs, StepBuffers, StepStatus};
-use super::compress::{cand_cap, run_big, tiles_of};
 use super::context::{Context, DevBuf};
 use super::launch::Live;
+use super::sparse::{cand_cap, run_big, tiles_of};
 use crate::{Error, Layout, Result};
 use cudarc::driver::{CudaSlice, DevicePtr};
 

@@ -64,12 +64,7 @@ impl Sign {
 
     /// `out` from the bytes of [`Sign::arrays`], reusing its buffers.
     pub(super) fn fill(out: &mut Payload, n: u32, scales: &[u8], words: &[u8]) {
-        if !matches!(out, Payload::Sign(_)) {
-            *out = Payload::Sign(SignPayload::default());
-        }
-        let Payload::Sign(p) = out else {
-            unreachable!()
-        };
+        let p = out.sign_slot();
         p.n = n;
         p.scales.clear();
         p.scales.extend_from_slice(bytemuck::cast_slice(scales));

@@ -11,20 +11,17 @@
 
 use super::context::{Context, Inner, dev_err, floats, grid, prefix, words};
 use super::passes::{CompressPass as P, Pass};
+use super::{qsgd, sign, sparse};
 use crate::{
-    Compress, Config, DType, Element, Error, Group, Layout, Method, Payload, QsgdPayload, Result,
-    SignPayload, SparsePayload,
+    Compress, Config, DType, Element, Error, Group, Layout, Method, Payload, Result, SparsePayload,
 };
 
-const WG: u64 = 256;
+pub(super) const WG: u64 = 256;
 const TILE: usize = 4096;
-const NONE: u32 = u32::MAX;
-const CTR_A: u32 = 4;
-const CTR_B: u32 = 5;
-const CTR_SEL: u32 = 6;
+pub(super) const NONE: u32 = u32::MAX;
 /// Count and first index of sent values made non-finite by the scale (`ST_VBAD`, `ST_VFIRST`).
-const ST_VFIRST: usize = 10;
-const GSTATE: u32 = 16;
+pub(super) const ST_VFIRST: usize = 10;
+pub(super) const GSTATE: u32 = 16;
 /// Indirect-argument slots (4 words each): two per round after the first, per stage.
 const ARGS_SLOTS: u32 = 64;
 /// Words per bitmap block of the emission scan (must match `emit_payload`).
@@ -59,22 +56,22 @@ struct Cfg {
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Default)]
-struct PassParams {
-    digit: u32,
-    next_digit: u32,
-    key_kind: u32,
-    emit_list: u32,
-    gstate_off: u32,
-    in_slot: u32,
-    out_slot: u32,
-    args_off: u32,
-    act_in: u32,
-    act_out: u32,
-    args_off2: u32,
-    pad: u32,
+pub(super) struct PassParams {
+    pub(super) digit: u32,
+    pub(super) next_digit: u32,
+    pub(super) key_kind: u32,
+    pub(super) emit_list: u32,
+    pub(super) gstate_off: u32,
+    pub(super) in_slot: u32,
+    pub(super) out_slot: u32,
+    pub(super) args_off: u32,
+    pub(super) act_in: u32,
+    pub(super) act_out: u32,
+    pub(super) args_off2: u32,
+    pub(super) pad: u32,
 }
 
-enum Dispatch {
+pub(super) enum Dispatch {
     Direct(u32, u32),
     /// Byte offset into the indirect-arguments buffer, written by the preceding pivot pass.
     Indirect(u64),
@@ -159,7 +156,7 @@ impl Compressor {
         inner.check_alive()?;
         let shape = Shape::of(layout, config, &groups);
         let (plan, num_tiles, tiles_off) = plan_words(&groups);
-        let st = state_words(&shape, &groups);
+        let st = sparse::state_words(&shape, &groups);
         let bufs = Buffers::new(inner, &shape, config, &plan, &st, num_tiles)?;
         let cfg = Cfg {
             n: shape.n as u32,
@@ -379,19 +376,8 @@ impl Compressor {
                 |b| {
                     *rejected = words(b).nth(3);
                     status(b)?;
-                    if !matches!(out, Payload::Sparse(_)) {
-                        *out = Payload::Sparse(SparsePayload::default());
-                    }
-                    let Payload::Sparse(p) = out else {
-                        unreachable!()
-                    };
-                    let k = k as usize;
-                    p.n = n;
-                    p.values_dtype = values_dtype;
-                    p.indices.clear();
-                    p.indices.extend(words(&b[16..16 + 4 * k]));
-                    p.values.clear();
-                    p.values.extend(floats(&b[16 + 4 * k..16 + 8 * k]));
+                    let (idx, val) = b[16..16 + 8 * k as usize].split_at(4 * k as usize);
+                    sparse::fill(out, n, values_dtype, idx, val);
                     Ok(())
                 },
             )?
@@ -417,8 +403,8 @@ impl Compressor {
                     status(b)?;
                     let (scales, w) = b[16..16 + 4 * (ng + nw)].split_at(4 * ng);
                     match levels {
-                        Some(levels) => fill_qsgd(out, n, levels, scales, &w[..n as usize]),
-                        None => fill_sign(out, n, scales, w),
+                        Some(levels) => qsgd::fill(out, n, levels, scales, &w[..n as usize]),
+                        None => sign::fill(out, n, scales, w),
                     }
                     Ok(())
                 },
@@ -632,22 +618,22 @@ impl Compress for Compressor {
 }
 
 /// The sizes a plan is built from.
-struct Shape {
-    n: usize,
-    ng: usize,
-    sparse: bool,
+pub(super) struct Shape {
+    pub(super) n: usize,
+    pub(super) ng: usize,
+    pub(super) sparse: bool,
     /// QSGD's `s`; `None` for the other methods.
-    levels: Option<u8>,
+    pub(super) levels: Option<u8>,
     /// Stage 1 selects by magnitude (key 0) or by random key (1, random-k); `NONE` for sign.
-    stage1_key: u32,
+    pub(super) stage1_key: u32,
     /// rTop-k adds stage 2: random keys over the top-r list.
-    stage2: bool,
-    gstate2: u32,
-    active_off: u32,
-    sum_r: usize,
-    sent: usize,
-    num_words: usize,
-    num_blocks: u64,
+    pub(super) stage2: bool,
+    pub(super) gstate2: u32,
+    pub(super) active_off: u32,
+    pub(super) sum_r: usize,
+    pub(super) sent: usize,
+    pub(super) num_words: usize,
+    pub(super) num_blocks: u64,
 }
 
 impl Shape {
@@ -697,15 +683,6 @@ impl Shape {
             num_blocks: (num_words as u64).div_ceil(BLOCK_WORDS),
         }
     }
-
-    /// How many elements stage 1 keeps of how many (rTop-k: r of the group, else k).
-    fn stage1_need(&self, g: &Group) -> (usize, usize) {
-        match (self.sparse, self.stage2) {
-            (false, _) => (0, 0),
-            (true, true) => (g.r, g.range.len()),
-            (true, false) => (g.k, g.range.len()),
-        }
-    }
 }
 
 /// Plan words: 8 per group, then 4 per tile of at most `TILE` elements (tiles never straddle
@@ -737,29 +714,6 @@ fn plan_words(groups: &[Group]) -> (Vec<u32>, usize, u32) {
     let tiles_off = plan.len() as u32;
     plan.extend_from_slice(&tiles);
     (plan, num_tiles, tiles_off)
-}
-
-/// The device state at the start of every step: status words, then per stage and group
-/// `[mode, need, 255, 0]` (mode 0 nothing to select, 1 selecting, 3 take everything).
-fn state_words(shape: &Shape, groups: &[Group]) -> Vec<u32> {
-    let mut st = vec![0u32; shape.active_off as usize + 2 * shape.ng];
-    st[1] = NONE;
-    st[ST_VFIRST] = NONE;
-    let mode = |need: usize, total: usize| match need {
-        0 => 0,
-        _ if need >= total => 3,
-        _ => 1,
-    };
-    for (gi, g) in groups.iter().enumerate() {
-        let (need, total) = shape.stage1_need(g);
-        let b = GSTATE as usize + 4 * gi;
-        st[b..b + 4].copy_from_slice(&[mode(need, total), need as u32, 255, 0]);
-        if shape.stage2 {
-            let b = shape.gstate2 as usize + 4 * gi;
-            st[b..b + 4].copy_from_slice(&[mode(g.k, g.r), g.k as u32, 255, 0]);
-        }
-    }
-    st
 }
 
 /// Every device buffer of a plan.
@@ -856,7 +810,7 @@ impl Buffers {
 /// is never bound both read-only and writable in one dispatch, and the args buffer is not
 /// bound where it drives an indirect dispatch.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Buf {
+pub(super) enum Buf {
     ListA,
     ListB,
     Sel,
@@ -886,7 +840,7 @@ impl Buf {
 
 /// The passes of a step in order, each with its own parameter slot.
 #[derive(Default)]
-struct Recorder {
+pub(super) struct Recorder {
     params: Vec<PassParams>,
     specs: Vec<(P, [Buf; 4], Dispatch)>,
     /// Indirect-args slots of 4 words, handed out in pass order.
@@ -894,7 +848,7 @@ struct Recorder {
 }
 
 /// The parameters of a pass that selects nothing (no next digit, no indirect args).
-const PLAIN: PassParams = PassParams {
+pub(super) const PLAIN: PassParams = PassParams {
     digit: 0,
     next_digit: NONE,
     key_kind: 0,
@@ -908,15 +862,15 @@ const PLAIN: PassParams = PassParams {
     args_off2: 0,
     pad: 0,
 };
-const PLAIN_BUFS: [Buf; 4] = [Buf::ListB, Buf::ListA, Buf::Sel, Buf::NoArgs];
+pub(super) const PLAIN_BUFS: [Buf; 4] = [Buf::ListB, Buf::ListA, Buf::Sel, Buf::NoArgs];
 
 impl Recorder {
-    fn push(&mut self, entry: P, p: PassParams, bufs: [Buf; 4], d: Dispatch) {
+    pub(super) fn push(&mut self, entry: P, p: PassParams, bufs: [Buf; 4], d: Dispatch) {
         self.params.push(p);
         self.specs.push((entry, bufs, d));
     }
 
-    fn next_slot(&mut self) -> u32 {
+    pub(super) fn next_slot(&mut self) -> u32 {
         self.args_slots += 1;
         debug_assert!(self.args_slots <= ARGS_SLOTS);
         (self.args_slots - 1) * 4
@@ -933,155 +887,9 @@ impl Recorder {
         );
     }
 
-    /// Stage 1 (magnitude or random keys over the tiles) and, for rTop-k, stage 2 (random
-    /// keys over the top-r list): up to 8 radix rounds each.
-    fn select(&mut self, shape: &Shape, num_tiles: usize) {
-        let stages: &[(u32, u32, bool)] = if shape.stage2 {
-            &[(0, GSTATE, true), (1, shape.gstate2, false)]
-        } else {
-            &[(shape.stage1_key, GSTATE, false)]
-        };
-        for (si, &(key_kind, gstate_off, emit_list)) in stages.iter().enumerate() {
-            let base = PassParams {
-                key_kind,
-                emit_list: u32::from(emit_list),
-                gstate_off,
-                args_off: NONE,
-                args_off2: NONE,
-                act_in: NONE,
-                next_digit: NONE,
-                ..Default::default()
-            };
-            let from_list = si == 1;
-            if from_list {
-                let g = grid((shape.sum_r as u64).div_ceil(WG));
-                let p = PassParams {
-                    in_slot: CTR_SEL,
-                    ..base
-                };
-                let bufs = [Buf::Sel, Buf::ListA, Buf::NoSel, Buf::NoArgs];
-                self.push(P::HistList, p, bufs, Dispatch::Direct(g.0, g.1));
-            }
-            let emit = if emit_list { Buf::Sel } else { Buf::NoSel };
-            for d in 0..8u32 {
-                self.round(base, d, from_list, emit, shape.ng, num_tiles);
-            }
-        }
-    }
-
-    /// One radix round `d` of a stage: `prep` sizes it, `pivot` finds each group's pivot
-    /// digit, a compaction emits what lies below it and keeps the pivot digit's elements.
-    fn round(
-        &mut self,
-        base: PassParams,
-        d: u32,
-        from_list: bool,
-        emit: Buf,
-        ng: usize,
-        num_tiles: usize,
-    ) {
-        // List ping-pong: round d reads the output of round d - 1 and writes the other list.
-        let lists = [(Buf::ListA, CTR_A), (Buf::ListB, CTR_B)];
-        let (out_buf, out_slot) = lists[(d % 2) as usize];
-        // Round 0 reads the tiles (stage 1) or the top-r list (stage 2).
-        let (in_buf, in_slot) = match d {
-            0 if from_list => (Buf::Sel, CTR_SEL),
-            0 => lists[1],
-            _ => lists[((d + 1) % 2) as usize],
-        };
-        let tile_round = d == 0 && !from_list;
-        // Round 0's pivot covers every group; later rounds only the groups the previous
-        // pivot left selecting (active lists ping-pong like the lists).
-        let pivot_args = if d == 0 { NONE } else { self.next_slot() };
-        let compact_args = if tile_round { NONE } else { self.next_slot() };
-        let p = PassParams {
-            digit: d,
-            next_digit: if d < 7 { d + 1 } else { NONE },
-            in_slot,
-            out_slot,
-            act_in: if d == 0 { NONE } else { (d + 1) % 2 },
-            act_out: d % 2,
-            args_off: pivot_args,
-            args_off2: compact_args,
-            ..base
-        };
-        let emit_safe = if in_buf == Buf::Sel { Buf::NoSel } else { emit };
-        self.push(
-            P::Prep,
-            p,
-            [in_buf, out_buf, emit_safe, Buf::Args],
-            Dispatch::Direct(1, 1),
-        );
-        let pivot = if d == 0 {
-            let g = grid(ng as u64);
-            Dispatch::Direct(g.0, g.1)
-        } else {
-            Dispatch::Indirect(u64::from(pivot_args) * 4)
-        };
-        self.push(
-            P::Pivot,
-            p,
-            [in_buf, out_buf, emit_safe, Buf::NoArgs],
-            pivot,
-        );
-        if tile_round {
-            let g = grid(num_tiles as u64);
-            let bufs = [in_buf, out_buf, emit, Buf::NoArgs];
-            self.push(P::CompactTiles, p, bufs, Dispatch::Direct(g.0, g.1));
-        } else {
-            let bufs = [in_buf, out_buf, emit_safe, Buf::NoArgs];
-            let at = Dispatch::Indirect(u64::from(compact_args) * 4);
-            self.push(P::CompactList, p, bufs, at);
-        }
-    }
-
-    /// The bitmap-to-index scan that writes the payload in ascending order and subtracts
-    /// what was sent.
-    fn emit(&mut self, num_blocks: u64) {
-        let g = grid(num_blocks);
-        self.push(P::ScanBlocks, PLAIN, PLAIN_BUFS, Dispatch::Direct(g.0, g.1));
-        self.push(P::ScanTop, PLAIN, PLAIN_BUFS, Dispatch::Direct(1, 1));
-        self.push(
-            P::EmitPayload,
-            PLAIN,
-            PLAIN_BUFS,
-            Dispatch::Direct(g.0, g.1),
-        );
-    }
-
-    /// Scaled sign: per-tile partial sums of |p|, the per-group scale, the signs.
-    fn sign(&mut self, tiles: (u32, u32), groups: (u32, u32)) {
-        for (entry, g) in [
-            (P::SignPartial, tiles),
-            (P::SignScale, groups),
-            (P::SignApply, tiles),
-        ] {
-            self.push(entry, PLAIN, PLAIN_BUFS, Dispatch::Direct(g.0, g.1));
-        }
-    }
-
-    /// QSGD: per-tile maxima of |p|, the per-group scale and quotients, the codes.
-    fn qsgd(&mut self, tiles: (u32, u32), groups: (u32, u32)) {
-        for (entry, g) in [
-            (P::QsgdPartial, tiles),
-            (P::QsgdScale, groups),
-            (P::QsgdApply, tiles),
-        ] {
-            self.push(entry, PLAIN, PLAIN_BUFS, Dispatch::Direct(g.0, g.1));
-        }
-    }
-
     /// The one-thread commit: flips to the new residual only when the step was accepted.
     fn flip(&mut self) {
         self.push(P::Flip, PLAIN, PLAIN_BUFS, Dispatch::Direct(1, 1));
-    }
-
-    /// Error feedback of the sparse all-reduce (SPEC §12): `e[i] += v` on the current half,
-    /// one invocation per entry of a refund of up to `sent` entries.
-    fn refund(&mut self, sent: u64) {
-        let g = grid(sent.div_ceil(WG));
-        let bufs = [Buf::RefundIdx, Buf::RefundVal, Buf::NoSel, Buf::NoArgs];
-        self.push(P::Refund, PLAIN, bufs, Dispatch::Direct(g.0, g.1));
     }
 
     /// Writes every pass's parameters into one uniform buffer and builds its bind group.
@@ -1142,40 +950,6 @@ impl Recorder {
         }
         Ok(passes)
     }
-}
-
-/// A sign payload from its read-back scales and bit words, reusing `out`'s buffers.
-fn fill_sign(out: &mut Payload, n: u32, scales: &[u8], bits: &[u8]) {
-    if !matches!(out, Payload::Sign(_)) {
-        *out = Payload::Sign(SignPayload::default());
-    }
-    let Payload::Sign(p) = out else {
-        unreachable!()
-    };
-    p.n = n;
-    p.scales.clear();
-    p.scales.extend(floats(scales));
-    p.negative.clear();
-    p.negative.extend(
-        bits.chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
-    );
-}
-
-/// A QSGD payload from its read-back scales and `n` code bytes, reusing `out`'s buffers.
-fn fill_qsgd(out: &mut Payload, n: u32, levels: u8, scales: &[u8], codes: &[u8]) {
-    if !matches!(out, Payload::Qsgd(_)) {
-        *out = Payload::Qsgd(QsgdPayload::default());
-    }
-    let Payload::Qsgd(p) = out else {
-        unreachable!()
-    };
-    p.n = n;
-    p.levels = levels;
-    p.scales.clear();
-    p.scales.extend(floats(scales));
-    p.codes.clear();
-    p.codes.extend(codes.iter().map(|&x| x as i8));
 }
 
 fn whole(b: &::wgpu::Buffer) -> ::wgpu::BindingResource<'_> {

@@ -59,6 +59,9 @@ mod context;
 #[cfg(test)]
 mod layout;
 mod passes;
+mod qsgd;
+mod sign;
+mod sparse;
 mod stats;
 
 pub use aggregate::Aggregator;
