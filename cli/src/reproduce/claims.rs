@@ -128,9 +128,30 @@ fn early_late(r: &TrainReport, f: fn(&gradsift::rd::StepMeasurement) -> f64) -> 
     (mean(&r.steps[..tenth]), mean(&r.steps[n - tenth..]))
 }
 
+/// One row of the table: paper, claim, what this report finds, section.
+type Row = [String; 4];
+
 /// The section, in markdown; `ideal` is the uncompressed baseline (Fig. 6's statistics).
 pub(crate) fn section(s: &Summary, ideal: &TrainReport) -> String {
-    let mut rows: Vec<[String; 4]> = Vec::new();
+    let mut rows = ordering_rows(s);
+    rows.extend(theory_rows(s));
+    rows.push(fig6_row(ideal));
+    rows.extend(fig7_row(s));
+    rows.push(fig8_row(s));
+    rows.extend(adaptive_row(s));
+    let mut md = String::from(
+        "## Claims at a glance\n\n| paper | claim | here | section |\n|---|---|---|---|\n",
+    );
+    for [p, c, h, sec] in rows {
+        let _ = writeln!(md, "| {p} | {c} | {h} | {sec} |");
+    }
+    md.push('\n');
+    md
+}
+
+/// rTop-k against top-k: at each compression of section 1, then under section 7's set-ups.
+fn ordering_rows(s: &Summary) -> Vec<Row> {
+    let mut rows: Vec<Row> = Vec::new();
     let acc = |label: &str| {
         s.comparison
             .iter()
@@ -163,6 +184,12 @@ pub(crate) fn section(s: &Summary, ideal: &TrainReport) -> String {
         ),
         "7".into(),
     ]);
+    rows
+}
+
+/// Theorems 1 and 2 and top-r's bias on the sparse Bernoulli model (section 5).
+fn theory_rows(s: &Summary) -> Vec<Row> {
+    let mut rows: Vec<Row> = Vec::new();
     if let (Some(r), Some(t)) = (
         s.theory.curve(Model::Bernoulli, Scheme::RTopK),
         s.theory.curve(Model::Bernoulli, Scheme::TopK),
@@ -208,14 +235,23 @@ pub(crate) fn section(s: &Summary, ideal: &TrainReport) -> String {
         "not decidable here: the bound's constant is not given (the section reports the largest constant the data allow, and checks the Cramer-Rao bound instead)".into(),
         "5".into(),
     ]);
+    rows
+}
+
+/// Fig. 6: how sigma_X^2 and sigma_N^2 change over `ideal`'s steps (section 2).
+fn fig6_row(ideal: &TrainReport) -> Row {
     let (x0, x1) = early_late(ideal, |m| m.sigma_x2);
     let (n0, n1) = early_late(ideal, |m| m.sigma_n2);
-    rows.push([
+    [
         "rate-distortion paper".into(),
         "Fig. 6: sigma_X^2 decays while sigma_N^2 stays about constant".into(),
         format!(
             "sigma_X^2 decay {} (x{:.1} from the first to the last tenth of the steps); sigma_N^2 constant {} (x{:.1})",
-            if x0 > 2.0 * x1 { "reproduced" } else { "not reproduced" },
+            if x0 > 2.0 * x1 {
+                "reproduced"
+            } else {
+                "not reproduced"
+            },
             x0 / x1,
             if n0 < 2.0 * n1 && n1 < 2.0 * n0 {
                 "reproduced"
@@ -225,36 +261,46 @@ pub(crate) fn section(s: &Summary, ideal: &TrainReport) -> String {
             n0 / n1
         ),
         "2".into(),
-    ]);
-    if let [mine, paper] = s.setups.sign.as_slice() {
-        let pct = |x: f64| format!("{:.1}%", 100.0 * x);
-        let significant = |x: f64| x > 0.1;
-        rows.push([
-            "rate-distortion paper".into(),
-            "Fig. 7: scaled sign sends a little above R_in(D_sign), with a significant gap to R_sum(D_sign), largest early in training".into(),
-            format!(
-                "rate near R_in {} ({:.3} sent against {:.3}); a significant gap (taken as over 10% of R_in) {}: in the paper's configuration {} over the first tenth of the steps and {} over the whole run, in section 1's {} and {}",
-                if (mine.sent - mine.r_in).abs() < 0.1 * mine.r_in {
-                    "reproduced"
-                } else {
-                    "not reproduced"
-                },
-                mine.sent,
-                mine.r_in,
-                match (significant(paper.early_gap), significant(paper.relative_gap())) {
-                    (true, true) => "reproduced",
-                    (true, false) => "reproduced early in training only",
-                    _ => "not reproduced",
-                },
-                pct(paper.early_gap),
-                pct(paper.relative_gap()),
-                pct(mine.early_gap),
-                pct(mine.relative_gap()),
-            ),
-            "3, 7".into(),
-        ]);
-    }
-    rows.push([
+    ]
+}
+
+/// Fig. 7: scaled sign's rate against R_in and R_sum in section 1's configuration and the
+/// paper's (sections 3 and 7); `None` unless section 7 has both.
+fn fig7_row(s: &Summary) -> Option<Row> {
+    let [mine, paper] = s.setups.sign.as_slice() else {
+        return None;
+    };
+    let pct = |x: f64| format!("{:.1}%", 100.0 * x);
+    let significant = |x: f64| x > 0.1;
+    Some([
+        "rate-distortion paper".into(),
+        "Fig. 7: scaled sign sends a little above R_in(D_sign), with a significant gap to R_sum(D_sign), largest early in training".into(),
+        format!(
+            "rate near R_in {} ({:.3} sent against {:.3}); a significant gap (taken as over 10% of R_in) {}: in the paper's configuration {} over the first tenth of the steps and {} over the whole run, in section 1's {} and {}",
+            if (mine.sent - mine.r_in).abs() < 0.1 * mine.r_in {
+                "reproduced"
+            } else {
+                "not reproduced"
+            },
+            mine.sent,
+            mine.r_in,
+            match (significant(paper.early_gap), significant(paper.relative_gap())) {
+                (true, true) => "reproduced",
+                (true, false) => "reproduced early in training only",
+                _ => "not reproduced",
+            },
+            pct(paper.early_gap),
+            pct(paper.relative_gap()),
+            pct(mine.early_gap),
+            pct(mine.relative_gap()),
+        ),
+        "3, 7".into(),
+    ])
+}
+
+/// Fig. 8 on both sweeps: section 1's configuration and the paper's (sections 4 and 7).
+fn fig8_row(s: &Summary) -> Row {
+    [
         "rate-distortion paper".into(),
         "Fig. 8: steps to a target loss grow with rho, and training fails past a threshold (the paper: beyond rho = 10^3)".into(),
         format!(
@@ -263,28 +309,26 @@ pub(crate) fn section(s: &Summary, ideal: &TrainReport) -> String {
             fig8_verdict(&s.setups.rho)
         ),
         "4, 7".into(),
-    ]);
+    ]
+}
+
+/// The adaptive per-layer split against the uniform one, for top-k (section 6); `None`
+/// unless section 6 has both rows.
+fn adaptive_row(s: &Summary) -> Option<Row> {
     let row = |l: &str| s.adaptive.iter().find(|r| r.label.starts_with(l));
-    if let (Some(a), Some(u)) = (row("adaptive top-k"), row("per-layer top-k")) {
-        rows.push([
-            "past the seeds".into(),
-            "P1's per-layer split (Corollary 1) lowers the distortion of a sparsifier at equal wire bits".into(),
-            format!(
-                "top-k: D_c x{:.2}, accuracy {:+.2} points against the uniform split (see the section for rTop-k)",
-                a.d_c / u.d_c,
-                100.0 * (mean_sd(&a.accuracies).0 - mean_sd(&u.accuracies).0)
-            ),
-            "6".into(),
-        ]);
-    }
-    let mut md = String::from(
-        "## Claims at a glance\n\n| paper | claim | here | section |\n|---|---|---|---|\n",
-    );
-    for [p, c, h, sec] in rows {
-        let _ = writeln!(md, "| {p} | {c} | {h} | {sec} |");
-    }
-    md.push('\n');
-    md
+    let (Some(a), Some(u)) = (row("adaptive top-k"), row("per-layer top-k")) else {
+        return None;
+    };
+    Some([
+        "past the seeds".into(),
+        "P1's per-layer split (Corollary 1) lowers the distortion of a sparsifier at equal wire bits".into(),
+        format!(
+            "top-k: D_c x{:.2}, accuracy {:+.2} points against the uniform split (see the section for rTop-k)",
+            a.d_c / u.d_c,
+            100.0 * (mean_sd(&a.accuracies).0 - mean_sd(&u.accuracies).0)
+        ),
+        "6".into(),
+    ])
 }
 
 #[cfg(test)]

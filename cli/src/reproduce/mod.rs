@@ -25,6 +25,8 @@ use crate::train::{Mnist, TrainConfig, TrainError, TrainMethod, TrainReport, tra
 use gradsift::rd;
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -311,58 +313,130 @@ pub fn reproduce_given(
         backend: device.backend(),
         ..base
     };
-    // Runs are deterministic functions of their configuration: a configuration met again
-    // (section 6 repeats section 1's global rTop-k and top-k) reuses the first report.
-    let done = std::cell::RefCell::new(std::collections::HashMap::<String, TrainReport>::new());
-    let run = |cfg: &TrainConfig| -> Result<TrainReport> {
+    let runs = Runs {
+        train_set,
+        test_set,
+        done: RefCell::default(),
+    };
+    let run = |cfg: &TrainConfig| runs.run(cfg);
+
+    let Comparison {
+        rows: comparison,
+        curves,
+        ideal,
+    } = run_comparison(&base, seeds, run, &mut log)?;
+
+    // Fig. 7: scaled sign (1 bit per element per worker) on its own training run.
+    let sign = run(&TrainConfig {
+        method: TrainMethod::Sign,
+        ..base.clone()
+    })?;
+    log(&format!(
+        "scaled sign: test accuracy {:.2}%",
+        100.0 * sign.epochs.last().map_or(0.0, |e| e.test_accuracy)
+    ));
+
+    // Fig. 8: the baseline with injected noise, until the target loss or the step cap.
+    let rhos: &[f64] = if args.quick {
+        &[0.0, 10.0, 1000.0]
+    } else {
+        &[0.0, 0.1, 1.0, 10.0, 30.0, 100.0, 300.0, 1000.0]
+    };
+    let (rho, _) = rho_sweep(&base, rhos, Some(&ideal), run, &mut log)?;
+
+    let early_seconds = start.elapsed().as_secs_f64();
+
+    let (theory, theory_seconds) = theory_part(args.quick, out, &mut log)?;
+
+    // Adaptive per-layer k (P1) against uniform per-layer and global rTop-k / top-k.
+    let adaptive_start = Instant::now();
+    let adaptive = adaptive::compare(&base, ADAPTIVE_RATIO, seeds, run, &mut log)?;
+    let adaptive_seconds = adaptive_start.elapsed().as_secs_f64();
+
+    let (setups, setups_seconds) = setups_part(args.quick, &base, seeds, run, &mut log)?;
+
+    let fig7 = fig7_series(&sign);
+    draw_plots(out, &curves, &ideal, &fig7, &rho, &base, &setups)?;
+
+    let summary = Summary {
+        comparison,
+        rho,
+        theory,
+        adaptive,
+        setups,
+        seconds: start.elapsed().as_secs_f64(),
+        part_seconds: [
+            early_seconds,
+            theory_seconds,
+            adaptive_seconds,
+            setups_seconds,
+        ],
+    };
+    write_report(
+        out,
+        &Inputs {
+            args,
+            given,
+            base: &base,
+            seeds,
+            s: &summary,
+            ideal: &ideal,
+            sign: &sign,
+            f7: &fig7,
+        },
+    )?;
+    Ok(summary)
+}
+
+/// Every training run of the report, on one split of the embedded digits.
+struct Runs {
+    train_set: Mnist,
+    test_set: Mnist,
+    /// The reports so far, by configuration (its `Debug` form).
+    done: RefCell<HashMap<String, TrainReport>>,
+}
+
+impl Runs {
+    /// Trains `cfg`, or returns the report of its earlier run.
+    fn run(&self, cfg: &TrainConfig) -> Result<TrainReport> {
+        // Runs are deterministic functions of their configuration: a configuration met again
+        // (section 6 repeats section 1's global rTop-k and top-k) reuses the first report.
         let key = format!("{cfg:?}");
-        if let Some(r) = done.borrow().get(&key) {
+        if let Some(r) = self.done.borrow().get(&key) {
             return Ok(r.clone());
         }
-        let r = train(cfg, &train_set, &test_set, |_, _| {}, |_| {})?;
-        done.borrow_mut().insert(key, r.clone());
+        let r = train(cfg, &self.train_set, &self.test_set, |_, _| {}, |_| {})?;
+        self.done.borrow_mut().insert(key, r.clone());
         Ok(r)
-    };
+    }
+}
 
+/// Section 1's runs: the comparison table's rows, each configuration's mean test accuracy
+/// per epoch (over the seeds that finished), and the baseline's first finished seed.
+struct Comparison {
+    rows: Vec<ComparisonRow>,
+    curves: Vec<(String, Vec<(f64, f64)>)>,
+    ideal: TrainReport,
+}
+
+/// Runs section 1: every configuration of [`COMPARISON`] over `seeds` seeds.
+///
+/// # Errors
+/// A training error other than divergence, or a baseline that diverged in every seed.
+fn run_comparison(
+    base: &TrainConfig,
+    seeds: usize,
+    run: impl Fn(&TrainConfig) -> Result<TrainReport>,
+    mut log: impl FnMut(&str),
+) -> Result<Comparison> {
     // The rTop-k paper's comparison. The baseline records its ideal-gradient statistics
     // (rho = 0 adds no noise), which are Fig. 6.
     let mut comparison = Vec::new();
     let mut curves: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     let mut ideal: Option<TrainReport> = None;
     for (method, ratio, label, paper) in COMPARISON {
-        let mut reports = Vec::new();
-        let mut diverged = 0;
-        for seed in 0..seeds as u64 {
-            let cfg = TrainConfig {
-                method,
-                ratio: ratio.unwrap_or(1.0),
-                seed,
-                baseline_noise_rho: (method == TrainMethod::None).then_some(0.0),
-                ..base.clone()
-            };
-            match run(&cfg) {
-                Ok(r) => {
-                    log(&format!(
-                        "{label}, seed {seed}: test accuracy {:.2}%",
-                        100.0 * r.epochs.last().map_or(0.0, |e| e.test_accuracy)
-                    ));
-                    reports.push(r);
-                }
-                // A diverging run is a result of the comparison, not a failure of it.
-                Err(TrainError::Gradsift(e)) => {
-                    log(&format!("{label}, seed {seed}: diverged ({e})"));
-                    diverged += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        let epochs = reports.first().map_or(0, |r| r.epochs.len());
-        let curve: Vec<(f64, f64)> = (0..epochs)
-            .map(|e| {
-                let accs: Vec<f64> = reports.iter().map(|r| r.epochs[e].test_accuracy).collect();
-                ((e + 1) as f64, 100.0 * mean_sd(&accs).0)
-            })
-            .collect();
+        let (reports, diverged) = seed_runs(base, (method, ratio, label), seeds, &run, &mut log)?;
+        let curve = mean_curve(&reports);
         if !curve.is_empty() {
             curves.push((label.to_string(), curve));
         }
@@ -386,30 +460,68 @@ pub fn reproduce_given(
     let ideal = ideal.ok_or_else(|| {
         TrainError::Usage("the uncompressed baseline diverged; nothing to compare with".into())
     })?;
+    Ok(Comparison {
+        rows: comparison,
+        curves,
+        ideal,
+    })
+}
 
-    // Fig. 7: scaled sign (1 bit per element per worker) on its own training run.
-    let sign = run(&TrainConfig {
-        method: TrainMethod::Sign,
-        ..base.clone()
-    })?;
-    log(&format!(
-        "scaled sign: test accuracy {:.2}%",
-        100.0 * sign.epochs.last().map_or(0.0, |e| e.test_accuracy)
-    ));
+/// One configuration of section 1 over `seeds` seeds: the reports of the seeds that
+/// finished, and how many diverged.
+fn seed_runs(
+    base: &TrainConfig,
+    (method, ratio, label): (TrainMethod, Option<f64>, &str),
+    seeds: usize,
+    run: impl Fn(&TrainConfig) -> Result<TrainReport>,
+    mut log: impl FnMut(&str),
+) -> Result<(Vec<TrainReport>, usize)> {
+    let mut reports = Vec::new();
+    let mut diverged = 0;
+    for seed in 0..seeds as u64 {
+        let cfg = TrainConfig {
+            method,
+            ratio: ratio.unwrap_or(1.0),
+            seed,
+            baseline_noise_rho: (method == TrainMethod::None).then_some(0.0),
+            ..base.clone()
+        };
+        match run(&cfg) {
+            Ok(r) => {
+                log(&format!(
+                    "{label}, seed {seed}: test accuracy {:.2}%",
+                    100.0 * r.epochs.last().map_or(0.0, |e| e.test_accuracy)
+                ));
+                reports.push(r);
+            }
+            // A diverging run is a result of the comparison, not a failure of it.
+            Err(TrainError::Gradsift(e)) => {
+                log(&format!("{label}, seed {seed}: diverged ({e})"));
+                diverged += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((reports, diverged))
+}
 
-    // Fig. 8: the baseline with injected noise, until the target loss or the step cap.
-    let rhos: &[f64] = if args.quick {
-        &[0.0, 10.0, 1000.0]
-    } else {
-        &[0.0, 0.1, 1.0, 10.0, 30.0, 100.0, 300.0, 1000.0]
-    };
-    let (rho, _) = rho_sweep(&base, rhos, Some(&ideal), run, &mut log)?;
+/// Mean test accuracy (%) after each epoch over `reports`, by epoch from 1.
+fn mean_curve(reports: &[TrainReport]) -> Vec<(f64, f64)> {
+    let epochs = reports.first().map_or(0, |r| r.epochs.len());
+    (0..epochs)
+        .map(|e| {
+            let accs: Vec<f64> = reports.iter().map(|r| r.epochs[e].test_accuracy).collect();
+            ((e + 1) as f64, 100.0 * mean_sd(&accs).0)
+        })
+        .collect()
+}
 
-    let early_seconds = start.elapsed().as_secs_f64();
-
+/// Section 5: the rTop-k paper's Theorems 1 and 2 simulated, and their plot; also returns
+/// the seconds it took.
+fn theory_part(quick: bool, out: &Path, mut log: impl FnMut(&str)) -> Result<(theory::Sweep, f64)> {
     // The rTop-k paper's Theorems 1 and 2 on the sparse Bernoulli model.
     let theory_start = Instant::now();
-    let theory_cfg = if args.quick {
+    let theory_cfg = if quick {
         theory::TheoryConfig::quick()
     } else {
         theory::TheoryConfig::full()
@@ -420,21 +532,26 @@ pub fn reproduce_given(
     log(&format!(
         "Theorems 1-2 on the sparse Bernoulli model: {theory_seconds:.1} s"
     ));
+    Ok((theory, theory_seconds))
+}
 
-    // Adaptive per-layer k (P1) against uniform per-layer and global rTop-k / top-k.
-    let adaptive_start = Instant::now();
-    let adaptive = adaptive::compare(&base, ADAPTIVE_RATIO, seeds, run, &mut log)?;
-    let adaptive_seconds = adaptive_start.elapsed().as_secs_f64();
-
+/// Section 7's runs; also returns the seconds they took.
+fn setups_part(
+    quick: bool,
+    base: &TrainConfig,
+    seeds: usize,
+    run: impl Fn(&TrainConfig) -> Result<TrainReport>,
+    mut log: impl FnMut(&str),
+) -> Result<(setups::Setups, f64)> {
     // The ordering claim under the paper's set-ups, and Fig. 7 in its paper's configuration.
     let setups_start = Instant::now();
-    let (paper_epochs, paper_rhos): (usize, &[f64]) = if args.quick {
+    let (paper_epochs, paper_rhos): (usize, &[f64]) = if quick {
         (base.epochs, &[0.0, 1000.0])
     } else {
         (PAPER_EPOCHS, &PAPER_RHOS)
     };
     let setups = setups::compare(
-        &base,
+        base,
         SETUPS_RATIO,
         ADAPTIVE_RATIO,
         seeds,
@@ -444,45 +561,45 @@ pub fn reproduce_given(
         &mut log,
     )?;
     let setups_seconds = setups_start.elapsed().as_secs_f64();
+    Ok((setups, setups_seconds))
+}
 
-    draw_accuracy(&out.join(PLOTS[0]), &curves)?;
-    draw_fig6(&out.join(PLOTS[1]), &ideal)?;
-    let fig7 = fig7_series(&sign);
-    draw_fig7(&out.join(PLOTS[2]), &fig7)?;
+/// Draws [`PLOTS`] but the theorems' (section 5 draws that).
+fn draw_plots(
+    out: &Path,
+    curves: &[(String, Vec<(f64, f64)>)],
+    ideal: &TrainReport,
+    fig7: &Fig7,
+    rho: &[RhoPoint],
+    base: &TrainConfig,
+    setups: &setups::Setups,
+) -> Result<()> {
+    draw_accuracy(&out.join(PLOTS[0]), curves)?;
+    draw_fig6(&out.join(PLOTS[1]), ideal)?;
+    draw_fig7(&out.join(PLOTS[2]), fig7)?;
     let cap = base.epochs * ideal.steps_per_epoch;
-    draw_fig8(&out.join(PLOTS[3]), &rho, &base, cap)?;
+    draw_fig8(&out.join(PLOTS[3]), rho, base, cap)?;
     draw_fig8(
         &out.join(PLOTS[5]),
         &setups.rho,
         &setups.rho_base,
         setups.rho_cap,
-    )?;
+    )
+}
 
-    let summary = Summary {
-        comparison,
-        rho,
-        theory,
-        adaptive,
-        setups,
-        seconds: start.elapsed().as_secs_f64(),
-        part_seconds: [
-            early_seconds,
-            theory_seconds,
-            adaptive_seconds,
-            setups_seconds,
-        ],
-    };
-    let mut md = report(args, given, &base, seeds, &summary, &ideal, &sign, &fig7);
+/// Writes `report.md` into `out`: [`report`]'s sections with sections 5-7 before the
+/// runtime and the claims at a glance first.
+fn write_report(out: &Path, x: &Inputs<'_>) -> Result<()> {
+    let Inputs {
+        base, s: summary, ..
+    } = *x;
+    let [_, theory_seconds, adaptive_seconds, setups_seconds] = summary.part_seconds;
+    let mut md = report(x);
     let runtime = md.find("## Runtime and settings").unwrap_or(md.len());
     md.insert_str(
         runtime,
         &(theory::report_section(&summary.theory, PLOTS[4], theory_seconds)
-            + &adaptive::report_section(
-                &summary.adaptive,
-                &base,
-                ADAPTIVE_RATIO,
-                adaptive_seconds,
-            )
+            + &adaptive::report_section(&summary.adaptive, base, ADAPTIVE_RATIO, adaptive_seconds)
             + &setups::report_section(
                 &summary.setups,
                 SETUPS_RATIO,
@@ -494,13 +611,12 @@ pub fn reproduce_given(
     );
     // The claims at a glance go first, after the opening paragraphs.
     let first = md.find("\n## ").map_or(md.len(), |i| i + 1);
-    md.insert_str(first, &claims::section(&summary, &ideal));
+    md.insert_str(first, &claims::section(summary, x.ideal));
     let path = out.join("report.md");
     std::fs::write(&path, md).map_err(|e| ReproduceError::Output {
         path,
         message: e.to_string(),
-    })?;
-    Ok(summary)
+    })
 }
 
 /// The source the binary was built from: `commit <hash>` of the checkout it was built in
@@ -1087,27 +1203,7 @@ struct Inputs<'a> {
     f7: &'a Fig7,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn report(
-    args: &ReproduceArgs,
-    given: Given,
-    base: &TrainConfig,
-    seeds: usize,
-    s: &Summary,
-    ideal: &TrainReport,
-    sign: &TrainReport,
-    f7: &Fig7,
-) -> String {
-    let x = Inputs {
-        args,
-        given,
-        base,
-        seeds,
-        s,
-        ideal,
-        sign,
-        f7,
-    };
+fn report(x: &Inputs<'_>) -> String {
     let mut md = String::new();
     for section in [
         report_header,
@@ -1117,7 +1213,7 @@ fn report(
         report_fig8,
         report_runtime,
     ] {
-        section(&mut md, &x);
+        section(&mut md, x);
     }
     md
 }
@@ -1196,13 +1292,7 @@ fn report_header(w: &mut String, x: &Inputs<'_>) {
 
 /// Section 1: rTop-k against top-k and random-k (rTop-k paper, Tables I-III).
 fn report_comparison(w: &mut String, x: &Inputs<'_>) {
-    let Inputs {
-        base,
-        seeds,
-        s,
-        ideal,
-        ..
-    } = *x;
+    let Inputs { base, seeds, s, .. } = *x;
     let _ = writeln!(
         w,
         "## 1. rTop-k against top-k and random-k (rTop-k paper, Tables I-III)\n"
@@ -1217,12 +1307,22 @@ fn report_comparison(w: &mut String, x: &Inputs<'_>) {
         base.r_over_k,
         seeds - 1
     );
+    comparison_table(w, &s.comparison, seeds);
+    let _ = writeln!(w, "\n![test accuracy per epoch](accuracy.png)\n");
+    comparison_agreement(w, &s.comparison);
+    comparison_caveats(w, x);
+
+    // --- Fig. 6
+}
+
+/// Section 1's table: one row per configuration of the comparison.
+fn comparison_table(w: &mut String, rows: &[ComparisonRow], seeds: usize) {
     let _ = writeln!(
         w,
         "| Method | Test accuracy, % (mean ± sd) | min - max | bits / worker / step | paper, Table I (ResNet-18, CIFAR-10) |"
     );
     let _ = writeln!(w, "|---|---|---|---|---|");
-    for r in &s.comparison {
+    for r in rows {
         if r.accuracies.is_empty() {
             let _ = writeln!(
                 w,
@@ -1251,9 +1351,12 @@ fn report_comparison(w: &mut String, x: &Inputs<'_>) {
             r.paper
         );
     }
-    let _ = writeln!(w, "\n![test accuracy per epoch](accuracy.png)\n");
+}
+
+/// Section 1's list of what agrees with the paper and what does not.
+fn comparison_agreement(w: &mut String, comparison: &[ComparisonRow]) {
     let get = |l: &str| {
-        s.comparison
+        comparison
             .iter()
             .find(|r| r.label == l && !r.accuracies.is_empty())
             .map(|r| mean_sd(&r.accuracies))
@@ -1306,6 +1409,11 @@ fn report_comparison(w: &mut String, x: &Inputs<'_>) {
         pct(r99),
         if r99 > b { "above" } else { "below" }
     );
+}
+
+/// Section 1's paragraph on why this comparison can differ from the paper's.
+fn comparison_caveats(w: &mut String, x: &Inputs<'_>) {
+    let Inputs { base, s, ideal, .. } = *x;
     let _ = writeln!(
         w,
         "Why it can differ: the paper trains ResNet-18 on 50,000 CIFAR-10 images for many epochs \
@@ -1330,8 +1438,6 @@ fn report_comparison(w: &mut String, x: &Inputs<'_>) {
             .count(),
         s.setups.pairs.len()
     );
-
-    // --- Fig. 6
 }
 
 /// Section 2: Fig. 6, sigma_X^2(t) and sigma_N^2(t).
