@@ -119,6 +119,15 @@ fn sign_gap(setup: &str, r: &TrainReport) -> SignGap {
     }
 }
 
+/// The configurations of `method` on `cfg`, one per seed.
+fn with(method: TrainMethod, cfg: &TrainConfig) -> impl Fn(u64) -> TrainConfig + '_ {
+    move |seed| TrainConfig {
+        method,
+        seed,
+        ..cfg.clone()
+    }
+}
+
 /// Runs the set-ups at compression `1 - ratio` (the CNN at `cnn_ratio`) for `seeds` seeds
 /// through `run` (which caches configurations section 1 already ran), then Fig. 7 and
 /// Fig. 8 (at `paper_rhos`, starting at 0) in the rate-distortion paper's configuration
@@ -134,17 +143,64 @@ pub(crate) fn compare(
     run: impl Fn(&TrainConfig) -> Result<TrainReport>,
     mut log: impl FnMut(&str),
 ) -> Result<Setups> {
-    fn with(method: TrainMethod, cfg: &TrainConfig) -> impl Fn(u64) -> TrainConfig + '_ {
-        move |seed| TrainConfig {
-            method,
-            seed,
-            ..cfg.clone()
-        }
-    }
     let at_ratio = TrainConfig {
         ratio,
         ..base.clone()
     };
+    let grid = lr_grid(&at_ratio, seeds, &run, &mut log)?;
+    let best = (best_lr(&grid, "rTop-k"), best_lr(&grid, "top-k"));
+    let mut pairs = Vec::new();
+    for (setup, r_cfg, t_cfg) in setup_configs(base, &at_ratio, cnn_ratio, best) {
+        let rtopk = seeds_row(
+            &format!("rTop-k, {setup}"),
+            seeds,
+            with(TrainMethod::Rtopk, &r_cfg),
+            &run,
+            &mut log,
+        )?;
+        let topk = seeds_row(
+            &format!("top-k, {setup}"),
+            seeds,
+            with(TrainMethod::Topk, &t_cfg),
+            &run,
+            &mut log,
+        )?;
+        pairs.push(SetupPair { setup, rtopk, topk });
+    }
+    // Fig. 7 and Fig. 8 in the rate-distortion paper's configuration: K = 10, batch 128
+    // per worker, lr 0.01, momentum 0.5, trained as long as that configuration needs.
+    let paper = TrainConfig {
+        method: TrainMethod::Sign,
+        workers: 10,
+        batch: 128,
+        lr: 0.01,
+        momentum: 0.5,
+        epochs: paper_epochs,
+        ..base.clone()
+    };
+    let sign = sign_gaps(base, &paper, &run, &mut log)?;
+    let rho_base = TrainConfig {
+        method: TrainMethod::None,
+        ..paper
+    };
+    let (rho, rho_cap) = rho_sweep(&rho_base, paper_rhos, None, &run, &mut log)?;
+    Ok(Setups {
+        grid,
+        pairs,
+        sign,
+        rho,
+        rho_base,
+        rho_cap,
+    })
+}
+
+/// The learning-rate grid: rTop-k and top-k at every rate of [`LR_GRID`] on `at_ratio`.
+fn lr_grid(
+    at_ratio: &TrainConfig,
+    seeds: usize,
+    run: &impl Fn(&TrainConfig) -> Result<TrainReport>,
+    log: &mut impl FnMut(&str),
+) -> Result<Vec<(f64, AdaptiveRow)>> {
     let mut grid = Vec::new();
     for lr in LR_GRID {
         let cfg = TrainConfig {
@@ -153,14 +209,21 @@ pub(crate) fn compare(
         };
         for (name, method) in [("rTop-k", TrainMethod::Rtopk), ("top-k", TrainMethod::Topk)] {
             let label = format!("{name}, lr {lr}");
-            grid.push((
-                lr,
-                seeds_row(&label, seeds, with(method, &cfg), &run, &mut log)?,
-            ));
+            grid.push((lr, seeds_row(&label, seeds, with(method, &cfg), run, log)?));
         }
     }
-    let (lr_r, lr_t) = (best_lr(&grid, "rTop-k"), best_lr(&grid, "top-k"));
-    let setups = [
+    Ok(grid)
+}
+
+/// The set-ups in words with rTop-k's and top-k's configuration each; `(lr_r, lr_t)` are
+/// the methods' best rates of the grid.
+fn setup_configs(
+    base: &TrainConfig,
+    at_ratio: &TrainConfig,
+    cnn_ratio: f64,
+    (lr_r, lr_t): (f64, f64),
+) -> [(String, TrainConfig, TrainConfig); 4] {
+    [
         (
             format!("each at its best rate of the grid (rTop-k {lr_r}, top-k {lr_t})"),
             TrainConfig {
@@ -218,40 +281,21 @@ pub(crate) fn compare(
                 ..base.clone()
             },
         ),
-    ];
-    let mut pairs = Vec::new();
-    for (setup, r_cfg, t_cfg) in setups {
-        let rtopk = seeds_row(
-            &format!("rTop-k, {setup}"),
-            seeds,
-            with(TrainMethod::Rtopk, &r_cfg),
-            &run,
-            &mut log,
-        )?;
-        let topk = seeds_row(
-            &format!("top-k, {setup}"),
-            seeds,
-            with(TrainMethod::Topk, &t_cfg),
-            &run,
-            &mut log,
-        )?;
-        pairs.push(SetupPair { setup, rtopk, topk });
-    }
-    // Fig. 7 and Fig. 8 in the rate-distortion paper's configuration: K = 10, batch 128
-    // per worker, lr 0.01, momentum 0.5, trained as long as that configuration needs.
-    let paper = TrainConfig {
-        method: TrainMethod::Sign,
-        workers: 10,
-        batch: 128,
-        lr: 0.01,
-        momentum: 0.5,
-        epochs: paper_epochs,
-        ..base.clone()
-    };
+    ]
+}
+
+/// Scaled sign's Fig. 7 gap in section 1's configuration `base` and in the paper's.
+fn sign_gaps(
+    base: &TrainConfig,
+    paper: &TrainConfig,
+    run: &impl Fn(&TrainConfig) -> Result<TrainReport>,
+    log: &mut impl FnMut(&str),
+) -> Result<Vec<SignGap>> {
     let mine = TrainConfig {
         method: TrainMethod::Sign,
         ..base.clone()
     };
+    let paper_epochs = paper.epochs;
     let mut sign = Vec::new();
     for (setup, cfg) in [
         (
@@ -273,19 +317,7 @@ pub(crate) fn compare(
         ));
         sign.push(sign_gap(&setup, &r));
     }
-    let rho_base = TrainConfig {
-        method: TrainMethod::None,
-        ..paper
-    };
-    let (rho, rho_cap) = rho_sweep(&rho_base, paper_rhos, None, &run, &mut log)?;
-    Ok(Setups {
-        grid,
-        pairs,
-        sign,
-        rho,
-        rho_base,
-        rho_cap,
-    })
+    Ok(sign)
 }
 
 /// The report's section; `plot` is the paper-configuration Fig. 8's file name, `section4`
@@ -300,6 +332,20 @@ pub(crate) fn report_section(
 ) -> String {
     let mut md = String::new();
     let w = &mut md;
+    write_grid(w, s, ratio);
+    write_pairs(w, s);
+    write_sign(w, s);
+    write_fig8(w, s, plot, section4, section1_gain);
+    let _ = writeln!(
+        w,
+        "Runtime of this section: {seconds:.0} s (configurations that earlier sections ran \
+         are not run again).\n"
+    );
+    md
+}
+
+/// The section's opening and the learning-rate grid's table.
+fn write_grid(w: &mut String, s: &Setups, ratio: f64) {
     let _ = writeln!(
         w,
         "## 7. The ordering claim under the paper's set-ups\n\n\
@@ -325,6 +371,10 @@ pub(crate) fn report_section(
             r.diverged
         );
     }
+}
+
+/// The set-ups' table and the verdict on the ordering.
+fn write_pairs(w: &mut String, s: &Setups) {
     let _ = writeln!(
         w,
         "\n| set-up | rTop-k, % | top-k, % | rTop-k - top-k, points | verdict |\n|---|---|---|---|---|"
@@ -355,6 +405,10 @@ pub(crate) fn report_section(
          paper's scale the claim is not decidable on two CPU cores.\n",
         s.pairs.len()
     );
+}
+
+/// Fig. 7's gap in both configurations.
+fn write_sign(w: &mut String, s: &Setups) {
     let _ = writeln!(
         w,
         "Fig. 7 of the rate-distortion paper in its own configuration: scaled sign's mean \
@@ -378,6 +432,10 @@ pub(crate) fn report_section(
             100.0 * g.accuracy
         );
     }
+}
+
+/// Fig. 8 in the paper's configuration and its threshold against section 4's.
+fn write_fig8(w: &mut String, s: &Setups, plot: &str, section4: &[RhoPoint], section1_gain: f64) {
     let b = &s.rho_base;
     let cap = s.rho_cap;
     let _ = writeln!(
@@ -414,12 +472,6 @@ pub(crate) fn report_section(
             _ => "The two thresholds cannot be compared here.",
         }
     );
-    let _ = writeln!(
-        w,
-        "Runtime of this section: {seconds:.0} s (configurations that earlier sections ran \
-         are not run again).\n"
-    );
-    md
 }
 
 /// Mean ± sd over the seeds that did not diverge, and how many did.

@@ -34,6 +34,7 @@
 use crate::SplitMix;
 use gradsift::cpu::{self, Average};
 use gradsift::{Aggregate, Compress, Config, Count, Layout, Method, Mode, Payload, Result, Scale};
+use std::fmt::Write as _;
 
 /// The sample model of one sweep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -480,10 +481,17 @@ pub fn simulate(cfg: &TheoryConfig) -> Result<Sweep> {
 
 /// The reproduce report's section on this simulation (markdown), `seconds` its runtime.
 pub(crate) fn report_section(sw: &Sweep, plot: &str, seconds: f64) -> String {
-    use std::fmt::Write as _;
-    let c = &sw.config;
     let mut md = String::new();
     let w = &mut md;
+    write_intro(w, sw);
+    write_table(w, sw);
+    write_verdict(w, sw, plot, seconds);
+    md
+}
+
+/// The section's opening: the model, the schemes and the bounds.
+fn write_intro(w: &mut String, sw: &Sweep) {
+    let c = &sw.config;
     let _ = writeln!(
         w,
         "## 5. rTop-k paper, Theorems 1 and 2 on the sparse Bernoulli model\n\n\
@@ -518,6 +526,11 @@ pub(crate) fn report_section(sw: &Sweep, plot: &str, seconds: f64) -> String {
          uncompressed samples ({:.3} / n).\n",
         sw.cramer_rao_n
     );
+}
+
+/// One row per curve: the fitted slopes and constants, and the error at the largest `n`.
+fn write_table(w: &mut String, sw: &Sweep) {
+    let c = &sw.config;
     let _ = writeln!(
         w,
         "| model | scheme | slope in k | slope in n | C (Thm 1 form) | c (Thm 2 form) | MSE at n = {} | squared bias at n = {} | Cramer-Rao at n = {} |",
@@ -550,27 +563,36 @@ pub(crate) fn report_section(sw: &Sweep, plot: &str, seconds: f64) -> String {
             sw.cramer_rao(n_max),
         );
     }
-    let verdict = |m: Model| -> String {
-        let r = sw.curve(m, Scheme::RTopK);
-        let t = sw.curve(m, Scheme::TopK);
-        match (r, t) {
-            (Some(r), Some(t)) => {
-                let rl = r.over_n.last().map_or(f64::NAN, |p| p.mse);
-                let tl = t.over_n.last().map_or(f64::NAN, |p| p.mse);
-                let tb = t.over_n.last().map_or(f64::NAN, |p| p.bias2);
-                format!(
-                    "rTop-k's error falls with slopes {:.2} in k and {:.2} in n (Theorem 1: -1 and \
-                     -1); top-k's falls with slope {:.2} in n and levels off at its squared bias \
-                     ({tb:.3} of its {tl:.3} at n = {n_max}), {} rTop-k's {rl:.3} there",
-                    r.fit_k.slope,
-                    r.fit_n.slope,
-                    t.fit_n.slope,
-                    if tl > rl { "above" } else { "still below" }
-                )
-            }
-            _ => String::new(),
+}
+
+/// rTop-k's and top-k's error under `m` against Theorem 1, in words, at `n_max` nodes
+/// (empty when either was not simulated).
+fn model_verdict(sw: &Sweep, m: Model, n_max: usize) -> String {
+    let r = sw.curve(m, Scheme::RTopK);
+    let t = sw.curve(m, Scheme::TopK);
+    match (r, t) {
+        (Some(r), Some(t)) => {
+            let rl = r.over_n.last().map_or(f64::NAN, |p| p.mse);
+            let tl = t.over_n.last().map_or(f64::NAN, |p| p.mse);
+            let tb = t.over_n.last().map_or(f64::NAN, |p| p.bias2);
+            format!(
+                "rTop-k's error falls with slopes {:.2} in k and {:.2} in n (Theorem 1: -1 and \
+                 -1); top-k's falls with slope {:.2} in n and levels off at its squared bias \
+                 ({tb:.3} of its {tl:.3} at n = {n_max}), {} rTop-k's {rl:.3} there",
+                r.fit_k.slope,
+                r.fit_n.slope,
+                t.fit_n.slope,
+                if tl > rl { "above" } else { "still below" }
+            )
         }
-    };
+        _ => String::new(),
+    }
+}
+
+/// The plot and the verdict.
+fn write_verdict(w: &mut String, sw: &Sweep, plot: &str, seconds: f64) {
+    let c = &sw.config;
+    let n_max = c.ns.last().copied().unwrap_or(1);
     let unbiased = sw.curves.iter().filter(|cv| cv.scheme.unbiased());
     let below_cr = unbiased
         .clone()
@@ -598,11 +620,10 @@ pub(crate) fn report_section(sw: &Sweep, plot: &str, seconds: f64) -> String {
          bound\" is decidable only up to that constant (the table gives the c the data allow). \
          Random-k pays the d/s factor: its constant C is {ratio:.1} times rTop-k's (d/r = {:.0} \
          predicted). Runtime of this section: {seconds:.1} s.\n",
-        verdict(Model::Bernoulli),
-        verdict(Model::Perturbed),
+        model_verdict(sw, Model::Bernoulli, n_max),
+        model_verdict(sw, Model::Perturbed, n_max),
         c.d as f64 / sw.r as f64
     );
-    md
 }
 
 /// Draws the MSE of the Bernoulli model's schemes against `k` (left) and `n` (right), on
