@@ -2,7 +2,7 @@
 //! method and prints bits, distortion and time (the default command of the binary).
 
 use gradsift::{
-    Aggregate, Backend, Compress, Config, DType, Layout, Mode, Payload, Scale, Statistics,
+    Aggregate, Backend, Compress, Config, DType, Device, Layout, Mode, Payload, Scale, Statistics,
     VarianceEstimate, wire,
 };
 use std::time::Instant;
@@ -86,11 +86,39 @@ pub fn run(args: &DemoArgs) -> gradsift::Result<()> {
     let mean: Vec<f32> = (0..n)
         .map(|i| grads.iter().map(|g| g[i]).sum::<f32>() / workers as f32)
         .collect();
+    print_variance(&device, &layout, &grads)?;
 
+    println!(
+        "{:<30} {:>10} {:>12} {:>12} {:>11} {:>10}",
+        "method", "bits/elem", "bits/index", "entropy/idx", "rel. dist.", "ms/step"
+    );
+    let mut bench = Bench {
+        device: &device,
+        layout: &layout,
+        grads: &grads,
+        mean: &mean,
+        bytes: Vec::new(),
+        agg_out: vec![0f32; n],
+    };
+    for (name, config) in methods() {
+        bench.row(name, config)?;
+    }
+    println!(
+        "\nbits/elem: wire bits per gradient element per worker; rel. dist.: ||aggregate - mean||^2 / ||mean||^2 after one step"
+    );
+    println!(
+        "(error feedback carries the rest to later steps). entropy/idx: log2 C(n, k) / k, the floor for index bits."
+    );
+    Ok(())
+}
+
+/// Prints the size-weighted mean of the per-layer variance estimates.
+fn print_variance(device: &Device, layout: &Layout, grads: &[Vec<f32>]) -> gradsift::Result<()> {
+    let (workers, n) = (grads.len(), layout.n());
     let views: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
     let mut est: Vec<VarianceEstimate> = Vec::new();
     device
-        .stats(&layout, workers)?
+        .stats(layout, workers)?
         .estimate_variance(&views, &mut est)?;
     let (sx, sn) = est
         .iter()
@@ -103,8 +131,12 @@ pub fn run(args: &DemoArgs) -> gradsift::Result<()> {
         sx / n as f64,
         sn / n as f64
     );
+    Ok(())
+}
 
-    let methods: Vec<(&str, Config)> = vec![
+/// The table's rows: name and configuration.
+fn methods() -> Vec<(&'static str, Config)> {
+    vec![
         ("rtopk r=0.5% k=0.1%", Config::rtopk(0.005, 0.001)),
         (
             "rtopk r=0.5% k=0.1% unbiased",
@@ -136,50 +168,51 @@ pub fn run(args: &DemoArgs) -> gradsift::Result<()> {
                 ..Config::sign()
             },
         ),
-    ];
-    println!(
-        "{:<30} {:>10} {:>12} {:>12} {:>11} {:>10}",
-        "method", "bits/elem", "bits/index", "entropy/idx", "rel. dist.", "ms/step"
-    );
-    let mut bytes = Vec::new();
-    let mut agg_out = vec![0f32; n];
-    for (name, mut config) in methods {
-        let mut payloads = Vec::with_capacity(workers);
-        let mut bits = 0u64;
-        let mut index_bits = (0u64, 0u64);
-        // Plans are built once per worker, as in a training loop; only the step is timed.
-        let mut plans = Vec::with_capacity(workers);
-        for w in 0..workers {
-            config.worker = w as u32;
-            plans.push(device.compressor(&layout, &config)?);
-        }
-        let mut step_time = 0.0;
-        for (plan, g) in plans.iter_mut().zip(&grads) {
-            let t0 = Instant::now();
-            let p = plan.step(g, 0)?;
-            step_time += t0.elapsed().as_secs_f64();
-            let b = wire::encode(p, &mut bytes)?;
-            bits += b.total();
-            if let Payload::Sparse(s) = p {
-                index_bits.0 += b.indices;
-                index_bits.1 += s.indices.len() as u64;
-            }
-            payloads.push(wire::decode(&bytes)?);
-        }
-        let dt = step_time * 1e3 / workers as f64;
-        let mut agg = device.aggregator(
-            &layout,
+    ]
+}
+
+/// What every row is measured on, and the buffers the rows reuse.
+struct Bench<'a> {
+    device: &'a Device,
+    layout: &'a Layout,
+    grads: &'a [Vec<f32>],
+    mean: &'a [f32],
+    bytes: Vec<u8>,
+    agg_out: Vec<f32>,
+}
+
+/// One step of every worker through one method, after the wire round trip.
+struct Sent {
+    payloads: Vec<Payload>,
+    bits: u64,
+    /// Index bits and indices sent, summed over the sparse payloads.
+    index_bits: (u64, u64),
+    /// Seconds spent in the plans' `step`, summed over the workers.
+    step_time: f64,
+}
+
+impl Bench<'_> {
+    /// Measures one method and prints its row.
+    fn row(&mut self, name: &str, mut config: Config) -> gradsift::Result<()> {
+        let workers = self.grads.len();
+        let n = self.layout.n();
+        let sent = self.compress(&mut config)?;
+        let dt = sent.step_time * 1e3 / workers as f64;
+        let mut agg = self.device.aggregator(
+            self.layout,
             config.mode,
             gradsift::Average::OverWorkers,
             workers,
         )?;
-        agg.aggregate(&payloads, &mut agg_out)?;
-        let err: f64 = agg_out
+        agg.aggregate(&sent.payloads, &mut self.agg_out)?;
+        let err: f64 = self
+            .agg_out
             .iter()
-            .zip(&mean)
+            .zip(self.mean)
             .map(|(&a, &b)| f64::from(a - b).powi(2))
             .sum();
-        let norm: f64 = mean.iter().map(|&b| f64::from(b).powi(2)).sum();
+        let norm: f64 = self.mean.iter().map(|&b| f64::from(b).powi(2)).sum();
+        let index_bits = sent.index_bits;
         let (per_index, entropy) = if index_bits.1 > 0 {
             let k = index_bits.1 / workers as u64;
             (
@@ -191,15 +224,43 @@ pub fn run(args: &DemoArgs) -> gradsift::Result<()> {
         };
         println!(
             "{name:<30} {:>10.4} {per_index:>12} {entropy:>12} {:>11.4} {dt:>10.1}",
-            bits as f64 / (workers * n) as f64,
+            sent.bits as f64 / (workers * n) as f64,
             err / norm
         );
+        Ok(())
     }
-    println!(
-        "\nbits/elem: wire bits per gradient element per worker; rel. dist.: ||aggregate - mean||^2 / ||mean||^2 after one step"
-    );
-    println!(
-        "(error feedback carries the rest to later steps). entropy/idx: log2 C(n, k) / k, the floor for index bits."
-    );
-    Ok(())
+
+    /// Runs one step of every worker's plan for `config` (each plan with its own
+    /// `config.worker`) and passes each payload through the wire format.
+    fn compress(&mut self, config: &mut Config) -> gradsift::Result<Sent> {
+        let workers = self.grads.len();
+        let mut payloads = Vec::with_capacity(workers);
+        let mut bits = 0u64;
+        let mut index_bits = (0u64, 0u64);
+        // Plans are built once per worker, as in a training loop; only the step is timed.
+        let mut plans = Vec::with_capacity(workers);
+        for w in 0..workers {
+            config.worker = w as u32;
+            plans.push(self.device.compressor(self.layout, config)?);
+        }
+        let mut step_time = 0.0;
+        for (plan, g) in plans.iter_mut().zip(self.grads) {
+            let t0 = Instant::now();
+            let p = plan.step(g, 0)?;
+            step_time += t0.elapsed().as_secs_f64();
+            let b = wire::encode(p, &mut self.bytes)?;
+            bits += b.total();
+            if let Payload::Sparse(s) = p {
+                index_bits.0 += b.indices;
+                index_bits.1 += s.indices.len() as u64;
+            }
+            payloads.push(wire::decode(&self.bytes)?);
+        }
+        Ok(Sent {
+            payloads,
+            bits,
+            index_bits,
+            step_time,
+        })
+    }
 }
