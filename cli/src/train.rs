@@ -21,10 +21,11 @@ use gradsift::dist::{self, InProcess, Transport};
 use gradsift::rd::{self, StepMeasurement};
 use gradsift::{
     Aggregate, Aggregator, Average, Backend, Compress, Compressor, Config, Count, Device, Layout,
-    Mode, Payload, QSGD_MAX_LEVELS, Scale, SparsePayload, Statistics, VarianceEstimate,
+    Mode, Payload, QSGD_MAX_LEVELS, Scale, SparsePayload, Statistics, Stats, VarianceEstimate,
     VarianceTracker, wire,
 };
 use std::fmt;
+use std::ops::Range;
 
 /// The compressor a run uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -481,253 +482,427 @@ pub fn train_with(
     mut on_step: impl FnMut(usize, usize),
     mut on_epoch: impl FnMut(&EpochReport),
 ) -> Result<TrainReport> {
-    cfg.validate()?;
-    let model = Model::new(cfg.model, &cfg.hidden, cfg.seed)?;
-    let layout = model.layout();
-    let fingerprint = setup_fingerprint(cfg, &layout, train, transport.workers());
-    dist::check_setup(transport, &fingerprint)?;
-    if transport.workers() != cfg.workers {
-        return Err(TrainError::Usage(format!(
-            "--workers {} but the {} transport connects {} workers (with mpirun, pass --workers equal to -n)",
-            cfg.workers,
-            transport.name(),
-            transport.workers()
-        )));
-    }
-    let k = cfg.workers;
-    let local = transport.local();
-    let n = layout.n();
-    let (mut shards, steps_per_epoch) = worker_shards(cfg, train)?;
-    let total = total_steps(steps_per_epoch, cfg.epochs)?;
-
-    // This process's workers' gradients, and all K of them after the all-gather.
-    let mut grads = vec![vec![0f32; n]; local.len()];
-    let mut all = vec![vec![0f32; n]; k];
-    let mut update = vec![0f32; n];
-    let mut velocity = vec![0f32; n];
-    // The global weights and a gradient buffer, for rounds of local steps.
-    let (mut global, mut scratch) = if cfg.local_steps > 1 {
-        (vec![0f32; n], vec![0f32; n])
-    } else {
-        (Vec::new(), Vec::new())
-    };
-    let device = Device::open(cfg.backend)?;
-    let mut stats = device.stats(&layout, k)?;
-    // The local workers' compressors (error-feedback state), built at the first compressed
-    // epoch and reconfigured, residuals kept, when the warm-up changes the ratio.
-    let mut plans: Vec<Compressor> = Vec::new();
-    let mut plan_config: Option<Config> = None;
-    let mut aggregator: Option<Aggregator> = None;
-    let mut payloads: Vec<Payload> = vec![Payload::Sparse(SparsePayload::default()); k];
-    let mut exchange = Exchange::default();
-    let mut local_bytes: Vec<Vec<u8>> = vec![Vec::new(); local.len()];
-    let mut gathered: Vec<Vec<u8>> = Vec::new();
-    let mut variances = Vec::new();
-    // Adaptive runs: the streaming per-layer estimates and the current (r_l, k_l).
-    let mut tracker = VarianceTracker::new(ADAPT_EMA)?;
-    let mut group_counts: Vec<(u64, u64)> = Vec::new();
-    let mut rng = SplitMix(cfg.seed ^ 0x0042_4154_4348);
-    // A generator of its own, so that injecting noise leaves the batches unchanged.
-    let mut noise_rng = SplitMix(cfg.seed ^ 0x004E_4F49_5345);
-    let (mut loss_ema, mut steps_to_target) = (None::<f64>, None);
+    let mut run = Run::new(cfg, train, transport)?;
     let mut epochs = Vec::with_capacity(cfg.epochs.min(MAX_EPOCHS));
-    let mut steps = Vec::new();
-    let mut t = 0u64;
     for epoch in 0..cfg.epochs {
         let compressor = cfg.compressor(epoch);
-        for s in shards.iter_mut() {
-            shuffle(s, &mut rng);
-        }
-        let mut rep = EpochReport {
-            epoch: epoch + 1,
-            ratio: compressor.as_ref().map_or(1.0, |_| cfg.ratio_at(epoch)),
-            ..Default::default()
-        };
-        let (mut bits, mut r_sum_bits) = (0.0f64, 0.0f64);
-        let mut received_bytes = 0u64;
-        let mut done = 0usize;
-        for s in 0..steps_per_epoch {
-            dist::inject_fault(transport.rank(), t);
-            // Local gradients (or, with local steps, local updates); then every worker's loss
-            // and gradient, in worker order.
-            if cfg.local_steps > 1 {
-                model.read_params(&mut global)?;
-            }
-            for (w, g) in local.clone().zip(grads.iter_mut()) {
-                let round = &shards[w][s * cfg.local_steps * cfg.batch..];
-                let l = if cfg.local_steps == 1 {
-                    model.loss_and_grad(train, &round[..cfg.batch], g)?
-                } else {
-                    local_round(&model, cfg, train, round, &global, &mut scratch, g)?
-                };
-                local_bytes[w - local.start] = l.to_le_bytes().to_vec();
-            }
-            gather(transport, &local_bytes, &mut gathered)?;
-            let mut loss = 0.0;
-            for b in &gathered {
-                let mut l = Vec::new();
-                dist::f32_from_bytes(b, 1, &mut l)?;
-                loss += f64::from(l[0]);
-            }
-            for (b, g) in local_bytes.iter_mut().zip(&grads) {
-                dist::f32_bytes(g, b);
-            }
-            gather(transport, &local_bytes, &mut gathered)?;
-            for (b, g) in gathered.iter().zip(all.iter_mut()) {
-                dist::f32_from_bytes(b, n, g)?;
-            }
-            let views: Vec<&[f32]> = all.iter().map(|g| g.as_slice()).collect();
-            rep.train_loss += loss / k as f64;
-            match &compressor {
-                Some(c) => {
-                    stats.estimate_variance(&views, &mut variances)?;
-                    let adapted;
-                    let c = if cfg.method == TrainMethod::Adaptive {
-                        tracker.update(&variances)?;
-                        if s == 0 || t % cfg.adapt_every as u64 == 0 {
-                            group_counts = adaptive_counts(
-                                cfg,
-                                epoch,
-                                &layout,
-                                tracker.current(),
-                                steps.last(),
-                            )?;
-                        }
-                        adapted = Config {
-                            group_counts: group_counts.clone(),
-                            ..c.clone()
-                        };
-                        &adapted
-                    } else {
-                        c
-                    };
-                    if plans.is_empty() {
-                        plans = local
-                            .clone()
-                            .map(|w| {
-                                device.compressor(&layout, &c.clone().with_worker(key_of(cfg, w)))
-                            })
-                            .collect::<gradsift::Result<_>>()?;
-                        aggregator = Some(device.aggregator(&layout, c.mode, cfg.average, k)?);
-                    } else if plan_config.as_ref() != Some(c) {
-                        for (w, plan) in local.clone().zip(plans.iter_mut()) {
-                            plan.reconfigure(&c.clone().with_worker(key_of(cfg, w)))?;
-                        }
-                    }
-                    plan_config = Some(c.clone());
-                    match cfg.reduce {
-                        Reduce::AllGather => {
-                            exchange.sent.clear();
-                            for ((plan, g), b) in
-                                plans.iter_mut().zip(&grads).zip(local_bytes.iter_mut())
-                            {
-                                let p = plan.step(g, t)?;
-                                wire::encode(p, b)?;
-                                exchange.sent.push(b.len() as u64);
-                            }
-                            gather(transport, &local_bytes, &mut gathered)?;
-                            exchange.traffic.all_gather(local.clone(), &gathered);
-                            for (b, p) in gathered.iter().zip(payloads.iter_mut()) {
-                                wire::decode_into(b, p).map_err(gradsift::Error::from)?;
-                            }
-                            let agg = aggregator.as_mut().expect("built with the plans");
-                            agg.aggregate(&payloads, &mut update)?;
-                        }
-                        _ => exchange.reduce(
-                            cfg,
-                            &layout,
-                            c,
-                            transport,
-                            &mut plans,
-                            &grads,
-                            t,
-                            &mut update,
-                        )?,
-                    }
-                    let (sent, received) = exchange.settle(transport)?;
-                    let step_bits = 8 * sent;
-                    received_bytes += received;
-                    let m =
-                        rd::measure_aggregate(&views, &layout, &variances, &update, step_bits, t)?;
-                    model.apply(&update, cfg.lr)?;
-                    bits += m.bits as f64;
-                    r_sum_bits += m.r_sum_bits;
-                    rep.sigma_x2 += m.sigma_x2;
-                    rep.sigma_n2 += m.sigma_n2;
-                    rep.rho += m.rho;
-                    steps.push(m);
-                }
-                None => {
-                    // Server-side momentum SGD on the exact mean: the uncompressed baseline.
-                    stats.estimate_variance(&views, &mut variances)?;
-                    let inv = 1.0 / k as f32;
-                    for (i, u) in update.iter_mut().enumerate() {
-                        let mut sum = 0.0f32;
-                        for g in &all {
-                            sum += g[i];
-                        }
-                        *u = sum * inv;
-                    }
-                    if let Some(rho) = cfg.baseline_noise_rho.filter(|&r| r > 0.0) {
-                        for (l, v) in variances.iter().enumerate() {
-                            let sd = (rho * v.sigma_n2 / k as f64).sqrt();
-                            for u in &mut update[layout.layer(l)] {
-                                *u += (sd * noise_rng.normal()) as f32;
-                            }
-                        }
-                    }
-                    for (u, v) in update.iter().zip(velocity.iter_mut()) {
-                        *v = cfg.momentum * *v + *u;
-                    }
-                    model.apply(&velocity, cfg.lr)?;
-                    bits += (32 * n * k) as f64;
-                    for (v, nl) in variances.iter().zip(layout.sizes()) {
-                        rep.sigma_x2 += v.sigma_x2 * nl as f64 / n as f64;
-                        rep.sigma_n2 += v.sigma_n2 * nl as f64 / n as f64;
-                    }
-                    if let Some(rho) = cfg.baseline_noise_rho {
-                        steps.push(noisy_baseline_step(t, k, &layout, &variances, rho));
-                    }
-                }
-            }
-            t += 1;
-            done += 1;
-            on_step(epoch * steps_per_epoch + s + 1, total);
-            let step_loss = loss / k as f64;
-            let ema = loss_ema.map_or(step_loss, |e| 0.9 * e + 0.1 * step_loss);
-            loss_ema = Some(ema);
-            if cfg.target_loss.is_some_and(|target| ema <= target) {
-                steps_to_target = Some(t as usize);
+        let mut sums = run.begin_epoch(epoch, compressor.is_some());
+        for s in 0..run.steps_per_epoch {
+            let step_loss = run.step(epoch, s, compressor.as_ref(), &mut sums)?;
+            on_step(epoch * run.steps_per_epoch + s + 1, run.total);
+            if run.reached_target(step_loss) {
                 break;
             }
         }
-        let steps_f = done as f64;
-        rep.train_loss /= steps_f;
-        rep.bits_per_worker_step = bits / (steps_f * k as f64);
-        rep.received_per_worker_step = received_bytes as f64 / (steps_f * k as f64);
-        rep.sigma_x2 /= steps_f;
-        rep.sigma_n2 /= steps_f;
-        if compressor.is_some() {
-            rep.rho /= steps_f;
-            rep.efficiency = Some(r_sum_bits / bits);
-        }
-        rep.test_accuracy = model.accuracy(test)?;
+        let mut rep = sums.finish(cfg.workers, compressor.is_some());
+        rep.test_accuracy = run.model.accuracy(test)?;
         on_epoch(&rep);
         epochs.push(rep);
-        if steps_to_target.is_some() {
+        if run.steps_to_target.is_some() {
             break;
         }
     }
-    transport.barrier()?;
-    Ok(TrainReport {
-        config: cfg.clone(),
-        params: model.num_params(),
-        weights_fnv: model.fingerprint()?,
-        epochs,
-        steps,
-        steps_to_target,
-        steps_per_epoch,
-    })
+    run.finish(epochs)
+}
+
+/// One epoch's running sums, divided into its [`EpochReport`] when the epoch ends.
+struct EpochSums {
+    /// The report, its per-step figures still summed.
+    rep: EpochReport,
+    bits: f64,
+    r_sum_bits: f64,
+    received_bytes: u64,
+    /// Steps taken (fewer than the epoch's when the target loss stopped it).
+    done: usize,
+}
+
+impl EpochSums {
+    /// The epoch's report (all but its test accuracy), over `k` workers.
+    fn finish(mut self, k: usize, compressed: bool) -> EpochReport {
+        let steps_f = self.done as f64;
+        let rep = &mut self.rep;
+        rep.train_loss /= steps_f;
+        rep.bits_per_worker_step = self.bits / (steps_f * k as f64);
+        rep.received_per_worker_step = self.received_bytes as f64 / (steps_f * k as f64);
+        rep.sigma_x2 /= steps_f;
+        rep.sigma_n2 /= steps_f;
+        if compressed {
+            rep.rho /= steps_f;
+            rep.efficiency = Some(self.r_sum_bits / self.bits);
+        }
+        self.rep
+    }
+}
+
+/// The state of one [`train_with`] run across its steps: this process's replica of the
+/// model, its workers' buffers and compressors, the generators and what was measured.
+struct Run<'a> {
+    cfg: &'a TrainConfig,
+    train: &'a Mnist,
+    transport: &'a mut dyn Transport,
+    model: Model,
+    layout: Layout,
+    k: usize,
+    n: usize,
+    /// The workers this process runs.
+    local: Range<usize>,
+    shards: Vec<Vec<usize>>,
+    steps_per_epoch: usize,
+    total: usize,
+    /// This process's workers' gradients, and all K of them after the all-gather.
+    grads: Vec<Vec<f32>>,
+    all: Vec<Vec<f32>>,
+    update: Vec<f32>,
+    velocity: Vec<f32>,
+    /// The global weights and a gradient buffer, for rounds of local steps.
+    global: Vec<f32>,
+    scratch: Vec<f32>,
+    device: Device,
+    stats: Stats,
+    /// The local workers' compressors (error-feedback state), built at the first compressed
+    /// epoch and reconfigured, residuals kept, when the warm-up changes the ratio.
+    plans: Vec<Compressor>,
+    plan_config: Option<Config>,
+    aggregator: Option<Aggregator>,
+    payloads: Vec<Payload>,
+    exchange: Exchange,
+    local_bytes: Vec<Vec<u8>>,
+    gathered: Vec<Vec<u8>>,
+    variances: Vec<VarianceEstimate>,
+    /// Adaptive runs: the streaming per-layer estimates and the current (r_l, k_l).
+    tracker: VarianceTracker,
+    group_counts: Vec<(u64, u64)>,
+    rng: SplitMix,
+    /// A generator of its own, so that injecting noise leaves the batches unchanged.
+    noise_rng: SplitMix,
+    loss_ema: Option<f64>,
+    steps_to_target: Option<usize>,
+    steps: Vec<StepMeasurement>,
+    t: u64,
+}
+
+impl<'a> Run<'a> {
+    /// Checks `cfg` and the transport, then builds the model and the buffers.
+    fn new(
+        cfg: &'a TrainConfig,
+        train: &'a Mnist,
+        transport: &'a mut dyn Transport,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let model = Model::new(cfg.model, &cfg.hidden, cfg.seed)?;
+        let layout = model.layout();
+        let fingerprint = setup_fingerprint(cfg, &layout, train, transport.workers());
+        dist::check_setup(transport, &fingerprint)?;
+        if transport.workers() != cfg.workers {
+            return Err(TrainError::Usage(format!(
+                "--workers {} but the {} transport connects {} workers (with mpirun, pass --workers equal to -n)",
+                cfg.workers,
+                transport.name(),
+                transport.workers()
+            )));
+        }
+        let k = cfg.workers;
+        let local = transport.local();
+        let n = layout.n();
+        let (shards, steps_per_epoch) = worker_shards(cfg, train)?;
+        let total = total_steps(steps_per_epoch, cfg.epochs)?;
+        let (global, scratch) = if cfg.local_steps > 1 {
+            (vec![0f32; n], vec![0f32; n])
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let device = Device::open(cfg.backend)?;
+        let stats = device.stats(&layout, k)?;
+        Ok(Self {
+            cfg,
+            train,
+            transport,
+            model,
+            k,
+            n,
+            shards,
+            steps_per_epoch,
+            total,
+            grads: vec![vec![0f32; n]; local.len()],
+            all: vec![vec![0f32; n]; k],
+            update: vec![0f32; n],
+            velocity: vec![0f32; n],
+            global,
+            scratch,
+            device,
+            stats,
+            plans: Vec::new(),
+            plan_config: None,
+            aggregator: None,
+            payloads: vec![Payload::Sparse(SparsePayload::default()); k],
+            exchange: Exchange::default(),
+            local_bytes: vec![Vec::new(); local.len()],
+            gathered: Vec::new(),
+            variances: Vec::new(),
+            tracker: VarianceTracker::new(ADAPT_EMA)?,
+            group_counts: Vec::new(),
+            rng: SplitMix(cfg.seed ^ 0x0042_4154_4348),
+            noise_rng: SplitMix(cfg.seed ^ 0x004E_4F49_5345),
+            loss_ema: None,
+            steps_to_target: None,
+            steps: Vec::new(),
+            t: 0,
+            layout,
+            local,
+        })
+    }
+
+    /// Shuffles every shard for `epoch` and opens its sums.
+    fn begin_epoch(&mut self, epoch: usize, compressed: bool) -> EpochSums {
+        for s in self.shards.iter_mut() {
+            shuffle(s, &mut self.rng);
+        }
+        EpochSums {
+            rep: EpochReport {
+                epoch: epoch + 1,
+                ratio: if compressed {
+                    self.cfg.ratio_at(epoch)
+                } else {
+                    1.0
+                },
+                ..Default::default()
+            },
+            bits: 0.0,
+            r_sum_bits: 0.0,
+            received_bytes: 0,
+            done: 0,
+        }
+    }
+
+    /// Step `s` of `epoch` (a round, with local steps), compressed by `compressor` (the
+    /// baseline where `None`); returns the step's training loss, the mean over the workers.
+    fn step(
+        &mut self,
+        epoch: usize,
+        s: usize,
+        compressor: Option<&Config>,
+        sums: &mut EpochSums,
+    ) -> Result<f64> {
+        dist::inject_fault(self.transport.rank(), self.t);
+        let loss = self.worker_gradients(s)?;
+        sums.rep.train_loss += loss / self.k as f64;
+        let views: Vec<&[f32]> = self.all.iter().map(|g| g.as_slice()).collect();
+        self.stats.estimate_variance(&views, &mut self.variances)?;
+        match compressor {
+            Some(c) => self.compressed_step(epoch, s, c, sums)?,
+            None => self.baseline_step(sums)?,
+        }
+        self.t += 1;
+        sums.done += 1;
+        Ok(loss / self.k as f64)
+    }
+
+    /// Fills `all` with every worker's gradient of step `s`; returns the sum of their losses.
+    fn worker_gradients(&mut self, s: usize) -> Result<f64> {
+        let cfg = self.cfg;
+        // Local gradients (or, with local steps, local updates); then every worker's loss
+        // and gradient, in worker order.
+        if cfg.local_steps > 1 {
+            self.model.read_params(&mut self.global)?;
+        }
+        for (w, g) in self.local.clone().zip(self.grads.iter_mut()) {
+            let round = &self.shards[w][s * cfg.local_steps * cfg.batch..];
+            let l = if cfg.local_steps == 1 {
+                self.model
+                    .loss_and_grad(self.train, &round[..cfg.batch], g)?
+            } else {
+                let (global, scratch) = (&self.global, &mut self.scratch);
+                local_round(&self.model, cfg, self.train, round, global, scratch, g)?
+            };
+            self.local_bytes[w - self.local.start] = l.to_le_bytes().to_vec();
+        }
+        gather(self.transport, &self.local_bytes, &mut self.gathered)?;
+        let mut loss = 0.0;
+        for b in &self.gathered {
+            let mut l = Vec::new();
+            dist::f32_from_bytes(b, 1, &mut l)?;
+            loss += f64::from(l[0]);
+        }
+        for (b, g) in self.local_bytes.iter_mut().zip(&self.grads) {
+            dist::f32_bytes(g, b);
+        }
+        gather(self.transport, &self.local_bytes, &mut self.gathered)?;
+        for (b, g) in self.gathered.iter().zip(self.all.iter_mut()) {
+            dist::f32_from_bytes(b, self.n, g)?;
+        }
+        Ok(loss)
+    }
+
+    /// A compressed step under `c`: compression, exchange and aggregation, the measurement
+    /// of what was sent, and the update.
+    fn compressed_step(
+        &mut self,
+        epoch: usize,
+        s: usize,
+        c: &Config,
+        sums: &mut EpochSums,
+    ) -> Result<()> {
+        let adapted = self.adapted(epoch, s, c)?;
+        let c = adapted.as_ref().unwrap_or(c);
+        self.prepare_plans(c)?;
+        match self.cfg.reduce {
+            Reduce::AllGather => self.all_gather()?,
+            _ => self.exchange.reduce(
+                self.cfg,
+                &self.layout,
+                c,
+                self.transport,
+                &mut self.plans,
+                &self.grads,
+                self.t,
+                &mut self.update,
+            )?,
+        }
+        let (sent, received) = self.exchange.settle(self.transport)?;
+        let step_bits = 8 * sent;
+        sums.received_bytes += received;
+        let views: Vec<&[f32]> = self.all.iter().map(|g| g.as_slice()).collect();
+        let (layout, variances, update) = (&self.layout, &self.variances, &self.update);
+        let m = rd::measure_aggregate(&views, layout, variances, update, step_bits, self.t)?;
+        self.model.apply(&self.update, self.cfg.lr)?;
+        sums.bits += m.bits as f64;
+        sums.r_sum_bits += m.r_sum_bits;
+        sums.rep.sigma_x2 += m.sigma_x2;
+        sums.rep.sigma_n2 += m.sigma_n2;
+        sums.rep.rho += m.rho;
+        self.steps.push(m);
+        Ok(())
+    }
+
+    /// [`TrainMethod::Adaptive`]: `c` with the current per-layer counts, re-allocated at an
+    /// epoch's first step and every `adapt_every` steps; `None` for the other methods.
+    fn adapted(&mut self, epoch: usize, s: usize, c: &Config) -> Result<Option<Config>> {
+        let cfg = self.cfg;
+        if cfg.method != TrainMethod::Adaptive {
+            return Ok(None);
+        }
+        self.tracker.update(&self.variances)?;
+        if s == 0 || self.t % cfg.adapt_every as u64 == 0 {
+            let (layout, last) = (&self.layout, self.steps.last());
+            self.group_counts = adaptive_counts(cfg, epoch, layout, self.tracker.current(), last)?;
+        }
+        Ok(Some(Config {
+            group_counts: self.group_counts.clone(),
+            ..c.clone()
+        }))
+    }
+
+    /// Builds the local workers' compressors and the aggregator at the first compressed step;
+    /// later reconfigures the compressors wherever `c` changed.
+    fn prepare_plans(&mut self, c: &Config) -> Result<()> {
+        let cfg = self.cfg;
+        if self.plans.is_empty() {
+            let (device, layout) = (&self.device, &self.layout);
+            self.plans = self
+                .local
+                .clone()
+                .map(|w| device.compressor(layout, &c.clone().with_worker(key_of(cfg, w))))
+                .collect::<gradsift::Result<_>>()?;
+            self.aggregator = Some(device.aggregator(layout, c.mode, cfg.average, self.k)?);
+        } else if self.plan_config.as_ref() != Some(c) {
+            for (w, plan) in self.local.clone().zip(self.plans.iter_mut()) {
+                plan.reconfigure(&c.clone().with_worker(key_of(cfg, w)))?;
+            }
+        }
+        self.plan_config = Some(c.clone());
+        Ok(())
+    }
+
+    /// [`Reduce::AllGather`]: the encoded payloads all-gathered, then all `K` decoded and
+    /// aggregated in worker order into `update`.
+    fn all_gather(&mut self) -> Result<()> {
+        let exchange = &mut self.exchange;
+        exchange.sent.clear();
+        for ((plan, g), b) in self
+            .plans
+            .iter_mut()
+            .zip(&self.grads)
+            .zip(self.local_bytes.iter_mut())
+        {
+            let p = plan.step(g, self.t)?;
+            wire::encode(p, b)?;
+            exchange.sent.push(b.len() as u64);
+        }
+        gather(self.transport, &self.local_bytes, &mut self.gathered)?;
+        exchange
+            .traffic
+            .all_gather(self.local.clone(), &self.gathered);
+        for (b, p) in self.gathered.iter().zip(self.payloads.iter_mut()) {
+            wire::decode_into(b, p).map_err(gradsift::Error::from)?;
+        }
+        let agg = self.aggregator.as_mut().expect("built with the plans");
+        agg.aggregate(&self.payloads, &mut self.update)?;
+        Ok(())
+    }
+
+    /// Server-side momentum SGD on the exact mean: the uncompressed baseline.
+    fn baseline_step(&mut self, sums: &mut EpochSums) -> Result<()> {
+        let (cfg, k, n) = (self.cfg, self.k, self.n);
+        let inv = 1.0 / k as f32;
+        for (i, u) in self.update.iter_mut().enumerate() {
+            let mut sum = 0.0f32;
+            for g in &self.all {
+                sum += g[i];
+            }
+            *u = sum * inv;
+        }
+        if let Some(rho) = cfg.baseline_noise_rho.filter(|&r| r > 0.0) {
+            for (l, v) in self.variances.iter().enumerate() {
+                let sd = (rho * v.sigma_n2 / k as f64).sqrt();
+                for u in &mut self.update[self.layout.layer(l)] {
+                    *u += (sd * self.noise_rng.normal()) as f32;
+                }
+            }
+        }
+        for (u, v) in self.update.iter().zip(self.velocity.iter_mut()) {
+            *v = cfg.momentum * *v + *u;
+        }
+        self.model.apply(&self.velocity, cfg.lr)?;
+        sums.bits += (32 * n * k) as f64;
+        for (v, nl) in self.variances.iter().zip(self.layout.sizes()) {
+            sums.rep.sigma_x2 += v.sigma_x2 * nl as f64 / n as f64;
+            sums.rep.sigma_n2 += v.sigma_n2 * nl as f64 / n as f64;
+        }
+        if let Some(rho) = cfg.baseline_noise_rho {
+            let (layout, variances) = (&self.layout, &self.variances);
+            self.steps
+                .push(noisy_baseline_step(self.t, k, layout, variances, rho));
+        }
+        Ok(())
+    }
+
+    /// Folds the step's loss into the moving average; whether that reached
+    /// [`TrainConfig::target_loss`] (then recorded as the steps to the target).
+    fn reached_target(&mut self, step_loss: f64) -> bool {
+        let ema = self
+            .loss_ema
+            .map_or(step_loss, |e| 0.9 * e + 0.1 * step_loss);
+        self.loss_ema = Some(ema);
+        if self.cfg.target_loss.is_some_and(|target| ema <= target) {
+            self.steps_to_target = Some(self.t as usize);
+            return true;
+        }
+        false
+    }
+
+    /// Waits for every rank, then reports the run.
+    fn finish(self, epochs: Vec<EpochReport>) -> Result<TrainReport> {
+        self.transport.barrier()?;
+        Ok(TrainReport {
+            config: self.cfg.clone(),
+            params: self.model.num_params(),
+            weights_fnv: self.model.fingerprint()?,
+            epochs,
+            steps: self.steps,
+            steps_to_target: self.steps_to_target,
+            steps_per_epoch: self.steps_per_epoch,
+        })
+    }
 }
 
 /// One worker's round of `cfg.local_steps` plain SGD steps from the global weights `global`
@@ -1305,108 +1480,148 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     }
 }
 
+/// Under MPI only rank 0 speaks: `println!` where `root`.
+macro_rules! say {
+    ($root:expr, $($a:tt)*) => { if $root { println!($($a)*) } };
+}
+
 fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
-    let root = transport.is_root();
-    let methods = match args.method {
-        Some(m) => vec![m],
-        None => vec![TrainMethod::None, TrainMethod::Rtopk],
-    };
-    let data = Mnist::embedded()?;
-    let (train_set, test_set) = data.split(2000);
-    // Under MPI the ranks are the workers unless --workers says otherwise (and must agree).
-    let ranks = (args.dist != Dist::None).then(|| transport.workers());
-    let (mut base, defaults) = args.resolve(ranks, train_set.len());
-    if let Some(r) = ranks.filter(|r| args.workers.is_none() && !(2..=MAX_WORKERS).contains(r)) {
-        return Err(TrainError::Usage(format!(
-            "--dist {}: {r} rank(s), and without --workers the ranks are the workers, which must number 2..={MAX_WORKERS}: start it with mpirun -n K",
-            transport.name()
-        )));
-    }
-    // Every option is checked before anything is opened, printed or trained.
-    for &method in &methods {
-        let cfg = TrainConfig {
-            method,
-            ..base.clone()
-        };
-        cfg.validate()?;
-        worker_shards(&cfg, &train_set)?;
-    }
+    let mut job = Job::new(args, transport)?;
     let (device, notes) = super::backend::open(args.backend)?;
-    for note in notes.iter().filter(|_| root) {
+    for note in notes.iter().filter(|_| job.root) {
         eprintln!("gradsift train: {note}");
     }
     let backend = device.backend();
-    base.backend = backend;
-    // Every rank runs the same job, checked before anything is printed (train_with checks
-    // each run again).
-    let net = Model::new(base.model, &base.hidden, base.seed)?;
-    let layout = net.layout();
-    let fingerprint = setup_fingerprint(&base, &layout, &train_set, transport.workers());
-    dist::check_setup(transport, &format!("methods {methods:?} | {fingerprint}"))?;
-    if transport.workers() != base.workers {
-        // The same on every rank (the set-up matched): a collective error.
-        return Err(gradsift::Error::Transport {
-            transport: transport.name(),
-            reason: format!(
-                "--workers {} but the {} transport connects {} workers (with mpirun, pass --workers equal to -n)",
-                base.workers,
-                transport.name(),
-                transport.workers()
-            ),
-        }
-        .into());
-    }
-    // Under MPI only rank 0 speaks.
-    macro_rules! say {
-        ($($a:tt)*) => { if root { println!($($a)*) } };
-    }
+    job.base.backend = backend;
+    let net = job.check_ranks(transport)?;
     say!(
+        job.root,
         "gradsift train: MNIST ({} train / {} test images, embedded), {}, K = {} workers, batch {} each, backend {backend}",
-        train_set.len(),
-        test_set.len(),
+        job.train_set.len(),
+        job.test_set.len(),
         net.describe(),
-        base.workers,
-        base.batch
+        job.base.workers,
+        job.base.batch
     );
     // The defaults that the options given changed, and why.
-    for d in &defaults {
-        say!("{d}");
+    for d in &job.defaults {
+        say!(job.root, "{d}");
     }
     let mut finals = Vec::new();
     let mut json_runs = Vec::new();
-    for method in methods {
+    for &method in &job.methods {
+        let (last, json) = job.run_method(method, transport)?;
+        json_runs.push(json);
+        finals.push(last);
+    }
+    job.print_finals(&finals);
+    if let Some(path) = args.json.as_ref().filter(|_| job.root) {
+        let doc = serde_json::json!({ "runs": json_runs });
+        let text = serde_json::to_string_pretty(&doc).expect("JSON of numbers and strings");
+        std::fs::write(path, text + "\n").map_err(|e| TrainError::Output {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+/// A run's line of the final summary: its label, final test accuracy, bits per worker per
+/// step and parameters.
+type Final = (String, f64, f64, usize);
+
+/// What the runs of one `gradsift train` share: the methods, the data and the settings.
+struct Job {
+    root: bool,
+    methods: Vec<TrainMethod>,
+    train_set: Mnist,
+    test_set: Mnist,
+    base: TrainConfig,
+    /// The header's lines on the defaults that other options changed.
+    defaults: Vec<String>,
+}
+
+impl Job {
+    /// The runs `args` ask for, every option checked.
+    fn new(args: &TrainArgs, transport: &dyn Transport) -> Result<Self> {
+        let root = transport.is_root();
+        let methods = match args.method {
+            Some(m) => vec![m],
+            None => vec![TrainMethod::None, TrainMethod::Rtopk],
+        };
+        let data = Mnist::embedded()?;
+        let (train_set, test_set) = data.split(2000);
+        // Under MPI the ranks are the workers unless --workers says otherwise (and must agree).
+        let ranks = (args.dist != Dist::None).then(|| transport.workers());
+        let (base, defaults) = args.resolve(ranks, train_set.len());
+        if let Some(r) = ranks.filter(|r| args.workers.is_none() && !(2..=MAX_WORKERS).contains(r))
+        {
+            return Err(TrainError::Usage(format!(
+                "--dist {}: {r} rank(s), and without --workers the ranks are the workers, which must number 2..={MAX_WORKERS}: start it with mpirun -n K",
+                transport.name()
+            )));
+        }
+        // Every option is checked before anything is opened, printed or trained.
+        for &method in &methods {
+            let cfg = TrainConfig {
+                method,
+                ..base.clone()
+            };
+            cfg.validate()?;
+            worker_shards(&cfg, &train_set)?;
+        }
+        Ok(Self {
+            root,
+            methods,
+            train_set,
+            test_set,
+            base,
+            defaults,
+        })
+    }
+
+    /// Checks that every rank runs this job on as many workers as the transport connects;
+    /// returns the model, for the header.
+    fn check_ranks(&self, transport: &mut dyn Transport) -> Result<Model> {
+        let base = &self.base;
+        // Every rank runs the same job, checked before anything is printed (train_with checks
+        // each run again).
+        let net = Model::new(base.model, &base.hidden, base.seed)?;
+        let layout = net.layout();
+        let fingerprint = setup_fingerprint(base, &layout, &self.train_set, transport.workers());
+        let methods = &self.methods;
+        dist::check_setup(transport, &format!("methods {methods:?} | {fingerprint}"))?;
+        if transport.workers() != base.workers {
+            // The same on every rank (the set-up matched): a collective error.
+            return Err(gradsift::Error::Transport {
+                transport: transport.name(),
+                reason: format!(
+                    "--workers {} but the {} transport connects {} workers (with mpirun, pass --workers equal to -n)",
+                    base.workers,
+                    transport.name(),
+                    transport.workers()
+                ),
+            }
+            .into());
+        }
+        Ok(net)
+    }
+
+    /// Trains `method`, printing its table; returns its summary line and its JSON.
+    fn run_method(
+        &self,
+        method: TrainMethod,
+        transport: &mut dyn Transport,
+    ) -> Result<(Final, serde_json::Value)> {
+        let root = self.root;
         let cfg = TrainConfig {
             method,
-            ..base.clone()
+            ..self.base.clone()
         };
-        let label = match method {
-            TrainMethod::None => "baseline (no compression)".to_string(),
-            TrainMethod::Rtopk => format!(
-                "rtopk, {:.1}% compression (k = {}%, r = {}%)",
-                100.0 * (1.0 - cfg.ratio),
-                100.0 * cfg.ratio,
-                100.0 * cfg.ratio * cfg.r_over_k
-            ),
-            TrainMethod::Sign => "scaled sign".to_string(),
-            TrainMethod::Qsgd => format!(
-                "QSGD, s = {} ({} bits per element)",
-                cfg.levels,
-                gradsift::codec::qsgd::code_bits(cfg.levels)
-            ),
-            m => format!("{m}, {:.1}% compression", 100.0 * (1.0 - cfg.ratio)),
-        };
-        let label = if cfg.reduce != Reduce::AllGather && method != TrainMethod::None {
-            let every = if cfg.reduce == Reduce::Sparse && cfg.threshold_every > 1 {
-                format!(", threshold every {} steps", cfg.threshold_every)
-            } else {
-                String::new()
-            };
-            format!("{label}, --reduce {}{every}", cfg.reduce)
-        } else {
-            label
-        };
-        say!("\n== {label}");
+        let label = run_label(&cfg);
+        say!(root, "\n== {label}");
         say!(
+            root,
             "{:>5} {:>7} {:>10} {:>9} {:>14} {:>12} {:>11} {:>11} {:>9} {:>10}",
             "epoch",
             "sent",
@@ -1430,9 +1645,9 @@ fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
         );
         let report = train_with(
             &cfg,
-            &train_set,
-            &test_set,
-            &mut *transport,
+            &self.train_set,
+            &self.test_set,
+            transport,
             |done, total| {
                 bar.set_length(total as u64);
                 bar.set_position(done as u64);
@@ -1440,6 +1655,7 @@ fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
             |e| {
                 bar.suspend(|| {
                     say!(
+                        root,
                         "{:>5} {:>6.2}% {:>10.4} {:>8.2}% {:>14.0} {:>12.0} {:>11.3e} {:>11.3e} {:>9} {:>10}",
                         e.epoch,
                         100.0 * e.ratio,
@@ -1456,43 +1672,73 @@ fn run_on(args: &TrainArgs, transport: &mut dyn Transport) -> Result<()> {
             },
         )?;
         bar.finish_and_clear();
-        json_runs.push(serde_json::json!({
+        let json = serde_json::json!({
             "method": method.to_string(),
             "workers": cfg.workers,
             "seed": cfg.seed,
             "params": report.params,
             "weights_fnv": format!("{:016x}", report.weights_fnv),
             "epochs": report.epochs,
-        }));
+        });
         let last = report.epochs.last().expect("epochs >= 1");
-        finals.push((
+        let line = (
             label,
             last.test_accuracy,
             last.bits_per_worker_step,
             report.params,
-        ));
+        );
+        Ok((line, json))
     }
-    say!("\nfinal test accuracy:");
-    for (label, acc, bits, params) in &finals {
+
+    /// The final summary and the key to its columns.
+    fn print_finals(&self, finals: &[Final]) {
+        say!(self.root, "\nfinal test accuracy:");
+        for (label, acc, bits, params) in finals {
+            say!(
+                self.root,
+                "  {label:<45} {:>6.2}%   {:>9.0} bits/worker/step ({:.3} bits/parameter)",
+                100.0 * acc,
+                bits,
+                bits / *params as f64
+            );
+        }
         say!(
-            "  {label:<45} {:>6.2}%   {:>9.0} bits/worker/step ({:.3} bits/parameter)",
-            100.0 * acc,
-            bits,
-            bits / *params as f64
+            self.root,
+            "\nbits: wire-format bits per worker per step; recv: bytes of the payload exchange a worker received per step; R_sum/bits: the rate-distortion sum-rate at the measured distortion over the bits sent (1 = optimal)."
         );
     }
-    say!(
-        "\nbits: wire-format bits per worker per step; recv: bytes of the payload exchange a worker received per step; R_sum/bits: the rate-distortion sum-rate at the measured distortion over the bits sent (1 = optimal)."
-    );
-    if let Some(path) = args.json.as_ref().filter(|_| root) {
-        let doc = serde_json::json!({ "runs": json_runs });
-        let text = serde_json::to_string_pretty(&doc).expect("JSON of numbers and strings");
-        std::fs::write(path, text + "\n").map_err(|e| TrainError::Output {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+}
+
+/// The heading of `cfg`'s run: its method and compression, and how its payloads travel
+/// where that is not the all-gather.
+fn run_label(cfg: &TrainConfig) -> String {
+    let method = cfg.method;
+    let label = match method {
+        TrainMethod::None => "baseline (no compression)".to_string(),
+        TrainMethod::Rtopk => format!(
+            "rtopk, {:.1}% compression (k = {}%, r = {}%)",
+            100.0 * (1.0 - cfg.ratio),
+            100.0 * cfg.ratio,
+            100.0 * cfg.ratio * cfg.r_over_k
+        ),
+        TrainMethod::Sign => "scaled sign".to_string(),
+        TrainMethod::Qsgd => format!(
+            "QSGD, s = {} ({} bits per element)",
+            cfg.levels,
+            gradsift::codec::qsgd::code_bits(cfg.levels)
+        ),
+        m => format!("{m}, {:.1}% compression", 100.0 * (1.0 - cfg.ratio)),
+    };
+    if cfg.reduce != Reduce::AllGather && method != TrainMethod::None {
+        let every = if cfg.reduce == Reduce::Sparse && cfg.threshold_every > 1 {
+            format!(", threshold every {} steps", cfg.threshold_every)
+        } else {
+            String::new()
+        };
+        format!("{label}, --reduce {}{every}", cfg.reduce)
+    } else {
+        label
     }
-    Ok(())
 }
 
 /// `--workers` when not given (the simulation; under `--dist mpi` the number of ranks).
