@@ -6,7 +6,7 @@ use super::compress::ItemShape;
 use super::context::{Context, DevBuf};
 use super::kernels::typed as K;
 use super::launch::Enqueue;
-use crate::{Config, Payload, QsgdPayload, Result};
+use crate::{Config, Payload, Result};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct QsgdPtrs {

@@ -9,7 +9,7 @@ use super::abi::{
 use super::context::{Context, DevBuf};
 use super::kernels::typed as K;
 use super::launch::Enqueue;
-use crate::{Config, DType, Error, Group, Layout, Payload, Result, SparsePayload};
+use crate::{Config, DType, Error, Group, Layout, Payload, Result};
 
 /// Cut-offs between the two selection paths: groups up to the cut-off are selected by one
 /// thread block each (`select_small`, all of them in one launch), larger ones by the

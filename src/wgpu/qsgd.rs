@@ -4,7 +4,7 @@
 use super::compress::{Dispatch, PLAIN, PLAIN_BUFS, Recorder};
 use super::context::floats;
 use super::passes::CompressPass as P;
-use crate::{Payload, QsgdPayload};
+use crate::Payload;
 
 impl Recorder {
     /// QSGD: per-tile maxima of |p|, the per-group scale and quotients, the codes.

@@ -4,7 +4,7 @@
 use super::compress::{Dispatch, PLAIN, PLAIN_BUFS, Recorder};
 use super::context::floats;
 use super::passes::CompressPass as P;
-use crate::{Payload, SignPayload};
+use crate::Payload;
 
 impl Recorder {
     /// Scaled sign: per-tile partial sums of |p|, the per-group scale, the signs.

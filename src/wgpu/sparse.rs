@@ -7,7 +7,7 @@ use super::compress::{
 };
 use super::context::{floats, grid, words};
 use super::passes::CompressPass as P;
-use crate::{DType, Group, Payload, SparsePayload};
+use crate::{DType, Group, Payload};
 
 /// Counter slots of the state words: the candidate lists A and B, the top-r list.
 const CTR_A: u32 = 4;
