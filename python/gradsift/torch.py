@@ -20,7 +20,10 @@ collective**, started asynchronously so that DDP overlaps it with the rest of ba
    device row of ``Compressor.pack_ptr`` (u32 indices, f32 values, the step status) copied
    device to device on a CUDA stream of PyTorch's. Each row ends in a 32-byte trailer with
    the per-step facts: status (0 accepted, 1 non-finite gradient, 2 overflow of the
-   accumulated values), message bytes, step and configuration fingerprint.
+   accumulated values, 3 failed with another error), message bytes, step and configuration
+   fingerprint. A rank whose step fails (a device error, say) still sends its row, marked
+   failed, so that no rank waits in the all-gather for ever; its future raises its own
+   error, every other rank's a :class:`GradsiftError` naming it.
 2. ``all_gather_into_tensor(..., async_op=True)`` of the rows; the decode and the
    aggregation are chained on its future (``get_future().then``). In the callback every
    rank reads the same K trailers and so takes the same decision: when any rank's step was
@@ -193,6 +196,9 @@ class _Bucket:
     #: ``index_copy_``, values in the bucket's dtype), ``Reducer.max_entries`` long.
     ready: Any = None
     upd: tuple[torch.Tensor, ...] | None = None
+    #: All-gather path: this rank's step failed with this error (not a rejection). Its row
+    #: still goes out, marked failed, so that no rank waits for it; the future raises it.
+    failure: BaseException | None = None
 
     def host(self, buf: torch.Tensor) -> tuple[Any, str | None]:
         """``host_view(buf)``, cached: DDP hands the same bucket buffer every step."""
@@ -579,8 +585,11 @@ def _decide(state: GradsiftState, b: _Bucket, t: np.ndarray, step: int) -> None:
 
 def _finish_host(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int, fut: Any) -> torch.Tensor:
     """The future's callback, host rows: decide, then decode and aggregate into ``buf``."""
+    failure, b.failure = b.failure, None
     try:
         fut.value()  # a failed collective raises here
+        if failure is not None:
+            raise failure
         if b.recv_np is None:  # NCCL rows of the host wire path (sign and QSGD on CUDA)
             b.tr_host.copy_(b.recv.view(state.world_size, b.stride)[:, b.cap :])
             t = b.tr_host.numpy().view(np.int64)
@@ -600,7 +609,8 @@ def _finish_host(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int,
             x, hint = b.host(buf)
             b.agg.aggregate_wire(b.recv_np, b.stride, sizes, x, dtype=hint)
     except BaseException:
-        b.comp.revert()
+        if failure is None:  # a step that failed changed nothing: a revert would undo the one before
+            b.comp.revert()
         raise
     b.steps += 1
     return buf
@@ -609,8 +619,11 @@ def _finish_host(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int,
 def _finish_rows(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int, fut: Any) -> torch.Tensor:
     """The future's callback, CUDA device rows: the K trailers (and the step statuses
     before them) come to the host, 64 bytes a rank; rows and aggregation stay on the device."""
+    failure, b.failure = b.failure, None
     try:
         fut.value()
+        if failure is not None:
+            raise failure
         dev = buf.device
         cur = torch.cuda.current_stream(dev)
         rows = b.recv
@@ -626,7 +639,8 @@ def _finish_rows(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int,
             b.tr_host.copy_(view[:, b.cap - 32 :])
         words = b.tr_host.numpy().view(np.int64)
         t = words[:, 4:].copy()
-        rejected = words[:, 0] != 0
+        # a failed rank's row holds no status of this step: its trailer already says failed
+        rejected = (words[:, 0] != 0) & (t[:, 0] == _OK)
         if rejected.any():
             # the device status: bad_count (u64), then first_bad (u32)
             t[rejected, 0] = _NONFINITE
@@ -638,7 +652,8 @@ def _finish_rows(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int,
             buf.copy_(b.out32)
         cur.wait_stream(b.stream)
     except BaseException:
-        b.comp.revert()
+        if failure is None:
+            b.comp.revert()
         raise
     b.steps += 1
     return buf
@@ -648,27 +663,35 @@ def _send_rows(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -
     """CUDA sparse buckets: step and pack on the plan's stream, device to device."""
     cur = torch.cuda.current_stream(buf.device)
     b.stream.wait_stream(cur)
-    b.comp.step_ptr(buf.data_ptr(), buf.numel(), _DTYPES[buf.dtype], step)
     dst = b.dev_send if b.dev_send is not None else b.send
-    b.comp.pack_ptr(dst.data_ptr(), b.cap)
-    b.stage.numpy().view(np.int64)[:] = (_OK, b.comp.row_len(), step, state.fingerprint, 0, 0)
+    status, nbytes, stepped = _OK, b.comp.row_len(), False
+    try:
+        b.comp.step_ptr(buf.data_ptr(), buf.numel(), _DTYPES[buf.dtype], step)
+        stepped = True
+        b.comp.pack_ptr(dst.data_ptr(), b.cap)
+    except Exception as e:  # noqa: BLE001 - the row still goes out, marked failed (see _Bucket.failure)
+        if stepped:  # the step went in but its row did not: undo it here, the future will not
+            b.comp.revert()
+        status, nbytes, b.failure = _FAILED, 0, e
+    b.stage.numpy().view(np.int64)[:] = (status, nbytes, step, state.fingerprint, 0, 0)
     with torch.cuda.stream(b.stream):
         dst[b.cap :].copy_(b.stage, non_blocking=True)
         if b.dev_send is not None:  # gloo: the row goes to the host
             b.send.copy_(b.dev_send)
     cur.wait_stream(b.stream)
-    return b.comp.row_len()
+    return nbytes
 
 
 def _send_host(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -> int:
     """Host buckets (and scaled sign and QSGD on CUDA): compress into this rank's row, wire
     format."""
-    status, nbytes, count, first = _OK, 0, 0, 0
+    status, nbytes, count, first, stepped = _OK, 0, 0, 0, False
     try:
         if buf.is_cuda:
             b.stream.wait_stream(torch.cuda.current_stream(buf.device))
             b.comp.step_ptr(buf.data_ptr(), buf.numel(), _DTYPES[buf.dtype], step)
             b.comp.check()
+            stepped = True
             stage = b.send_np if b.send_np is not None else b.stage.numpy()
             nbytes = b.comp.encode_into(stage[: b.cap])
         else:
@@ -679,6 +702,10 @@ def _send_host(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -
         status = _NONFINITE if not bool(torch.isfinite(buf).all()) else _OVERFLOW
         m = _COUNTS.search(str(e))
         count, first = (int(m[1]), int(m[2])) if m else (0, 0)
+    except Exception as e:  # noqa: BLE001 - the row still goes out, marked failed (see _Bucket.failure)
+        if stepped:  # accepted, then its encoding failed: undo it here, the future will not
+            b.comp.revert()
+        status, nbytes, b.failure = _FAILED, 0, e
     if b.send_np is not None:
         b.send_np[nbytes : b.cap] = 0  # deterministic padding bytes on the wire
         b.trailer[:] = (status, nbytes, step, state.fingerprint, count, first)

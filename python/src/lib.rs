@@ -685,7 +685,11 @@ impl Compressor {
         let w = &mut *w;
         let r = py.detach(|| -> gradsift::Result<usize> {
             let p = with_slice!(addr, len, dt, |s| c.step(s, step))?;
-            gradsift::wire::encode(p, w)?;
+            if let Err(e) = gradsift::wire::encode(p, w) {
+                // A failed call changes nothing: the accepted step goes too.
+                c.revert()?;
+                return Err(e);
+            }
             Ok(w.len())
         });
         drop(a);

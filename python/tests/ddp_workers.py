@@ -16,7 +16,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 class FailAt:
-    """A bucket's compressor whose host step raises at step ``at``: a failure that is not a
+    """A bucket's compressor whose host step (either form) raises at step ``at``: a failure that is not a
     NonFiniteError (a device error, say), injected into gradsift's own object, never into
     torch.distributed."""
 
@@ -27,6 +27,11 @@ class FailAt:
         if step == self._at:
             raise gradsift.GradsiftError(f"injected failure at step {step}")
         return self._comp.step(x, step, dtype=dtype)
+
+    def step_encode_into(self, x, step, out, dtype=None):  # the all-gather path's host step
+        if step == self._at:
+            raise gradsift.GradsiftError(f"injected failure at step {step}")
+        return self._comp.step_encode_into(x, step, out, dtype=dtype)
 
     def __getattr__(self, name: str):
         return getattr(self._comp, name)

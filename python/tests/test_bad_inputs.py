@@ -93,14 +93,15 @@ def test_nonfinite_gradient_every_rank_raises_residual_kept(run_ranks, world, re
             assert torch.equal(v, c["final_residual"][k]), k
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_a_failed_step_stops_every_rank_under_the_reductions(run_ranks, world):
+@pytest.mark.parametrize("world,reduce", [(2, "sparse"), (3, "sparse"), (3, "allgather")])
+def test_a_failed_step_stops_every_rank_under_the_reductions(run_ranks, world, reduce):
     """A rank whose step fails with an error other than non-finite (injected into its
-    compressor) still takes part in the status all-gather: it raises its own error, every
-    other rank a GradsiftError naming it (instead of waiting in the reduction for ever), and
-    every rank keeps the residual of the steps before."""
-    case = dict(settings=dict(method="topk", ratio=0.1, momentum=0.9, reduce="sparse"), steps=4, fail_step=2, fail_rank=1)
-    res = run_ranks(world, case)
+    compressor) still takes part in the status all-gather (the reductions) or sends its row
+    marked failed (the all-gather path): it raises its own error, every other rank a
+    GradsiftError naming it (instead of waiting in the collective for ever), and every rank
+    keeps the residual of the steps before."""
+    case = dict(settings=dict(method="topk", ratio=0.1, momentum=0.9, reduce=reduce), steps=4, fail_step=2, fail_rank=1)
+    res = run_ranks(world, case, timeout=120.0)
     for rank, r in enumerate(res):
         assert "crash" not in r, r.get("crash")
         (t, _, msg), = r["errors"]
