@@ -153,53 +153,9 @@ enum Elem {
 /// Reads one `.npy` stream (header and data).
 pub fn read_npy(r: &mut impl Read, file: &Path, name: &str) -> Result<NamedArray, LoadError> {
     let bad = |m: String| LoadError::array(file, name, m);
-    let mut pre = [0u8; 8];
-    r.read_exact(&mut pre)
-        .map_err(|_| bad("not a .npy array: shorter than the 8-byte preamble".into()))?;
-    if &pre[..6] != b"\x93NUMPY" {
-        return Err(bad("not a .npy array: bad magic".into()));
-    }
-    let header_len = match pre[6] {
-        1 => {
-            let mut b = [0u8; 2];
-            r.read_exact(&mut b)
-                .map_err(|_| bad("truncated .npy header".into()))?;
-            u16::from_le_bytes(b) as usize
-        }
-        2 | 3 => {
-            let mut b = [0u8; 4];
-            r.read_exact(&mut b)
-                .map_err(|_| bad("truncated .npy header".into()))?;
-            u32::from_le_bytes(b) as usize
-        }
-        v => return Err(bad(format!(".npy format version {v} is not supported"))),
-    };
-    // Real headers are a few hundred bytes; refuse to allocate for a corrupt length.
-    if header_len > 1 << 20 {
-        return Err(bad(format!(
-            ".npy header of {header_len} bytes is implausible"
-        )));
-    }
-    let mut text = vec![0u8; header_len];
-    r.read_exact(&mut text)
-        .map_err(|_| bad("truncated .npy header".into()))?;
-    let text = String::from_utf8(text).map_err(|_| bad(".npy header is not text".into()))?;
+    let text = read_header_text(r).map_err(bad)?;
     let h = parse_header(&text).map_err(|m| bad(format!("bad .npy header ({m}): {text:?}")))?;
-
-    let elem = match h.descr.as_str() {
-        "<f2" | "=f2" => (Elem::F16, false),
-        ">f2" => (Elem::F16, true),
-        "<f4" | "=f4" => (Elem::F32, false),
-        ">f4" => (Elem::F32, true),
-        "<f8" | "=f8" => (Elem::F64, false),
-        ">f8" => (Elem::F64, true),
-        other => {
-            return Err(bad(format!(
-                "dtype '{other}' is not supported: gradsift reads float16, float32 or float64 \
-                 arrays (convert with .float() in PyTorch or .astype(np.float32) in NumPy)"
-            )));
-        }
-    };
+    let elem = element(&h.descr).map_err(bad)?;
     let count = h
         .shape
         .iter()
@@ -224,8 +180,74 @@ pub fn read_npy(r: &mut impl Read, file: &Path, name: &str) -> Result<NamedArray
             bytes.len()
         )));
     }
-    let big = elem.1;
-    let data: Vec<f32> = match elem.0 {
+    let data = decode(&bytes, elem);
+    let data = if h.fortran_order && h.shape.len() > 1 {
+        fortran_to_c(&data, &h.shape)
+    } else {
+        data
+    };
+    Ok(NamedArray {
+        name: name.to_string(),
+        shape: h.shape,
+        data,
+    })
+}
+
+/// The preamble and the header's text, checked: magic, version, a plausible length, UTF-8.
+fn read_header_text(r: &mut impl Read) -> Result<String, String> {
+    let bad = |m: &str| m.to_string();
+    let mut pre = [0u8; 8];
+    r.read_exact(&mut pre)
+        .map_err(|_| bad("not a .npy array: shorter than the 8-byte preamble"))?;
+    if &pre[..6] != b"\x93NUMPY" {
+        return Err(bad("not a .npy array: bad magic"));
+    }
+    let header_len = match pre[6] {
+        1 => {
+            let mut b = [0u8; 2];
+            r.read_exact(&mut b)
+                .map_err(|_| bad("truncated .npy header"))?;
+            u16::from_le_bytes(b) as usize
+        }
+        2 | 3 => {
+            let mut b = [0u8; 4];
+            r.read_exact(&mut b)
+                .map_err(|_| bad("truncated .npy header"))?;
+            u32::from_le_bytes(b) as usize
+        }
+        v => return Err(format!(".npy format version {v} is not supported")),
+    };
+    // Real headers are a few hundred bytes; refuse to allocate for a corrupt length.
+    if header_len > 1 << 20 {
+        return Err(format!(".npy header of {header_len} bytes is implausible"));
+    }
+    let mut text = vec![0u8; header_len];
+    r.read_exact(&mut text)
+        .map_err(|_| bad("truncated .npy header"))?;
+    String::from_utf8(text).map_err(|_| bad(".npy header is not text"))
+}
+
+/// The element type and byte order of a `descr` (`<f4`, `>f2`, ...).
+fn element(descr: &str) -> Result<(Elem, bool), String> {
+    Ok(match descr {
+        "<f2" | "=f2" => (Elem::F16, false),
+        ">f2" => (Elem::F16, true),
+        "<f4" | "=f4" => (Elem::F32, false),
+        ">f4" => (Elem::F32, true),
+        "<f8" | "=f8" => (Elem::F64, false),
+        ">f8" => (Elem::F64, true),
+        other => {
+            return Err(format!(
+                "dtype '{other}' is not supported: gradsift reads float16, float32 or float64 \
+                 arrays (convert with .float() in PyTorch or .astype(np.float32) in NumPy)"
+            ));
+        }
+    })
+}
+
+/// The elements of `bytes` (whole elements of `elem`, big-endian when `elem.1`) as f32.
+fn decode(bytes: &[u8], (elem, big): (Elem, bool)) -> Vec<f32> {
+    match elem {
         Elem::F16 => bytes
             .chunks_exact(2)
             .map(|c| {
@@ -260,17 +282,7 @@ pub fn read_npy(r: &mut impl Read, file: &Path, name: &str) -> Result<NamedArray
                 }) as f32
             })
             .collect(),
-    };
-    let data = if h.fortran_order && h.shape.len() > 1 {
-        fortran_to_c(&data, &h.shape)
-    } else {
-        data
-    };
-    Ok(NamedArray {
-        name: name.to_string(),
-        shape: h.shape,
-        data,
-    })
+    }
 }
 
 /// Reorders column-major data to row-major, so that every worker's layer lines up element
