@@ -21,8 +21,8 @@ use gradsift::dist::{self, InProcess, Transport};
 use gradsift::rd::{self, StepMeasurement};
 use gradsift::{
     Aggregate, Aggregator, Average, Backend, Compress, Compressor, Config, Count, Device, Layout,
-    Mode, Payload, QSGD_MAX_LEVELS, Scale, SparsePayload, Statistics, Stats, VarianceEstimate,
-    VarianceTracker, wire,
+    MethodKind, Mode, Payload, QSGD_MAX_LEVELS, Scale, SparsePayload, Statistics, Stats,
+    VarianceEstimate, VarianceTracker, wire,
 };
 use std::fmt;
 use std::ops::Range;
@@ -56,18 +56,27 @@ impl TrainMethod {
     pub fn is_dense(self) -> bool {
         matches!(self, TrainMethod::Sign | TrainMethod::Qsgd)
     }
+
+    /// The library's method this one runs as is, whose name (gradsift's one table,
+    /// [`MethodKind::name`]) it takes; `None` for the two that are this command's own.
+    pub fn codec(self) -> Option<MethodKind> {
+        match self {
+            TrainMethod::Rtopk => Some(MethodKind::RTopK),
+            TrainMethod::Topk => Some(MethodKind::TopK),
+            TrainMethod::Randomk => Some(MethodKind::RandomK),
+            TrainMethod::Sign => Some(MethodKind::Sign),
+            TrainMethod::Qsgd => Some(MethodKind::Qsgd),
+            TrainMethod::Adaptive | TrainMethod::None => None,
+        }
+    }
 }
 
 impl fmt::Display for TrainMethod {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            TrainMethod::Rtopk => "rtopk",
-            TrainMethod::Topk => "topk",
-            TrainMethod::Randomk => "randomk",
-            TrainMethod::Sign => "sign",
-            TrainMethod::Qsgd => "qsgd",
-            TrainMethod::Adaptive => "adaptive",
-            TrainMethod::None => "none",
+        f.write_str(match (self, self.codec()) {
+            (_, Some(kind)) => kind.name(),
+            (TrainMethod::Adaptive, _) => "adaptive",
+            _ => "none",
         })
     }
 }
@@ -1829,6 +1838,25 @@ impl TrainArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--method`'s names are clap's (from the variants) and the Display's (from the
+    /// library's table): they must be the same words, and every library method must be one.
+    #[test]
+    fn method_names_are_the_library_table() {
+        use clap::ValueEnum;
+        for m in TrainMethod::value_variants() {
+            let clap_name = m.to_possible_value().expect("no variant is hidden");
+            assert_eq!(clap_name.get_name(), m.to_string(), "{m:?}");
+        }
+        for kind in MethodKind::ALL {
+            assert!(
+                TrainMethod::value_variants()
+                    .iter()
+                    .any(|m| m.codec() == Some(kind)),
+                "gradsift train offers no --method {kind}"
+            );
+        }
+    }
 
     fn parse(opts: &[&str]) -> TrainArgs {
         #[derive(clap::Parser)]
