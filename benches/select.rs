@@ -1,7 +1,8 @@
 //! The CPU backend at n = 2^24 f32 (k = 0.1% of n), on 1 thread and on all threads (rayon's
 //! global pool: one per core, or `RAYON_NUM_THREADS`): the read-once floor (one vectorised
 //! pass over the 64 MiB, nothing written), the top-k selection alone (a reused
-//! `cpu::Selector`), and full error-feedback steps (accumulate + select + values + commit).
+//! `cpu::Selector`), and full error-feedback steps (accumulate + select + values + commit;
+//! for scaled sign and QSGD, accumulate + encode + commit).
 //! After criterion's report it prints each median and the ratios the README cites: selection
 //! over the floor at the same thread count, and the speed-up of all threads over one.
 //! Compare with `python3 scripts/numpy_argpartition.py` run on the same machine.
@@ -92,6 +93,9 @@ fn bench(c: &mut Criterion) {
     for (name, config) in [
         ("ef_topk_step_k0.1pct", Config::topk(0.001)),
         ("ef_rtopk_step_r1pct_k0.1pct", Config::rtopk(0.01, 0.001)),
+        // The dense codecs: a scale per group, then every element's sign or level.
+        ("ef_sign_step", Config::sign()),
+        ("ef_qsgd_s3_step", Config::qsgd(3)),
     ] {
         let mut plan = cpu::Compressor::new(&layout, &config).unwrap();
         let mut t = 0u64;
@@ -129,6 +133,8 @@ fn report() {
         "top_k_0.1pct",
         "ef_topk_step_k0.1pct",
         "ef_rtopk_step_r1pct_k0.1pct",
+        "ef_sign_step",
+        "ef_qsgd_s3_step",
     ] {
         let (Some(a), Some(b)) = (med(name, 1), med(name, all)) else {
             continue;

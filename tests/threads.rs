@@ -8,8 +8,8 @@ mod common;
 
 use common::{ALL_DATA, Data, Rng, make_data, ref_random_k, ref_top_r, ref_top_r_range};
 use gradsift::{
-    Aggregate, Average, Compress, Config, DType, Element, Layout, Mode, Payload, Scale, bf16, cpu,
-    f16,
+    Aggregate, Average, Compress, Config, DType, Element, Layout, Method, Mode, Payload, Scale,
+    bf16, cpu, f16,
 };
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
@@ -67,6 +67,14 @@ fn configs() -> Vec<(&'static str, Config)> {
         ("rtopk 5%/1%", Config::rtopk(0.05, 0.01)),
         ("randomk 1%", Config::randomk(0.01)),
         ("sign", Config::sign()),
+        ("qsgd s=7", Config::qsgd(7)),
+        (
+            "qsgd s=3 without error feedback",
+            Config::new(Method::Qsgd {
+                levels: 3,
+                error_feedback: false,
+            }),
+        ),
     ];
     let mut c = Config::rtopk(0.04, 0.01);
     c.momentum = 0.9;

@@ -50,6 +50,7 @@ fn steps_and_aggregation_allocate_nothing_at_1_2_and_7_threads() {
         Config::rtopk(0.05, 0.01),
         Config::randomk(0.01),
         Config::sign(),
+        Config::qsgd(7),
     ];
     let mut c = Config::rtopk(0.04, 0.01);
     c.momentum = 0.9;

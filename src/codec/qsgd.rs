@@ -8,7 +8,9 @@
 
 use crate::QsgdPayload;
 use crate::config::QSGD_MAX_LEVELS;
+use crate::cpu::chunk_len;
 use crate::philox::philox4x32_10;
+use rayon::prelude::*;
 
 /// The uniform draw in `[0, 1)` that rounds element `index` (SPEC §13): the top 24 bits of
 /// word 1 of SPEC §3's Philox block for `(index, worker, step, seed)`, times `2^-24`,
@@ -147,18 +149,53 @@ pub(crate) fn check_shape(p: &QsgdPayload, n: usize, groups: usize) -> Result<()
 pub(crate) fn encode_group(
     p: &mut [f32],
     start: usize,
-    (levels, feedback): (u8, bool),
-    (worker, step, seed): (u32, u64, u64),
+    rule: (u8, bool),
+    key: (u32, u64, u64),
     codes: &mut [i8],
 ) -> f32 {
-    let scale = p.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-    let (inv, d) = (inverse(levels, scale), self::step(scale, levels));
+    let scale = max_abs(p);
+    let q = (inverse(rule.0, scale), self::step(scale, rule.0));
+    // An element's code depends on its index and its group's scale alone, so the chunks of
+    // a large group round independently: the same bits at any thread count.
+    let c = chunk_len(p.len());
+    if c >= p.len() {
+        encode_span(p, start, rule, q, key, codes);
+    } else {
+        p.par_chunks_mut(c)
+            .zip(codes.par_chunks_mut(c))
+            .enumerate()
+            .for_each(|(i, (x, codes))| encode_span(x, start + i * c, rule, q, key, codes));
+    }
+    scale
+}
+
+/// `max |p|` of finite `p`, exact whatever the split (the CPU pool's chunks on a large
+/// group).
+fn max_abs(p: &[f32]) -> f32 {
+    let fold = |x: &[f32]| x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let c = chunk_len(p.len());
+    if c >= p.len() {
+        fold(p)
+    } else {
+        p.par_chunks(c).map(fold).reduce(|| 0.0, f32::max)
+    }
+}
+
+/// One chunk of [`encode_group`]: elements `start..start + p.len()` of the buffer, rounded
+/// with their group's `(inv, step)`.
+fn encode_span(
+    p: &mut [f32],
+    start: usize,
+    (levels, feedback): (u8, bool),
+    (inv, d): (f32, f32),
+    (worker, step, seed): (u32, u64, u64),
+    codes: &mut [i8],
+) {
     for (j, (x, c)) in p.iter_mut().zip(codes.iter_mut()).enumerate() {
         let u = uniform((start + j) as u32, worker, step, seed);
         *c = level(*x, inv, levels, u);
         *x = if feedback { *x - decode(*c, d) } else { 0.0 };
     }
-    scale
 }
 
 /// [`encode_group`] over every group of `p` (the whole buffer, finite) into `out`, whose

@@ -37,6 +37,7 @@ mod stats;
 pub use aggregate::Aggregator;
 pub use compress::{Compressor, random_k, rtopk, top_r};
 pub use par::PAR_MIN;
+pub(crate) use par::chunk_len;
 pub use select::{Items, Selector};
 pub use stats::{Stats, VarianceTracker, estimate_variance, layer_stats};
 // The contract's own types, where they lived before `crate::contract` (paths users wrote).
