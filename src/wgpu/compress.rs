@@ -870,6 +870,14 @@ impl Recorder {
         self.specs.push((entry, bufs, d));
     }
 
+    /// Passes that select nothing, each dispatched over its grid: a dense codec's tile
+    /// partials, per-group merge and apply.
+    pub(super) fn plain<const N: usize>(&mut self, passes: [(P, (u32, u32)); N]) {
+        for (entry, g) in passes {
+            self.push(entry, PLAIN, PLAIN_BUFS, Dispatch::Direct(g.0, g.1));
+        }
+    }
+
     pub(super) fn next_slot(&mut self) -> u32 {
         self.args_slots += 1;
         debug_assert!(self.args_slots <= ARGS_SLOTS);

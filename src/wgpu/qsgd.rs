@@ -1,7 +1,7 @@
 //! QSGD on wgpu (SPEC §13, the `qsgd_*` passes of `shaders/compress.wgsl`): its passes in
 //! the step and its payload's read-back.
 
-use super::compress::{Dispatch, PLAIN, PLAIN_BUFS, Recorder};
+use super::compress::Recorder;
 use super::context::floats;
 use super::passes::CompressPass as P;
 use crate::Payload;
@@ -9,13 +9,11 @@ use crate::Payload;
 impl Recorder {
     /// QSGD: per-tile maxima of |p|, the per-group scale and quotients, the codes.
     pub(super) fn qsgd(&mut self, tiles: (u32, u32), groups: (u32, u32)) {
-        for (entry, g) in [
+        self.plain([
             (P::QsgdPartial, tiles),
             (P::QsgdScale, groups),
             (P::QsgdApply, tiles),
-        ] {
-            self.push(entry, PLAIN, PLAIN_BUFS, Dispatch::Direct(g.0, g.1));
-        }
+        ]);
     }
 }
 

@@ -1,7 +1,7 @@
 //! Scaled sign on wgpu (SPEC §6, the `sign_*` passes of `shaders/compress.wgsl`): its passes
 //! in the step and its payload's read-back.
 
-use super::compress::{Dispatch, PLAIN, PLAIN_BUFS, Recorder};
+use super::compress::Recorder;
 use super::context::floats;
 use super::passes::CompressPass as P;
 use crate::Payload;
@@ -9,13 +9,11 @@ use crate::Payload;
 impl Recorder {
     /// Scaled sign: per-tile partial sums of |p|, the per-group scale, the signs.
     pub(super) fn sign(&mut self, tiles: (u32, u32), groups: (u32, u32)) {
-        for (entry, g) in [
+        self.plain([
             (P::SignPartial, tiles),
             (P::SignScale, groups),
             (P::SignApply, tiles),
-        ] {
-            self.push(entry, PLAIN, PLAIN_BUFS, Dispatch::Direct(g.0, g.1));
-        }
+        ]);
     }
 }
 

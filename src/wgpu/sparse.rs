@@ -3,7 +3,7 @@
 //! radix rounds and the emission recorded into the step, and the payload's read-back.
 
 use super::compress::{
-    Buf, Dispatch, GSTATE, NONE, PLAIN, PLAIN_BUFS, PassParams, Recorder, ST_VFIRST, Shape, WG,
+    Buf, Dispatch, GSTATE, NONE, PLAIN, PassParams, Recorder, ST_VFIRST, Shape, WG,
 };
 use super::context::{floats, grid, words};
 use super::passes::CompressPass as P;
@@ -155,14 +155,11 @@ impl Recorder {
     /// what was sent.
     pub(super) fn emit(&mut self, num_blocks: u64) {
         let g = grid(num_blocks);
-        self.push(P::ScanBlocks, PLAIN, PLAIN_BUFS, Dispatch::Direct(g.0, g.1));
-        self.push(P::ScanTop, PLAIN, PLAIN_BUFS, Dispatch::Direct(1, 1));
-        self.push(
-            P::EmitPayload,
-            PLAIN,
-            PLAIN_BUFS,
-            Dispatch::Direct(g.0, g.1),
-        );
+        self.plain([
+            (P::ScanBlocks, g),
+            (P::ScanTop, (1, 1)),
+            (P::EmitPayload, g),
+        ]);
     }
 
     /// Error feedback of the sparse all-reduce (SPEC §12): `e[i] += v` on the current half,
