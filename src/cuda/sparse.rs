@@ -14,8 +14,8 @@ use crate::{Config, DType, Error, Group, Layout, Payload, Result};
 /// Cut-offs between the two selection paths: groups up to the cut-off are selected by one
 /// thread block each (`select_small`, all of them in one launch), larger ones by the
 /// grid-wide radix passes, each pass one launch over all of them (about 12 launches per
-/// step for top-k, 24 for rTop-k, however many big groups; see [`launches_per_step`]). The
-/// right cut-off is a trade between the block path's tail (one block working through a
+/// step for top-k, 24 for rTop-k, however many big groups; see
+/// [`launches_per_step`](super::launches_per_step)). The right cut-off is a trade between the block path's tail (one block working through a
 /// group of up to the cut-off alone, about 8 passes over it from L2) and the grid path's
 /// passes over global memory; it is a parameter so that a GPU can measure it
 /// (`benches/cuda.rs`, `ef_topk_per_layer_block_max_*`).
