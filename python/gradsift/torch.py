@@ -659,8 +659,18 @@ def _finish_rows(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int,
     return buf
 
 
+def _undo(b: _Bucket, e: BaseException) -> None:
+    """Undoes an accepted step whose row could not be made. The row must still go out, so a
+    failing undo (a broken device, say) is noted on ``e``, not raised."""
+    try:
+        b.comp.revert()
+    except Exception as r:  # noqa: BLE001
+        e.add_note(f"gradsift hook: undoing the step failed too: {r}")
+
+
 def _send_rows(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -> int:
     """CUDA sparse buckets: step and pack on the plan's stream, device to device."""
+    b.failure = None
     cur = torch.cuda.current_stream(buf.device)
     b.stream.wait_stream(cur)
     dst = b.dev_send if b.dev_send is not None else b.send
@@ -671,9 +681,13 @@ def _send_rows(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -
         b.comp.pack_ptr(dst.data_ptr(), b.cap)
     except Exception as e:  # noqa: BLE001 - the row still goes out, marked failed (see _Bucket.failure)
         if stepped:  # the step went in but its row did not: undo it here, the future will not
-            b.comp.revert()
+            _undo(b, e)
         status, nbytes, b.failure = _FAILED, 0, e
     b.stage.numpy().view(np.int64)[:] = (status, nbytes, step, state.fingerprint, 0, 0)
+    if status == _FAILED and b.dev_send is not None:
+        # gloo: the trailer goes straight into the host row, past a device that may be broken
+        b.send[b.cap :].copy_(b.stage)
+        return nbytes
     with torch.cuda.stream(b.stream):
         dst[b.cap :].copy_(b.stage, non_blocking=True)
         if b.dev_send is not None:  # gloo: the row goes to the host
@@ -685,13 +699,16 @@ def _send_rows(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -
 def _send_host(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -> int:
     """Host buckets (and scaled sign and QSGD on CUDA): compress into this rank's row, wire
     format."""
+    b.failure = None
     status, nbytes, count, first, stepped = _OK, 0, 0, 0, False
     try:
         if buf.is_cuda:
             b.stream.wait_stream(torch.cuda.current_stream(buf.device))
             b.comp.step_ptr(buf.data_ptr(), buf.numel(), _DTYPES[buf.dtype], step)
-            b.comp.check()
+            # from here an undo is due on any failure but a rejection (after which a CUDA
+            # revert changes nothing)
             stepped = True
+            b.comp.check()
             stage = b.send_np if b.send_np is not None else b.stage.numpy()
             nbytes = b.comp.encode_into(stage[: b.cap])
         else:
@@ -703,8 +720,8 @@ def _send_host(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -
         m = _COUNTS.search(str(e))
         count, first = (int(m[1]), int(m[2])) if m else (0, 0)
     except Exception as e:  # noqa: BLE001 - the row still goes out, marked failed (see _Bucket.failure)
-        if stepped:  # accepted, then its encoding failed: undo it here, the future will not
-            b.comp.revert()
+        if stepped:  # enqueued, then it or its encoding failed: undo it here, the future will not
+            _undo(b, e)
         status, nbytes, b.failure = _FAILED, 0, e
     if b.send_np is not None:
         b.send_np[nbytes : b.cap] = 0  # deterministic padding bytes on the wire

@@ -659,8 +659,8 @@ impl Compressor {
     /// One step on a host array (as `step`), its payload encoded straight into the writable
     /// byte buffer `out`; returns the byte count. The hook's per-step path: nothing is
     /// allocated after the first call. Raises `NonFiniteError` (state unchanged, `out`
-    /// untouched) like `step`, and `ValueError` when `out` is too small (the step is then
-    /// undone, as by `revert`).
+    /// untouched) like `step`, and `ValueError` when `out` is too small; after any error
+    /// the step is undone, as by `revert`.
     #[pyo3(signature = (grad, step, out, dtype=None))]
     fn step_encode_into(
         &self,
@@ -686,8 +686,9 @@ impl Compressor {
         let r = py.detach(|| -> gradsift::Result<usize> {
             let p = with_slice!(addr, len, dt, |s| c.step(s, step))?;
             if let Err(e) = gradsift::wire::encode(p, w) {
-                // A failed call changes nothing: the accepted step goes too.
-                c.revert()?;
+                // A failed call changes nothing: the accepted step goes too. The encoding
+                // error is the one to report.
+                let _ = c.revert();
                 return Err(e);
             }
             Ok(w.len())
