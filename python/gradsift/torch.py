@@ -18,7 +18,7 @@ collective**, started asynchronously so that DDP overlaps it with the rest of ba
    wire format (docs/SPEC.md §9) padded to ``Compressor.max_encoded_len()`` (a tight bound:
    the Rice code's length for the worst gaps), for CUDA buckets of a sparse method the
    device row of ``Compressor.pack_ptr`` (u32 indices, f32 values, the step status) copied
-   device to device on a CUDA stream of PyTorch's. Each row ends in a 32-byte trailer with
+   device to device on a CUDA stream of PyTorch's. Each row ends in a 48-byte trailer with
    the per-step facts: status (0 accepted, 1 non-finite gradient, 2 overflow of the
    accumulated values, 3 failed with another error), message bytes, step and configuration
    fingerprint. A rank whose step fails (a device error, say) still sends its row, marked
