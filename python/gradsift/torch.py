@@ -762,7 +762,8 @@ class _CommThread:
 class _TorchTransport:
     """The collectives of ``gradsift.Reducer`` over a ``torch.distributed`` process group
     (CPU tensors: gloo): variable-length byte strings, sent as a size exchange then one
-    padded all-gather or one all-to-all with split sizes. Buffers grow and are reused."""
+    padded all-gather or one all-to-all with split sizes (buffers grow and are reused), and
+    the integer all-reduce of the selection's histograms by recursive doubling."""
 
     def __init__(self, group: Any) -> None:
         self.group = group
@@ -791,6 +792,41 @@ class _TorchTransport:
         dist.all_gather_into_tensor(self._recv[: K * m], self._send[:m], group=self.group)
         got = self._recv.numpy()
         return [got[r * m : r * m + sizes[r]].tobytes() for r in range(K)]
+
+    def all_reduce_sum(self, words: bytes) -> bytes:
+        """Wrapping sums of little-endian u32 words over the group (the selection's
+        histograms, SPEC §12), by recursive doubling: with ``p`` the largest power of two
+        ``<= K``, rank ``p + j`` first folds its words into rank ``j``; ranks ``0..p``
+        exchange and add with the rank ``d`` apart for ``d = 1, 2, .., p/2``; rank ``j``
+        then sends the sum back to rank ``p + j``. ``log2 p`` rounds (two more when ``K``
+        is not a power of two) of one message each way, where gloo's ring all-reduce
+        takes ``2 (K - 1)``; no size exchange, as every rank sums the same length. The
+        sums wrap, so the bits do not depend on the order."""
+        K, me = self.world_size, self.rank
+        acc = np.frombuffer(words, dtype="<u4").copy()
+        if K == 1:
+            return acc.tobytes()
+        # gloo sends int32 tensors; the words are reinterpreted, never converted
+        mine = torch.from_numpy(acc.view(np.int32))
+        theirs = torch.empty_like(mine)
+        p = 1 << (K.bit_length() - 1)
+        if me >= p:
+            dist.send(mine, group=self.group, group_dst=me - p)
+            dist.recv(mine, group=self.group, group_src=me - p)
+            return acc.tobytes()
+        if me + p < K:
+            dist.recv(theirs, group=self.group, group_src=me + p)
+            acc += theirs.numpy().view(np.uint32)
+        d = 1
+        while d < p:
+            sent = dist.isend(mine, group=self.group, group_dst=me ^ d)
+            dist.recv(theirs, group=self.group, group_src=me ^ d)
+            sent.wait()
+            acc += theirs.numpy().view(np.uint32)
+            d <<= 1
+        if me + p < K:
+            dist.send(mine, group=self.group, group_dst=me + p)
+        return acc.tobytes()
 
     def all_to_all(self, pieces: list[bytes]) -> list[bytes]:
         ins = [len(p) for p in pieces]

@@ -14,8 +14,8 @@ use std::ops::Range;
 use std::sync::Mutex;
 
 /// A [`Transport`] over a Python object with `rank`, `world_size`, and the collectives
-/// `all_gather(bytes) -> list[bytes]` and `all_to_all(list[bytes]) -> list[bytes]` (one
-/// worker per process). A Python exception becomes `Error::Transport` and is kept, to be
+/// `all_gather(bytes) -> list[bytes]`, `all_to_all(list[bytes]) -> list[bytes]` and
+/// `all_reduce_sum(bytes) -> bytes` (one worker per process). A Python exception becomes `Error::Transport` and is kept, to be
 /// raised as itself once the reduction returns.
 struct PyTransport<'py> {
     obj: Bound<'py, PyAny>,
@@ -65,14 +65,17 @@ impl<'py> PyTransport<'py> {
                     self.workers
                 ),
             }),
-            Err(e) => {
-                let reason = format!("{method}: {e}");
-                self.raised = Some(e);
-                Err(gradsift::Error::Transport {
-                    transport: "python",
-                    reason,
-                })
-            }
+            Err(e) => Err(self.raised(e, method)),
+        }
+    }
+
+    /// Keeps a Python exception to raise as itself once the reduction returns.
+    fn raised(&mut self, e: PyErr, method: &str) -> gradsift::Error {
+        let reason = format!("{method}: {e}");
+        self.raised = Some(e);
+        gradsift::Error::Transport {
+            transport: "python",
+            reason,
         }
     }
 }
@@ -121,6 +124,42 @@ impl Transport for PyTransport<'_> {
             }
         };
         self.call("all_to_all", arg, out)
+    }
+    /// `all_reduce_sum(bytes) -> bytes`: little-endian u32 words in and out.
+    fn all_reduce_sum(&mut self, local: &[&[u32]], out: &mut [u32]) -> gradsift::Result<()> {
+        let mine = match local {
+            [mine] if mine.len() == out.len() => *mine,
+            _ => {
+                return Err(gradsift::Error::LengthMismatch {
+                    what: "all-reduce inputs (one of the output's length)",
+                    expected: out.len(),
+                    got: local.first().map_or(0, |l| l.len()),
+                });
+            }
+        };
+        let bytes: Vec<u8> = mine.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let arg = PyBytes::new(self.obj.py(), &bytes).into_any();
+        let got = self
+            .obj
+            .call_method1("all_reduce_sum", (arg,))
+            .and_then(|r| r.extract::<Vec<u8>>());
+        match got {
+            Ok(v) if v.len() == bytes.len() => {
+                for (o, c) in out.iter_mut().zip(v.chunks_exact(4)) {
+                    *o = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+                Ok(())
+            }
+            Ok(v) => Err(gradsift::Error::Transport {
+                transport: "python",
+                reason: format!(
+                    "all_reduce_sum returned {} bytes for {}",
+                    v.len(),
+                    bytes.len()
+                ),
+            }),
+            Err(e) => Err(self.raised(e, "all_reduce_sum")),
+        }
     }
     fn broadcast(&mut self, _buf: &mut Vec<u8>) -> gradsift::Result<()> {
         Err(unused("broadcast"))

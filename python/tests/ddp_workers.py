@@ -116,6 +116,13 @@ def train(rank: int, case: dict, steps: int, state_in: dict | None = None, start
     return dict(free_mem=free_mem, final_residual=final_residual, rec=rec, errors=errors, params=params, saved=saved, state=state, bytes=bytes_per_step)
 
 
+def words(rank: int, n: int):
+    """Rank ``rank``'s ``n`` u32 words for the all-reduce test; near 2^32, so sums wrap."""
+    import numpy as np
+
+    return ((np.arange(n, dtype=np.uint64) * 2654435761 + (rank + 1) * 0xFFFF_FFF0) % 2**32).astype("<u4")
+
+
 def worker(rank: int, world: int, port: int, case: dict, outdir: str) -> None:
     result: dict = {}
     try:
@@ -130,6 +137,13 @@ def worker(rank: int, world: int, port: int, case: dict, outdir: str) -> None:
             torch.cuda.set_device(torch.device(case["device"]))
         addr = os.environ.get("MASTER_ADDR", "127.0.0.1") if case.get("cluster") else "127.0.0.1"
         dist.init_process_group(case.get("pg", "gloo"), init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world)
+        if case.get("sum_words"):
+            # The reductions' integer all-reduce on its own (recursive doubling over gloo).
+            t = gst._TorchTransport(dist.group.WORLD)
+            result["sums"] = [t.all_reduce_sum(words(rank, n).tobytes()) for n in case["sum_words"]]
+            dist.destroy_process_group()
+            torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+            return
         steps = case.get("steps", 6)
         r = train(rank, case, steps)
         result = {k: v for k, v in r.items() if k != "state"}

@@ -101,6 +101,22 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("world", [2, 5, 6])
+def test_the_histograms_all_reduce_sums_over_every_rank(run_ranks, world):
+    """The selection's integer all-reduce (SPEC §12) by recursive doubling over gloo: every
+    rank gets the wrapping sum of every rank's words, for K a power of two and not (K = 5:
+    one rank folded in; K = 6: two), and for no words at all."""
+    import ddp_workers
+
+    lengths = [256, 3, 0, 256 * 64]
+    res = run_ranks(world, dict(sum_words=lengths), timeout=120.0)
+    for i, n in enumerate(lengths):
+        want = sum(ddp_workers.words(r, n).astype(np.uint64) for r in range(world)) % 2**32
+        for rank, r in enumerate(res):
+            got = np.frombuffer(r["sums"][i], dtype="<u4")
+            assert np.array_equal(got, want.astype(np.uint32)), (rank, n)
+
+
 @pytest.mark.parametrize(
     "kind,cfg,every",
     [

@@ -18,7 +18,8 @@ The model of one step of scheme m at K ranks and link rate R (bytes/s):
 - c_m: the scheme's compute beyond T_0 (fitted, one per scheme, K-independent);
 - A_m(K): sequential message rounds, counted from the implementation on gloo: a ring
   all-reduce 2(K-1), a ring all-gather K-1, an all-to-all K-1 (pairwise), and gradsift's
-  Python transport sends a size exchange before each all-gather / all-to-all;
+  Python transport sends a size exchange before each all-gather / all-to-all; the
+  selection's histograms go by recursive doubling, log2 p rounds (+2 when K != p);
 - B_m(K): bytes a rank receives per step: fitted as a + b K to the bytes gradsift itself
   counts (the last timed step's ``state.bytes_received``; the all-gather: K - 1 rows of
   ``state.bytes_padded``; dense: 2 (K-1)/K 4n, exact), which is what the
@@ -52,10 +53,16 @@ LABEL = {
     "gs-topk-sparse-reuse": "top-k 1%, sparse all-reduce (threshold reused 32 steps)",
     "gs-randomk-shared": "random-k 1%, shared key + all-reduce",
 }
-#: Radix rounds of the exact selection (4 digits of 8 bits) and the collectives of one
-#: worker-order all-reduce over the Python transport (all-to-all + all-gather, each after a
-#: size exchange).
+#: Radix rounds of the exact selection (4 digits of 8 bits), each one integer all-reduce
+#: of the histograms by recursive doubling (docs/SPEC.md §12).
 SELECT_ROUNDS = 4
+
+
+def doubling(k: int) -> int:
+    """Message rounds of the Python transport's recursive-doubling all-reduce at ``k``
+    ranks: log2 p for the largest power of two p <= k, plus the fold and its return."""
+    p = 1 << (k.bit_length() - 1)
+    return p.bit_length() - 1 + (2 if p != k else 0)
 
 
 def rounds(m: str, k: int, exact: float = 1.0) -> float:
@@ -73,7 +80,7 @@ def rounds(m: str, k: int, exact: float = 1.0) -> float:
     if m == "gs-randomk-shared":
         return status + allreduce
     if m.startswith("gs-topk-sparse"):
-        return status + a2a + exact * SELECT_ROUNDS * allreduce + gather
+        return status + a2a + exact * SELECT_ROUNDS * doubling(k) + gather
     raise ValueError(m)
 
 

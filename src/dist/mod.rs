@@ -66,6 +66,20 @@ pub trait Transport {
     /// [`Error::LengthMismatch`] when `send` does not hold `K` pieces per local worker;
     /// [`Error::Transport`] when the communication fails.
     fn all_to_all(&mut self, send: &[&[u8]], out: &mut Vec<Vec<u8>>) -> Result<()>;
+    /// Sums words over every worker: on return, on every rank, `out[x]` is the wrapping sum
+    /// (mod 2^32) of word `x` of all `K` workers; `local[i]` holds local worker
+    /// `self.local().start + i`'s words, `out.len()` of them. Wrapping addition is exact,
+    /// so any algorithm and order give the same bits (SPEC §12): the simulation sums in
+    /// place, MPI runs `MPI_Allreduce`, the DDP hook's transport recursive doubling
+    /// (`log2 p` rounds of pairwise exchanges, `p` the largest power of two `<= K`, and two
+    /// more when `K` is not one) instead of the `O(K)` rounds of an all-to-all and an
+    /// all-gather. The reductions
+    /// call it for short vectors only ([`DOUBLING_MAX_BYTES`]).
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] when `local` does not hold one slice of `out.len()` words
+    /// per local worker; [`Error::Transport`] when the communication fails.
+    fn all_reduce_sum(&mut self, local: &[&[u32]], out: &mut [u32]) -> Result<()>;
     /// Replaces `buf` on every rank with rank 0's (any length).
     ///
     /// # Errors
@@ -104,6 +118,31 @@ fn check_pieces(t: &dyn Transport, send: &[&[u8]]) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// The longest vector (bytes) that the reductions sum with [`Transport::all_reduce_sum`]:
+/// beyond it, sending the whole vector in each of `log2 K` rounds costs more than the
+/// all-to-all and all-gather of SPEC §12's worker-order all-reduce, which send it about
+/// twice in all. The selection's histograms (1 KiB per group) stay below it up to 64 groups.
+pub const DOUBLING_MAX_BYTES: usize = 64 * 1024;
+
+/// Checks the shape of an [`Transport::all_reduce_sum`] call.
+pub(crate) fn check_words(t: &dyn Transport, local: &[&[u32]], words: usize) -> Result<()> {
+    if local.len() != t.local().len() {
+        return Err(Error::LengthMismatch {
+            what: "all-reduce inputs (one per local worker)",
+            expected: t.local().len(),
+            got: local.len(),
+        });
+    }
+    match local.iter().find(|l| l.len() != words) {
+        Some(l) => Err(Error::LengthMismatch {
+            what: "all-reduce input words (the output's length)",
+            expected: words,
+            got: l.len(),
+        }),
+        None => Ok(()),
+    }
 }
 
 fn check_local(t: &dyn Transport, local: &[&[u8]]) -> Result<()> {
@@ -148,6 +187,16 @@ impl Transport for InProcess {
                 let o = &mut out[dest * k + src];
                 o.clear();
                 o.extend_from_slice(send[src * k + dest]);
+            }
+        }
+        Ok(())
+    }
+    fn all_reduce_sum(&mut self, local: &[&[u32]], out: &mut [u32]) -> Result<()> {
+        check_words(self, local, out.len())?;
+        out.fill(0);
+        for l in local {
+            for (o, &x) in out.iter_mut().zip(l.iter()) {
+                *o = o.wrapping_add(x);
             }
         }
         Ok(())

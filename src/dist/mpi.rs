@@ -11,9 +11,10 @@
 //! collective it waits in; rank 0 names the ranks that did not arrive, and every rank exits
 //! non-zero through `MPI_Abort`.
 
-use super::{Transport, check_local, check_pieces};
+use super::{Transport, check_local, check_pieces, check_words};
 use crate::{Error, Result};
 use mpi::Count;
+use mpi::collective::SystemOperation;
 use mpi::datatype::{Partition, PartitionMut};
 use mpi::environment::Universe;
 use mpi::point_to_point::MatchedReceiveVec;
@@ -335,6 +336,21 @@ impl Transport for Mpi {
             o.clear();
             o.extend_from_slice(&self.recv[at..at + n]);
         }
+        Ok(())
+    }
+
+    /// One `MPI_Allreduce` (its own algorithm: recursive doubling for short vectors in
+    /// OpenMPI); exact whatever it picks, as the sums wrap.
+    fn all_reduce_sum(&mut self, local: &[&[u32]], out: &mut [u32]) -> Result<()> {
+        check_words(self, local, out.len())?;
+        let watch = watch!(self);
+        scope(|sc| {
+            let req =
+                watch
+                    .world
+                    .immediate_all_reduce_into(sc, local[0], out, SystemOperation::sum());
+            watch.wait("all-reduce of the counts", req);
+        });
         Ok(())
     }
 

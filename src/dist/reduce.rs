@@ -134,6 +134,28 @@ impl Traffic {
     }
 }
 
+impl Traffic {
+    /// Counts what the local workers receive in an [`Transport::all_reduce_sum`] of
+    /// `bytes` per worker, as recursive doubling moves it (SPEC §12): with `p` the largest
+    /// power of two `<= K`, a worker `w >= p` receives the result once; the others receive
+    /// `bytes` in each of the `log2 p` rounds, and `w < K - p` once more (the word of
+    /// worker `w + p`, folded in first).
+    pub fn recursive_doubling(&mut self, local: Range<usize>, workers: usize, bytes: usize) {
+        if workers < 2 {
+            return;
+        }
+        let p = 1usize << (usize::BITS - 1 - workers.leading_zeros());
+        for (i, w) in local.enumerate() {
+            let rounds = if w >= p {
+                1
+            } else {
+                p.trailing_zeros() as u64 + u64::from(w < workers - p)
+            };
+            *self.slot(i) += rounds * bytes as u64;
+        }
+    }
+}
+
 /// Start of region `j` of `K` over `n` indices: `floor(j n / K)` (SPEC §12); region `j` is
 /// `region_start(n, K, j)..region_start(n, K, j + 1)`.
 ///
@@ -294,6 +316,24 @@ fn all_reduce<T: Word>(
             *o = T::get(c);
         }
     }
+    Ok(())
+}
+
+/// The selection's integer all-reduce (SPEC §12): short vectors through the transport's
+/// own [`Transport::all_reduce_sum`] (`log2 K` rounds), longer ones through the
+/// worker-order all-reduce (two collectives of `K - 1` messages, the vector sent about twice).
+fn sum_counts(
+    t: &mut dyn Transport,
+    wires: &mut Wires,
+    local: &[&[u32]],
+    out: &mut [u32],
+    traffic: &mut Traffic,
+) -> Result<()> {
+    if out.len() * u32::BYTES > super::DOUBLING_MAX_BYTES {
+        return all_reduce(t, wires, local, out, &[], &|_, _| Ok(()), traffic);
+    }
+    t.all_reduce_sum(local, out)?;
+    traffic.recursive_doubling(t.local(), t.workers(), out.len() * u32::BYTES);
     Ok(())
 }
 
@@ -770,15 +810,7 @@ impl SparseAllReduce {
             }
             let views: Vec<&[u32]> = self.hist.chunks(gs * BINS).collect();
             self.summed.resize(gs * BINS, 0);
-            all_reduce(
-                t,
-                &mut self.wires,
-                &views,
-                &mut self.summed,
-                &[],
-                &|_, _| Ok(()),
-                traffic,
-            )?;
+            sum_counts(t, &mut self.wires, &views, &mut self.summed, traffic)?;
             for (g, s) in search.iter_mut().enumerate() {
                 let h = &self.summed[g * BINS..(g + 1) * BINS];
                 if round == 0 {
@@ -1131,6 +1163,102 @@ mod tests {
         }
     }
 
+    /// The simulation, counting the transport's integer all-reduces.
+    struct Counting(InProcess, usize);
+    impl Transport for Counting {
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+        fn workers(&self) -> usize {
+            self.0.workers()
+        }
+        fn rank(&self) -> usize {
+            0
+        }
+        fn local(&self) -> Range<usize> {
+            self.0.local()
+        }
+        fn all_gather(&mut self, local: &[&[u8]], out: &mut Vec<Vec<u8>>) -> Result<()> {
+            self.0.all_gather(local, out)
+        }
+        fn all_to_all(&mut self, send: &[&[u8]], out: &mut Vec<Vec<u8>>) -> Result<()> {
+            self.0.all_to_all(send, out)
+        }
+        fn all_reduce_sum(&mut self, local: &[&[u32]], out: &mut [u32]) -> Result<()> {
+            self.1 += 1;
+            self.0.all_reduce_sum(local, out)
+        }
+        fn broadcast(&mut self, _: &mut Vec<u8>) -> Result<()> {
+            Ok(())
+        }
+        fn barrier(&mut self) -> Result<()> {
+            Ok(())
+        }
+        fn abort(&self, code: i32) -> ! {
+            std::process::exit(code)
+        }
+    }
+
+    #[test]
+    fn histograms_take_the_transports_all_reduce_up_to_the_cut() {
+        // 64 groups of 256 bins are exactly DOUBLING_MAX_BYTES; 65 are over it.
+        for (groups, sums) in [(1, 4), (64, 4), (65, 0)] {
+            let layout = Layout::new(&vec![16; groups]).unwrap();
+            let config = Config {
+                mode: Mode::PerLayer,
+                ..Config::topk(0.25)
+            };
+            let ps = payloads(&layout, &config, 5, 11);
+            let views: Vec<&SparsePayload> = ps.iter().collect();
+            let (want, _) = reference(&layout, &config, Average::OverWorkers, &ps);
+            let mut plan =
+                SparseAllReduce::new(&layout, &config, Average::OverWorkers, 5, 1).unwrap();
+            let mut t = Counting(InProcess::new(5), 0);
+            let (mut update, mut refunds) = (vec![0.0; layout.n()], Vec::new());
+            let mut traffic = Traffic::default();
+            plan.reduce(&mut t, &views, 0, &mut update, &mut refunds, &mut traffic)
+                .unwrap();
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&update), bits(&want), "{groups} groups");
+            assert_eq!(t.1, sums, "{groups} groups: one all-reduce per radix round");
+        }
+    }
+
+    #[test]
+    fn recursive_doubling_counts_what_each_worker_receives() {
+        // K = 5: p = 4; worker 0 folds in worker 4's words, then 2 rounds; worker 4 gets
+        // the result back once.
+        let mut t = Traffic::default();
+        t.recursive_doubling(0..5, 5, 1024);
+        assert_eq!(t.received, [3 * 1024, 2048, 2048, 2048, 1024]);
+        let mut t = Traffic::default();
+        t.recursive_doubling(0..8, 8, 4);
+        assert_eq!(t.received, [12; 8]);
+        let mut t = Traffic::default();
+        t.recursive_doubling(2..3, 3, 4); // one worker per process: rank 2 of 3
+        assert_eq!(t.received, [4]);
+        let mut t = Traffic::default();
+        t.recursive_doubling(0..1, 1, 4);
+        assert_eq!(t.total(), 0);
+    }
+
+    #[test]
+    fn in_process_all_reduce_wraps_and_checks_its_shapes() {
+        let mut t = InProcess::new(3);
+        let (a, b, c) = ([u32::MAX, 1], [2u32, 2], [0u32, 3]);
+        let mut out = [9u32; 2];
+        t.all_reduce_sum(&[&a, &b, &c], &mut out).unwrap();
+        assert_eq!(out, [1, 6]);
+        assert!(matches!(
+            t.all_reduce_sum(&[&a, &b], &mut out),
+            Err(Error::LengthMismatch { .. })
+        ));
+        assert!(matches!(
+            t.all_reduce_sum(&[&a, &b, &[1u32][..]], &mut out),
+            Err(Error::LengthMismatch { .. })
+        ));
+    }
+
     #[test]
     fn reused_threshold_selects_up_to_the_last_exact_key() {
         let layout = Layout::new(&[64]).unwrap();
@@ -1286,6 +1414,9 @@ mod tests {
                 *b ^= 0x40;
             }
             Ok(())
+        }
+        fn all_reduce_sum(&mut self, local: &[&[u32]], out: &mut [u32]) -> Result<()> {
+            self.0.all_reduce_sum(local, out)
         }
         fn broadcast(&mut self, _: &mut Vec<u8>) -> Result<()> {
             Ok(())
