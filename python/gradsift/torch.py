@@ -761,15 +761,15 @@ class _CommThread:
 
 class _TorchTransport:
     """The collectives of ``gradsift.Reducer`` over a ``torch.distributed`` process group
-    (CPU tensors: gloo): variable-length byte strings, sent as a size exchange then one
-    padded all-gather or one all-to-all with split sizes (buffers grow and are reused), and
-    the integer all-reduce of the selection's histograms by recursive doubling."""
+    (CPU tensors: gloo): variable-length byte strings, all-gathered in ``ceil(log2 K)``
+    rounds of point-to-point messages (Bruck) or sent as a size exchange then one
+    all-to-all with split sizes (buffers grow and are reused), and the integer all-reduce of
+    the selection's histograms by recursive doubling."""
 
     def __init__(self, group: Any) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        self._one = torch.zeros(1, dtype=torch.int64)
         self._sizes = torch.zeros(self.world_size, dtype=torch.int64)
         self._splits = torch.zeros(self.world_size, dtype=torch.int64)
         self._send = torch.zeros(0, dtype=torch.uint8)
@@ -782,16 +782,38 @@ class _TorchTransport:
             self._recv = torch.zeros(max(recv, 2 * self._recv.numel()), dtype=torch.uint8)
 
     def all_gather(self, mine: bytes) -> list[bytes]:
-        K = self.world_size
-        self._one[0] = len(mine)
-        dist.all_gather_into_tensor(self._sizes, self._one, group=self.group)
-        sizes = self._sizes.tolist()
-        m = max(sizes)
-        self._room(m, K * m)
-        self._send.numpy()[: len(mine)] = np.frombuffer(mine, np.uint8)
-        dist.all_gather_into_tensor(self._recv[: K * m], self._send[:m], group=self.group)
-        got = self._recv.numpy()
-        return [got[r * m : r * m + sizes[r]].tobytes() for r in range(K)]
+        """Every rank's bytes, in rank order, by Bruck's algorithm: in round ``d = 1, 2,
+        4, ..`` a rank sends the pieces it holds of ranks ``me .. me + d - 1`` (at most
+        ``K - d`` of them) to rank ``me - d`` and receives those of ``me + d ..`` from rank
+        ``me + d`` (mod ``K``), their lengths first. ``ceil(log2 K)`` rounds of two
+        messages, where gloo's ring all-gather takes ``K - 1`` (twice: sizes, then the
+        padded pieces); each rank still receives each other piece once, unpadded."""
+        K, me = self.world_size, self.rank
+        held = [mine]  # held[j]: the piece of rank (me + j) % K
+        d = 1
+        while d < K:
+            n = min(d, K - d)
+            to, frm = (me - d) % K, (me + d) % K
+            lens = torch.tensor([len(x) for x in held[:n]], dtype=torch.int64)
+            theirs = torch.empty(n, dtype=torch.int64)
+            sent = dist.isend(lens, group=self.group, group_dst=to)
+            dist.recv(theirs, group=self.group, group_src=frm)
+            sent.wait()
+            sizes = theirs.tolist()
+            if min(sizes) < 0:
+                raise RuntimeError(f"all_gather: rank {frm} announced a piece of {min(sizes)} bytes")
+            out, back = sum(lens.tolist()), sum(sizes)
+            self._room(out, back)
+            self._send.numpy()[:out] = np.frombuffer(b"".join(held[:n]), np.uint8)
+            sent = dist.isend(self._send[:out], group=self.group, group_dst=to)
+            dist.recv(self._recv[:back], group=self.group, group_src=frm)
+            sent.wait()
+            got, at = self._recv.numpy(), 0
+            for size in sizes:
+                held.append(got[at : at + size].tobytes())
+                at += size
+            d *= 2
+        return [held[(w - me) % K] for w in range(K)]
 
     def all_reduce_sum(self, words: bytes) -> bytes:
         """Wrapping sums of little-endian u32 words over the group (the selection's

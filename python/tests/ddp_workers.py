@@ -123,6 +123,11 @@ def words(rank: int, n: int):
     return ((np.arange(n, dtype=np.uint64) * 2654435761 + (rank + 1) * 0xFFFF_FFF0) % 2**32).astype("<u4")
 
 
+def piece(rank: int, call: int) -> bytes:
+    """Rank ``rank``'s bytes for all-gather call ``call`` of the transport test (some empty)."""
+    return bytes([rank, call]) * ((rank * 3 + call) % 4)
+
+
 def worker(rank: int, world: int, port: int, case: dict, outdir: str) -> None:
     result: dict = {}
     try:
@@ -141,6 +146,7 @@ def worker(rank: int, world: int, port: int, case: dict, outdir: str) -> None:
             # The reductions' integer all-reduce on its own (recursive doubling over gloo).
             t = gst._TorchTransport(dist.group.WORLD)
             result["sums"] = [t.all_reduce_sum(words(rank, n).tobytes()) for n in case["sum_words"]]
+            result["gathered"] = [t.all_gather(piece(rank, i)) for i in range(3)]
             dist.destroy_process_group()
             torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
             return

@@ -102,10 +102,11 @@ CASES = {
 
 
 @pytest.mark.parametrize("world", [2, 5, 6])
-def test_the_histograms_all_reduce_sums_over_every_rank(run_ranks, world):
-    """The selection's integer all-reduce (SPEC §12) by recursive doubling over gloo: every
-    rank gets the wrapping sum of every rank's words, for K a power of two and not (K = 5:
-    one rank folded in; K = 6: two), and for no words at all."""
+def test_the_transports_log_round_collectives(run_ranks, world):
+    """The reductions' transport over gloo point-to-point: the selection's integer
+    all-reduce (SPEC §12, recursive doubling) gives every rank the wrapping sum of every
+    rank's words, and the all-gather (Bruck) every rank's bytes in rank order, for K a power
+    of two and not (K = 5: one rank folded in; K = 6: two), empty pieces included."""
     import ddp_workers
 
     lengths = [256, 3, 0, 256 * 64]
@@ -115,6 +116,10 @@ def test_the_histograms_all_reduce_sums_over_every_rank(run_ranks, world):
         for rank, r in enumerate(res):
             got = np.frombuffer(r["sums"][i], dtype="<u4")
             assert np.array_equal(got, want.astype(np.uint32)), (rank, n)
+    for call in range(3):
+        want = [ddp_workers.piece(w, call) for w in range(world)]
+        for rank, r in enumerate(res):
+            assert r["gathered"][call] == want, (rank, call)
 
 
 @pytest.mark.parametrize(

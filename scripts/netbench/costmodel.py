@@ -18,8 +18,9 @@ The model of one step of scheme m at K ranks and link rate R (bytes/s):
 - c_m: the scheme's compute beyond T_0 (fitted, one per scheme, K-independent);
 - A_m(K): sequential message rounds, counted from the implementation on gloo: a ring
   all-reduce 2(K-1), a ring all-gather K-1, an all-to-all K-1 (pairwise), and gradsift's
-  Python transport sends a size exchange before each all-gather / all-to-all; the
-  selection's histograms go by recursive doubling, log2 p rounds (+2 when K != p);
+  Python transport sends a size exchange before each all-to-all, all-gathers by Bruck's
+  algorithm (ceil(log2 K) rounds of a size and a data message) and sums the selection's
+  histograms by recursive doubling (log2 p rounds, +2 when K != p);
 - B_m(K): bytes a rank receives per step: fitted as a + b K to the bytes gradsift itself
   counts (the last timed step's ``state.bytes_received``; the all-gather: K - 1 rows of
   ``state.bytes_padded``; dense: 2 (K-1)/K 4n, exact), which is what the
@@ -73,8 +74,8 @@ def rounds(m: str, k: int, exact: float = 1.0) -> float:
         return 2 * r
     if m == "gs-topk":
         return r
-    status = r  # the 48-byte status all-gather
-    gather = 2 * r  # size all-gather + padded all-gather
+    status = r  # the 48-byte status all-gather (gloo's ring)
+    gather = 2 * (k - 1).bit_length()  # Bruck: ceil(log2 K) rounds of sizes, then bytes
     a2a = 2 * r  # size all-to-all + all-to-all with splits
     allreduce = a2a + gather  # SPEC §12's worker-order all-reduce
     if m == "gs-randomk-shared":
