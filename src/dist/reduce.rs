@@ -1163,42 +1163,6 @@ mod tests {
         }
     }
 
-    /// The simulation, counting the transport's integer all-reduces.
-    struct Counting(InProcess, usize);
-    impl Transport for Counting {
-        fn name(&self) -> &'static str {
-            "counting"
-        }
-        fn workers(&self) -> usize {
-            self.0.workers()
-        }
-        fn rank(&self) -> usize {
-            0
-        }
-        fn local(&self) -> Range<usize> {
-            self.0.local()
-        }
-        fn all_gather(&mut self, local: &[&[u8]], out: &mut Vec<Vec<u8>>) -> Result<()> {
-            self.0.all_gather(local, out)
-        }
-        fn all_to_all(&mut self, send: &[&[u8]], out: &mut Vec<Vec<u8>>) -> Result<()> {
-            self.0.all_to_all(send, out)
-        }
-        fn all_reduce_sum(&mut self, local: &[&[u32]], out: &mut [u32]) -> Result<()> {
-            self.1 += 1;
-            self.0.all_reduce_sum(local, out)
-        }
-        fn broadcast(&mut self, _: &mut Vec<u8>) -> Result<()> {
-            Ok(())
-        }
-        fn barrier(&mut self) -> Result<()> {
-            Ok(())
-        }
-        fn abort(&self, code: i32) -> ! {
-            std::process::exit(code)
-        }
-    }
-
     #[test]
     fn histograms_take_the_transports_all_reduce_up_to_the_cut() {
         // 64 groups of 256 bins are exactly DOUBLING_MAX_BYTES; 65 are over it.
@@ -1213,14 +1177,14 @@ mod tests {
             let (want, _) = reference(&layout, &config, Average::OverWorkers, &ps);
             let mut plan =
                 SparseAllReduce::new(&layout, &config, Average::OverWorkers, 5, 1).unwrap();
-            let mut t = Counting(InProcess::new(5), 0);
+            let mut t = Corrupting(InProcess::new(5), false, 0);
             let (mut update, mut refunds) = (vec![0.0; layout.n()], Vec::new());
             let mut traffic = Traffic::default();
             plan.reduce(&mut t, &views, 0, &mut update, &mut refunds, &mut traffic)
                 .unwrap();
             let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&update), bits(&want), "{groups} groups");
-            assert_eq!(t.1, sums, "{groups} groups: one all-reduce per radix round");
+            assert_eq!(t.2, sums, "{groups} groups: one all-reduce per radix round");
         }
     }
 
@@ -1388,9 +1352,9 @@ mod tests {
         assert!(matches!(e, Err(Error::Transport { .. })), "{e:?}");
     }
 
-    /// An in-process transport that flips one byte of what worker 1 receives from worker 0
-    /// in every all-to-all.
-    struct Corrupting(InProcess);
+    /// The simulation, counting its integer all-reduces (`.2`) and, with `.1`, flipping one
+    /// byte of what worker 1 receives from worker 0 in every all-to-all.
+    struct Corrupting(InProcess, bool, usize);
     impl Transport for Corrupting {
         fn name(&self) -> &'static str {
             "corrupting"
@@ -1410,12 +1374,16 @@ mod tests {
         fn all_to_all(&mut self, send: &[&[u8]], out: &mut Vec<Vec<u8>>) -> Result<()> {
             self.0.all_to_all(send, out)?;
             let k = self.workers();
+            if !self.1 {
+                return Ok(());
+            }
             if let Some(b) = out[k].get_mut(0) {
                 *b ^= 0x40;
             }
             Ok(())
         }
         fn all_reduce_sum(&mut self, local: &[&[u32]], out: &mut [u32]) -> Result<()> {
+            self.2 += 1;
             self.0.all_reduce_sum(local, out)
         }
         fn broadcast(&mut self, _: &mut Vec<u8>) -> Result<()> {
@@ -1438,7 +1406,7 @@ mod tests {
         let mut plan = SparseAllReduce::new(&layout, &config, Average::OverWorkers, 2, 1).unwrap();
         let (mut update, mut refunds) = (vec![7.0; 32], Vec::new());
         let e = plan.reduce(
-            &mut Corrupting(InProcess::new(2)),
+            &mut Corrupting(InProcess::new(2), true, 0),
             &views,
             3,
             &mut update,
