@@ -53,6 +53,8 @@ device, their payloads (a bit or a few bits per element) cross to the host.
 """
 
 
+import contextlib
+import datetime
 import hashlib
 import queue
 import re
@@ -67,7 +69,7 @@ import torch.distributed as dist
 
 from . import Aggregator, Compressor, Config, GradsiftError, NonFiniteError, Payload, Reducer, host_view
 
-__all__ = ["GradsiftState", "gradsift_hook", "ConfigMismatchError", "make_config", "ratio_at", "set_state"]
+__all__ = ["GradsiftState", "gradsift_hook", "ConfigMismatchError", "CollectiveError", "make_config", "ratio_at", "set_state"]
 
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 #: Bytes of the per-step trailer that ends every row: int64 [status, message bytes, step,
@@ -145,6 +147,15 @@ def set_state(comp: Compressor, config: Config, e: np.ndarray, u: np.ndarray | N
 
 class ConfigMismatchError(GradsiftError):
     """Ranks run the hook with different configurations (raised on every rank)."""
+
+
+class CollectiveError(GradsiftError):
+    """A collective of the reductions' process group failed: it timed out (``timeout=`` of
+    :class:`GradsiftState`: a rank stalled or died) or a peer closed its connection. The
+    step that met it applied no update and left this rank's residual and momentum as they
+    were; gloo closes a group's connections after a timeout, so every later step of the
+    state raises this error at once, before compressing anything: rebuild the process group
+    and the state (``load_state_dict`` keeps the residual) to go on."""
 
 
 @dataclass
@@ -251,6 +262,17 @@ class GradsiftState:
             GPU.
         threshold_every: under 'sparse', recompute the selection threshold exactly every
             this many steps (1: every step) and reuse it in between.
+        timeout: under 'sparse' and 'shared-randomk', how long each collective of the
+            reductions' group may wait for the other ranks (a ``datetime.timedelta`` > 0;
+            default None: torch's default group timeout, 30 minutes for gloo). A rank that
+            stalls longer makes every other rank's step raise :class:`CollectiveError`
+            instead of waiting. The all-gather path runs on ``process_group``, whose
+            timeout is the one given to ``init_process_group``: passing ``timeout`` with
+            reduce='allgather' raises ValueError.
+
+    Raises:
+        RuntimeError: no process group is initialised.
+        ValueError: a setting out of range or a combination that does not exist.
     """
 
     def __init__(
@@ -274,6 +296,7 @@ class GradsiftState:
         threshold_every: int = 1,
         levels: int | None = None,
         error_feedback: bool = True,
+        timeout: datetime.timedelta | None = None,
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
@@ -296,6 +319,14 @@ class GradsiftState:
             raise ValueError(f"reduce='shared-randomk' needs method='randomk', not {method!r}")
         if not (isinstance(threshold_every, int) and 1 <= threshold_every <= 100_000):
             raise ValueError(f"threshold_every={threshold_every!r}: an integer in [1, 100000]")
+        if timeout is not None:
+            if not isinstance(timeout, datetime.timedelta) or timeout <= datetime.timedelta(0):
+                raise ValueError(f"timeout={timeout!r}: a datetime.timedelta > 0, or None")
+            if reduce == "allgather":
+                raise ValueError(
+                    "timeout= is the reductions' group's (reduce='sparse' or 'shared-randomk'); reduce='allgather' "
+                    "runs on the model's process group: give init_process_group(timeout=) instead"
+                )
         self.settings = dict(
             method=method,
             ratio=float(ratio),
@@ -322,6 +353,11 @@ class GradsiftState:
         self._transport: _TorchTransport | None = None
         self._comm: _CommThread | None = None
         self._reduce_group = None
+        #: Set by the first failed collective of the reductions' group: its message. gloo
+        #: closes the group's connections after a timeout, and a late message of a peer
+        #: could otherwise meet a later step's receive.
+        self._broken: str | None = None
+        self.timeout = timeout
         if reduce != "allgather":
             # gloo whatever the model's group runs: the reductions move host bytes (the
             # payloads and selections, about k entries), never a bucket.
@@ -329,6 +365,7 @@ class GradsiftState:
                 ranks=dist.get_process_group_ranks(self.process_group),
                 backend="gloo",
                 use_local_synchronization=True,
+                **({} if timeout is None else {"timeout": timeout}),
             )
         self.config_at(0)  # validates the settings now, on every rank
         digest = hashlib.sha256(repr((sorted(self.settings.items()), self.world_size)).encode()).digest()
@@ -759,6 +796,18 @@ class _CommThread:
                 fut.set_result(out)
 
 
+@contextlib.contextmanager
+def _collective(what: str) -> Any:
+    """torch.distributed's errors (gloo raises RuntimeError for a timeout and a closed
+    connection alike) as :class:`CollectiveError`, so the hook can tell them from its own."""
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as e:
+        raise CollectiveError(f"{what}: {e}") from e
+
+
 class _TorchTransport:
     """The collectives of ``gradsift.Reducer`` over a ``torch.distributed`` process group
     (CPU tensors: gloo): variable-length byte strings, all-gathered in ``ceil(log2 K)``
@@ -775,13 +824,27 @@ class _TorchTransport:
         self._send = torch.zeros(0, dtype=torch.uint8)
         self._recv = torch.zeros(0, dtype=torch.uint8)
 
+    # What gradsift.Reducer calls: a failed collective raises CollectiveError, which the
+    # Reducer hands back as itself.
+    def all_gather(self, mine: bytes) -> list[bytes]:
+        with _collective("all_gather"):
+            return self._all_gather(mine)
+
+    def all_reduce_sum(self, words: bytes) -> bytes:
+        with _collective("all_reduce_sum"):
+            return self._all_reduce_sum(words)
+
+    def all_to_all(self, pieces: list[bytes]) -> list[bytes]:
+        with _collective("all_to_all"):
+            return self._all_to_all(pieces)
+
     def _room(self, send: int, recv: int) -> None:
         if self._send.numel() < send:
             self._send = torch.zeros(max(send, 2 * self._send.numel()), dtype=torch.uint8)
         if self._recv.numel() < recv:
             self._recv = torch.zeros(max(recv, 2 * self._recv.numel()), dtype=torch.uint8)
 
-    def all_gather(self, mine: bytes) -> list[bytes]:
+    def _all_gather(self, mine: bytes) -> list[bytes]:
         """Every rank's bytes, in rank order, by Bruck's algorithm: in round ``d = 1, 2,
         4, ..`` a rank sends the pieces it holds of ranks ``me .. me + d - 1`` (at most
         ``K - d`` of them) to rank ``me - d`` and receives those of ``me + d ..`` from rank
@@ -815,7 +878,7 @@ class _TorchTransport:
             d *= 2
         return [held[(w - me) % K] for w in range(K)]
 
-    def all_reduce_sum(self, words: bytes) -> bytes:
+    def _all_reduce_sum(self, words: bytes) -> bytes:
         """Wrapping sums of little-endian u32 words over the group (the selection's
         histograms, SPEC §12), by recursive doubling: with ``p`` the largest power of two
         ``<= K``, rank ``p + j`` first folds its words into rank ``j``; ranks ``0..p``
@@ -850,7 +913,7 @@ class _TorchTransport:
             dist.send(mine, group=self.group, group_dst=me + p)
         return acc.tobytes()
 
-    def all_to_all(self, pieces: list[bytes]) -> list[bytes]:
+    def _all_to_all(self, pieces: list[bytes]) -> list[bytes]:
         ins = [len(p) for p in pieces]
         self._splits[:] = torch.tensor(ins, dtype=torch.int64)
         dist.all_to_all_single(self._sizes, self._splits, group=self.group)
@@ -869,6 +932,11 @@ def _reduce(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int) -> t
     """A bucket under 'sparse' or 'shared-randomk', on the communication thread: the step,
     a status all-gather (every rank takes the same decision, as on the all-gather path),
     the reduction into ``buf`` and the refund; any failure undoes this rank's step."""
+    if state._broken is not None:
+        raise CollectiveError(
+            f"gradsift hook: step {step} not run: the reductions' group failed at {state._broken}; rebuild the "
+            "process group and the GradsiftState"
+        )
     cfg = state.config_at(step)
     if cfg != b.config:
         b.comp.reconfigure(cfg)  # DGC warm-up: keeps residual and momentum
@@ -915,7 +983,8 @@ def _reduce_steps(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int
         status, failure = _FAILED, e
     try:
         b.status.numpy()[:] = (status, 0 if payload is None else len(payload), step, state.fingerprint, count, first)
-        dist.all_gather_into_tensor(b.statuses, b.status, group=state._reduce_group)
+        with _collective("the status all-gather"):
+            dist.all_gather_into_tensor(b.statuses, b.status, group=state._reduce_group)
         if failure is not None:
             raise failure
         _decide(state, b, b.statuses.numpy().reshape(state.world_size, 6), step)
@@ -925,9 +994,16 @@ def _reduce_steps(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int
             refunds, sent, received = b.reducer.reduce([payload], step, x, dtype=hint, transport=state._transport)
             for back in refunds:
                 b.comp.refund(back)
-    except BaseException:
+    except BaseException as e:
         if payload is not None:  # a step that failed changed nothing: a revert would undo the one before
             b.comp.revert()
+        if isinstance(e, CollectiveError):
+            state._broken = f"step {step}: {e}"
+            raise CollectiveError(
+                f"gradsift hook: step {step}: a collective of the reductions' group failed: {e}; no update was applied "
+                "and this rank's residual is as before the step; the group is closed: rebuild the process group and "
+                "the GradsiftState"
+            ) from e
         raise
     if step != state._last_step:
         state._last_step = step

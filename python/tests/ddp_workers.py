@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import traceback
 
 import torch
@@ -99,6 +100,8 @@ def train(rank: int, case: dict, steps: int, state_in: dict | None = None, start
     for t in range(start, start + steps):
         x, y = batch(rank, t, dtype, nan=(t == case.get("nan_step") and rank == case.get("nan_rank")))
         x, y = x.to(device), y.to(device)
+        if t == case.get("stall_step") and rank == case.get("stall_rank"):
+            time.sleep(case["stall_s"])  # a rank that stalls (a slow host, a debugger)
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(ddp(x).float(), y)
         try:
@@ -106,6 +109,14 @@ def train(rank: int, case: dict, steps: int, state_in: dict | None = None, start
         except Exception as e:  # noqa: BLE001 - the test inspects what each rank raised
             errors.append((t, type(e).__name__, str(e)))
             saved = {k: v.clone() for k, v in state.state_dict()["residual"].items()}
+            if case.get("after_error"):
+                # what the state does with a later step: DDP would not run one (its reducer
+                # expects the failed reduction to finish), so the hook's job directly
+                b = next(iter(state._buckets.values()))
+                try:
+                    gst._reduce(state, b, torch.zeros(sum(b.sizes), dtype=dtype), b.steps)
+                except Exception as e2:  # noqa: BLE001
+                    errors.append((t + 1, type(e2).__name__, str(e2)))
             break
         opt.step()
         bytes_per_step.append((state.bytes_sent, state.bytes_padded, state.bytes_received))

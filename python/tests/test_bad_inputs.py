@@ -1,13 +1,16 @@
 """Bad input: float64 and non-contiguous arrays, ranks configured differently, a
-non-finite gradient on one rank, no process group."""
+non-finite gradient on one rank, a failed or stalled rank, no process group."""
 
 from __future__ import annotations
 
+import datetime
 import re
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+from conftest import free_port
 
 import gradsift
 from gradsift import Compressor, Config, host_view
@@ -113,6 +116,50 @@ def test_a_failed_step_stops_every_rank_under_the_reductions(run_ranks, world, r
     for r, c in zip(res, clean):
         for k, v in r["saved"].items():
             assert torch.equal(v, c["final_residual"][k]), k
+
+
+def test_a_stalled_rank_times_out_the_others_residual_kept(run_ranks):
+    """timeout= bounds each collective of the reductions' group: with rank 2 asleep at step
+    2 for longer, ranks 0 and 1 raise CollectiveError within it instead of waiting 30
+    minutes, rank 2 raises one when it wakes (its peers closed the group), a later step
+    raises at once without compressing, and every rank keeps the residual of steps 0, 1."""
+    settings = dict(method="topk", ratio=0.1, momentum=0.9, reduce="sparse", timeout=datetime.timedelta(seconds=3))
+    case = dict(settings=settings, steps=4, stall_step=2, stall_rank=2, stall_s=10, after_error=True)
+    res = run_ranks(3, case, timeout=120.0)
+    for rank, r in enumerate(res):
+        (t, kind, msg), (t2, kind2, msg2) = r["errors"]
+        assert t == 2 and "CollectiveError" in msg and "a collective of the reductions' group failed" in msg, msg
+        assert "no update was applied" in msg, msg
+        # the bucket's step count stays at the failed step's
+        assert kind2 == "CollectiveError" and "step 2 not run" in msg2 and "failed at step 2" in msg2, msg2
+        assert len(r["rec"]) == 2
+    # a rank that waited timed out (the other may instead see its peer close the group)
+    assert any("Timed out" in r["errors"][0][2] for r in res[:2]), [r["errors"][0][2] for r in res]
+    clean = run_ranks(3, dict(case, stall_step=None, after_error=False, steps=2))
+    for r, c in zip(res, clean):
+        for got in (r["saved"], r["final_residual"]):
+            assert set(got) == set(c["final_residual"])
+            for k, v in got.items():
+                assert torch.equal(v, c["final_residual"][k]), k
+
+
+def test_timeout_is_checked():
+    """Bad timeouts are ValueErrors at construction (needs no peers: a world of one)."""
+    import gradsift.torch as gst
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        m = torch.nn.Linear(2, 2)
+        for bad in (datetime.timedelta(0), datetime.timedelta(seconds=-1), 5):
+            with pytest.raises(ValueError, match="timeout="):
+                gst.GradsiftState(m, reduce="sparse", timeout=bad)
+        with pytest.raises(ValueError, match="init_process_group"):
+            gst.GradsiftState(m, timeout=datetime.timedelta(seconds=1))
+        st = gst.GradsiftState(m, reduce="sparse", timeout=datetime.timedelta(seconds=1))
+        assert st.timeout == datetime.timedelta(seconds=1)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_method_names_come_from_the_one_table():
