@@ -380,6 +380,11 @@ pub struct EpochReport {
     /// compressed runs' collectives; the measurement exchanges of losses and dense
     /// gradients are not counted); 0 for the baseline.
     pub received_per_worker_step: f64,
+    /// Bytes the worker that received the most in a step received, averaged over the steps:
+    /// what bounds a step on a real network; the same as `received_per_worker_step` when the
+    /// traffic is even (the all-gather), larger when one owner of the sparse all-reduce's
+    /// regions receives more; 0 for the baseline.
+    pub received_busiest_worker_step: f64,
     /// Mean over the epoch's steps of the size-weighted `sigma_X^2` (per coordinate).
     pub sigma_x2: f64,
     /// Mean over the epoch's steps of the size-weighted `sigma_N^2`.
@@ -521,6 +526,8 @@ struct EpochSums {
     bits: f64,
     r_sum_bits: f64,
     received_bytes: u64,
+    /// The busiest worker's received bytes, summed over the steps.
+    busiest_bytes: u64,
     /// Steps taken (fewer than the epoch's when the target loss stopped it).
     done: usize,
 }
@@ -533,6 +540,7 @@ impl EpochSums {
         rep.train_loss /= steps_f;
         rep.bits_per_worker_step = self.bits / (steps_f * k as f64);
         rep.received_per_worker_step = self.received_bytes as f64 / (steps_f * k as f64);
+        rep.received_busiest_worker_step = self.busiest_bytes as f64 / steps_f;
         rep.sigma_x2 /= steps_f;
         rep.sigma_n2 /= steps_f;
         if compressed {
@@ -679,6 +687,7 @@ impl<'a> Run<'a> {
             bits: 0.0,
             r_sum_bits: 0.0,
             received_bytes: 0,
+            busiest_bytes: 0,
             done: 0,
         }
     }
@@ -767,9 +776,10 @@ impl<'a> Run<'a> {
                 &mut self.update,
             )?,
         }
-        let (sent, received) = self.exchange.settle(self.transport)?;
+        let (sent, received, busiest) = self.exchange.settle(self.transport)?;
         let step_bits = 8 * sent;
         sums.received_bytes += received;
+        sums.busiest_bytes += busiest;
         let views: Vec<&[f32]> = self.all.iter().map(|g| g.as_slice()).collect();
         let (layout, variances, update) = (&self.layout, &self.variances, &self.update);
         let m = rd::measure_aggregate(&views, layout, variances, update, step_bits, self.t)?;
@@ -1083,10 +1093,11 @@ impl Exchange {
         Ok(())
     }
 
-    /// The step's bytes sent and received, summed over all `K` workers: one all-gather of
-    /// two counters per worker (a measurement, like the losses', outside the payload
-    /// exchange), so that every rank reports the same figures. Clears the counters.
-    fn settle(&mut self, transport: &mut dyn Transport) -> Result<(u64, u64)> {
+    /// The step's bytes sent and received, summed over all `K` workers, and the most one
+    /// worker received: one all-gather of two counters per worker (a measurement, like the
+    /// losses', outside the payload exchange), so that every rank reports the same figures.
+    /// Clears the counters.
+    fn settle(&mut self, transport: &mut dyn Transport) -> Result<(u64, u64, u64)> {
         let n = transport.local().len();
         self.counters.resize_with(n, Vec::new);
         for (i, b) in self.counters.iter_mut().enumerate() {
@@ -1105,7 +1116,7 @@ impl Exchange {
         gather(transport, &self.counters, &mut self.all_counters)?;
         self.traffic.clear();
         self.sent.clear();
-        let (mut sent, mut received) = (0u64, 0u64);
+        let (mut sent, mut received, mut busiest) = (0u64, 0u64, 0u64);
         for b in &self.all_counters {
             let word = |at: usize| {
                 b.get(at..at + 8)
@@ -1120,8 +1131,9 @@ impl Exchange {
             };
             sent += s;
             received += r;
+            busiest = busiest.max(r);
         }
-        Ok((sent, received))
+        Ok((sent, received, busiest))
     }
 }
 

@@ -8,7 +8,8 @@
 //!   `w = 0`), so every worker sends the same indices and only the `k` values need summing:
 //!   an ordinary all-reduce of `k` f32s (SPEC §12's worker-order all-reduce).
 //! - [`Reduce::Sparse`]: a sparse all-reduce of top-k / rTop-k payloads in the Ok-Topk
-//!   family ([`SparseAllReduce`]): the index space is split into `K` regions, each region's
+//!   family ([`SparseAllReduce`]): the index space is split into `K` regions (balanced by
+//!   the last step's selection, which every rank holds), each region's
 //!   contributions are aggregated at its owner (an all-to-all), the global top-k of the
 //!   aggregate is selected with a distributed radix select (histograms all-reduced), and the
 //!   selected entries are all-gathered. What a worker sent that the global selection drops
@@ -465,6 +466,8 @@ pub struct SparseAllReduce {
     /// the steps since.
     thresholds: Option<Vec<Option<u32>>>,
     since_exact: u64,
+    /// `K + 1` region boundaries, balanced by the last selection (SPEC §12).
+    bounds: Vec<usize>,
     wires: Wires,
     piece: Payload,
     /// Every owner's decoded selection.
@@ -554,6 +557,9 @@ impl SparseAllReduce {
             threshold_every,
             thresholds: None,
             since_exact: 0,
+            bounds: (0..=workers)
+                .map(|j| region_start(layout.n(), workers, j))
+                .collect(),
             wires: Wires::default(),
             piece: Payload::Sparse(SparsePayload::default()),
             picked: Vec::new(),
@@ -604,7 +610,35 @@ impl SparseAllReduce {
         }
         self.gather_selection(t, step, update, traffic)?;
         self.fill_refunds(local, refunds);
+        self.rebalance();
         Ok(())
+    }
+
+    /// The regions of the next call: region `j > 0` starts at the `floor(j s / K)`-th of
+    /// this call's `s` selected indices, so that each owner holds about `s / K` of them
+    /// (the workers' large entries tend to stay where the last selection was). Every rank
+    /// holds the same selection, so every rank computes the same boundaries; the update
+    /// does not depend on them, only who receives what (SPEC §12).
+    fn rebalance(&mut self) {
+        let (k, s) = (self.workers, self.selected.len());
+        if s == 0 {
+            return;
+        }
+        for j in 1..k {
+            self.bounds[j] = self.selected[((j as u128 * s as u128) / k as u128) as usize] as usize;
+        }
+    }
+
+    /// Region `j` of the current call: `bounds[j]..bounds[j + 1]`.
+    fn region(&self, j: usize) -> (usize, usize) {
+        (self.bounds[j], self.bounds[j + 1])
+    }
+
+    /// The `K + 1` boundaries of the regions the next call uses: region `j` is
+    /// `regions()[j]..regions()[j + 1]` (equal ones, [`region_start`], before the first
+    /// call; then balanced by the last selection, SPEC §12).
+    pub fn regions(&self) -> &[usize] {
+        &self.bounds
     }
 
     /// The last successful [`SparseAllReduce::reduce`]'s update as entries `(index, value)`
@@ -694,7 +728,7 @@ impl SparseAllReduce {
         for (i, p) in local.iter().enumerate() {
             part.values_dtype = p.values_dtype;
             for j in 0..k {
-                let (lo, hi) = (region_start(self.n, k, j), region_start(self.n, k, j + 1));
+                let (lo, hi) = self.region(j);
                 let a = p.indices.partition_point(|&x| (x as usize) < lo);
                 let b = a + p.indices[a..].partition_point(|&x| (x as usize) < hi);
                 part.indices.clear();
@@ -726,10 +760,7 @@ impl SparseAllReduce {
         let range = t.local();
         self.cands.resize_with(range.len(), Vec::new);
         for (i, owner) in range.enumerate() {
-            let (lo, hi) = (
-                region_start(self.n, k, owner),
-                region_start(self.n, k, owner + 1),
-            );
+            let (lo, hi) = self.region(owner);
             self.entries.clear();
             for w in 0..k {
                 wire::decode_into(&self.wires.recv[i * k + w], &mut self.piece).map_err(|e| {
@@ -960,10 +991,7 @@ impl SparseAllReduce {
         self.picked
             .resize_with(k, || Payload::Sparse(SparsePayload::default()));
         for owner in 0..k {
-            let (lo, hi) = (
-                region_start(self.n, k, owner),
-                region_start(self.n, k, owner + 1),
-            );
+            let (lo, hi) = self.region(owner);
             wire::decode_into(&self.wires.gathered[owner], &mut self.picked[owner]).map_err(|e| {
                 transport_err(format!(
                     "sparse all-reduce, step {step}: worker {owner}'s selection does not decode: {e}"
@@ -1116,51 +1144,146 @@ mod tests {
                 for rule in [Average::OverWorkers, Average::OverSenders] {
                     let mut config = Config::topk(0.2);
                     config.mode = mode;
-                    let ps = payloads(&layout, &config, k, 7 + case as u64);
-                    let (want, want_refunds) = reference(&layout, &config, rule, &ps);
                     let mut plan = SparseAllReduce::new(&layout, &config, rule, k, 1).unwrap();
-                    let views: Vec<&SparsePayload> = ps.iter().collect();
-                    let (mut update, mut refunds) = (vec![9.0; layout.n()], Vec::new());
-                    let mut traffic = Traffic::default();
-                    plan.reduce(
-                        &mut InProcess::new(k),
-                        &views,
-                        0,
-                        &mut update,
-                        &mut refunds,
-                        &mut traffic,
-                    )
-                    .unwrap();
-                    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&update), bits(&want), "K={k} {mode:?} {rule:?}");
-                    // The same update as entries (what the hook's CUDA buckets scatter).
-                    let mut dense = vec![0.0f32; layout.n()];
-                    let mut last = None;
-                    for (i, v) in plan.selection() {
-                        assert!(last < Some(i), "K={k}: selection not ascending");
-                        last = Some(i);
-                        dense[i as usize] = v;
-                    }
-                    assert_eq!(bits(&dense), bits(&want), "K={k} {mode:?} {rule:?} entries");
-                    let got: Vec<Vec<u32>> = refunds.iter().map(|r| r.indices.clone()).collect();
-                    assert_eq!(got, want_refunds, "K={k} {mode:?} {rule:?}");
-                    for (r, p) in refunds.iter().zip(&ps) {
-                        for (i, v) in r.indices.iter().zip(&r.values) {
-                            let at = p.indices.binary_search(i).unwrap();
-                            assert_eq!(v.to_bits(), p.values[at].to_bits());
+                    // later steps run on regions balanced by the step before
+                    for step in 0..3u64 {
+                        let ps = payloads(&layout, &config, k, 7 + case as u64 + 100 * step);
+                        let (want, want_refunds) = reference(&layout, &config, rule, &ps);
+                        let views: Vec<&SparsePayload> = ps.iter().collect();
+                        let (mut update, mut refunds) = (vec![9.0; layout.n()], Vec::new());
+                        let mut traffic = Traffic::default();
+                        plan.reduce(
+                            &mut InProcess::new(k),
+                            &views,
+                            step,
+                            &mut update,
+                            &mut refunds,
+                            &mut traffic,
+                        )
+                        .unwrap();
+                        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(&update),
+                            bits(&want),
+                            "K={k} {mode:?} {rule:?} step {step}"
+                        );
+                        // The same update as entries (what the hook's CUDA buckets scatter).
+                        let mut dense = vec![0.0f32; layout.n()];
+                        let mut last = None;
+                        for (i, v) in plan.selection() {
+                            assert!(last < Some(i), "K={k}: selection not ascending");
+                            last = Some(i);
+                            dense[i as usize] = v;
                         }
+                        assert_eq!(bits(&dense), bits(&want), "K={k} {mode:?} {rule:?} entries");
+                        let got: Vec<Vec<u32>> =
+                            refunds.iter().map(|r| r.indices.clone()).collect();
+                        assert_eq!(got, want_refunds, "K={k} {mode:?} {rule:?}");
+                        for (r, p) in refunds.iter().zip(&ps) {
+                            for (i, v) in r.indices.iter().zip(&r.values) {
+                                let at = p.indices.binary_search(i).unwrap();
+                                assert_eq!(v.to_bits(), p.values[at].to_bits());
+                            }
+                        }
+                        // The selection has k_g entries per group whose union is larger.
+                        let selected = update.iter().filter(|v| **v != 0.0).count();
+                        let groups = config.plan_groups(&layout).unwrap();
+                        let k_total: usize = groups.iter().map(|g| g.k).sum();
+                        if k > 1 {
+                            assert!(
+                                selected <= k_total && selected + 3 >= k_total.min(selected + 3)
+                            );
+                        }
+                        assert!(k == 1 || traffic.total() > 0);
                     }
-                    // The selection has k_g entries per group whose union is larger.
-                    let selected = update.iter().filter(|v| **v != 0.0).count();
-                    let groups = config.plan_groups(&layout).unwrap();
-                    let k_total: usize = groups.iter().map(|g| g.k).sum();
-                    if k > 1 {
-                        assert!(selected <= k_total && selected + 3 >= k_total.min(selected + 3));
-                    }
-                    assert!(k == 1 || traffic.total() > 0);
                 }
             }
         }
+    }
+
+    #[test]
+    fn regions_follow_the_last_selection() {
+        // Every worker's entries lie in the first half of region 0 of the equal split, so
+        // owner 0 receives all of the scatter; after one step the regions split the
+        // selection, and the busiest owner receives about a quarter as much.
+        let (n, k, per) = (100_000usize, 8usize, 1000usize);
+        let layout = Layout::new(&[n]).unwrap();
+        let config = Config::topk(per as f64 / n as f64);
+        let mut plan = SparseAllReduce::new(&layout, &config, Average::OverWorkers, k, 1).unwrap();
+        let equal: Vec<usize> = (0..=k).map(|j| region_start(n, k, j)).collect();
+        assert_eq!(plan.regions(), equal);
+        let draw = |seed: u64| -> Vec<SparsePayload> {
+            let mut rng = Rng(seed);
+            (0..k)
+                .map(|_| {
+                    let mut indices: Vec<u32> = (0..n as u32 / 16).collect();
+                    for j in 0..per {
+                        let pick = j + (rng.next() as usize) % (indices.len() - j);
+                        indices.swap(j, pick);
+                    }
+                    indices.truncate(per);
+                    indices.sort_unstable();
+                    let values = indices
+                        .iter()
+                        .map(|_| (rng.next() % 1000) as f32 - 499.5)
+                        .collect();
+                    SparsePayload {
+                        n: n as u32,
+                        values_dtype: DType::F32,
+                        indices,
+                        values,
+                    }
+                })
+                .collect()
+        };
+        // the histograms' bytes (4 radix rounds of one group's 1 KiB), the same each step
+        let mut hist = Traffic::default();
+        for _ in 0..4 {
+            hist.recursive_doubling(0..k, k, 1024);
+        }
+        let mut busiest = Vec::new();
+        for step in 0..2u64 {
+            let ps = draw(3 + step);
+            let views: Vec<&SparsePayload> = ps.iter().collect();
+            let (mut update, mut refunds, mut traffic) =
+                (vec![0.0; n], Vec::new(), Traffic::default());
+            plan.reduce(
+                &mut InProcess::new(k),
+                &views,
+                step,
+                &mut update,
+                &mut refunds,
+                &mut traffic,
+            )
+            .unwrap();
+            let (want, _) = reference(&layout, &config, Average::OverWorkers, &ps);
+            assert_eq!(
+                update.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "step {step}: the regions change who receives what, never the update"
+            );
+            let sel: Vec<usize> = plan.selection().map(|(i, _)| i as usize).collect();
+            let r = plan.regions().to_vec();
+            assert_eq!((r[0], r[k]), (0, n));
+            for j in 0..k {
+                let held = sel.iter().filter(|&&i| r[j] <= i && i < r[j + 1]).count();
+                assert!(
+                    held == sel.len() / k || held == sel.len().div_ceil(k),
+                    "step {step}: region {j} {r:?} holds {held} of {}",
+                    sel.len()
+                );
+            }
+            let data = traffic
+                .received
+                .iter()
+                .zip(&hist.received)
+                .map(|(a, h)| a - h);
+            busiest.push(data.max().unwrap());
+        }
+        assert!(
+            3 * busiest[1] < busiest[0],
+            "the busiest owner received {busiest:?} bytes"
+        );
     }
 
     #[test]
