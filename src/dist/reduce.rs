@@ -1136,6 +1136,27 @@ mod tests {
         (update, refunds)
     }
 
+    /// One step of `plan` over `ps` (one worker each) in process: update, refunds, traffic.
+    fn in_process_step(
+        plan: &mut SparseAllReduce,
+        ps: &[SparsePayload],
+        step: u64,
+    ) -> (Vec<f32>, Vec<SparsePayload>, Traffic) {
+        let views: Vec<&SparsePayload> = ps.iter().collect();
+        let (mut update, mut refunds) = (vec![9.0; plan.n], Vec::new());
+        let mut traffic = Traffic::default();
+        plan.reduce(
+            &mut InProcess::new(ps.len()),
+            &views,
+            step,
+            &mut update,
+            &mut refunds,
+            &mut traffic,
+        )
+        .unwrap();
+        (update, refunds, traffic)
+    }
+
     #[test]
     fn exact_selection_equals_the_reference() {
         let layout = Layout::new(&[40, 7, 0, 53]).unwrap();
@@ -1149,18 +1170,7 @@ mod tests {
                     for step in 0..3u64 {
                         let ps = payloads(&layout, &config, k, 7 + case as u64 + 100 * step);
                         let (want, want_refunds) = reference(&layout, &config, rule, &ps);
-                        let views: Vec<&SparsePayload> = ps.iter().collect();
-                        let (mut update, mut refunds) = (vec![9.0; layout.n()], Vec::new());
-                        let mut traffic = Traffic::default();
-                        plan.reduce(
-                            &mut InProcess::new(k),
-                            &views,
-                            step,
-                            &mut update,
-                            &mut refunds,
-                            &mut traffic,
-                        )
-                        .unwrap();
+                        let (update, refunds, traffic) = in_process_step(&mut plan, &ps, step);
                         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                         assert_eq!(
                             bits(&update),
@@ -1244,18 +1254,7 @@ mod tests {
         let mut busiest = Vec::new();
         for step in 0..2u64 {
             let ps = draw(3 + step);
-            let views: Vec<&SparsePayload> = ps.iter().collect();
-            let (mut update, mut refunds, mut traffic) =
-                (vec![0.0; n], Vec::new(), Traffic::default());
-            plan.reduce(
-                &mut InProcess::new(k),
-                &views,
-                step,
-                &mut update,
-                &mut refunds,
-                &mut traffic,
-            )
-            .unwrap();
+            let (update, _, traffic) = in_process_step(&mut plan, &ps, step);
             let (want, _) = reference(&layout, &config, Average::OverWorkers, &ps);
             assert_eq!(
                 update.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
