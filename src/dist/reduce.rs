@@ -1350,22 +1350,10 @@ mod tests {
         let layout = Layout::new(&[64]).unwrap();
         let config = Config::topk(0.125);
         let mut plan = SparseAllReduce::new(&layout, &config, Average::OverWorkers, 3, 3).unwrap();
-        let mut t = InProcess::new(3);
-        let (mut update, mut refunds) = (vec![0.0; 64], Vec::new());
-        let mut traffic = Traffic::default();
         for step in 0..4u64 {
             let ps = payloads(&layout, &config, 3, 100 + step);
-            let views: Vec<&SparsePayload> = ps.iter().collect();
             let before = plan.thresholds().map(|t| t.to_vec());
-            plan.reduce(
-                &mut t,
-                &views,
-                step,
-                &mut update,
-                &mut refunds,
-                &mut traffic,
-            )
-            .unwrap();
+            let (update, _, _) = in_process_step(&mut plan, &ps, step);
             if step % 3 == 0 {
                 let (want, _) = reference(&layout, &config, Average::OverWorkers, &ps);
                 assert_eq!(update, want, "step {step} is exact");
