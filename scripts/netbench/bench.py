@@ -124,7 +124,7 @@ def table(rows: list[dict], meta: dict) -> str:
                 acc = "-" if u["acc"] is None else f"{100 * u['acc']:.1f}%"
                 stt = "-" if u["steps_to_target"] is None else str(u["steps_to_target"])
                 out.append(f"| {LABEL.get(m, m)} | " + " | ".join(cells) + f" | {sent} | {acc} | {stt} | " + ", ".join(ttts) + " |")
-            gs = [r for r in sub if r["method"].startswith("gs-") and r["rate"] == "unshaped"]
+            gs = [r for r in sub if r["method"].startswith("gs-") and r["rate"] == "unshaped" and r.get("compute") is not None]
             noop = next((r for r in sub if r["method"] == "noop" and r["rate"] == "unshaped"), None)
             if gs and noop:
                 out.append("")
