@@ -480,6 +480,10 @@ pub struct SparseAllReduce {
     chosen: Vec<SparsePayload>,
     hist: Vec<u32>,
     summed: Vec<u32>,
+    /// Per group: the radix select's state (SPEC §12 phase 2).
+    search: Vec<Search>,
+    /// Per local owner and group: the threshold ties the lower regions hold.
+    before: Vec<u64>,
     selected: Vec<u32>,
     sent: Vec<u64>,
 }
@@ -568,6 +572,8 @@ impl SparseAllReduce {
             chosen: Vec::new(),
             hist: Vec::new(),
             summed: Vec::new(),
+            search: Vec::new(),
+            before: Vec::new(),
             selected: Vec::new(),
             sent: Vec::new(),
         })
@@ -817,9 +823,33 @@ impl SparseAllReduce {
     /// candidates, four rounds of 8-bit histograms all-reduced; ties at the threshold go to
     /// the lowest indices (SPEC §1).
     fn select_exact(&mut self, t: &mut dyn Transport, traffic: &mut Traffic) -> Result<()> {
+        // `search` is taken out of `self` so that the passes can borrow the candidates beside it.
+        let mut search = std::mem::take(&mut self.search);
+        search.clear();
+        search.resize(self.groups.len(), Search::default());
+        let res = self
+            .radix_rounds(t, &mut search, traffic)
+            .and_then(|()| self.ties_before(t, &search, traffic));
+        if res.is_ok() {
+            self.pick_exact(&search);
+            let th = self.thresholds.get_or_insert_with(Vec::new);
+            th.clear();
+            th.extend(search.iter().map(Search::threshold));
+        }
+        self.search = search;
+        res
+    }
+
+    /// The four rounds of [`Self::select_exact`]: each histograms the next 8 key bits of the
+    /// candidates that share the prefix fixed so far and all-reduces the counts.
+    fn radix_rounds(
+        &mut self,
+        t: &mut dyn Transport,
+        search: &mut [Search],
+        traffic: &mut Traffic,
+    ) -> Result<()> {
         let gs = self.groups.len();
         let locals = self.cands.len();
-        let mut search = vec![Search::default(); gs];
         for round in 0..32 / DIGIT_BITS {
             let shift = 32 - DIGIT_BITS * (round + 1);
             self.hist.clear();
@@ -871,14 +901,21 @@ impl SparseAllReduce {
                 }
             }
         }
-        let before = self.ties_before(t, &search, traffic)?;
+        Ok(())
+    }
+
+    /// Selects, per local owner, the candidates below each group's threshold key and its
+    /// share of the ties (by region order, lowest index first), given `self.before`.
+    fn pick_exact(&mut self, search: &[Search]) {
+        let gs = self.groups.len();
+        let locals = self.cands.len();
         self.chosen.resize_with(locals, SparsePayload::default);
         for i in 0..locals {
             let mut out = std::mem::take(&mut self.chosen[i]);
             out.indices.clear();
             out.values.clear();
             for (g, s) in search.iter().enumerate() {
-                let mut quota = s.need.saturating_sub(before[i * gs + g]);
+                let mut quota = s.need.saturating_sub(self.before[i * gs + g]);
                 for &(x, a, key) in in_group(&self.cands[i], &self.groups[g].0) {
                     let tie = !s.all && key == s.prefix && quota > 0;
                     if tie {
@@ -892,24 +929,24 @@ impl SparseAllReduce {
             }
             self.chosen[i] = out;
         }
-        self.thresholds = Some(search.iter().map(Search::threshold).collect());
-        Ok(())
     }
 
-    /// For each local owner and group, how many threshold ties the owners before it (lower
-    /// regions) hold: all zeros unless some group's threshold splits its ties, which every
-    /// rank can tell from the summed histograms, so the all-gather is collective.
+    /// Sets `before` (per local owner and group) to how many threshold ties the owners
+    /// before it (lower regions) hold: all zeros unless some group's threshold splits its
+    /// ties, which every rank can tell from the summed histograms, so the all-gather is
+    /// collective.
     fn ties_before(
         &mut self,
         t: &mut dyn Transport,
         search: &[Search],
         traffic: &mut Traffic,
-    ) -> Result<Vec<u64>> {
+    ) -> Result<()> {
         let gs = self.groups.len();
         let locals = self.cands.len();
-        let mut before = vec![0u64; locals * gs];
+        self.before.clear();
+        self.before.resize(locals * gs, 0);
         if !search.iter().any(|s| s.searching() && s.need < s.ties) {
-            return Ok(before);
+            return Ok(());
         }
         self.wires.reset_send(locals);
         for i in 0..locals {
@@ -933,13 +970,13 @@ impl SparseAllReduce {
         }
         for (i, owner) in t.local().enumerate() {
             for g in 0..gs {
-                before[i * gs + g] = self.wires.gathered[..owner]
+                self.before[i * gs + g] = self.wires.gathered[..owner]
                     .iter()
                     .map(|piece| u64::from(u32::get(&piece[g * 4..])))
                     .sum();
             }
         }
-        Ok(before)
+        Ok(())
     }
 
     /// Phase 2, reused threshold: every candidate at or below its group's threshold key.
