@@ -150,12 +150,14 @@ class ConfigMismatchError(GradsiftError):
 
 
 class CollectiveError(GradsiftError):
-    """A collective of the reductions' process group failed: it timed out (``timeout=`` of
-    :class:`GradsiftState`: a rank stalled or died) or a peer closed its connection. The
-    step that met it applied no update and left this rank's residual and momentum as they
-    were; gloo closes a group's connections after a timeout, so every later step of the
-    state raises this error at once, before compressing anything: rebuild the process group
-    and the state (``load_state_dict`` keeps the residual) to go on."""
+    """A collective of the hook failed: it timed out (``timeout=`` of :class:`GradsiftState`
+    for the reductions' group; ``init_process_group(timeout=)`` for the all-gather, which runs
+    on the model's group) or a peer closed its connection. The step that met it applied no
+    update and left this rank's residual and momentum as they were. gloo closes a group's
+    connections after a timeout, so under the reductions every later step of the state
+    raises this error at once, before compressing anything (under the all-gather the model's
+    group itself fails the next collective): rebuild the process group and the state
+    (``load_state_dict`` keeps the residual) to go on."""
 
 
 @dataclass
@@ -620,11 +622,24 @@ def _decide(state: GradsiftState, b: _Bucket, t: np.ndarray, step: int) -> None:
         )
 
 
+def _allgather_done(fut: Any, step: int) -> None:
+    """Raises what the all-gather of the model's group met (a timeout of
+    ``init_process_group(timeout=)``, a closed connection) as :class:`CollectiveError`; the
+    callback's handler then reverts the step."""
+    try:
+        fut.value()
+    except RuntimeError as e:
+        raise CollectiveError(
+            f"gradsift hook: step {step}: the all-gather of the model's process group failed: {e}; no update was "
+            "applied and this rank's residual is as before the step"
+        ) from e
+
+
 def _finish_host(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int, fut: Any) -> torch.Tensor:
     """The future's callback, host rows: decide, then decode and aggregate into ``buf``."""
     failure, b.failure = b.failure, None
     try:
-        fut.value()  # a failed collective raises here
+        _allgather_done(fut, step)
         if failure is not None:
             raise failure
         if b.recv_np is None:  # NCCL rows of the host wire path (sign and QSGD on CUDA)
@@ -658,7 +673,7 @@ def _finish_rows(state: GradsiftState, b: _Bucket, buf: torch.Tensor, step: int,
     before them) come to the host, 64 bytes a rank; rows and aggregation stay on the device."""
     failure, b.failure = b.failure, None
     try:
-        fut.value()
+        _allgather_done(fut, step)
         if failure is not None:
             raise failure
         dev = buf.device

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import time
 import traceback
@@ -152,7 +153,11 @@ def worker(rank: int, world: int, port: int, case: dict, outdir: str) -> None:
         if case.get("device", "cpu").startswith("cuda"):
             torch.cuda.set_device(torch.device(case["device"]))
         addr = os.environ.get("MASTER_ADDR", "127.0.0.1") if case.get("cluster") else "127.0.0.1"
-        dist.init_process_group(case.get("pg", "gloo"), init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world)
+        # pg_timeout: the model's group's timeout in seconds (what bounds the all-gather path)
+        pg_timeout = {"timeout": datetime.timedelta(seconds=case["pg_timeout"])} if case.get("pg_timeout") else {}
+        dist.init_process_group(
+            case.get("pg", "gloo"), init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world, **pg_timeout
+        )
         if case.get("sum_words"):
             # The reductions' integer all-reduce on its own (recursive doubling over gloo).
             t = gst._TorchTransport(dist.group.WORLD)
@@ -171,7 +176,8 @@ def worker(rank: int, world: int, port: int, case: dict, outdir: str) -> None:
             r2 = train(rank, case, steps - case["save_at"], state_in=sd, start=case["save_at"], model_in=model_sd)
             result["resumed_params"] = r2["params"]
             result["resumed_rec"] = r2["rec"]
-        dist.barrier()
+        if not (case.get("pg_timeout") and result.get("errors")):  # a failed model group has no barrier
+            dist.barrier()
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001
         result["crash"] = traceback.format_exc()

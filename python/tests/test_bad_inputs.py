@@ -143,6 +143,28 @@ def test_a_stalled_rank_times_out_the_others_residual_kept(run_ranks):
                 assert torch.equal(v, c["final_residual"][k]), k
 
 
+def test_a_stalled_rank_times_out_the_allgather_residual_kept(run_ranks):
+    """Under reduce='allgather' the hook's all-gather runs on the model's group, whose
+    ``init_process_group(timeout=)`` bounds it: with rank 2 asleep at step 2 for longer, the
+    ranks that wait raise CollectiveError (not gloo's bare RuntimeError), and every rank
+    keeps the residual of steps 0 and 1."""
+    settings = dict(method="topk", ratio=0.1, momentum=0.9)
+    case = dict(settings=settings, steps=4, stall_step=2, stall_rank=2, stall_s=10, pg_timeout=3)
+    res = run_ranks(3, case, timeout=120.0)
+    for r in res[:2]:
+        (t, _, msg), = r["errors"]
+        assert t == 2 and "CollectiveError" in msg and "the all-gather of the model's process group failed" in msg, msg
+        assert "no update was applied" in msg, msg
+        assert len(r["rec"]) == 2
+    assert any("Timed out" in r["errors"][0][2] for r in res[:2]), [r["errors"][0][2] for r in res]
+    assert [t for t, _, _ in res[2]["errors"]] == [2], res[2]["errors"]  # it meets its closed peers
+    clean = run_ranks(3, dict(case, stall_step=None, steps=2))
+    for r, c in zip(res, clean):
+        assert set(r["saved"]) == set(c["final_residual"])
+        for k, v in r["saved"].items():
+            assert torch.equal(v, c["final_residual"][k]), k
+
+
 def test_timeout_is_checked():
     """Bad timeouts are ValueErrors at construction (needs no peers: a world of one)."""
     import gradsift.torch as gst
