@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import faulthandler
+import gc
 import os
+import sys
 import time
 import traceback
 
@@ -140,55 +143,72 @@ def piece(rank: int, call: int) -> bytes:
     return bytes([rank, call]) * ((rank * 3 + call) % 4)
 
 
-def worker(rank: int, world: int, port: int, case: dict, outdir: str) -> None:
+def run_case(rank: int, world: int, port: int, case: dict) -> dict:
+    """One rank's part of ``case``: its result dict (what the tests compare)."""
     result: dict = {}
+    if case.get("no_init"):
+        try:
+            gst.GradsiftState(torch.nn.Linear(2, 2))
+        except Exception as e:  # noqa: BLE001
+            result["errors"] = [(0, type(e).__name__, str(e))]
+        return result
+    if case.get("device", "cpu").startswith("cuda"):
+        torch.cuda.set_device(torch.device(case["device"]))
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1") if case.get("cluster") else "127.0.0.1"
+    # pg_timeout: the model's group's timeout in seconds (what bounds the all-gather path)
+    pg_timeout = {"timeout": datetime.timedelta(seconds=case["pg_timeout"])} if case.get("pg_timeout") else {}
+    dist.init_process_group(
+        case.get("pg", "gloo"), init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world, **pg_timeout
+    )
+    if case.get("sum_words"):
+        # The reductions' integer all-reduce on its own (recursive doubling over gloo).
+        t = gst._TorchTransport(dist.group.WORLD)
+        result["sums"] = [t.all_reduce_sum(words(rank, n).tobytes()) for n in case["sum_words"]]
+        result["gathered"] = [t.all_gather(piece(rank, i)) for i in range(3)]
+        return result
+    steps = case.get("steps", 6)
+    r = train(rank, case, steps)
+    result = {k: v for k, v in r.items() if k != "state"}
+    if case.get("resume"):
+        # Second run: the first `save_at` steps, then a fresh model and state restored
+        # from the saved state_dicts for the remaining steps.
+        sd, model_sd = r["saved"]
+        r2 = train(rank, case, steps - case["save_at"], state_in=sd, start=case["save_at"], model_in=model_sd)
+        result["resumed_params"] = r2["params"]
+        result["resumed_rec"] = r2["rec"]
+    if not (case.get("pg_timeout") and result.get("errors")):  # a failed model group has no barrier
+        dist.barrier()
+    return result
+
+
+def worker(rank: int, world: int, port: int, case: dict, outdir: str) -> None:
+    """Runs ``case`` on this rank and writes ``rank{rank}.pt`` (atomically: a file that is
+    there is whole), then leaves without interpreter finalization (see below)."""
+    faulthandler.enable(all_threads=True)  # an abort prints every thread's Python stack
     try:
-        if case.get("no_init"):
-            try:
-                gst.GradsiftState(torch.nn.Linear(2, 2))
-            except Exception as e:  # noqa: BLE001
-                result["errors"] = [(0, type(e).__name__, str(e))]
-            torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
-            return
-        if case.get("device", "cpu").startswith("cuda"):
-            torch.cuda.set_device(torch.device(case["device"]))
-        addr = os.environ.get("MASTER_ADDR", "127.0.0.1") if case.get("cluster") else "127.0.0.1"
-        # pg_timeout: the model's group's timeout in seconds (what bounds the all-gather path)
-        pg_timeout = {"timeout": datetime.timedelta(seconds=case["pg_timeout"])} if case.get("pg_timeout") else {}
-        dist.init_process_group(
-            case.get("pg", "gloo"), init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world, **pg_timeout
-        )
-        if case.get("sum_words"):
-            # The reductions' integer all-reduce on its own (recursive doubling over gloo).
-            t = gst._TorchTransport(dist.group.WORLD)
-            result["sums"] = [t.all_reduce_sum(words(rank, n).tobytes()) for n in case["sum_words"]]
-            result["gathered"] = [t.all_gather(piece(rank, i)) for i in range(3)]
-            dist.destroy_process_group()
-            torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
-            return
-        steps = case.get("steps", 6)
-        r = train(rank, case, steps)
-        result = {k: v for k, v in r.items() if k != "state"}
-        if case.get("resume"):
-            # Second run: the first `save_at` steps, then a fresh model and state restored
-            # from the saved state_dicts for the remaining steps.
-            sd, model_sd = r["saved"]
-            r2 = train(rank, case, steps - case["save_at"], state_in=sd, start=case["save_at"], model_in=model_sd)
-            result["resumed_params"] = r2["params"]
-            result["resumed_rec"] = r2["rec"]
-        if not (case.get("pg_timeout") and result.get("errors")):  # a failed model group has no barrier
-            dist.barrier()
-        dist.destroy_process_group()
+        result = run_case(rank, world, port, case)
     except Exception:  # noqa: BLE001
-        result["crash"] = traceback.format_exc()
-    torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+        result = {"crash": traceback.format_exc()}
+    path = os.path.join(outdir, f"rank{rank}.pt")
+    torch.save(result, path + ".part")
+    os.replace(path + ".part", path)
+    # torch.distributed's gloo teardown can abort a process at interpreter exit (SIGABRT,
+    # "terminate called without an active exception", after the work is done: compare
+    # pytorch/pytorch#179291). So the state, DDP and the groups go down here, while the
+    # interpreter is whole, and the process exits without finalizing it; a rank that still
+    # dies by a signal is reported by conftest.run_ranks with whether its result was written.
+    result = None
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
     # One rank of a run on the namespace cluster (scripts/netbench/cluster.sh sets RANK,
     # WORLD_SIZE, MASTER_ADDR, MASTER_PORT): python ddp_workers.py CASE.pt OUTDIR
-    import sys
-
     case_in, outdir = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     case = dict(torch.load(case_in, weights_only=False), cluster=True)
