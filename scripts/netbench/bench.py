@@ -39,6 +39,9 @@ LABEL = {
     "gs-topk": "gradsift top-k 1%",
     "gs-rtopk": "gradsift rTop-k 1% (r 5%)",
     "gs-randomk": "gradsift random-k 1%",
+    "gs-topk-sparse": "gradsift top-k 1%, sparse all-reduce",
+    "gs-topk-sparse-reuse": "gradsift top-k 1%, sparse all-reduce (threshold every 32)",
+    "gs-randomk-shared": "gradsift random-k 1%, shared-key all-reduce",
     "gs-qsgd3": "gradsift QSGD s=3",
 }
 
