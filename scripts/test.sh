@@ -147,6 +147,12 @@ if [ "$cargo_rc" -eq 0 ] && { $in_ci || [ "${GRADSIFT_LINT:-}" = 1 ]; }; then
       lint_rc=1
     fi
   done
+  # The Python extension (python/, a crate outside the workspace: its own lock file and target).
+  note "clippy python/ (the extension) -D warnings"
+  if ! (cd python && cargo fmt --check && cargo clippy --release --all-targets -- -D warnings); then
+    note "fmt or clippy failed for python/"
+    lint_rc=1
+  fi
   # Intra-doc links to feature-gated or private items break only some feature sets' docs.
   for fs in "-p gradsift --no-default-features" "--features $features"; do
     note "cargo doc $fs -D warnings"
@@ -157,7 +163,7 @@ if [ "$cargo_rc" -eq 0 ] && { $in_ci || [ "${GRADSIFT_LINT:-}" = 1 ]; }; then
     fi
   done
 elif [ "$cargo_rc" -eq 0 ]; then
-  note "lint (fmt, clippy over 5 feature sets, cargo doc over 2): SKIPPED (runs with CI=true or GRADSIFT_LINT=1)"
+  note "lint (fmt, clippy over 5 feature sets and python/, cargo doc over 2): SKIPPED (runs with CI=true or GRADSIFT_LINT=1)"
 fi
 
 # The Python package (python/): wheel + pytest with real gloo processes

@@ -7,7 +7,8 @@
 
 use gradsift::{
     Aggregate, Average, Backend, Compress, Config as RsConfig, Count, DType, Device, Layout,
-    Method, MethodKind, Mode, Payload as RsPayload, Scale, SignPayload, SparsePayload, Statistics, bf16, f16,
+    Method, MethodKind, Mode, Payload as RsPayload, Scale, SignPayload, SparsePayload, Statistics,
+    bf16, f16,
 };
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::create_exception;
@@ -198,7 +199,6 @@ macro_rules! with_slice {
     }};
 }
 
-/// Writes f32 values into a host array of any of the three dtypes (rounding to nearest even).
 /// Aggregates `payloads` into the host array `out`: in place when it is float32 of the
 /// right length (no staging pass over the n outputs), else into `scratch` and then
 /// converted. The aggregator checks every payload before it writes, so on error `out` is
@@ -207,7 +207,7 @@ fn aggregate_host(
     py: Python<'_>,
     a: &mut gradsift::Aggregator,
     payloads: &[RsPayload],
-    scratch: &mut Vec<f32>,
+    scratch: &mut [f32],
     out: &HostArray,
 ) -> PyResult<()> {
     if out.dtype == DType::F32 && out.len == scratch.len() {
@@ -225,6 +225,7 @@ fn aggregate_host(
     write_out(out, scratch)
 }
 
+/// Writes f32 values into a host array of any of the three dtypes (rounding to nearest even).
 fn write_out(dst: &HostArray, src: &[f32]) -> PyResult<()> {
     if dst.len != src.len() {
         return Err(PyValueError::new_err(format!(
