@@ -122,7 +122,9 @@ def table(rows: list[dict], meta: dict) -> str:
                     r = next((r for r in sub if r["method"] == m and r["rate"] == rate), None)
                     cells.append("-" if r is None else f"{r['ms']:.1f} / {r['p90']:.1f} ({r['speedup']:.1f}x)")
                     ttts.append("-" if r is None or r["time_to_target"] is None else f"{r['time_to_target']:.1f} s")
-                u = next(r for r in sub if r["method"] == m and r["rate"] == "unshaped") if any(r["method"] == m and r["rate"] == "unshaped" for r in sub) else sub[0]
+                # bytes and accuracy from this method's unshaped run, else its first rate's
+                mine = [r for r in sub if r["method"] == m]
+                u = next((r for r in mine if r["rate"] == "unshaped"), mine[0])
                 sent = f"{u['tx'] / 1e3:,.1f} kB" + (f" (row {u['row'] / 1e3:,.1f} kB)" if u["row"] else "")
                 acc = "-" if u["acc"] is None else f"{100 * u['acc']:.1f}%"
                 stt = "-" if u["steps_to_target"] is None else str(u["steps_to_target"])
