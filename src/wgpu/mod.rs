@@ -48,7 +48,10 @@
 //! # Limits and errors
 //! The device is requested with the adapter's real limits. A plan buffer above
 //! `max_storage_buffer_binding_size` is rejected at construction with an [`crate::Error::Device`]
-//! that states the limit (no chunking yet). No adapter: [`crate::Error::BackendUnavailable`].
+//! that states the limit (no chunking yet), except for the variance estimator's host entry
+//! point, which estimates per run of whole layers when the K stacked workers exceed one
+//! binding (a single layer too large for it is that error). No adapter:
+//! [`crate::Error::BackendUnavailable`].
 //! Validation, out-of-memory and device-lost failures are caught with error scopes and a
 //! device-lost callback and returned as [`crate::Error::Device`]; a failed submission executes
 //! nothing, so state is untouched.

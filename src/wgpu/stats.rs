@@ -39,6 +39,19 @@ pub struct Stats {
     upload: Option<::wgpu::Buffer>,
     /// Host-side stack of the workers' bytes for the host variance entry point.
     host_stack: Vec<u8>,
+    /// When the stacked workers exceed one storage binding: plans over runs of whole layers
+    /// that fit, for the (workers, dtype) they were built for (host entry point only).
+    chunks: Option<Chunks>,
+}
+
+/// Plans over consecutive runs of layers, each `(first element, plan)`, with the per-call
+/// scratch of [`Stats::estimate_variance_chunked`].
+struct Chunks {
+    workers: usize,
+    dtype: DType,
+    plans: Vec<(usize, Stats)>,
+    part: Vec<VarianceEstimate>,
+    bad: Vec<(u64, u32)>,
 }
 
 impl std::fmt::Debug for Stats {
@@ -103,6 +116,7 @@ impl Stats {
             staging: inner.staging((nl as u64 * 32).max(MAX_WORKERS as u64 * 8))?,
             upload: None,
             host_stack: Vec::new(),
+            chunks: None,
         })
     }
 
@@ -265,6 +279,29 @@ impl Stats {
         if total > crate::MAX_ELEMENTS {
             return Err(Error::TooLarge { n: total });
         }
+        self.variance_passes(x, workers, dtype, total)?;
+        let inner = self.ctx.inner.clone();
+        inner.read_back(&self.staging, &[(&self.bad, 0, workers as u64 * 8)], |b| {
+            let w: Vec<u32> = words(&b[..workers * 8]).collect();
+            match w.chunks_exact(2).find(|c| c[0] > 0) {
+                Some(c) => Err(Error::NonFinite {
+                    count: u64::from(c[0]),
+                    first_index: c[1],
+                }),
+                None => Ok(()),
+            }
+        })??;
+        out.clear();
+        self.read_variance(workers, out)
+    }
+
+    fn variance_passes(
+        &mut self,
+        x: &::wgpu::Buffer,
+        workers: usize,
+        dtype: DType,
+        total: u64,
+    ) -> Result<()> {
         self.cfg.dtype = dtype_code(dtype);
         self.cfg.workers = workers as u32;
         self.run(
@@ -276,40 +313,131 @@ impl Stats {
                 (S::VarM2Partial, true),
                 (S::M2Reduce, false),
             ],
-        )?;
-        let nl = self.layout.num_layers();
-        let inner = self.ctx.inner.clone();
-        let kf = workers as f64;
-        inner.read_back(&self.staging, &[(&self.bad, 0, workers as u64 * 8)], |b| {
-            let w: Vec<u32> = words(&b[..workers * 8]).collect();
-            match w.chunks_exact(2).find(|c| c[0] > 0) {
-                Some(c) => Err(Error::NonFinite {
-                    count: u64::from(c[0]),
-                    first_index: c[1],
-                }),
-                None => Ok(()),
-            }
-        })??;
-        inner.read_back(&self.staging, &[(&self.res, 0, nl as u64 * 32)], |b| {
-            let w: Vec<u32> = words(&b[..nl * 32]).collect();
-            out.clear();
-            for l in 0..nl {
-                let r = &w[l * 8..l * 8 + 8];
-                let nlf = self.layout.layer(l).len() as f64;
-                if nlf == 0.0 {
-                    out.push(VarianceEstimate::default());
-                    continue;
+        )
+    }
+
+    /// Adds each worker's non-finite count of the last variance passes to `acc[k].0` and
+    /// lowers `acc[k].1` to its first such index plus `offset` (the plan's first element).
+    fn accumulate_bad(&self, workers: usize, offset: usize, acc: &mut [(u64, u32)]) -> Result<()> {
+        self.ctx
+            .inner
+            .read_back(&self.staging, &[(&self.bad, 0, workers as u64 * 8)], |b| {
+                for (k, c) in words(&b[..workers * 8])
+                    .collect::<Vec<u32>>()
+                    .chunks_exact(2)
+                    .enumerate()
+                {
+                    if c[0] > 0 {
+                        acc[k].0 += u64::from(c[0]);
+                        acc[k].1 = acc[k].1.min(c[1] + offset as u32);
+                    }
                 }
-                let f = |j: usize| f64::from(f32::from_bits(r[j]));
-                let sigma_n2 = f(1) / (nlf * (kf - 1.0));
-                let (d1, d2) = (f(6), f(7));
-                let var_ybar = ((d2 - d1 * d1 / nlf) / nlf).max(0.0);
-                out.push(VarianceEstimate {
-                    sigma_x2: (var_ybar - sigma_n2 / kf).max(0.0),
-                    sigma_n2,
-                });
+            })
+    }
+
+    /// Plans over runs of whole layers whose `workers` stacked buffers of `dtype` each fit
+    /// one storage binding of `limit` bytes.
+    fn plan_chunks(&self, workers: usize, dtype: DType, limit: u64) -> Result<Chunks> {
+        let fits = |len: usize| grad_bytes(len * workers, dtype) <= limit;
+        let mut plans = Vec::new();
+        let mut first = 0;
+        while first < self.layout.num_layers() {
+            let start = self.layout.layer(first).start;
+            if !fits(self.layout.layer(first).len()) {
+                return Err(dev_err(format!(
+                    "variance estimate: layer {first} ({} elements) of {workers} workers needs {} bytes, above this device's limit of {limit} bytes per storage binding",
+                    self.layout.layer(first).len(),
+                    grad_bytes(self.layout.layer(first).len() * workers, dtype)
+                )));
             }
+            let mut last = first + 1;
+            while last < self.layout.num_layers() && fits(self.layout.layer(last).end - start) {
+                last += 1;
+            }
+            let sizes: Vec<usize> = (first..last).map(|l| self.layout.layer(l).len()).collect();
+            plans.push((start, Stats::new(&self.ctx, &Layout::new(&sizes)?)?));
+            first = last;
+        }
+        Ok(Chunks {
+            workers,
+            dtype,
+            plans,
+            part: Vec::new(),
+            bad: vec![(0, u32::MAX); workers],
         })
+    }
+
+    /// The host variance entry point over stacked workers larger than one storage binding:
+    /// one upload and estimate per run of layers (plans built on the first such call, kept
+    /// for the same workers and dtype); the non-finite error is over every run, as one call
+    /// would give it.
+    fn estimate_variance_chunked<T: Element>(
+        &mut self,
+        workers: &[&[T]],
+        limit: u64,
+        out: &mut Vec<VarianceEstimate>,
+    ) -> Result<()> {
+        let k = workers.len();
+        if !matches!(&self.chunks, Some(c) if c.workers == k && c.dtype == T::DTYPE) {
+            self.chunks = Some(self.plan_chunks(k, T::DTYPE, limit)?);
+        }
+        let Some(ch) = self.chunks.as_mut() else {
+            unreachable!("planned above")
+        };
+        ch.bad.iter_mut().for_each(|b| *b = (0, u32::MAX));
+        ch.part.clear();
+        for (start, plan) in &mut ch.plans {
+            let len = plan.layout.n();
+            let mut stack = std::mem::take(&mut plan.host_stack);
+            stack.clear();
+            for w in workers {
+                stack.extend_from_slice(bytemuck::cast_slice(&w[*start..*start + len]));
+            }
+            let total = (k * len) as u64;
+            let r = plan
+                .upload_buffer(grad_bytes(k * len, T::DTYPE))
+                .and_then(|up| {
+                    plan.ctx.inner.write_padded(&up, 0, &stack);
+                    plan.variance_passes(&up, k, T::DTYPE, total)
+                });
+            plan.host_stack = stack;
+            r?;
+            plan.accumulate_bad(k, *start, &mut ch.bad)?;
+            plan.read_variance(k, &mut ch.part)?;
+        }
+        if let Some(&(count, first_index)) = ch.bad.iter().find(|b| b.0 > 0) {
+            return Err(Error::NonFinite { count, first_index });
+        }
+        out.clear();
+        out.extend_from_slice(&ch.part);
+        Ok(())
+    }
+
+    /// Appends the estimates of the last variance passes to `out`.
+    fn read_variance(&self, workers: usize, out: &mut Vec<VarianceEstimate>) -> Result<()> {
+        let nl = self.layout.num_layers();
+        let kf = workers as f64;
+        self.ctx
+            .inner
+            .read_back(&self.staging, &[(&self.res, 0, nl as u64 * 32)], |b| {
+                let w: Vec<u32> = words(&b[..nl * 32]).collect();
+                for l in 0..nl {
+                    let r = &w[l * 8..l * 8 + 8];
+                    let nlf = self.layout.layer(l).len() as f64;
+                    if nlf == 0.0 {
+                        out.push(VarianceEstimate::default());
+                        continue;
+                    }
+                    let f = |j: usize| f64::from(f32::from_bits(r[j]));
+                    let sigma_n2 = f(1) / (nlf * (kf - 1.0));
+                    let (d1, d2) = (f(6), f(7));
+                    let var_ybar = ((d2 - d1 * d1 / nlf) / nlf).max(0.0);
+                    out.push(VarianceEstimate {
+                        sigma_x2: (var_ybar - sigma_n2 / kf).max(0.0),
+                        sigma_n2,
+                    });
+                }
+            })
     }
 }
 
@@ -335,7 +463,10 @@ impl Statistics for Stats {
     }
 
     /// Stacks the workers' buffers into a plan-owned device buffer (grown when too small),
-    /// then as [`Stats::estimate_variance_stacked`].
+    /// then as [`Stats::estimate_variance_stacked`]. When the stack exceeds one storage
+    /// binding of this device, the estimate runs per run of whole layers that fits (plans
+    /// built on the first such call); a single layer whose workers exceed it is an
+    /// [`Error::Device`].
     fn estimate_variance<T: Element>(
         &mut self,
         workers: &[&[T]],
@@ -348,6 +479,10 @@ impl Statistics for Stats {
         let total = (workers.len() * self.layout.n()) as u64;
         if total > crate::MAX_ELEMENTS {
             return Err(Error::TooLarge { n: total });
+        }
+        let limit = self.ctx.inner.limits.max_storage_buffer_binding_size;
+        if grad_bytes(total as usize, T::DTYPE) > limit {
+            return self.estimate_variance_chunked(workers, limit, out);
         }
         let mut stack = std::mem::take(&mut self.host_stack);
         stack.clear();

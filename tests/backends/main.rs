@@ -102,6 +102,7 @@ backend_tests!(
     aggregation_bit_identical,
     layer_statistics_within_spec_tolerance,
     variance_estimator_within_spec_tolerance,
+    variance_beyond_one_binding,
     reports_the_device,
     randomized_configs_match_cpu,
     lost_device_is_a_typed_error,

@@ -253,3 +253,52 @@ pub(crate) fn variance_matches_cpu<H: Harness>(h: &H) {
         Err(Error::InvalidConfig(_))
     ));
 }
+
+/// Workers whose stacked gradients exceed one wgpu storage binding of lavapipe (128 MiB: 3 x
+/// 12 M f32): the host entry point estimates per run of layers, within SPEC §8's tolerances of
+/// the CPU, and a non-finite value in two runs is one error with the whole worker's count and
+/// first index, as the CPU gives it.
+pub(crate) fn variance_beyond_one_binding<H: Harness>(h: &H) {
+    let sizes = [1_500_000usize; 8];
+    let layout = Layout::new(&sizes).unwrap();
+    let (n, k) = (layout.n(), 3);
+    let signal = data(n, 4);
+    let mut workers: Vec<Vec<f32>> = (0..k)
+        .map(|w| {
+            signal
+                .iter()
+                .zip(data(n, 20 + w as u64))
+                .map(|(s, e)| s + 0.5 * e)
+                .collect()
+        })
+        .collect();
+    let mut want = Vec::new();
+    let refs: Vec<&[f32]> = workers.iter().map(|w| w.as_slice()).collect();
+    gradsift::cpu::estimate_variance(&refs, &layout, &mut want).unwrap();
+    let mut stats = h.device().stats(&layout, k).unwrap();
+    let mut got = Vec::new();
+    stats.estimate_variance(&refs, &mut got).unwrap();
+    assert_eq!(got.len(), want.len());
+    for (l, (a, b)) in want.iter().zip(&got).enumerate() {
+        close_var(a, b, &format!("layer {l} of 12 M x 3"));
+    }
+    // worker 1: non-finite values in the last layer and in the first (other runs)
+    workers[1][n - 7] = f32::INFINITY;
+    workers[1][11] = f32::NAN;
+    let refs: Vec<&[f32]> = workers.iter().map(|w| w.as_slice()).collect();
+    let cpu = gradsift::cpu::estimate_variance(&refs, &layout, &mut want).unwrap_err();
+    let mut kept = got.clone();
+    let dev = stats.estimate_variance(&refs, &mut kept).unwrap_err();
+    assert_eq!(dev, cpu);
+    assert!(
+        matches!(
+            dev,
+            Error::NonFinite {
+                count: 2,
+                first_index: 11
+            }
+        ),
+        "{dev:?}"
+    );
+    assert_eq!(kept, got, "a failed estimate leaves the output as it was");
+}
