@@ -30,20 +30,23 @@ pub(crate) fn layer_statistics_within_spec_tolerance<H: Harness>(h: &H) {
         "2^20+3 offset",
     );
 }
+/// `k` workers' gradients `signal + amp * noise_w`, worker `w`'s noise from seed `seed + w`
+/// (SPEC §8's model `Y_k = X + N_k`).
+fn noisy_workers(signal: &[f32], k: usize, seed: u64, amp: f32) -> Vec<Vec<f32>> {
+    (0..k)
+        .map(|w| {
+            let noise = data(signal.len(), seed + w as u64);
+            signal.iter().zip(noise).map(|(s, e)| s + amp * e).collect()
+        })
+        .collect()
+}
+
 pub(crate) fn variance_estimator_within_spec_tolerance<H: Harness>(h: &H) {
     let layout = mixed_layout(200, 9);
     let n = layout.n();
     let signal = data(n, 1);
     for k in [2usize, 3, 8] {
-        let workers: Vec<Vec<f32>> = (0..k)
-            .map(|w| {
-                signal
-                    .iter()
-                    .zip(data(n, 10 + w as u64))
-                    .map(|(s, e)| s + 0.3 * e)
-                    .collect()
-            })
-            .collect();
+        let workers = noisy_workers(&signal, k, 10, 0.3);
         let refs: Vec<&[f32]> = workers.iter().map(|w| w.as_slice()).collect();
         let mut a = Vec::new();
         gradsift::cpu::estimate_variance(&refs, &layout, &mut a).unwrap();
@@ -263,15 +266,7 @@ pub(crate) fn variance_beyond_one_binding<H: Harness>(h: &H) {
     let layout = Layout::new(&sizes).unwrap();
     let (n, k) = (layout.n(), 3);
     let signal = data(n, 4);
-    let mut workers: Vec<Vec<f32>> = (0..k)
-        .map(|w| {
-            signal
-                .iter()
-                .zip(data(n, 20 + w as u64))
-                .map(|(s, e)| s + 0.5 * e)
-                .collect()
-        })
-        .collect();
+    let mut workers = noisy_workers(&signal, k, 20, 0.5);
     let mut want = Vec::new();
     let refs: Vec<&[f32]> = workers.iter().map(|w| w.as_slice()).collect();
     gradsift::cpu::estimate_variance(&refs, &layout, &mut want).unwrap();
