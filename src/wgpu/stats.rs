@@ -39,6 +39,8 @@ pub struct Stats {
     upload: Option<::wgpu::Buffer>,
     /// Host-side stack of the workers' bytes for the host variance entry point.
     host_stack: Vec<u8>,
+    /// Per worker: non-finite count and first index of the last variance estimate.
+    bad_acc: Vec<(u64, u32)>,
     /// When the stacked workers exceed one storage binding: plans over runs of whole layers
     /// that fit, for the (workers, dtype) they were built for (host entry point only).
     chunks: Option<Chunks>,
@@ -59,6 +61,15 @@ impl std::fmt::Debug for Stats {
         f.debug_struct("wgpu::Stats")
             .field("n", &self.layout.n())
             .finish()
+    }
+}
+
+/// The error for the first worker holding a non-finite value (SPEC §8), from per-worker
+/// `(count, first index)`.
+fn first_non_finite(bad: &[(u64, u32)]) -> Result<()> {
+    match bad.iter().find(|b| b.0 > 0) {
+        Some(&(count, first_index)) => Err(Error::NonFinite { count, first_index }),
+        None => Ok(()),
     }
 }
 
@@ -116,6 +127,7 @@ impl Stats {
             staging: inner.staging((nl as u64 * 32).max(MAX_WORKERS as u64 * 8))?,
             upload: None,
             host_stack: Vec::new(),
+            bad_acc: Vec::new(),
             chunks: None,
         })
     }
@@ -280,17 +292,14 @@ impl Stats {
             return Err(Error::TooLarge { n: total });
         }
         self.variance_passes(x, workers, dtype, total)?;
-        let inner = self.ctx.inner.clone();
-        inner.read_back(&self.staging, &[(&self.bad, 0, workers as u64 * 8)], |b| {
-            let w: Vec<u32> = words(&b[..workers * 8]).collect();
-            match w.chunks_exact(2).find(|c| c[0] > 0) {
-                Some(c) => Err(Error::NonFinite {
-                    count: u64::from(c[0]),
-                    first_index: c[1],
-                }),
-                None => Ok(()),
-            }
-        })??;
+        let mut bad = std::mem::take(&mut self.bad_acc);
+        bad.clear();
+        bad.resize(workers, (0, u32::MAX));
+        let r = self
+            .accumulate_bad(workers, 0, &mut bad)
+            .and_then(|()| first_non_finite(&bad));
+        self.bad_acc = bad;
+        r?;
         out.clear();
         self.read_variance(workers, out)
     }
@@ -388,29 +397,36 @@ impl Stats {
         ch.part.clear();
         for (start, plan) in &mut ch.plans {
             let len = plan.layout.n();
-            let mut stack = std::mem::take(&mut plan.host_stack);
-            stack.clear();
-            for w in workers {
-                stack.extend_from_slice(bytemuck::cast_slice(&w[*start..*start + len]));
-            }
-            let total = (k * len) as u64;
-            let r = plan
-                .upload_buffer(grad_bytes(k * len, T::DTYPE))
-                .and_then(|up| {
-                    plan.ctx.inner.write_padded(&up, 0, &stack);
-                    plan.variance_passes(&up, k, T::DTYPE, total)
-                });
-            plan.host_stack = stack;
-            r?;
+            let up = plan.upload_stacked(workers, *start)?;
+            plan.variance_passes(&up, k, T::DTYPE, (k * len) as u64)?;
             plan.accumulate_bad(k, *start, &mut ch.bad)?;
             plan.read_variance(k, &mut ch.part)?;
         }
-        if let Some(&(count, first_index)) = ch.bad.iter().find(|b| b.0 > 0) {
-            return Err(Error::NonFinite { count, first_index });
-        }
+        first_non_finite(&ch.bad)?;
         out.clear();
         out.extend_from_slice(&ch.part);
         Ok(())
+    }
+
+    /// Uploads elements `start..start + n` of every worker (`n` this plan's length), stacked
+    /// worker after worker, into the plan's upload buffer (grown when too small).
+    fn upload_stacked<T: Element>(
+        &mut self,
+        workers: &[&[T]],
+        start: usize,
+    ) -> Result<::wgpu::Buffer> {
+        let len = self.layout.n();
+        let mut stack = std::mem::take(&mut self.host_stack);
+        stack.clear();
+        for w in workers {
+            stack.extend_from_slice(bytemuck::cast_slice(&w[start..start + len]));
+        }
+        let up = self.upload_buffer(grad_bytes(workers.len() * len, T::DTYPE));
+        if let Ok(up) = &up {
+            self.ctx.inner.write_padded(up, 0, &stack);
+        }
+        self.host_stack = stack;
+        up
     }
 
     /// Appends the estimates of the last variance passes to `out`.
@@ -484,19 +500,8 @@ impl Statistics for Stats {
         if grad_bytes(total as usize, T::DTYPE) > limit {
             return self.estimate_variance_chunked(workers, limit, out);
         }
-        let mut stack = std::mem::take(&mut self.host_stack);
-        stack.clear();
-        for w in workers {
-            stack.extend_from_slice(bytemuck::cast_slice(w));
-        }
-        let r = self
-            .upload_buffer(grad_bytes(total as usize, T::DTYPE))
-            .and_then(|up| {
-                self.ctx.inner.write_padded(&up, 0, &stack);
-                self.estimate_variance_stacked(&up, workers.len(), T::DTYPE, out)
-            });
-        self.host_stack = stack;
-        r
+        let up = self.upload_stacked(workers, 0)?;
+        self.estimate_variance_stacked(&up, workers.len(), T::DTYPE, out)
     }
 
     /// Copies the workers' buffers into one stacked device buffer (device to device), then
